@@ -1,0 +1,37 @@
+//! kvtier: KV-cache offload tiers for LLM inference engines.
+//!
+//! # Layout
+//!
+//! - [`block`]: block identity: namespaces, chained sequence hashes, 128-bit keys.
+//! - [`tier`]: the [`Tier`] contract and the tiers: [`tier::host`] (CPU
+//!   memory pool) and [`tier::disk`] (log-structured segments on a local SSD).
+//! - [`eviction`]: eviction policies for the host tier (LRU first).
+//! - [`manager`]: the [`BlockManager`]: prefix lookup across tiers, store and
+//!   load with leases, the host → disk cascade, admission, SSD-only mode.
+//! - [`error`]: the one error type, with kinds callers match on.
+//!
+//! # Why
+//!
+//! - **Keys are 128-bit and rooted in a namespace.** A key chains the hashes
+//!   of every block before it, starting from the namespace fingerprint (model,
+//!   dtype, layout, TP rank, salt, LoRA), so a key names a whole prefix of one
+//!   model and foreign KV can never match. 64-bit keys collide at cluster scale.
+//! - **Tiers are synchronous.** Host copies are memcpy-bound and disk I/O is
+//!   O_DIRECT on caller threads; an async wrapper would add a hop per block.
+//!   Async servers call them on a blocking pool.
+//! - **Pins, not copies, keep readers safe.** A pinned host extent is never
+//!   reused, and a disk reader holds its segment file open, so eviction never
+//!   tears a block under a reader.
+//! - **A miss is not an error.** Corrupt or torn bytes are counted and
+//!   reported as misses; they are never served.
+
+pub mod block;
+pub mod error;
+pub mod eviction;
+pub mod manager;
+pub mod tier;
+
+pub use block::{BlockKey, Namespace, NamespaceId, SequenceHasher};
+pub use error::{Error, ErrorKind, Result};
+pub use manager::{BlockManager, ManagerConfig};
+pub use tier::{Tier, TierKind};

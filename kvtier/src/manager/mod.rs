@@ -1,0 +1,766 @@
+//! The block manager: one owner for a node's tiers, their index and policy.
+//!
+//! - `lookup` walks keys in order and answers the longest present prefix and
+//!   the tier of each block; a miss is not an error.
+//! - `store` validates everything first (namespace, sizes), then writes to the
+//!   host tier, cascading to disk per [`Cascade`]; in [`Mode::SsdOnly`] it
+//!   writes straight to disk through the disk tier's bounded staging.
+//! - `lease` pins the leading present blocks so they cannot be evicted before
+//!   `load_leased` copies them out; `load` does both at once and promotes disk
+//!   hits into the host tier.
+//! - Every queue is bounded: when full, the manager answers
+//!   [`ErrorKind::Throttled`] before changing anything, and counts it.
+
+mod admission;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{SyncSender, sync_channel};
+
+use self::admission::Admission;
+use crate::block::{BlockKey, Namespace, NamespaceId};
+use crate::error::{Error, ErrorKind, Result};
+use crate::tier::disk::{DiskConfig, DiskTier};
+use crate::tier::host::{Demoter, HostConfig, HostPin, HostTier};
+use crate::tier::{Pin, Stored, Tier, TierCounters, TierKind, TierStats, stats_of};
+
+/// How the tiers are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Host memory caches blocks; the disk tier (if any) sits behind it.
+    #[default]
+    Tiered,
+    /// Only the SSD holds blocks; host memory is the disk tier's bounded
+    /// staging, nothing more.
+    SsdOnly,
+}
+
+/// When blocks go from host to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cascade {
+    /// Written to disk in the background as soon as they are stored.
+    WriteThrough,
+    /// Written to disk when the host tier evicts them.
+    #[default]
+    OnEviction,
+}
+
+/// Configuration of a [`BlockManager`]: what users write in TOML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagerConfig {
+    /// Tiered (host + disk) or SSD-only.
+    #[serde(default)]
+    pub mode: Mode,
+    /// When host blocks go to disk.
+    #[serde(default)]
+    pub cascade: Cascade,
+    /// The host tier; none in SSD-only mode.
+    #[serde(default)]
+    pub host: Option<HostConfig>,
+    /// The disk tier.
+    #[serde(default)]
+    pub disk: Option<DiskConfig>,
+    /// A block goes to disk once stored this many times (1: always).
+    #[serde(default = "one")]
+    pub disk_admission_min_seen: u8,
+    /// Counters per row of the admission sketch.
+    #[serde(default = "default_admission_counters")]
+    pub admission_counters: usize,
+    /// Copy disk hits into the host tier.
+    #[serde(default = "yes")]
+    pub promote_on_hit: bool,
+    /// Write-through blocks queued for disk at most; more are throttled.
+    #[serde(default = "default_offload_queue")]
+    pub offload_queue_blocks: usize,
+}
+
+fn one() -> u8 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_admission_counters() -> usize {
+    1 << 20
+}
+fn default_offload_queue() -> usize {
+    64
+}
+
+impl ManagerConfig {
+    /// Host tier only.
+    pub fn host_only(host: HostConfig) -> Self {
+        Self::tiered(Some(host), None)
+    }
+
+    /// SSD-only mode on `disk`.
+    pub fn ssd_only(disk: DiskConfig) -> Self {
+        Self {
+            mode: Mode::SsdOnly,
+            ..Self::tiered(None, Some(disk))
+        }
+    }
+
+    /// Host in front of disk, cascading on eviction.
+    pub fn tiered(host: Option<HostConfig>, disk: Option<DiskConfig>) -> Self {
+        Self {
+            mode: Mode::Tiered,
+            cascade: Cascade::OnEviction,
+            host,
+            disk,
+            disk_admission_min_seen: 1,
+            admission_counters: default_admission_counters(),
+            promote_on_hit: true,
+            offload_queue_blocks: default_offload_queue(),
+        }
+    }
+
+    /// Parses TOML; unknown keys are errors, not silently ignored.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::config(format!("manager config: {e}")))
+    }
+
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+        Self::from_toml(&text)
+    }
+
+    fn validate(&self) -> Result<()> {
+        match (self.mode, &self.host, &self.disk) {
+            (Mode::SsdOnly, Some(_), _) => Err(Error::config("ssd-only mode takes no [host] tier")),
+            (Mode::SsdOnly, None, None) => Err(Error::config("ssd-only mode needs a [disk] tier")),
+            (Mode::Tiered, None, None) => Err(Error::config("configure a [host] tier, a [disk] tier, or both")),
+            _ if self.offload_queue_blocks == 0 => Err(Error::config("offload_queue_blocks must be > 0")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Opens the tiers and starts the manager.
+    pub fn build(&self) -> Result<BlockManager> {
+        BlockManager::open(self)
+    }
+}
+
+/// Where each block of a lookup's present prefix lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Lookup {
+    /// The tier of each block of the longest present prefix, in key order.
+    pub tiers: Vec<TierKind>,
+}
+
+impl Lookup {
+    /// Length of the longest present prefix, in blocks.
+    pub fn hit_blocks(&self) -> usize {
+        self.tiers.len()
+    }
+}
+
+/// What a store did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StoreOutcome {
+    /// Blocks written.
+    pub stored: usize,
+    /// Blocks already present (keys name content: nothing to write).
+    pub present: usize,
+    /// Blocks the disk admission filter kept out of an SSD-only store.
+    pub not_admitted: usize,
+}
+
+/// Why a leased block failed to load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LoadFailure {
+    /// Position of the block in the request.
+    pub index: usize,
+    /// What went wrong ([`ErrorKind::ChecksumMismatch`] for corrupt bytes).
+    #[serde(skip)]
+    pub kind: ErrorKind,
+    /// The error's text.
+    pub message: String,
+}
+
+/// What a load did: the leading `loaded` blocks are in the buffer, verified.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LoadOutcome {
+    /// Leading blocks copied out.
+    pub loaded: usize,
+    /// The block that stopped the load, if one was present but unreadable;
+    /// the engine must recompute it and everything after it.
+    pub failed: Option<LoadFailure>,
+}
+
+/// Pins on the leading present blocks of a request.
+#[derive(Debug)]
+pub struct Lease {
+    ns: NamespaceId,
+    blocks: Vec<(BlockKey, TierKind, Pin)>,
+}
+
+impl Lease {
+    /// Blocks pinned: the present prefix at the time of the lease.
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Whether nothing was pinned.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// The tier each pinned block was found in.
+    pub fn tiers(&self) -> Vec<TierKind> {
+        self.blocks.iter().map(|b| b.1).collect()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    lookups: AtomicU64,
+    lookup_hit_blocks: AtomicU64,
+    stores: AtomicU64,
+    stored_blocks: AtomicU64,
+    present_blocks: AtomicU64,
+    loads: AtomicU64,
+    loaded_blocks: AtomicU64,
+    missed_blocks: AtomicU64,
+    load_failures: AtomicU64,
+    promotions: AtomicU64,
+    throttled: AtomicU64,
+    not_admitted: AtomicU64,
+    offloaded: AtomicU64,
+    offload_errors: AtomicU64,
+}
+
+/// A snapshot of the manager's counters and its tiers'.
+#[derive(Debug, Clone, Serialize)]
+pub struct ManagerStats {
+    /// The mode running.
+    pub mode: Mode,
+    /// The host tier, if configured.
+    pub host: Option<TierStats>,
+    /// The disk tier, if configured.
+    pub disk: Option<TierStats>,
+    /// Lookup requests.
+    pub lookups: u64,
+    /// Blocks found by lookups (sum of present prefixes).
+    pub lookup_hit_blocks: u64,
+    /// Store requests.
+    pub stores: u64,
+    /// Blocks written by stores.
+    pub stored_blocks: u64,
+    /// Blocks stores found already present.
+    pub present_blocks: u64,
+    /// Load requests.
+    pub loads: u64,
+    /// Blocks loaded.
+    pub loaded_blocks: u64,
+    /// Blocks a load asked for beyond the present prefix.
+    pub missed_blocks: u64,
+    /// Present blocks that failed to load (corrupt or unreadable).
+    pub load_failures: u64,
+    /// Disk hits copied into the host tier.
+    pub promotions: u64,
+    /// Requests answered with `Throttled`.
+    pub throttled: u64,
+    /// Blocks the admission filter kept off disk.
+    pub not_admitted: u64,
+    /// Blocks written to disk by the cascade.
+    pub offloaded: u64,
+    /// Cascade writes that failed (the block stays in host memory).
+    pub offload_errors: u64,
+    /// Write-through blocks queued now.
+    pub offload_queue_depth: u64,
+}
+
+#[derive(Debug)]
+struct NsInfo {
+    block_bytes: u64,
+}
+
+struct Shared {
+    cfg: ManagerConfig,
+    host: Option<HostTier>,
+    disk: Option<DiskTier>,
+    namespaces: RwLock<HashMap<NamespaceId, NsInfo>>,
+    admission: Arc<Admission>,
+    counters: Arc<Counters>,
+    queue: Arc<Queue>,
+}
+
+/// Write-through jobs queued for disk, bounded by `capacity`.
+#[derive(Debug)]
+struct Queue {
+    capacity: usize,
+    queued: Mutex<usize>,
+    drained: Condvar,
+}
+
+struct Job {
+    ns: NamespaceId,
+    key: BlockKey,
+    pin: HostPin,
+}
+
+/// The block manager. See the module docs.
+pub struct BlockManager {
+    shared: Arc<Shared>,
+    tx: Option<SyncSender<Job>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for BlockManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockManager")
+            .field("mode", &self.shared.cfg.mode)
+            .finish()
+    }
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Relaxed);
+}
+
+impl BlockManager {
+    /// Opens the configured tiers (rebuilding the disk index) and starts the
+    /// write-through worker when one is needed.
+    pub fn open(cfg: &ManagerConfig) -> Result<Self> {
+        cfg.validate()?;
+        let counters = Arc::new(Counters::default());
+        let admission = Arc::new(Admission::new(cfg.disk_admission_min_seen, cfg.admission_counters));
+        let disk = cfg.disk.as_ref().map(DiskConfig::build).transpose()?;
+        let demoter = match (&disk, cfg.cascade) {
+            (Some(disk), Cascade::OnEviction) => Some(demoter(disk.clone(), admission.clone(), counters.clone())),
+            _ => None,
+        };
+        let host = cfg.host.as_ref().map(|h| h.build(demoter)).transpose()?;
+        let queue = Arc::new(Queue {
+            capacity: cfg.offload_queue_blocks,
+            queued: Mutex::new(0),
+            drained: Condvar::new(),
+        });
+        let (tx, worker) = match (&host, &disk, cfg.cascade) {
+            (Some(_), Some(disk), Cascade::WriteThrough) => {
+                let (tx, rx) = sync_channel::<Job>(cfg.offload_queue_blocks);
+                let (disk, queue, counters) = (disk.clone(), queue.clone(), counters.clone());
+                let worker = std::thread::Builder::new()
+                    .name("kvtier-offload".into())
+                    .spawn(move || {
+                        for job in rx {
+                            match disk.put(job.ns, job.key, job.pin.as_slice()) {
+                                Ok(_) => add(&counters.offloaded, 1),
+                                Err(e) => {
+                                    add(&counters.offload_errors, 1);
+                                    tracing::warn!(key = %job.key, "write-through to disk failed: {e}");
+                                }
+                            }
+                            drop(job);
+                            let mut q = queue.queued.lock();
+                            *q -= 1;
+                            queue.drained.notify_all();
+                        }
+                    })
+                    .map_err(|e| Error::io("start the offload worker", e))?;
+                (Some(tx), Some(worker))
+            }
+            _ => (None, None),
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                cfg: cfg.clone(),
+                host,
+                disk,
+                namespaces: RwLock::new(HashMap::new()),
+                admission,
+                counters,
+                queue,
+            }),
+            tx,
+            worker,
+        })
+    }
+
+    /// Registers a namespace; registering the same one again is a no-op.
+    pub fn register_namespace(&self, ns: &Namespace) -> Result<NamespaceId> {
+        ns.validate()?;
+        let block_bytes = ns.block_bytes();
+        let max = self.max_block_bytes();
+        if block_bytes > max {
+            return Err(Error::invalid(format!(
+                "namespace blocks of {block_bytes} bytes exceed the largest block the tiers hold ({max} bytes)"
+            )));
+        }
+        let id = ns.id();
+        self.shared
+            .namespaces
+            .write()
+            .entry(id)
+            .or_insert(NsInfo { block_bytes });
+        Ok(id)
+    }
+
+    fn max_block_bytes(&self) -> u64 {
+        let host = self.shared.host.as_ref().map_or(u64::MAX, |h| h.usage().capacity_bytes);
+        let disk = self.shared.disk.as_ref().map_or(u64::MAX, DiskTier::max_block_bytes);
+        host.min(disk)
+    }
+
+    /// Bytes per block of a registered namespace.
+    pub fn block_bytes(&self, ns: NamespaceId) -> Result<u64> {
+        self.shared
+            .namespaces
+            .read()
+            .get(&ns)
+            .map(|i| i.block_bytes)
+            .ok_or_else(|| Error::new(ErrorKind::UnknownNamespace, format!("namespace {ns} is not registered")))
+    }
+
+    /// Checks a request's namespace and that `bytes` holds `keys` blocks.
+    fn check(&self, ns: NamespaceId, keys: &[BlockKey], bytes: usize, what: &str) -> Result<usize> {
+        let block = self.block_bytes(ns)? as usize;
+        if bytes != keys.len() * block {
+            return Err(Error::new(
+                ErrorKind::BlockSize,
+                format!(
+                    "{what} of {} blocks of {block} bytes needs a buffer of {} bytes, got {bytes}",
+                    keys.len(),
+                    keys.len() * block
+                ),
+            ));
+        }
+        Ok(block)
+    }
+
+    fn tiers(&self) -> impl Iterator<Item = &dyn Tier> {
+        let h = self.shared.host.as_ref().map(|t| t as &dyn Tier);
+        let d = self.shared.disk.as_ref().map(|t| t as &dyn Tier);
+        h.into_iter().chain(d)
+    }
+
+    /// The longest present prefix of `keys` and the tier of each block.
+    pub fn lookup(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Lookup> {
+        self.block_bytes(ns)?;
+        let mut tiers = Vec::new();
+        'keys: for k in keys {
+            for t in self.tiers() {
+                if t.contains(k) {
+                    tiers.push(t.kind());
+                    continue 'keys;
+                }
+            }
+            break;
+        }
+        add(&self.shared.counters.lookups, 1);
+        add(&self.shared.counters.lookup_hit_blocks, tiers.len() as u64);
+        Ok(Lookup { tiers })
+    }
+
+    /// Stores `keys.len()` blocks laid out back to back in `data`.
+    ///
+    /// Validation happens before anything is written: a wrong size or an
+    /// unknown namespace changes nothing. Stores are idempotent; after an
+    /// error other than a validation error, some leading blocks may be stored
+    /// and the caller retries the whole request.
+    pub fn store(&self, ns: NamespaceId, keys: &[BlockKey], data: &[u8]) -> Result<StoreOutcome> {
+        let block = self.check(ns, keys, data.len(), "store")?;
+        let sh = &self.shared;
+        sh.admission.record(keys);
+        add(&sh.counters.stores, 1);
+        let mut out = StoreOutcome::default();
+        let r = match &sh.host {
+            Some(host) => self.store_host(host, ns, keys, data, block, &mut out),
+            None => self.store_disk(ns, keys, data, block, &mut out),
+        };
+        add(&sh.counters.stored_blocks, out.stored as u64);
+        add(&sh.counters.present_blocks, out.present as u64);
+        if let Err(e) = &r
+            && e.kind() == ErrorKind::Throttled
+        {
+            add(&sh.counters.throttled, 1);
+        }
+        r.map(|()| out)
+    }
+
+    fn store_disk(
+        &self,
+        ns: NamespaceId,
+        keys: &[BlockKey],
+        data: &[u8],
+        block: usize,
+        out: &mut StoreOutcome,
+    ) -> Result<()> {
+        let disk = self.shared.disk.as_ref().expect("validated: a tier is configured");
+        for (k, chunk) in keys.iter().zip(data.chunks_exact(block)) {
+            if !self.shared.admission.admits(k) {
+                out.not_admitted += 1;
+                add(&self.shared.counters.not_admitted, 1);
+                continue;
+            }
+            match disk.put(ns, *k, chunk)? {
+                Stored::Inserted => out.stored += 1,
+                Stored::Present => out.present += 1,
+            }
+        }
+        Ok(())
+    }
+
+    fn store_host(
+        &self,
+        host: &HostTier,
+        ns: NamespaceId,
+        keys: &[BlockKey],
+        data: &[u8],
+        block: usize,
+        out: &mut StoreOutcome,
+    ) -> Result<()> {
+        let sh = &self.shared;
+        // Write-through: reserve queue room for every block first, so a full
+        // queue throttles the request before anything changes.
+        let through = match (&self.tx, &sh.disk) {
+            (Some(tx), Some(disk)) => {
+                let want: Vec<bool> = keys
+                    .iter()
+                    .map(|k| sh.admission.admits(k) && !host.contains(k) && !disk.contains(k))
+                    .collect();
+                let n = want.iter().filter(|w| **w).count();
+                let mut q = sh.queue.queued.lock();
+                if *q + n > sh.queue.capacity {
+                    return Err(Error::throttled(format!(
+                        "write-through queue holds {} of {} blocks; {n} more do not fit",
+                        *q, sh.queue.capacity
+                    )));
+                }
+                *q += n;
+                Some((tx, want, n))
+            }
+            _ => None,
+        };
+        let mut sent = 0;
+        let mut result = Ok(());
+        for (i, (k, chunk)) in keys.iter().zip(data.chunks_exact(block)).enumerate() {
+            match host.put(ns, *k, chunk) {
+                Ok(Stored::Inserted) => out.stored += 1,
+                Ok(Stored::Present) => out.present += 1,
+                Err(e) if e.kind() == ErrorKind::NoSpace => {
+                    // Every host block is pinned by readers: transient.
+                    result = Err(Error::throttled(format!("host tier: {}", e.message())));
+                    break;
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+            if let Some((tx, want, _)) = &through
+                && want[i]
+                && let Some(pin) = host.pin_host(k)
+            {
+                tx.send(Job { ns, key: *k, pin })
+                    .expect("the offload worker runs while the manager lives");
+                sent += 1;
+            }
+        }
+        if let Some((_, _, n)) = through
+            && sent < n
+        {
+            let mut q = sh.queue.queued.lock();
+            *q -= n - sent;
+            sh.queue.drained.notify_all();
+        }
+        result
+    }
+
+    /// Pins the leading present blocks of `keys`.
+    pub fn lease(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Lease> {
+        self.block_bytes(ns)?;
+        let mut blocks = Vec::new();
+        'keys: for k in keys {
+            for t in self.tiers() {
+                if let Some(p) = t.pin(k) {
+                    if p.namespace() != ns {
+                        // Keys are rooted in their namespace, so this takes a
+                        // 128-bit collision; refuse it all the same.
+                        break 'keys;
+                    }
+                    blocks.push((*k, t.kind(), p));
+                    continue 'keys;
+                }
+            }
+            break;
+        }
+        Ok(Lease { ns, blocks })
+    }
+
+    /// Copies the leased blocks into `out` (back to back, exactly
+    /// `lease.len()` blocks) and promotes disk hits into the host tier.
+    pub fn load_leased(&self, lease: &Lease, out: &mut [u8]) -> Result<LoadOutcome> {
+        let keys: Vec<BlockKey> = lease.blocks.iter().map(|b| b.0).collect();
+        let block = self.check(lease.ns, &keys, out.len(), "load")?;
+        let sh = &self.shared;
+        add(&sh.counters.loads, 1);
+        let mut res = LoadOutcome::default();
+        for (i, ((key, tier, pin), chunk)) in lease.blocks.iter().zip(out.chunks_exact_mut(block)).enumerate() {
+            let counters = self.counters_of(*tier);
+            if let Err(e) = pin.read_into(chunk) {
+                add(&sh.counters.load_failures, 1);
+                tracing::warn!(%key, "load failed, the engine recomputes: {e}");
+                res.failed = Some(LoadFailure {
+                    index: i,
+                    kind: e.kind(),
+                    message: e.to_string(),
+                });
+                break;
+            }
+            TierCounters::add(&counters.hits, 1);
+            res.loaded += 1;
+            if *tier == TierKind::Disk {
+                if let Some(h) = &sh.host {
+                    TierCounters::add(&h.counters().misses, 1);
+                    if sh.cfg.promote_on_hit && h.put(lease.ns, *key, chunk).is_ok() {
+                        add(&sh.counters.promotions, 1);
+                    }
+                }
+            }
+        }
+        add(&sh.counters.loaded_blocks, res.loaded as u64);
+        Ok(res)
+    }
+
+    fn counters_of(&self, tier: TierKind) -> &TierCounters {
+        match tier {
+            TierKind::Host => self
+                .shared
+                .host
+                .as_ref()
+                .expect("a host block came from the host tier")
+                .counters(),
+            TierKind::Disk => self
+                .shared
+                .disk
+                .as_ref()
+                .expect("a disk block came from the disk tier")
+                .counters(),
+        }
+    }
+
+    /// Loads the leading present blocks of `keys` into `out`, laid out back
+    /// to back (`keys.len()` blocks). Blocks past the present prefix are
+    /// misses; a present block that fails verification stops the load and is
+    /// reported in [`LoadOutcome::failed`], never served.
+    pub fn load(&self, ns: NamespaceId, keys: &[BlockKey], out: &mut [u8]) -> Result<LoadOutcome> {
+        let block = self.check(ns, keys, out.len(), "load")?;
+        let lease = self.lease(ns, keys)?;
+        let n = lease.len();
+        let res = self.load_leased(&lease, &mut out[..n * block])?;
+        let missed = (keys.len() - n) as u64;
+        add(&self.shared.counters.missed_blocks, missed);
+        if missed > 0 {
+            for t in self.tiers() {
+                TierCounters::add(&t.counters().misses, 1);
+            }
+        }
+        Ok(res)
+    }
+
+    /// Removes `keys` from every tier; answers how many were present.
+    pub fn remove(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<usize> {
+        self.block_bytes(ns)?;
+        let mut n = 0;
+        for k in keys {
+            let mut any = false;
+            for t in self.tiers() {
+                any |= t.remove(k)?;
+            }
+            n += usize::from(any);
+        }
+        Ok(n)
+    }
+
+    /// Waits until every queued write-through block is on disk.
+    pub fn flush(&self) {
+        let q = &self.shared.queue;
+        let mut n = q.queued.lock();
+        while *n > 0 {
+            q.drained.wait(&mut n);
+        }
+    }
+
+    /// The disk tier, if configured.
+    pub fn disk(&self) -> Option<&DiskTier> {
+        self.shared.disk.as_ref()
+    }
+
+    /// The host tier, if configured.
+    pub fn host(&self) -> Option<&HostTier> {
+        self.shared.host.as_ref()
+    }
+
+    /// A snapshot of every counter.
+    pub fn stats(&self) -> ManagerStats {
+        let sh = &self.shared;
+        let c = &sh.counters;
+        let l = |a: &AtomicU64| a.load(Relaxed);
+        ManagerStats {
+            mode: sh.cfg.mode,
+            host: sh.host.as_ref().map(|t| stats_of(t)),
+            disk: sh.disk.as_ref().map(|t| stats_of(t)),
+            lookups: l(&c.lookups),
+            lookup_hit_blocks: l(&c.lookup_hit_blocks),
+            stores: l(&c.stores),
+            stored_blocks: l(&c.stored_blocks),
+            present_blocks: l(&c.present_blocks),
+            loads: l(&c.loads),
+            loaded_blocks: l(&c.loaded_blocks),
+            missed_blocks: l(&c.missed_blocks),
+            load_failures: l(&c.load_failures),
+            promotions: l(&c.promotions),
+            throttled: l(&c.throttled),
+            not_admitted: l(&c.not_admitted),
+            offloaded: l(&c.offloaded),
+            offload_errors: l(&c.offload_errors),
+            offload_queue_depth: *sh.queue.queued.lock() as u64,
+        }
+    }
+}
+
+impl Drop for BlockManager {
+    fn drop(&mut self) {
+        // Drain the write-through queue: every queued block reaches disk.
+        self.tx.take();
+        if let Some(w) = self.worker.take()
+            && w.join().is_err()
+        {
+            tracing::error!("the offload worker panicked");
+        }
+    }
+}
+
+/// The on-eviction cascade: admitted victims not yet on disk are written
+/// there before their host memory is reused.
+fn demoter(disk: DiskTier, admission: Arc<Admission>, counters: Arc<Counters>) -> Demoter {
+    Arc::new(move |ns, key, bytes| {
+        if disk.contains(&key) {
+            return;
+        }
+        if !admission.admits(&key) {
+            add(&counters.not_admitted, 1);
+            return;
+        }
+        match disk.put(ns, key, bytes) {
+            Ok(_) => add(&counters.offloaded, 1),
+            Err(e) => {
+                add(&counters.offload_errors, 1);
+                tracing::warn!(%key, "demotion to disk failed, block dropped from cache: {e}");
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,313 @@
+use super::*;
+use crate::block::{Dtype, KvKind, KvLayout, SequenceHasher};
+use crate::tier::conformance::content;
+
+const BLOCK: u64 = 64 * 1024;
+
+/// A namespace whose blocks are 64 KiB.
+fn ns(model: &str) -> Namespace {
+    Namespace {
+        model_id: model.into(),
+        revision: String::new(),
+        layout: KvLayout {
+            num_layers: 2,
+            kv_heads: 4,
+            head_dim: 64,
+            block_tokens: 32,
+            kind: KvKind::Kv,
+            dtype: Dtype::F16,
+        },
+        tp_rank: 0,
+        tp_size: 1,
+        salt: None,
+        lora: None,
+    }
+}
+
+fn keys(n: &Namespace, blocks: usize, seed: u32) -> Vec<BlockKey> {
+    let tokens: Vec<u32> = (0..blocks as u32 * 32).map(|t| t.wrapping_mul(31) ^ seed).collect();
+    SequenceHasher::for_namespace(n)
+        .hash_all(&tokens)
+        .iter()
+        .map(|h| h.key)
+        .collect()
+}
+
+fn data(keys: &[BlockKey]) -> Vec<u8> {
+    keys.iter().flat_map(|k| content(*k, BLOCK as usize)).collect()
+}
+
+fn disk_cfg(dir: &Path) -> DiskConfig {
+    DiskConfig {
+        segment_bytes: 1 << 20,
+        ..DiskConfig::new(dir, 16 << 20)
+    }
+}
+
+fn load_all(m: &BlockManager, id: NamespaceId, ks: &[BlockKey]) -> (LoadOutcome, Vec<u8>) {
+    let mut out = vec![0u8; ks.len() * BLOCK as usize];
+    let r = m.load(id, ks, &mut out).unwrap();
+    (r, out)
+}
+
+#[test]
+fn host_round_trip_and_prefix_lookup() {
+    let m = ManagerConfig::host_only(HostConfig::with_capacity(16 * BLOCK))
+        .build()
+        .unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let ks = keys(&n, 8, 1);
+    let out = m.store(id, &ks[..5], &data(&ks[..5])).unwrap();
+    assert_eq!(out.stored, 5);
+    let l = m.lookup(id, &ks).unwrap();
+    assert_eq!(l.hit_blocks(), 5);
+    assert!(l.tiers.iter().all(|t| *t == TierKind::Host));
+    let (r, bytes) = load_all(&m, id, &ks);
+    assert_eq!(r.loaded, 5);
+    assert!(r.failed.is_none());
+    assert!(bytes[..5 * BLOCK as usize] == data(&ks[..5])[..]);
+    let s = m.stats();
+    assert_eq!((s.stored_blocks, s.loaded_blocks, s.missed_blocks), (5, 5, 3));
+    // Storing again writes nothing.
+    assert_eq!(m.store(id, &ks[..5], &data(&ks[..5])).unwrap().present, 5);
+}
+
+#[test]
+fn bad_requests_change_nothing() {
+    let m = ManagerConfig::host_only(HostConfig::with_capacity(16 * BLOCK))
+        .build()
+        .unwrap();
+    let n = ns("m");
+    let ks = keys(&n, 2, 1);
+    // Not registered yet.
+    let e = m.store(n.id(), &ks, &data(&ks)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::UnknownNamespace, "{e}");
+    assert_eq!(m.lookup(n.id(), &ks).unwrap_err().kind(), ErrorKind::UnknownNamespace);
+    let id = m.register_namespace(&n).unwrap();
+    let mut d = data(&ks);
+    d.pop();
+    let e = m.store(id, &ks, &d).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::BlockSize);
+    assert!(
+        e.to_string().contains("needs a buffer of 131072 bytes, got 131071"),
+        "{e}"
+    );
+    let mut out = vec![0u8; 3];
+    assert_eq!(m.load(id, &ks, &mut out).unwrap_err().kind(), ErrorKind::BlockSize);
+    let s = m.stats();
+    assert_eq!(s.stored_blocks, 0);
+    assert_eq!(s.host.unwrap().usage.blocks, 0);
+    // An invalid namespace is refused at registration.
+    let mut bad = n.clone();
+    bad.tp_size = 0;
+    assert_eq!(
+        m.register_namespace(&bad).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+}
+
+#[test]
+fn namespaces_never_share_blocks() {
+    let m = ManagerConfig::host_only(HostConfig::with_capacity(16 * BLOCK))
+        .build()
+        .unwrap();
+    let a = m.register_namespace(&ns("model-a")).unwrap();
+    let b = m.register_namespace(&ns("model-b")).unwrap();
+    // The same engine-provided hashes in two namespaces.
+    let ka: Vec<_> = (0..3u8).map(|i| BlockKey::from_opaque(a, &[i; 32])).collect();
+    let kb: Vec<_> = (0..3u8).map(|i| BlockKey::from_opaque(b, &[i; 32])).collect();
+    m.store(a, &ka, &data(&ka)).unwrap();
+    assert_eq!(m.lookup(b, &kb).unwrap().hit_blocks(), 0);
+    assert_eq!(m.lookup(a, &ka).unwrap().hit_blocks(), 3);
+}
+
+#[test]
+fn eviction_cascades_to_disk_and_hits_promote() {
+    let d = tempfile::tempdir().unwrap();
+    let m = ManagerConfig::tiered(Some(HostConfig::with_capacity(4 * BLOCK)), Some(disk_cfg(d.path())))
+        .build()
+        .unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let ks = keys(&n, 10, 2);
+    m.store(id, &ks, &data(&ks)).unwrap();
+    let l = m.lookup(id, &ks).unwrap();
+    assert_eq!(l.hit_blocks(), 10);
+    assert_eq!(l.tiers[0], TierKind::Disk, "the oldest blocks were demoted");
+    assert_eq!(l.tiers[9], TierKind::Host);
+    let (r, bytes) = load_all(&m, id, &ks);
+    assert_eq!(r.loaded, 10);
+    assert!(bytes == data(&ks));
+    // Every host block was leased by that load: nothing could be promoted.
+    assert_eq!(m.stats().promotions, 0);
+    assert_eq!(m.stats().offloaded, 6);
+    // Loading the disk-resident head promotes it, demoting host blocks.
+    let (r, bytes) = load_all(&m, id, &ks[..3]);
+    assert_eq!(r.loaded, 3);
+    assert!(bytes == data(&ks[..3]));
+    let s = m.stats();
+    assert_eq!(s.promotions, 3);
+    assert!(s.host.unwrap().evictions >= 9);
+    assert!(s.disk.unwrap().hits >= 9);
+    assert!(m.host().unwrap().contains(&ks[0]));
+    // Nothing was lost on the way: the whole prefix is still present.
+    assert_eq!(m.lookup(id, &ks).unwrap().hit_blocks(), 10);
+}
+
+#[test]
+fn write_through_reaches_disk_and_a_full_queue_throttles() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = ManagerConfig::tiered(Some(HostConfig::with_capacity(32 * BLOCK)), Some(disk_cfg(d.path())));
+    cfg.cascade = Cascade::WriteThrough;
+    cfg.offload_queue_blocks = 4;
+    let m = cfg.build().unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let ks = keys(&n, 6, 3);
+    // Six new blocks cannot fit a queue of four: refused whole.
+    let e = m.store(id, &ks, &data(&ks)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Throttled, "{e}");
+    assert_eq!(
+        m.lookup(id, &ks).unwrap().hit_blocks(),
+        0,
+        "a throttled store changed something"
+    );
+    assert_eq!(m.stats().throttled, 1);
+    m.store(id, &ks[..4], &data(&ks[..4])).unwrap();
+    m.flush();
+    m.store(id, &ks[4..], &data(&ks[4..])).unwrap();
+    m.flush();
+    let disk = m.disk().unwrap();
+    assert!(ks.iter().all(|k| disk.contains(k)));
+    assert_eq!(m.stats().offload_queue_depth, 0);
+    assert_eq!(m.stats().offloaded, 6);
+}
+
+#[test]
+fn ssd_only_survives_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let n = ns("m");
+    let ks = keys(&n, 12, 4);
+    {
+        let m = ManagerConfig::ssd_only(disk_cfg(d.path())).build().unwrap();
+        let id = m.register_namespace(&n).unwrap();
+        assert!(m.host().is_none());
+        assert_eq!(m.store(id, &ks, &data(&ks)).unwrap().stored, 12);
+    }
+    let m = ManagerConfig::ssd_only(disk_cfg(d.path())).build().unwrap();
+    let id = m.register_namespace(&n).unwrap();
+    let l = m.lookup(id, &ks).unwrap();
+    assert_eq!(l.hit_blocks(), 12);
+    assert!(l.tiers.iter().all(|t| *t == TierKind::Disk));
+    let (r, bytes) = load_all(&m, id, &ks);
+    assert_eq!(r.loaded, 12);
+    assert!(bytes == data(&ks));
+    assert_eq!(m.stats().promotions, 0);
+}
+
+#[test]
+fn admission_keeps_one_off_blocks_off_disk() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = ManagerConfig::ssd_only(disk_cfg(d.path()));
+    cfg.disk_admission_min_seen = 2;
+    let m = cfg.build().unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let ks = keys(&n, 3, 5);
+    let first = m.store(id, &ks, &data(&ks)).unwrap();
+    assert_eq!((first.stored, first.not_admitted), (0, 3));
+    assert_eq!(m.lookup(id, &ks).unwrap().hit_blocks(), 0);
+    let second = m.store(id, &ks, &data(&ks)).unwrap();
+    assert_eq!(second.stored, 3);
+    assert_eq!(m.lookup(id, &ks).unwrap().hit_blocks(), 3);
+}
+
+#[test]
+fn a_lease_keeps_blocks_from_eviction() {
+    let m = ManagerConfig::host_only(HostConfig::with_capacity(2 * BLOCK))
+        .build()
+        .unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let ks = keys(&n, 4, 6);
+    m.store(id, &ks[..1], &data(&ks[..1])).unwrap();
+    let lease = m.lease(id, &ks[..1]).unwrap();
+    assert_eq!(lease.len(), 1);
+    // Two more blocks in a pool of two: the leased one must stay.
+    m.store(id, &ks[1..3], &data(&ks[1..3])).unwrap();
+    assert!(m.host().unwrap().contains(&ks[0]));
+    assert!(!m.host().unwrap().contains(&ks[1]));
+    let mut out = vec![0u8; BLOCK as usize];
+    assert_eq!(m.load_leased(&lease, &mut out).unwrap().loaded, 1);
+    assert!(out == data(&ks[..1]));
+    // With every block leased, a store is throttled and changes nothing.
+    let lease2 = m.lease(id, &ks[2..3]).unwrap();
+    let e = m.store(id, &ks[3..4], &data(&ks[3..4])).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Throttled, "{e}");
+    drop((lease, lease2));
+    m.store(id, &ks[3..4], &data(&ks[3..4])).unwrap();
+}
+
+#[test]
+fn corrupt_block_stops_the_load_and_is_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let m = ManagerConfig::ssd_only(disk_cfg(d.path())).build().unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let ks = keys(&n, 4, 7);
+    m.store(id, &ks, &data(&ks)).unwrap();
+    // Corrupt block 2's bytes on disk, behind the tier's back.
+    let seg = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .unwrap();
+    let raw = std::fs::read(&seg).unwrap();
+    let needle = &content(ks[2], BLOCK as usize)[..64];
+    let at = raw.windows(64).position(|w| w == needle).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[raw[at] ^ 1], at as u64).unwrap();
+    let (r, bytes) = load_all(&m, id, &ks);
+    assert_eq!(r.loaded, 2);
+    let f = r.failed.unwrap();
+    assert_eq!((f.index, f.kind), (2, ErrorKind::ChecksumMismatch));
+    assert!(bytes[..2 * BLOCK as usize] == data(&ks[..2])[..]);
+    let s = m.stats();
+    assert_eq!(s.load_failures, 1);
+    assert_eq!(s.disk.unwrap().corrupt, 1);
+    // Never served again: the prefix now ends before it.
+    assert_eq!(m.lookup(id, &ks).unwrap().hit_blocks(), 2);
+}
+
+#[test]
+fn config_from_toml() {
+    let c = ManagerConfig::from_toml(
+        r#"
+        mode = "ssd-only"
+        disk_admission_min_seen = 2
+        [disk]
+        dir = "/var/lib/kvtier"
+        capacity_bytes = 1073741824
+        "#,
+    )
+    .unwrap();
+    assert_eq!(c.mode, Mode::SsdOnly);
+    assert_eq!(c.disk.as_ref().unwrap().segment_bytes, 256 << 20);
+    let e = ManagerConfig::from_toml("mode = \"tiered\"\ncapacity = 3\n").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert!(e.to_string().contains("unknown field"), "{e}");
+    let mut bad = c.clone();
+    bad.host = Some(HostConfig::with_capacity(1 << 20));
+    let e = bad.build().unwrap_err();
+    assert!(e.to_string().contains("ssd-only mode takes no [host] tier"), "{e}");
+    let e = ManagerConfig::tiered(None, None).build().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+}
+
+#[test]
+fn example_config_in_deploy_parses() {
+    let text = include_str!("../../../deploy/kvtier.toml");
+    let c = ManagerConfig::from_toml(text).unwrap();
+    assert!(c.disk.is_some());
+}

@@ -1,0 +1,930 @@
+//! The disk tier (G3): log-structured segment files on a local SSD.
+//!
+//! Blocks are appended as self-describing records (see [`record`]) to the
+//! active segment, a file of `segment_bytes` preallocated when made. The
+//! index lives in memory and is rebuilt on open by reading record headers, so
+//! contents survive a restart. When every write into a full segment has
+//! finished, a seal goes on its last page: on open, sealed segments are
+//! indexed from their headers alone, while unsealed ones (the tail of a
+//! crash) have every record's data verified, so torn records are skipped and
+//! counted, never indexed. Every read verifies the data checksum too.
+//!
+//! Space is reclaimed a whole segment at a time, oldest first (FIFO). A
+//! reclaimed file is unlinked, not reused: readers that pinned one of its
+//! blocks hold the file open and keep reading correct bytes.
+//!
+//! I/O is O_DIRECT where the filesystem allows it (one log line says when it
+//! does not). Page-aligned blocks are written from and read into the caller's
+//! buffer directly; others go through a bounded pool of staging buffers.
+
+mod file;
+mod record;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use self::file::{AlignedBuf, BufPool};
+use self::record::{HEADER_BYTES, PAGE, RecordHeader, Seal};
+use super::{Pin, PinnedBlock, Stored, Tier, TierCounters, TierKind, Usage};
+use crate::block::{BlockKey, KeyMap, NamespaceId};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Configuration of the disk tier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Directory on the local SSD; made if missing, owned by one process.
+    pub dir: PathBuf,
+    /// Bytes of segment files the tier may hold.
+    pub capacity_bytes: u64,
+    /// Bytes per segment file; capacity holds at least two.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// Use O_DIRECT where the filesystem supports it.
+    #[serde(default = "yes")]
+    pub direct_io: bool,
+    /// `fdatasync` before acknowledging each put: survives power loss, not
+    /// only a process crash, at the cost of a device flush per block.
+    #[serde(default)]
+    pub sync_writes: bool,
+    /// Staging buffers for blocks that are not page-aligned.
+    #[serde(default = "default_io_buffers")]
+    pub io_buffers: usize,
+    /// Bytes per staging buffer; larger unaligned blocks allocate one-off.
+    #[serde(default = "default_io_buffer_bytes")]
+    pub io_buffer_bytes: u64,
+    /// How long a put waits for a staging buffer before it is throttled.
+    #[serde(default = "default_staging_wait_ms")]
+    pub staging_wait_ms: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_segment_bytes() -> u64 {
+    256 << 20
+}
+fn default_io_buffers() -> usize {
+    4
+}
+fn default_io_buffer_bytes() -> u64 {
+    (4 << 20) + 2 * PAGE
+}
+fn default_staging_wait_ms() -> u64 {
+    1000
+}
+
+impl DiskConfig {
+    /// A tier in `dir` holding `capacity_bytes`, other settings default.
+    pub fn new(dir: impl Into<PathBuf>, capacity_bytes: u64) -> Self {
+        Self {
+            dir: dir.into(),
+            capacity_bytes,
+            segment_bytes: default_segment_bytes(),
+            direct_io: true,
+            sync_writes: false,
+            io_buffers: default_io_buffers(),
+            io_buffer_bytes: default_io_buffer_bytes(),
+            staging_wait_ms: default_staging_wait_ms(),
+        }
+    }
+
+    /// Opens the tier, rebuilding its index from the directory.
+    pub fn build(&self) -> Result<DiskTier> {
+        DiskTier::open(self)
+    }
+}
+
+/// What opening found in the directory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Recovery {
+    /// Segment files read.
+    pub segments: u64,
+    /// Segments that had no seal (written when the process stopped) and
+    /// whose records were all verified.
+    pub unsealed_segments: u64,
+    /// Blocks indexed.
+    pub blocks: u64,
+    /// Records skipped: a header that does not verify, data that does not
+    /// match its checksum, or a record cut short by the end of the file.
+    pub skipped_records: u64,
+    /// Segment files whose own header did not verify (removed).
+    pub bad_segments: u64,
+}
+
+/// The disk tier. Cheap to clone: clones share the directory.
+#[derive(Clone)]
+pub struct DiskTier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DiskTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskTier")
+            .field("dir", &self.inner.cfg.dir)
+            .field("direct", &self.inner.direct)
+            .finish()
+    }
+}
+
+struct Inner {
+    cfg: DiskConfig,
+    direct: bool,
+    max_segments: usize,
+    state: Mutex<State>,
+    counters: TierCounters,
+    staging: BufPool,
+    oversize_staging: AtomicU64,
+    recovery: Recovery,
+    _lock: File,
+}
+
+/// A segment file. Readers hold it through an `Arc`, so an unlinked file
+/// stays readable until the last reader is done.
+#[derive(Debug)]
+struct Segment {
+    id: u64,
+    file: File,
+}
+
+#[derive(Debug)]
+struct SegMeta {
+    seg: Arc<Segment>,
+    path: PathBuf,
+    /// Keys whose live record is (or was) in this segment.
+    keys: Vec<BlockKey>,
+    /// Writes reserved in this segment and not yet finished.
+    writers: u32,
+    /// No more reservations go here.
+    sealed: bool,
+    seal_written: bool,
+    /// Next free offset.
+    next: u64,
+    records: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Loc {
+    seg: u64,
+    off: u64,
+    data_offset: u32,
+    len: u64,
+    crc: u32,
+    ns: NamespaceId,
+}
+
+impl Loc {
+    fn record_bytes(&self) -> u64 {
+        (u64::from(self.data_offset) + self.len).next_multiple_of(PAGE)
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    index: KeyMap<Loc>,
+    segments: BTreeMap<u64, SegMeta>,
+    active: Option<u64>,
+    next_id: u64,
+    used_bytes: u64,
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016x}.seg"))
+}
+
+impl DiskTier {
+    /// Opens (or makes) the tier in `cfg.dir` and rebuilds its index.
+    pub fn open(cfg: &DiskConfig) -> Result<Self> {
+        let seg = cfg.segment_bytes;
+        if seg < 4 * PAGE || !seg.is_multiple_of(PAGE) {
+            return Err(Error::config(format!(
+                "disk.segment_bytes {seg} must be a multiple of {PAGE} and at least {}",
+                4 * PAGE
+            )));
+        }
+        let max_segments = (cfg.capacity_bytes / seg) as usize;
+        if max_segments < 2 {
+            return Err(Error::config(format!(
+                "disk.capacity_bytes {} must hold at least two segments of {seg} bytes",
+                cfg.capacity_bytes
+            )));
+        }
+        std::fs::create_dir_all(&cfg.dir).map_err(|e| Error::io(format!("create {}", cfg.dir.display()), e))?;
+        let lock = lock_dir(&cfg.dir)?;
+        let direct = cfg.direct_io
+            && match file::probe_direct(&cfg.dir) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(dir = %cfg.dir.display(), "direct I/O unavailable ({e}): disk tier falls back to buffered I/O");
+                    false
+                }
+            };
+        let mut inner = Inner {
+            cfg: cfg.clone(),
+            direct,
+            max_segments,
+            state: Mutex::new(State::default()),
+            counters: TierCounters::default(),
+            staging: BufPool::new(cfg.io_buffers.max(1), cfg.io_buffer_bytes as usize),
+            oversize_staging: AtomicU64::new(0),
+            recovery: Recovery::default(),
+            _lock: lock,
+        };
+        inner.recover()?;
+        let r = inner.recovery;
+        tracing::info!(
+            dir = %cfg.dir.display(), direct, segments = r.segments, blocks = r.blocks,
+            skipped = r.skipped_records, unsealed = r.unsealed_segments, "disk tier open"
+        );
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// What opening found.
+    pub fn recovery(&self) -> Recovery {
+        self.inner.recovery
+    }
+
+    /// Whether O_DIRECT is in use.
+    pub fn direct_io(&self) -> bool {
+        self.inner.direct
+    }
+
+    /// Unaligned blocks too large for a staging buffer, which allocated one.
+    pub fn oversize_staging(&self) -> u64 {
+        self.inner.oversize_staging.load(Relaxed)
+    }
+
+    /// The largest block the tier stores.
+    pub fn max_block_bytes(&self) -> u64 {
+        self.inner.cfg.segment_bytes - 3 * PAGE
+    }
+
+    /// The namespace of every block held: for stats and for callers that
+    /// check what a directory holds after a restart.
+    pub fn namespaces(&self) -> HashSet<NamespaceId> {
+        self.inner.state.lock().index.values().map(|l| l.ns).collect()
+    }
+}
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("LOCK");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    // SAFETY: a plain syscall on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::config(format!(
+            "disk directory {} is in use by another process",
+            dir.display()
+        )));
+    }
+    Ok(f)
+}
+
+impl Inner {
+    fn staging_wait(&self) -> Duration {
+        Duration::from_millis(self.cfg.staging_wait_ms)
+    }
+
+    /// Reads every segment in id order and rebuilds the index.
+    fn recover(&mut self) -> Result<()> {
+        let dir = self.cfg.dir.clone();
+        let mut ids = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))? {
+            let e = e.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if let Some(id) = name.strip_suffix(".seg").and_then(|h| u64::from_str_radix(h, 16).ok()) {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        let mut st = State::default();
+        let mut rec = Recovery::default();
+        for id in ids {
+            let path = segment_path(&dir, id);
+            self.recover_segment(&mut st, &mut rec, id, &path)?;
+            st.next_id = id + 1;
+        }
+        rec.blocks = st.index.len() as u64;
+        // A smaller capacity than last time: drop the oldest segments.
+        while st.segments.len() >= self.max_segments {
+            if !self.reclaim_oldest(&mut st) {
+                break;
+            }
+        }
+        self.recovery = rec;
+        *self.state.get_mut() = st;
+        Ok(())
+    }
+
+    fn recover_segment(&self, st: &mut State, rec: &mut Recovery, id: u64, path: &Path) -> Result<()> {
+        let io = |what: &str, e| Error::io(format!("{what} {}", path.display()), e);
+        let file = file::open(path, false, self.direct).map_err(|e| io("open", e))?;
+        let file_len = file.metadata().map_err(|e| io("stat", e))?.len();
+        let mut page = AlignedBuf::new(PAGE as usize);
+        let header_ok = file_len >= PAGE
+            && read_full(&file, page.as_mut_slice(), 0).is_ok()
+            && record::decode_segment_header(page.as_slice()) == Some((id, self.cfg.segment_bytes));
+        if !header_ok {
+            // Not ours, another format, or a segment of another size: we
+            // cannot trust its offsets, so it goes.
+            tracing::warn!(path = %path.display(), "segment header does not verify: removing the segment");
+            rec.bad_segments += 1;
+            drop(file);
+            std::fs::remove_file(path).map_err(|e| io("remove", e))?;
+            return Ok(());
+        }
+        rec.segments += 1;
+        let seal_at = self.cfg.segment_bytes - PAGE;
+        let seal = (file_len >= seal_at + PAGE && read_full(&file, page.as_mut_slice(), seal_at).is_ok())
+            .then(|| Seal::decode(page.as_slice()))
+            .flatten()
+            .filter(|s| s.id == id && s.end <= seal_at);
+        let (end, verify) = match seal {
+            Some(s) => (s.end, false),
+            None => {
+                rec.unsealed_segments += 1;
+                (file_len.min(seal_at), true)
+            }
+        };
+        let seg = Arc::new(Segment { id, file });
+        let mut meta = SegMeta {
+            seg: seg.clone(),
+            path: path.to_path_buf(),
+            keys: Vec::new(),
+            writers: 0,
+            sealed: true,
+            seal_written: seal.is_some(),
+            next: end,
+            records: 0,
+        };
+        let mut scan = Scanner::new(&seg.file, end, verify);
+        let mut last_end = PAGE;
+        let mut pos = PAGE;
+        while pos < end {
+            match scan.record_at(pos).map_err(|e| io("read", e))? {
+                Scanned::Record(h) => {
+                    meta.records += 1;
+                    last_end = pos + h.record_bytes();
+                    apply(&mut st.index, &mut st.used_bytes, &mut meta, pos, &h);
+                    pos += h.record_bytes();
+                }
+                Scanned::Skip { counted, next } => {
+                    rec.skipped_records += u64::from(counted);
+                    pos = next;
+                }
+            }
+        }
+        if !meta.seal_written {
+            // Everything in it is verified now: seal it so the next open trusts it.
+            meta.next = last_end;
+            if let Err(e) = write_seal(&meta, self.cfg.segment_bytes) {
+                tracing::warn!(path = %path.display(), "could not seal recovered segment: {e}");
+            } else {
+                meta.seal_written = true;
+            }
+        }
+        st.segments.insert(id, meta);
+        Ok(())
+    }
+
+    /// Drops the oldest segment; false if it has writes in flight.
+    fn reclaim_oldest(&self, st: &mut State) -> bool {
+        // Strictly the oldest: reclaiming out of order could drop a
+        // tombstone before the record it deletes, which would resurrect the
+        // block on the next open.
+        let Some((&id, m)) = st.segments.iter().next() else {
+            return false;
+        };
+        if m.writers > 0 || st.active == Some(id) {
+            return false;
+        }
+        let meta = st.segments.remove(&id).expect("found above");
+        let mut evicted = 0;
+        for key in &meta.keys {
+            if let Some(loc) = st.index.get(key).filter(|l| l.seg == id) {
+                st.used_bytes -= loc.record_bytes();
+                st.index.remove(key);
+                evicted += 1;
+            }
+        }
+        TierCounters::add(&self.counters.evictions, evicted);
+        // Readers holding the segment keep the file open; unlinking is safe.
+        if let Err(e) = std::fs::remove_file(&meta.path) {
+            tracing::warn!(path = %meta.path.display(), "could not remove reclaimed segment: {e}");
+        }
+        true
+    }
+
+    /// Makes a new active segment, reclaiming old ones for room.
+    fn roll(&self, st: &mut State) -> Result<()> {
+        if let Some(id) = st.active.take() {
+            let m = st.segments.get_mut(&id).expect("active segment is listed");
+            m.sealed = true;
+            seal_if_done(m, self.cfg.segment_bytes);
+        }
+        while st.segments.len() >= self.max_segments {
+            if !self.reclaim_oldest(st) {
+                TierCounters::add(&self.counters.rejected, 1);
+                return Err(Error::new(
+                    ErrorKind::Throttled,
+                    "disk tier: every segment has writes in flight; retry",
+                ));
+            }
+        }
+        let id = st.next_id;
+        let path = segment_path(&self.cfg.dir, id);
+        let made = self.make_segment(id, &path);
+        let made = match made {
+            Err(e) if e.kind() == ErrorKind::NoSpace && self.reclaim_oldest(st) => {
+                // The filesystem is fuller than our budget says: give back
+                // our oldest segment and try once more.
+                self.make_segment(id, &path)
+            }
+            other => other,
+        };
+        let file = made.inspect_err(|_| TierCounters::add(&self.counters.rejected, 1))?;
+        st.next_id += 1;
+        st.segments.insert(
+            id,
+            SegMeta {
+                seg: Arc::new(Segment { id, file }),
+                path,
+                keys: Vec::new(),
+                writers: 0,
+                sealed: false,
+                seal_written: false,
+                next: PAGE,
+                records: 0,
+            },
+        );
+        st.active = Some(id);
+        Ok(())
+    }
+
+    fn make_segment(&self, id: u64, path: &Path) -> Result<File> {
+        let io = |what: &str, e| Error::io(format!("{what} segment {}", path.display()), e);
+        let f = file::open(path, true, self.direct).map_err(|e| io("create", e))?;
+        let r = (|| {
+            file::preallocate(&f, self.cfg.segment_bytes).map_err(|e| io("preallocate", e))?;
+            let mut page = AlignedBuf::new(PAGE as usize);
+            record::encode_segment_header(id, self.cfg.segment_bytes, page.as_mut_slice());
+            f.write_all_at(page.as_slice(), 0)
+                .map_err(|e| io("write header of", e))?;
+            f.sync_data().map_err(|e| io("sync", e))
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        r.map(|()| f)
+    }
+
+    /// Reserves `len` bytes in the active segment.
+    fn reserve(&self, len: u64) -> Result<(Arc<Segment>, u64)> {
+        let seal_at = self.cfg.segment_bytes - PAGE;
+        let mut st = self.state.lock();
+        loop {
+            if let Some(id) = st.active {
+                let m = st.segments.get_mut(&id).expect("active segment is listed");
+                if m.next + len <= seal_at {
+                    let off = m.next;
+                    m.next += len;
+                    m.writers += 1;
+                    return Ok((m.seg.clone(), off));
+                }
+            }
+            self.roll(&mut st)?;
+        }
+    }
+
+    /// Ends a write reserved with [`Inner::reserve`]; publishes the record
+    /// when it was written whole.
+    fn finish(&self, seg: &Segment, off: u64, h: &RecordHeader, written: &Result<()>) {
+        let mut st = self.state.lock();
+        let State {
+            index,
+            segments,
+            active,
+            used_bytes,
+            ..
+        } = &mut *st;
+        let m = segments
+            .get_mut(&seg.id)
+            .expect("a segment with a write in flight is never reclaimed");
+        m.writers -= 1;
+        m.records += 1;
+        if written.is_ok() {
+            apply(index, used_bytes, m, off, h);
+        } else {
+            // The region may be torn: write nothing more after it.
+            m.sealed = true;
+            if *active == Some(seg.id) {
+                *active = None;
+            }
+        }
+        seal_if_done(m, self.cfg.segment_bytes);
+    }
+
+    /// Writes one record, from the caller's buffer when it is page-aligned.
+    fn append(&self, h: &mut RecordHeader, data: &[u8]) -> Result<()> {
+        let direct_data = data.len() >= 16 * PAGE as usize && file::is_page_aligned(data.as_ptr(), data.len());
+        h.data_offset = if direct_data { PAGE as u32 } else { HEADER_BYTES as u32 };
+        let len = h.record_bytes();
+        if len > self.cfg.segment_bytes - 2 * PAGE {
+            return Err(Error::invalid(format!(
+                "disk tier: a block of {} bytes does not fit a segment of {} bytes",
+                data.len(),
+                self.cfg.segment_bytes
+            )));
+        }
+        // Stage before reserving, so a throttled put reserves nothing.
+        let staged_len = if direct_data { PAGE } else { len } as usize;
+        let mut staging = self.staging_or_own(staged_len)?;
+        let buf = &mut staging[..staged_len];
+        h.encode(buf);
+        if direct_data {
+            buf[HEADER_BYTES..].fill(0);
+        } else {
+            buf[HEADER_BYTES..HEADER_BYTES + data.len()].copy_from_slice(data);
+            buf[HEADER_BYTES + data.len()..].fill(0);
+        }
+        let (seg, off) = self.reserve(len)?;
+        let mut r = seg.file.write_all_at(buf, off);
+        if direct_data && r.is_ok() {
+            r = seg.file.write_all_at(data, off + PAGE);
+        }
+        if r.is_ok() && self.cfg.sync_writes {
+            r = seg.file.sync_data();
+        }
+        let r = r.map_err(|e| Error::io(format!("write record in segment {}", seg.id), e));
+        self.finish(&seg, off, h, &r);
+        match &r {
+            Ok(()) => TierCounters::add(&self.counters.bytes_written, data.len() as u64),
+            Err(_) => TierCounters::add(&self.counters.rejected, 1),
+        }
+        r
+    }
+
+    /// A staging buffer of at least `len` bytes: from the pool, or one-off
+    /// when `len` is larger than the pool's buffers.
+    fn staging_or_own(&self, len: usize) -> Result<Staging<'_>> {
+        if len > self.staging.buf_bytes() {
+            self.oversize_staging.fetch_add(1, Relaxed);
+            return Ok(Staging::Own(AlignedBuf::new(len)));
+        }
+        match self.staging.acquire(self.staging_wait()) {
+            Some(b) => Ok(Staging::Pool(b)),
+            None => {
+                TierCounters::add(&self.counters.rejected, 1);
+                Err(Error::throttled("disk tier: every staging buffer is busy; retry"))
+            }
+        }
+    }
+}
+
+/// Writes the seal of a segment that takes no more writes and has none in flight.
+fn seal_if_done(m: &mut SegMeta, segment_bytes: u64) {
+    if m.sealed && m.writers == 0 && !m.seal_written {
+        match write_seal(m, segment_bytes) {
+            Ok(()) => m.seal_written = true,
+            // Unsealed segments are verified in full on the next open.
+            Err(e) => tracing::warn!(segment = m.seg.id, "could not write seal: {e}"),
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A clean close seals the active segment: the next open trusts it.
+        let segment_bytes = self.cfg.segment_bytes;
+        let st = self.state.get_mut();
+        if let Some(m) = st.active.take().and_then(|id| st.segments.get_mut(&id)) {
+            m.sealed = true;
+            seal_if_done(m, segment_bytes);
+        }
+    }
+}
+
+/// Puts a scanned or written record into the index.
+fn apply(index: &mut KeyMap<Loc>, used_bytes: &mut u64, meta: &mut SegMeta, off: u64, h: &RecordHeader) {
+    if let Some(old) = index.remove(&h.key) {
+        *used_bytes -= old.record_bytes();
+    }
+    if h.is_tombstone() {
+        return;
+    }
+    let loc = Loc {
+        seg: meta.seg.id,
+        off,
+        data_offset: h.data_offset,
+        len: h.data_len,
+        crc: h.data_crc,
+        ns: h.ns,
+    };
+    *used_bytes += loc.record_bytes();
+    index.insert(h.key, loc);
+    meta.keys.push(h.key);
+}
+
+fn write_seal(m: &SegMeta, segment_bytes: u64) -> std::io::Result<()> {
+    let mut page = AlignedBuf::new(PAGE as usize);
+    Seal {
+        id: m.seg.id,
+        end: m.next,
+        records: m.records,
+    }
+    .encode(page.as_mut_slice());
+    m.seg.file.sync_data()?;
+    m.seg.file.write_all_at(page.as_slice(), segment_bytes - PAGE)
+}
+
+/// Reads `buf.len()` bytes at `off`, zero-filling past the end of the file.
+fn read_full(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+enum Staging<'a> {
+    Pool(file::PoolBuf<'a>),
+    Own(AlignedBuf),
+}
+
+impl std::ops::Deref for Staging<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Pool(b) => b.as_slice(),
+            Self::Own(b) => b.as_slice(),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Staging<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Self::Pool(b) => b.as_mut_slice(),
+            Self::Own(b) => b.as_mut_slice(),
+        }
+    }
+}
+
+/// Reads a segment in large windows while rebuilding the index.
+struct Scanner<'a> {
+    file: &'a File,
+    end: u64,
+    verify: bool,
+    window: AlignedBuf,
+    window_off: u64,
+    window_len: u64,
+}
+
+enum Scanned {
+    Record(RecordHeader),
+    /// Nothing valid at this position; `counted` when it looked like a
+    /// record (a header that fails, data that fails, a record cut short).
+    Skip {
+        counted: bool,
+        next: u64,
+    },
+}
+
+/// Window size when every byte is read (unsealed segments).
+const SCAN_WINDOW: usize = 4 << 20;
+
+impl<'a> Scanner<'a> {
+    fn new(file: &'a File, end: u64, verify: bool) -> Self {
+        Self {
+            file,
+            end,
+            verify,
+            window: AlignedBuf::new(SCAN_WINDOW),
+            window_off: 0,
+            window_len: 0,
+        }
+    }
+
+    /// The bytes `[off, off+len)`, read into the window if needed.
+    fn bytes(&mut self, off: u64, len: u64) -> std::io::Result<&[u8]> {
+        if off < self.window_off || off + len > self.window_off + self.window_len {
+            // Sealed segments hop from header to header; unsealed ones read on.
+            let want = if self.verify { len.max(SCAN_WINDOW as u64) } else { len };
+            let want = want.min(self.end - off).max(len).next_multiple_of(PAGE);
+            if want as usize > self.window.len() {
+                self.window = AlignedBuf::new(want as usize);
+            }
+            read_full(self.file, &mut self.window.as_mut_slice()[..want as usize], off)?;
+            self.window_off = off;
+            self.window_len = want;
+        }
+        let s = (off - self.window_off) as usize;
+        Ok(&self.window.as_slice()[s..s + len as usize])
+    }
+
+    fn record_at(&mut self, pos: u64) -> std::io::Result<Scanned> {
+        let page = self.bytes(pos, PAGE)?;
+        let Some(h) = RecordHeader::decode(page) else {
+            let looked_like_one = page[..4] == *b"KVTR";
+            return Ok(Scanned::Skip {
+                counted: looked_like_one,
+                next: pos + PAGE,
+            });
+        };
+        let rec = h.record_bytes();
+        if pos + rec > self.end {
+            return Ok(Scanned::Skip {
+                counted: true,
+                next: pos + PAGE,
+            });
+        }
+        if self.verify && !h.is_tombstone() {
+            let data = &self.bytes(pos, rec)?[h.data_offset as usize..][..h.data_len as usize];
+            if record::data_crc(h.key, h.ns, data) != h.data_crc {
+                // A torn or corrupt record: its length is trustworthy (the
+                // header verified), so the scan continues after it.
+                return Ok(Scanned::Skip {
+                    counted: true,
+                    next: pos + rec,
+                });
+            }
+        }
+        Ok(Scanned::Record(h))
+    }
+}
+
+impl Tier for DiskTier {
+    fn kind(&self) -> TierKind {
+        TierKind::Disk
+    }
+
+    fn contains(&self, key: &BlockKey) -> bool {
+        self.inner.state.lock().index.contains_key(key)
+    }
+
+    fn put(&self, ns: NamespaceId, key: BlockKey, data: &[u8]) -> Result<Stored> {
+        if data.is_empty() {
+            return Err(Error::invalid("disk tier: empty block"));
+        }
+        if self.contains(&key) {
+            return Ok(Stored::Present);
+        }
+        let mut h = RecordHeader {
+            flags: 0,
+            data_offset: 0,
+            key,
+            ns,
+            data_len: data.len() as u64,
+            data_crc: record::data_crc(key, ns, data),
+        };
+        self.inner.append(&mut h, data)?;
+        Ok(Stored::Inserted)
+    }
+
+    fn pin(&self, key: &BlockKey) -> Option<Pin> {
+        let st = self.inner.state.lock();
+        let loc = *st.index.get(key)?;
+        let seg = st
+            .segments
+            .get(&loc.seg)
+            .expect("indexed segments are listed")
+            .seg
+            .clone();
+        Some(Box::new(DiskPin {
+            inner: self.inner.clone(),
+            seg,
+            key: *key,
+            loc,
+        }))
+    }
+
+    fn remove(&self, key: &BlockKey) -> Result<bool> {
+        let Some(loc) = self.inner.state.lock().index.get(key).copied() else {
+            return Ok(false);
+        };
+        // The tombstone keeps the block from coming back on the next open.
+        let mut h = RecordHeader {
+            flags: record::FLAG_TOMBSTONE,
+            data_offset: 0,
+            key: *key,
+            ns: loc.ns,
+            data_len: 0,
+            data_crc: record::data_crc(*key, loc.ns, &[]),
+        };
+        self.inner.append(&mut h, &[])?;
+        Ok(true)
+    }
+
+    fn usage(&self) -> Usage {
+        let st = self.inner.state.lock();
+        Usage {
+            used_bytes: st.used_bytes,
+            capacity_bytes: self.inner.max_segments as u64 * self.inner.cfg.segment_bytes,
+            blocks: st.index.len() as u64,
+        }
+    }
+
+    fn counters(&self) -> &TierCounters {
+        &self.inner.counters
+    }
+}
+
+/// A pinned disk block: holds its segment file open.
+struct DiskPin {
+    inner: Arc<Inner>,
+    seg: Arc<Segment>,
+    key: BlockKey,
+    loc: Loc,
+}
+
+impl std::fmt::Debug for DiskPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskPin")
+            .field("key", &self.key)
+            .field("loc", &self.loc)
+            .finish()
+    }
+}
+
+impl DiskPin {
+    fn read(&self, out: &mut [u8]) -> Result<()> {
+        let loc = &self.loc;
+        let data_at = loc.off + u64::from(loc.data_offset);
+        let io = |e| Error::io(format!("read block {} from segment {}", self.key, self.seg.id), e);
+        if !self.inner.direct || (loc.data_offset as u64 == PAGE && file::is_page_aligned(out.as_ptr(), out.len())) {
+            self.seg.file.read_exact_at(out, data_at).map_err(io)?;
+        } else {
+            // Read whole pages into staging, then copy the block out.
+            let first = data_at - data_at % PAGE;
+            let span = (data_at + loc.len).next_multiple_of(PAGE) - first;
+            let mut buf = self.inner.staging_or_own(span as usize)?;
+            self.seg
+                .file
+                .read_exact_at(&mut buf[..span as usize], first)
+                .map_err(io)?;
+            let s = (data_at - first) as usize;
+            out.copy_from_slice(&buf[s..s + loc.len as usize]);
+        }
+        if record::data_crc(self.key, loc.ns, out) != loc.crc {
+            TierCounters::add(&self.inner.counters.corrupt, 1);
+            let mut st = self.inner.state.lock();
+            if st.index.get(&self.key) == Some(loc) {
+                st.index.remove(&self.key);
+                st.used_bytes -= loc.record_bytes();
+            }
+            tracing::warn!(key = %self.key, segment = self.seg.id, offset = loc.off, "checksum mismatch: block dropped");
+            return Err(Error::new(
+                ErrorKind::ChecksumMismatch,
+                format!("block {} in segment {} at {}", self.key, self.seg.id, loc.off),
+            ));
+        }
+        TierCounters::add(&self.inner.counters.bytes_read, loc.len);
+        Ok(())
+    }
+}
+
+impl PinnedBlock for DiskPin {
+    fn namespace(&self) -> NamespaceId {
+        self.loc.ns
+    }
+
+    fn len(&self) -> usize {
+        self.loc.len as usize
+    }
+
+    fn read_into(&self, out: &mut [u8]) -> Result<()> {
+        if out.len() as u64 != self.loc.len {
+            return Err(Error::invalid(format!(
+                "block {} is {} bytes, the buffer {}",
+                self.key,
+                self.loc.len,
+                out.len()
+            )));
+        }
+        self.read(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;
