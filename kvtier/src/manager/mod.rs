@@ -619,12 +619,12 @@ impl BlockManager {
             }
             TierCounters::add(&counters.hits, 1);
             res.loaded += 1;
-            if *tier == TierKind::Disk {
-                if let Some(h) = &sh.host {
-                    TierCounters::add(&h.counters().misses, 1);
-                    if sh.cfg.promote_on_hit && h.put(lease.ns, *key, chunk).is_ok() {
-                        add(&sh.counters.promotions, 1);
-                    }
+            if *tier == TierKind::Disk
+                && let Some(h) = &sh.host
+            {
+                TierCounters::add(&h.counters().misses, 1);
+                if sh.cfg.promote_on_hit && h.put(lease.ns, *key, chunk).is_ok() {
+                    add(&sh.counters.promotions, 1);
                 }
             }
         }

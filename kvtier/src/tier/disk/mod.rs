@@ -1,7 +1,8 @@
 //! The disk tier (G3): log-structured segment files on a local SSD.
 //!
 //! Blocks are appended as self-describing records (see [`record`]) to the
-//! active segment, a file of `segment_bytes` preallocated when made. The
+//! active segment, a file of at most `segment_bytes` (not preallocated:
+//! writes into preallocated, unwritten extents measured slower here). The
 //! index lives in memory and is rebuilt on open by reading record headers, so
 //! contents survive a restart. When every write into a full segment has
 //! finished, a seal goes on its last page: on open, sealed segments are
@@ -390,7 +391,7 @@ impl Inner {
         if !meta.seal_written {
             // Everything in it is verified now: seal it so the next open trusts it.
             meta.next = last_end;
-            if let Err(e) = write_seal(&meta, self.cfg.segment_bytes) {
+            if let Err(e) = write_seal(&meta, self.cfg.segment_bytes, self.cfg.sync_writes) {
                 tracing::warn!(path = %path.display(), "could not seal recovered segment: {e}");
             } else {
                 meta.seal_written = true;
@@ -433,7 +434,7 @@ impl Inner {
         if let Some(id) = st.active.take() {
             let m = st.segments.get_mut(&id).expect("active segment is listed");
             m.sealed = true;
-            seal_if_done(m, self.cfg.segment_bytes);
+            seal_if_done(m, self.cfg.segment_bytes, self.cfg.sync_writes);
         }
         while st.segments.len() >= self.max_segments {
             if !self.reclaim_oldest(st) {
@@ -478,7 +479,6 @@ impl Inner {
         let io = |what: &str, e| Error::io(format!("{what} segment {}", path.display()), e);
         let f = file::open(path, true, self.direct).map_err(|e| io("create", e))?;
         let r = (|| {
-            file::preallocate(&f, self.cfg.segment_bytes).map_err(|e| io("preallocate", e))?;
             let mut page = AlignedBuf::new(PAGE as usize);
             record::encode_segment_header(id, self.cfg.segment_bytes, page.as_mut_slice());
             f.write_all_at(page.as_slice(), 0)
@@ -534,7 +534,7 @@ impl Inner {
                 *active = None;
             }
         }
-        seal_if_done(m, self.cfg.segment_bytes);
+        seal_if_done(m, self.cfg.segment_bytes, self.cfg.sync_writes);
     }
 
     /// Writes one record, from the caller's buffer when it is page-aligned.
@@ -560,20 +560,37 @@ impl Inner {
             buf[HEADER_BYTES..HEADER_BYTES + data.len()].copy_from_slice(data);
             buf[HEADER_BYTES + data.len()..].fill(0);
         }
-        let (seg, off) = self.reserve(len)?;
-        let mut r = seg.file.write_all_at(buf, off);
-        if direct_data && r.is_ok() {
-            r = seg.file.write_all_at(data, off + PAGE);
+        let r = self.write_record(h, buf, data, direct_data, len);
+        let r = match r {
+            // The filesystem is fuller than our budget: give back our oldest
+            // segment (this is a cache) and try once more in a fresh one.
+            Err(e) if e.kind() == ErrorKind::NoSpace && self.reclaim_oldest(&mut self.state.lock()) => {
+                tracing::warn!(dir = %self.cfg.dir.display(), "filesystem full: reclaimed the oldest segment early");
+                self.write_record(h, buf, data, direct_data, len)
+            }
+            r => r,
+        };
+        match &r {
+            Ok(()) => TierCounters::add(&self.counters.bytes_written, data.len() as u64),
+            Err(_) => TierCounters::add(&self.counters.rejected, 1),
         }
+        r
+    }
+
+    fn write_record(&self, h: &RecordHeader, buf: &[u8], data: &[u8], direct_data: bool, len: u64) -> Result<()> {
+        let (seg, off) = self.reserve(len)?;
+        // One I/O for header and data: under O_DIRECT every write is a round
+        // trip to the device, so a separate header write would cost one each.
+        let mut r = if direct_data {
+            file::write_all_vectored_at(&seg.file, &[buf, data], off)
+        } else {
+            seg.file.write_all_at(buf, off)
+        };
         if r.is_ok() && self.cfg.sync_writes {
             r = seg.file.sync_data();
         }
         let r = r.map_err(|e| Error::io(format!("write record in segment {}", seg.id), e));
         self.finish(&seg, off, h, &r);
-        match &r {
-            Ok(()) => TierCounters::add(&self.counters.bytes_written, data.len() as u64),
-            Err(_) => TierCounters::add(&self.counters.rejected, 1),
-        }
         r
     }
 
@@ -595,9 +612,9 @@ impl Inner {
 }
 
 /// Writes the seal of a segment that takes no more writes and has none in flight.
-fn seal_if_done(m: &mut SegMeta, segment_bytes: u64) {
+fn seal_if_done(m: &mut SegMeta, segment_bytes: u64, sync: bool) {
     if m.sealed && m.writers == 0 && !m.seal_written {
-        match write_seal(m, segment_bytes) {
+        match write_seal(m, segment_bytes, sync) {
             Ok(()) => m.seal_written = true,
             // Unsealed segments are verified in full on the next open.
             Err(e) => tracing::warn!(segment = m.seg.id, "could not write seal: {e}"),
@@ -608,11 +625,11 @@ fn seal_if_done(m: &mut SegMeta, segment_bytes: u64) {
 impl Drop for Inner {
     fn drop(&mut self) {
         // A clean close seals the active segment: the next open trusts it.
-        let segment_bytes = self.cfg.segment_bytes;
+        let (segment_bytes, sync) = (self.cfg.segment_bytes, self.cfg.sync_writes);
         let st = self.state.get_mut();
         if let Some(m) = st.active.take().and_then(|id| st.segments.get_mut(&id)) {
             m.sealed = true;
-            seal_if_done(m, segment_bytes);
+            seal_if_done(m, segment_bytes, sync);
         }
     }
 }
@@ -638,7 +655,10 @@ fn apply(index: &mut KeyMap<Loc>, used_bytes: &mut u64, meta: &mut SegMeta, off:
     meta.keys.push(h.key);
 }
 
-fn write_seal(m: &SegMeta, segment_bytes: u64) -> std::io::Result<()> {
+/// With `sync`, the records are flushed before the seal vouches for them.
+/// Without it, a power loss may leave a seal over records that did not
+/// reach the device; the data checksum on every read still catches them.
+fn write_seal(m: &SegMeta, segment_bytes: u64, sync: bool) -> std::io::Result<()> {
     let mut page = AlignedBuf::new(PAGE as usize);
     Seal {
         id: m.seg.id,
@@ -646,7 +666,9 @@ fn write_seal(m: &SegMeta, segment_bytes: u64) -> std::io::Result<()> {
         records: m.records,
     }
     .encode(page.as_mut_slice());
-    m.seg.file.sync_data()?;
+    if sync {
+        m.seg.file.sync_data()?;
+    }
     m.seg.file.write_all_at(page.as_slice(), segment_bytes - PAGE)
 }
 

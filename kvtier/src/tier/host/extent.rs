@@ -43,6 +43,7 @@ impl Extents {
         e
     }
 
+    #[cfg(test)]
     pub(crate) fn free_bytes(&self) -> u64 {
         self.free_bytes
     }

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every check CI runs: formatting, lints, the benchmark and demo smoke runs,
+# then every test of the workspace (unit, property, conformance, crash and
+# full-disk tests; the full-disk test mounts a small tmpfs and needs root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== bench smoke: kvtier-bench tiers --smoke, demo"
+cargo build --release -q -p kvtier-bench
+smoke_dir=$(mktemp -d "${TMPDIR:-/tmp}/kvtier-smoke.XXXXXX")
+trap 'rm -rf "$smoke_dir"' EXIT
+./target/release/kvtier-bench tiers --smoke --json --dir "$smoke_dir/tiers"
+./target/release/kvtier-bench demo --json --dir "$smoke_dir/demo" >/dev/null
+echo "demo: ok"
+echo "== cargo test"
+cargo test --workspace --all-targets
