@@ -29,7 +29,7 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     lookup_blocks: usize,
     /// Rounds; each figure is the median over rounds, references included.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Print one JSON object.
     #[arg(long)]

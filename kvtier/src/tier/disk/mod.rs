@@ -165,6 +165,8 @@ struct SegMeta {
     writers: u32,
     /// No more reservations go here.
     sealed: bool,
+    /// A write into it failed: never sealed, so the next open verifies it.
+    failed: bool,
     seal_written: bool,
     /// Next free offset.
     next: u64,
@@ -177,7 +179,7 @@ struct Loc {
     off: u64,
     data_offset: u32,
     len: u64,
-    crc: u32,
+    hash: u64,
     ns: NamespaceId,
 }
 
@@ -318,13 +320,14 @@ impl Inner {
             self.recover_segment(&mut st, &mut rec, id, &path)?;
             st.next_id = id + 1;
         }
-        rec.blocks = st.index.len() as u64;
-        // A smaller capacity than last time: drop the oldest segments.
-        while st.segments.len() >= self.max_segments {
+        // A smaller capacity than last time: drop the oldest segments. At
+        // capacity, nothing goes now; the first new segment makes room.
+        while st.segments.len() > self.max_segments {
             if !self.reclaim_oldest(&mut st) {
                 break;
             }
         }
+        rec.blocks = st.index.len() as u64;
         self.recovery = rec;
         *self.state.get_mut() = st;
         Ok(())
@@ -367,6 +370,7 @@ impl Inner {
             keys: Vec::new(),
             writers: 0,
             sealed: true,
+            failed: false,
             seal_written: seal.is_some(),
             next: end,
             records: 0,
@@ -438,7 +442,7 @@ impl Inner {
         }
         while st.segments.len() >= self.max_segments {
             if !self.reclaim_oldest(st) {
-                TierCounters::add(&self.counters.rejected, 1);
+                // Counted as rejected once, by `append`, like every failed put.
                 return Err(Error::new(
                     ErrorKind::Throttled,
                     "disk tier: every segment has writes in flight; retry",
@@ -456,7 +460,7 @@ impl Inner {
             }
             other => other,
         };
-        let file = made.inspect_err(|_| TierCounters::add(&self.counters.rejected, 1))?;
+        let file = made?;
         st.next_id += 1;
         st.segments.insert(
             id,
@@ -466,6 +470,7 @@ impl Inner {
                 keys: Vec::new(),
                 writers: 0,
                 sealed: false,
+                failed: false,
                 seal_written: false,
                 next: PAGE,
                 records: 0,
@@ -528,8 +533,10 @@ impl Inner {
         if written.is_ok() {
             apply(index, used_bytes, m, off, h);
         } else {
-            // The region may be torn: write nothing more after it.
+            // The region may be torn: write nothing more after it, and
+            // leave it unsealed so the next open verifies every record.
             m.sealed = true;
+            m.failed = true;
             if *active == Some(seg.id) {
                 *active = None;
             }
@@ -542,7 +549,7 @@ impl Inner {
         let direct_data = data.len() >= 16 * PAGE as usize && file::is_page_aligned(data.as_ptr(), data.len());
         h.data_offset = if direct_data { PAGE as u32 } else { HEADER_BYTES as u32 };
         let len = h.record_bytes();
-        if len > self.cfg.segment_bytes - 2 * PAGE {
+        if len > self.cfg.segment_bytes - 2 * PAGE || data.len() as u64 > record::MAX_DATA_BYTES {
             return Err(Error::invalid(format!(
                 "disk tier: a block of {} bytes does not fit a segment of {} bytes",
                 data.len(),
@@ -613,7 +620,7 @@ impl Inner {
 
 /// Writes the seal of a segment that takes no more writes and has none in flight.
 fn seal_if_done(m: &mut SegMeta, segment_bytes: u64, sync: bool) {
-    if m.sealed && m.writers == 0 && !m.seal_written {
+    if m.sealed && !m.failed && m.writers == 0 && !m.seal_written {
         match write_seal(m, segment_bytes, sync) {
             Ok(()) => m.seal_written = true,
             // Unsealed segments are verified in full on the next open.
@@ -647,7 +654,7 @@ fn apply(index: &mut KeyMap<Loc>, used_bytes: &mut u64, meta: &mut SegMeta, off:
         off,
         data_offset: h.data_offset,
         len: h.data_len,
-        crc: h.data_crc,
+        hash: h.data_hash,
         ns: h.ns,
     };
     *used_bytes += loc.record_bytes();
@@ -783,7 +790,7 @@ impl<'a> Scanner<'a> {
         }
         if self.verify && !h.is_tombstone() {
             let data = &self.bytes(pos, rec)?[h.data_offset as usize..][..h.data_len as usize];
-            if record::data_crc(h.key, h.ns, data) != h.data_crc {
+            if record::data_hash(h.key, h.ns, data) != h.data_hash {
                 // A torn or corrupt record: its length is trustworthy (the
                 // header verified), so the scan continues after it.
                 return Ok(Scanned::Skip {
@@ -818,7 +825,7 @@ impl Tier for DiskTier {
             key,
             ns,
             data_len: data.len() as u64,
-            data_crc: record::data_crc(key, ns, data),
+            data_hash: record::data_hash(key, ns, data),
         };
         self.inner.append(&mut h, data)?;
         Ok(Stored::Inserted)
@@ -852,7 +859,7 @@ impl Tier for DiskTier {
             key: *key,
             ns: loc.ns,
             data_len: 0,
-            data_crc: record::data_crc(*key, loc.ns, &[]),
+            data_hash: record::data_hash(*key, loc.ns, &[]),
         };
         self.inner.append(&mut h, &[])?;
         Ok(true)
@@ -908,7 +915,7 @@ impl DiskPin {
             let s = (data_at - first) as usize;
             out.copy_from_slice(&buf[s..s + loc.len as usize]);
         }
-        if record::data_crc(self.key, loc.ns, out) != loc.crc {
+        if record::data_hash(self.key, loc.ns, out) != loc.hash {
             TierCounters::add(&self.inner.counters.corrupt, 1);
             let mut st = self.inner.state.lock();
             if st.index.get(&self.key) == Some(loc) {

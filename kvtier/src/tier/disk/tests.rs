@@ -290,6 +290,20 @@ fn oversize_block_is_refused_and_changes_nothing() {
 }
 
 #[test]
+fn reopen_at_capacity_keeps_everything() {
+    let d = tempfile::tempdir().unwrap();
+    let t = cfg(d.path()).build().unwrap();
+    fill(&t, 0..60);
+    let held: Vec<u64> = (0..60).filter(|i| t.contains(&key(*i))).collect();
+    drop(t);
+    let t = cfg(d.path()).build().unwrap();
+    assert_eq!(t.recovery().blocks, held.len() as u64);
+    for i in held {
+        assert!(t.contains(&key(i)), "block {i} lost by a restart");
+    }
+}
+
+#[test]
 fn smaller_capacity_on_reopen_drops_oldest_segments() {
     let d = tempfile::tempdir().unwrap();
     let t = cfg(d.path()).build().unwrap();
@@ -302,7 +316,7 @@ fn smaller_capacity_on_reopen_drops_oldest_segments() {
     .build()
     .unwrap();
     assert!(t.usage().used_bytes <= t.usage().capacity_bytes);
-    assert!(segment_files(d.path()).len() < 2);
+    assert!(segment_files(d.path()).len() <= 2);
     // The newest blocks are the ones kept.
     assert!(t.contains(&key(49)));
     assert!(!t.contains(&key(0)));
