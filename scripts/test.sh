@@ -18,4 +18,6 @@ trap 'rm -rf "$smoke_dir"' EXIT
 ./target/release/kvtier-bench demo --json --dir "$smoke_dir/demo" >/dev/null
 echo "demo: ok"
 echo "== cargo test"
-cargo test --workspace --all-targets
+# The core crate last, so the run closes on its summary.
+cargo test -p kvtier-bench --all-targets
+cargo test -p kvtier --all-targets

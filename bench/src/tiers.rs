@@ -292,3 +292,40 @@ pub(crate) fn run(a: &Args) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_takes_the_middle_of_the_rounds() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![5.0]), 5.0);
+    }
+
+    #[test]
+    fn bench_namespace_has_the_block_size_asked_for() {
+        for bytes in [64, 4096, 2 << 20] {
+            let ns = namespace("x", bytes);
+            ns.validate().unwrap();
+            assert_eq!(ns.block_bytes(), bytes as u64);
+        }
+    }
+
+    #[test]
+    fn manager_round_moves_and_checks_every_block() {
+        let block = 64 * 1024;
+        let m = ManagerConfig::host_only(HostConfig::with_capacity(8 * block as u64))
+            .build()
+            .unwrap();
+        let ns = m.register_namespace(&namespace("t", block)).unwrap();
+        let mut src = Aligned::new(4 * block);
+        fill(&mut src, 9);
+        let mut dst = Aligned::new(4 * block);
+        let t = manager_round(&m, ns, 0, &src, &mut dst, block).unwrap();
+        assert!(t.put > 0.0 && t.get > 0.0);
+        assert!(src[..] == dst[..]);
+        // The round removes what it stored.
+        assert_eq!(m.stats().host.unwrap().usage.blocks, 0);
+    }
+}

@@ -28,7 +28,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use self::file::{AlignedBuf, BufPool};
@@ -143,6 +143,7 @@ struct Inner {
     counters: TierCounters,
     staging: BufPool,
     oversize_staging: AtomicU64,
+    background_unlinks: Arc<AtomicUsize>,
     recovery: Recovery,
     _lock: File,
 }
@@ -237,6 +238,7 @@ impl DiskTier {
             counters: TierCounters::default(),
             staging: BufPool::new(cfg.io_buffers.max(1), cfg.io_buffer_bytes as usize),
             oversize_staging: AtomicU64::new(0),
+            background_unlinks: Arc::new(AtomicUsize::new(0)),
             recovery: Recovery::default(),
             _lock: lock,
         };
@@ -323,7 +325,7 @@ impl Inner {
         // A smaller capacity than last time: drop the oldest segments. At
         // capacity, nothing goes now; the first new segment makes room.
         while st.segments.len() > self.max_segments {
-            if !self.reclaim_oldest(&mut st) {
+            if !self.reclaim_oldest(&mut st, true) {
                 break;
             }
         }
@@ -405,8 +407,11 @@ impl Inner {
         Ok(())
     }
 
-    /// Drops the oldest segment; false if it has writes in flight.
-    fn reclaim_oldest(&self, st: &mut State) -> bool {
+    /// Drops the oldest segment; false if it has writes in flight. With
+    /// `now`, its file is unlinked before returning (the caller needs the
+    /// space); otherwise off the caller's path, since unlinking a large file
+    /// can take long (a TRIM on filesystems mounted with `discard`).
+    fn reclaim_oldest(&self, st: &mut State, now: bool) -> bool {
         // Strictly the oldest: reclaiming out of order could drop a
         // tombstone before the record it deletes, which would resurrect the
         // block on the next open.
@@ -427,8 +432,30 @@ impl Inner {
         }
         TierCounters::add(&self.counters.evictions, evicted);
         // Readers holding the segment keep the file open; unlinking is safe.
-        if let Err(e) = std::fs::remove_file(&meta.path) {
-            tracing::warn!(path = %meta.path.display(), "could not remove reclaimed segment: {e}");
+        let unlink = move || {
+            if let Err(e) = std::fs::remove_file(&meta.path) {
+                tracing::warn!(path = %meta.path.display(), "could not remove reclaimed segment: {e}");
+            }
+            drop(meta.seg);
+        };
+        if now || self.background_unlinks.fetch_add(1, Relaxed) >= MAX_BACKGROUND_UNLINKS {
+            if !now {
+                self.background_unlinks.fetch_sub(1, Relaxed);
+            }
+            unlink();
+        } else {
+            let inflight = self.background_unlinks.clone();
+            let spawned = std::thread::Builder::new().name("kvtier-unlink".into()).spawn(move || {
+                unlink();
+                inflight.fetch_sub(1, Relaxed);
+            });
+            if let Err(e) = spawned {
+                // The closure went with the failed spawn, so the file stays
+                // until the next open, which indexes its (valid) blocks again
+                // and enforces the capacity there.
+                self.background_unlinks.fetch_sub(1, Relaxed);
+                tracing::warn!("could not start the unlink thread: {e}");
+            }
         }
         true
     }
@@ -441,7 +468,7 @@ impl Inner {
             seal_if_done(m, self.cfg.segment_bytes, self.cfg.sync_writes);
         }
         while st.segments.len() >= self.max_segments {
-            if !self.reclaim_oldest(st) {
+            if !self.reclaim_oldest(st, false) {
                 // Counted as rejected once, by `append`, like every failed put.
                 return Err(Error::new(
                     ErrorKind::Throttled,
@@ -453,7 +480,7 @@ impl Inner {
         let path = segment_path(&self.cfg.dir, id);
         let made = self.make_segment(id, &path);
         let made = match made {
-            Err(e) if e.kind() == ErrorKind::NoSpace && self.reclaim_oldest(st) => {
+            Err(e) if e.kind() == ErrorKind::NoSpace && self.reclaim_oldest(st, true) => {
                 // The filesystem is fuller than our budget says: give back
                 // our oldest segment and try once more.
                 self.make_segment(id, &path)
@@ -571,7 +598,7 @@ impl Inner {
         let r = match r {
             // The filesystem is fuller than our budget: give back our oldest
             // segment (this is a cache) and try once more in a fresh one.
-            Err(e) if e.kind() == ErrorKind::NoSpace && self.reclaim_oldest(&mut self.state.lock()) => {
+            Err(e) if e.kind() == ErrorKind::NoSpace && self.reclaim_oldest(&mut self.state.lock(), true) => {
                 tracing::warn!(dir = %self.cfg.dir.display(), "filesystem full: reclaimed the oldest segment early");
                 self.write_record(h, buf, data, direct_data, len)
             }
@@ -739,6 +766,10 @@ enum Scanned {
         next: u64,
     },
 }
+
+/// Reclaimed segments being unlinked off the put path at most; past this,
+/// the put that reclaims waits for its own unlink (back-pressure).
+const MAX_BACKGROUND_UNLINKS: usize = 4;
 
 /// Window size when every byte is read (unsealed segments).
 const SCAN_WINDOW: usize = 4 << 20;
