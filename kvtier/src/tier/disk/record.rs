@@ -33,6 +33,10 @@ pub(crate) struct RecordHeader {
     pub(crate) ns: NamespaceId,
     pub(crate) data_len: u64,
     pub(crate) data_hash: u64,
+    /// Low 32 bits of the id of the segment the record was written into:
+    /// segment files are recycled, and records left from a file's previous
+    /// life must not be read as its own.
+    pub(crate) segment: u32,
 }
 
 impl RecordHeader {
@@ -56,7 +60,7 @@ impl RecordHeader {
         out[16..32].copy_from_slice(&self.key.to_le_bytes());
         out[32..48].copy_from_slice(&self.ns.0.to_le_bytes());
         out[48..56].copy_from_slice(&self.data_hash.to_le_bytes());
-        out[56..60].fill(0);
+        out[56..60].copy_from_slice(&self.segment.to_le_bytes());
         let crc = crc32c::crc32c(&out[..60]);
         out[60..64].copy_from_slice(&crc.to_le_bytes());
     }
@@ -78,6 +82,7 @@ impl RecordHeader {
             ns: NamespaceId(u128::from_le_bytes(b[32..48].try_into().expect("16 bytes"))),
             data_len: u64::from(u32_at(b, 12)),
             data_hash: u64_at(b, 48),
+            segment: u32_at(b, 56),
         };
         // A valid checksum over nonsense offsets is still nonsense.
         (h.data_offset as usize == HEADER_BYTES || u64::from(h.data_offset) == PAGE).then_some(h)
@@ -169,6 +174,7 @@ mod tests {
             ns: NamespaceId(7),
             data_len: 5000,
             data_hash: 0x1234_5678_9abc_def0,
+            segment: 3,
         }
     }
 
