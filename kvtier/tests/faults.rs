@@ -17,6 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use kvtier::block::{Dtype, KvKind, KvLayout};
+use kvtier::tier::conformance::content;
 use kvtier::tier::disk::DiskConfig;
 use kvtier::{BlockKey, BlockManager, ErrorKind, ManagerConfig, Namespace, NamespaceId};
 
@@ -49,20 +50,6 @@ fn ns() -> Namespace {
 
 fn key(ns: NamespaceId, i: u64) -> BlockKey {
     BlockKey::from_opaque(ns, &i.to_le_bytes())
-}
-
-/// Deterministic block content for `key` (the conformance suite's).
-fn content(key: BlockKey, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    let mut x = (key.0 as u64) | 1;
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// Whether `m` holds block `i`.
