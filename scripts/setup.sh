@@ -4,7 +4,9 @@
 set -euo pipefail
 
 need_apt=()
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 command -v mount >/dev/null 2>&1 || need_apt+=(mount)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then

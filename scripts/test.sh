@@ -20,4 +20,5 @@ echo "demo: ok"
 echo "== cargo test"
 # The core crate last, so the run closes on its summary.
 cargo test -p kvtier-bench --all-targets
+cargo test -p kvtier-server --all-targets
 cargo test -p kvtier --all-targets

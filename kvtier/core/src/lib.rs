@@ -9,6 +9,7 @@
 //! - [`manager`]: the [`BlockManager`]: prefix lookup across tiers, store and
 //!   load with leases, the host → disk cascade, admission, SSD-only mode.
 //! - [`error`]: the one error type, with kinds callers match on.
+//! - [`buf`]: page-aligned buffers for clients and the disk tier.
 //!
 //! # Why
 //!
@@ -26,12 +27,14 @@
 //!   reported as misses; they are never served.
 
 pub mod block;
+pub mod buf;
 pub mod error;
 pub mod eviction;
 pub mod manager;
 pub mod tier;
 
 pub use block::{BlockKey, Namespace, NamespaceId, SequenceHasher};
+pub use buf::AlignedBuf;
 pub use error::{Error, ErrorKind, Result};
 pub use manager::{BlockManager, ManagerConfig};
 pub use tier::{Tier, TierKind};

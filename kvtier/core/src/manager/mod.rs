@@ -282,6 +282,7 @@ pub struct ManagerStats {
 #[derive(Debug)]
 struct NsInfo {
     block_bytes: u64,
+    ns: Namespace,
 }
 
 struct Shared {
@@ -397,12 +398,29 @@ impl BlockManager {
             )));
         }
         let id = ns.id();
-        self.shared
-            .namespaces
-            .write()
-            .entry(id)
-            .or_insert(NsInfo { block_bytes });
+        self.shared.namespaces.write().entry(id).or_insert(NsInfo {
+            block_bytes,
+            ns: ns.clone(),
+        });
         Ok(id)
+    }
+
+    /// Every registered namespace with its id, in id order.
+    pub fn namespaces(&self) -> Vec<(NamespaceId, Namespace)> {
+        let mut v: Vec<_> = self
+            .shared
+            .namespaces
+            .read()
+            .iter()
+            .map(|(id, i)| (*id, i.ns.clone()))
+            .collect();
+        v.sort_by_key(|(id, _)| *id);
+        v
+    }
+
+    /// The mode running.
+    pub fn mode(&self) -> Mode {
+        self.shared.cfg.mode
     }
 
     fn max_block_bytes(&self) -> u64 {

@@ -307,7 +307,7 @@ fn config_from_toml() {
 
 #[test]
 fn example_config_in_deploy_parses() {
-    let text = include_str!("../../../deploy/kvtier.toml");
+    let text = include_str!("../../../../deploy/kvtier.toml");
     let c = ManagerConfig::from_toml(text).unwrap();
     assert!(c.disk.is_some());
 }

@@ -1,0 +1,324 @@
+//! kvtier: the command-line client and admin tool of kvtierd.
+//!
+//! Exit codes: 0 success; 2 bad usage or a request the daemon refused as
+//! invalid; 3 not found (unknown namespace, or fewer blocks than asked);
+//! 4 unavailable (cannot connect, throttled, stopping: retry); 5 bad or
+//! missing token; 6 no space or request too large; 7 a block failed
+//! verification; 1 anything else.
+
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use kvtier::block::{Dtype, KvKind, KvLayout};
+use kvtier::{BlockKey, Namespace, NamespaceId};
+use kvtier_server::client::{Client, ClientConfig};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tonic::{Code, Status};
+
+#[derive(Parser, Debug)]
+#[command(name = "kvtier", version, about = "kvtier client and admin tool")]
+struct Cli {
+    /// Daemon address.
+    #[arg(
+        long,
+        env = "KVTIER_ENDPOINT",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    endpoint: String,
+    /// Bearer token, if the daemon requires one.
+    #[arg(long, env = "KVTIER_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA certificate to trust for TLS.
+    #[arg(long, env = "KVTIER_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    /// Name to verify in the daemon's certificate.
+    #[arg(long, env = "KVTIER_TLS_DOMAIN", global = true)]
+    tls_domain: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Is the daemon serving? Prints its status as JSON.
+    Health,
+    /// The block manager's counters, as JSON.
+    Stats,
+    /// Namespace admin.
+    #[command(subcommand)]
+    Ns(NsCmd),
+    /// Stores blocks read from a file (or stdin): keys.len() × block size bytes.
+    Put {
+        #[command(flatten)]
+        blocks: BlockArgs,
+        /// Input file; `-` or absent reads stdin.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Loads blocks into a file (or stdout). Exit 3 unless all were present.
+    Get {
+        #[command(flatten)]
+        blocks: BlockArgs,
+        /// Output file; `-` or absent writes stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The longest present prefix of the keys, and their tiers, as JSON.
+    Lookup {
+        #[command(flatten)]
+        blocks: BlockArgs,
+    },
+    /// Removes blocks; prints how many were present.
+    Delete {
+        #[command(flatten)]
+        blocks: BlockArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NsCmd {
+    /// Registers a namespace; prints its id and block size as JSON.
+    Register(NsArgs),
+    /// Lists the daemon's namespaces as JSON lines.
+    List,
+}
+
+#[derive(Args, Debug)]
+struct NsArgs {
+    /// Model id.
+    #[arg(long)]
+    model: String,
+    /// Model revision.
+    #[arg(long, default_value = "")]
+    revision: String,
+    /// Attention layers.
+    #[arg(long)]
+    layers: u32,
+    /// KV heads per rank (1 for MLA).
+    #[arg(long)]
+    kv_heads: u32,
+    /// Elements per head.
+    #[arg(long)]
+    head_dim: u32,
+    /// Tokens per block.
+    #[arg(long)]
+    block_tokens: u32,
+    /// kv or mla.
+    #[arg(long, default_value = "kv")]
+    kind: String,
+    /// f16, bf16, f32, fp8e4m3 or fp8e5m2.
+    #[arg(long)]
+    dtype: String,
+    /// Tensor-parallel rank.
+    #[arg(long, default_value_t = 0)]
+    tp_rank: u32,
+    /// Tensor-parallel size.
+    #[arg(long, default_value_t = 1)]
+    tp_size: u32,
+    /// Cache salt.
+    #[arg(long)]
+    salt: Option<String>,
+    /// LoRA adapter.
+    #[arg(long)]
+    lora: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct BlockArgs {
+    /// Namespace id (32 hex digits, from `ns register`).
+    #[arg(long)]
+    ns: String,
+    /// Block keys, 32 hex digits each, comma-separated, in prefix order.
+    #[arg(long, value_delimiter = ',', required_unless_present = "name")]
+    key: Vec<String>,
+    /// Or names: each becomes the key BlockKey::from_opaque(ns, name).
+    #[arg(long, value_delimiter = ',', conflicts_with = "key")]
+    name: Vec<String>,
+}
+
+/// A failure with its exit code.
+struct Fail(u8, String);
+
+impl From<Status> for Fail {
+    fn from(s: Status) -> Self {
+        let code = match s.code() {
+            Code::InvalidArgument | Code::OutOfRange => 2,
+            Code::NotFound => 3,
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => 4,
+            Code::Unauthenticated | Code::PermissionDenied => 5,
+            Code::ResourceExhausted => 6,
+            Code::DataLoss => 7,
+            _ => 1,
+        };
+        Fail(code, format!("{:?}: {}", s.code(), s.message()))
+    }
+}
+
+fn hex128(what: &str, s: &str) -> Result<u128, Fail> {
+    if s.len() != 32 {
+        return Err(Fail(2, format!("{what} {s:?} must be 32 hex digits")));
+    }
+    u128::from_str_radix(s, 16).map_err(|_| Fail(2, format!("{what} {s:?} is not hex")))
+}
+
+impl BlockArgs {
+    fn parse(&self) -> Result<(NamespaceId, Vec<BlockKey>), Fail> {
+        let ns = NamespaceId(hex128("namespace id", &self.ns)?);
+        let keys = if self.name.is_empty() {
+            self.key
+                .iter()
+                .map(|k| hex128("key", k).map(BlockKey))
+                .collect::<Result<_, _>>()?
+        } else {
+            self.name
+                .iter()
+                .map(|n| BlockKey::from_opaque(ns, n.as_bytes()))
+                .collect()
+        };
+        Ok((ns, keys))
+    }
+}
+
+fn namespace(a: &NsArgs) -> Result<Namespace, Fail> {
+    let dtype: Dtype = serde_json::from_value(serde_json::Value::String(a.dtype.clone())).map_err(|_| {
+        Fail(
+            2,
+            format!("--dtype {:?}: expected f16, bf16, f32, fp8e4m3 or fp8e5m2", a.dtype),
+        )
+    })?;
+    let kind: KvKind = serde_json::from_value(serde_json::Value::String(a.kind.clone()))
+        .map_err(|_| Fail(2, format!("--kind {:?}: expected kv or mla", a.kind)))?;
+    Ok(Namespace {
+        model_id: a.model.clone(),
+        revision: a.revision.clone(),
+        layout: KvLayout {
+            num_layers: a.layers,
+            kv_heads: a.kv_heads,
+            head_dim: a.head_dim,
+            block_tokens: a.block_tokens,
+            kind,
+            dtype,
+        },
+        tp_rank: a.tp_rank,
+        tp_size: a.tp_size,
+        salt: a.salt.clone(),
+        lora: a.lora.clone(),
+    })
+}
+
+fn read_input(file: &Option<PathBuf>) -> Result<Vec<u8>, Fail> {
+    let mut data = Vec::new();
+    match file.as_deref() {
+        None => std::io::stdin().read_to_end(&mut data).map(drop),
+        Some(p) if p.as_os_str() == "-" => std::io::stdin().read_to_end(&mut data).map(drop),
+        Some(p) => std::fs::read(p).map(|d| data = d),
+    }
+    .map_err(|e| Fail(1, format!("read input: {e}")))?;
+    Ok(data)
+}
+
+fn write_output(out: &Option<PathBuf>, data: &[u8]) -> Result<(), Fail> {
+    match out.as_deref() {
+        Some(p) if p.as_os_str() != "-" => std::fs::write(p, data),
+        _ => std::io::stdout().lock().write_all(data),
+    }
+    .map_err(|e| Fail(1, format!("write output: {e}")))
+}
+
+async fn run(cli: Cli) -> Result<(), Fail> {
+    let client = Client::connect(&ClientConfig {
+        endpoint: cli.endpoint.clone(),
+        token: cli.token.clone(),
+        ca_file: cli.ca_file.clone(),
+        tls_domain: cli.tls_domain.clone(),
+    })
+    .await
+    .map_err(|e| Fail(4, e))?;
+    match cli.cmd {
+        Cmd::Health => {
+            let h = client.health().await?;
+            println!(
+                "{}",
+                serde_json::json!({"status": h.status, "version": h.version, "mode": h.mode, "uptime_s": h.uptime_s})
+            );
+        }
+        Cmd::Stats => println!("{}", client.stats().await?),
+        Cmd::Ns(NsCmd::Register(a)) => {
+            let ns = namespace(&a)?;
+            let (id, block_bytes) = client.register(&ns).await?;
+            println!(
+                "{}",
+                serde_json::json!({"namespace_id": id.to_string(), "block_bytes": block_bytes})
+            );
+        }
+        Cmd::Ns(NsCmd::List) => {
+            for n in client.namespaces().await? {
+                let id = kvtier_server::convert::namespace_id(&n.namespace_id)?;
+                let ns = n
+                    .namespace
+                    .as_ref()
+                    .map(kvtier_server::convert::namespace)
+                    .transpose()?;
+                println!(
+                    "{}",
+                    serde_json::json!({"namespace_id": id.to_string(), "block_bytes": n.block_bytes, "namespace": ns})
+                );
+            }
+        }
+        Cmd::Put { blocks, file } => {
+            let (ns, keys) = blocks.parse()?;
+            let data = read_input(&file)?;
+            let r = client.put(ns, &keys, Bytes::from(data)).await?;
+            println!(
+                "{}",
+                serde_json::json!({"stored": r.stored, "present": r.present, "not_admitted": r.not_admitted})
+            );
+        }
+        Cmd::Get { blocks, out } => {
+            let (ns, keys) = blocks.parse()?;
+            let g = client.get(ns, &keys).await?;
+            write_output(&out, &g.data)?;
+            if let Some(i) = g.failed_index {
+                return Err(Fail(7, format!("block {i} failed verification: {}", g.failed_reason)));
+            }
+            if g.loaded < keys.len() {
+                return Err(Fail(3, format!("{} of {} blocks present", g.loaded, keys.len())));
+            }
+        }
+        Cmd::Lookup { blocks } => {
+            let (ns, keys) = blocks.parse()?;
+            let l = client.lookup(ns, &keys).await?;
+            let tiers: Vec<&str> = l
+                .tiers()
+                .map(|t| match t {
+                    kvtier_server::proto::Tier::Host => "host",
+                    kvtier_server::proto::Tier::Disk => "disk",
+                    _ => "unknown",
+                })
+                .collect();
+            println!("{}", serde_json::json!({"hit_blocks": l.hit_blocks, "tiers": tiers}));
+        }
+        Cmd::Delete { blocks } => {
+            let (ns, keys) = blocks.parse()?;
+            println!("{}", serde_json::json!({"removed": client.delete(ns, &keys).await?}));
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("start the runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, msg)) => {
+            eprintln!("kvtier: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}

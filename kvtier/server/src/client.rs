@@ -1,0 +1,247 @@
+//! The Rust client of kvtierd, used by the CLI, the bench and the tests.
+
+use bytes::{Bytes, BytesMut};
+use kvtier::{BlockKey, Namespace, NamespaceId};
+use std::path::PathBuf;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Status};
+
+use crate::CHUNK_BYTES;
+use crate::convert::{self, key_bytes};
+use crate::proto::kv_tier_client::KvTierClient;
+use crate::proto::{self, get_response, put_request};
+
+/// Where and how to connect.
+#[derive(Debug, Clone, Default)]
+pub struct ClientConfig {
+    /// `http://host:port`, or `https://...` for TLS.
+    pub endpoint: String,
+    /// Bearer token, when the daemon requires one.
+    pub token: Option<String>,
+    /// PEM CA certificate to trust for TLS (the system roots otherwise).
+    pub ca_file: Option<PathBuf>,
+    /// Name to verify in the server's certificate, if not the endpoint's host.
+    pub tls_domain: Option<String>,
+}
+
+/// Adds the bearer token to every request.
+#[derive(Clone, Debug)]
+pub struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A connection to kvtierd. Cheap to clone: clones share the channel.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: KvTierClient<InterceptedService<Channel, Auth>>,
+}
+
+/// What a Get brought back: the leading `loaded` blocks, verified.
+#[derive(Debug, Clone)]
+pub struct Got {
+    /// Blocks in `data`.
+    pub loaded: usize,
+    /// Bytes per block.
+    pub block_bytes: u64,
+    /// The block that failed verification, if one did (never served).
+    pub failed_index: Option<usize>,
+    /// Why it failed.
+    pub failed_reason: String,
+    /// The loaded blocks back to back.
+    pub data: Bytes,
+}
+
+fn ns_bytes(ns: NamespaceId) -> Bytes {
+    Bytes::copy_from_slice(&ns.0.to_le_bytes())
+}
+
+impl Client {
+    /// Connects (lazily retried by the channel afterwards).
+    pub async fn connect(cfg: &ClientConfig) -> Result<Self, String> {
+        let mut ep = Endpoint::from_shared(cfg.endpoint.clone())
+            .map_err(|e| format!("endpoint {:?}: {e}", cfg.endpoint))?
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(16 << 20))
+            .initial_connection_window_size(Some(64 << 20))
+            .connect_timeout(std::time::Duration::from_secs(5));
+        if cfg.endpoint.starts_with("https://") || cfg.ca_file.is_some() {
+            let mut tls = ClientTlsConfig::new().with_enabled_roots();
+            if let Some(ca) = &cfg.ca_file {
+                let pem = std::fs::read(ca).map_err(|e| format!("read {}: {e}", ca.display()))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            if let Some(d) = &cfg.tls_domain {
+                tls = tls.domain_name(d.clone());
+            }
+            ep = ep.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
+        }
+        let channel = ep
+            .connect()
+            .await
+            .map_err(|e| format!("connect to {}: {e}", cfg.endpoint))?;
+        let auth = match &cfg.token {
+            None => Auth(None),
+            Some(t) => {
+                Auth(Some(format!("Bearer {t}").parse().map_err(|_| {
+                    "the token has characters a header cannot carry".to_string()
+                })?))
+            }
+        };
+        let inner = KvTierClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(2 * CHUNK_BYTES)
+            .max_encoding_message_size(2 * CHUNK_BYTES);
+        Ok(Self { inner })
+    }
+
+    /// Registers `ns`; answers its id and block size.
+    pub async fn register(&self, ns: &Namespace) -> Result<(NamespaceId, u64), Status> {
+        let r = self
+            .inner
+            .clone()
+            .register_namespace(proto::RegisterNamespaceRequest {
+                namespace: Some(convert::namespace_proto(ns)),
+            })
+            .await?
+            .into_inner();
+        Ok((convert::namespace_id(&r.namespace_id)?, r.block_bytes))
+    }
+
+    /// The daemon's namespaces.
+    pub async fn namespaces(&self) -> Result<Vec<proto::NamespaceInfo>, Status> {
+        Ok(self
+            .inner
+            .clone()
+            .list_namespaces(proto::ListNamespacesRequest {})
+            .await?
+            .into_inner()
+            .namespaces)
+    }
+
+    /// The longest present prefix of `keys` and the tier of each block.
+    pub async fn lookup(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<proto::LookupResponse, Status> {
+        Ok(self
+            .inner
+            .clone()
+            .lookup(proto::LookupRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys.iter().map(key_bytes).collect(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Stores `keys.len()` blocks laid out back to back in `data`.
+    pub async fn put(&self, ns: NamespaceId, keys: &[BlockKey], data: Bytes) -> Result<proto::PutResponse, Status> {
+        let mut msgs = Vec::with_capacity(2 + data.len() / CHUNK_BYTES);
+        msgs.push(proto::PutRequest {
+            msg: Some(put_request::Msg::Header(proto::PutHeader {
+                namespace_id: ns_bytes(ns),
+                keys: keys.iter().map(key_bytes).collect(),
+            })),
+        });
+        let mut at = 0;
+        while at < data.len() {
+            let end = (at + CHUNK_BYTES).min(data.len());
+            msgs.push(proto::PutRequest {
+                msg: Some(put_request::Msg::Data(data.slice(at..end))),
+            });
+            at = end;
+        }
+        Ok(self.inner.clone().put(tokio_stream::iter(msgs)).await?.into_inner())
+    }
+
+    /// Loads the leading present blocks of `keys`.
+    pub async fn get(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Got, Status> {
+        let mut s = self
+            .inner
+            .clone()
+            .get(proto::GetRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys.iter().map(key_bytes).collect(),
+            })
+            .await?
+            .into_inner();
+        let Some(proto::GetResponse {
+            msg: Some(get_response::Msg::Header(h)),
+        }) = s.message().await?
+        else {
+            return Err(Status::internal("the Get stream did not start with a header"));
+        };
+        let want = h.loaded as usize * h.block_bytes as usize;
+        let mut first: Option<Bytes> = None;
+        let mut buf = BytesMut::new();
+        while let Some(m) = s.message().await? {
+            let Some(get_response::Msg::Data(d)) = m.msg else {
+                return Err(Status::internal("a Get header in the middle of the data"));
+            };
+            // One message: hand it on as it is; more: gather them.
+            match first.take() {
+                None if buf.is_empty() => first = Some(d),
+                f => {
+                    if buf.is_empty() {
+                        buf.reserve(want);
+                    }
+                    if let Some(f) = f {
+                        buf.extend_from_slice(&f);
+                    }
+                    buf.extend_from_slice(&d);
+                }
+            }
+        }
+        let data = first.unwrap_or_else(|| buf.freeze());
+        if data.len() != want {
+            return Err(Status::data_loss(format!(
+                "the Get stream carried {} bytes for {} blocks of {}",
+                data.len(),
+                h.loaded,
+                h.block_bytes
+            )));
+        }
+        Ok(Got {
+            loaded: h.loaded as usize,
+            block_bytes: h.block_bytes,
+            failed_index: h.failed_index.map(|i| i as usize),
+            failed_reason: h.failed_reason,
+            data,
+        })
+    }
+
+    /// Removes blocks; answers how many were present.
+    pub async fn delete(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<u32, Status> {
+        Ok(self
+            .inner
+            .clone()
+            .delete(proto::DeleteRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys.iter().map(key_bytes).collect(),
+            })
+            .await?
+            .into_inner()
+            .removed)
+    }
+
+    /// The manager's counters as JSON.
+    pub async fn stats(&self) -> Result<String, Status> {
+        Ok(self
+            .inner
+            .clone()
+            .stats(proto::StatsRequest {})
+            .await?
+            .into_inner()
+            .json)
+    }
+
+    /// Liveness and identity.
+    pub async fn health(&self) -> Result<proto::HealthResponse, Status> {
+        Ok(self.inner.clone().health(proto::HealthRequest {}).await?.into_inner())
+    }
+}

@@ -1,0 +1,266 @@
+//! kvtierd's configuration: a TOML file, then `KVTIER_*` environment
+//! overrides, over an embedded default that needs nothing: SSD-only mode,
+//! data under `./kvtierd-data`, gRPC on 127.0.0.1:50051, metrics on
+//! 127.0.0.1:9464.
+
+use kvtier::manager::{ManagerConfig, Mode};
+use kvtier::tier::disk::DiskConfig;
+use kvtier::tier::host::HostConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Paths to a PEM certificate chain and private key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain the daemon presents.
+    pub cert_file: PathBuf,
+    /// PEM private key of that certificate.
+    pub key_file: PathBuf,
+}
+
+/// Everything kvtierd reads at startup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// gRPC address; port 0 picks a free one (printed at startup).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Prometheus address; empty disables the metrics endpoint.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: String,
+    /// Where blocks and the namespace registry live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// `ssd-only` (the default) or `tiered` (host RAM in front of the SSD).
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    /// Bytes of SSD the block store may use.
+    #[serde(default = "default_disk_capacity")]
+    pub disk_capacity_bytes: u64,
+    /// Bytes of host RAM in `tiered` mode.
+    #[serde(default = "default_host_capacity")]
+    pub host_capacity_bytes: u64,
+    /// Bearer token clients must send; none disables auth.
+    #[serde(default)]
+    pub auth_token: Option<String>,
+    /// File holding the bearer token (Kubernetes secrets mount this way).
+    #[serde(default)]
+    pub auth_token_file: Option<PathBuf>,
+    /// Serve TLS with this certificate; none serves plaintext.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Largest Put or Get, in bytes of blocks.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: u64,
+    /// Bytes of request buffers in flight at once; more requests wait.
+    #[serde(default = "default_max_inflight_bytes")]
+    pub max_inflight_bytes: u64,
+    /// Seconds a stop waits for in-flight requests before it exits.
+    #[serde(default = "default_drain_timeout_s")]
+    pub drain_timeout_s: u64,
+    /// Full block manager configuration; overrides `mode` and the capacities.
+    #[serde(default)]
+    pub manager: Option<ManagerConfig>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:50051".into()
+}
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_data_dir() -> PathBuf {
+    "kvtierd-data".into()
+}
+fn default_mode() -> Mode {
+    Mode::SsdOnly
+}
+fn default_disk_capacity() -> u64 {
+    8 << 30
+}
+fn default_host_capacity() -> u64 {
+    1 << 30
+}
+fn default_max_request_bytes() -> u64 {
+    256 << 20
+}
+fn default_max_inflight_bytes() -> u64 {
+    1 << 30
+}
+fn default_drain_timeout_s() -> u64 {
+    10
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every field has a default")
+    }
+}
+
+/// The environment variables kvtierd reads, with the setting each overrides.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("KVTIER_LISTEN", "listen"),
+    ("KVTIER_METRICS_LISTEN", "metrics_listen"),
+    ("KVTIER_DATA_DIR", "data_dir"),
+    ("KVTIER_MODE", "mode"),
+    ("KVTIER_DISK_CAPACITY_BYTES", "disk_capacity_bytes"),
+    ("KVTIER_HOST_CAPACITY_BYTES", "host_capacity_bytes"),
+    ("KVTIER_AUTH_TOKEN", "auth_token"),
+    ("KVTIER_AUTH_TOKEN_FILE", "auth_token_file"),
+    ("KVTIER_TLS_CERT_FILE", "tls.cert_file"),
+    ("KVTIER_TLS_KEY_FILE", "tls.key_file"),
+    ("KVTIER_MAX_REQUEST_BYTES", "max_request_bytes"),
+    ("KVTIER_MAX_INFLIGHT_BYTES", "max_inflight_bytes"),
+    ("KVTIER_DRAIN_TIMEOUT_S", "drain_timeout_s"),
+];
+
+fn parse<T: std::str::FromStr>(var: &str, v: &str) -> Result<T, String> {
+    v.parse().map_err(|_| format!("{var}={v:?} is not a valid number"))
+}
+
+impl DaemonConfig {
+    /// The file's settings (or the defaults), then the environment's.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, String> {
+        let mut c = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| format!("read config {}: {e}", p.display()))?;
+                toml::from_str(&text).map_err(|e| format!("config {}: {e}", p.display()))?
+            }
+            None => Self::default(),
+        };
+        let (mut cert, mut key) = (None, None);
+        for (k, v) in env {
+            match k.as_str() {
+                "KVTIER_LISTEN" => c.listen = v,
+                "KVTIER_METRICS_LISTEN" => c.metrics_listen = v,
+                "KVTIER_DATA_DIR" => c.data_dir = v.into(),
+                "KVTIER_MODE" => {
+                    c.mode = match v.as_str() {
+                        "ssd-only" => Mode::SsdOnly,
+                        "tiered" => Mode::Tiered,
+                        _ => return Err(format!("KVTIER_MODE={v:?}: expected \"ssd-only\" or \"tiered\"")),
+                    }
+                }
+                "KVTIER_DISK_CAPACITY_BYTES" => c.disk_capacity_bytes = parse(&k, &v)?,
+                "KVTIER_HOST_CAPACITY_BYTES" => c.host_capacity_bytes = parse(&k, &v)?,
+                "KVTIER_AUTH_TOKEN" => c.auth_token = Some(v),
+                "KVTIER_AUTH_TOKEN_FILE" => c.auth_token_file = Some(v.into()),
+                "KVTIER_TLS_CERT_FILE" => cert = Some(PathBuf::from(v)),
+                "KVTIER_TLS_KEY_FILE" => key = Some(PathBuf::from(v)),
+                "KVTIER_MAX_REQUEST_BYTES" => c.max_request_bytes = parse(&k, &v)?,
+                "KVTIER_MAX_INFLIGHT_BYTES" => c.max_inflight_bytes = parse(&k, &v)?,
+                "KVTIER_DRAIN_TIMEOUT_S" => c.drain_timeout_s = parse(&k, &v)?,
+                _ => {}
+            }
+        }
+        match (cert, key) {
+            (Some(cert_file), Some(key_file)) => c.tls = Some(TlsConfig { cert_file, key_file }),
+            (None, None) => {}
+            _ => return Err("set both KVTIER_TLS_CERT_FILE and KVTIER_TLS_KEY_FILE, or neither".into()),
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.max_request_bytes == 0 || self.max_inflight_bytes < self.max_request_bytes {
+            return Err(format!(
+                "max_inflight_bytes ({}) must be at least max_request_bytes ({}), which must be > 0",
+                self.max_inflight_bytes, self.max_request_bytes
+            ));
+        }
+        if self.auth_token.as_deref() == Some("") {
+            return Err("auth_token must not be empty (leave it unset to disable auth)".into());
+        }
+        Ok(())
+    }
+
+    /// The bearer token, read from `auth_token_file` when that is set.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        if let Some(f) = &self.auth_token_file {
+            let t = std::fs::read_to_string(f).map_err(|e| format!("read auth_token_file {}: {e}", f.display()))?;
+            let t = t.trim().to_string();
+            if t.is_empty() {
+                return Err(format!("auth_token_file {} is empty", f.display()));
+            }
+            return Ok(Some(t));
+        }
+        Ok(self.auth_token.clone())
+    }
+
+    /// The block manager's configuration: `manager` if given, else the
+    /// `mode` with blocks under `data_dir/blocks`.
+    pub fn manager_config(&self) -> ManagerConfig {
+        if let Some(m) = &self.manager {
+            return m.clone();
+        }
+        let disk = DiskConfig::new(self.data_dir.join("blocks"), self.disk_capacity_bytes);
+        match self.mode {
+            Mode::SsdOnly => ManagerConfig::ssd_only(disk),
+            _ => ManagerConfig::tiered(Some(HostConfig::with_capacity(self.host_capacity_bytes)), Some(disk)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn embedded_default_is_ssd_only_on_loopback() {
+        let c = DaemonConfig::load(None, env(&[])).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:50051");
+        assert_eq!(c.mode, Mode::SsdOnly);
+        let m = c.manager_config();
+        assert_eq!(m.mode, Mode::SsdOnly);
+        assert!(m.host.is_none());
+        assert_eq!(m.disk.unwrap().dir, PathBuf::from("kvtierd-data/blocks"));
+        assert!(c.auth_token.is_none() && c.tls.is_none());
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("k.toml");
+        std::fs::write(&f, "listen = \"127.0.0.1:1\"\ndisk_capacity_bytes = 5\n").unwrap();
+        let c = DaemonConfig::load(
+            Some(&f),
+            env(&[
+                ("KVTIER_LISTEN", "127.0.0.1:2"),
+                ("KVTIER_MODE", "tiered"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:2");
+        assert_eq!(c.disk_capacity_bytes, 5);
+        assert_eq!(c.manager_config().mode, Mode::Tiered);
+    }
+
+    #[test]
+    fn bad_settings_are_precise() {
+        let e = DaemonConfig::load(None, env(&[("KVTIER_MODE", "fast")])).unwrap_err();
+        assert!(e.contains("KVTIER_MODE=\"fast\""), "{e}");
+        let e = DaemonConfig::load(None, env(&[("KVTIER_DISK_CAPACITY_BYTES", "lots")])).unwrap_err();
+        assert!(e.contains("not a valid number"), "{e}");
+        let e = DaemonConfig::load(None, env(&[("KVTIER_TLS_CERT_FILE", "c.pem")])).unwrap_err();
+        assert!(e.contains("both"), "{e}");
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("k.toml");
+        std::fs::write(&f, "listen_addr = \"x\"\n").unwrap();
+        let e = DaemonConfig::load(Some(&f), env(&[])).unwrap_err();
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kvtierd.toml");
+        let c = DaemonConfig::load(Some(&f), env(&[])).unwrap();
+        assert_eq!(c.mode, Mode::SsdOnly);
+    }
+}

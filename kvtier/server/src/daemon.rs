@@ -1,0 +1,197 @@
+//! Running kvtierd: open the block manager, bind, serve, stop gracefully.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Request, Status};
+
+use crate::config::DaemonConfig;
+use crate::metrics::Metrics;
+use crate::proto::kv_tier_server::KvTierServer;
+use crate::service::KvTierService;
+
+/// Compares in time independent of where the strings differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Addresses the daemon bound, told to the caller once it serves.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// The gRPC address.
+    pub grpc: SocketAddr,
+    /// The metrics address, if enabled.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Serves until `stop` completes, then drains: in-flight requests get
+/// `drain_timeout_s` to finish, queued writes reach disk, and the disk tier
+/// seals its segments. `on_bound` hears the addresses once they are bound.
+pub async fn run(
+    cfg: DaemonConfig,
+    stop: impl Future<Output = ()> + Send + 'static,
+    on_bound: impl FnOnce(Bound),
+) -> Result<(), String> {
+    let token = cfg.token()?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("create {}: {e}", cfg.data_dir.display()))?;
+    let mcfg = cfg.manager_config();
+    let manager = tokio::task::spawn_blocking(move || mcfg.build())
+        .await
+        .map_err(|e| format!("open the block manager: {e}"))?
+        .map_err(|e| format!("open the block manager: {e}"))?;
+    let manager = Arc::new(manager);
+    if let Some(r) = manager.disk().map(|d| d.recovery()) {
+        tracing::info!(
+            blocks = r.blocks,
+            segments = r.segments,
+            skipped = r.skipped_records,
+            "disk tier recovered"
+        );
+    }
+    let metrics = Arc::new(Metrics::default());
+    let svc = KvTierService::new(
+        manager.clone(),
+        metrics.clone(),
+        cfg.data_dir.join("namespaces.json"),
+        cfg.max_request_bytes,
+        cfg.max_inflight_bytes,
+    )?;
+
+    let listener = TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| format!("bind {}: {e}", cfg.listen))?;
+    let grpc = listener.local_addr().map_err(|e| format!("local address: {e}"))?;
+    let metrics_task = if cfg.metrics_listen.is_empty() {
+        None
+    } else {
+        let l = TcpListener::bind(&cfg.metrics_listen)
+            .await
+            .map_err(|e| format!("bind metrics {}: {e}", cfg.metrics_listen))?;
+        let addr = l.local_addr().map_err(|e| format!("local address: {e}"))?;
+        Some((
+            addr,
+            tokio::spawn(crate::metrics::serve(l, metrics.clone(), manager.clone())),
+        ))
+    };
+
+    let mut builder = Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(64 << 20))
+        .max_frame_size(Some((1 << 20) - 1));
+    if let Some(tls) = &cfg.tls {
+        let cert = std::fs::read(&tls.cert_file).map_err(|e| format!("read {}: {e}", tls.cert_file.display()))?;
+        let key = std::fs::read(&tls.key_file).map_err(|e| format!("read {}: {e}", tls.key_file.display()))?;
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .map_err(|e| format!("TLS: {e}"))?;
+    }
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<KvTierServer<KvTierService>>().await;
+    let auth_metrics = metrics.clone();
+    let expected = token.map(|t| format!("Bearer {t}"));
+    let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
+        let Some(want) = &expected else { return Ok(req) };
+        let got = req
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if same(got, want.as_bytes()) {
+            Ok(req)
+        } else {
+            auth_metrics
+                .unauthenticated
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(Status::unauthenticated("missing or invalid bearer token"))
+        }
+    };
+    let api = tonic::service::interceptor::InterceptedService::new(
+        KvTierServer::new(svc)
+            .max_decoding_message_size(2 * crate::CHUNK_BYTES)
+            .max_encoding_message_size(2 * crate::CHUNK_BYTES),
+        auth,
+    );
+
+    tracing::info!(%grpc, metrics = ?metrics_task.as_ref().map(|m| m.0), mode = ?manager.mode(), tls = cfg.tls.is_some(), auth = cfg.auth_token.is_some() || cfg.auth_token_file.is_some(), "kvtierd serving");
+    on_bound(Bound {
+        grpc,
+        metrics: metrics_task.as_ref().map(|m| m.0),
+    });
+
+    // Stop accepting when told; give in-flight requests a bounded time.
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain = Duration::from_secs(cfg.drain_timeout_s);
+    let serve = builder
+        .add_service(health)
+        .add_service(api)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            stop.await;
+            tracing::info!("stop requested: draining");
+            let _ = stopped_tx.send(());
+        });
+    tokio::pin!(serve);
+    let served = tokio::select! {
+        r = &mut serve => r,
+        _ = async { let _ = stopped_rx.await; tokio::time::sleep(drain).await } => {
+            tracing::warn!(timeout_s = cfg.drain_timeout_s, "drain timed out: closing remaining connections");
+            Ok(())
+        }
+    };
+    if let Some((_, t)) = metrics_task {
+        t.abort();
+    }
+    served.map_err(|e| format!("serve: {e}"))?;
+    // Writes acknowledged to clients are on disk (SSD-only) or queued for
+    // it (write-through): drain the queue, then close the tiers so the
+    // disk tier seals its active segment.
+    let deadline = tokio::time::Instant::now() + drain;
+    let mut manager = manager;
+    loop {
+        match Arc::try_unwrap(manager) {
+            Ok(m) => {
+                tokio::task::spawn_blocking(move || drop(m))
+                    .await
+                    .map_err(|e| format!("close: {e}"))?;
+                break;
+            }
+            Err(m) if tokio::time::Instant::now() < deadline => {
+                manager = m;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(m) => {
+                tracing::warn!("requests still hold the block manager: flushing without closing");
+                tokio::task::spawn_blocking(move || m.flush())
+                    .await
+                    .map_err(|e| format!("flush: {e}"))?;
+                break;
+            }
+        }
+    }
+    tracing::info!("kvtierd stopped");
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn token_comparison() {
+        assert!(super::same(b"Bearer a", b"Bearer a"));
+        assert!(!super::same(b"Bearer a", b"Bearer b"));
+        assert!(!super::same(b"Bearer", b"Bearer a"));
+    }
+}
