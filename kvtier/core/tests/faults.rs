@@ -426,119 +426,65 @@ fn full_disk_is_a_precise_error_and_keeps_stored_blocks() {
     std::fs::remove_file(&filler_path).unwrap();
 
     // 2. The filesystem fills with our own segments long before the budget.
-    //    When a segment or a record does not fit, the tier gives back its
-    //    oldest segment and the store succeeds: none fails, none is counted
-    //    as rejected.
+    //    A store that does not fit fails with NoSpace and changes nothing:
+    //    no block held is evicted to make room for it.
     let fs_bytes = fs.free_bytes();
     let fits = fs_bytes / SEGMENT;
-    // Records that fit the filesystem at all, before any header or seal.
-    let fits_records = fs_bytes / (17 * PAGE as u64);
     assert!((2..8).contains(&fits), "a 6 MiB tmpfs holds {fits} segments");
-    let mut first_eviction = None;
     let mut n = 0;
-    while n < 400 {
-        store(&m, id, n).unwrap_or_else(|e| panic!("store {n} with a segment to give back: {e}"));
-        let segs = segment_files(&dir) as u64;
-        assert!(
-            segs <= fits + 1,
-            "{segs} segment files on a filesystem that holds {fits}"
-        );
-        if first_eviction.is_none() && disk_stats().evictions > 0 {
-            first_eviction = Some(n);
-            // The whole oldest segment went, and only it.
-            assert_eq!(disk_stats().evictions, PER_SEGMENT, "at store {n}");
-        }
-        n += 1;
-    }
-    // Nothing is given back while the filesystem has room, and it is given
-    // back once a block no longer fits: far below the 64-segment budget,
-    // which 400 blocks never reach.
-    let first = first_eviction.expect("no block evicted on a full filesystem");
-    assert!(
-        ((fits - 1) * PER_SEGMENT..=fits_records).contains(&first),
-        "first eviction at store {first}; the filesystem holds {fits} segments, {fits_records} records"
-    );
-    let s = disk_stats();
-    println!(
-        "after {n} stores: first eviction at store {first}, {} blocks held in {} segment files, \
-         {} evicted, {} rejected, {} bytes free",
-        s.usage.blocks,
-        segment_files(&dir),
-        s.evictions,
-        s.rejected,
-        fs.free_bytes()
-    );
-    assert_eq!(s.rejected, 1, "a put that succeeded was counted as rejected");
-    assert!(
-        s.usage.blocks <= fits_records && s.usage.blocks > (fits - 2) * PER_SEGMENT,
-        "{s:?}"
-    );
-    let held = check_held(&m, id, 0..n);
-    assert_eq!(held.len() as u64, s.usage.blocks);
-
-    // 3. Readers pin every block held: giving back a segment unlinks its
-    //    file but frees no space, so once the filesystem is full a store
-    //    fails with NoSpace, and goes on failing while the pins last.
-    let held_keys: Vec<BlockKey> = held.iter().map(|&i| key(id, i)).collect();
-    let lease = m.lease(id, &held_keys).unwrap();
-    assert_eq!(lease.len(), held.len());
     let failed = loop {
-        assert!(n < 400 + PER_SEGMENT + 1, "no store failed with every segment pinned");
+        assert!(n < 400, "400 blocks fit a 6 MiB filesystem");
         match store(&m, id, n) {
             Ok(()) => n += 1,
             Err(e) => break e,
         }
     };
-    println!("store {n} with every segment pinned: {failed}");
+    println!("store {n} on a full filesystem: {failed}");
     assert_eq!(failed.kind(), ErrorKind::NoSpace, "{failed}");
-    assert!(failed.message().contains("segment"), "{failed}");
+    assert!(
+        n >= (fits - 1) * PER_SEGMENT,
+        "failed at store {n}; the filesystem holds {fits} segments"
+    );
+    let s = disk_stats();
+    assert_eq!(s.evictions, 0, "a full filesystem evicted held blocks");
+    assert_eq!(s.rejected, 2, "each refused put counts once");
     assert!(!present(&m, id, n), "the failed block is listed");
-    let e = store(&m, id, n).expect_err("a store succeeded with every segment pinned on a full filesystem");
-    assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
-    assert_eq!(disk_stats().rejected, 3, "each refused put counts once");
-    // The readers still read every pinned block, intact, whether or not its
-    // segment was given back meanwhile ...
-    let mut out = vec![0u8; held.len() * BLOCK];
-    let r = m.load_leased(&lease, &mut out).unwrap();
-    assert_eq!((r.loaded, r.failed), (held.len(), None));
-    for (i, got) in held.iter().zip(out.chunks_exact(BLOCK)) {
-        assert!(got == content(key(id, *i), BLOCK), "pinned block {i} altered");
-    }
-    // ... and everything still listed is served.
-    let listed = check_held(&m, id, 0..n);
-    println!(
-        "after the failures: {} of {} pinned blocks still listed, {} evicted",
-        listed.len(),
-        held.len(),
-        disk_stats().evictions
-    );
-    // The pins go, the space comes back, and so do stores.
-    let before = fs.free_bytes();
-    drop(lease);
-    assert!(fs.free_bytes() > before, "unpinned segments freed no space");
-    for _ in 0..2 * PER_SEGMENT {
-        store(&m, id, n).unwrap_or_else(|e| panic!("store {n} after the pins went: {e}"));
-        n += 1;
-    }
     let held = check_held(&m, id, 0..n);
-    let s = m.stats();
-    println!(
-        "after {n} stores: {} blocks held, disk {:?}",
-        held.len(),
-        s.disk.as_ref().unwrap()
+    assert_eq!(
+        held,
+        (0..n).collect::<Vec<_>>(),
+        "a block stored before the disk filled is gone"
     );
-    assert_eq!(s.disk.as_ref().unwrap().rejected, 3);
-    assert_eq!(s.load_failures, 0);
+    // Again: the same precise error, still nothing changed.
+    assert_eq!(store(&m, id, n).unwrap_err().kind(), ErrorKind::NoSpace);
+    assert_eq!(disk_stats().rejected, 3);
+    assert_eq!(check_held(&m, id, 0..n), held);
     drop(m);
 
-    // 4. What a full filesystem left behind reopens whole: every block that
-    //    was listed, nothing torn (writes cut short by ENOSPC are skipped).
+    // 3. What a full filesystem left behind reopens whole: every block held,
+    //    nothing torn (writes cut short by ENOSPC are skipped).
     let m = cfg.build().unwrap();
     let id = m.register_namespace(&ns()).unwrap();
     let r = m.disk().unwrap().recovery();
     println!("reopened: {r:?}");
     assert_eq!((r.blocks, r.bad_segments), (held.len() as u64, 0), "{r:?}");
     assert_eq!(check_held(&m, id, 0..n), held);
+    assert_eq!(m.stats().load_failures, 0);
+    drop(m);
+
+    // 4. The operator lowers the budget to what the filesystem holds: the
+    //    oldest segments go, space comes back, and stores work again.
+    let small = ManagerConfig::ssd_only(DiskConfig {
+        segment_bytes: SEGMENT,
+        ..DiskConfig::new(&dir, (fits - 1) * SEGMENT)
+    });
+    let m = small.build().unwrap();
+    let id = m.register_namespace(&ns()).unwrap();
+    for i in 0..2 * PER_SEGMENT {
+        store(&m, id, 1000 + i).unwrap_or_else(|e| panic!("store {i} after lowering the budget: {e}"));
+    }
+    let newest = check_held(&m, id, 1000..1000 + 2 * PER_SEGMENT);
+    assert_eq!(newest.len() as u64, 2 * PER_SEGMENT);
     assert_eq!(m.stats().load_failures, 0);
     drop(m);
 }

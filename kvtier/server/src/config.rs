@@ -195,7 +195,13 @@ impl DaemonConfig {
         if let Some(m) = &self.manager {
             return m.clone();
         }
-        let disk = DiskConfig::new(self.data_dir.join("blocks"), self.disk_capacity_bytes);
+        // Eight segments or more, so that reclaiming one gives back at most
+        // an eighth of the cache; 16 MiB to 256 MiB each.
+        let segment_bytes = (self.disk_capacity_bytes / 8).clamp(16 << 20, 256 << 20) / 4096 * 4096;
+        let disk = DiskConfig {
+            segment_bytes,
+            ..DiskConfig::new(self.data_dir.join("blocks"), self.disk_capacity_bytes)
+        };
         match self.mode {
             Mode::SsdOnly => ManagerConfig::ssd_only(disk),
             _ => ManagerConfig::tiered(Some(HostConfig::with_capacity(self.host_capacity_bytes)), Some(disk)),
@@ -219,7 +225,11 @@ mod tests {
         let m = c.manager_config();
         assert_eq!(m.mode, Mode::SsdOnly);
         assert!(m.host.is_none());
-        assert_eq!(m.disk.unwrap().dir, PathBuf::from("kvtierd-data/blocks"));
+        let disk = m.disk.unwrap();
+        assert_eq!(disk.dir, PathBuf::from("kvtierd-data/blocks"));
+        assert_eq!(disk.segment_bytes, 256 << 20);
+        let small = DaemonConfig::load(None, env(&[("KVTIER_DISK_CAPACITY_BYTES", "268435456")])).unwrap();
+        assert_eq!(small.manager_config().disk.unwrap().segment_bytes, 32 << 20);
         assert!(c.auth_token.is_none() && c.tls.is_none());
     }
 

@@ -57,10 +57,13 @@ impl Daemon {
                         metrics = Some(a.to_string());
                     }
                 }
-                Err(_) => {
-                    let status = child.try_wait().ok().flatten();
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait().expect("wait");
+                    panic!("kvtierd exited before serving: {status}");
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     let _ = child.kill();
-                    panic!("kvtierd did not start within 30 s (exit: {status:?})");
+                    panic!("kvtierd did not start within 30 s");
                 }
             }
         }

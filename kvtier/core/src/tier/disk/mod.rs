@@ -509,14 +509,6 @@ impl Inner {
         let id = st.next_id;
         let path = segment_path(&self.cfg.dir, id);
         let made = self.make_segment(id, &path, recycled);
-        let made = match made {
-            Err(e) if e.kind() == ErrorKind::NoSpace && self.reclaim_oldest(st, Reclaim::UnlinkNow).is_some() => {
-                // The filesystem is fuller than our budget says: give back
-                // our oldest segment and try once more.
-                self.make_segment(id, &path, None)
-            }
-            other => other,
-        };
         // A failure here is counted once, by the put that asked for room.
         let file = made?;
         st.next_id += 1;
@@ -643,20 +635,14 @@ impl Inner {
             buf[HEADER_BYTES + data.len()..].fill(0);
         }
         let r = self.write_record(h, &mut *buf, data, direct_data, len);
-        let r = match r {
-            // The filesystem is fuller than our budget: give back our oldest
-            // segment (this is a cache) and try once more in a fresh one.
-            Err(e)
-                if e.kind() == ErrorKind::NoSpace
-                    && self
-                        .reclaim_oldest(&mut self.state.lock(), Reclaim::UnlinkNow)
-                        .is_some() =>
-            {
-                tracing::warn!(dir = %self.cfg.dir.display(), "filesystem full: reclaimed the oldest segment early");
-                self.write_record(h, buf, data, direct_data, len)
-            }
-            r => r,
-        };
+        if let Err(e) = &r
+            && e.kind() == ErrorKind::NoSpace
+        {
+            // The filesystem holds less than `capacity_bytes` promises. The
+            // put fails and nothing held is evicted for it: a full disk is
+            // the operator's to see, not something to hide by shrinking.
+            tracing::warn!(dir = %self.cfg.dir.display(), "filesystem full before disk.capacity_bytes was reached: lower it or free space ({e})");
+        }
         match &r {
             Ok(()) => TierCounters::add(&self.counters.bytes_written, data.len() as u64),
             Err(_) => TierCounters::add(&self.counters.rejected, 1),
