@@ -5,6 +5,7 @@
 //! machines are noisy: the ratios are what carry over.
 
 mod buf;
+mod daemon;
 mod demo;
 mod tiers;
 
@@ -23,6 +24,9 @@ enum Cmd {
     /// Host and disk tier throughput against memcpy and raw O_DIRECT I/O,
     /// and prefix-lookup rate over a large index.
     Tiers(tiers::Args),
+    /// kvtierd's request path against raw loopback TCP, SSD-only mode
+    /// against raw O_DIRECT I/O, and lookup latency.
+    Daemon(daemon::Args),
     /// Stores prompts' KV blocks through the host and SSD tiers, reloads and
     /// verifies them, restarts, and serves them again from the SSD.
     Demo {
@@ -43,6 +47,7 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Tiers(a) => tiers::run(&a),
+        Cmd::Daemon(a) => daemon::run(&a),
         Cmd::Demo { dir, json } => demo::run(&dir, json),
     };
     if let Err(e) = r {

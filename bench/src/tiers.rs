@@ -39,21 +39,21 @@ pub(crate) struct Args {
     smoke: bool,
 }
 
-fn gbps(bytes: usize, secs: f64) -> f64 {
+pub(crate) fn gbps(bytes: usize, secs: f64) -> f64 {
     bytes as f64 / secs / 1e9
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
     v[v.len() / 2]
 }
 
-fn round3(x: f64) -> f64 {
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
 /// A namespace whose blocks are `bytes` long (bytes a multiple of 64).
-fn namespace(model: &str, bytes: usize) -> Namespace {
+pub(crate) fn namespace(model: &str, bytes: usize) -> Namespace {
     // 1 layer, K and V, 1 head, f16: 4 bytes per token-dim.
     let head_dim = 16u32;
     Namespace {
@@ -74,13 +74,13 @@ fn namespace(model: &str, bytes: usize) -> Namespace {
     }
 }
 
-fn key(ns: NamespaceId, round: usize, i: usize) -> BlockKey {
+pub(crate) fn key(ns: NamespaceId, round: usize, i: usize) -> BlockKey {
     BlockKey::from_opaque(ns, &[(round as u64).to_le_bytes(), (i as u64).to_le_bytes()].concat())
 }
 
-struct Throughput {
-    put: f64,
-    get: f64,
+pub(crate) struct Throughput {
+    pub(crate) put: f64,
+    pub(crate) get: f64,
 }
 
 /// Stores every block of `src` one request at a time, then loads each into
@@ -122,7 +122,7 @@ fn memcpy_round(src: &[u8], dst: &mut [u8], block: usize) -> f64 {
 }
 
 /// Plain O_DIRECT sequential write and read of the same bytes, in blocks.
-fn raw_disk_round(dir: &Path, src: &[u8], dst: &mut [u8], block: usize) -> Result<Throughput> {
+pub(crate) fn raw_disk_round(dir: &Path, src: &[u8], dst: &mut [u8], block: usize) -> Result<Throughput> {
     let path = dir.join("raw-odirect.dat");
     let _ = std::fs::remove_file(&path);
     let io = |e| kvtier::Error::io(format!("raw disk {}", path.display()), e);

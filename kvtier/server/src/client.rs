@@ -215,6 +215,61 @@ impl Client {
         })
     }
 
+    /// Loads the leading present blocks of `keys` into `out` (at least
+    /// `keys.len()` blocks long), with no allocation: engines and the bench
+    /// reuse their (pinned, touched) buffers. Answers the header; the
+    /// leading `loaded` blocks of `out` hold the data.
+    pub async fn get_into(
+        &self,
+        ns: NamespaceId,
+        keys: &[BlockKey],
+        out: &mut [u8],
+    ) -> Result<proto::GetHeader, Status> {
+        let mut s = self
+            .inner
+            .clone()
+            .get(proto::GetRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys.iter().map(key_bytes).collect(),
+            })
+            .await?
+            .into_inner();
+        let Some(proto::GetResponse {
+            msg: Some(get_response::Msg::Header(h)),
+        }) = s.message().await?
+        else {
+            return Err(Status::internal("the Get stream did not start with a header"));
+        };
+        let want = h.loaded as usize * h.block_bytes as usize;
+        if want > out.len() {
+            return Err(Status::invalid_argument(format!(
+                "{} blocks of {} bytes do not fit a buffer of {}",
+                h.loaded,
+                h.block_bytes,
+                out.len()
+            )));
+        }
+        let mut at = 0;
+        while let Some(m) = s.message().await? {
+            let Some(get_response::Msg::Data(d)) = m.msg else {
+                return Err(Status::internal("a Get header in the middle of the data"));
+            };
+            if at + d.len() > want {
+                return Err(Status::data_loss(
+                    "the Get stream carried more bytes than its header said",
+                ));
+            }
+            out[at..at + d.len()].copy_from_slice(&d);
+            at += d.len();
+        }
+        if at != want {
+            return Err(Status::data_loss(format!(
+                "the Get stream carried {at} of {want} bytes"
+            )));
+        }
+        Ok(h)
+    }
+
     /// Removes blocks; answers how many were present.
     pub async fn delete(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<u32, Status> {
         Ok(self

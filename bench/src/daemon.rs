@@ -1,0 +1,373 @@
+//! `kvtier-bench daemon`: a real kvtierd process measured against raw
+//! loopback TCP (its own plain socket copy of the same bytes) and, in
+//! SSD-only mode, against raw O_DIRECT I/O in the same directory; plus the
+//! latency of a 64-block prefix lookup.
+
+use bytes::Bytes;
+use kvtier::{AlignedBuf, BlockKey, NamespaceId};
+use kvtier_server::client::{Client, ClientConfig};
+use serde_json::json;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::buf::fill;
+use crate::tiers::{gbps, key, median, namespace, raw_disk_round, round3};
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Directory for the daemons' data and the raw disk reference.
+    #[arg(long, default_value = "target/bench-daemon")]
+    dir: PathBuf,
+    /// Bytes moved per measurement, in MiB (the working set).
+    #[arg(long, default_value_t = 512)]
+    total_mib: usize,
+    /// Block size in KiB.
+    #[arg(long, default_value_t = 2048)]
+    block_kib: usize,
+    /// Blocks per Put or Get request.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Rounds; each figure is the median over rounds, references included.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Lookups timed for the latency percentiles.
+    #[arg(long, default_value_t = 2000)]
+    lookups: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// A seconds-long run with small sizes, for CI: figures are not goals.
+    #[arg(long)]
+    smoke: bool,
+}
+
+fn err(msg: impl Into<String>) -> kvtier::Error {
+    kvtier::Error::new(kvtier::ErrorKind::Io, msg)
+}
+
+/// A kvtierd process; SIGTERM and wait when dropped.
+struct Daemon {
+    child: Child,
+    endpoint: String,
+}
+
+impl Daemon {
+    fn start(data_dir: &Path, env: &[(&str, String)]) -> kvtier::Result<Self> {
+        let exe = std::env::current_exe()
+            .map_err(|e| err(format!("current exe: {e}")))?
+            .with_file_name("kvtierd");
+        if !exe.exists() {
+            return Err(err(format!(
+                "{} is missing: build it with `cargo build --release -p kvtier-server`",
+                exe.display()
+            )));
+        }
+        let mut cmd = Command::new(&exe);
+        cmd.env("KVTIER_LISTEN", "127.0.0.1:0")
+            .env("KVTIER_METRICS_LISTEN", "")
+            .env("KVTIER_DATA_DIR", data_dir)
+            .env("KVTIER_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().map_err(|e| err(format!("spawn {}: {e}", exe.display())))?;
+        let out = child.stdout.take().expect("piped");
+        let mut lines = BufReader::new(out).lines();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match lines.next() {
+                Some(Ok(l)) => {
+                    if let Some(a) = l.strip_prefix("kvtierd listening on ") {
+                        let endpoint = format!("http://{a}");
+                        std::thread::spawn(move || lines.for_each(drop));
+                        return Ok(Self { child, endpoint });
+                    }
+                }
+                _ => {
+                    let _ = child.kill();
+                    return Err(err("kvtierd exited before serving"));
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(err("kvtierd did not start within 60 s"));
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One plain TCP stream on loopback moving `src` in `block`-sized writes.
+fn loopback_round(src: &[u8], block: usize) -> kvtier::Result<f64> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| err(format!("bind: {e}")))?;
+    let addr = l.local_addr().map_err(|e| err(format!("addr: {e}")))?;
+    let total = src.len();
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = AlignedBuf::new(block);
+        let mut got = 0;
+        while got < total {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            got += n;
+        }
+        s.write_all(&[1])
+    });
+    let mut c = TcpStream::connect(addr).map_err(|e| err(format!("connect: {e}")))?;
+    c.set_nodelay(true).map_err(|e| err(format!("nodelay: {e}")))?;
+    let t = Instant::now();
+    for chunk in src.chunks(block) {
+        c.write_all(chunk).map_err(|e| err(format!("write: {e}")))?;
+    }
+    let mut ack = [0u8];
+    c.read_exact(&mut ack).map_err(|e| err(format!("ack: {e}")))?;
+    let secs = t.elapsed().as_secs_f64();
+    server
+        .join()
+        .expect("server thread")
+        .map_err(|e| err(format!("server: {e}")))?;
+    Ok(gbps(total, secs))
+}
+
+struct Round {
+    put: f64,
+    get: f64,
+}
+
+/// Puts every block of `src` in requests of `batch` blocks, gets them back
+/// into `dst`, checks them, and deletes them.
+async fn daemon_round(
+    c: &Client,
+    ns: NamespaceId,
+    round: usize,
+    src: &Bytes,
+    dst: &mut [u8],
+    block: usize,
+    batch: usize,
+) -> kvtier::Result<Round> {
+    let n = src.len() / block;
+    let keys: Vec<BlockKey> = (0..n).map(|i| key(ns, 1000 + round, i)).collect();
+    let step = batch * block;
+    let t = Instant::now();
+    for (i, ks) in keys.chunks(batch).enumerate() {
+        let data = src.slice(i * step..i * step + ks.len() * block);
+        c.put(ns, ks, data).await.map_err(|s| err(format!("put: {s}")))?;
+    }
+    let put = gbps(src.len(), t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    for (i, (ks, out)) in keys.chunks(batch).zip(dst.chunks_mut(step)).enumerate() {
+        let h = c.get_into(ns, ks, out).await.map_err(|s| err(format!("get: {s}")))?;
+        if h.loaded as usize != ks.len() {
+            return Err(err(format!("get {i}: {} of {} blocks came back", h.loaded, ks.len())));
+        }
+    }
+    let get = gbps(src.len(), t.elapsed().as_secs_f64());
+    if src[..] != dst[..src.len()] {
+        return Err(err("blocks came back altered"));
+    }
+    for ks in keys.chunks(4096) {
+        c.delete(ns, ks).await.map_err(|s| err(format!("delete: {s}")))?;
+    }
+    Ok(Round { put, get })
+}
+
+/// Latency of 64-key prefix lookups, all present. Block size does not enter
+/// a lookup, so the prefix is stored in 4 KiB blocks of a namespace of its own.
+async fn lookup_latency(c: &Client, n: usize) -> kvtier::Result<(f64, f64)> {
+    let block = 4096;
+    let (ns, _) = c
+        .register(&namespace("bench-lookup", block))
+        .await
+        .map_err(|s| err(s.to_string()))?;
+    let keys: Vec<BlockKey> = (0..64).map(|i| key(ns, 999, i)).collect();
+    let data = Bytes::from(vec![5u8; 64 * block]);
+    c.put(ns, &keys, data).await.map_err(|s| err(format!("put: {s}")))?;
+    let mut us = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let l = c.lookup(ns, &keys).await.map_err(|s| err(format!("lookup: {s}")))?;
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+        if l.hit_blocks != 64 {
+            return Err(err(format!("lookup found {} of 64", l.hit_blocks)));
+        }
+    }
+    c.delete(ns, &keys).await.map_err(|s| err(format!("delete: {s}")))?;
+    us.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    let pct = |p: f64| us[((us.len() - 1) as f64 * p).round() as usize];
+    Ok((pct(0.50), pct(0.99)))
+}
+
+pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
+    let (total, rounds, lookups) = if a.smoke {
+        (32usize << 20, 1, 200)
+    } else {
+        (a.total_mib << 20, a.rounds.max(1), a.lookups.max(10))
+    };
+    let block = a.block_kib << 10;
+    let batch = a.batch.max(1);
+    if block == 0 || !block.is_multiple_of(4096) || total < block * batch {
+        return Err(err(
+            "block must be a multiple of 4 KiB, and the total at least one batch",
+        ));
+    }
+    let total = total / (block * batch) * (block * batch);
+    let _ = std::fs::remove_dir_all(&a.dir);
+    std::fs::create_dir_all(&a.dir).map_err(|e| err(format!("create {}: {e}", a.dir.display())))?;
+    // The same bytes feed every measurement; keys differ per round.
+    let mut src_buf = AlignedBuf::new(total);
+    fill(&mut src_buf, 11);
+    let src = Bytes::from_owner(src_buf);
+    let mut dst = AlignedBuf::new(total);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| err(format!("runtime: {e}")))?;
+
+    // The request path: host RAM holds the working set.
+    let tiered = Daemon::start(
+        &a.dir.join("tiered"),
+        &[
+            ("KVTIER_MODE", "tiered".into()),
+            ("KVTIER_HOST_CAPACITY_BYTES", (total as u64 + (64 << 20)).to_string()),
+            ("KVTIER_DISK_CAPACITY_BYTES", (512u64 << 20).to_string()),
+            (
+                "KVTIER_MAX_REQUEST_BYTES",
+                ((batch * block) as u64).max(64 << 20).to_string(),
+            ),
+        ],
+    )?;
+    let (mut tcp, mut put, mut get, mut rput, mut rget, mut sput, mut sget) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (p50, p99) = rt.block_on(async {
+        let c = Client::connect(&ClientConfig {
+            endpoint: tiered.endpoint.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(err)?;
+        let (ns, _) = c
+            .register(&namespace("bench-daemon", block))
+            .await
+            .map_err(|s| err(s.to_string()))?;
+        for r in 0..rounds {
+            tcp.push(loopback_round(&src, block)?);
+            let d = daemon_round(&c, ns, r, &src, &mut dst, block, batch).await?;
+            put.push(d.put);
+            get.push(d.get);
+        }
+        lookup_latency(&c, lookups).await
+    })?;
+    drop(tiered);
+
+    // SSD-only, next to raw O_DIRECT in the same directory.
+    let ssd = Daemon::start(
+        &a.dir.join("ssd-only"),
+        &[
+            ("KVTIER_MODE", "ssd-only".into()),
+            (
+                "KVTIER_DISK_CAPACITY_BYTES",
+                (total as u64 * 4).max(1 << 30).to_string(),
+            ),
+            (
+                "KVTIER_MAX_REQUEST_BYTES",
+                ((batch * block) as u64).max(64 << 20).to_string(),
+            ),
+        ],
+    )?;
+    rt.block_on(async {
+        let c = Client::connect(&ClientConfig {
+            endpoint: ssd.endpoint.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(err)?;
+        let (ns, _) = c
+            .register(&namespace("bench-daemon", block))
+            .await
+            .map_err(|s| err(s.to_string()))?;
+        for r in 0..rounds {
+            let raw = raw_disk_round(&a.dir, &src, &mut dst, block)?;
+            rput.push(raw.put);
+            rget.push(raw.get);
+            let d = daemon_round(&c, ns, r, &src, &mut dst, block, batch).await?;
+            sput.push(d.put);
+            sget.push(d.get);
+        }
+        Ok::<_, kvtier::Error>(())
+    })?;
+    drop(ssd);
+    let _ = std::fs::remove_dir_all(&a.dir);
+
+    let (tcp_m, put_m, get_m) = (median(tcp.clone()), median(put.clone()), median(get.clone()));
+    let (rw, rr, sp, sg) = (
+        median(rput.clone()),
+        median(rget.clone()),
+        median(sput.clone()),
+        median(sget.clone()),
+    );
+    let out = json!({
+        "bench": "daemon",
+        "smoke": a.smoke,
+        "block_bytes": block,
+        "blocks_per_request": batch,
+        "total_bytes": total,
+        "rounds": rounds,
+        "loopback_tcp_gbps": round3(tcp_m),
+        "put_gbps": round3(put_m),
+        "get_gbps": round3(get_m),
+        "put_ratio": round3(put_m / tcp_m),
+        "get_ratio": round3(get_m / tcp_m),
+        "raw_disk_write_gbps": round3(rw),
+        "raw_disk_read_gbps": round3(rr),
+        "ssd_only_put_gbps": round3(sp),
+        "ssd_only_get_gbps": round3(sg),
+        "ssd_only_put_ratio": round3(sp / rw),
+        "ssd_only_get_ratio": round3(sg / rr),
+        "lookup_keys": 64,
+        "lookups": lookups,
+        "lookup_p50_us": round3(p50),
+        "lookup_p99_us": round3(p99),
+        "goals": {
+            "request_path_ratio_min": 0.6,
+            "ssd_only_ratio_min": 0.8,
+            "lookup_p99_us_max": 500,
+            "met": put_m / tcp_m >= 0.6 && get_m / tcp_m >= 0.6 && sp / rw >= 0.8 && sg / rr >= 0.8 && p99 < 500.0,
+        },
+        "per_round": {
+            "loopback_tcp_gbps": tcp, "put_gbps": put, "get_gbps": get,
+            "raw_disk_write_gbps": rput, "raw_disk_read_gbps": rget,
+            "ssd_only_put_gbps": sput, "ssd_only_get_gbps": sget,
+        },
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out).expect("serializable"));
+    }
+    Ok(())
+}
