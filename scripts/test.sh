@@ -17,6 +17,7 @@ trap 'rm -rf "$smoke_dir"' EXIT
 ./target/release/kvtier-bench tiers --smoke --json --dir "$smoke_dir/tiers"
 ./target/release/kvtier-bench demo --json --dir "$smoke_dir/demo" >/dev/null
 echo "demo: ok"
+./scripts/check-deploy.sh
 echo "== cargo test"
 # The core crate last, so the run closes on its summary.
 cargo test -p kvtier-bench --all-targets

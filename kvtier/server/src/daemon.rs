@@ -175,14 +175,19 @@ pub async fn run(
     Ok(())
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed by this call,
+/// not when the future is first polled, so a signal that arrives once the
+/// daemon has announced its addresses drains it instead of killing it.
+/// Call it inside the runtime.
+pub fn signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("install the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 

@@ -50,7 +50,13 @@ fn main() {
         .enable_all()
         .build()
         .expect("start the runtime");
-    let r = rt.block_on(kvtier_server::daemon::run(cfg, kvtier_server::daemon::signal(), |b| {
+    // Before serving: a SIGTERM right after the addresses are printed must
+    // drain, not kill.
+    let stop = {
+        let _rt = rt.enter();
+        kvtier_server::daemon::signal()
+    };
+    let r = rt.block_on(kvtier_server::daemon::run(cfg, stop, |b| {
         // Scripts and tests read these lines to find the ports.
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "kvtierd listening on {}", b.grpc);
