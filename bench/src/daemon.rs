@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use kvtier::{AlignedBuf, BlockKey, NamespaceId};
-use kvtier_server::client::{Client, ClientConfig};
+use kvtier_server::client::{Client, ClientConfig, SharedRegion};
 use serde_json::json;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -195,6 +195,53 @@ async fn daemon_round(
     Ok(Round { put, get })
 }
 
+/// The same-host path: blocks go from one shared region and come back into
+/// another; only keys cross the socket.
+#[allow(clippy::too_many_arguments)]
+async fn region_round(
+    c: &Client,
+    ns: NamespaceId,
+    round: usize,
+    src: (&SharedRegion, u64),
+    dst: (&SharedRegion, u64),
+    total: usize,
+    block: usize,
+    batch: usize,
+) -> kvtier::Result<Round> {
+    let n = total / block;
+    let keys: Vec<BlockKey> = (0..n).map(|i| key(ns, 2000 + round, i)).collect();
+    let step = (batch * block) as u64;
+    let t = Instant::now();
+    for (i, ks) in keys.chunks(batch).enumerate() {
+        c.put_region(ns, ks, src.1, i as u64 * step)
+            .await
+            .map_err(|s| err(format!("put_region: {s}")))?;
+    }
+    let put = gbps(total, t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    for (i, ks) in keys.chunks(batch).enumerate() {
+        let h = c
+            .get_region(ns, ks, dst.1, i as u64 * step)
+            .await
+            .map_err(|s| err(format!("get_region: {s}")))?;
+        if h.loaded as usize != ks.len() {
+            return Err(err(format!(
+                "get_region {i}: {} of {} blocks came back",
+                h.loaded,
+                ks.len()
+            )));
+        }
+    }
+    let get = gbps(total, t.elapsed().as_secs_f64());
+    if src.0.as_slice()[..total] != dst.0.as_slice()[..total] {
+        return Err(err("blocks came back altered through the region"));
+    }
+    for ks in keys.chunks(4096) {
+        c.delete(ns, ks).await.map_err(|s| err(format!("delete: {s}")))?;
+    }
+    Ok(Round { put, get })
+}
+
 /// Latency of 64-key prefix lookups, all present. Block size does not enter
 /// a lookup, so the prefix is stored in 4 KiB blocks of a namespace of its own.
 async fn lookup_latency(c: &Client, n: usize) -> kvtier::Result<(f64, f64)> {
@@ -248,6 +295,17 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
         .build()
         .map_err(|e| err(format!("runtime: {e}")))?;
 
+    // Regions live on a tmpfs when there is one, as they would in production.
+    let shm_dir = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        a.dir.clone()
+    };
+    let mut src_region = SharedRegion::create(&shm_dir, total).map_err(|e| err(format!("region: {e}")))?;
+    src_region.as_mut_slice()[..total].copy_from_slice(&src);
+    let dst_region = SharedRegion::create(&shm_dir, total).map_err(|e| err(format!("region: {e}")))?;
+    let shm_env = ("KVTIER_SHM_DIR", shm_dir.display().to_string());
+
     // The request path: host RAM holds the working set.
     let tiered = Daemon::start(
         &a.dir.join("tiered"),
@@ -259,10 +317,12 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
                 "KVTIER_MAX_REQUEST_BYTES",
                 ((batch * block) as u64).max(64 << 20).to_string(),
             ),
+            shm_env.clone(),
         ],
     )?;
     let (mut tcp, mut put, mut get, mut rput, mut rget, mut sput, mut sget) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut stream_put, mut stream_get, mut ssd_stream_put, mut ssd_stream_get) = (vec![], vec![], vec![], vec![]);
     let (p50, p99) = rt.block_on(async {
         let c = Client::connect(&ClientConfig {
             endpoint: tiered.endpoint.clone(),
@@ -274,11 +334,28 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
             .register(&namespace("bench-daemon", block))
             .await
             .map_err(|s| err(s.to_string()))?;
+        let (src_id, dst_id) = (
+            c.register_region(&src_region).await.map_err(|s| err(s.to_string()))?,
+            c.register_region(&dst_region).await.map_err(|s| err(s.to_string()))?,
+        );
         for r in 0..rounds {
             tcp.push(loopback_round(&src, block)?);
-            let d = daemon_round(&c, ns, r, &src, &mut dst, block, batch).await?;
+            let d = region_round(
+                &c,
+                ns,
+                r,
+                (&src_region, src_id),
+                (&dst_region, dst_id),
+                total,
+                block,
+                batch,
+            )
+            .await?;
             put.push(d.put);
             get.push(d.get);
+            let d = daemon_round(&c, ns, r, &src, &mut dst, block, batch).await?;
+            stream_put.push(d.put);
+            stream_get.push(d.get);
         }
         lookup_latency(&c, lookups).await
     })?;
@@ -297,6 +374,7 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
                 "KVTIER_MAX_REQUEST_BYTES",
                 ((batch * block) as u64).max(64 << 20).to_string(),
             ),
+            shm_env.clone(),
         ],
     )?;
     rt.block_on(async {
@@ -310,13 +388,30 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
             .register(&namespace("bench-daemon", block))
             .await
             .map_err(|s| err(s.to_string()))?;
+        let (src_id, dst_id) = (
+            c.register_region(&src_region).await.map_err(|s| err(s.to_string()))?,
+            c.register_region(&dst_region).await.map_err(|s| err(s.to_string()))?,
+        );
         for r in 0..rounds {
             let raw = raw_disk_round(&a.dir, &src, &mut dst, block)?;
             rput.push(raw.put);
             rget.push(raw.get);
-            let d = daemon_round(&c, ns, r, &src, &mut dst, block, batch).await?;
+            let d = region_round(
+                &c,
+                ns,
+                r,
+                (&src_region, src_id),
+                (&dst_region, dst_id),
+                total,
+                block,
+                batch,
+            )
+            .await?;
             sput.push(d.put);
             sget.push(d.get);
+            let d = daemon_round(&c, ns, r, &src, &mut dst, block, batch).await?;
+            ssd_stream_put.push(d.put);
+            ssd_stream_get.push(d.get);
         }
         Ok::<_, kvtier::Error>(())
     })?;
@@ -348,6 +443,11 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
         "ssd_only_get_gbps": round3(sg),
         "ssd_only_put_ratio": round3(sp / rw),
         "ssd_only_get_ratio": round3(sg / rr),
+        "data_path": "shared-memory regions (same-host client); grpc_stream_* send the bytes over the socket",
+        "grpc_stream_put_gbps": round3(median(stream_put.clone())),
+        "grpc_stream_get_gbps": round3(median(stream_get.clone())),
+        "ssd_only_grpc_stream_put_gbps": round3(median(ssd_stream_put.clone())),
+        "ssd_only_grpc_stream_get_gbps": round3(median(ssd_stream_get.clone())),
         "lookup_keys": 64,
         "lookups": lookups,
         "lookup_p50_us": round3(p50),

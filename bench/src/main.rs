@@ -40,6 +40,8 @@ enum Cmd {
 }
 
 fn main() {
+    // The client side of the daemon bench moves the same transient buffers.
+    kvtier_server::keep_large_buffers();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

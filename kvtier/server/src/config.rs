@@ -56,6 +56,13 @@ pub struct DaemonConfig {
     /// Bytes of request buffers in flight at once; more requests wait.
     #[serde(default = "default_max_inflight_bytes")]
     pub max_inflight_bytes: u64,
+    /// Directory (a tmpfs) whose `kvtier-*` files clients may register as
+    /// shared-memory regions; empty disables regions.
+    #[serde(default = "default_shm_dir")]
+    pub shm_dir: String,
+    /// Regions registered at once, at most.
+    #[serde(default = "default_max_regions")]
+    pub max_regions: usize,
     /// Seconds a stop waits for in-flight requests before it exits.
     #[serde(default = "default_drain_timeout_s")]
     pub drain_timeout_s: u64,
@@ -88,6 +95,12 @@ fn default_max_request_bytes() -> u64 {
 fn default_max_inflight_bytes() -> u64 {
     1 << 30
 }
+fn default_shm_dir() -> String {
+    "/dev/shm".into()
+}
+fn default_max_regions() -> usize {
+    64
+}
 fn default_drain_timeout_s() -> u64 {
     10
 }
@@ -113,6 +126,8 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("KVTIER_MAX_REQUEST_BYTES", "max_request_bytes"),
     ("KVTIER_MAX_INFLIGHT_BYTES", "max_inflight_bytes"),
     ("KVTIER_DRAIN_TIMEOUT_S", "drain_timeout_s"),
+    ("KVTIER_SHM_DIR", "shm_dir"),
+    ("KVTIER_MAX_REGIONS", "max_regions"),
 ];
 
 fn parse<T: std::str::FromStr>(var: &str, v: &str) -> Result<T, String> {
@@ -151,6 +166,8 @@ impl DaemonConfig {
                 "KVTIER_MAX_REQUEST_BYTES" => c.max_request_bytes = parse(&k, &v)?,
                 "KVTIER_MAX_INFLIGHT_BYTES" => c.max_inflight_bytes = parse(&k, &v)?,
                 "KVTIER_DRAIN_TIMEOUT_S" => c.drain_timeout_s = parse(&k, &v)?,
+                "KVTIER_SHM_DIR" => c.shm_dir = v,
+                "KVTIER_MAX_REGIONS" => c.max_regions = parse(&k, &v)?,
                 _ => {}
             }
         }

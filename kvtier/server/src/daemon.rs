@@ -56,6 +56,10 @@ pub async fn run(
         manager.clone(),
         metrics.clone(),
         cfg.data_dir.join("namespaces.json"),
+        crate::region::Regions::new(
+            (!cfg.shm_dir.is_empty()).then(|| cfg.shm_dir.clone().into()),
+            cfg.max_regions,
+        ),
         cfg.max_request_bytes,
         cfg.max_inflight_bytes,
     )?;

@@ -21,6 +21,10 @@ pub const RPCS: &[&str] = &[
     "Delete",
     "Stats",
     "Health",
+    "RegisterRegion",
+    "UnregisterRegion",
+    "PutRegion",
+    "GetRegion",
 ];
 
 /// Upper bounds of the latency buckets, in seconds.

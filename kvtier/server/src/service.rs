@@ -16,6 +16,7 @@ use crate::CHUNK_BYTES;
 use crate::convert::{self, status};
 use crate::metrics::Metrics;
 use crate::proto::{self, get_response, put_request};
+use crate::region::Regions;
 
 /// Keys one request may carry.
 pub const MAX_KEYS: usize = 65_536;
@@ -110,6 +111,7 @@ pub struct KvTierService {
     pool: Arc<BufPool>,
     inflight: Arc<Semaphore>,
     registry: Arc<Registry>,
+    regions: Arc<Regions>,
     max_request_bytes: u64,
     started: Instant,
 }
@@ -129,6 +131,7 @@ impl KvTierService {
         manager: Arc<BlockManager>,
         metrics: Arc<Metrics>,
         registry_path: PathBuf,
+        regions: Regions,
         max_request_bytes: u64,
         max_inflight_bytes: u64,
     ) -> Result<Self, String> {
@@ -150,6 +153,7 @@ impl KvTierService {
             }),
             inflight: Arc::new(Semaphore::new(permits)),
             registry: Arc::new(registry),
+            regions: Arc::new(regions),
             max_request_bytes,
             started: Instant::now(),
         })
@@ -277,6 +281,30 @@ impl KvTierService {
     }
 }
 
+impl KvTierService {
+    /// Checks a region request: namespace, keys, and the byte range.
+    fn region_request(&self, req: &proto::RegionRequest, exclusive: bool) -> Result<RegionJob, Status> {
+        let ns = convert::namespace_id(&req.namespace_id)?;
+        let block = self.block_bytes(ns)?;
+        let keys = convert::keys(&req.keys, MAX_KEYS)?;
+        let len = keys.len() as u64 * block;
+        let borrow = self.regions.borrow(req.region_id, req.offset, len, exclusive)?;
+        Ok(RegionJob {
+            ns,
+            keys,
+            block,
+            borrow,
+        })
+    }
+}
+
+struct RegionJob {
+    ns: NamespaceId,
+    keys: Vec<kvtier::BlockKey>,
+    block: u64,
+    borrow: crate::region::Borrow,
+}
+
 /// The stream a Get answers with.
 pub type GetStream = Pin<Box<dyn Stream<Item = Result<proto::GetResponse, Status>> + Send>>;
 
@@ -387,6 +415,75 @@ impl proto::kv_tier_server::KvTier for KvTierService {
             .map(|json| proto::StatsResponse { json })
             .map_err(|e| Status::internal(format!("stats: {e}")));
         self.observe("Stats", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn register_region(
+        &self,
+        req: Request<proto::RegisterRegionRequest>,
+    ) -> Reply<proto::RegisterRegionResponse> {
+        let t = Instant::now();
+        let req = req.into_inner();
+        let r = self
+            .regions
+            .register(&req.path, req.size)
+            .map(|region_id| proto::RegisterRegionResponse { region_id });
+        self.observe("RegisterRegion", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn unregister_region(
+        &self,
+        req: Request<proto::UnregisterRegionRequest>,
+    ) -> Reply<proto::UnregisterRegionResponse> {
+        let t = Instant::now();
+        let r = self
+            .regions
+            .unregister(req.into_inner().region_id)
+            .map(|()| proto::UnregisterRegionResponse {});
+        self.observe("UnregisterRegion", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn put_region(&self, req: Request<proto::RegionRequest>) -> Reply<proto::PutResponse> {
+        let t = Instant::now();
+        let r = async {
+            let job = self.region_request(&req.into_inner(), false)?;
+            let m = self.manager.clone();
+            let out = tokio::task::spawn_blocking(move || m.store(job.ns, &job.keys, job.borrow.bytes()))
+                .await
+                .map_err(|e| Status::internal(format!("store task: {e}")))?
+                .map_err(|e| status(&e))?;
+            Ok(proto::PutResponse {
+                stored: out.stored as u32,
+                present: out.present as u32,
+                not_admitted: out.not_admitted as u32,
+            })
+        }
+        .await;
+        self.observe("PutRegion", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn get_region(&self, req: Request<proto::RegionRequest>) -> Reply<proto::GetHeader> {
+        let t = Instant::now();
+        let r = async {
+            let mut job = self.region_request(&req.into_inner(), true)?;
+            let m = self.manager.clone();
+            let block = job.block;
+            let out = tokio::task::spawn_blocking(move || m.load(job.ns, &job.keys, job.borrow.bytes_mut()))
+                .await
+                .map_err(|e| Status::internal(format!("load task: {e}")))?
+                .map_err(|e| status(&e))?;
+            Ok(proto::GetHeader {
+                loaded: out.loaded as u32,
+                block_bytes: block,
+                failed_index: out.failed.as_ref().map(|f| f.index as u32),
+                failed_reason: out.failed.map(|f| f.message).unwrap_or_default(),
+            })
+        }
+        .await;
+        self.observe("GetRegion", t, &r);
         r.map(Response::new)
     }
 

@@ -24,6 +24,7 @@ struct Args {
 }
 
 fn main() {
+    kvtier_server::keep_large_buffers();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("KVTIER_LOG").unwrap_or_else(|_| "info".into());
     let json = args.log_json || std::env::var("KVTIER_LOG_FORMAT").is_ok_and(|v| v == "json");
