@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The main job on its embedded default: a block manager with host RAM in
-# front of a local SSD directory stores the KV blocks of a few prompts,
-# reloads them, restarts, and serves them again from the SSD, checking every
-# byte. Set KVTIER_DATA_DIR to put the SSD tier elsewhere.
+# The main job on its embedded default: kvtierd, SSD-only KV offload with no
+# cloud tier, blocks under ./kvtierd-data, gRPC on 127.0.0.1:50051 and
+# Prometheus metrics on 127.0.0.1:9464. Stop it with Ctrl-C (SIGINT) or
+# SIGTERM: it drains and seals its segments. Any KVTIER_* setting applies
+# (see deploy/README.md); arguments go to kvtierd (e.g. --config FILE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-cargo build --release -q -p kvtier-bench
-exec ./target/release/kvtier-bench demo --dir "${KVTIER_DATA_DIR:-./kvtier-data}" "$@"
+cargo build --release -q -p kvtier-server
+exec ./target/release/kvtierd "$@"

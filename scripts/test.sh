@@ -10,11 +10,12 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-echo "== bench smoke: kvtier-bench tiers --smoke, demo"
-cargo build --release -q -p kvtier-bench
+echo "== bench smoke: kvtier-bench tiers --smoke, daemon --smoke, demo"
+cargo build --release -q -p kvtier-bench -p kvtier-server
 smoke_dir=$(mktemp -d "${TMPDIR:-/tmp}/kvtier-smoke.XXXXXX")
 trap 'rm -rf "$smoke_dir"' EXIT
 ./target/release/kvtier-bench tiers --smoke --json --dir "$smoke_dir/tiers"
+./target/release/kvtier-bench daemon --smoke --json --dir "$smoke_dir/daemon"
 ./target/release/kvtier-bench demo --json --dir "$smoke_dir/demo" >/dev/null
 echo "demo: ok"
 ./scripts/check-deploy.sh

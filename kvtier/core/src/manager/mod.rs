@@ -623,31 +623,78 @@ impl BlockManager {
         let sh = &self.shared;
         add(&sh.counters.loads, 1);
         let mut res = LoadOutcome::default();
-        for (i, ((key, tier, pin), chunk)) in lease.blocks.iter().zip(out.chunks_exact_mut(block)).enumerate() {
-            let counters = self.counters_of(*tier);
-            if let Err(e) = pin.read_into(chunk) {
-                add(&sh.counters.load_failures, 1);
-                tracing::warn!(%key, "load failed, the engine recomputes: {e}");
-                res.failed = Some(LoadFailure {
-                    index: i,
-                    kind: e.kind(),
-                    message: e.to_string(),
+        let chunks: Vec<&mut [u8]> = out.chunks_exact_mut(block).collect();
+        let disk_blocks = lease.blocks.iter().filter(|b| b.1 == TierKind::Disk).count();
+        if disk_blocks >= 2 {
+            // Verify block i while block i+1 is read: the device is busy
+            // while the CPU hashes, instead of idle.
+            std::thread::scope(|s| {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, &mut [u8], Result<()>)>(1);
+                let blocks = &lease.blocks;
+                s.spawn(move || {
+                    for (i, ((_, _, pin), chunk)) in blocks.iter().zip(chunks).enumerate() {
+                        let r = pin.read_unverified(chunk);
+                        let failed = r.is_err();
+                        if tx.send((i, chunk, r)).is_err() || failed {
+                            break;
+                        }
+                    }
                 });
-                break;
-            }
-            TierCounters::add(&counters.hits, 1);
-            res.loaded += 1;
-            if *tier == TierKind::Disk
-                && let Some(h) = &sh.host
-            {
-                TierCounters::add(&h.counters().misses, 1);
-                if sh.cfg.promote_on_hit && h.put(lease.ns, *key, chunk).is_ok() {
-                    add(&sh.counters.promotions, 1);
+                for (i, chunk, r) in rx {
+                    let (key, tier, pin) = &lease.blocks[i];
+                    let r = r.and_then(|()| pin.verify(chunk));
+                    if !self.finish_block(lease.ns, i, *key, *tier, chunk, r, &mut res) {
+                        // Dropping the receiver stops the reader.
+                        break;
+                    }
+                }
+            });
+        } else {
+            for (i, ((key, tier, pin), chunk)) in lease.blocks.iter().zip(chunks).enumerate() {
+                let r = pin.read_into(chunk);
+                if !self.finish_block(lease.ns, i, *key, *tier, chunk, r, &mut res) {
+                    break;
                 }
             }
         }
         add(&sh.counters.loaded_blocks, res.loaded as u64);
         Ok(res)
+    }
+
+    /// Accounts one block of a load; false stops the load.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_block(
+        &self,
+        ns: NamespaceId,
+        i: usize,
+        key: BlockKey,
+        tier: TierKind,
+        chunk: &[u8],
+        r: Result<()>,
+        res: &mut LoadOutcome,
+    ) -> bool {
+        let sh = &self.shared;
+        if let Err(e) = r {
+            add(&sh.counters.load_failures, 1);
+            tracing::warn!(%key, "load failed, the engine recomputes: {e}");
+            res.failed = Some(LoadFailure {
+                index: i,
+                kind: e.kind(),
+                message: e.to_string(),
+            });
+            return false;
+        }
+        TierCounters::add(&self.counters_of(tier).hits, 1);
+        res.loaded += 1;
+        if tier == TierKind::Disk
+            && let Some(h) = &sh.host
+        {
+            TierCounters::add(&h.counters().misses, 1);
+            if sh.cfg.promote_on_hit && h.put(ns, key, chunk).is_ok() {
+                add(&sh.counters.promotions, 1);
+            }
+        }
+        true
     }
 
     fn counters_of(&self, tier: TierKind) -> &TierCounters {

@@ -52,11 +52,25 @@ pub trait PinnedBlock: Send + Sync + std::fmt::Debug {
     }
 
     /// Copies the block into `out`, which must be exactly [`PinnedBlock::len`]
-    /// bytes, verifying it where the tier keeps checksums. On error the
-    /// content of `out` is unspecified and must not be used; a checksum
-    /// mismatch is [`crate::ErrorKind::ChecksumMismatch`], counted by the tier,
-    /// and the key is dropped from the tier.
-    fn read_into(&self, out: &mut [u8]) -> Result<()>;
+    /// bytes, without verifying it: [`PinnedBlock::verify`] must pass before
+    /// the bytes are used. Split so that a caller can verify one block while
+    /// the next is read. On error the content of `out` is unspecified.
+    fn read_unverified(&self, out: &mut [u8]) -> Result<()>;
+
+    /// Verifies bytes that [`PinnedBlock::read_unverified`] put in `out`,
+    /// where the tier keeps checksums. A mismatch is
+    /// [`crate::ErrorKind::ChecksumMismatch`], counted by the tier, and the
+    /// key is dropped from the tier.
+    fn verify(&self, out: &[u8]) -> Result<()> {
+        let _ = out;
+        Ok(())
+    }
+
+    /// Reads and verifies: the bytes in `out` are the block's, or an error.
+    fn read_into(&self, out: &mut [u8]) -> Result<()> {
+        self.read_unverified(out)?;
+        self.verify(out)
+    }
 }
 
 /// A pinned block, boxed.

@@ -1024,6 +1024,12 @@ impl DiskPin {
             let s = (data_at - first) as usize;
             out.copy_from_slice(&buf[s..s + loc.len as usize]);
         }
+        TierCounters::add(&self.inner.counters.bytes_read, loc.len);
+        Ok(())
+    }
+
+    fn check(&self, out: &[u8]) -> Result<()> {
+        let loc = &self.loc;
         if record::data_hash(self.key, loc.ns, out) != loc.hash {
             TierCounters::add(&self.inner.counters.corrupt, 1);
             let mut st = self.inner.state.lock();
@@ -1037,7 +1043,6 @@ impl DiskPin {
                 format!("block {} in segment {} at {}", self.key, self.seg.id, loc.off),
             ));
         }
-        TierCounters::add(&self.inner.counters.bytes_read, loc.len);
         Ok(())
     }
 }
@@ -1051,7 +1056,7 @@ impl PinnedBlock for DiskPin {
         self.loc.len as usize
     }
 
-    fn read_into(&self, out: &mut [u8]) -> Result<()> {
+    fn read_unverified(&self, out: &mut [u8]) -> Result<()> {
         if out.len() as u64 != self.loc.len {
             return Err(Error::invalid(format!(
                 "block {} is {} bytes, the buffer {}",
@@ -1061,6 +1066,10 @@ impl PinnedBlock for DiskPin {
             )));
         }
         self.read(out)
+    }
+
+    fn verify(&self, out: &[u8]) -> Result<()> {
+        self.check(out)
     }
 }
 

@@ -352,7 +352,7 @@ impl PinnedBlock for HostPin {
         self.len as usize
     }
 
-    fn read_into(&self, out: &mut [u8]) -> Result<()> {
+    fn read_unverified(&self, out: &mut [u8]) -> Result<()> {
         if out.len() as u64 != self.len {
             return Err(Error::invalid(format!(
                 "block {} is {} bytes, the buffer {}",
