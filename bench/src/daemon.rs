@@ -242,6 +242,28 @@ async fn region_round(
     Ok(Round { put, get })
 }
 
+/// A client of `endpoint` with the bench namespace and both regions registered.
+async fn session(
+    endpoint: &str,
+    block: usize,
+    src: &SharedRegion,
+    dst: &SharedRegion,
+) -> kvtier::Result<(Client, NamespaceId, u64, u64)> {
+    let c = Client::connect(&ClientConfig {
+        endpoint: endpoint.to_string(),
+        ..Default::default()
+    })
+    .await
+    .map_err(err)?;
+    let (ns, _) = c
+        .register(&namespace("bench-daemon", block))
+        .await
+        .map_err(|s| err(s.to_string()))?;
+    let src_id = c.register_region(src).await.map_err(|s| err(s.to_string()))?;
+    let dst_id = c.register_region(dst).await.map_err(|s| err(s.to_string()))?;
+    Ok((c, ns, src_id, dst_id))
+}
+
 /// Latency of 64-key prefix lookups, all present. Block size does not enter
 /// a lookup, so the prefix is stored in 4 KiB blocks of a namespace of its own.
 async fn lookup_latency(c: &Client, n: usize) -> kvtier::Result<(f64, f64)> {
@@ -324,20 +346,7 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut stream_put, mut stream_get, mut ssd_stream_put, mut ssd_stream_get) = (vec![], vec![], vec![], vec![]);
     let (p50, p99) = rt.block_on(async {
-        let c = Client::connect(&ClientConfig {
-            endpoint: tiered.endpoint.clone(),
-            ..Default::default()
-        })
-        .await
-        .map_err(err)?;
-        let (ns, _) = c
-            .register(&namespace("bench-daemon", block))
-            .await
-            .map_err(|s| err(s.to_string()))?;
-        let (src_id, dst_id) = (
-            c.register_region(&src_region).await.map_err(|s| err(s.to_string()))?,
-            c.register_region(&dst_region).await.map_err(|s| err(s.to_string()))?,
-        );
+        let (c, ns, src_id, dst_id) = session(&tiered.endpoint, block, &src_region, &dst_region).await?;
         for r in 0..rounds {
             tcp.push(loopback_round(&src, block)?);
             let d = region_round(
@@ -378,20 +387,7 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
         ],
     )?;
     rt.block_on(async {
-        let c = Client::connect(&ClientConfig {
-            endpoint: ssd.endpoint.clone(),
-            ..Default::default()
-        })
-        .await
-        .map_err(err)?;
-        let (ns, _) = c
-            .register(&namespace("bench-daemon", block))
-            .await
-            .map_err(|s| err(s.to_string()))?;
-        let (src_id, dst_id) = (
-            c.register_region(&src_region).await.map_err(|s| err(s.to_string()))?,
-            c.register_region(&dst_region).await.map_err(|s| err(s.to_string()))?,
-        );
+        let (c, ns, src_id, dst_id) = session(&ssd.endpoint, block, &src_region, &dst_region).await?;
         for r in 0..rounds {
             let raw = raw_disk_round(&a.dir, &src, &mut dst, block)?;
             rput.push(raw.put);

@@ -251,8 +251,12 @@ impl Client {
         Ok(self.inner.clone().put(tokio_stream::iter(msgs)).await?.into_inner())
     }
 
-    /// Loads the leading present blocks of `keys`.
-    pub async fn get(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Got, Status> {
+    /// Starts a Get: its header, and the stream of its data messages.
+    async fn start_get(
+        &self,
+        ns: NamespaceId,
+        keys: &[BlockKey],
+    ) -> Result<(proto::GetHeader, tonic::Streaming<proto::GetResponse>), Status> {
         let mut s = self
             .inner
             .clone()
@@ -262,42 +266,61 @@ impl Client {
             })
             .await?
             .into_inner();
-        let Some(proto::GetResponse {
-            msg: Some(get_response::Msg::Header(h)),
-        }) = s.message().await?
-        else {
-            return Err(Status::internal("the Get stream did not start with a header"));
-        };
-        let want = h.loaded as usize * h.block_bytes as usize;
-        let mut first: Option<Bytes> = None;
-        let mut buf = BytesMut::new();
-        while let Some(m) = s.message().await? {
-            let Some(get_response::Msg::Data(d)) = m.msg else {
-                return Err(Status::internal("a Get header in the middle of the data"));
+        match s.message().await? {
+            Some(proto::GetResponse {
+                msg: Some(get_response::Msg::Header(h)),
+            }) => Ok((h, s)),
+            _ => Err(Status::internal("the Get stream did not start with a header")),
+        }
+    }
+
+    /// The next data message of a Get, checked against the `want` bytes its
+    /// header announced, `at` of which arrived already.
+    async fn next_data(
+        s: &mut tonic::Streaming<proto::GetResponse>,
+        at: usize,
+        want: usize,
+    ) -> Result<Option<Bytes>, Status> {
+        let Some(m) = s.message().await? else {
+            return if at == want {
+                Ok(None)
+            } else {
+                Err(Status::data_loss(format!(
+                    "the Get stream carried {at} of {want} bytes"
+                )))
             };
-            // One message: hand it on as it is; more: gather them.
-            match first.take() {
-                None if buf.is_empty() => first = Some(d),
-                f => {
-                    if buf.is_empty() {
-                        buf.reserve(want);
-                    }
-                    if let Some(f) = f {
-                        buf.extend_from_slice(&f);
-                    }
-                    buf.extend_from_slice(&d);
-                }
+        };
+        let Some(get_response::Msg::Data(d)) = m.msg else {
+            return Err(Status::internal("a Get header in the middle of the data"));
+        };
+        if at + d.len() > want {
+            return Err(Status::data_loss(
+                "the Get stream carried more bytes than its header said",
+            ));
+        }
+        Ok(Some(d))
+    }
+
+    /// Loads the leading present blocks of `keys`.
+    pub async fn get(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Got, Status> {
+        let (h, mut s) = self.start_get(ns, keys).await?;
+        let want = h.loaded as usize * h.block_bytes as usize;
+        // One message is handed on as it is; more are gathered.
+        let mut parts = Vec::new();
+        let mut at = 0;
+        while let Some(d) = Self::next_data(&mut s, at, want).await? {
+            at += d.len();
+            parts.push(d);
+        }
+        let data = match parts.len() {
+            0 => Bytes::new(),
+            1 => parts.pop().expect("one part"),
+            _ => {
+                let mut buf = BytesMut::with_capacity(want);
+                parts.iter().for_each(|p| buf.extend_from_slice(p));
+                buf.freeze()
             }
-        }
-        let data = first.unwrap_or_else(|| buf.freeze());
-        if data.len() != want {
-            return Err(Status::data_loss(format!(
-                "the Get stream carried {} bytes for {} blocks of {}",
-                data.len(),
-                h.loaded,
-                h.block_bytes
-            )));
-        }
+        };
         Ok(Got {
             loaded: h.loaded as usize,
             block_bytes: h.block_bytes,
@@ -317,21 +340,7 @@ impl Client {
         keys: &[BlockKey],
         out: &mut [u8],
     ) -> Result<proto::GetHeader, Status> {
-        let mut s = self
-            .inner
-            .clone()
-            .get(proto::GetRequest {
-                namespace_id: ns_bytes(ns),
-                keys: keys.iter().map(key_bytes).collect(),
-            })
-            .await?
-            .into_inner();
-        let Some(proto::GetResponse {
-            msg: Some(get_response::Msg::Header(h)),
-        }) = s.message().await?
-        else {
-            return Err(Status::internal("the Get stream did not start with a header"));
-        };
+        let (h, mut s) = self.start_get(ns, keys).await?;
         let want = h.loaded as usize * h.block_bytes as usize;
         if want > out.len() {
             return Err(Status::invalid_argument(format!(
@@ -342,24 +351,25 @@ impl Client {
             )));
         }
         let mut at = 0;
-        while let Some(m) = s.message().await? {
-            let Some(get_response::Msg::Data(d)) = m.msg else {
-                return Err(Status::internal("a Get header in the middle of the data"));
-            };
-            if at + d.len() > want {
-                return Err(Status::data_loss(
-                    "the Get stream carried more bytes than its header said",
-                ));
-            }
+        while let Some(d) = Self::next_data(&mut s, at, want).await? {
             out[at..at + d.len()].copy_from_slice(&d);
             at += d.len();
         }
-        if at != want {
-            return Err(Status::data_loss(format!(
-                "the Get stream carried {at} of {want} bytes"
-            )));
-        }
         Ok(h)
+    }
+
+    /// Removes blocks; answers how many were present.
+    pub async fn delete(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<u32, Status> {
+        Ok(self
+            .inner
+            .clone()
+            .delete(proto::DeleteRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys.iter().map(key_bytes).collect(),
+            })
+            .await?
+            .into_inner()
+            .removed)
     }
 
     /// Registers a region; answers its id for put_region and get_region.
@@ -421,20 +431,6 @@ impl Client {
     ) -> Result<proto::GetHeader, Status> {
         let req = Self::region_request(ns, keys, region_id, offset);
         Ok(self.inner.clone().get_region(req).await?.into_inner())
-    }
-
-    /// Removes blocks; answers how many were present.
-    pub async fn delete(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<u32, Status> {
-        Ok(self
-            .inner
-            .clone()
-            .delete(proto::DeleteRequest {
-                namespace_id: ns_bytes(ns),
-                keys: keys.iter().map(key_bytes).collect(),
-            })
-            .await?
-            .into_inner()
-            .removed)
     }
 
     /// The manager's counters as JSON.
