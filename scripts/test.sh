@@ -19,6 +19,8 @@ trap 'rm -rf "$smoke_dir"' EXIT
 ./target/release/kvtier-bench demo --json --dir "$smoke_dir/demo" >/dev/null
 echo "demo: ok"
 ./scripts/check-deploy.sh
+echo "== python: wheel, clean-venv install, pytest"
+./scripts/python-test.sh
 echo "== cargo test"
 # The core crate last, so the run closes on its summary.
 cargo test -p kvtier-bench --all-targets

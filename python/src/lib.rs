@@ -1,0 +1,459 @@
+//! Python bindings of kvtier (the extension module `kvtier._kvtier`).
+//!
+//! # Layout
+//!
+//! - [`Store`]: the block manager in this process, from a dict or TOML.
+//! - [`Client`]: a client of a local kvtierd.
+//! - Free functions: block keys from engine hashes and from token ids.
+//!
+//! # Why
+//!
+//! - **Buffers, not copies**: `put` and `get` take any C-contiguous buffer
+//!   (numpy arrays of any dtype, bytes, memoryviews, CPU tensors through
+//!   `.numpy()`) and read or fill its bytes where they lie.
+//! - **The interpreter is released around all I/O**, so Python threads (an
+//!   engine's scheduler) keep running while blocks move.
+
+use kvtier::{BlockKey, BlockManager, ErrorKind, ManagerConfig, Namespace, NamespaceId, SequenceHasher};
+use kvtier_server::client::{Client as RpcClient, ClientConfig};
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+pyo3::create_exception!(
+    _kvtier,
+    KvTierError,
+    PyException,
+    "Any kvtier failure; subclasses name the kind."
+);
+pyo3::create_exception!(
+    _kvtier,
+    InvalidArgumentError,
+    KvTierError,
+    "A malformed request; nothing changed."
+);
+pyo3::create_exception!(
+    _kvtier,
+    BlockSizeError,
+    InvalidArgumentError,
+    "A buffer does not hold whole blocks."
+);
+pyo3::create_exception!(
+    _kvtier,
+    UnknownNamespaceError,
+    KvTierError,
+    "The namespace was never registered."
+);
+pyo3::create_exception!(
+    _kvtier,
+    NoSpaceError,
+    KvTierError,
+    "No room for the blocks; nothing stored."
+);
+pyo3::create_exception!(_kvtier, ThrottledError, KvTierError, "A bounded queue is full: retry.");
+pyo3::create_exception!(_kvtier, ChecksumError, KvTierError, "Stored bytes failed verification.");
+pyo3::create_exception!(_kvtier, UnavailableError, KvTierError, "The daemon cannot be reached.");
+
+fn err(e: kvtier::Error) -> PyErr {
+    let msg = e.to_string();
+    match e.kind() {
+        ErrorKind::BlockSize => BlockSizeError::new_err(msg),
+        ErrorKind::InvalidArgument | ErrorKind::Config => InvalidArgumentError::new_err(msg),
+        ErrorKind::UnknownNamespace => UnknownNamespaceError::new_err(msg),
+        ErrorKind::NoSpace => NoSpaceError::new_err(msg),
+        ErrorKind::Throttled => ThrottledError::new_err(msg),
+        ErrorKind::ChecksumMismatch => ChecksumError::new_err(msg),
+        _ => KvTierError::new_err(msg),
+    }
+}
+
+fn status(s: tonic::Status) -> PyErr {
+    use tonic::Code;
+    let msg = format!("{:?}: {}", s.code(), s.message());
+    match s.code() {
+        Code::InvalidArgument => InvalidArgumentError::new_err(msg),
+        Code::NotFound => UnknownNamespaceError::new_err(msg),
+        Code::ResourceExhausted => NoSpaceError::new_err(msg),
+        Code::Unavailable => UnavailableError::new_err(msg),
+        Code::DataLoss => ChecksumError::new_err(msg),
+        _ => KvTierError::new_err(msg),
+    }
+}
+
+/// A Python buffer held for the length of a call: its bytes as they lie.
+struct Buffer {
+    view: Box<pyo3::ffi::Py_buffer>,
+}
+
+impl Buffer {
+    fn get(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Self> {
+        // SAFETY: a zeroed Py_buffer is the documented initial state for
+        // PyObject_GetBuffer, which fills it or fails.
+        let mut view: Box<pyo3::ffi::Py_buffer> = Box::new(unsafe { std::mem::zeroed() });
+        let flags = pyo3::ffi::PyBUF_C_CONTIGUOUS | if writable { pyo3::ffi::PyBUF_WRITABLE } else { 0 };
+        // SAFETY: obj is a live object (we hold a Bound); view is writable.
+        if unsafe { pyo3::ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) } != 0 {
+            return Err(PyErr::fetch(obj.py()));
+        }
+        Ok(Self { view })
+    }
+
+    fn ptr_len(&self) -> (usize, usize) {
+        (self.view.buf as usize, self.view.len as usize)
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: the view was filled by PyObject_GetBuffer. Buffers live in
+        // a method's scope, so the interpreter is attached here.
+        Python::attach(|_| unsafe { pyo3::ffi::PyBuffer_Release(&mut *self.view) });
+    }
+}
+
+/// Bytes of a buffer as a slice, for use while the interpreter is released.
+///
+/// # Safety
+/// The buffer must stay held for the life of the slice, and Python code must
+/// not change it meanwhile (the caller's contract, as with any C extension
+/// that releases the interpreter around a buffer).
+unsafe fn slice<'a>(p: usize, len: usize) -> &'a [u8] {
+    // SAFETY: per the function's contract.
+    unsafe { std::slice::from_raw_parts(p as *const u8, len) }
+}
+
+/// # Safety
+/// As [`slice`], and the buffer was acquired writable.
+unsafe fn slice_mut<'a>(p: usize, len: usize) -> &'a mut [u8] {
+    // SAFETY: per the function's contract.
+    unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) }
+}
+
+fn ns_id(b: &[u8]) -> PyResult<NamespaceId> {
+    let a: [u8; 16] = b
+        .try_into()
+        .map_err(|_| InvalidArgumentError::new_err(format!("a namespace id is 16 bytes, got {}", b.len())))?;
+    Ok(NamespaceId(u128::from_le_bytes(a)))
+}
+
+fn keys(raw: Vec<Vec<u8>>) -> PyResult<Vec<BlockKey>> {
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let a: [u8; 16] = k[..]
+                .try_into()
+                .map_err(|_| InvalidArgumentError::new_err(format!("key {i} is {} bytes, keys are 16", k.len())))?;
+            Ok(BlockKey::from_le_bytes(a))
+        })
+        .collect()
+}
+
+/// A Python object to JSON text, through the json module.
+fn to_json(obj: &Bound<'_, PyAny>) -> PyResult<String> {
+    obj.py().import("json")?.call_method1("dumps", (obj,))?.extract()
+}
+
+fn from_json<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAny>> {
+    py.import("json")?.call_method1("loads", (text,))
+}
+
+fn namespace(obj: &Bound<'_, PyAny>) -> PyResult<Namespace> {
+    let ns: Namespace =
+        serde_json::from_str(&to_json(obj)?).map_err(|e| InvalidArgumentError::new_err(format!("namespace: {e}")))?;
+    ns.validate().map_err(err)?;
+    Ok(ns)
+}
+
+fn tier_name(t: kvtier::TierKind) -> &'static str {
+    match t {
+        kvtier::TierKind::Host => "host",
+        kvtier::TierKind::Disk => "disk",
+        _ => "unknown",
+    }
+}
+
+/// The block manager in this process.
+#[pyclass(module = "kvtier._kvtier", frozen)]
+struct Store {
+    inner: BlockManager,
+}
+
+#[pymethods]
+impl Store {
+    /// A store from a config dict (the keys of deploy/kvtier.toml), or TOML text.
+    #[new]
+    #[pyo3(signature = (config = None, *, toml = None))]
+    fn new(py: Python<'_>, config: Option<&Bound<'_, PyAny>>, toml: Option<&str>) -> PyResult<Self> {
+        let cfg = match (config, toml) {
+            (Some(c), None) => serde_json::from_str::<ManagerConfig>(&to_json(c)?)
+                .map_err(|e| InvalidArgumentError::new_err(format!("store config: {e}")))?,
+            (None, Some(t)) => ManagerConfig::from_toml(t).map_err(err)?,
+            _ => {
+                return Err(PyValueError::new_err(
+                    "pass exactly one of config (a dict) or toml (text)",
+                ));
+            }
+        };
+        let inner = py.detach(|| cfg.build()).map_err(err)?;
+        Ok(Self { inner })
+    }
+
+    /// Registers a namespace (a dict); returns its 16-byte id.
+    fn register_namespace<'py>(
+        &self,
+        py: Python<'py>,
+        namespace_: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let ns = namespace(namespace_)?;
+        let id = self.inner.register_namespace(&ns).map_err(err)?;
+        Ok(PyBytes::new(py, &id.0.to_le_bytes()))
+    }
+
+    /// Bytes per block of a registered namespace.
+    fn block_bytes(&self, ns: &[u8]) -> PyResult<u64> {
+        self.inner.block_bytes(ns_id(ns)?).map_err(err)
+    }
+
+    /// The longest present prefix of `keys`: (blocks, tier of each).
+    fn lookup(&self, py: Python<'_>, ns: &[u8], keys_: Vec<Vec<u8>>) -> PyResult<(usize, Vec<&'static str>)> {
+        let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
+        let l = py.detach(|| self.inner.lookup(ns, &keys)).map_err(err)?;
+        Ok((l.hit_blocks(), l.tiers.iter().map(|t| tier_name(*t)).collect()))
+    }
+
+    /// Stores `len(keys)` blocks laid out back to back in `data` (any
+    /// contiguous buffer). Returns {"stored", "present", "not_admitted"}.
+    fn put<'py>(
+        &self,
+        py: Python<'py>,
+        ns: &[u8],
+        keys_: Vec<Vec<u8>>,
+        data: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
+        let buf = Buffer::get(data, false)?;
+        let (p, len) = buf.ptr_len();
+        // SAFETY: `buf` holds the buffer until after detach returns.
+        let out = py
+            .detach(|| self.inner.store(ns, &keys, unsafe { slice(p, len) }))
+            .map_err(err)?;
+        drop(buf);
+        let d = PyDict::new(py);
+        d.set_item("stored", out.stored)?;
+        d.set_item("present", out.present)?;
+        d.set_item("not_admitted", out.not_admitted)?;
+        Ok(d)
+    }
+
+    /// Loads the leading present blocks of `keys` into `out` (a writable
+    /// buffer of len(keys) blocks). Returns (loaded, failed_index or None):
+    /// a failed block is never served; recompute it and what follows.
+    fn get(
+        &self,
+        py: Python<'_>,
+        ns: &[u8],
+        keys_: Vec<Vec<u8>>,
+        out: &Bound<'_, PyAny>,
+    ) -> PyResult<(usize, Option<usize>)> {
+        let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
+        let buf = Buffer::get(out, true)?;
+        let (p, len) = buf.ptr_len();
+        // SAFETY: `buf` holds the writable buffer until after detach returns.
+        let r = py
+            .detach(|| self.inner.load(ns, &keys, unsafe { slice_mut(p, len) }))
+            .map_err(err)?;
+        drop(buf);
+        Ok((r.loaded, r.failed.map(|f| f.index)))
+    }
+
+    /// Removes blocks; returns how many were present.
+    fn delete(&self, py: Python<'_>, ns: &[u8], keys_: Vec<Vec<u8>>) -> PyResult<usize> {
+        let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
+        py.detach(|| self.inner.remove(ns, &keys)).map_err(err)
+    }
+
+    /// Waits until queued write-through blocks are on disk.
+    fn flush(&self, py: Python<'_>) {
+        py.detach(|| self.inner.flush());
+    }
+
+    /// Counters of the manager and its tiers, as a dict.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let text = serde_json::to_string(&self.inner.stats()).map_err(|e| KvTierError::new_err(e.to_string()))?;
+        from_json(py, &text)
+    }
+}
+
+/// A client of kvtierd.
+#[pyclass(module = "kvtier._kvtier", frozen)]
+struct Client {
+    rt: tokio::runtime::Runtime,
+    inner: RpcClient,
+}
+
+impl Client {
+    fn run<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl std::future::Future<Output = Result<T, tonic::Status>> + Send,
+    ) -> PyResult<T> {
+        py.detach(|| self.rt.block_on(f)).map_err(status)
+    }
+}
+
+#[pymethods]
+impl Client {
+    /// Connects to kvtierd at `endpoint` (http://host:port, https:// for TLS).
+    #[new]
+    #[pyo3(signature = (endpoint = "http://127.0.0.1:50051", *, token = None, ca_file = None, tls_domain = None))]
+    fn new(
+        py: Python<'_>,
+        endpoint: &str,
+        token: Option<String>,
+        ca_file: Option<String>,
+        tls_domain: Option<String>,
+    ) -> PyResult<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| KvTierError::new_err(format!("start the runtime: {e}")))?;
+        let cfg = ClientConfig {
+            endpoint: endpoint.to_string(),
+            token,
+            ca_file: ca_file.map(Into::into),
+            tls_domain,
+        };
+        let inner = py
+            .detach(|| rt.block_on(RpcClient::connect(&cfg)))
+            .map_err(UnavailableError::new_err)?;
+        Ok(Self { rt, inner })
+    }
+
+    /// Registers a namespace (a dict); returns its 16-byte id.
+    fn register_namespace<'py>(
+        &self,
+        py: Python<'py>,
+        namespace_: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let ns = namespace(namespace_)?;
+        let (id, _) = self.run(py, self.inner.register(&ns))?;
+        Ok(PyBytes::new(py, &id.0.to_le_bytes()))
+    }
+
+    /// The longest present prefix of `keys`: (blocks, tier of each).
+    fn lookup(&self, py: Python<'_>, ns: &[u8], keys_: Vec<Vec<u8>>) -> PyResult<(usize, Vec<&'static str>)> {
+        let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
+        let l = self.run(py, self.inner.lookup(ns, &keys))?;
+        let tiers = l
+            .tiers()
+            .map(|t| match t {
+                kvtier_server::proto::Tier::Host => "host",
+                kvtier_server::proto::Tier::Disk => "disk",
+                _ => "unknown",
+            })
+            .collect();
+        Ok((l.hit_blocks as usize, tiers))
+    }
+
+    /// Stores `len(keys)` blocks laid out back to back in `data`.
+    fn put<'py>(
+        &self,
+        py: Python<'py>,
+        ns: &[u8],
+        keys_: Vec<Vec<u8>>,
+        data: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
+        let buf = Buffer::get(data, false)?;
+        let (p, len) = buf.ptr_len();
+        // The request streams the bytes; tonic needs them owned for the call.
+        // SAFETY: `buf` holds the buffer while they are copied.
+        let bytes = bytes::Bytes::copy_from_slice(unsafe { slice(p, len) });
+        drop(buf);
+        let r = self.run(py, self.inner.put(ns, &keys, bytes))?;
+        let d = PyDict::new(py);
+        d.set_item("stored", r.stored)?;
+        d.set_item("present", r.present)?;
+        d.set_item("not_admitted", r.not_admitted)?;
+        Ok(d)
+    }
+
+    /// Loads the leading present blocks into `out`; returns (loaded, failed_index or None).
+    fn get(
+        &self,
+        py: Python<'_>,
+        ns: &[u8],
+        keys_: Vec<Vec<u8>>,
+        out: &Bound<'_, PyAny>,
+    ) -> PyResult<(usize, Option<usize>)> {
+        let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
+        let buf = Buffer::get(out, true)?;
+        let (p, len) = buf.ptr_len();
+        // SAFETY: `buf` holds the writable buffer until after the call.
+        let h = self.run(py, self.inner.get_into(ns, &keys, unsafe { slice_mut(p, len) }))?;
+        drop(buf);
+        Ok((h.loaded as usize, h.failed_index.map(|i| i as usize)))
+    }
+
+    /// Removes blocks; returns how many were present.
+    fn delete(&self, py: Python<'_>, ns: &[u8], keys_: Vec<Vec<u8>>) -> PyResult<u32> {
+        let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
+        self.run(py, self.inner.delete(ns, &keys))
+    }
+
+    /// The daemon's counters, as a dict.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let text = self.run(py, self.inner.stats())?;
+        from_json(py, &text)
+    }
+
+    /// {"status", "version", "mode", "uptime_s"}.
+    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let h = self.run(py, self.inner.health())?;
+        let d = PyDict::new(py);
+        d.set_item("status", h.status)?;
+        d.set_item("version", h.version)?;
+        d.set_item("mode", h.mode)?;
+        d.set_item("uptime_s", h.uptime_s)?;
+        Ok(d)
+    }
+}
+
+/// The 16-byte key of an engine-provided block hash (e.g. vLLM's) in a namespace.
+#[pyfunction]
+fn key_from_hash<'py>(py: Python<'py>, ns: &[u8], engine_hash: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    let k = BlockKey::from_opaque(ns_id(ns)?, engine_hash);
+    Ok(PyBytes::new(py, &k.to_le_bytes()))
+}
+
+/// Chained 16-byte keys of every full block of `tokens` in a namespace (a dict).
+#[pyfunction]
+fn keys_from_tokens<'py>(
+    py: Python<'py>,
+    namespace_: &Bound<'py, PyAny>,
+    tokens: Vec<u32>,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let ns = namespace(namespace_)?;
+    let hashes = SequenceHasher::for_namespace(&ns).hash_all(&tokens);
+    Ok(hashes.iter().map(|h| PyBytes::new(py, &h.key.to_le_bytes())).collect())
+}
+
+#[pymodule]
+fn _kvtier(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<Store>()?;
+    m.add_class::<Client>()?;
+    m.add_function(wrap_pyfunction!(key_from_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(keys_from_tokens, m)?)?;
+    m.add("KvTierError", py.get_type::<KvTierError>())?;
+    m.add("InvalidArgumentError", py.get_type::<InvalidArgumentError>())?;
+    m.add("BlockSizeError", py.get_type::<BlockSizeError>())?;
+    m.add("UnknownNamespaceError", py.get_type::<UnknownNamespaceError>())?;
+    m.add("NoSpaceError", py.get_type::<NoSpaceError>())?;
+    m.add("ThrottledError", py.get_type::<ThrottledError>())?;
+    m.add("ChecksumError", py.get_type::<ChecksumError>())?;
+    m.add("UnavailableError", py.get_type::<UnavailableError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
