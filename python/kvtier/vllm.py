@@ -1,0 +1,419 @@
+"""kvtier's vLLM connector: ``KvTierConnector(KVConnectorBase_V1)``.
+
+Enable it with::
+
+    --kv-transfer-config '{"kv_connector": "KvTierConnector",
+                           "kv_connector_module_path": "kvtier.vllm",
+                           "kv_role": "kv_both",
+                           "kv_connector_extra_config": {...}}'
+
+Extra config (every key optional; an unknown key is an error at startup):
+
+- ``mode``: ``"embedded"`` (the block manager in the engine process; TP = 1)
+  or ``"daemon"`` (a local kvtierd).
+- ``endpoint``, ``token``: the daemon's address and bearer token.
+- ``host_capacity_bytes``: host-RAM tier of the embedded store (default 4 GiB;
+  0 for none).
+- ``disk_dir``, ``disk_capacity_bytes``: SSD tier of the embedded store
+  (none unless ``disk_dir`` is set).
+- ``store``: a full embedded store config (the keys of deploy/kvtier.toml),
+  instead of the two above.
+- ``salt``: a namespace salt (e.g. a cache salt shared by a tenant).
+
+One kvtier block is one vLLM block (``block_size`` tokens) across all layers,
+K then V, stored contiguously. Its key is vLLM's own block hash inside a
+kvtier namespace that fingerprints the model, revision, dtype, layout, TP
+rank and size and the salt, so another model's KV never matches.
+
+This version loads and saves synchronously: loads complete in
+``start_load_kv`` before the forward pass, saves in ``wait_for_save``. A
+failed or corrupt load is reported by ``get_block_ids_with_load_errors`` so
+vLLM recomputes; a daemon that is down means misses and a logged warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+import kvtier
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("kvtier.vllm")
+
+EXTRA_KEYS = {
+    "mode",
+    "endpoint",
+    "token",
+    "host_capacity_bytes",
+    "disk_dir",
+    "disk_capacity_bytes",
+    "store",
+    "salt",
+}
+
+DTYPES = {
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.float32: "f32",
+}
+
+
+def parse_extra_config(extra: dict[str, Any] | None) -> dict[str, Any]:
+    """Checks the connector's extra config; names the key that is wrong."""
+    extra = dict(extra or {})
+    unknown = sorted(set(extra) - EXTRA_KEYS)
+    if unknown:
+        raise ValueError(
+            f"kv_connector_extra_config: unknown key {unknown[0]!r} (known: {', '.join(sorted(EXTRA_KEYS))})"
+        )
+    mode = extra.setdefault("mode", "embedded")
+    if mode not in ("embedded", "daemon"):
+        raise ValueError(f"kv_connector_extra_config: mode {mode!r} must be 'embedded' or 'daemon'")
+    for key in ("host_capacity_bytes", "disk_capacity_bytes"):
+        if key in extra and (not isinstance(extra[key], int) or extra[key] < 0):
+            raise ValueError(f"kv_connector_extra_config: {key} must be a non-negative integer")
+    if "store" in extra and not isinstance(extra["store"], dict):
+        raise ValueError("kv_connector_extra_config: store must be a table of store settings")
+    return extra
+
+
+_STORES: dict[str, Any] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def open_store(extra: dict[str, Any]):
+    """The embedded store, or a daemon client. The scheduler and worker
+    connectors of one process share one embedded store."""
+    if extra["mode"] == "daemon":
+        return kvtier.Client(extra.get("endpoint", "http://127.0.0.1:50051"), token=extra.get("token"))
+    cfg = extra.get("store")
+    if cfg is None:
+        cfg = {}
+        host = extra.get("host_capacity_bytes", 4 << 30)
+        if host:
+            cfg["host"] = {"capacity_bytes": host}
+        if extra.get("disk_dir"):
+            cfg["disk"] = {"dir": extra["disk_dir"], "capacity_bytes": extra.get("disk_capacity_bytes", 64 << 30)}
+    key = json.dumps(cfg, sort_keys=True)
+    with _STORES_LOCK:
+        if key not in _STORES:
+            _STORES[key] = kvtier.Store(cfg)
+        return _STORES[key]
+
+
+def model_namespace(vllm_config: VllmConfig, extra: dict[str, Any], layout: dict[str, Any]) -> dict[str, Any]:
+    """The kvtier namespace of this engine's KV blocks."""
+    mc = vllm_config.model_config
+    pc = vllm_config.parallel_config
+    ns = {
+        "model_id": str(mc.model),
+        "revision": str(getattr(mc, "revision", None) or ""),
+        "layout": layout,
+        "tp_rank": int(getattr(pc, "rank", 0) or 0) % max(1, pc.tensor_parallel_size),
+        "tp_size": int(pc.tensor_parallel_size),
+    }
+    if extra.get("salt"):
+        ns["salt"] = str(extra["salt"])
+    return ns
+
+
+def config_layout(vllm_config: VllmConfig) -> dict[str, Any]:
+    """The block layout vLLM's config implies (checked against the tensors
+    on the worker side)."""
+    mc = vllm_config.model_config
+    pc = vllm_config.parallel_config
+    dtype = mc.dtype if vllm_config.cache_config.cache_dtype in (None, "auto") else None
+    if dtype not in DTYPES:
+        raise ValueError(f"kvtier: KV cache dtype {vllm_config.cache_config.cache_dtype!r} is not supported")
+    return {
+        "num_layers": int(mc.get_num_layers(pc)),
+        "kv_heads": int(mc.get_num_kv_heads(pc)),
+        "head_dim": int(mc.get_head_size()),
+        "block_tokens": int(vllm_config.cache_config.block_size),
+        "kind": "kv",
+        "dtype": DTYPES[dtype],
+    }
+
+
+def block_key(ns_id: bytes, block_hash: Any) -> bytes:
+    """kvtier's key of one of vLLM's block hashes."""
+    if isinstance(block_hash, (bytes, bytearray)):
+        raw = bytes(block_hash)
+    elif isinstance(block_hash, int):
+        raw = block_hash.to_bytes(32, "little", signed=True)
+    else:
+        raw = repr(block_hash).encode()
+    return kvtier.key_from_hash(ns_id, raw)
+
+
+@dataclass
+class LoadSpec:
+    req_id: str
+    keys: list[bytes]
+    block_ids: list[int]
+
+
+@dataclass
+class SaveSpec:
+    req_id: str
+    keys: list[bytes]
+    block_ids: list[int]
+
+
+@dataclass
+class KvTierMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _ReqState:
+    request: Any
+    saved_blocks: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    # Tokens vLLM had locally when it asked for external ones.
+    local_computed: int = 0
+
+
+class KvTierConnector(KVConnectorBase_V1):
+    """See the module docs."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self._extra = parse_extra_config(vllm_config.kv_transfer_config.kv_connector_extra_config)
+        self._block_size = int(vllm_config.cache_config.block_size)
+        self._layout = config_layout(vllm_config)
+        self._namespace = model_namespace(vllm_config, self._extra, self._layout)
+        self._store = open_store(self._extra)
+        self._ns_id: bytes | None = None
+        self._register_namespace()
+        # Scheduler side.
+        self._reqs: dict[str, _ReqState] = {}
+        self._pending_loads: dict[str, LoadSpec] = {}
+        # Worker side.
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._layer_names: list[str] = []
+        self._load_errors: set[int] = set()
+
+    # ---------------------------------------------------------------- common
+
+    def _register_namespace(self) -> bool:
+        if self._ns_id is not None:
+            return True
+        try:
+            self._ns_id = self._store.register_namespace(self._namespace)
+            return True
+        except kvtier.UnavailableError as e:
+            logger.warning("kvtier: daemon unavailable, serving without the cache: %s", e)
+            return False
+
+    def _keys(self, request: Any, first: int, last: int) -> list[bytes]:
+        assert self._ns_id is not None
+        return [block_key(self._ns_id, h) for h in request.block_hashes[first:last]]
+
+    # --------------------------------------------------------- scheduler side
+
+    def on_new_request(self, request: Request) -> None:
+        self._reqs[request.request_id] = _ReqState(request)
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        state = self._reqs.setdefault(request.request_id, _ReqState(request))
+        state.local_computed = num_computed_tokens
+        if not self._register_namespace():
+            return 0, False
+        # Never the last prompt token: vLLM must compute at least one.
+        full = min(len(request.block_hashes), (request.num_prompt_tokens - 1) // self._block_size)
+        first = num_computed_tokens // self._block_size
+        if full <= first:
+            return 0, False
+        try:
+            hit, _ = self._store.lookup(self._ns_id, self._keys(request, 0, full))
+        except kvtier.KvTierError as e:
+            logger.warning("kvtier: lookup failed, recomputing: %s", e)
+            return 0, False
+        if hit <= first:
+            return 0, False
+        return hit * self._block_size - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
+        state = self._reqs.setdefault(request.request_id, _ReqState(request))
+        if num_external_tokens <= 0:
+            return
+        # The blocks run from the request's first: local prefix hits, then
+        # the ones allocated for the external tokens and beyond.
+        block_ids = list(blocks.get_block_ids()[0])
+        first = state.local_computed // self._block_size
+        n = num_external_tokens // self._block_size
+        self._pending_loads[request.request_id] = LoadSpec(
+            req_id=request.request_id,
+            keys=self._keys(request, first, first + n),
+            block_ids=block_ids[first : first + n],
+        )
+        # Loaded blocks are in the store already: no need to save them again.
+        state.saved_blocks = max(state.saved_blocks, first + n)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = KvTierMetadata(loads=list(self._pending_loads.values()))
+        self._pending_loads.clear()
+        new_tokens = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._reqs.get(new.req_id)
+            if state is None:
+                continue
+            state.block_ids = list(new.block_ids[0])
+            self._plan_save(meta, state, new.num_computed_tokens + new_tokens.get(new.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._reqs.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                if req_id in getattr(cached, "resumed_req_ids", ()):
+                    state.block_ids = list(new_ids[0])
+                else:
+                    state.block_ids.extend(new_ids[0])
+            self._plan_save(meta, state, cached.num_computed_tokens[i] + new_tokens.get(req_id, 0))
+        return meta
+
+    def _plan_save(self, meta: KvTierMetadata, state: _ReqState, computed_after_step: int) -> None:
+        """Saves the prompt's blocks that are complete once this step runs."""
+        if self._ns_id is None:
+            return
+        req = state.request
+        full = min(computed_after_step, req.num_prompt_tokens) // self._block_size
+        full = min(full, len(req.block_hashes), len(state.block_ids))
+        if full <= state.saved_blocks:
+            return
+        first = state.saved_blocks
+        meta.saves.append(
+            SaveSpec(req.request_id, self._keys(req, first, full), list(state.block_ids[first:full]))
+        )
+        state.saved_blocks = full
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # Saves complete within wait_for_save: nothing holds the blocks after.
+        self._reqs.pop(request.request_id, None)
+        return False, None
+
+    # ------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        """Checks the KV tensors against the configured layout: per layer
+        (2, num_blocks, block_size, kv_heads, head_dim). Anything else is
+        refused here, at startup, rather than misread later."""
+        if not kv_caches:
+            raise ValueError("kvtier: no KV cache tensors to register")
+        want = self._layout
+        shapes = {tuple(t.shape) for t in kv_caches.values()}
+        dtypes = {t.dtype for t in kv_caches.values()}
+        if len(shapes) != 1 or len(dtypes) != 1:
+            raise ValueError(f"kvtier: KV cache layers differ: shapes {sorted(shapes)}, dtypes {sorted(map(str, dtypes))}")
+        (shape,), (dtype,) = shapes, dtypes
+        expect = (2, shape[1] if len(shape) > 1 else -1, want["block_tokens"], want["kv_heads"], want["head_dim"])
+        if len(shape) != 5 or shape != expect:
+            raise ValueError(
+                f"kvtier: KV cache layout {tuple(shape)} is not understood; expected "
+                f"(2, num_blocks, {want['block_tokens']}, {want['kv_heads']}, {want['head_dim']})"
+            )
+        if DTYPES.get(dtype) != want["dtype"] or len(kv_caches) != want["num_layers"]:
+            raise ValueError(
+                f"kvtier: {len(kv_caches)} layers of {dtype} do not match the model's "
+                f"{want['num_layers']} layers of {want['dtype']}"
+            )
+        self._kv_caches = dict(kv_caches)
+        self._layer_names = list(kv_caches)
+
+    def _block_bytes(self) -> int:
+        t = self._kv_caches[self._layer_names[0]]
+        return len(self._layer_names) * 2 * t[0, 0].numel() * t.element_size()
+
+    def _block_view(self, layer: torch.Tensor, block_id: int) -> torch.Tensor:
+        return layer[:, block_id]
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KvTierMetadata) or not meta.loads or self._ns_id is None:
+            return
+        block_bytes = self._block_bytes()
+        for load in meta.loads:
+            staging = np.empty(len(load.keys) * block_bytes, np.uint8)
+            try:
+                loaded, failed = self._store.get(self._ns_id, load.keys, staging)
+            except kvtier.KvTierError as e:
+                logger.warning("kvtier: load of %s failed, recomputing: %s", load.req_id, e)
+                loaded, failed = 0, 0
+            if loaded < len(load.keys):
+                bad = load.block_ids[loaded:]
+                self._load_errors.update(bad)
+                logger.warning(
+                    "kvtier: %s loaded %d of %d blocks%s; vLLM recomputes the rest",
+                    load.req_id,
+                    loaded,
+                    len(load.keys),
+                    " (a block failed verification)" if failed is not None else "",
+                )
+            src = torch.from_numpy(staging[: loaded * block_bytes])
+            for i, block_id in enumerate(load.block_ids[:loaded]):
+                blk = src[i * block_bytes : (i + 1) * block_bytes]
+                per_layer = block_bytes // len(self._layer_names)
+                for li, name in enumerate(self._layer_names):
+                    layer = self._kv_caches[name]
+                    dst = self._block_view(layer, block_id)
+                    part = blk[li * per_layer : (li + 1) * per_layer]
+                    dst.copy_(part.view(layer.dtype).view(dst.shape))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        # Loads complete in start_load_kv.
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        # Blocks are saved whole, across all layers, in wait_for_save, from
+        # the registered tensors (kv_layer is one of them).
+        return
+
+    def wait_for_save(self):
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KvTierMetadata) or not meta.saves or self._ns_id is None:
+            return
+        block_bytes = self._block_bytes()
+        per_layer = block_bytes // len(self._layer_names)
+        for save in meta.saves:
+            staging = np.empty(len(save.keys) * block_bytes, np.uint8)
+            out = torch.from_numpy(staging)
+            for i, block_id in enumerate(save.block_ids):
+                for li, name in enumerate(self._layer_names):
+                    src = self._block_view(self._kv_caches[name], block_id).contiguous()
+                    at = i * block_bytes + li * per_layer
+                    out[at : at + per_layer].copy_(src.view(-1).view(torch.uint8))
+            try:
+                self._store.put(self._ns_id, save.keys, staging)
+            except kvtier.KvTierError as e:
+                logger.warning("kvtier: save of %s skipped: %s", save.req_id, e)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
