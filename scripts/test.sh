@@ -21,6 +21,7 @@ echo "demo: ok"
 ./scripts/check-deploy.sh
 echo "== python: wheel, clean-venv install, pytest"
 ./scripts/python-test.sh
+./target/release/kvtier-bench python --smoke --json
 echo "== cargo test"
 # The core crate last, so the run closes on its summary.
 cargo test -p kvtier-bench --all-targets

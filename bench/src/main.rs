@@ -7,6 +7,7 @@
 mod buf;
 mod daemon;
 mod demo;
+mod python;
 mod tiers;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,8 @@ enum Cmd {
     /// kvtierd's request path against raw loopback TCP, SSD-only mode
     /// against raw O_DIRECT I/O, and lookup latency.
     Daemon(daemon::Args),
+    /// The Python binding against Rust: put/get GB/s, same store, same run.
+    Python(python::Args),
     /// Stores prompts' KV blocks through the host and SSD tiers, reloads and
     /// verifies them, restarts, and serves them again from the SSD.
     Demo {
@@ -50,6 +53,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Tiers(a) => tiers::run(&a),
         Cmd::Daemon(a) => daemon::run(&a),
+        Cmd::Python(a) => python::run(&a),
         Cmd::Demo { dir, json } => demo::run(&dir, json),
     };
     if let Err(e) = r {
