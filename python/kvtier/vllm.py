@@ -101,11 +101,48 @@ _STORES: dict[str, Any] = {}
 _STORES_LOCK = threading.Lock()
 
 
+class _Daemon:
+    """A kvtierd client that connects when it can: a daemon that is down at
+    startup, or restarts later, means misses (UnavailableError), never a
+    crash. Reconnects at most once every `retry_s`."""
+
+    def __init__(self, endpoint: str, token: str | None, retry_s: float = 2.0):
+        self._endpoint, self._token, self._retry_s = endpoint, token, retry_s
+        self._client = None
+        self._next_try = 0.0
+        self._lock = threading.Lock()
+
+    def _get(self):
+        import time
+
+        with self._lock:
+            if self._client is None and time.monotonic() >= self._next_try:
+                try:
+                    self._client = kvtier.Client(self._endpoint, token=self._token)
+                except kvtier.KvTierError as e:
+                    self._next_try = time.monotonic() + self._retry_s
+                    logger.warning("kvtier: daemon %s unavailable: %s", self._endpoint, e)
+            if self._client is None:
+                raise kvtier.UnavailableError(f"kvtierd at {self._endpoint} is unavailable")
+            return self._client
+
+    def __getattr__(self, name: str):
+        def call(*args, **kwargs):
+            try:
+                return getattr(self._get(), name)(*args, **kwargs)
+            except kvtier.UnavailableError:
+                with self._lock:
+                    self._client = None  # reconnect next time (the daemon may restart)
+                raise
+
+        return call
+
+
 def open_store(extra: dict[str, Any]):
     """The embedded store, or a daemon client. The scheduler and worker
     connectors of one process share one embedded store."""
     if extra["mode"] == "daemon":
-        return kvtier.Client(extra.get("endpoint", "http://127.0.0.1:50051"), token=extra.get("token"))
+        return _Daemon(extra.get("endpoint", "http://127.0.0.1:50051"), extra.get("token"))
     cfg = extra.get("store")
     if cfg is None:
         cfg = {}
@@ -213,6 +250,7 @@ class KvTierConnector(KVConnectorBase_V1):
         # Worker side.
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._layer_names: list[str] = []
+        self._block_dim = 0
         self._load_errors: set[int] = set()
 
     # ---------------------------------------------------------------- common
@@ -319,9 +357,13 @@ class KvTierConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------ worker side
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
-        """Checks the KV tensors against the configured layout: per layer
-        (2, num_blocks, block_size, kv_heads, head_dim). Anything else is
-        refused here, at startup, rather than misread later."""
+        """Detects the layout from the tensors and refuses one it does not
+        understand, here, at startup, rather than misreading KV later.
+
+        Understood, per layer: vLLM 0.33's ``(num_blocks, kv_heads,
+        block_size, 2 * head_dim)`` (K then V in the last dimension; often a
+        strided view of one shared buffer), or the older
+        ``(2, num_blocks, block_size, kv_heads, head_dim)``."""
         if not kv_caches:
             raise ValueError("kvtier: no KV cache tensors to register")
         want = self._layout
@@ -330,11 +372,15 @@ class KvTierConnector(KVConnectorBase_V1):
         if len(shapes) != 1 or len(dtypes) != 1:
             raise ValueError(f"kvtier: KV cache layers differ: shapes {sorted(shapes)}, dtypes {sorted(map(str, dtypes))}")
         (shape,), (dtype,) = shapes, dtypes
-        expect = (2, shape[1] if len(shape) > 1 else -1, want["block_tokens"], want["kv_heads"], want["head_dim"])
-        if len(shape) != 5 or shape != expect:
+        bt, h, d = want["block_tokens"], want["kv_heads"], want["head_dim"]
+        if len(shape) == 4 and shape[1:] == (h, bt, 2 * d):
+            self._block_dim = 0
+        elif len(shape) == 5 and shape[0] == 2 and shape[2:] == (bt, h, d):
+            self._block_dim = 1
+        else:
             raise ValueError(
                 f"kvtier: KV cache layout {tuple(shape)} is not understood; expected "
-                f"(2, num_blocks, {want['block_tokens']}, {want['kv_heads']}, {want['head_dim']})"
+                f"(num_blocks, {h}, {bt}, {2 * d}) or (2, num_blocks, {bt}, {h}, {d})"
             )
         if DTYPES.get(dtype) != want["dtype"] or len(kv_caches) != want["num_layers"]:
             raise ValueError(
@@ -345,15 +391,22 @@ class KvTierConnector(KVConnectorBase_V1):
         self._layer_names = list(kv_caches)
 
     def _block_bytes(self) -> int:
+        return len(self._layer_names) * self._layer_block_bytes()
+
+    def _layer_block_bytes(self) -> int:
         t = self._kv_caches[self._layer_names[0]]
-        return len(self._layer_names) * 2 * t[0, 0].numel() * t.element_size()
+        return self._block_view(t, 0).numel() * t.element_size()
 
     def _block_view(self, layer: torch.Tensor, block_id: int) -> torch.Tensor:
-        return layer[:, block_id]
+        """One block of one layer, in the layout's logical order (a view)."""
+        return layer[block_id] if self._block_dim == 0 else layer[:, block_id]
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
-        if not isinstance(meta, KvTierMetadata) or not meta.loads or self._ns_id is None:
+        if not isinstance(meta, KvTierMetadata) or not meta.loads:
+            return
+        if not self._register_namespace():
+            self._load_errors.update(b for load in meta.loads for b in load.block_ids)
             return
         block_bytes = self._block_bytes()
         for load in meta.loads:
@@ -381,6 +434,7 @@ class KvTierConnector(KVConnectorBase_V1):
                     layer = self._kv_caches[name]
                     dst = self._block_view(layer, block_id)
                     part = blk[li * per_layer : (li + 1) * per_layer]
+                    # The destination may be a strided view: copy_ scatters.
                     dst.copy_(part.view(layer.dtype).view(dst.shape))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -394,7 +448,7 @@ class KvTierConnector(KVConnectorBase_V1):
 
     def wait_for_save(self):
         meta = self._get_connector_metadata()
-        if not isinstance(meta, KvTierMetadata) or not meta.saves or self._ns_id is None:
+        if not isinstance(meta, KvTierMetadata) or not meta.saves or not self._register_namespace():
             return
         block_bytes = self._block_bytes()
         per_layer = block_bytes // len(self._layer_names)

@@ -1,0 +1,142 @@
+"""KvTierConnector against vLLM 0.33.0's real v1 Scheduler on CPU (the
+harness in vllm_harness.py plays the model runner with CPU KV tensors)."""
+
+import glob
+import os
+
+import pytest
+import torch
+
+import kvtier
+import kvtier.vllm as kv
+import vllm_harness as H
+
+CONNECTOR = ("KvTierConnector", "kvtier.vllm")
+PREFIX = list(range(10, 58))  # 48 tokens: 3 full blocks
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return H.make_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def instance(model_dir, extra, **kw):
+    vc = H.make_vllm_config(model_dir, *CONNECTOR, extra, **kw)
+    kcc = H.make_kv_cache_config(vc)
+    sched = H.make_scheduler(vc, kcc)
+    worker = H.make_worker(vc, kcc)
+    return vc, sched, worker
+
+
+def save_prefix(model_dir, extra, req_id="r1", **kw):
+    _, sched, worker = instance(model_dir, extra, **kw)
+    sched.add_request(H.make_request(req_id, PREFIX + [100, 101], max_tokens=2))
+    H.run_until_finished(sched, worker, [req_id], max_steps=10)
+    return worker
+
+
+def test_a_saved_prefix_is_matched_and_loaded_byte_for_byte(model_dir, tmp_path):
+    extra = {"mode": "embedded", "host_capacity_bytes": 64 << 20, "salt": str(tmp_path)}
+    save_prefix(model_dir, extra)
+    # A fresh engine instance (empty GPU cache) sharing the store.
+    _, sched, worker = instance(model_dir, extra)
+    p2 = PREFIX + [200, 201, 202]
+    sched.add_request(H.make_request("r2", p2, max_tokens=2))
+    res = H.step(sched, worker)
+    (new,) = res.scheduler_output.scheduled_new_reqs
+    assert new.num_computed_tokens == 48, "the saved 3-block prefix was not matched"
+    assert res.scheduler_output.num_scheduled_tokens == {"r2": len(p2) - 48}
+    assert not worker.history[-1].kv_connector_output.invalid_block_ids
+    for i, name in enumerate(worker.layer_names):
+        got = H.read_kv(worker.kv_caches[name], new.block_ids[0], 48)
+        assert torch.equal(got, H.expected_kv(i, PREFIX, range(48), 2, 64)), name
+    H.run_until_finished(sched, worker, ["r2"], max_steps=5)
+
+
+def test_never_the_last_prompt_token(model_dir, tmp_path):
+    extra = {"host_capacity_bytes": 64 << 20, "salt": str(tmp_path)}
+    save_prefix(model_dir, extra)
+    _, sched, worker = instance(model_dir, extra)
+    # The prompt is exactly the 48 saved tokens: the last block is computed.
+    sched.add_request(H.make_request("r3", PREFIX, max_tokens=2))
+    res = H.step(sched, worker)
+    (new,) = res.scheduler_output.scheduled_new_reqs
+    assert new.num_computed_tokens == 32
+    assert res.scheduler_output.num_scheduled_tokens == {"r3": 16}
+
+
+def test_another_model_never_matches(model_dir, tmp_path_factory, tmp_path):
+    extra = {"host_capacity_bytes": 64 << 20, "salt": str(tmp_path)}
+    save_prefix(model_dir, extra)
+    other_model = H.make_model_dir(tmp_path_factory.mktemp("other-model"))
+    _, sched, worker = instance(other_model, extra)
+    sched.add_request(H.make_request("r4", PREFIX + [1, 2, 3], max_tokens=2))
+    res = H.step(sched, worker)
+    assert res.scheduler_output.scheduled_new_reqs[0].num_computed_tokens == 0
+    # Nor another salt, on the same model.
+    _, sched, worker = instance(model_dir, dict(extra, salt="tenant-b"))
+    sched.add_request(H.make_request("r5", PREFIX + [1, 2, 3], max_tokens=2))
+    assert H.step(sched, worker).scheduler_output.scheduled_new_reqs[0].num_computed_tokens == 0
+
+
+def test_a_corrupt_block_is_reported_and_recomputed(model_dir, tmp_path):
+    store = {"mode": "ssd-only", "disk": {"dir": str(tmp_path / "ssd"), "capacity_bytes": 64 << 20, "segment_bytes": 8 << 20}}
+    extra = {"store": store}
+    save_prefix(model_dir, extra)
+    # Flip bytes inside the first record's data on the SSD, behind kvtier's back.
+    (seg,) = glob.glob(str(tmp_path / "ssd" / "*.seg"))
+    with open(seg, "r+b") as f:
+        f.seek(8192 + 100)
+        b = f.read(1)
+        f.seek(8192 + 100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    _, sched, worker = instance(model_dir, extra, kv_load_failure_policy="recompute")
+    p2 = PREFIX + [7, 8]
+    sched.add_request(H.make_request("r6", p2, max_tokens=2))
+    res = H.step(sched, worker)
+    assert res.scheduler_output.scheduled_new_reqs[0].num_computed_tokens == 48
+    bad = worker.history[-1].kv_connector_output.invalid_block_ids
+    assert bad, "a corrupt block was served as a success"
+    # vLLM recomputes: the request still finishes, and the bad block is never
+    # what the model reads (the worker's KV for it is the recomputed one).
+    H.run_until_finished(sched, worker, ["r6"], max_steps=10)
+    assert not sched.has_requests()
+
+
+def test_bad_extra_config_names_the_key(model_dir):
+    with pytest.raises(ValueError, match="unknown key 'host_capacity'"):
+        instance(model_dir, {"host_capacity": 1})
+    with pytest.raises(ValueError, match="mode 'remote'"):
+        instance(model_dir, {"mode": "remote"})
+
+
+def test_an_unknown_layout_is_refused_at_registration(model_dir, tmp_path):
+    vc = H.make_vllm_config(model_dir, *CONNECTOR, {"salt": str(tmp_path)})
+    kcc = H.make_kv_cache_config(vc)
+    caches = H.make_kv_caches(vc, kcc)
+    wrong = {n: torch.zeros(4, 2, 8, 128, dtype=torch.float16) for n in caches}
+    with pytest.raises(ValueError, match="layout .* is not understood"):
+        H.make_worker_connector(vc, wrong, kcc)
+
+
+def test_a_daemon_that_is_down_means_misses_not_a_crash(model_dir, caplog):
+    extra = {"mode": "daemon", "endpoint": "http://127.0.0.1:1"}
+    _, sched, worker = instance(model_dir, extra)
+    sched.add_request(H.make_request("r7", PREFIX + [1], max_tokens=2))
+    results = H.run_until_finished(sched, worker, ["r7"], max_steps=10)
+    assert results[0].scheduler_output.scheduled_new_reqs[0].num_computed_tokens == 0
+    assert not sched.has_requests()
+    assert any("unavailable" in r.getMessage() for r in caplog.records)
+
+
+def test_daemon_mode_shares_blocks_across_engines(model_dir, kvtierd):
+    extra = {"mode": "daemon", "endpoint": kvtierd.endpoint}
+    save_prefix(model_dir, extra)
+    _, sched, worker = instance(model_dir, extra)
+    sched.add_request(H.make_request("r8", PREFIX + [5, 6], max_tokens=2))
+    res = H.step(sched, worker)
+    (new,) = res.scheduler_output.scheduled_new_reqs
+    assert new.num_computed_tokens == 48
+    for i, name in enumerate(worker.layer_names):
+        got = H.read_kv(worker.kv_caches[name], new.block_ids[0], 48)
+        assert torch.equal(got, H.expected_kv(i, PREFIX, range(48), 2, 64)), name
