@@ -19,16 +19,22 @@ Extra config (every key optional; an unknown key is an error at startup):
 - ``store``: a full embedded store config (the keys of deploy/kvtier.toml),
   instead of the two above.
 - ``salt``: a namespace salt (e.g. a cache salt shared by a tenant).
+- ``load_mode``: ``"async"`` (default: the request waits for its blocks
+  while the scheduler runs others; loads run on worker threads) or
+  ``"sync"`` (loads complete in ``start_load_kv`` before the forward pass).
 
 One kvtier block is one vLLM block (``block_size`` tokens) across all layers,
 K then V, stored contiguously. Its key is vLLM's own block hash inside a
 kvtier namespace that fingerprints the model, revision, dtype, layout, TP
 rank and size and the salt, so another model's KV never matches.
 
-This version loads and saves synchronously: loads complete in
-``start_load_kv`` before the forward pass, saves in ``wait_for_save``. A
-failed or corrupt load is reported by ``get_block_ids_with_load_errors`` so
-vLLM recomputes; a daemon that is down means misses and a logged warning.
+Loads are asynchronous by default: a hit makes the request wait for its
+blocks (vLLM's WAITING_FOR_REMOTE_KVS) while the scheduler runs the others,
+and ``get_finished`` reports the load done. Saves copy the blocks out in
+``wait_for_save`` (so vLLM may reuse them at once) and store them there. A
+failed or corrupt load is reported by ``get_block_ids_with_load_errors``, no
+later than the pass that reports the load finished, so vLLM recomputes; a
+daemon that is down means misses and a logged warning.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ logger = logging.getLogger("kvtier.vllm")
 
 EXTRA_KEYS = {
     "mode",
+    "load_mode",
     "endpoint",
     "token",
     "host_capacity_bytes",
@@ -89,6 +96,9 @@ def parse_extra_config(extra: dict[str, Any] | None) -> dict[str, Any]:
     mode = extra.setdefault("mode", "embedded")
     if mode not in ("embedded", "daemon"):
         raise ValueError(f"kv_connector_extra_config: mode {mode!r} must be 'embedded' or 'daemon'")
+    load_mode = extra.setdefault("load_mode", "async")
+    if load_mode not in ("async", "sync"):
+        raise ValueError(f"kv_connector_extra_config: load_mode {load_mode!r} must be 'async' or 'sync'")
     for key in ("host_capacity_bytes", "disk_capacity_bytes"):
         if key in extra and (not isinstance(extra[key], int) or extra[key] < 0):
             raise ValueError(f"kv_connector_extra_config: {key} must be a non-negative integer")
@@ -252,6 +262,9 @@ class KvTierConnector(KVConnectorBase_V1):
         self._layer_names: list[str] = []
         self._block_dim = 0
         self._load_errors: set[int] = set()
+        self._errors_lock = threading.Lock()
+        self._loads_in_flight: dict[str, Any] = {}
+        self._pool = None
 
     # ---------------------------------------------------------------- common
 
@@ -291,7 +304,7 @@ class KvTierConnector(KVConnectorBase_V1):
             return 0, False
         if hit <= first:
             return 0, False
-        return hit * self._block_size - num_computed_tokens, False
+        return hit * self._block_size - num_computed_tokens, self._extra["load_mode"] == "async"
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
         state = self._reqs.setdefault(request.request_id, _ReqState(request))
@@ -406,36 +419,64 @@ class KvTierConnector(KVConnectorBase_V1):
         if not isinstance(meta, KvTierMetadata) or not meta.loads:
             return
         if not self._register_namespace():
-            self._load_errors.update(b for load in meta.loads for b in load.block_ids)
+            with self._errors_lock:
+                self._load_errors.update(b for load in meta.loads for b in load.block_ids)
+            self._loads_in_flight.update({load.req_id: None for load in meta.loads})
             return
-        block_bytes = self._block_bytes()
+        if self._extra["load_mode"] == "sync":
+            for load in meta.loads:
+                self._load_or_fail(load)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtier-load")
         for load in meta.loads:
-            staging = np.empty(len(load.keys) * block_bytes, np.uint8)
-            try:
-                loaded, failed = self._store.get(self._ns_id, load.keys, staging)
-            except kvtier.KvTierError as e:
-                logger.warning("kvtier: load of %s failed, recomputing: %s", load.req_id, e)
-                loaded, failed = 0, 0
-            if loaded < len(load.keys):
-                bad = load.block_ids[loaded:]
-                self._load_errors.update(bad)
-                logger.warning(
-                    "kvtier: %s loaded %d of %d blocks%s; vLLM recomputes the rest",
-                    load.req_id,
-                    loaded,
-                    len(load.keys),
-                    " (a block failed verification)" if failed is not None else "",
-                )
-            src = torch.from_numpy(staging[: loaded * block_bytes])
-            for i, block_id in enumerate(load.block_ids[:loaded]):
-                blk = src[i * block_bytes : (i + 1) * block_bytes]
-                per_layer = block_bytes // len(self._layer_names)
-                for li, name in enumerate(self._layer_names):
-                    layer = self._kv_caches[name]
-                    dst = self._block_view(layer, block_id)
-                    part = blk[li * per_layer : (li + 1) * per_layer]
-                    # The destination may be a strided view: copy_ scatters.
-                    dst.copy_(part.view(layer.dtype).view(dst.shape))
+            # The request's blocks are its own until the load is reported
+            # finished: writing them from another thread is safe.
+            self._loads_in_flight[load.req_id] = self._pool.submit(self._load_or_fail, load)
+
+    def _load_or_fail(self, load: LoadSpec) -> None:
+        """A load that raises reports every block it owns as failed, so
+        nothing half-written is taken for KV."""
+        try:
+            self._load(load)
+        except Exception:
+            logger.exception("kvtier: load of %s raised; vLLM recomputes its blocks", load.req_id)
+            with self._errors_lock:
+                self._load_errors.update(load.block_ids)
+
+    def _load(self, load: LoadSpec) -> None:
+        """Reads a request's blocks and scatters them into the KV tensors;
+        records the blocks it could not load (before it returns, so they are
+        reported no later than the load's completion)."""
+        block_bytes = self._block_bytes()
+        staging = np.empty(len(load.keys) * block_bytes, np.uint8)
+        try:
+            loaded, failed = self._store.get(self._ns_id, load.keys, staging)
+        except kvtier.KvTierError as e:
+            logger.warning("kvtier: load of %s failed, recomputing: %s", load.req_id, e)
+            loaded, failed = 0, 0
+        if loaded < len(load.keys):
+            with self._errors_lock:
+                self._load_errors.update(load.block_ids[loaded:])
+            logger.warning(
+                "kvtier: %s loaded %d of %d blocks%s; vLLM recomputes the rest",
+                load.req_id,
+                loaded,
+                len(load.keys),
+                " (a block failed verification)" if failed is not None else "",
+            )
+        src = torch.from_numpy(staging[: loaded * block_bytes])
+        per_layer = block_bytes // len(self._layer_names)
+        for i, block_id in enumerate(load.block_ids[:loaded]):
+            blk = src[i * block_bytes : (i + 1) * block_bytes]
+            for li, name in enumerate(self._layer_names):
+                layer = self._kv_caches[name]
+                dst = self._block_view(layer, block_id)
+                part = blk[li * per_layer : (li + 1) * per_layer]
+                # The destination may be a strided view: copy_ scatters.
+                dst.copy_(part.view(layer.dtype).view(dst.shape))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # Loads complete in start_load_kv.
@@ -466,8 +507,19 @@ class KvTierConnector(KVConnectorBase_V1):
                 logger.warning("kvtier: save of %s skipped: %s", save.req_id, e)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None
+        """Async loads that completed (their errors are recorded already)."""
+        done = {r for r, f in self._loads_in_flight.items() if f is None or f.done()}
+        for r in done:
+            f = self._loads_in_flight.pop(r)
+            if f is not None and f.exception() is not None:
+                logger.warning("kvtier: load of %s raised: %s", r, f.exception())
+        return None, (done or None)
+
+    def shutdown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
+        with self._errors_lock:
+            errors, self._load_errors = self._load_errors, set()
         return errors

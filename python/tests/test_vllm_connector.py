@@ -2,7 +2,7 @@
 harness in vllm_harness.py plays the model runner with CPU KV tensors)."""
 
 import glob
-import os
+import time
 
 import pytest
 import torch
@@ -28,6 +28,31 @@ def instance(model_dir, extra, **kw):
     return vc, sched, worker
 
 
+def scheduled(res, req_id):
+    """(num_computed_tokens, block_ids) of `req_id` if this step scheduled it."""
+    so = res.scheduler_output
+    if req_id not in so.num_scheduled_tokens:
+        return None
+    for new in so.scheduled_new_reqs:
+        if new.req_id == req_id:
+            return new.num_computed_tokens, new.block_ids[0]
+    c = so.scheduled_cached_reqs
+    i = c.req_ids.index(req_id)
+    return c.num_computed_tokens[i], None
+
+
+def step_until_scheduled(sched, worker, req_id, deadline_s=10.0):
+    """Steps (an async load makes the request wait) until `req_id` runs."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        res = H.step(sched, worker)
+        got = scheduled(res, req_id)
+        if got is not None:
+            return res, got
+        time.sleep(0.001)
+    raise AssertionError(f"{req_id} was not scheduled within {deadline_s} s")
+
+
 def save_prefix(model_dir, extra, req_id="r1", **kw):
     _, sched, worker = instance(model_dir, extra, **kw)
     sched.add_request(H.make_request(req_id, PREFIX + [100, 101], max_tokens=2))
@@ -35,26 +60,32 @@ def save_prefix(model_dir, extra, req_id="r1", **kw):
     return worker
 
 
-def test_a_saved_prefix_is_matched_and_loaded_byte_for_byte(model_dir, tmp_path):
-    extra = {"mode": "embedded", "host_capacity_bytes": 64 << 20, "salt": str(tmp_path)}
+@pytest.mark.parametrize("load_mode", ["async", "sync"])
+def test_a_saved_prefix_is_matched_and_loaded_byte_for_byte(model_dir, tmp_path, load_mode):
+    extra = {"mode": "embedded", "host_capacity_bytes": 64 << 20, "salt": str(tmp_path), "load_mode": load_mode}
     save_prefix(model_dir, extra)
     # A fresh engine instance (empty GPU cache) sharing the store.
     _, sched, worker = instance(model_dir, extra)
     p2 = PREFIX + [200, 201, 202]
     sched.add_request(H.make_request("r2", p2, max_tokens=2))
-    res = H.step(sched, worker)
-    (new,) = res.scheduler_output.scheduled_new_reqs
-    assert new.num_computed_tokens == 48, "the saved 3-block prefix was not matched"
+    first = H.step(sched, worker)
+    if load_mode == "async":
+        # The request waits for its blocks; the scheduler is not held up.
+        assert "r2" not in first.scheduler_output.num_scheduled_tokens
+        res, (computed, block_ids) = step_until_scheduled(sched, worker, "r2")
+    else:
+        res, (computed, block_ids) = first, scheduled(first, "r2")
+    assert computed == 48, "the saved 3-block prefix was not matched"
     assert res.scheduler_output.num_scheduled_tokens == {"r2": len(p2) - 48}
-    assert not worker.history[-1].kv_connector_output.invalid_block_ids
+    assert not any(r.kv_connector_output.invalid_block_ids for r in worker.history if r.kv_connector_output)
     for i, name in enumerate(worker.layer_names):
-        got = H.read_kv(worker.kv_caches[name], new.block_ids[0], 48)
+        got = H.read_kv(worker.kv_caches[name], block_ids, 48)
         assert torch.equal(got, H.expected_kv(i, PREFIX, range(48), 2, 64)), name
     H.run_until_finished(sched, worker, ["r2"], max_steps=5)
 
 
 def test_never_the_last_prompt_token(model_dir, tmp_path):
-    extra = {"host_capacity_bytes": 64 << 20, "salt": str(tmp_path)}
+    extra = {"host_capacity_bytes": 64 << 20, "salt": str(tmp_path), "load_mode": "sync"}
     save_prefix(model_dir, extra)
     _, sched, worker = instance(model_dir, extra)
     # The prompt is exactly the 48 saved tokens: the last block is computed.
@@ -81,7 +112,7 @@ def test_another_model_never_matches(model_dir, tmp_path_factory, tmp_path):
 
 def test_a_corrupt_block_is_reported_and_recomputed(model_dir, tmp_path):
     store = {"mode": "ssd-only", "disk": {"dir": str(tmp_path / "ssd"), "capacity_bytes": 64 << 20, "segment_bytes": 8 << 20}}
-    extra = {"store": store}
+    extra = {"store": store}  # async loads: the default
     save_prefix(model_dir, extra)
     # Flip bytes inside the first record's data on the SSD, behind kvtier's back.
     (seg,) = glob.glob(str(tmp_path / "ssd" / "*.seg"))
@@ -93,9 +124,15 @@ def test_a_corrupt_block_is_reported_and_recomputed(model_dir, tmp_path):
     _, sched, worker = instance(model_dir, extra, kv_load_failure_policy="recompute")
     p2 = PREFIX + [7, 8]
     sched.add_request(H.make_request("r6", p2, max_tokens=2))
-    res = H.step(sched, worker)
-    assert res.scheduler_output.scheduled_new_reqs[0].num_computed_tokens == 48
-    bad = worker.history[-1].kv_connector_output.invalid_block_ids
+    H.step(sched, worker)
+    # The load finishes with the corrupt block reported, in the same pass.
+    end = time.monotonic() + 10
+    bad = set()
+    while not bad and time.monotonic() < end:
+        bad = {b for r in worker.history if r.kv_connector_output for b in r.kv_connector_output.invalid_block_ids}
+        if not bad:
+            H.step(sched, worker)
+            time.sleep(0.001)
     assert bad, "a corrupt block was served as a success"
     # vLLM recomputes: the request still finishes, and the bad block is never
     # what the model reads (the worker's KV for it is the recomputed one).
@@ -134,9 +171,8 @@ def test_daemon_mode_shares_blocks_across_engines(model_dir, kvtierd):
     save_prefix(model_dir, extra)
     _, sched, worker = instance(model_dir, extra)
     sched.add_request(H.make_request("r8", PREFIX + [5, 6], max_tokens=2))
-    res = H.step(sched, worker)
-    (new,) = res.scheduler_output.scheduled_new_reqs
-    assert new.num_computed_tokens == 48
+    _, (computed, block_ids) = step_until_scheduled(sched, worker, "r8")
+    assert computed == 48
     for i, name in enumerate(worker.layer_names):
-        got = H.read_kv(worker.kv_caches[name], new.block_ids[0], 48)
+        got = H.read_kv(worker.kv_caches[name], block_ids, 48)
         assert torch.equal(got, H.expected_kv(i, PREFIX, range(48), 2, 64)), name
