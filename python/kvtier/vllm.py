@@ -260,7 +260,8 @@ class KvTierConnector(KVConnectorBase_V1):
         # Worker side.
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._layer_names: list[str] = []
-        self._block_dim = 0
+        self._direct = False
+        self._device = "cpu"
         self._load_errors: set[int] = set()
         self._errors_lock = threading.Lock()
         self._loads_in_flight: dict[str, Any] = {}
@@ -375,8 +376,9 @@ class KvTierConnector(KVConnectorBase_V1):
 
         Understood, per layer: vLLM 0.33's ``(num_blocks, kv_heads,
         block_size, 2 * head_dim)`` (K then V in the last dimension; often a
-        strided view of one shared buffer), or the older
-        ``(2, num_blocks, block_size, kv_heads, head_dim)``."""
+        strided view of one shared buffer). kvtier stores each layer's block
+        token-major, ``(block_size, kv_heads, 2 * head_dim)``, whatever the
+        memory order, so engines with different KV layouts share blocks."""
         if not kv_caches:
             raise ValueError("kvtier: no KV cache tensors to register")
         want = self._layout
@@ -386,14 +388,10 @@ class KvTierConnector(KVConnectorBase_V1):
             raise ValueError(f"kvtier: KV cache layers differ: shapes {sorted(shapes)}, dtypes {sorted(map(str, dtypes))}")
         (shape,), (dtype,) = shapes, dtypes
         bt, h, d = want["block_tokens"], want["kv_heads"], want["head_dim"]
-        if len(shape) == 4 and shape[1:] == (h, bt, 2 * d):
-            self._block_dim = 0
-        elif len(shape) == 5 and shape[0] == 2 and shape[2:] == (bt, h, d):
-            self._block_dim = 1
-        else:
+        if len(shape) != 4 or shape[1:] != (h, bt, 2 * d):
             raise ValueError(
                 f"kvtier: KV cache layout {tuple(shape)} is not understood; expected "
-                f"(num_blocks, {h}, {bt}, {2 * d}) or (2, num_blocks, {bt}, {h}, {d})"
+                f"(num_blocks, {h}, {bt}, {2 * d}), vLLM's (blocks, kv heads, tokens, K|V)"
             )
         if DTYPES.get(dtype) != want["dtype"] or len(kv_caches) != want["num_layers"]:
             raise ValueError(
@@ -402,6 +400,45 @@ class KvTierConnector(KVConnectorBase_V1):
             )
         self._kv_caches = dict(kv_caches)
         self._layer_names = list(kv_caches)
+        # The fast path: each block's memory already token-major and dense,
+        # so blocks move with one copy per (layer, block run) in Rust, on the
+        # tensors' device (host memcpy, or CUDA async copies on a stream).
+        first = next(iter(kv_caches.values()))
+        self._direct = all(
+            t[0].permute(1, 0, 2).is_contiguous() and t.stride(0) >= t[0].numel() for t in kv_caches.values()
+        )
+        self._device = "cpu" if first.device.type == "cpu" else f"cuda:{first.device.index or 0}"
+        logger.info(
+            "kvtier: %d layers of %s, %s path on %s",
+            len(self._layer_names),
+            tuple(shape),
+            "direct" if self._direct else "permuting",
+            self._device,
+        )
+
+    def _copy(self, direction: str, block_ids: list[int], staging: np.ndarray) -> None:
+        """Moves whole blocks between the KV tensors and block-major staging."""
+        if self._direct:
+            layers = []
+            for name in self._layer_names:
+                t = self._kv_caches[name]
+                layers.append((t.data_ptr(), t.stride(0) * t.element_size(), t.shape[0]))
+            kvtier._kvtier._copy_blocks(
+                direction, layers, self._layer_block_bytes(), list(block_ids), staging, self._device
+            )
+            return
+        per_layer = self._layer_block_bytes()
+        block_bytes = per_layer * len(self._layer_names)
+        buf = torch.from_numpy(staging)
+        for i, block_id in enumerate(block_ids):
+            for li, name in enumerate(self._layer_names):
+                layer = self._kv_caches[name]
+                view = self._block_view(layer, block_id).permute(1, 0, 2)  # token-major
+                part = buf[i * block_bytes + li * per_layer : i * block_bytes + (li + 1) * per_layer]
+                if direction == "save":
+                    part.copy_(view.contiguous().view(-1).view(torch.uint8))
+                else:
+                    view.copy_(part.view(layer.dtype).view(view.shape))
 
     def _block_bytes(self) -> int:
         return len(self._layer_names) * self._layer_block_bytes()
@@ -411,8 +448,8 @@ class KvTierConnector(KVConnectorBase_V1):
         return self._block_view(t, 0).numel() * t.element_size()
 
     def _block_view(self, layer: torch.Tensor, block_id: int) -> torch.Tensor:
-        """One block of one layer, in the layout's logical order (a view)."""
-        return layer[block_id] if self._block_dim == 0 else layer[:, block_id]
+        """One block of one layer, (kv_heads, block_size, 2 * head_dim), a view."""
+        return layer[block_id]
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -467,16 +504,8 @@ class KvTierConnector(KVConnectorBase_V1):
                 len(load.keys),
                 " (a block failed verification)" if failed is not None else "",
             )
-        src = torch.from_numpy(staging[: loaded * block_bytes])
-        per_layer = block_bytes // len(self._layer_names)
-        for i, block_id in enumerate(load.block_ids[:loaded]):
-            blk = src[i * block_bytes : (i + 1) * block_bytes]
-            for li, name in enumerate(self._layer_names):
-                layer = self._kv_caches[name]
-                dst = self._block_view(layer, block_id)
-                part = blk[li * per_layer : (li + 1) * per_layer]
-                # The destination may be a strided view: copy_ scatters.
-                dst.copy_(part.view(layer.dtype).view(dst.shape))
+        if loaded:
+            self._copy("load", load.block_ids[:loaded], staging[: loaded * block_bytes])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # Loads complete in start_load_kv.
@@ -492,15 +521,9 @@ class KvTierConnector(KVConnectorBase_V1):
         if not isinstance(meta, KvTierMetadata) or not meta.saves or not self._register_namespace():
             return
         block_bytes = self._block_bytes()
-        per_layer = block_bytes // len(self._layer_names)
         for save in meta.saves:
             staging = np.empty(len(save.keys) * block_bytes, np.uint8)
-            out = torch.from_numpy(staging)
-            for i, block_id in enumerate(save.block_ids):
-                for li, name in enumerate(self._layer_names):
-                    src = self._block_view(self._kv_caches[name], block_id).contiguous()
-                    at = i * block_bytes + li * per_layer
-                    out[at : at + per_layer].copy_(src.view(-1).view(torch.uint8))
+            self._copy("save", save.block_ids, staging)
             try:
                 self._store.put(self._ns_id, save.keys, staging)
             except kvtier.KvTierError as e:

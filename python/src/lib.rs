@@ -420,6 +420,88 @@ impl Client {
     }
 }
 
+fn copier(device: &str) -> PyResult<std::sync::Arc<dyn kvtier::transfer::Copier>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static COPIERS: OnceLock<Mutex<HashMap<String, Arc<dyn kvtier::transfer::Copier>>>> = OnceLock::new();
+    let mut m = COPIERS.get_or_init(Default::default).lock().expect("copier cache");
+    if let Some(c) = m.get(device) {
+        return Ok(c.clone());
+    }
+    let c: Arc<dyn kvtier::transfer::Copier> = match device {
+        "cpu" => Arc::new(kvtier::transfer::host::HostCopier),
+        d if d.starts_with("cuda") => {
+            let ordinal = d
+                .strip_prefix("cuda:")
+                .map_or(Ok(0), str::parse)
+                .map_err(|_| InvalidArgumentError::new_err(format!("device {d:?}: expected cpu, cuda or cuda:N")))?;
+            #[cfg(feature = "cuda")]
+            {
+                Arc::new(kvtier::transfer::cuda::CudaCopier::new(ordinal).map_err(err)?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = ordinal;
+                return Err(KvTierError::new_err("built without the cuda feature"));
+            }
+        }
+        d => {
+            return Err(InvalidArgumentError::new_err(format!(
+                "device {d:?}: expected cpu, cuda or cuda:N"
+            )));
+        }
+    };
+    m.insert(device.to_string(), c.clone());
+    Ok(c)
+}
+
+/// Copies blocks between an engine's KV tensors and a block-major staging
+/// buffer (each block: every layer's `layer_block_bytes`, in layer order).
+/// `layers`: (address of block 0, bytes between blocks, number of blocks),
+/// one per layer. `direction`: "save" (tensors → staging) or "load".
+/// Low level: the addresses must be live tensor storage on `device`; the
+/// connector passes its registered tensors' `data_ptr()`s.
+#[pyfunction]
+#[pyo3(signature = (direction, layers, layer_block_bytes, block_ids, staging, device = "cpu"))]
+fn _copy_blocks(
+    py: Python<'_>,
+    direction: &str,
+    layers: Vec<(u64, u64, u64)>,
+    layer_block_bytes: usize,
+    block_ids: Vec<u64>,
+    staging: &Bound<'_, PyAny>,
+    device: &str,
+) -> PyResult<()> {
+    use kvtier::transfer::{Direction, LayerBlocks, plan};
+    let dir = match direction {
+        "save" => Direction::ToStaging,
+        "load" => Direction::FromStaging,
+        d => {
+            return Err(InvalidArgumentError::new_err(format!(
+                "direction {d:?}: expected save or load"
+            )));
+        }
+    };
+    let layers: Vec<LayerBlocks> = layers
+        .into_iter()
+        .map(|(base, block_stride, num_blocks)| LayerBlocks {
+            base,
+            block_stride,
+            num_blocks,
+        })
+        .collect();
+    let segments = plan(&layers, layer_block_bytes, &block_ids).map_err(err)?;
+    let copier = copier(device)?;
+    let buf = Buffer::get(staging, true)?;
+    let (p, len) = buf.ptr_len();
+    // SAFETY: `buf` holds the staging buffer (writable for a save) until
+    // after detach returns; the tensor addresses are the caller's contract.
+    py.detach(|| unsafe { copier.copy(dir, &segments, slice_mut(p, len)) })
+        .map_err(err)?;
+    drop(buf);
+    Ok(())
+}
+
 /// The 16-byte key of an engine-provided block hash (e.g. vLLM's) in a namespace.
 #[pyfunction]
 fn key_from_hash<'py>(py: Python<'py>, ns: &[u8], engine_hash: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
@@ -446,6 +528,7 @@ fn _kvtier(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Client>()?;
     m.add_function(wrap_pyfunction!(key_from_hash, m)?)?;
     m.add_function(wrap_pyfunction!(keys_from_tokens, m)?)?;
+    m.add_function(wrap_pyfunction!(_copy_blocks, m)?)?;
     m.add("KvTierError", py.get_type::<KvTierError>())?;
     m.add("InvalidArgumentError", py.get_type::<InvalidArgumentError>())?;
     m.add("BlockSizeError", py.get_type::<BlockSizeError>())?;

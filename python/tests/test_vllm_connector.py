@@ -176,3 +176,21 @@ def test_daemon_mode_shares_blocks_across_engines(model_dir, kvtierd):
     for i, name in enumerate(worker.layer_names):
         got = H.read_kv(worker.kv_caches[name], block_ids, 48)
         assert torch.equal(got, H.expected_kv(i, PREFIX, range(48), 2, 64)), name
+
+
+def test_blocks_move_between_kv_memory_layouts(model_dir, tmp_path):
+    """Blocks are stored token-major whatever the engine's memory order: a
+    prefix saved by an engine with vLLM's default layout (the direct Rust
+    copy path) loads byte for byte into one using HND (the permuting path)."""
+    extra = {"host_capacity_bytes": 64 << 20, "salt": str(tmp_path), "load_mode": "sync"}
+    saver = save_prefix(model_dir, extra)
+    assert saver.connector._direct, "the default layout should take the direct copy path"
+    _, sched, worker = instance(model_dir, extra, kv_cache_layout="HND")
+    assert not worker.connector._direct
+    sched.add_request(H.make_request("r9", PREFIX + [3, 4], max_tokens=2))
+    res = H.step(sched, worker)
+    computed, block_ids = scheduled(res, "r9")
+    assert computed == 48
+    for i, name in enumerate(worker.layer_names):
+        got = H.read_kv(worker.kv_caches[name], block_ids, 48)
+        assert torch.equal(got, H.expected_kv(i, PREFIX, range(48), 2, 64)), name

@@ -10,6 +10,8 @@
 //!   load with leases, the host → disk cascade, admission, SSD-only mode.
 //! - [`error`]: the one error type, with kinds callers match on.
 //! - [`buf`]: page-aligned buffers for clients and the disk tier.
+//! - [`transfer`]: block copies between an engine's KV tensors and staging
+//!   (host memcpy, or CUDA async copies with the `cuda` feature).
 //!
 //! # Why
 //!
@@ -32,6 +34,7 @@ pub mod error;
 pub mod eviction;
 pub mod manager;
 pub mod tier;
+pub mod transfer;
 
 pub use block::{BlockKey, Namespace, NamespaceId, SequenceHasher};
 pub use buf::AlignedBuf;
