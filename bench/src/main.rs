@@ -9,6 +9,7 @@ mod daemon;
 mod demo;
 mod python;
 mod tiers;
+mod transfer;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -30,6 +31,9 @@ enum Cmd {
     Daemon(daemon::Args),
     /// The Python binding against Rust: put/get GB/s, same store, same run.
     Python(python::Args),
+    /// GPU <-> pinned host block copies through kvtier's transfer path
+    /// (needs an NVIDIA GPU; says so when there is none).
+    Transfer(transfer::Args),
     /// Stores prompts' KV blocks through the host and SSD tiers, reloads and
     /// verifies them, restarts, and serves them again from the SSD.
     Demo {
@@ -54,6 +58,7 @@ fn main() {
         Cmd::Tiers(a) => tiers::run(&a),
         Cmd::Daemon(a) => daemon::run(&a),
         Cmd::Python(a) => python::run(&a),
+        Cmd::Transfer(a) => transfer::run(&a),
         Cmd::Demo { dir, json } => demo::run(&dir, json),
     };
     if let Err(e) = r {
