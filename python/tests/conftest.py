@@ -38,6 +38,7 @@ def kvtierd_binary():
 
 class Daemon:
     def __init__(self, data_dir, env=None):
+        os.makedirs(data_dir, exist_ok=True)
         e = dict(os.environ)
         e.update(
             {

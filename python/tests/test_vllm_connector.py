@@ -194,3 +194,60 @@ def test_blocks_move_between_kv_memory_layouts(model_dir, tmp_path):
     for i, name in enumerate(worker.layer_names):
         got = H.read_kv(worker.kv_caches[name], block_ids, 48)
         assert torch.equal(got, H.expected_kv(i, PREFIX, range(48), 2, 64)), name
+
+
+def test_the_documented_flag_loads_the_connector(model_dir):
+    """The exact --kv-transfer-config JSON of the README, through vLLM's own
+    KVTransferConfig and KVConnectorFactory."""
+    import json
+
+    from vllm.config import KVTransferConfig
+
+    flag = (
+        '{"kv_connector":"KvTierConnector","kv_connector_module_path":"kvtier.vllm",'
+        '"kv_role":"kv_both","kv_connector_extra_config":{"mode":"embedded","host_capacity_bytes":67108864}}'
+    )
+    ktc = KVTransferConfig(**json.loads(flag))
+    vc = H.make_vllm_config(model_dir, ktc.kv_connector, ktc.kv_connector_module_path, ktc.kv_connector_extra_config)
+    conn = H.make_worker_connector(vc)
+    assert type(conn).__name__ == "KvTierConnector" and type(conn).__module__ == "kvtier.vllm"
+
+
+def test_a_daemon_restart_under_the_engine(model_dir, tmp_path, caplog):
+    """Down: misses and a warning, the engine keeps serving. Back (same
+    port, same data): hits again, with nothing re-registered by hand."""
+    import socket
+
+    from conftest import Daemon
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"KVTIER_LISTEN": f"127.0.0.1:{port}"}
+    d = Daemon(tmp_path / "data", env)
+    extra = {"mode": "daemon", "endpoint": d.endpoint, "load_mode": "sync"}
+    try:
+        save_prefix(model_dir, extra)
+        _, sched, worker = instance(model_dir, extra)
+        d.stop()
+        sched.add_request(H.make_request("down", PREFIX + [1, 2], max_tokens=2))
+        res = H.step(sched, worker)
+        assert scheduled(res, "down")[0] == 0
+        H.run_until_finished(sched, worker, ["down"], max_steps=10)
+        assert any("unavailable" in r.getMessage() or "failed" in r.getMessage() for r in caplog.records)
+        d = Daemon(tmp_path / "data", env)
+        end = time.monotonic() + 10
+        while True:
+            sched.add_request(H.make_request(f"up-{time.monotonic()}", PREFIX + [3, 4], max_tokens=2))
+            res = H.step(sched, worker)
+            (new,) = res.scheduler_output.scheduled_new_reqs
+            if new.num_computed_tokens == 48:
+                break
+            assert time.monotonic() < end, "the connector did not reconnect to the restarted daemon"
+            H.run_until_finished(sched, worker, [new.req_id], max_steps=10)
+            time.sleep(0.2)
+        for i, name in enumerate(worker.layer_names):
+            got = H.read_kv(worker.kv_caches[name], new.block_ids[0], 48)
+            assert torch.equal(got, H.expected_kv(i, PREFIX, range(48), 2, 64)), name
+    finally:
+        d.stop()
