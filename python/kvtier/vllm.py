@@ -458,7 +458,9 @@ class KvTierConnector(KVConnectorBase_V1):
         if not self._register_namespace():
             with self._errors_lock:
                 self._load_errors.update(b for load in meta.loads for b in load.block_ids)
-            self._loads_in_flight.update({load.req_id: None for load in meta.loads})
+            if self._extra["load_mode"] == "async":
+                # Async loads must still be reported finished, failed or not.
+                self._loads_in_flight.update({load.req_id: None for load in meta.loads})
             return
         if self._extra["load_mode"] == "sync":
             for load in meta.loads:
