@@ -172,6 +172,15 @@ fn tier_name(t: kvtier::TierKind) -> &'static str {
     }
 }
 
+/// What a put did, as the dict both Store and Client return.
+fn put_result(py: Python<'_>, stored: u64, present: u64, not_admitted: u64) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("stored", stored)?;
+    d.set_item("present", present)?;
+    d.set_item("not_admitted", not_admitted)?;
+    Ok(d)
+}
+
 /// The block manager in this process.
 #[pyclass(module = "kvtier._kvtier", frozen)]
 struct Store {
@@ -238,11 +247,7 @@ impl Store {
             .detach(|| self.inner.store(ns, &keys, unsafe { slice(p, len) }))
             .map_err(err)?;
         drop(buf);
-        let d = PyDict::new(py);
-        d.set_item("stored", out.stored)?;
-        d.set_item("present", out.present)?;
-        d.set_item("not_admitted", out.not_admitted)?;
-        Ok(d)
+        put_result(py, out.stored as u64, out.present as u64, out.not_admitted as u64)
     }
 
     /// Loads the leading present blocks of `keys` into `out` (a writable
@@ -372,11 +377,7 @@ impl Client {
         let bytes = bytes::Bytes::copy_from_slice(unsafe { slice(p, len) });
         drop(buf);
         let r = self.run(py, self.inner.put(ns, &keys, bytes))?;
-        let d = PyDict::new(py);
-        d.set_item("stored", r.stored)?;
-        d.set_item("present", r.present)?;
-        d.set_item("not_admitted", r.not_admitted)?;
-        Ok(d)
+        put_result(py, r.stored.into(), r.present.into(), r.not_admitted.into())
     }
 
     /// Loads the leading present blocks into `out`; returns (loaded, failed_index or None).
