@@ -22,6 +22,7 @@ echo "demo: ok"
 echo "== python: wheel, clean-venv install, pytest"
 ./scripts/python-test.sh
 ./target/release/kvtier-bench python --smoke --json
+./scripts/azurite.sh >/dev/null   # the blob tests start it
 echo "== cargo test"
 # The core crate last, so the run closes on its summary.
 cargo test -p kvtier-bench --all-targets

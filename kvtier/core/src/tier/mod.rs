@@ -2,9 +2,11 @@
 //!
 //! - [`host::HostTier`]: a byte-budgeted pool of CPU memory (G2).
 //! - [`disk::DiskTier`]: log-structured segment files on a local SSD (G3).
+//! - [`blob`]: Azure Blob (G4), in progress.
 //!
 //! Every tier passes the same conformance suite ([`conformance`]).
 
+pub mod blob;
 pub mod disk;
 pub mod host;
 
