@@ -11,7 +11,8 @@ use serde_json::json;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::buf::{Aligned, fill};
+use crate::buf::fill;
+use kvtier::AlignedBuf as Aligned;
 
 const PROMPTS: usize = 4;
 const BLOCKS_PER_PROMPT: usize = 48;

@@ -8,8 +8,9 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::buf::{Aligned, fill};
+use crate::buf::fill;
 use crate::tiers::{median, namespace, round3};
+use kvtier::AlignedBuf as Aligned;
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {

@@ -12,7 +12,8 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::buf::{Aligned, fill};
+use crate::buf::fill;
+use kvtier::AlignedBuf as Aligned;
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
