@@ -168,6 +168,7 @@ fn tier_name(t: kvtier::TierKind) -> &'static str {
     match t {
         kvtier::TierKind::Host => "host",
         kvtier::TierKind::Disk => "disk",
+        kvtier::TierKind::Blob => "blob",
         _ => "unknown",
     }
 }
@@ -355,6 +356,7 @@ impl Client {
             .map(|t| match t {
                 kvtier_server::proto::Tier::Host => "host",
                 kvtier_server::proto::Tier::Disk => "disk",
+                kvtier_server::proto::Tier::Blob => "blob",
                 _ => "unknown",
             })
             .collect();

@@ -61,6 +61,7 @@ pub fn tier(t: TierKind) -> proto::Tier {
     match t {
         TierKind::Host => proto::Tier::Host,
         TierKind::Disk => proto::Tier::Disk,
+        TierKind::Blob => proto::Tier::Blob,
         _ => proto::Tier::Unspecified,
     }
 }

@@ -8,10 +8,15 @@
 //! - `lease` pins the leading present blocks so they cannot be evicted before
 //!   `load_leased` copies them out; `load` does both at once and promotes disk
 //!   hits into the host tier.
+//! - With a blob tier, `lookup` and `lease` go to blob for the part of a
+//!   prefix the local tiers miss, and loads promote what they read into the
+//!   first local tier. In writeback mode every block that reaches the disk
+//!   is uploaded lazily (see [`writeback`]).
 //! - Every queue is bounded: when full, the manager answers
 //!   [`ErrorKind::Throttled`] before changing anything, and counts it.
 
 mod admission;
+pub mod writeback;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -22,8 +27,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{SyncSender, sync_channel};
 
 use self::admission::Admission;
+use self::writeback::{Writeback, WritebackStats};
 use crate::block::{BlockKey, Namespace, NamespaceId};
 use crate::error::{Error, ErrorKind, Result};
+use crate::tier::blob::{BlobConfig, BlobMode, BlobStats, BlobTier};
 use crate::tier::disk::{DiskConfig, DiskTier};
 use crate::tier::host::{Demoter, HostConfig, HostPin, HostTier};
 use crate::tier::{Pin, Stored, Tier, TierCounters, TierKind, TierStats, stats_of};
@@ -79,6 +86,9 @@ pub struct ManagerConfig {
     /// Write-through blocks queued for disk at most; more are throttled.
     #[serde(default = "default_offload_queue")]
     pub offload_queue_blocks: usize,
+    /// The Azure Blob tier behind the disk, if any.
+    #[serde(default)]
+    pub blob: Option<BlobConfig>,
 }
 
 fn one() -> u8 {
@@ -119,6 +129,7 @@ impl ManagerConfig {
             admission_counters: default_admission_counters(),
             promote_on_hit: true,
             offload_queue_blocks: default_offload_queue(),
+            blob: None,
         }
     }
 
@@ -139,7 +150,13 @@ impl ManagerConfig {
             (Mode::SsdOnly, None, None) => Err(Error::config("ssd-only mode needs a [disk] tier")),
             (Mode::Tiered, None, None) => Err(Error::config("configure a [host] tier, a [disk] tier, or both")),
             _ if self.offload_queue_blocks == 0 => Err(Error::config("offload_queue_blocks must be > 0")),
-            _ => Ok(()),
+            _ => match &self.blob {
+                Some(b) if b.mode == BlobMode::Writeback && self.disk.is_none() => Err(Error::config(
+                    "blob mode writeback keeps its dirty log on the SSD: configure a [disk] tier",
+                )),
+                Some(b) => b.validate(),
+                None => Ok(()),
+            },
         }
     }
 
@@ -236,6 +253,9 @@ struct Counters {
     not_admitted: AtomicU64,
     offloaded: AtomicU64,
     offload_errors: AtomicU64,
+    served_local_bytes: AtomicU64,
+    served_blob_bytes: AtomicU64,
+    blob_promotions: AtomicU64,
 }
 
 /// A snapshot of the manager's counters and its tiers'.
@@ -277,6 +297,19 @@ pub struct ManagerStats {
     pub offload_errors: u64,
     /// Write-through blocks queued now.
     pub offload_queue_depth: u64,
+    /// The blob tier, if configured.
+    pub blob: Option<BlobStats>,
+    /// The writeback to blob, in writeback mode.
+    pub writeback: Option<WritebackStats>,
+    /// Bytes loads served from host and disk.
+    pub served_local_bytes: u64,
+    /// Bytes loads served from blob.
+    pub served_blob_bytes: u64,
+    /// Blob hits copied into a local tier.
+    pub blob_promotions: u64,
+    /// The throughput reduction to blob: bytes served from local tiers over
+    /// all bytes served (0 before anything is served).
+    pub throughput_reduction: f64,
 }
 
 #[derive(Debug)]
@@ -289,6 +322,8 @@ struct Shared {
     cfg: ManagerConfig,
     host: Option<HostTier>,
     disk: Option<DiskTier>,
+    blob: Option<BlobTier>,
+    wb: Option<Arc<Writeback>>,
     namespaces: RwLock<HashMap<NamespaceId, NsInfo>>,
     admission: Arc<Admission>,
     counters: Arc<Counters>,
@@ -336,8 +371,23 @@ impl BlockManager {
         let counters = Arc::new(Counters::default());
         let admission = Arc::new(Admission::new(cfg.disk_admission_min_seen, cfg.admission_counters));
         let disk = cfg.disk.as_ref().map(DiskConfig::build).transpose()?;
+        let blob = cfg.blob.as_ref().map(BlobConfig::build).transpose()?;
+        let wb = match (&blob, &disk) {
+            (Some(b), Some(d)) if b.mode() == BlobMode::Writeback => {
+                let dcfg = cfg.disk.as_ref().expect("a disk tier was built");
+                let wb = Arc::new(Writeback::open(&dcfg.dir, dcfg.sync_writes, |k| d.contains(k))?);
+                let keep = wb.clone();
+                d.set_retain(Arc::new(move |k| keep.retains(k)))?;
+                b.handle()
+                    .spawn(writeback::upload_loop(wb.clone(), d.clone(), b.client()));
+                Some(wb)
+            }
+            _ => None,
+        };
         let demoter = match (&disk, cfg.cascade) {
-            (Some(disk), Cascade::OnEviction) => Some(demoter(disk.clone(), admission.clone(), counters.clone())),
+            (Some(disk), Cascade::OnEviction) => {
+                Some(demoter(disk.clone(), wb.clone(), admission.clone(), counters.clone()))
+            }
             _ => None,
         };
         let host = cfg.host.as_ref().map(|h| h.build(demoter)).transpose()?;
@@ -350,11 +400,12 @@ impl BlockManager {
             (Some(_), Some(disk), Cascade::WriteThrough) => {
                 let (tx, rx) = sync_channel::<Job>(cfg.offload_queue_blocks);
                 let (disk, queue, counters) = (disk.clone(), queue.clone(), counters.clone());
+                let wb = wb.clone();
                 let worker = std::thread::Builder::new()
                     .name("kvtier-offload".into())
                     .spawn(move || {
                         for job in rx {
-                            match disk.put(job.ns, job.key, job.pin.as_slice()) {
+                            match put_disk(&disk, wb.as_deref(), job.ns, job.key, job.pin.as_slice()) {
                                 Ok(_) => add(&counters.offloaded, 1),
                                 Err(e) => {
                                     add(&counters.offload_errors, 1);
@@ -377,6 +428,8 @@ impl BlockManager {
                 cfg: cfg.clone(),
                 host,
                 disk,
+                blob,
+                wb,
                 namespaces: RwLock::new(HashMap::new()),
                 admission,
                 counters,
@@ -463,7 +516,7 @@ impl BlockManager {
 
     /// The longest present prefix of `keys` and the tier of each block.
     pub fn lookup(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Lookup> {
-        self.block_bytes(ns)?;
+        let block = self.block_bytes(ns)? as usize;
         let mut tiers = Vec::new();
         'keys: for k in keys {
             for t in self.tiers() {
@@ -473,6 +526,12 @@ impl BlockManager {
                 }
             }
             break;
+        }
+        if let Some(blob) = &self.shared.blob
+            && tiers.len() < keys.len()
+        {
+            let n = blob.present_prefix(ns, &keys[tiers.len()..], block);
+            tiers.extend(std::iter::repeat_n(TierKind::Blob, n));
         }
         add(&self.shared.counters.lookups, 1);
         add(&self.shared.counters.lookup_hit_blocks, tiers.len() as u64);
@@ -520,7 +579,7 @@ impl BlockManager {
                 add(&self.shared.counters.not_admitted, 1);
                 continue;
             }
-            match disk.put(ns, *k, chunk)? {
+            match put_disk(disk, self.shared.wb.as_deref(), ns, *k, chunk)? {
                 Stored::Inserted => out.stored += 1,
                 Stored::Present => out.present += 1,
             }
@@ -595,15 +654,20 @@ impl BlockManager {
     }
 
     /// Pins the leading present blocks of `keys`.
+    ///
+    /// Blocks the local tiers miss are fetched from blob (downloaded and
+    /// verified) into the lease.
     pub fn lease(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Lease> {
-        self.block_bytes(ns)?;
+        let block = self.block_bytes(ns)? as usize;
         let mut blocks = Vec::new();
+        let mut foreign = false;
         'keys: for k in keys {
             for t in self.tiers() {
                 if let Some(p) = t.pin(k) {
                     if p.namespace() != ns {
                         // Keys are rooted in their namespace, so this takes a
                         // 128-bit collision; refuse it all the same.
+                        foreign = true;
                         break 'keys;
                     }
                     blocks.push((*k, t.kind(), p));
@@ -611,6 +675,15 @@ impl BlockManager {
                 }
             }
             break;
+        }
+        if let Some(blob) = &self.shared.blob
+            && !foreign
+            && blocks.len() < keys.len()
+        {
+            let rest = &keys[blocks.len()..];
+            for (k, b) in rest.iter().zip(blob.fetch_prefix(ns, rest, block)) {
+                blocks.push((*k, TierKind::Blob, Box::new(b) as Pin));
+            }
         }
         Ok(Lease { ns, blocks })
     }
@@ -686,13 +759,34 @@ impl BlockManager {
         }
         TierCounters::add(&self.counters_of(tier).hits, 1);
         res.loaded += 1;
-        if tier == TierKind::Disk
-            && let Some(h) = &sh.host
-        {
-            TierCounters::add(&h.counters().misses, 1);
-            if sh.cfg.promote_on_hit && h.put(ns, key, chunk).is_ok() {
-                add(&sh.counters.promotions, 1);
+        match tier {
+            TierKind::Disk => {
+                add(&sh.counters.served_local_bytes, chunk.len() as u64);
+                if let Some(h) = &sh.host {
+                    TierCounters::add(&h.counters().misses, 1);
+                    if sh.cfg.promote_on_hit && h.put(ns, key, chunk).is_ok() {
+                        add(&sh.counters.promotions, 1);
+                    }
+                }
             }
+            TierKind::Blob => {
+                add(&sh.counters.served_blob_bytes, chunk.len() as u64);
+                if sh.cfg.promote_on_hit {
+                    // Into the first local tier; a promoted block is in blob
+                    // already, so it is not logged for writeback.
+                    let put = match (&sh.host, &sh.disk) {
+                        (Some(h), _) => Some(h.put(ns, key, chunk)),
+                        (None, Some(d)) if sh.admission.admits(&key) => Some(d.put(ns, key, chunk)),
+                        _ => None,
+                    };
+                    match put {
+                        Some(Ok(_)) => add(&sh.counters.blob_promotions, 1),
+                        Some(Err(e)) => tracing::debug!(%key, "blob hit not promoted: {e}"),
+                        None => {}
+                    }
+                }
+            }
+            _ => add(&sh.counters.served_local_bytes, chunk.len() as u64),
         }
         true
     }
@@ -710,6 +804,12 @@ impl BlockManager {
                 .disk
                 .as_ref()
                 .expect("a disk block came from the disk tier")
+                .counters(),
+            TierKind::Blob => self
+                .shared
+                .blob
+                .as_ref()
+                .expect("a blob block came from the blob tier")
                 .counters(),
         }
     }
@@ -733,18 +833,39 @@ impl BlockManager {
         Ok(res)
     }
 
-    /// Removes `keys` from every tier; answers how many were present.
+    /// Removes `keys` from every tier; answers how many were present. In
+    /// writeback mode this includes blob (a cache-only blob tier is never
+    /// written, so it keeps them).
     pub fn remove(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<usize> {
         self.block_bytes(ns)?;
         let mut n = 0;
         for k in keys {
             let mut any = false;
+            if let Some(wb) = &self.shared.wb {
+                wb.cancel(*k);
+            }
             for t in self.tiers() {
                 any |= t.remove(k)?;
+            }
+            if let Some(blob) = &self.shared.blob
+                && blob.mode() == BlobMode::Writeback
+            {
+                any |= blob.delete(ns, *k)?;
             }
             n += usize::from(any);
         }
         Ok(n)
+    }
+
+    /// Waits until every block logged for writeback is uploaded; false if
+    /// `timeout` passed first (or there is no writeback: true).
+    pub fn flush_writeback(&self, timeout: std::time::Duration) -> bool {
+        self.shared.wb.as_ref().is_none_or(|wb| wb.wait_idle(timeout))
+    }
+
+    /// The blob tier, if configured.
+    pub fn blob(&self) -> Option<&BlobTier> {
+        self.shared.blob.as_ref()
     }
 
     /// Waits until every queued write-through block is on disk.
@@ -790,12 +911,29 @@ impl BlockManager {
             offloaded: l(&c.offloaded),
             offload_errors: l(&c.offload_errors),
             offload_queue_depth: *sh.queue.queued.lock() as u64,
+            blob: sh.blob.as_ref().map(BlobTier::stats),
+            writeback: sh.wb.as_ref().map(|w| w.stats()),
+            served_local_bytes: l(&c.served_local_bytes),
+            served_blob_bytes: l(&c.served_blob_bytes),
+            blob_promotions: l(&c.blob_promotions),
+            throughput_reduction: {
+                let (local, blob) = (l(&c.served_local_bytes), l(&c.served_blob_bytes));
+                if local + blob == 0 {
+                    0.0
+                } else {
+                    local as f64 / (local + blob) as f64
+                }
+            },
         }
     }
 }
 
 impl Drop for BlockManager {
     fn drop(&mut self) {
+        // Pending uploads stay in the dirty log for the next open.
+        if let Some(wb) = &self.shared.wb {
+            wb.stop();
+        }
         // Drain the write-through queue: every queued block reaches disk.
         self.tx.take();
         if let Some(w) = self.worker.take()
@@ -808,7 +946,7 @@ impl Drop for BlockManager {
 
 /// The on-eviction cascade: admitted victims not yet on disk are written
 /// there before their host memory is reused.
-fn demoter(disk: DiskTier, admission: Arc<Admission>, counters: Arc<Counters>) -> Demoter {
+fn demoter(disk: DiskTier, wb: Option<Arc<Writeback>>, admission: Arc<Admission>, counters: Arc<Counters>) -> Demoter {
     Arc::new(move |ns, key, bytes| {
         if disk.contains(&key) {
             return;
@@ -817,7 +955,7 @@ fn demoter(disk: DiskTier, admission: Arc<Admission>, counters: Arc<Counters>) -
             add(&counters.not_admitted, 1);
             return;
         }
-        match disk.put(ns, key, bytes) {
+        match put_disk(&disk, wb.as_deref(), ns, key, bytes) {
             Ok(_) => add(&counters.offloaded, 1),
             Err(e) => {
                 add(&counters.offload_errors, 1);
@@ -825,6 +963,28 @@ fn demoter(disk: DiskTier, admission: Arc<Admission>, counters: Arc<Counters>) -
             }
         }
     })
+}
+
+/// Writes a block to disk; in writeback mode, logs it dirty first and
+/// queues its upload once it is on disk.
+fn put_disk(disk: &DiskTier, wb: Option<&Writeback>, ns: NamespaceId, key: BlockKey, data: &[u8]) -> Result<Stored> {
+    let Some(wb) = wb else {
+        return disk.put(ns, key, data);
+    };
+    if disk.contains(&key) {
+        return Ok(Stored::Present);
+    }
+    wb.begin(ns, key)?;
+    match disk.put(ns, key, data) {
+        Ok(s) => {
+            wb.ready(ns, key)?;
+            Ok(s)
+        }
+        Err(e) => {
+            wb.abort(key);
+            Err(e)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //!
 //! - [`host::HostTier`]: a byte-budgeted pool of CPU memory (G2).
 //! - [`disk::DiskTier`]: log-structured segment files on a local SSD (G3).
-//! - [`blob`]: Azure Blob (G4), in progress.
+//! - [`blob`]: Azure Blob (G4), behind the SSD: read on a local miss,
+//!   written lazily in writeback mode.
 //!
 //! Every tier passes the same conformance suite ([`conformance`]).
 
@@ -28,6 +29,8 @@ pub enum TierKind {
     Host,
     /// Local SSD.
     Disk,
+    /// Azure Blob (see [`blob`]; not a [`Tier`]).
+    Blob,
 }
 
 /// What a [`Tier::put`] did.
