@@ -4,10 +4,12 @@
 //!
 //! - [`block`]: block identity: namespaces, chained sequence hashes, 128-bit keys.
 //! - [`tier`]: the [`Tier`] contract and the tiers: [`tier::host`] (CPU
-//!   memory pool) and [`tier::disk`] (log-structured segments on a local SSD).
+//!   memory pool) and [`tier::disk`] (log-structured segments on a local
+//!   SSD); behind them [`tier::blob`] (Azure Blob, on `object_store`).
 //! - [`eviction`]: eviction policies for the host tier (LRU first).
 //! - [`manager`]: the [`BlockManager`]: prefix lookup across tiers, store and
-//!   load with leases, the host → disk cascade, admission, SSD-only mode.
+//!   load with leases, the host → disk → blob cascade, admission, SSD-only
+//!   mode, and the lazy writeback to blob ([`manager::writeback`]).
 //! - [`error`]: the one error type, with kinds callers match on.
 //! - [`buf`]: page-aligned buffers for clients and the disk tier.
 //! - [`transfer`]: block copies between an engine's KV tensors and staging
@@ -25,6 +27,10 @@
 //! - **Pins, not copies, keep readers safe.** A pinned host extent is never
 //!   reused, and a disk reader holds its segment file open, so eviction never
 //!   tears a block under a reader.
+//! - **Blob is written from a log, not from the store call.** A store is
+//!   acknowledged once the block is on the SSD and named in a dirty log; the
+//!   upload happens later, so an outage of the cloud never fails a store or
+//!   loses an acknowledged block.
 //! - **A miss is not an error.** Corrupt or torn bytes are counted and
 //!   reported as misses; they are never served.
 

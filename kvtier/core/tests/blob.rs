@@ -5,11 +5,11 @@ use std::time::{Duration, Instant};
 
 use kvtier::block::{Dtype, KvKind, KvLayout};
 use kvtier::manager::{LoadOutcome, ManagerConfig};
-use kvtier::tier::TierKind;
 use kvtier::tier::blob::azurite::{self, Azurite};
 use kvtier::tier::blob::{BlobConfig, BlobMode, Credential, Secret};
 use kvtier::tier::conformance::content;
 use kvtier::tier::disk::DiskConfig;
+use kvtier::tier::{Tier, TierKind};
 use kvtier::{BlockKey, BlockManager, ErrorKind, Namespace, NamespaceId};
 use object_store::ObjectStoreExt;
 
@@ -362,4 +362,61 @@ fn a_backlog_throttles_stores_instead_of_evicting_unuploaded_blocks() {
         m.store(ns, std::slice::from_ref(k), &data(std::slice::from_ref(k)))
             .unwrap();
     }
+}
+
+#[test]
+fn tiered_writeback_uploads_what_the_host_tier_demotes_and_remove_reaches_blob() {
+    let az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let host = kvtier::tier::host::HostConfig::with_capacity((4 * BLOCK) as u64);
+    let mut c = ManagerConfig::tiered(Some(host), Some(disk(dir.path())));
+    c.blob = Some(az.config("kvtier-tiered", BlobMode::Writeback));
+    let m = c.build().unwrap();
+    let ns = register(&m);
+    // 10 blocks through a 4-block host pool: at least 6 are demoted to the
+    // SSD, and every demoted block is uploaded.
+    let ks = keys(&namespace(), 10, 40);
+    for k in &ks {
+        m.store(ns, std::slice::from_ref(k), &data(std::slice::from_ref(k)))
+            .unwrap();
+    }
+    assert!(m.flush_writeback(Duration::from_secs(30)));
+    let s = m.stats();
+    let on_disk = s.disk.unwrap().usage.blocks;
+    assert!(on_disk >= 6, "{on_disk} blocks on disk");
+    assert_eq!(s.writeback.unwrap().uploaded_blocks, on_disk);
+    assert_eq!(s.blob.unwrap().put_requests, on_disk);
+    // Remove deletes everywhere, blob included, in writeback mode.
+    let demoted: Vec<BlockKey> = ks.iter().copied().filter(|k| m.disk().unwrap().contains(k)).collect();
+    assert_eq!(m.remove(ns, &demoted[..1]).unwrap(), 1);
+    assert_eq!(m.stats().blob.unwrap().delete_requests, 1);
+    assert_eq!(m.blob().unwrap().present_prefix(ns, &demoted[..1], BLOCK), 0);
+    assert_eq!(m.blob().unwrap().present_prefix(ns, &demoted[1..2], BLOCK), 1);
+}
+
+#[test]
+fn a_promoted_blob_block_is_not_uploaded_again() {
+    let az = Azurite::start();
+    let d1 = tempfile::tempdir().unwrap();
+    let m = ssd_with_blob(d1.path(), az.config("kvtier-promote", BlobMode::Writeback));
+    let ns = register(&m);
+    let ks = keys(&namespace(), 6, 50);
+    m.store(ns, &ks, &data(&ks)).unwrap();
+    assert!(m.flush_writeback(Duration::from_secs(30)));
+    drop(m);
+    // A second writeback node reads them (promoting into its host tier,
+    // which demotes to its SSD when full): no PUT for any of them.
+    let d2 = tempfile::tempdir().unwrap();
+    let host = kvtier::tier::host::HostConfig::with_capacity((2 * BLOCK) as u64);
+    let mut c = ManagerConfig::tiered(Some(host), Some(disk(d2.path())));
+    c.blob = Some(az.config("kvtier-promote", BlobMode::Writeback));
+    let m2 = c.build().unwrap();
+    register(&m2);
+    let (r, out) = load(&m2, ns, &ks);
+    assert_eq!(r.loaded, 6);
+    assert!(out == data(&ks));
+    assert!(m2.flush_writeback(Duration::from_secs(30)));
+    let s = m2.stats();
+    assert!(s.disk.unwrap().usage.blocks >= 4, "demotions reached the SSD");
+    assert_eq!(s.blob.unwrap().put_requests, 0, "{:?}", s.blob);
 }

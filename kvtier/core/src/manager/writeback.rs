@@ -418,6 +418,13 @@ pub(crate) async fn upload_loop(wb: Arc<Writeback>, disk: DiskTier, blob: BlobCl
             continue;
         };
         let permit = slots.clone().acquire_owned().await.expect("never closed");
+        if blob.known_present(&key) {
+            // Read from blob earlier (a promoted block demoted again): no
+            // request needed.
+            wb.uploaded.fetch_add(1, Relaxed);
+            wb.finish(key);
+            continue;
+        }
         let (wb, disk, blob) = (wb.clone(), disk.clone(), blob.clone());
         tokio::spawn(async move {
             let read = tokio::task::spawn_blocking(move || read_block(&disk, ns, key)).await;

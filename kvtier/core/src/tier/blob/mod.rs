@@ -645,6 +645,11 @@ impl BlobClient {
         )
     }
 
+    /// Whether `key` is known to be in blob (uploaded or read earlier).
+    pub(crate) fn known_present(&self, key: &BlockKey) -> bool {
+        self.0.known.lock().contains(key)
+    }
+
     /// Uploads in flight at most.
     pub(crate) fn upload_concurrency(&self) -> usize {
         self.0.cfg.upload_concurrency
