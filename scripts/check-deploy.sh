@@ -2,7 +2,8 @@
 # Checks the deploy/ files: every YAML document parses; the DaemonSet has
 # native gRPC probes on 50051 and a grace period longer than the drain; every
 # kvtierd.toml (deploy/, the ConfigMap, cloud-init) parses as TOML and is
-# accepted by `kvtierd --print-config`; cloud-init carries the systemd unit
+# accepted by `kvtierd --print-config`, also with its commented-out [blob]
+# example uncommented; cloud-init carries the systemd unit
 # verbatim and its scripts are valid bash; `systemd-analyze verify` accepts
 # the units (when systemd-analyze exists). Exits non-zero on any failure.
 set -euo pipefail
@@ -57,7 +58,7 @@ def check(ok, what):
     return ok
 
 
-def kvtierd_accepts(text, name, expect):
+def kvtierd_accepts(text, name, expect, start=True):
     """Parses text as TOML and runs it through kvtierd --print-config."""
     try:
         tomllib.loads(text)
@@ -80,11 +81,31 @@ def kvtierd_accepts(text, name, expect):
     eff = tomllib.loads(r.stdout)
     for k, v in expect.items():
         check(eff.get(k) == v, f"{name}: effective {k} = {v!r} (got {eff.get(k)!r})")
-    if "manager" in eff:
+    if not start:
+        pass
+    elif "manager" in eff:
         print(f"skip  {name}: not started ([manager] names its own directories)")
     else:
         starts(path, name)
     return eff
+
+
+def blob_example_accepted(text, name):
+    """The commented-out [blob] example of a kvtierd.toml, uncommented, is
+    accepted by kvtierd --print-config (not started: it names a real
+    storage account)."""
+    lines = [l.strip() for l in text.splitlines()]
+    if "# [blob]" not in lines:
+        return
+    block = []
+    for l in lines[lines.index("# [blob]"):]:
+        if not l.startswith("# "):
+            break
+        block.append(l[2:])
+    eff = kvtierd_accepts(text + "\n" + "\n".join(block) + "\n", name + " with its [blob] example", {}, start=False)
+    if eff is not None:
+        blob = eff.get("blob", {})
+        check(bool(blob.get("account")) and bool(blob.get("container")), f"{name}: the [blob] example names an account and a container")
 
 
 def starts(path, name):
@@ -142,6 +163,7 @@ for f in sorted(pathlib.Path("deploy").rglob("*")):
 
 # deploy/kvtierd.toml, the commented example.
 kvtierd_accepts(pathlib.Path("deploy/kvtierd.toml").read_text(), "deploy/kvtierd.toml", {})
+blob_example_accepted(pathlib.Path("deploy/kvtierd.toml").read_text(), "deploy/kvtierd.toml")
 
 # The Kubernetes manifests.
 k8s = docs.get("deploy/kubernetes/kvtierd-daemonset.yaml", [])
@@ -160,6 +182,7 @@ for cm in by_kind.get("ConfigMap", []):
             "ConfigMap kvtierd.toml",
             {"listen": "0.0.0.0:50051", "metrics_listen": "0.0.0.0:9464", "data_dir": "/var/lib/kvtier"},
         ) or {}
+        blob_example_accepted(text, "ConfigMap kvtierd.toml")
 
 for ds in by_kind.get("DaemonSet", []):
     pod = ds["spec"]["template"]

@@ -10,19 +10,38 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-echo "== bench smoke: kvtier-bench tiers --smoke, daemon --smoke, demo"
+# Azurite before the bench smokes: the blob smoke and the blob tests start it.
+./scripts/azurite.sh >/dev/null
+echo "== bench smoke: kvtier-bench tiers --smoke, daemon --smoke, blob --smoke, demo"
 cargo build --release -q -p kvtier-bench -p kvtier-server
 smoke_dir=$(mktemp -d "${TMPDIR:-/tmp}/kvtier-smoke.XXXXXX")
 trap 'rm -rf "$smoke_dir"' EXIT
 ./target/release/kvtier-bench tiers --smoke --json --dir "$smoke_dir/tiers"
 ./target/release/kvtier-bench daemon --smoke --json --dir "$smoke_dir/daemon"
+./target/release/kvtier-bench blob --smoke --json --dir "$smoke_dir/blob" | tee "$smoke_dir/blob.json"
+python3 - "$smoke_dir/blob.json" <<'PY'
+import json, sys
+v = json.load(open(sys.argv[1]))
+assert v["blob_put_requests"] == v["stored_blocks"] > 0, "each block uploaded once"
+assert v["bytes_to_blob"] == v["stored_blocks"] * (v["block_bytes"] + 64), v["bytes_to_blob"]
+served = v["loads"] * v["blocks_per_request"] * v["block_bytes"]
+bo = v["blob_only"]
+assert bo["throughput_reduction"] == 0, bo
+assert bo["blob_get_requests"] == v["loads"] * v["blocks_per_request"], bo
+for c in ("local_tiers", "local_tiers_with_host"):
+    r = v[c]
+    assert r["bytes_served"] == served, (c, r)
+    assert r["throughput_reduction"] > 0, (c, r)
+    assert r["blob_get_requests"] < bo["blob_get_requests"], (c, r)
+    assert r["blob_put_requests"] == 0, (c, r)
+print("blob: ok")
+PY
 ./target/release/kvtier-bench demo --json --dir "$smoke_dir/demo" >/dev/null
 echo "demo: ok"
 ./scripts/check-deploy.sh
 echo "== python: wheel, clean-venv install, pytest"
 ./scripts/python-test.sh
 ./target/release/kvtier-bench python --smoke --json
-./scripts/azurite.sh >/dev/null   # the blob tests start it
 echo "== cargo test"
 # The core crate last, so the run closes on its summary.
 cargo test -p kvtier-bench --all-targets

@@ -4,6 +4,7 @@
 //! the same machine and directory (memcpy, raw O_DIRECT I/O), because these
 //! machines are noisy: the ratios are what carry over.
 
+mod blob;
 mod buf;
 mod daemon;
 mod demo;
@@ -29,6 +30,10 @@ enum Cmd {
     /// kvtierd's request path against raw loopback TCP, SSD-only mode
     /// against raw O_DIRECT I/O, and lookup latency.
     Daemon(daemon::Args),
+    /// The Azure Blob tier on Azurite: blob requests and bytes for a fixed
+    /// workload, and the throughput reduction with local tiers in front
+    /// against blob alone, in the same run.
+    Blob(blob::Args),
     /// The Python binding against Rust: put/get GB/s, same store, same run.
     Python(python::Args),
     /// GPU <-> pinned host block copies through kvtier's transfer path
@@ -57,6 +62,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Tiers(a) => tiers::run(&a),
         Cmd::Daemon(a) => daemon::run(&a),
+        Cmd::Blob(a) => blob::run(&a),
         Cmd::Python(a) => python::run(&a),
         Cmd::Transfer(a) => transfer::run(&a),
         Cmd::Demo { dir, json } => demo::run(&dir, json),

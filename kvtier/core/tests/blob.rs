@@ -243,6 +243,10 @@ fn wrong_credentials_missing_container_and_no_service_fail_at_startup() {
     let e = c.build().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Io, "{e}");
     assert!(t.elapsed() < Duration::from_secs(20), "took {:?}", t.elapsed());
+    // The same over https (real Azure's scheme): TLS is set up, no panic.
+    c.endpoint = Some("https://127.0.0.1:1/devstoreaccount1".into());
+    let e = c.build().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
     // Writeback without a disk tier is refused before any request.
     let mut mc = ManagerConfig::host_only(kvtier::tier::host::HostConfig::with_capacity(1 << 20));
     mc.blob = Some(az.config("kvtier-creds", BlobMode::Writeback));

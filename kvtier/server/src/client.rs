@@ -166,6 +166,7 @@ impl Client {
             .initial_connection_window_size(Some(64 << 20))
             .connect_timeout(std::time::Duration::from_secs(5));
         if cfg.endpoint.starts_with("https://") || cfg.ca_file.is_some() {
+            crate::install_crypto_provider();
             let mut tls = ClientTlsConfig::new().with_enabled_roots();
             if let Some(ca) = &cfg.ca_file {
                 let pem = std::fs::read(ca).map_err(|e| format!("read {}: {e}", ca.display()))?;
@@ -435,13 +436,13 @@ impl Client {
 
     /// The manager's counters as JSON.
     pub async fn stats(&self) -> Result<String, Status> {
-        Ok(self
-            .inner
-            .clone()
-            .stats(proto::StatsRequest {})
-            .await?
-            .into_inner()
-            .json)
+        Ok(self.stats_reply().await?.json)
+    }
+
+    /// The whole Stats reply: the JSON, and the blob tier's and the
+    /// writeback's counters as typed fields.
+    pub async fn stats_reply(&self) -> Result<proto::StatsResponse, Status> {
+        Ok(self.inner.clone().stats(proto::StatsRequest {}).await?.into_inner())
     }
 
     /// Liveness and identity.

@@ -2,8 +2,13 @@
 //! overrides, over an embedded default that needs nothing: SSD-only mode,
 //! data under `./kvtierd-data`, gRPC on 127.0.0.1:50051, metrics on
 //! 127.0.0.1:9464.
+//!
+//! The Azure Blob tier is a `[blob]` table (or `[manager.blob]` with a full
+//! `[manager]`). Its secrets are never `KVTIER_*` variables: they stay in
+//! the `AZURE_*` variables the Azure client reads.
 
 use kvtier::manager::{ManagerConfig, Mode};
+use kvtier::tier::blob::{BlobConfig, BlobMode};
 use kvtier::tier::disk::DiskConfig;
 use kvtier::tier::host::HostConfig;
 use serde::{Deserialize, Serialize};
@@ -69,6 +74,11 @@ pub struct DaemonConfig {
     /// Full block manager configuration; overrides `mode` and the capacities.
     #[serde(default)]
     pub manager: Option<ManagerConfig>,
+    /// The Azure Blob tier behind the SSD, in the manager built from `mode`
+    /// and the capacities. With `[manager]`, write `[manager.blob]` instead:
+    /// both at once is an error.
+    #[serde(default)]
+    pub blob: Option<BlobConfig>,
 }
 
 fn default_listen() -> String {
@@ -128,7 +138,76 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("KVTIER_DRAIN_TIMEOUT_S", "drain_timeout_s"),
     ("KVTIER_SHM_DIR", "shm_dir"),
     ("KVTIER_MAX_REGIONS", "max_regions"),
+    ("KVTIER_BLOB_ACCOUNT", "blob.account"),
+    ("KVTIER_BLOB_CONTAINER", "blob.container"),
+    ("KVTIER_BLOB_ENDPOINT", "blob.endpoint"),
+    ("KVTIER_BLOB_PREFIX", "blob.prefix"),
+    ("KVTIER_BLOB_MODE", "blob.mode"),
 ];
+
+/// The `KVTIER_BLOB_*` overrides found in the environment.
+#[derive(Debug, Default)]
+struct BlobEnv {
+    account: Option<String>,
+    container: Option<String>,
+    endpoint: Option<String>,
+    prefix: Option<String>,
+    mode: Option<BlobMode>,
+    /// The variables set, in the order read, for error messages.
+    set: Vec<&'static str>,
+}
+
+impl BlobEnv {
+    /// Applies the overrides to the blob table in effect (`[manager.blob]`
+    /// when `[manager]` is given, else `[blob]`); makes that table when it
+    /// is missing and both the account and the container are given.
+    fn apply(self, c: &mut DaemonConfig) -> Result<(), String> {
+        if self.set.is_empty() {
+            return Ok(());
+        }
+        let (slot, table) = match &mut c.manager {
+            Some(m) => (&mut m.blob, "[manager.blob]"),
+            None => (&mut c.blob, "[blob]"),
+        };
+        let blob = match (slot.as_mut(), &self.account, &self.container) {
+            (Some(b), _, _) => b,
+            // The account and the container are set below, as is: BlobConfig::new
+            // writes them into TOML text, which not every string survives.
+            (None, Some(_), Some(_)) => slot.insert(BlobConfig::new("", "")),
+            (None, _, _) => {
+                let missing: Vec<&str> = [
+                    ("KVTIER_BLOB_ACCOUNT", self.account.is_none()),
+                    ("KVTIER_BLOB_CONTAINER", self.container.is_none()),
+                ]
+                .into_iter()
+                .filter_map(|(v, m)| m.then_some(v))
+                .collect();
+                return Err(format!(
+                    "{} set, but the configuration has no {table} table: set {} too to turn the blob tier on",
+                    self.set.join(", "),
+                    missing.join(" and ")
+                ));
+            }
+        };
+        if let Some(v) = self.account {
+            blob.account = v;
+        }
+        if let Some(v) = self.container {
+            blob.container = v;
+        }
+        if let Some(v) = self.endpoint {
+            // Empty: the account's public endpoint.
+            blob.endpoint = (!v.is_empty()).then_some(v);
+        }
+        if let Some(v) = self.prefix {
+            blob.prefix = v;
+        }
+        if let Some(v) = self.mode {
+            blob.mode = v;
+        }
+        Ok(())
+    }
+}
 
 fn parse<T: std::str::FromStr>(var: &str, v: &str) -> Result<T, String> {
     v.parse().map_err(|_| format!("{var}={v:?} is not a valid number"))
@@ -144,7 +223,16 @@ impl DaemonConfig {
             }
             None => Self::default(),
         };
+        // Checked before the environment, which applies to [manager.blob]
+        // when [manager] is given.
+        if c.blob.is_some() && c.manager.is_some() {
+            return Err(
+                "[blob] goes with mode and the capacities; with a [manager] table, configure the blob tier as [manager.blob]"
+                    .into(),
+            );
+        }
         let (mut cert, mut key) = (None, None);
+        let mut blob = BlobEnv::default();
         for (k, v) in env {
             match k.as_str() {
                 "KVTIER_LISTEN" => c.listen = v,
@@ -168,9 +256,38 @@ impl DaemonConfig {
                 "KVTIER_DRAIN_TIMEOUT_S" => c.drain_timeout_s = parse(&k, &v)?,
                 "KVTIER_SHM_DIR" => c.shm_dir = v,
                 "KVTIER_MAX_REGIONS" => c.max_regions = parse(&k, &v)?,
+                "KVTIER_BLOB_ACCOUNT" => {
+                    blob.account = Some(v);
+                    blob.set.push("KVTIER_BLOB_ACCOUNT");
+                }
+                "KVTIER_BLOB_CONTAINER" => {
+                    blob.container = Some(v);
+                    blob.set.push("KVTIER_BLOB_CONTAINER");
+                }
+                "KVTIER_BLOB_ENDPOINT" => {
+                    blob.endpoint = Some(v);
+                    blob.set.push("KVTIER_BLOB_ENDPOINT");
+                }
+                "KVTIER_BLOB_PREFIX" => {
+                    blob.prefix = Some(v);
+                    blob.set.push("KVTIER_BLOB_PREFIX");
+                }
+                "KVTIER_BLOB_MODE" => {
+                    blob.mode = Some(match v.as_str() {
+                        "cache-only" => BlobMode::CacheOnly,
+                        "writeback" => BlobMode::Writeback,
+                        _ => {
+                            return Err(format!(
+                                "KVTIER_BLOB_MODE={v:?}: expected \"cache-only\" or \"writeback\""
+                            ));
+                        }
+                    });
+                    blob.set.push("KVTIER_BLOB_MODE");
+                }
                 _ => {}
             }
         }
+        blob.apply(&mut c)?;
         match (cert, key) {
             (Some(cert_file), Some(key_file)) => c.tls = Some(TlsConfig { cert_file, key_file }),
             (None, None) => {}
@@ -190,6 +307,11 @@ impl DaemonConfig {
         if self.auth_token.as_deref() == Some("") {
             return Err("auth_token must not be empty (leave it unset to disable auth)".into());
         }
+        // Everything that needs no network is checked here, so that a bad
+        // value is a configuration error (exit 2) and --print-config sees it.
+        if let Some(b) = self.blob_config() {
+            b.validate().map_err(|e| e.message().to_string())?;
+        }
         Ok(())
     }
 
@@ -207,7 +329,7 @@ impl DaemonConfig {
     }
 
     /// The block manager's configuration: `manager` if given, else the
-    /// `mode` with blocks under `data_dir/blocks`.
+    /// `mode` with blocks under `data_dir/blocks` and the `blob` tier.
     pub fn manager_config(&self) -> ManagerConfig {
         if let Some(m) = &self.manager {
             return m.clone();
@@ -219,9 +341,19 @@ impl DaemonConfig {
             segment_bytes,
             ..DiskConfig::new(self.data_dir.join("blocks"), self.disk_capacity_bytes)
         };
-        match self.mode {
+        let mut m = match self.mode {
             Mode::SsdOnly => ManagerConfig::ssd_only(disk),
             _ => ManagerConfig::tiered(Some(HostConfig::with_capacity(self.host_capacity_bytes)), Some(disk)),
+        };
+        m.blob = self.blob.clone();
+        m
+    }
+
+    /// The blob tier configured, from `[blob]` or `[manager.blob]`.
+    pub fn blob_config(&self) -> Option<&BlobConfig> {
+        match &self.manager {
+            Some(m) => m.blob.as_ref(),
+            None => self.blob.as_ref(),
         }
     }
 }
@@ -289,5 +421,197 @@ mod tests {
         let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kvtierd.toml");
         let c = DaemonConfig::load(Some(&f), env(&[])).unwrap();
         assert_eq!(c.mode, Mode::SsdOnly);
+        assert!(c.blob.is_none(), "the [blob] example is commented out");
+    }
+
+    /// The commented-out `[blob]` example of a deploy file, uncommented:
+    /// from its `# [blob]` line to the first line that is not a comment.
+    fn blob_example(file: &str) -> String {
+        let text =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy").join(file)).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .skip_while(|l| *l != "# [blob]")
+            .map_while(|l| l.strip_prefix("# "))
+            .collect();
+        assert!(lines.len() > 2, "deploy/{file} has a commented [blob] example");
+        lines.join("\n")
+    }
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let f = dir.join("k.toml");
+        std::fs::write(&f, text).unwrap();
+        f
+    }
+
+    #[test]
+    fn the_blob_examples_parse() {
+        let d = tempfile::tempdir().unwrap();
+        let f = write(d.path(), &blob_example("kvtierd.toml"));
+        let c = DaemonConfig::load(Some(&f), env(&[])).unwrap();
+        let b = c.manager_config().blob.expect("[blob] reaches the manager");
+        assert_eq!(b.mode, BlobMode::Writeback);
+        assert!(!b.account.is_empty() && !b.container.is_empty());
+        // The manager example's [blob] is a ManagerConfig table.
+        let m = ManagerConfig::from_toml(&format!(
+            "mode = \"ssd-only\"\n[disk]\ndir = \"/d\"\ncapacity_bytes = 1073741824\n{}",
+            blob_example("kvtier.toml")
+        ))
+        .unwrap();
+        assert_eq!(m.blob.unwrap().mode, BlobMode::Writeback);
+    }
+
+    #[test]
+    fn blob_table_goes_into_the_manager_built_from_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let f = write(
+            d.path(),
+            "mode = \"tiered\"\n[blob]\naccount = \"acct1\"\ncontainer = \"kv-cache\"\nmode = \"writeback\"\nprefix = \"prod/\"\n",
+        );
+        let c = DaemonConfig::load(Some(&f), env(&[])).unwrap();
+        let m = c.manager_config();
+        assert_eq!(m.mode, Mode::Tiered);
+        assert!(m.host.is_some() && m.disk.is_some());
+        let b = m.blob.unwrap();
+        assert_eq!((b.account.as_str(), b.container.as_str()), ("acct1", "kv-cache"));
+        assert_eq!((b.mode, b.prefix.as_str()), (BlobMode::Writeback, "prod/"));
+        // Every other key keeps the core's default.
+        let mut want = BlobConfig::new("acct1", "kv-cache");
+        want.mode = BlobMode::Writeback;
+        want.prefix = "prod/".into();
+        assert_eq!(b, want);
+        assert_eq!(c.blob_config(), Some(&want));
+        // --print-config output reads back the same.
+        let printed = toml::to_string_pretty(&c).unwrap();
+        let again: DaemonConfig = toml::from_str(&printed).unwrap();
+        assert_eq!(again, c, "{printed}");
+        // Without a table there is no blob tier.
+        assert!(
+            DaemonConfig::load(None, env(&[]))
+                .unwrap()
+                .manager_config()
+                .blob
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn blob_environment_makes_and_overrides_the_table() {
+        let c = DaemonConfig::load(
+            None,
+            env(&[("KVTIER_BLOB_ACCOUNT", "acct2"), ("KVTIER_BLOB_CONTAINER", "kv-cache")]),
+        )
+        .unwrap();
+        assert_eq!(c.blob, Some(BlobConfig::new("acct2", "kv-cache")));
+        assert_eq!(c.manager_config().blob.unwrap().mode, BlobMode::CacheOnly);
+
+        let d = tempfile::tempdir().unwrap();
+        let f = write(
+            d.path(),
+            "[blob]\naccount = \"acct1\"\ncontainer = \"kv-cache\"\nendpoint = \"http://127.0.0.1:10000/acct1\"\nupload_concurrency = 4\n",
+        );
+        let c = DaemonConfig::load(
+            Some(&f),
+            env(&[
+                ("KVTIER_BLOB_MODE", "writeback"),
+                ("KVTIER_BLOB_PREFIX", "a/b/"),
+                ("KVTIER_BLOB_CONTAINER", "other"),
+            ]),
+        )
+        .unwrap();
+        let b = c.blob.unwrap();
+        assert_eq!((b.account.as_str(), b.container.as_str()), ("acct1", "other"));
+        assert_eq!((b.mode, b.prefix.as_str()), (BlobMode::Writeback, "a/b/"));
+        assert_eq!(b.endpoint.as_deref(), Some("http://127.0.0.1:10000/acct1"));
+        assert_eq!(b.upload_concurrency, 4, "keys the environment does not name stay");
+        // An empty endpoint is the account's public one.
+        let c = DaemonConfig::load(Some(&f), env(&[("KVTIER_BLOB_ENDPOINT", "")])).unwrap();
+        assert_eq!(c.blob.unwrap().endpoint_url(), "https://acct1.blob.core.windows.net");
+        let c = DaemonConfig::load(
+            Some(&f),
+            env(&[("KVTIER_BLOB_ENDPOINT", "http://10.0.0.1:10000/acct1")]),
+        )
+        .unwrap();
+        assert_eq!(c.blob.unwrap().endpoint_url(), "http://10.0.0.1:10000/acct1");
+    }
+
+    #[test]
+    fn bad_blob_settings_are_precise() {
+        let e = DaemonConfig::load(None, env(&[("KVTIER_BLOB_ACCOUNT", "acct")])).unwrap_err();
+        assert!(e.contains("KVTIER_BLOB_ACCOUNT set"), "{e}");
+        assert!(e.contains("no [blob] table: set KVTIER_BLOB_CONTAINER too"), "{e}");
+        let e = DaemonConfig::load(
+            None,
+            env(&[("KVTIER_BLOB_PREFIX", "p/"), ("KVTIER_BLOB_MODE", "writeback")]),
+        )
+        .unwrap_err();
+        assert!(e.contains("KVTIER_BLOB_PREFIX, KVTIER_BLOB_MODE set"), "{e}");
+        assert!(e.contains("KVTIER_BLOB_ACCOUNT and KVTIER_BLOB_CONTAINER"), "{e}");
+        let e = DaemonConfig::load(None, env(&[("KVTIER_BLOB_MODE", "write-back")])).unwrap_err();
+        assert!(e.contains("KVTIER_BLOB_MODE=\"write-back\""), "{e}");
+        // The core's checks that need no network run at load.
+        let e = DaemonConfig::load(
+            None,
+            env(&[
+                ("KVTIER_BLOB_ACCOUNT", "MyAccount"),
+                ("KVTIER_BLOB_CONTAINER", "kv-cache"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.contains("blob.account \"MyAccount\""), "{e}");
+        let e = DaemonConfig::load(
+            None,
+            env(&[
+                ("KVTIER_BLOB_ACCOUNT", "acct"),
+                ("KVTIER_BLOB_CONTAINER", "kv-cache"),
+                ("KVTIER_BLOB_ENDPOINT", "acct.blob.core.windows.net"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.contains("blob.endpoint"), "{e}");
+        let d = tempfile::tempdir().unwrap();
+        let f = write(
+            d.path(),
+            "[blob]\naccount = \"acct\"\ncontainer = \"kv-cache\"\nkey = \"x\"\n",
+        );
+        let e = DaemonConfig::load(Some(&f), env(&[])).unwrap_err();
+        assert!(e.contains("unknown field `key`"), "{e}");
+        let f = write(d.path(), "[blob]\naccount = \"acct\"\n");
+        let e = DaemonConfig::load(Some(&f), env(&[])).unwrap_err();
+        assert!(e.contains("missing field `container`"), "{e}");
+    }
+
+    #[test]
+    fn blob_with_a_manager_table_goes_under_it() {
+        let d = tempfile::tempdir().unwrap();
+        let manager = "[manager]\nmode = \"ssd-only\"\n[manager.disk]\ndir = \"/d\"\ncapacity_bytes = 1073741824\n";
+        let blob = "[blob]\naccount = \"acct\"\ncontainer = \"kv-cache\"\n";
+        let f = write(d.path(), &format!("{blob}{manager}"));
+        for vars in [&[][..], &[("KVTIER_BLOB_MODE", "writeback")][..]] {
+            let e = DaemonConfig::load(Some(&f), env(vars)).unwrap_err();
+            assert!(e.contains("configure the blob tier as [manager.blob]"), "{e}");
+        }
+        // [manager.blob] applies, and the environment overrides it.
+        let f = write(
+            d.path(),
+            &format!("{manager}{}", blob.replace("[blob]", "[manager.blob]")),
+        );
+        let c = DaemonConfig::load(Some(&f), env(&[("KVTIER_BLOB_MODE", "writeback")])).unwrap();
+        assert!(c.blob.is_none());
+        let b = c.manager_config().blob.unwrap();
+        assert_eq!((b.account.as_str(), b.mode), ("acct", BlobMode::Writeback));
+        // Without [manager.blob], the environment makes it, or says so.
+        let f = write(d.path(), manager);
+        let e = DaemonConfig::load(Some(&f), env(&[("KVTIER_BLOB_CONTAINER", "kv-cache")])).unwrap_err();
+        assert!(
+            e.contains("no [manager.blob] table: set KVTIER_BLOB_ACCOUNT too"),
+            "{e}"
+        );
+        let c = DaemonConfig::load(
+            Some(&f),
+            env(&[("KVTIER_BLOB_CONTAINER", "kv-cache"), ("KVTIER_BLOB_ACCOUNT", "acct")]),
+        )
+        .unwrap();
+        assert_eq!(c.manager_config().blob, Some(BlobConfig::new("acct", "kv-cache")));
     }
 }

@@ -28,13 +28,16 @@ pub struct Bound {
 }
 
 /// Serves until `stop` completes, then drains: in-flight requests get
-/// `drain_timeout_s` to finish, queued writes reach disk, and the disk tier
-/// seals its segments. `on_bound` hears the addresses once they are bound.
+/// `drain_timeout_s` to finish, queued writes reach disk, pending blob
+/// uploads get up to `drain_timeout_s` more (with the release of the block
+/// manager), and the disk tier seals its segments. `on_bound` hears the
+/// addresses once they are bound.
 pub async fn run(
     cfg: DaemonConfig,
     stop: impl Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(Bound),
 ) -> Result<(), String> {
+    crate::install_crypto_provider();
     let token = cfg.token()?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("create {}: {e}", cfg.data_dir.display()))?;
     let mcfg = cfg.manager_config();
@@ -120,7 +123,7 @@ pub async fn run(
         auth,
     );
 
-    tracing::info!(%grpc, metrics = ?metrics_task.as_ref().map(|m| m.0), mode = ?manager.mode(), tls = cfg.tls.is_some(), auth = cfg.auth_token.is_some() || cfg.auth_token_file.is_some(), "kvtierd serving");
+    tracing::info!(%grpc, metrics = ?metrics_task.as_ref().map(|m| m.0), mode = ?manager.mode(), blob = ?manager.blob(), tls = cfg.tls.is_some(), auth = cfg.auth_token.is_some() || cfg.auth_token_file.is_some(), "kvtierd serving");
     on_bound(Bound {
         grpc,
         metrics: metrics_task.as_ref().map(|m| m.0),
@@ -153,6 +156,26 @@ pub async fn run(
     // it (write-through): drain the queue, then close the tiers so the
     // disk tier seals its active segment.
     let deadline = tokio::time::Instant::now() + drain;
+    // Writeback: pending uploads get the same bounded time. What is left
+    // stays in the dirty log on the SSD and resumes at the next start.
+    if let Some(pending) = manager.stats().writeback.map(|w| w.pending_blocks).filter(|n| *n > 0) {
+        tracing::info!(
+            pending,
+            timeout_s = cfg.drain_timeout_s,
+            "waiting for pending blob uploads"
+        );
+        let m = manager.clone();
+        let done = tokio::task::spawn_blocking(move || m.flush_writeback(drain))
+            .await
+            .unwrap_or(false);
+        if !done {
+            let left = manager.stats().writeback.map_or(0, |w| w.pending_blocks);
+            tracing::warn!(
+                pending = left,
+                "blob uploads still pending at stop: they resume at the next start"
+            );
+        }
+    }
     let mut manager = manager;
     loop {
         match Arc::try_unwrap(manager) {

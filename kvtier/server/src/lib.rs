@@ -58,5 +58,18 @@ pub fn keep_large_buffers() {
     }
 }
 
+/// Installs ring as rustls's process-wide crypto provider, unless one is
+/// installed already (by an earlier call, or by the embedding process).
+///
+/// tonic builds its TLS configs with rustls's default provider. The blob
+/// tier's HTTP client (object_store) compiles in rustls's aws-lc-rs backend
+/// next to tonic's ring, and with both rustls cannot pick a default: it
+/// would panic on the first TLS server or client config. Called by
+/// [`daemon::run`] and [`client::Client::connect`].
+pub fn install_crypto_provider() {
+    // An Err means a provider is installed already: that one stays.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Largest `data` message either side sends: under gRPC's 4 MiB default.
 pub const CHUNK_BYTES: usize = 4 << 20;

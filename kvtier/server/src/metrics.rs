@@ -1,8 +1,15 @@
 //! Prometheus metrics: request counts and latency histograms per RPC, and
 //! the block manager's counters, rendered in the text exposition format on
 //! `GET /metrics`.
+//!
+//! The `kvtier_blob_*`, `kvtier_served_bytes_total`,
+//! `kvtier_blob_promotions_total` and `kvtier_throughput_reduction` series
+//! exist only with a blob tier configured, and `kvtier_writeback_*` only in
+//! its writeback mode: a node without one exports none of them (rather than
+//! zeros that look like an idle tier).
 
 use kvtier::BlockManager;
+use kvtier::manager::ManagerStats;
 use kvtier::tier::TierStats;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -76,8 +83,12 @@ impl Metrics {
 
     /// The exposition text, with the manager's counters read now.
     pub fn render(&self, m: &BlockManager) -> String {
+        self.render_stats(&m.stats())
+    }
+
+    /// The exposition text for the manager's counters `s`.
+    pub fn render_stats(&self, s: &ManagerStats) -> String {
         let mut o = String::with_capacity(8192);
-        let s = m.stats();
         let mut counter = |name: &str, help: &str, v: u64| {
             let _ = writeln!(
                 o,
@@ -225,7 +236,141 @@ impl Metrics {
             );
             let _ = writeln!(o, "kvtier_request_duration_seconds_count{{rpc=\"{name}\"}} {count}");
         }
+        render_blob(&mut o, s);
         o
+    }
+}
+
+/// The blob tier's and the writeback's series, when they exist.
+fn render_blob(o: &mut String, s: &ManagerStats) {
+    let Some(b) = &s.blob else { return };
+    let mut one = |name: &str, kind: &str, help: &str, v: &dyn std::fmt::Display| {
+        let _ = writeln!(
+            o,
+            "# HELP kvtier_{name} {help}\n# TYPE kvtier_{name} {kind}\nkvtier_{name} {v}"
+        );
+    };
+    one(
+        "blob_request_errors_total",
+        "counter",
+        "Blob requests that failed, other than a missing object or one present (blob tier only).",
+        &b.request_errors,
+    );
+    one(
+        "blob_already_present_total",
+        "counter",
+        "Uploads refused because the object existed: uploaded once already (blob tier only).",
+        &b.already_present,
+    );
+    one(
+        "blob_skipped_unavailable_total",
+        "counter",
+        "Blob reads answered as misses without a request while the service failed (blob tier only).",
+        &b.skipped_unavailable,
+    );
+    one(
+        "blob_corrupt_total",
+        "counter",
+        "Blob objects refused by verification, served as misses (blob tier only).",
+        &b.tier.corrupt,
+    );
+    one(
+        "blob_hits_total",
+        "counter",
+        "Blocks loads served from blob (blob tier only).",
+        &b.tier.hits,
+    );
+    one(
+        "blob_misses_total",
+        "counter",
+        "Loads that stopped short in blob (blob tier only).",
+        &b.tier.misses,
+    );
+    one(
+        "blob_promotions_total",
+        "counter",
+        "Blob hits copied into a local tier (blob tier only).",
+        &s.blob_promotions,
+    );
+    one(
+        "throughput_reduction",
+        "gauge",
+        "Bytes served from local tiers over all bytes served, 0 before any (blob tier only).",
+        &s.throughput_reduction,
+    );
+    let mut labeled = |name: &str, help: &str, label: &str, values: &[(&str, u64)]| {
+        let _ = writeln!(o, "# HELP kvtier_{name} {help}\n# TYPE kvtier_{name} counter");
+        for (l, v) in values {
+            let _ = writeln!(o, "kvtier_{name}{{{label}=\"{l}\"}} {v}");
+        }
+    };
+    labeled(
+        "blob_requests_total",
+        "Blob requests sent, by kind (blob tier only).",
+        "kind",
+        &[
+            ("put", b.put_requests),
+            ("get", b.get_requests),
+            ("head", b.head_requests),
+            ("delete", b.delete_requests),
+            ("list", b.list_requests),
+        ],
+    );
+    labeled(
+        "blob_bytes_total",
+        "Object bytes moved to (up) and from (down) blob, headers included (blob tier only).",
+        "direction",
+        &[("up", b.tier.bytes_written), ("down", b.tier.bytes_read)],
+    );
+    labeled(
+        "served_bytes_total",
+        "Bytes loads served, from local tiers or from blob (blob tier only).",
+        "from",
+        &[("local", s.served_local_bytes), ("blob", s.served_blob_bytes)],
+    );
+    let _ = writeln!(
+        o,
+        "# HELP kvtier_blob_info The blob tier's mode (blob tier only).\n# TYPE kvtier_blob_info gauge\nkvtier_blob_info{{mode=\"{}\"}} 1",
+        crate::convert::blob_mode(b.mode)
+    );
+    let Some(w) = &s.writeback else { return };
+    let _ = writeln!(
+        o,
+        "# HELP kvtier_writeback_pending_blocks Blocks logged for upload and not yet in blob (writeback mode only).\n# TYPE kvtier_writeback_pending_blocks gauge\nkvtier_writeback_pending_blocks {}",
+        w.pending_blocks
+    );
+    let counters: [(&str, &str, u64); 5] = [
+        (
+            "writeback_uploaded_blocks_total",
+            "Blocks uploaded, or found in blob already (writeback mode only).",
+            w.uploaded_blocks,
+        ),
+        (
+            "writeback_upload_failures_total",
+            "Upload attempts that failed; each is tried again (writeback mode only).",
+            w.upload_failures,
+        ),
+        (
+            "writeback_resumed_blocks_total",
+            "Blocks pending at startup, resumed from the dirty log (writeback mode only).",
+            w.resumed_blocks,
+        ),
+        (
+            "writeback_dropped_blocks_total",
+            "Logged blocks given up: never acknowledged, removed, or unreadable (writeback mode only).",
+            w.dropped_blocks,
+        ),
+        (
+            "writeback_log_errors_total",
+            "Dirty-log appends that failed (writeback mode only).",
+            w.log_errors,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(
+            o,
+            "# HELP kvtier_{name} {help}\n# TYPE kvtier_{name} counter\nkvtier_{name} {v}"
+        );
     }
 }
 
@@ -276,5 +421,105 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, manager: Arc<Bl
             let _ = sock.write_all(body.as_bytes()).await;
             let _ = sock.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::tests::{blob_stats, local_stats};
+
+    /// The value of the sample named exactly `series` (name and labels).
+    fn sample(body: &str, series: &str) -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no sample {series} in\n{body}"))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{series}: {e}"))
+    }
+
+    /// Every sample belongs to a family announced once, HELP then TYPE.
+    fn assert_well_formed(body: &str) {
+        let mut families = std::collections::HashSet::new();
+        let mut last_type = String::new();
+        for l in body.lines() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap().to_string();
+                assert!(families.insert(name.clone()), "{name} announced twice");
+                last_type = name;
+            } else if let Some(rest) = l.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(!families.contains(name), "HELP of {name} after its TYPE");
+            } else {
+                let name = l.split(['{', ' ']).next().unwrap();
+                assert!(
+                    name.starts_with(&last_type),
+                    "sample {l:?} outside its family ({last_type})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn no_blob_series_without_a_blob_tier() {
+        let body = Metrics::default().render_stats(&local_stats());
+        assert_well_formed(&body);
+        for absent in [
+            "kvtier_blob_",
+            "kvtier_writeback_",
+            "kvtier_served_bytes_total",
+            "kvtier_throughput_reduction",
+        ] {
+            assert!(!body.contains(absent), "{absent} without a blob tier:\n{body}");
+        }
+        assert_eq!(sample(&body, "kvtier_lookups_total"), 0.0);
+    }
+
+    #[test]
+    fn blob_series_carry_the_counters() {
+        let body = Metrics::default().render_stats(&blob_stats());
+        assert_well_formed(&body);
+        let want = [
+            (r#"kvtier_blob_requests_total{kind="put"}"#, 1.0),
+            (r#"kvtier_blob_requests_total{kind="get"}"#, 2.0),
+            (r#"kvtier_blob_requests_total{kind="head"}"#, 3.0),
+            (r#"kvtier_blob_requests_total{kind="delete"}"#, 4.0),
+            (r#"kvtier_blob_requests_total{kind="list"}"#, 5.0),
+            ("kvtier_blob_request_errors_total", 6.0),
+            ("kvtier_blob_already_present_total", 7.0),
+            ("kvtier_blob_skipped_unavailable_total", 8.0),
+            ("kvtier_blob_hits_total", 11.0),
+            ("kvtier_blob_misses_total", 12.0),
+            (r#"kvtier_blob_bytes_total{direction="up"}"#, 13.0),
+            (r#"kvtier_blob_bytes_total{direction="down"}"#, 14.0),
+            ("kvtier_blob_corrupt_total", 15.0),
+            ("kvtier_writeback_pending_blocks", 21.0),
+            ("kvtier_writeback_uploaded_blocks_total", 22.0),
+            ("kvtier_writeback_upload_failures_total", 23.0),
+            ("kvtier_writeback_resumed_blocks_total", 24.0),
+            ("kvtier_writeback_dropped_blocks_total", 25.0),
+            ("kvtier_writeback_log_errors_total", 26.0),
+            (r#"kvtier_served_bytes_total{from="local"}"#, 300.0),
+            (r#"kvtier_served_bytes_total{from="blob"}"#, 100.0),
+            ("kvtier_blob_promotions_total", 31.0),
+            ("kvtier_throughput_reduction", 0.75),
+            (r#"kvtier_blob_info{mode="writeback"}"#, 1.0),
+        ];
+        for (series, v) in want {
+            assert_eq!(sample(&body, series), v, "{series}");
+        }
+        assert!(body.contains("# TYPE kvtier_writeback_pending_blocks gauge"));
+        assert!(body.contains("# TYPE kvtier_throughput_reduction gauge"));
+        assert!(body.contains("# TYPE kvtier_blob_requests_total counter"));
+
+        // Cache-only: the blob series, none of the writeback's.
+        let mut s = blob_stats();
+        s.writeback = None;
+        s.blob.as_mut().unwrap().mode = kvtier::tier::blob::BlobMode::CacheOnly;
+        let body = Metrics::default().render_stats(&s);
+        assert_well_formed(&body);
+        assert!(!body.contains("kvtier_writeback_"), "{body}");
+        assert_eq!(sample(&body, r#"kvtier_blob_info{mode="cache-only"}"#), 1.0);
     }
 }

@@ -411,9 +411,7 @@ impl proto::kv_tier_server::KvTier for KvTierService {
 
     async fn stats(&self, _req: Request<proto::StatsRequest>) -> Reply<proto::StatsResponse> {
         let t = Instant::now();
-        let r = serde_json::to_string(&self.manager.stats())
-            .map(|json| proto::StatsResponse { json })
-            .map_err(|e| Status::internal(format!("stats: {e}")));
+        let r = convert::stats(&self.manager.stats()).map_err(|e| Status::internal(format!("stats: {e}")));
         self.observe("Stats", t, &r);
         r.map(Response::new)
     }

@@ -3,75 +3,8 @@
 
 mod common;
 
-use common::Daemon;
-use std::io::Read;
+use common::{Daemon, kvtier};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// What one run of `kvtier` did.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
-    }
-
-    fn expect(self, code: i32) -> Self {
-        assert_eq!(self.code, code, "exit code: {self:?}");
-        self
-    }
-}
-
-/// Runs `kvtier` with `args` against `endpoint` (and `env`), for at most 30 s.
-fn kvtier(endpoint: &str, env: &[(&str, &str)], args: &[&str]) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvtier"));
-    cmd.arg("--endpoint")
-        .arg(endpoint)
-        .args(args)
-        .env_remove("KVTIER_ENDPOINT")
-        .env_remove("KVTIER_TOKEN")
-        .env_remove("KVTIER_CA_FILE")
-        .env_remove("KVTIER_TLS_DOMAIN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn kvtier");
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait for kvtier") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("kvtier {args:?} ran for more than 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Run {
-        code: status.code().expect("kvtier exited, not killed by a signal"),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
-}
 
 /// `ns register` of a namespace with 4096-byte blocks; its id.
 fn register(endpoint: &str, env: &[(&str, &str)], model: &str) -> String {

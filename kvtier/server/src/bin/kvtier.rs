@@ -44,7 +44,10 @@ struct Cli {
 enum Cmd {
     /// Is the daemon serving? Prints its status as JSON.
     Health,
-    /// The block manager's counters, as JSON.
+    /// The block manager's counters, as JSON: with a blob tier, also
+    /// `blob` (requests by kind, bytes up and down, corrupt objects),
+    /// `writeback` (pending, uploaded, failed, resumed blocks), the bytes
+    /// served from local tiers and from blob, and `throughput_reduction`.
     Stats,
     /// Namespace admin.
     #[command(subcommand)]
@@ -295,6 +298,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 .map(|t| match t {
                     kvtier_server::proto::Tier::Host => "host",
                     kvtier_server::proto::Tier::Disk => "disk",
+                    kvtier_server::proto::Tier::Blob => "blob",
                     _ => "unknown",
                 })
                 .collect();

@@ -5,7 +5,8 @@
 use kvtier::block::{Dtype, KvKind, KvLayout};
 use kvtier::{BlockKey, Namespace, NamespaceId};
 use kvtier_server::client::{Client, ClientConfig};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,9 +20,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts kvtierd with `data_dir` and extra environment, and waits (up to
-    /// 30 s) until it prints its addresses.
-    pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Daemon {
+    /// kvtierd on free loopback ports with `data_dir`, then `env`.
+    fn command(data_dir: &Path, env: &[(&str, &str)]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvtierd"));
         cmd.env("KVTIER_LISTEN", "127.0.0.1:0")
             .env("KVTIER_METRICS_LISTEN", "127.0.0.1:0")
@@ -34,7 +34,13 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn kvtierd");
+        cmd
+    }
+
+    /// Starts kvtierd with `data_dir` and extra environment, and waits (up to
+    /// 30 s) until it prints its addresses.
+    pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut child = Self::command(data_dir, env).spawn().expect("spawn kvtierd");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -73,6 +79,42 @@ impl Daemon {
             metrics,
             data_dir: data_dir.to_path_buf(),
         }
+    }
+
+    /// Starts kvtierd expecting it to fail at startup: waits (up to 60 s)
+    /// for it to exit, and panics if it serves instead.
+    pub fn start_fails(data_dir: &Path, env: &[(&str, &str)]) -> Exited {
+        let mut cmd = Self::command(data_dir, env);
+        cmd.stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn kvtierd");
+        let read = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = r.read_to_string(&mut s);
+                s
+            })
+        };
+        let out = read(Box::new(child.stdout.take().expect("piped stdout")));
+        let err = read(Box::new(child.stderr.take().expect("piped stderr")));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("kvtierd did not exit within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let e = Exited {
+            status,
+            stdout: out.join().unwrap(),
+            stderr: err.join().unwrap(),
+        };
+        assert!(!e.stdout.contains("kvtierd listening on"), "kvtierd served: {e:?}");
+        e
     }
 
     pub fn endpoint(&self) -> String {
@@ -120,6 +162,14 @@ impl Drop for Daemon {
     }
 }
 
+/// How a kvtierd that failed at startup exited.
+#[derive(Debug)]
+pub struct Exited {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
 /// A namespace whose blocks are `block_bytes` long (a multiple of 64).
 pub fn namespace(model: &str, block_bytes: usize) -> Namespace {
     Namespace {
@@ -148,4 +198,102 @@ pub fn key(ns: NamespaceId, i: u64) -> BlockKey {
 /// Deterministic content of block `i`.
 pub fn content(ns: NamespaceId, i: u64, len: usize) -> Vec<u8> {
     kvtier::tier::conformance::content(key(ns, i), len)
+}
+
+/// What one run of `kvtier` did.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+    }
+
+    pub fn expect(self, code: i32) -> Self {
+        assert_eq!(self.code, code, "exit code: {self:?}");
+        self
+    }
+}
+
+/// Runs `kvtier` with `args` against `endpoint` (and `env`), for at most 30 s.
+pub fn kvtier(endpoint: &str, env: &[(&str, &str)], args: &[&str]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvtier"));
+    cmd.arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .env_remove("KVTIER_ENDPOINT")
+        .env_remove("KVTIER_TOKEN")
+        .env_remove("KVTIER_CA_FILE")
+        .env_remove("KVTIER_TLS_DOMAIN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn kvtier");
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for kvtier") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("kvtier {args:?} ran for more than 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Run {
+        code: status.code().expect("kvtier exited, not killed by a signal"),
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// `GET path` on `addr`: the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read the response to its end");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a header and a body");
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("a status line: {head:?}"));
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("a Content-Length: {head:?}"));
+    assert_eq!(body.len(), len, "the body is as long as announced");
+    (status, body.to_string())
+}
+
+/// The value of the sample named exactly `series` (name and labels).
+pub fn sample(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {series} in\n{body}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{series}: {e}"))
 }

@@ -186,8 +186,10 @@ fn default_known_keys() -> usize {
 impl BlobConfig {
     /// A cache-only tier of `container` in `account`, other settings default.
     pub fn new(account: impl Into<String>, container: impl Into<String>) -> Self {
-        let text = format!("account = {:?}\ncontainer = {:?}", account.into(), container.into());
-        toml::from_str(&text).expect("every other field has a default")
+        let mut c: Self = toml::from_str("account = \"\"\ncontainer = \"\"").expect("every other field has a default");
+        c.account = account.into();
+        c.container = container.into();
+        c
     }
 
     /// The blob service URL.
