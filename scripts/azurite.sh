@@ -2,7 +2,8 @@
 # Installs (or reuses) Azurite, the Azure Storage emulator, pinned to 3.35.0
 # (the newest that runs on Node 20), under ~/.cache/kvtier/azurite
 # ($KVTIER_AZURITE_DIR). Prints the path of its azurite-blob command; the
-# tests start it on a free 127.0.0.1 port, in memory, and stop it.
+# tests start it on a free 127.0.0.1 port with its data in a temporary
+# directory, and stop it.
 set -euo pipefail
 DIR=${KVTIER_AZURITE_DIR:-$HOME/.cache/kvtier/azurite}
 BIN="$DIR/node_modules/.bin/azurite-blob"

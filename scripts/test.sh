@@ -11,7 +11,8 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 # Azurite before the bench smokes: the blob smoke and the blob tests start it.
-./scripts/azurite.sh >/dev/null
+KVTIER_AZURITE_BIN=$(./scripts/azurite.sh)
+export KVTIER_AZURITE_BIN
 echo "== bench smoke: kvtier-bench tiers --smoke, daemon --smoke, blob --smoke, demo"
 cargo build --release -q -p kvtier-bench -p kvtier-server
 smoke_dir=$(mktemp -d "${TMPDIR:-/tmp}/kvtier-smoke.XXXXXX")

@@ -171,8 +171,7 @@ impl BlobEnv {
         };
         let blob = match (slot.as_mut(), &self.account, &self.container) {
             (Some(b), _, _) => b,
-            // The account and the container are set below, as is: BlobConfig::new
-            // writes them into TOML text, which not every string survives.
+            // The account and the container are set below.
             (None, Some(_), Some(_)) => slot.insert(BlobConfig::new("", "")),
             (None, _, _) => {
                 let missing: Vec<&str> = [

@@ -361,16 +361,27 @@ impl proto::kv_tier_server::KvTier for KvTierService {
 
     async fn lookup(&self, req: Request<proto::LookupRequest>) -> Reply<proto::LookupResponse> {
         let t = Instant::now();
-        let r = (|| {
+        let r = async {
             let req = req.into_inner();
             let ns = convert::namespace_id(&req.namespace_id)?;
             let keys = convert::keys(&req.keys, MAX_KEYS)?;
-            let l = self.manager.lookup(ns, &keys).map_err(|e| status(&e))?;
+            let l = if self.manager.blob().is_some() {
+                // Blob lookups send HEAD requests: off the async workers.
+                let m = self.manager.clone();
+                tokio::task::spawn_blocking(move || m.lookup(ns, &keys))
+                    .await
+                    .map_err(|e| Status::internal(format!("lookup task: {e}")))?
+            } else {
+                // Local lookups take microseconds: inline.
+                self.manager.lookup(ns, &keys)
+            }
+            .map_err(|e| status(&e))?;
             Ok(proto::LookupResponse {
                 hit_blocks: l.hit_blocks() as u32,
                 tiers: l.tiers.iter().map(|t| convert::tier(*t) as i32).collect(),
             })
-        })();
+        }
+        .await;
         self.observe("Lookup", t, &r);
         r.map(Response::new)
     }
