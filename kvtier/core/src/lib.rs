@@ -10,6 +10,9 @@
 //! - [`manager`]: the [`BlockManager`]: prefix lookup across tiers, store and
 //!   load with leases, the host → disk → blob cascade, admission, SSD-only
 //!   mode, and the lazy writeback to blob ([`manager::writeback`]).
+//! - [`replication`]: the replication core (rendezvous placement,
+//!   membership with epochs, write plans with hinted stand-ins, the one
+//!   uploader per key), as plain functions without I/O.
 //! - [`error`]: the one error type, with kinds callers match on.
 //! - [`buf`]: page-aligned buffers for clients and the disk tier.
 //! - [`transfer`]: block copies between an engine's KV tensors and staging
@@ -39,6 +42,7 @@ pub mod buf;
 pub mod error;
 pub mod eviction;
 pub mod manager;
+pub mod replication;
 pub mod tier;
 pub mod transfer;
 
