@@ -424,3 +424,64 @@ fn a_promoted_blob_block_is_not_uploaded_again() {
     assert!(s.disk.unwrap().usage.blocks >= 4, "demotions reached the SSD");
     assert_eq!(s.blob.unwrap().put_requests, 0, "{:?}", s.blob);
 }
+
+#[test]
+fn replicas_upload_each_key_once_and_take_over_from_a_lost_uploader() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let az = Azurite::start();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg = az.config("kvtier-replicas", BlobMode::Writeback);
+    let a = ssd_with_blob(da.path(), cfg.clone());
+    let b = ssd_with_blob(db.path(), cfg.clone());
+    let ns = register(&a);
+    register(&b);
+    // Two replicas of every key: a uploads the even keys, b the odd ones.
+    let even = |k: &BlockKey| k.0.is_multiple_of(2);
+    a.set_upload_filter(Arc::new(move |k| even(k)));
+    b.set_upload_filter(Arc::new(move |k| !even(k)));
+    let ks = keys(&namespace(), 16, 60);
+    let n_even = ks.iter().filter(|k| even(k)).count() as u64;
+    assert!(n_even > 0 && n_even < 16, "the keys split");
+    a.store(ns, &ks, &data(&ks)).unwrap();
+    b.store(ns, &ks, &data(&ks)).unwrap();
+    assert!(a.flush_writeback(Duration::from_secs(30)), "{:?}", a.stats().writeback);
+    assert!(b.flush_writeback(Duration::from_secs(30)), "{:?}", b.stats().writeback);
+    let (sa, sb) = (a.stats(), b.stats());
+    // One PUT per distinct key, not two.
+    assert_eq!(sa.blob.unwrap().put_requests + sb.blob.unwrap().put_requests, 16);
+    assert_eq!(sa.blob.unwrap().put_requests, n_even);
+    assert_eq!(sa.writeback.unwrap().uploaded_by_peers, 16 - n_even);
+    assert_eq!(sb.writeback.unwrap().uploaded_by_peers, n_even);
+    drop(b);
+
+    // b is lost before uploading its share: a waits, finds the odd keys
+    // missing, and takes over once its filter says b is down.
+    let b_down = Arc::new(AtomicBool::new(false));
+    let flag = b_down.clone();
+    a.set_upload_filter(Arc::new(move |k| even(k) || flag.load(Ordering::Relaxed)));
+    let more = keys(&namespace(), 8, 61);
+    a.store(ns, &more, &data(&more)).unwrap();
+    let odd = more.iter().filter(|k| !even(k)).count() as u64;
+    let checks = a.stats().writeback.unwrap().peer_checks;
+    wait_for(
+        "a to upload its share and look for b's",
+        Duration::from_secs(20),
+        || {
+            let w = a.stats().writeback.unwrap();
+            w.pending_blocks == odd && w.peer_checks >= checks + odd
+        },
+    );
+    b_down.store(true, Ordering::Relaxed);
+    assert!(a.flush_writeback(Duration::from_secs(30)), "{:?}", a.stats().writeback);
+    assert_eq!(a.stats().blob.unwrap().put_requests, n_even + 8);
+    // Every key of both requests reads back from blob on a fresh node.
+    let dc = tempfile::tempdir().unwrap();
+    let c = ssd_with_blob(dc.path(), az.config("kvtier-replicas", BlobMode::CacheOnly));
+    register(&c);
+    for k in [&ks, &more] {
+        let (r, out) = load(&c, ns, k);
+        assert_eq!(r.loaded, k.len());
+        assert!(out == data(k));
+    }
+}

@@ -863,6 +863,16 @@ impl BlockManager {
         self.shared.wb.as_ref().is_none_or(|wb| wb.wait_idle(timeout))
     }
 
+    /// In a cluster: says which keys this node uploads to blob (see
+    /// [`writeback`]); the others are left to the key's uploader and
+    /// checked for. Without a filter this node uploads everything. No-op
+    /// without writeback.
+    pub fn set_upload_filter(&self, filter: writeback::UploadFilter) {
+        if let Some(wb) = &self.shared.wb {
+            wb.set_filter(filter);
+        }
+    }
+
     /// The blob tier, if configured.
     pub fn blob(&self) -> Option<&BlobTier> {
         self.shared.blob.as_ref()

@@ -20,6 +20,14 @@
 //! rate limit), each failed upload tried again after a backoff that doubles
 //! from `retry_min_backoff_ms` to `retry_max_backoff_ms`, indefinitely: an
 //! outage delays uploads, it does not lose them.
+//!
+//! In a cluster every replica of a key logs it, but only one uploads it: an
+//! [`UploadFilter`] says whether this node is the key's uploader (the first
+//! live replica in rendezvous order, [`crate::replication::uploader`]). The
+//! others keep the key pending and check blob (one HEAD) after a backoff:
+//! present means the uploader did its job; absent, they ask the filter
+//! again, which answers yes once the uploader is down. So a key goes to blob
+//! once whatever R is, and is not lost with its uploader.
 
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
@@ -37,6 +45,9 @@ use crate::tier::Tier;
 use crate::tier::blob::BlobClient;
 use crate::tier::blob::object::OBJECT_OVERHEAD_BYTES;
 use crate::tier::disk::DiskTier;
+
+/// Whether this node uploads `key` (false: another replica does).
+pub type UploadFilter = Arc<dyn Fn(&BlockKey) -> bool + Send + Sync>;
 
 /// The dirty log's file name in the disk directory.
 pub const LOG_FILE: &str = "blob-writeback.log";
@@ -86,6 +97,10 @@ pub struct WritebackStats {
     pub dropped_blocks: u64,
     /// Log appends that failed (a store that hit one failed too).
     pub log_errors: u64,
+    /// Pending blocks another replica uploaded (found in blob).
+    pub uploaded_by_peers: u64,
+    /// Checks of blob for blocks another replica uploads.
+    pub peer_checks: u64,
 }
 
 #[derive(Debug)]
@@ -109,7 +124,6 @@ struct Log {
 }
 
 /// The dirty log and the upload queue.
-#[derive(Debug)]
 pub(crate) struct Writeback {
     path: PathBuf,
     sync: bool,
@@ -123,6 +137,18 @@ pub(crate) struct Writeback {
     resumed: AtomicU64,
     dropped: AtomicU64,
     log_errors: AtomicU64,
+    filter: parking_lot::RwLock<Option<UploadFilter>>,
+    by_peers: AtomicU64,
+    peer_checks: AtomicU64,
+}
+
+impl std::fmt::Debug for Writeback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writeback")
+            .field("path", &self.path)
+            .field("stats", &self.stats())
+            .finish()
+    }
 }
 
 impl Writeback {
@@ -205,6 +231,9 @@ impl Writeback {
             resumed: AtomicU64::new(resumed),
             dropped: AtomicU64::new(dropped),
             log_errors: AtomicU64::new(0),
+            filter: parking_lot::RwLock::new(None),
+            by_peers: AtomicU64::new(0),
+            peer_checks: AtomicU64::new(0),
         })
     }
 
@@ -361,6 +390,25 @@ impl Writeback {
             resumed_blocks: self.resumed.load(Relaxed),
             dropped_blocks: self.dropped.load(Relaxed),
             log_errors: self.log_errors.load(Relaxed),
+            uploaded_by_peers: self.by_peers.load(Relaxed),
+            peer_checks: self.peer_checks.load(Relaxed),
+        }
+    }
+
+    /// Sets (or replaces) the uploader filter.
+    pub(crate) fn set_filter(&self, f: UploadFilter) {
+        *self.filter.write() = Some(f);
+    }
+
+    fn mine(&self, key: &BlockKey) -> bool {
+        self.filter.read().as_ref().is_none_or(|f| f(key))
+    }
+
+    /// Counts a check of blob for a key another replica uploads.
+    fn checked(&self, key: BlockKey) {
+        self.peer_checks.fetch_add(1, Relaxed);
+        if let Some(e) = self.state.lock().pending.get_mut(&key) {
+            e.failures = e.failures.saturating_add(1);
         }
     }
 
@@ -427,6 +475,23 @@ pub(crate) async fn upload_loop(wb: Arc<Writeback>, disk: DiskTier, blob: BlobCl
         }
         let (wb, disk, blob) = (wb.clone(), disk.clone(), blob.clone());
         tokio::spawn(async move {
+            let backoff = |failures: u32| min_backoff.saturating_mul(1u32 << failures.min(16)).min(max_backoff);
+            if !wb.mine(&key) {
+                // Another replica uploads it: wait, then look for it.
+                drop(permit);
+                tokio::time::sleep(backoff(failures)).await;
+                match blob.exists(ns, key).await {
+                    Ok(true) => {
+                        wb.by_peers.fetch_add(1, Relaxed);
+                        wb.finish(key);
+                    }
+                    Ok(false) | Err(_) => {
+                        wb.checked(key);
+                        wb.requeue(key);
+                    }
+                }
+                return;
+            }
             let read = tokio::task::spawn_blocking(move || read_block(&disk, ns, key)).await;
             let body = match read {
                 Ok(Ok(b)) => b,
@@ -451,7 +516,7 @@ pub(crate) async fn upload_loop(wb: Arc<Writeback>, disk: DiskTier, blob: BlobCl
                 Err(e) => {
                     wb.failed(key);
                     drop(permit);
-                    let wait = min_backoff.saturating_mul(1u32 << failures.min(16)).min(max_backoff);
+                    let wait = backoff(failures);
                     tracing::debug!(%key, "blob upload failed, next try in {wait:?}: {e}");
                     tokio::time::sleep(wait).await;
                     wb.requeue(key);

@@ -638,6 +638,25 @@ impl BlobClient {
         self.0.put(ns, key, body).await
     }
 
+    /// Whether a block's object exists (one HEAD, or none if known).
+    pub(crate) async fn exists(&self, ns: NamespaceId, key: BlockKey) -> Result<bool> {
+        if self.known_present(&key) {
+            return Ok(true);
+        }
+        add(&self.0.req.head, 1);
+        match self.0.store.head(&object_path(&self.0.prefix, ns, key)).await {
+            Ok(_) => {
+                self.0.known.lock().put(key, ());
+                Ok(true)
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => {
+                add(&self.0.req.errors, 1);
+                Err(map_err(&self.0.cfg, &format!("HEAD of {key}"), e))
+            }
+        }
+    }
+
     /// First and longest wait between tries of a failed upload.
     pub(crate) fn backoff(&self) -> (Duration, Duration) {
         let c = &self.0.cfg;
