@@ -28,6 +28,10 @@ pub enum ErrorKind {
     Closed,
     /// Any other I/O failure.
     Io,
+    /// A named thing (a checkpoint, a chunk of one) does not exist.
+    NotFound,
+    /// A named thing exists and is immutable (a checkpoint name).
+    AlreadyExists,
 }
 
 impl fmt::Display for ErrorKind {
@@ -42,6 +46,8 @@ impl fmt::Display for ErrorKind {
             Self::Config => "invalid configuration",
             Self::Closed => "closed",
             Self::Io => "i/o error",
+            Self::NotFound => "not found",
+            Self::AlreadyExists => "already exists",
         };
         f.write_str(s)
     }

@@ -10,6 +10,8 @@
 //! - [`manager`]: the [`BlockManager`]: prefix lookup across tiers, store and
 //!   load with leases, the host → disk → blob cascade, admission, SSD-only
 //!   mode, and the lazy writeback to blob ([`manager::writeback`]).
+//! - [`checkpoint`]: named checkpoints of files: content-addressed chunks
+//!   committed by a manifest, over any [`checkpoint::ChunkStore`].
 //! - [`replication`]: the replication core (rendezvous placement,
 //!   membership with epochs, write plans with hinted stand-ins, the one
 //!   uploader per key), as plain functions without I/O.
@@ -39,6 +41,7 @@
 
 pub mod block;
 pub mod buf;
+pub mod checkpoint;
 pub mod error;
 pub mod eviction;
 pub mod manager;

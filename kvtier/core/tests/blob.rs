@@ -485,3 +485,44 @@ fn replicas_upload_each_key_once_and_take_over_from_a_lost_uploader() {
         assert!(out == data(k));
     }
 }
+
+#[test]
+fn a_checkpoint_restores_on_another_node_from_blob() {
+    use kvtier::checkpoint::{Checkpoints, LocalChunks};
+    use std::sync::Arc;
+    const CHUNK: u32 = 256 << 10;
+    let az = Azurite::start();
+    let d1 = tempfile::tempdir().unwrap();
+    let src = d1.path().join("src");
+    std::fs::create_dir_all(src.join("model")).unwrap();
+    let shard: Vec<u8> = (0..(CHUNK as usize * 5 / 2)).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(src.join("model/shard-0.bin"), &shard).unwrap();
+    std::fs::write(src.join("config.json"), b"{}").unwrap();
+    let ck_ns = Namespace::checkpoints("job-1", CHUNK);
+    let cfg = az.config("kvtier-ckpt", BlobMode::Writeback);
+    let m1 = Arc::new(ssd_with_blob(&d1.path().join("ssd"), cfg));
+    let ns = m1.register_namespace(&ck_ns).unwrap();
+    let c1 = Checkpoints::new(LocalChunks::new(m1.clone(), ns, d1.path().join("catalog")), ns, CHUNK);
+    let man = c1.put_dir("step-7", &src).unwrap();
+    assert!(m1.flush_writeback(Duration::from_secs(30)));
+    // Every chunk plus the manifest went to blob once.
+    assert_eq!(m1.stats().blob.unwrap().put_requests as usize, man.chunks() + 1);
+
+    // Another node with an empty SSD restores it through blob.
+    let d2 = tempfile::tempdir().unwrap();
+    let m2 = Arc::new(ssd_with_blob(
+        &d2.path().join("ssd"),
+        az.config("kvtier-ckpt", BlobMode::CacheOnly),
+    ));
+    assert_eq!(m2.register_namespace(&ck_ns).unwrap(), ns);
+    let c2 = Checkpoints::new(LocalChunks::new(m2.clone(), ns, d2.path().join("catalog")), ns, CHUNK);
+    let out = d2.path().join("restore");
+    c2.get("step-7", &out).unwrap();
+    assert_eq!(std::fs::read(out.join("model/shard-0.bin")).unwrap(), shard);
+    assert_eq!(std::fs::read(out.join("config.json")).unwrap(), b"{}");
+    assert_eq!(m2.stats().served_blob_bytes, man.bytes() + man_bytes(&man));
+}
+
+fn man_bytes(m: &kvtier::checkpoint::manifest::Manifest) -> u64 {
+    m.encode().len() as u64
+}

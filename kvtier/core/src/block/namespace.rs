@@ -147,6 +147,31 @@ impl fmt::Display for NamespaceId {
 }
 
 impl Namespace {
+    /// The namespace of the checkpoints of `group` (a training job, or
+    /// "default") in chunks of at most `chunk_bytes`.
+    ///
+    /// Checkpoint chunks are not KV: the layout only fixes the largest
+    /// block, as one plane of `chunk_bytes` one-byte elements, and the
+    /// model id keeps these namespaces apart from every model's.
+    pub fn checkpoints(group: &str, chunk_bytes: u32) -> Self {
+        Self {
+            model_id: format!("kvtier:checkpoints:{group}"),
+            revision: String::new(),
+            layout: KvLayout {
+                num_layers: 1,
+                kv_heads: 1,
+                head_dim: chunk_bytes,
+                block_tokens: 1,
+                kind: KvKind::Mla,
+                dtype: Dtype::Fp8E4m3,
+            },
+            tp_rank: 0,
+            tp_size: 1,
+            salt: None,
+            lora: None,
+        }
+    }
+
     /// Checks the fields a block manager relies on.
     pub fn validate(&self) -> Result<()> {
         if self.model_id.is_empty() {

@@ -30,6 +30,7 @@ use self::admission::Admission;
 use self::writeback::{Writeback, WritebackStats};
 use crate::block::{BlockKey, Namespace, NamespaceId};
 use crate::error::{Error, ErrorKind, Result};
+use crate::tier::blob::object::Expect;
 use crate::tier::blob::{BlobConfig, BlobMode, BlobStats, BlobTier};
 use crate::tier::disk::{DiskConfig, DiskTier};
 use crate::tier::host::{Demoter, HostConfig, HostPin, HostTier};
@@ -546,6 +547,27 @@ impl BlockManager {
     /// and the caller retries the whole request.
     pub fn store(&self, ns: NamespaceId, keys: &[BlockKey], data: &[u8]) -> Result<StoreOutcome> {
         let block = self.check(ns, keys, data.len(), "store")?;
+        self.store_checked(ns, keys, data, block)
+    }
+
+    /// Stores one block of any length from 1 byte up to the namespace's
+    /// block size: a checkpoint chunk or manifest (KV blocks use
+    /// [`BlockManager::store`]). Same guarantees as `store`.
+    pub fn store_one(&self, ns: NamespaceId, key: BlockKey, data: &[u8]) -> Result<StoreOutcome> {
+        let max = self.block_bytes(ns)? as usize;
+        if data.is_empty() || data.len() > max {
+            return Err(Error::new(
+                ErrorKind::BlockSize,
+                format!(
+                    "a block of {} bytes; namespace {ns} holds blocks of 1 to {max} bytes",
+                    data.len()
+                ),
+            ));
+        }
+        self.store_checked(ns, &[key], data, data.len())
+    }
+
+    fn store_checked(&self, ns: NamespaceId, keys: &[BlockKey], data: &[u8], block: usize) -> Result<StoreOutcome> {
         let sh = &self.shared;
         sh.admission.record(keys);
         add(&sh.counters.stores, 1);
@@ -659,6 +681,10 @@ impl BlockManager {
     /// verified) into the lease.
     pub fn lease(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Lease> {
         let block = self.block_bytes(ns)? as usize;
+        self.lease_sized(ns, keys, Expect::Exact(block))
+    }
+
+    fn lease_sized(&self, ns: NamespaceId, keys: &[BlockKey], block: Expect) -> Result<Lease> {
         let mut blocks = Vec::new();
         let mut foreign = false;
         'keys: for k in keys {
@@ -831,6 +857,32 @@ impl BlockManager {
             }
         }
         Ok(res)
+    }
+
+    /// Loads one block of any length (see [`BlockManager::store_one`]):
+    /// `None` on a miss. Corrupt bytes are an error
+    /// ([`ErrorKind::ChecksumMismatch`]), never data.
+    pub fn load_one(&self, ns: NamespaceId, key: BlockKey) -> Result<Option<Vec<u8>>> {
+        let max = self.block_bytes(ns)? as usize;
+        let lease = self.lease_sized(ns, &[key], Expect::AtMost(max))?;
+        let sh = &self.shared;
+        add(&sh.counters.loads, 1);
+        let Some((k, tier, pin)) = lease.blocks.first() else {
+            add(&sh.counters.missed_blocks, 1);
+            for t in self.tiers() {
+                TierCounters::add(&t.counters().misses, 1);
+            }
+            return Ok(None);
+        };
+        let mut out = vec![0u8; pin.len()];
+        let r = pin.read_into(&mut out);
+        let mut res = LoadOutcome::default();
+        if self.finish_block(ns, 0, *k, *tier, &out, r, &mut res) {
+            add(&sh.counters.loaded_blocks, 1);
+            return Ok(Some(out));
+        }
+        let f = res.failed.expect("a block that did not finish failed");
+        Err(Error::new(f.kind, f.message))
     }
 
     /// Removes `keys` from every tier; answers how many were present. In

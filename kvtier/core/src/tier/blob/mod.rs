@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use self::limit::RateLimit;
-use self::object::{OBJECT_OVERHEAD_BYTES, object_path};
+use self::object::{Expect, OBJECT_OVERHEAD_BYTES, object_path};
 use super::{PinnedBlock, Stored, TierCounters, TierKind, TierStats, Usage};
 use crate::block::{BlockKey, NamespaceId};
 use crate::error::{Error, ErrorKind, Result};
@@ -585,7 +585,8 @@ impl BlobTier {
     /// `download_concurrency`), stopping at the first window with a miss.
     /// Keys known to be present take no request. Never an error: a failing
     /// service is a miss.
-    pub fn present_prefix(&self, ns: NamespaceId, keys: &[BlockKey], block_bytes: usize) -> usize {
+    pub fn present_prefix(&self, ns: NamespaceId, keys: &[BlockKey], block_bytes: impl Into<Expect>) -> usize {
+        let block_bytes = block_bytes.into();
         if keys.is_empty() {
             return 0;
         }
@@ -597,7 +598,8 @@ impl BlobTier {
 
     /// Downloads and verifies the leading present `keys`, in windows of
     /// `download_concurrency`, stopping at the first miss or corrupt object.
-    pub fn fetch_prefix(&self, ns: NamespaceId, keys: &[BlockKey], block_bytes: usize) -> Vec<BlobBlock> {
+    pub fn fetch_prefix(&self, ns: NamespaceId, keys: &[BlockKey], block_bytes: impl Into<Expect>) -> Vec<BlobBlock> {
+        let block_bytes = block_bytes.into();
         if keys.is_empty() {
             return Vec::new();
         }
@@ -822,17 +824,23 @@ impl Inner {
         tracing::warn!(%key, "blob object refused, counted as a miss: {why}");
     }
 
-    async fn head(self: Arc<Self>, ns: NamespaceId, key: BlockKey, block_bytes: usize) -> bool {
+    async fn head(self: Arc<Self>, ns: NamespaceId, key: BlockKey, expect: Expect) -> bool {
         let _permit = self.downloads.acquire().await.expect("never closed");
         add(&self.req.head, 1);
         match self.store.head(&object_path(&self.prefix, ns, key)).await {
-            Ok(meta) if meta.size == (OBJECT_OVERHEAD_BYTES + block_bytes) as u64 => {
+            Ok(meta)
+                if (meta.size as usize)
+                    .checked_sub(OBJECT_OVERHEAD_BYTES)
+                    .is_some_and(|n| expect.fits(n)) =>
+            {
                 self.known.lock().put(key, ());
                 true
             }
             Ok(meta) => {
-                let want = OBJECT_OVERHEAD_BYTES + block_bytes;
-                self.refuse(key, format_args!("object is {} bytes, expected {want}", meta.size));
+                self.refuse(
+                    key,
+                    format_args!("object is {} bytes, expected {expect:?} plus a header", meta.size),
+                );
                 false
             }
             Err(object_store::Error::NotFound { .. }) => false,
@@ -843,7 +851,7 @@ impl Inner {
         }
     }
 
-    async fn present_prefix(self: Arc<Self>, ns: NamespaceId, keys: Vec<BlockKey>, block_bytes: usize) -> usize {
+    async fn present_prefix(self: Arc<Self>, ns: NamespaceId, keys: Vec<BlockKey>, block_bytes: Expect) -> usize {
         let mut n = 0;
         let mut window = 1;
         while n < keys.len() {
@@ -883,7 +891,7 @@ impl Inner {
         n
     }
 
-    async fn get(self: Arc<Self>, ns: NamespaceId, key: BlockKey, block_bytes: usize) -> Option<Bytes> {
+    async fn get(self: Arc<Self>, ns: NamespaceId, key: BlockKey, block_bytes: Expect) -> Option<Bytes> {
         let _permit = self.downloads.acquire().await.expect("never closed");
         add(&self.req.get, 1);
         let path = object_path(&self.prefix, ns, key);
@@ -916,7 +924,12 @@ impl Inner {
         }
     }
 
-    async fn fetch_prefix(self: Arc<Self>, ns: NamespaceId, keys: Vec<BlockKey>, block_bytes: usize) -> Vec<BlobBlock> {
+    async fn fetch_prefix(
+        self: Arc<Self>,
+        ns: NamespaceId,
+        keys: Vec<BlockKey>,
+        block_bytes: Expect,
+    ) -> Vec<BlobBlock> {
         let mut out = Vec::new();
         for window in keys.chunks(self.cfg.download_concurrency) {
             if self.is_down() {

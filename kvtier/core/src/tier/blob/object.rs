@@ -51,10 +51,36 @@ pub(crate) fn encode_header(ns: NamespaceId, key: BlockKey, data: &[u8], out: &m
     .encode(out);
 }
 
+/// The block length a read expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Exactly this many bytes (KV blocks).
+    Exact(usize),
+    /// Any length up to this (checkpoint chunks, manifests).
+    AtMost(usize),
+}
+
+impl From<usize> for Expect {
+    fn from(n: usize) -> Self {
+        Expect::Exact(n)
+    }
+}
+
+impl Expect {
+    /// Whether a block of `len` bytes is acceptable.
+    pub fn fits(self, len: usize) -> bool {
+        match self {
+            Expect::Exact(n) => len == n,
+            Expect::AtMost(n) => len <= n,
+        }
+    }
+}
+
 /// Why an object's bytes were refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Refused {
-    /// The object is not `OBJECT_OVERHEAD_BYTES + block_bytes` long.
+    /// The object's length does not fit what was expected (the wanted
+    /// length, or the most for a variable block).
     Size { got: usize, want: usize },
     /// The header does not parse or names another block.
     Header,
@@ -72,13 +98,18 @@ impl std::fmt::Display for Refused {
     }
 }
 
-/// Checks a whole object's bytes as block `key` of `ns`, `block_bytes`
-/// long; answers the offset of the data.
-pub(crate) fn verify(ns: NamespaceId, key: BlockKey, block_bytes: usize, obj: &[u8]) -> Result<usize, Refused> {
-    let want = OBJECT_OVERHEAD_BYTES + block_bytes;
-    if obj.len() != want {
-        return Err(Refused::Size { got: obj.len(), want });
+/// Checks a whole object's bytes as block `key` of `ns` of the `expect`ed
+/// length; answers the offset of the data.
+pub(crate) fn verify(ns: NamespaceId, key: BlockKey, expect: Expect, obj: &[u8]) -> Result<usize, Refused> {
+    let data_len = obj.len().saturating_sub(OBJECT_OVERHEAD_BYTES);
+    if obj.len() < OBJECT_OVERHEAD_BYTES || !expect.fits(data_len) {
+        let (Expect::Exact(n) | Expect::AtMost(n)) = expect;
+        return Err(Refused::Size {
+            got: obj.len(),
+            want: OBJECT_OVERHEAD_BYTES + n,
+        });
     }
+    let block_bytes = data_len;
     let h = RecordHeader::decode(obj).ok_or(Refused::Header)?;
     let fields_match = h.key == key
         && h.ns == ns
@@ -125,18 +156,32 @@ mod tests {
         let (ns, key) = (NamespaceId(3), BlockKey(9));
         let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
         let o = object(ns, key, &data);
-        assert_eq!(verify(ns, key, data.len(), &o), Ok(OBJECT_OVERHEAD_BYTES));
-        assert_eq!(verify(NamespaceId(4), key, data.len(), &o), Err(Refused::Header));
-        assert_eq!(verify(ns, BlockKey(10), data.len(), &o), Err(Refused::Header));
+        assert_eq!(verify(ns, key, data.len().into(), &o), Ok(OBJECT_OVERHEAD_BYTES));
+        assert_eq!(verify(NamespaceId(4), key, data.len().into(), &o), Err(Refused::Header));
+        assert_eq!(verify(ns, BlockKey(10), data.len().into(), &o), Err(Refused::Header));
         assert!(matches!(
-            verify(ns, key, data.len(), &o[..o.len() - 1]),
+            verify(ns, key, data.len().into(), &o[..o.len() - 1]),
             Err(Refused::Size { .. })
         ));
         let mut bad = o.clone();
         bad[OBJECT_OVERHEAD_BYTES + 100] ^= 1;
-        assert_eq!(verify(ns, key, data.len(), &bad), Err(Refused::Checksum));
+        assert_eq!(verify(ns, key, data.len().into(), &bad), Err(Refused::Checksum));
+        // A variable block: any length up to the most, the header's exactly.
+        assert_eq!(
+            verify(ns, key, Expect::AtMost(data.len() + 1), &o),
+            Ok(OBJECT_OVERHEAD_BYTES)
+        );
+        assert!(matches!(
+            verify(ns, key, Expect::AtMost(data.len() - 1), &o),
+            Err(Refused::Size { .. })
+        ));
+        assert_eq!(
+            verify(ns, key, Expect::AtMost(data.len()), &o[..o.len() - 1]),
+            Err(Refused::Header),
+            "a cut object's header names a longer block"
+        );
         let mut bad = o;
         bad[20] ^= 1;
-        assert_eq!(verify(ns, key, data.len(), &bad), Err(Refused::Header));
+        assert_eq!(verify(ns, key, data.len().into(), &bad), Err(Refused::Header));
     }
 }

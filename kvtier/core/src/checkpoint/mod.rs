@@ -1,0 +1,465 @@
+//! Checkpoints: named sets of files, cut into chunks, committed by a
+//! manifest.
+//!
+//! - A file is cut into chunks of at most `chunk_bytes` (default 32 MiB).
+//!   A chunk's key comes from its content (xxh3-128), so a chunk shared by
+//!   two checkpoints, or two files, is stored once, and a chunk read back
+//!   is checked against its own key.
+//! - The [`manifest::Manifest`] lists the files, their sizes, hashes and
+//!   chunks. It is written after every chunk is stored, under a key derived
+//!   from the name: a checkpoint exists exactly when its manifest does, so
+//!   a writer that dies midway leaves no partial checkpoint. Names are
+//!   immutable.
+//! - A restore writes each file to a temporary name, checks its size and
+//!   hash, syncs it and renames it into place.
+//!
+//! Chunks live in a [`ChunkStore`]: [`LocalChunks`] over a
+//! [`BlockManager`] (its tiers, blob writeback included), or a cluster
+//! client that fans chunks out to their replicas.
+
+pub mod manifest;
+
+use parking_lot::Mutex;
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use self::manifest::{ChunkRef, FileEntry, Manifest};
+use crate::block::{BlockKey, NamespaceId};
+use crate::error::{Error, ErrorKind, Result};
+use crate::manager::BlockManager;
+
+/// Default largest chunk: 32 MiB.
+pub const DEFAULT_CHUNK_BYTES: u32 = 32 << 20;
+
+/// Where chunks and manifests are kept, and which checkpoint names exist.
+pub trait ChunkStore: Send + Sync {
+    /// Stores a chunk (any length up to the store's largest); answers
+    /// false if the key was present already.
+    fn put_chunk(&self, key: BlockKey, data: &[u8]) -> Result<bool>;
+    /// A chunk's bytes, or `None` if no tier holds it.
+    fn get_chunk(&self, key: BlockKey) -> Result<Option<Vec<u8>>>;
+    /// Removes a chunk.
+    fn remove_chunk(&self, key: BlockKey) -> Result<()>;
+    /// The checkpoint names recorded.
+    fn names(&self) -> Result<Vec<String>>;
+    /// Records a name (after its manifest is stored).
+    fn add_name(&self, name: &str) -> Result<()>;
+    /// Forgets a name (after its manifest is removed).
+    fn remove_name(&self, name: &str) -> Result<()>;
+}
+
+/// A checkpoint at a glance.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    /// Its name.
+    pub name: String,
+    /// Files.
+    pub files: usize,
+    /// Bytes of all files.
+    pub bytes: u64,
+    /// Chunks.
+    pub chunks: usize,
+    /// Commit time, ms since the Unix epoch.
+    pub created_unix_ms: u64,
+}
+
+/// Put, get, list and delete checkpoints over a [`ChunkStore`].
+#[derive(Debug)]
+pub struct Checkpoints<S> {
+    store: S,
+    ns: NamespaceId,
+    chunk_bytes: u32,
+}
+
+/// Checks a checkpoint name: 1 to 200 letters, digits, `.`, `_`, `-`.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = (1..=200).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "checkpoint name {name:?}: 1 to 200 letters, digits, '.', '_' and '-'"
+        )))
+    }
+}
+
+/// Checks a file's path inside a checkpoint: relative, no `.` or `..`.
+pub fn validate_path(path: &str) -> Result<()> {
+    let p = Path::new(path);
+    let ok = !path.is_empty()
+        && path.len() <= 4096
+        && !path.contains('\\')
+        && p.components().all(|c| matches!(c, Component::Normal(_)))
+        && !path.ends_with('/')
+        && !path.contains("//");
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "checkpoint file path {path:?}: a relative path without '.', '..' or empty parts"
+        )))
+    }
+}
+
+fn manifest_key(ns: NamespaceId, name: &str) -> BlockKey {
+    BlockKey::from_opaque(ns, &[b"manifest\0".as_slice(), name.as_bytes()].concat())
+}
+
+fn chunk_key(ns: NamespaceId, data: &[u8]) -> BlockKey {
+    let h = xxhash_rust::xxh3::xxh3_128(data);
+    BlockKey::from_opaque(ns, &[b"chunk\0".as_slice(), &h.to_le_bytes()].concat())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl<S: ChunkStore> Checkpoints<S> {
+    /// Checkpoints in namespace `ns` of `store`, cut into chunks of at most
+    /// `chunk_bytes` (which the store must hold).
+    pub fn new(store: S, ns: NamespaceId, chunk_bytes: u32) -> Self {
+        Self { store, ns, chunk_bytes }
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The manifest of `name`, or `None` if there is no such checkpoint.
+    pub fn manifest(&self, name: &str) -> Result<Option<Manifest>> {
+        validate_name(name)?;
+        let Some(b) = self.store.get_chunk(manifest_key(self.ns, name))? else {
+            return Ok(None);
+        };
+        let m = Manifest::decode(&b)?;
+        if m.name != name {
+            return Err(Error::new(
+                ErrorKind::ChecksumMismatch,
+                format!("the manifest stored for {name:?} names {:?}", m.name),
+            ));
+        }
+        Ok(Some(m))
+    }
+
+    /// Writes checkpoint `name` from `files`: (path in the checkpoint, file
+    /// to read). Every name and path is checked before anything is stored;
+    /// an existing name is [`ErrorKind::AlreadyExists`].
+    pub fn put(&self, name: &str, files: &[(String, PathBuf)]) -> Result<Manifest> {
+        validate_name(name)?;
+        let mut seen = std::collections::HashSet::new();
+        for (p, _) in files {
+            validate_path(p)?;
+            if !seen.insert(p.as_str()) {
+                return Err(Error::invalid(format!("checkpoint file path {p:?} given twice")));
+            }
+        }
+        if self.manifest(name)?.is_some() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("checkpoint {name:?} exists; checkpoints are immutable (delete it first)"),
+            ));
+        }
+        let mut entries = Vec::with_capacity(files.len());
+        let mut buf = vec![0u8; self.chunk_bytes as usize];
+        for (path, src) in files {
+            entries.push(self.put_file(path, src, &mut buf)?);
+        }
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        let m = Manifest {
+            name: name.to_string(),
+            created_unix_ms: now_ms(),
+            chunk_bytes: self.chunk_bytes,
+            files: entries,
+        };
+        let bytes = m.encode();
+        if bytes.len() > self.chunk_bytes as usize {
+            return Err(Error::invalid(format!(
+                "checkpoint {name:?}: its manifest ({} bytes) exceeds a chunk; use larger chunks",
+                bytes.len()
+            )));
+        }
+        if !self.store.put_chunk(manifest_key(self.ns, name), &bytes)? {
+            // Someone committed the same name meanwhile.
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("checkpoint {name:?} was committed by another writer"),
+            ));
+        }
+        self.store.add_name(name)?;
+        Ok(m)
+    }
+
+    /// Writes checkpoint `name` from every regular file under `dir`.
+    pub fn put_dir(&self, name: &str, dir: &Path) -> Result<Manifest> {
+        let mut files = Vec::new();
+        walk(dir, dir, &mut files)?;
+        files.sort();
+        self.put(name, &files)
+    }
+
+    fn put_file(&self, path: &str, src: &Path, buf: &mut [u8]) -> Result<FileEntry> {
+        let mut f = std::fs::File::open(src).map_err(|e| Error::io(format!("open {}", src.display()), e))?;
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut chunks = Vec::new();
+        let mut size = 0u64;
+        loop {
+            let n = read_full(&mut f, buf).map_err(|e| Error::io(format!("read {}", src.display()), e))?;
+            if n == 0 {
+                break;
+            }
+            let data = &buf[..n];
+            hasher.update(data);
+            let key = chunk_key(self.ns, data);
+            self.store.put_chunk(key, data)?;
+            chunks.push(ChunkRef {
+                key: key.0,
+                len: n as u32,
+            });
+            size += n as u64;
+            if n < buf.len() {
+                break;
+            }
+        }
+        Ok(FileEntry {
+            path: path.to_string(),
+            size,
+            hash: hasher.digest(),
+            chunks,
+        })
+    }
+
+    /// Restores checkpoint `name` under `dest` (made if missing); files
+    /// appear whole and verified, or not at all.
+    pub fn get(&self, name: &str, dest: &Path) -> Result<Manifest> {
+        let m = self
+            .manifest(name)?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no checkpoint {name:?}")))?;
+        for f in &m.files {
+            validate_path(&f.path)?;
+            self.get_file(name, f, dest)?;
+        }
+        Ok(m)
+    }
+
+    fn get_file(&self, name: &str, f: &FileEntry, dest: &Path) -> Result<()> {
+        let path = dest.join(&f.path);
+        let dir = path.parent().expect("a joined path has a parent");
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let tmp = path.with_file_name(format!(
+            ".{}.kvtier-partial",
+            path.file_name()
+                .expect("validated: a normal last part")
+                .to_string_lossy()
+        ));
+        let io = |what: &str, e| Error::io(format!("{what} {}", tmp.display()), e);
+        let mut out = std::fs::File::create(&tmp).map_err(|e| io("create", e))?;
+        let result = (|| {
+            let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+            let mut size = 0u64;
+            for (i, c) in f.chunks.iter().enumerate() {
+                let key = BlockKey(c.key);
+                let data = self.store.get_chunk(key)?.ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("checkpoint {name:?} file {:?}: chunk {i} ({key}) is in no tier", f.path),
+                    )
+                })?;
+                if data.len() != c.len as usize || chunk_key(self.ns, &data) != key {
+                    return Err(Error::new(
+                        ErrorKind::ChecksumMismatch,
+                        format!(
+                            "checkpoint {name:?} file {:?}: chunk {i} ({key}) does not match its key",
+                            f.path
+                        ),
+                    ));
+                }
+                hasher.update(&data);
+                size += data.len() as u64;
+                out.write_all(&data).map_err(|e| io("write", e))?;
+            }
+            if size != f.size || hasher.digest() != f.hash {
+                return Err(Error::new(
+                    ErrorKind::ChecksumMismatch,
+                    format!(
+                        "checkpoint {name:?} file {:?}: restored bytes do not match the manifest",
+                        f.path
+                    ),
+                ));
+            }
+            out.sync_all().map_err(|e| io("sync", e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| io("rename", e))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Every recorded checkpoint whose manifest is readable, by name.
+    pub fn list(&self) -> Result<Vec<Summary>> {
+        let mut out = Vec::new();
+        for name in self.store.names()? {
+            if let Some(m) = self.manifest(&name)? {
+                out.push(Summary {
+                    name,
+                    files: m.files.len(),
+                    bytes: m.bytes(),
+                    chunks: m.chunks(),
+                    created_unix_ms: m.created_unix_ms,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Deletes checkpoint `name`: its manifest first (so it is gone at
+    /// once), then every chunk no other checkpoint uses. Answers whether it
+    /// existed.
+    pub fn delete(&self, name: &str) -> Result<bool> {
+        let Some(m) = self.manifest(name)? else {
+            return Ok(false);
+        };
+        self.store.remove_chunk(manifest_key(self.ns, name))?;
+        self.store.remove_name(name)?;
+        let mut shared = std::collections::HashSet::new();
+        for other in self.store.names()? {
+            if let Some(o) = self.manifest(&other)? {
+                shared.extend(o.files.iter().flat_map(|f| f.chunks.iter().map(|c| c.key)));
+            }
+        }
+        for c in m.files.iter().flat_map(|f| &f.chunks) {
+            if shared.insert(c.key) {
+                self.store.remove_chunk(BlockKey(c.key))?;
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+    for e in entries {
+        let e = e.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+        let path = e.path();
+        let ft = e
+            .file_type()
+            .map_err(|e2| Error::io(format!("stat {}", path.display()), e2))?;
+        if ft.is_dir() {
+            walk(root, &path, out)?;
+        } else if ft.is_file() {
+            let rel = path.strip_prefix(root).expect("under the root");
+            let rel = rel
+                .to_str()
+                .ok_or_else(|| Error::invalid(format!("{}: not UTF-8", path.display())))?;
+            out.push((rel.to_string(), path.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Chunks in a local [`BlockManager`], names in a small catalog file.
+#[derive(Debug)]
+pub struct LocalChunks {
+    manager: Arc<BlockManager>,
+    ns: NamespaceId,
+    catalog: PathBuf,
+    lock: Mutex<()>,
+}
+
+impl LocalChunks {
+    /// Chunks of namespace `ns` (registered in `manager`), names in
+    /// `catalog` (a file, made on first use).
+    pub fn new(manager: Arc<BlockManager>, ns: NamespaceId, catalog: PathBuf) -> Self {
+        Self {
+            manager,
+            ns,
+            catalog,
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn read_names(&self) -> Result<Vec<String>> {
+        match std::fs::read_to_string(&self.catalog) {
+            Ok(t) => Ok(t.lines().filter(|l| !l.is_empty()).map(str::to_string).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(Error::io(format!("read {}", self.catalog.display()), e)),
+        }
+    }
+
+    fn write_names(&self, names: &[String]) -> Result<()> {
+        let tmp = self.catalog.with_extension("tmp");
+        let io = |what: &str, e| Error::io(format!("{what} {}", tmp.display()), e);
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io("create", e))?;
+        let mut text = names.join("\n");
+        text.push('\n');
+        f.write_all(text.as_bytes()).map_err(|e| io("write", e))?;
+        f.sync_all().map_err(|e| io("sync", e))?;
+        std::fs::rename(&tmp, &self.catalog).map_err(|e| io("rename", e))
+    }
+}
+
+impl ChunkStore for LocalChunks {
+    fn put_chunk(&self, key: BlockKey, data: &[u8]) -> Result<bool> {
+        Ok(self.manager.store_one(self.ns, key, data)?.stored == 1)
+    }
+
+    fn get_chunk(&self, key: BlockKey) -> Result<Option<Vec<u8>>> {
+        self.manager.load_one(self.ns, key)
+    }
+
+    fn remove_chunk(&self, key: BlockKey) -> Result<()> {
+        self.manager.remove(self.ns, &[key]).map(|_| ())
+    }
+
+    fn names(&self) -> Result<Vec<String>> {
+        let _g = self.lock.lock();
+        self.read_names()
+    }
+
+    fn add_name(&self, name: &str) -> Result<()> {
+        let _g = self.lock.lock();
+        let mut names = self.read_names()?;
+        if !names.iter().any(|n| n == name) {
+            names.push(name.to_string());
+            names.sort();
+            self.write_names(&names)?;
+        }
+        Ok(())
+    }
+
+    fn remove_name(&self, name: &str) -> Result<()> {
+        let _g = self.lock.lock();
+        let mut names = self.read_names()?;
+        let before = names.len();
+        names.retain(|n| n != name);
+        if names.len() != before {
+            self.write_names(&names)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

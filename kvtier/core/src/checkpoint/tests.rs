@@ -1,0 +1,148 @@
+use super::*;
+use crate::block::Namespace;
+use crate::manager::ManagerConfig;
+use crate::tier::disk::DiskConfig;
+
+const CHUNK: u32 = 64 << 10;
+
+fn setup(dir: &Path) -> Checkpoints<LocalChunks> {
+    let mut d = DiskConfig::new(dir.join("ssd"), 64 << 20);
+    d.segment_bytes = 4 << 20;
+    let m = Arc::new(ManagerConfig::ssd_only(d).build().unwrap());
+    let ns = m.register_namespace(&Namespace::checkpoints("test", CHUNK)).unwrap();
+    Checkpoints::new(LocalChunks::new(m, ns, dir.join("catalog")), ns, CHUNK)
+}
+
+fn bytes(seed: u64, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| (xxhash_rust::xxh3::xxh3_64(&(seed, i / 8).0.to_le_bytes()) >> (i % 8)) as u8 ^ i as u8)
+        .collect()
+}
+
+/// A tree of files: empty, small, exactly two chunks, and one chunk and a bit.
+fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let files = vec![
+        ("config.json".to_string(), b"{\"step\": 100}".to_vec()),
+        ("empty".to_string(), Vec::new()),
+        ("model/shard-0.bin".to_string(), bytes(1, 2 * CHUNK as usize)),
+        ("model/shard-1.bin".to_string(), bytes(2, CHUNK as usize + 17)),
+        ("optim/state.bin".to_string(), bytes(3, 3 * CHUNK as usize / 2)),
+    ];
+    for (p, b) in &files {
+        let path = root.join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, b).unwrap();
+    }
+    files
+}
+
+#[test]
+fn put_get_list_delete_round_trip() {
+    let d = tempfile::tempdir().unwrap();
+    let c = setup(d.path());
+    let src = d.path().join("src");
+    let files = tree(&src);
+    let m = c.put_dir("step-100", &src).unwrap();
+    assert_eq!(m.files.len(), 5);
+    assert_eq!(m.bytes(), files.iter().map(|f| f.1.len() as u64).sum::<u64>());
+    // config 1, empty 0, shard-0 2, shard-1 2, optim 2.
+    assert_eq!(m.chunks(), 7);
+    let out = d.path().join("restore");
+    c.get("step-100", &out).unwrap();
+    for (p, b) in &files {
+        assert_eq!(&std::fs::read(out.join(p)).unwrap(), b, "{p}");
+    }
+    let l = c.list().unwrap();
+    assert_eq!(l.len(), 1);
+    assert_eq!((l[0].name.as_str(), l[0].files), ("step-100", 5));
+    // Names are immutable.
+    let e = c.put_dir("step-100", &src).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert!(c.delete("step-100").unwrap());
+    assert!(!c.delete("step-100").unwrap());
+    assert!(c.list().unwrap().is_empty());
+    let e = c.get("step-100", &out).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+}
+
+#[test]
+fn shared_chunks_are_stored_once_and_survive_a_delete() {
+    let d = tempfile::tempdir().unwrap();
+    let c = setup(d.path());
+    let src = d.path().join("src");
+    tree(&src);
+    c.put_dir("a", &src).unwrap();
+    let stored = c.store().manager.stats().stored_blocks;
+    // Same files again: only a new manifest is stored.
+    c.put_dir("b", &src).unwrap();
+    assert_eq!(c.store().manager.stats().stored_blocks, stored + 1);
+    assert!(c.delete("a").unwrap());
+    let out = d.path().join("restore");
+    c.get("b", &out).unwrap();
+    assert_eq!(
+        std::fs::read(out.join("model/shard-0.bin")).unwrap(),
+        bytes(1, 2 * CHUNK as usize)
+    );
+}
+
+#[test]
+fn bad_names_and_paths_change_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let c = setup(d.path());
+    let f = d.path().join("f");
+    std::fs::write(&f, b"x").unwrap();
+    for name in ["", "a/b", "..", "x y", &"n".repeat(201)] {
+        let e = c.put(name, &[("f".into(), f.clone())]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{name:?}: {e}");
+    }
+    for path in ["/etc/passwd", "../x", "a/../b", "./a", "a//b", "", "a/"] {
+        let e = c
+            .put("ok", &[("f".into(), f.clone()), (path.into(), f.clone())])
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{path:?}: {e}");
+    }
+    let e = c
+        .put("ok", &[("f".into(), f.clone()), ("f".into(), f.clone())])
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert_eq!(c.store().manager.stats().stored_blocks, 0, "nothing was stored");
+    assert!(c.list().unwrap().is_empty());
+}
+
+#[test]
+fn a_lost_chunk_fails_the_restore_and_leaves_no_partial_file() {
+    let d = tempfile::tempdir().unwrap();
+    let c = setup(d.path());
+    let src = d.path().join("src");
+    tree(&src);
+    let m = c.put_dir("s", &src).unwrap();
+    let f = m.files.iter().find(|f| f.path == "model/shard-1.bin").unwrap();
+    c.store().remove_chunk(BlockKey(f.chunks[1].key)).unwrap();
+    let out = d.path().join("restore");
+    let e = c.get("s", &out).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains("model/shard-1.bin"), "{e}");
+    assert!(!out.join("model/shard-1.bin").exists());
+    let partials: Vec<_> = std::fs::read_dir(out.join("model"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(partials.is_empty(), "{partials:?}");
+}
+
+#[test]
+fn a_writer_that_dies_before_its_manifest_leaves_no_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let c = setup(d.path());
+    let src = d.path().join("src");
+    tree(&src);
+    // Chunks stored, manifest never written: what a crash midway leaves.
+    let mut buf = vec![0u8; CHUNK as usize];
+    c.put_file("model/shard-0.bin", &src.join("model/shard-0.bin"), &mut buf)
+        .unwrap();
+    assert!(c.list().unwrap().is_empty());
+    assert!(c.manifest("s").unwrap().is_none());
+    // The name is free: the real put goes through.
+    c.put_dir("s", &src).unwrap();
+}
