@@ -909,6 +909,17 @@ impl BlockManager {
         Ok(n)
     }
 
+    /// Every key of namespace `ns` held in a local tier (host or disk), in
+    /// no particular order: what resync and rebalancing walk.
+    pub fn local_keys(&self, ns: NamespaceId) -> Vec<BlockKey> {
+        let mut keys = self.shared.disk.as_ref().map(|d| d.keys(ns)).unwrap_or_default();
+        if let Some(h) = &self.shared.host {
+            let on_disk: std::collections::HashSet<BlockKey> = keys.iter().copied().collect();
+            keys.extend(h.keys(ns).into_iter().filter(|k| !on_disk.contains(k)));
+        }
+        keys
+    }
+
     /// Waits until every block logged for writeback is uploaded; false if
     /// `timeout` passed first (or there is no writeback: true).
     pub fn flush_writeback(&self, timeout: std::time::Duration) -> bool {

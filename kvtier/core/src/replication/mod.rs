@@ -3,12 +3,15 @@
 //! - [`placement`]: weighted rendezvous hashing: each key's ordered replica
 //!   list, from the member list alone.
 //! - [`membership`]: members, liveness from heartbeats, and an epoch.
+//! - [`rebalance`]: after a membership change or a node's return, which
+//!   keys this node pushes where, and which it may drop.
 //! - This module: the decisions a write, a read, an upload and a resync
 //!   make, as plain functions. None does I/O: kvtierd's peer service drives
 //!   them (DESIGN.md: "the replication logic does no I/O").
 
 pub mod membership;
 pub mod placement;
+pub mod rebalance;
 
 use serde::{Deserialize, Serialize};
 

@@ -310,6 +310,12 @@ impl DiskTier {
     pub fn namespaces(&self) -> HashSet<NamespaceId> {
         self.inner.state.lock().index.values().map(|l| l.ns).collect()
     }
+
+    /// Every key held for namespace `ns` (a snapshot).
+    pub fn keys(&self, ns: NamespaceId) -> Vec<BlockKey> {
+        let st = self.inner.state.lock();
+        st.index.iter().filter(|(_, l)| l.ns == ns).map(|(k, _)| *k).collect()
+    }
 }
 
 fn lock_dir(dir: &Path) -> Result<File> {

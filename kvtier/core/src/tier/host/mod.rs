@@ -130,6 +130,16 @@ impl HostTier {
         self.inner.arena.backing()
     }
 
+    /// Every key held for namespace `ns` (a snapshot).
+    pub fn keys(&self, ns: NamespaceId) -> Vec<BlockKey> {
+        let st = self.inner.state.lock();
+        st.map
+            .iter()
+            .filter(|(_, e)| e.ns == ns && e.ready)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
     /// Pins `key`, with direct access to its bytes.
     pub fn pin_host(&self, key: &BlockKey) -> Option<HostPin> {
         let mut st = self.inner.state.lock();
