@@ -11,7 +11,8 @@ use tonic::{Request, Status};
 use crate::CHUNK_BYTES;
 use crate::convert::{self, key_bytes};
 use crate::proto::kv_tier_client::KvTierClient;
-use crate::proto::{self, get_response, put_request};
+use crate::proto::peer_client::PeerClient;
+use crate::proto::{self, get_response, put_request, replica_put_request};
 
 /// Where and how to connect.
 #[derive(Debug, Clone, Default)]
@@ -135,6 +136,9 @@ impl tonic::service::Interceptor for Auth {
 #[derive(Clone, Debug)]
 pub struct Client {
     inner: KvTierClient<InterceptedService<Channel, Auth>>,
+    peer: PeerClient<InterceptedService<Channel, Auth>>,
+    /// For checkpoint chunk stores over the same connection.
+    channel: (Channel, Auth),
 }
 
 /// What a Get brought back: the leading `loaded` blocks, verified.
@@ -159,12 +163,29 @@ fn ns_bytes(ns: NamespaceId) -> Bytes {
 impl Client {
     /// Connects (lazily retried by the channel afterwards).
     pub async fn connect(cfg: &ClientConfig) -> Result<Self, String> {
+        let ep = Self::endpoint(cfg, std::time::Duration::from_secs(5))?;
+        let channel = ep
+            .connect()
+            .await
+            .map_err(|e| format!("connect to {}: {e}", cfg.endpoint))?;
+        Self::over(channel, cfg)
+    }
+
+    /// A client that connects on its first call (and again after a
+    /// failure), each connection attempt bounded by `connect_timeout`:
+    /// kvtierd's handle on a peer that may be down.
+    pub fn lazy(cfg: &ClientConfig, connect_timeout: std::time::Duration) -> Result<Self, String> {
+        let channel = Self::endpoint(cfg, connect_timeout)?.connect_lazy();
+        Self::over(channel, cfg)
+    }
+
+    fn endpoint(cfg: &ClientConfig, connect_timeout: std::time::Duration) -> Result<Endpoint, String> {
         let mut ep = Endpoint::from_shared(cfg.endpoint.clone())
             .map_err(|e| format!("endpoint {:?}: {e}", cfg.endpoint))?
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(16 << 20))
             .initial_connection_window_size(Some(64 << 20))
-            .connect_timeout(std::time::Duration::from_secs(5));
+            .connect_timeout(connect_timeout);
         if cfg.endpoint.starts_with("https://") || cfg.ca_file.is_some() {
             crate::install_crypto_provider();
             let mut tls = ClientTlsConfig::new().with_enabled_roots();
@@ -177,10 +198,22 @@ impl Client {
             }
             ep = ep.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
         }
-        let channel = ep
-            .connect()
-            .await
-            .map_err(|e| format!("connect to {}: {e}", cfg.endpoint))?;
+        Ok(ep)
+    }
+
+    /// A [`crate::checkpoints::RemoteChunks`] for checkpoint `group` over
+    /// this connection; its calls block on `rt`.
+    pub fn checkpoint_chunks(
+        &self,
+        group: &str,
+        chunk_bytes: u32,
+        rt: tokio::runtime::Handle,
+    ) -> crate::checkpoints::RemoteChunks {
+        let (channel, auth) = self.channel.clone();
+        crate::checkpoints::RemoteChunks::new(channel, auth, group, chunk_bytes, rt)
+    }
+
+    fn over(channel: Channel, cfg: &ClientConfig) -> Result<Self, String> {
         let auth = match &cfg.token {
             None => Auth(None),
             Some(t) => {
@@ -189,23 +222,43 @@ impl Client {
                 })?))
             }
         };
-        let inner = KvTierClient::with_interceptor(channel, auth)
+        let inner = KvTierClient::with_interceptor(channel.clone(), auth.clone())
             .max_decoding_message_size(2 * CHUNK_BYTES)
             .max_encoding_message_size(2 * CHUNK_BYTES);
-        Ok(Self { inner })
+        let peer = PeerClient::with_interceptor(channel.clone(), auth.clone())
+            .max_decoding_message_size(2 * CHUNK_BYTES)
+            .max_encoding_message_size(2 * CHUNK_BYTES);
+        Ok(Self {
+            inner,
+            peer,
+            channel: (channel, auth),
+        })
     }
 
     /// Registers `ns`; answers its id and block size.
     pub async fn register(&self, ns: &Namespace) -> Result<(NamespaceId, u64), Status> {
-        let r = self
+        let r = self.register_replicated(ns, None, None).await?;
+        Ok((convert::namespace_id(&r.namespace_id)?, r.block_bytes))
+    }
+
+    /// Registers `ns` with `replicas` copies of each block in a cluster,
+    /// `write_quorum` of which a Put waits for (all by default).
+    pub async fn register_replicated(
+        &self,
+        ns: &Namespace,
+        replicas: Option<u32>,
+        write_quorum: Option<u32>,
+    ) -> Result<proto::RegisterNamespaceResponse, Status> {
+        Ok(self
             .inner
             .clone()
             .register_namespace(proto::RegisterNamespaceRequest {
                 namespace: Some(convert::namespace_proto(ns)),
+                replicas,
+                write_quorum,
             })
             .await?
-            .into_inner();
-        Ok((convert::namespace_id(&r.namespace_id)?, r.block_bytes))
+            .into_inner())
     }
 
     /// The daemon's namespaces.
@@ -258,7 +311,7 @@ impl Client {
         ns: NamespaceId,
         keys: &[BlockKey],
     ) -> Result<(proto::GetHeader, tonic::Streaming<proto::GetResponse>), Status> {
-        let mut s = self
+        let s = self
             .inner
             .clone()
             .get(proto::GetRequest {
@@ -267,12 +320,7 @@ impl Client {
             })
             .await?
             .into_inner();
-        match s.message().await? {
-            Some(proto::GetResponse {
-                msg: Some(get_response::Msg::Header(h)),
-            }) => Ok((h, s)),
-            _ => Err(Status::internal("the Get stream did not start with a header")),
-        }
+        Self::header(s).await
     }
 
     /// The next data message of a Get, checked against the `want` bytes its
@@ -304,7 +352,24 @@ impl Client {
 
     /// Loads the leading present blocks of `keys`.
     pub async fn get(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Got, Status> {
-        let (h, mut s) = self.start_get(ns, keys).await?;
+        let (h, s) = self.start_get(ns, keys).await?;
+        Self::gather(h, s).await
+    }
+
+    /// The header of a Get stream, and the stream of its data messages.
+    async fn header(
+        mut s: tonic::Streaming<proto::GetResponse>,
+    ) -> Result<(proto::GetHeader, tonic::Streaming<proto::GetResponse>), Status> {
+        match s.message().await? {
+            Some(proto::GetResponse {
+                msg: Some(get_response::Msg::Header(h)),
+            }) => Ok((h, s)),
+            _ => Err(Status::internal("the Get stream did not start with a header")),
+        }
+    }
+
+    /// The data a Get's header announced, gathered.
+    async fn gather(h: proto::GetHeader, mut s: tonic::Streaming<proto::GetResponse>) -> Result<Got, Status> {
         let want = h.loaded as usize * h.block_bytes as usize;
         // One message is handed on as it is; more are gathered.
         let mut parts = Vec::new();
@@ -448,5 +513,90 @@ impl Client {
     /// Liveness and identity.
     pub async fn health(&self) -> Result<proto::HealthResponse, Status> {
         Ok(self.inner.clone().health(proto::HealthRequest {}).await?.into_inner())
+    }
+
+    // The Peer service: what kvtierd nodes ask each other. Tests and tools
+    // use it to read one node's own tiers.
+
+    /// A heartbeat from node `from` at membership `epoch`.
+    pub async fn ping(&self, from: &str, epoch: u64) -> Result<proto::PingResponse, Status> {
+        Ok(self
+            .peer
+            .clone()
+            .ping(proto::PingRequest {
+                from: from.into(),
+                epoch,
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Registers a namespace on this node only.
+    pub async fn replica_register(&self, req: proto::ReplicaRegisterRequest) -> Result<(), Status> {
+        self.peer.clone().replica_register(req).await.map(drop)
+    }
+
+    /// Stores copies of `keys` (back to back in `data`) on this node only;
+    /// `spec` registers the namespace first where it is missing, and
+    /// `hint_for` makes this node keep the blocks for that down replica.
+    pub async fn replica_put(
+        &self,
+        ns: NamespaceId,
+        keys: &[BlockKey],
+        data: Bytes,
+        spec: Option<proto::ReplicaRegisterRequest>,
+        hint_for: Option<String>,
+    ) -> Result<proto::PutResponse, Status> {
+        let mut msgs = Vec::with_capacity(2 + data.len() / CHUNK_BYTES);
+        msgs.push(proto::ReplicaPutRequest {
+            msg: Some(replica_put_request::Msg::Header(proto::ReplicaPutHeader {
+                namespace_id: ns_bytes(ns),
+                keys: keys.iter().map(key_bytes).collect(),
+                namespace: spec,
+                hint_for,
+            })),
+        });
+        let mut at = 0;
+        while at < data.len() {
+            let end = (at + CHUNK_BYTES).min(data.len());
+            msgs.push(proto::ReplicaPutRequest {
+                msg: Some(replica_put_request::Msg::Data(data.slice(at..end))),
+            });
+            at = end;
+        }
+        Ok(self
+            .peer
+            .clone()
+            .replica_put(tokio_stream::iter(msgs))
+            .await?
+            .into_inner())
+    }
+
+    /// Loads the leading blocks of `keys` present in this node's own tiers.
+    pub async fn replica_get(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Got, Status> {
+        let s = self
+            .peer
+            .clone()
+            .replica_get(proto::GetRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys.iter().map(key_bytes).collect(),
+            })
+            .await?
+            .into_inner();
+        let (h, s) = Self::header(s).await?;
+        Self::gather(h, s).await
+    }
+
+    /// The longest prefix of `keys` present in this node's own tiers.
+    pub async fn replica_lookup(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<proto::LookupResponse, Status> {
+        Ok(self
+            .peer
+            .clone()
+            .replica_lookup(proto::LookupRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys.iter().map(key_bytes).collect(),
+            })
+            .await?
+            .into_inner())
     }
 }

@@ -8,6 +8,8 @@
 //! the `AZURE_*` variables the Azure client reads.
 
 use kvtier::manager::{ManagerConfig, Mode};
+use kvtier::replication::membership::Detector;
+use kvtier::replication::placement::Member;
 use kvtier::tier::blob::{BlobConfig, BlobMode};
 use kvtier::tier::disk::DiskConfig;
 use kvtier::tier::host::HostConfig;
@@ -79,6 +81,113 @@ pub struct DaemonConfig {
     /// both at once is an error.
     #[serde(default)]
     pub blob: Option<BlobConfig>,
+    /// A static cluster of kvtierd nodes; none runs this node alone.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The `[cluster]` table: this node's id and the static member list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id; must be one of `members`.
+    pub node_id: String,
+    /// Every node of the cluster, this one included: `{ id, addr, weight }`,
+    /// `addr` being the node's gRPC `host:port` (the client listener).
+    pub members: Vec<Member>,
+    /// Milliseconds between heartbeats to each peer.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// Missed heartbeats in a row before a peer is suspect (still written).
+    #[serde(default = "default_suspect_after")]
+    pub suspect_after: u32,
+    /// Missed heartbeats in a row before a peer is down (writes go to a
+    /// stand-in with a hint).
+    #[serde(default = "default_down_after")]
+    pub down_after: u32,
+    /// Milliseconds a peer call may take (a heartbeat, a replica write or
+    /// read) before it counts as failed.
+    #[serde(default = "default_peer_timeout_ms")]
+    pub peer_timeout_ms: u64,
+    /// PEM CA certificate that signs the peers' certificates, when the
+    /// daemon serves TLS; the system roots otherwise.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Name to verify in the peers' certificates, if not their host.
+    #[serde(default)]
+    pub tls_domain: Option<String>,
+}
+
+fn default_heartbeat_interval_ms() -> u64 {
+    500
+}
+fn default_suspect_after() -> u32 {
+    1
+}
+fn default_down_after() -> u32 {
+    3
+}
+fn default_peer_timeout_ms() -> u64 {
+    2000
+}
+
+impl ClusterConfig {
+    /// The failure detector's thresholds.
+    pub fn detector(&self) -> Detector {
+        Detector {
+            suspect_after: self.suspect_after,
+            down_after: self.down_after,
+        }
+    }
+
+    /// Checks everything that needs no network.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_id.is_empty() {
+            return Err("cluster.node_id must not be empty".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, m) in self.members.iter().enumerate() {
+            if m.id.0.is_empty() {
+                return Err(format!("cluster.members[{i}].id must not be empty"));
+            }
+            if !seen.insert(&m.id) {
+                return Err(format!("cluster.members: duplicate id {:?}", m.id.0));
+            }
+            if !(m.weight.is_finite() && m.weight > 0.0) {
+                return Err(format!(
+                    "cluster.members[{i}] ({}): weight {} must be a positive number",
+                    m.id, m.weight
+                ));
+            }
+            if m.addr
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(format!(
+                    "cluster.members[{i}] ({}): addr {:?} must be host:port",
+                    m.id, m.addr
+                ));
+            }
+        }
+        if !self.members.iter().any(|m| m.id.0 == self.node_id) {
+            let ids: Vec<&str> = self.members.iter().map(|m| m.id.0.as_str()).collect();
+            return Err(format!(
+                "cluster.node_id {:?} is not among cluster.members ({})",
+                self.node_id,
+                ids.join(", ")
+            ));
+        }
+        if self.heartbeat_interval_ms == 0 || self.peer_timeout_ms == 0 {
+            return Err("cluster.heartbeat_interval_ms and cluster.peer_timeout_ms must be > 0".into());
+        }
+        if self.suspect_after == 0 || self.down_after < self.suspect_after {
+            return Err(format!(
+                "cluster.down_after ({}) must be at least cluster.suspect_after ({}), which must be > 0",
+                self.down_after, self.suspect_after
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_listen() -> String {
@@ -143,6 +252,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("KVTIER_BLOB_ENDPOINT", "blob.endpoint"),
     ("KVTIER_BLOB_PREFIX", "blob.prefix"),
     ("KVTIER_BLOB_MODE", "blob.mode"),
+    ("KVTIER_CLUSTER_NODE_ID", "cluster.node_id"),
 ];
 
 /// The `KVTIER_BLOB_*` overrides found in the environment.
@@ -232,6 +342,7 @@ impl DaemonConfig {
         }
         let (mut cert, mut key) = (None, None);
         let mut blob = BlobEnv::default();
+        let mut node_id = None;
         for (k, v) in env {
             match k.as_str() {
                 "KVTIER_LISTEN" => c.listen = v,
@@ -283,10 +394,18 @@ impl DaemonConfig {
                     });
                     blob.set.push("KVTIER_BLOB_MODE");
                 }
+                "KVTIER_CLUSTER_NODE_ID" => node_id = Some(v),
                 _ => {}
             }
         }
         blob.apply(&mut c)?;
+        if let Some(id) = node_id {
+            // One cluster file for every node: each sets its own id.
+            match &mut c.cluster {
+                Some(cl) => cl.node_id = id,
+                None => return Err("KVTIER_CLUSTER_NODE_ID set, but the configuration has no [cluster] table".into()),
+            }
+        }
         match (cert, key) {
             (Some(cert_file), Some(key_file)) => c.tls = Some(TlsConfig { cert_file, key_file }),
             (None, None) => {}
@@ -310,6 +429,9 @@ impl DaemonConfig {
         // value is a configuration error (exit 2) and --print-config sees it.
         if let Some(b) = self.blob_config() {
             b.validate().map_err(|e| e.message().to_string())?;
+        }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
         }
         Ok(())
     }
@@ -612,5 +734,65 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.manager_config().blob, Some(BlobConfig::new("acct", "kv-cache")));
+    }
+
+    #[test]
+    fn cluster_table_parses_with_defaults_and_the_node_id_override() {
+        let d = tempfile::tempdir().unwrap();
+        let f = write(
+            d.path(),
+            "[cluster]\nnode_id = \"a\"\nmembers = [\n  { id = \"a\", addr = \"127.0.0.1:7001\" },\n  { id = \"b\", addr = \"127.0.0.1:7002\", weight = 2.0 },\n]\n",
+        );
+        let c = DaemonConfig::load(Some(&f), env(&[])).unwrap();
+        let cl = c.cluster.clone().unwrap();
+        assert_eq!(cl.node_id, "a");
+        assert_eq!(cl.members.len(), 2);
+        assert_eq!((cl.members[0].weight, cl.members[1].weight), (1.0, 2.0));
+        assert_eq!((cl.heartbeat_interval_ms, cl.suspect_after, cl.down_after), (500, 1, 3));
+        let printed = toml::to_string_pretty(&c).unwrap();
+        assert_eq!(toml::from_str::<DaemonConfig>(&printed).unwrap(), c, "{printed}");
+        let c = DaemonConfig::load(Some(&f), env(&[("KVTIER_CLUSTER_NODE_ID", "b")])).unwrap();
+        assert_eq!(c.cluster.unwrap().node_id, "b");
+        let e = DaemonConfig::load(None, env(&[("KVTIER_CLUSTER_NODE_ID", "b")])).unwrap_err();
+        assert!(e.contains("no [cluster] table"), "{e}");
+        assert!(DaemonConfig::load(None, env(&[])).unwrap().cluster.is_none());
+    }
+
+    #[test]
+    fn the_cluster_example_parses_for_each_node() {
+        let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/cluster/cluster.toml");
+        for id in ["a", "b", "c"] {
+            let c = DaemonConfig::load(Some(&f), env(&[("KVTIER_CLUSTER_NODE_ID", id)])).unwrap();
+            let cl = c.cluster.unwrap();
+            assert_eq!(cl.node_id, id);
+            assert_eq!(cl.members.len(), 3);
+        }
+        let e = DaemonConfig::load(Some(&f), env(&[("KVTIER_CLUSTER_NODE_ID", "d")])).unwrap_err();
+        assert!(e.contains("\"d\" is not among cluster.members (a, b, c)"), "{e}");
+    }
+
+    #[test]
+    fn bad_cluster_settings_are_precise() {
+        let d = tempfile::tempdir().unwrap();
+        let load = |body: &str| {
+            let f = write(d.path(), &format!("[cluster]\n{body}"));
+            DaemonConfig::load(Some(&f), env(&[])).unwrap_err()
+        };
+        let two = "members = [{ id = \"a\", addr = \"h:1\" }, { id = \"b\", addr = \"h:2\" }]\n";
+        let e = load(&format!("node_id = \"c\"\n{two}"));
+        assert!(
+            e.contains("cluster.node_id \"c\" is not among cluster.members (a, b)"),
+            "{e}"
+        );
+        let e = load("node_id = \"a\"\nmembers = [{ id = \"a\", addr = \"h:1\" }, { id = \"a\", addr = \"h:2\" }]\n");
+        assert!(e.contains("duplicate id \"a\""), "{e}");
+        let e = load("node_id = \"a\"\nmembers = [{ id = \"a\", addr = \"h:1\", weight = 0.0 }]\n");
+        assert!(e.contains("weight 0 must be a positive number"), "{e}");
+        let e = load("node_id = \"a\"\nmembers = [{ id = \"a\", addr = \"h\" }]\n");
+        assert!(e.contains("must be host:port"), "{e}");
+        let e = load(&format!("node_id = \"a\"\ndown_after = 0\n{two}"));
+        assert!(e.contains("cluster.down_after (0)"), "{e}");
+        let e = load(&format!("node_id = \"a\"\nport = 1\n{two}"));
+        assert!(e.contains("unknown field `port`"), "{e}");
     }
 }

@@ -20,6 +20,8 @@ pub fn status(e: &kvtier::Error) -> Status {
         ErrorKind::Throttled | ErrorKind::Closed => Status::unavailable(msg),
         ErrorKind::ChecksumMismatch => Status::data_loss(msg),
         ErrorKind::Config => Status::failed_precondition(msg),
+        ErrorKind::NotFound => Status::not_found(msg),
+        ErrorKind::AlreadyExists => Status::already_exists(msg),
         _ => Status::internal(msg),
     }
 }
@@ -88,6 +90,7 @@ pub fn stats(s: &ManagerStats) -> Result<proto::StatsResponse, serde_json::Error
         served_blob_bytes: s.served_blob_bytes,
         blob_promotions: s.blob_promotions,
         throughput_reduction: s.throughput_reduction,
+        cluster: None,
     })
 }
 
@@ -264,6 +267,7 @@ pub(crate) mod tests {
             resumed_blocks: 24,
             dropped_blocks: 25,
             log_errors: 26,
+            ..Default::default()
         });
         s.served_local_bytes = 300;
         s.served_blob_bytes = 100;

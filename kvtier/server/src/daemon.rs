@@ -8,9 +8,12 @@ use tokio::net::TcpListener;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 
+use crate::cluster::Cluster;
+use crate::cluster::peer::PeerService;
 use crate::config::DaemonConfig;
 use crate::metrics::Metrics;
 use crate::proto::kv_tier_server::KvTierServer;
+use crate::proto::peer_server::PeerServer;
 use crate::service::KvTierService;
 
 /// Compares in time independent of where the strings differ.
@@ -66,6 +69,26 @@ pub async fn run(
         cfg.max_request_bytes,
         cfg.max_inflight_bytes,
     )?;
+    let cluster = match &cfg.cluster {
+        Some(cc) => Some(Arc::new(Cluster::new(
+            cc,
+            cfg.tls.is_some(),
+            token.clone(),
+            manager.clone(),
+            svc.registry().clone(),
+            &cfg.data_dir,
+            cfg.max_request_bytes,
+        )?)),
+        None => None,
+    };
+    let svc = match &cluster {
+        Some(c) => {
+            let _ = metrics.cluster.set(Arc::downgrade(c));
+            svc.with_cluster(c.clone())
+        }
+        None => svc,
+    };
+    let peer = cluster.as_ref().map(|c| PeerService::new(svc.clone(), c.clone()));
 
     let listener = TcpListener::bind(&cfg.listen)
         .await
@@ -116,6 +139,22 @@ pub async fn run(
             Err(Status::unauthenticated("missing or invalid bearer token"))
         }
     };
+    let peer_api = peer.map(|p| {
+        tonic::service::interceptor::InterceptedService::new(
+            PeerServer::new(p)
+                .max_decoding_message_size(2 * crate::CHUNK_BYTES)
+                .max_encoding_message_size(2 * crate::CHUNK_BYTES),
+            auth.clone(),
+        )
+    });
+    let checkpoints = tonic::service::interceptor::InterceptedService::new(
+        crate::checkpoint_proto::checkpoints_server::CheckpointsServer::new(
+            crate::checkpoints::CheckpointService::new(manager.clone(), &cfg.data_dir),
+        )
+        .max_decoding_message_size(2 * crate::CHUNK_BYTES)
+        .max_encoding_message_size(2 * crate::CHUNK_BYTES),
+        auth.clone(),
+    );
     let api = tonic::service::interceptor::InterceptedService::new(
         KvTierServer::new(svc)
             .max_decoding_message_size(2 * crate::CHUNK_BYTES)
@@ -128,6 +167,10 @@ pub async fn run(
         grpc,
         metrics: metrics_task.as_ref().map(|m| m.0),
     });
+    let heartbeats = cluster.as_ref().map(|c| {
+        tracing::info!(node = %c.me(), members = c.size(), epoch = c.epoch(), "cluster member serving");
+        tokio::spawn(c.clone().heartbeats())
+    });
 
     // Stop accepting when told; give in-flight requests a bounded time.
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
@@ -135,6 +178,8 @@ pub async fn run(
     let serve = builder
         .add_service(health)
         .add_service(api)
+        .add_service(checkpoints)
+        .add_optional_service(peer_api)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
             stop.await;
             tracing::info!("stop requested: draining");
@@ -151,6 +196,11 @@ pub async fn run(
     if let Some((_, t)) = metrics_task {
         t.abort();
     }
+    if let Some(h) = heartbeats {
+        h.abort();
+    }
+    // The cluster's tasks hold the manager too: let it go.
+    drop(cluster);
     served.map_err(|e| format!("serve: {e}"))?;
     // Writes acknowledged to clients are on disk (SSD-only) or queued for
     // it (write-through): drain the queue, then close the tiers so the

@@ -3,9 +3,14 @@
 //! # Layout
 //!
 //! - [`proto`]: the gRPC API generated from `proto/kvtier/v1/kvtier.proto`.
+//! - [`checkpoints`]: the `Checkpoints` service (chunks and the catalog of
+//!   names) and its client-side chunk store.
 //! - [`config`]: the daemon's TOML configuration with `KVTIER_*` overrides.
 //! - [`convert`]: wire ↔ core types, and core errors → gRPC statuses.
 //! - [`service`]: the `KvTier` service over a [`kvtier::BlockManager`].
+//! - [`registry`]: the namespaces and their replication, persisted.
+//! - [`cluster`]: a static cluster of kvtierd nodes: heartbeats, replica
+//!   fan-out, peer reads, hints, and the `Peer` service.
 //! - [`metrics`]: Prometheus text on an HTTP port.
 //! - [`region`]: shared-memory regions, the same-host data path.
 //! - [`daemon`]: binds, serves, and stops gracefully on SIGTERM/SIGINT.
@@ -25,18 +30,28 @@
 //! - **The manager runs on the blocking pool**: its tiers are synchronous
 //!   (memcpy and O_DIRECT); async tasks never wait on them.
 
+pub mod checkpoints;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod daemon;
 pub mod metrics;
 pub mod region;
+pub mod registry;
 pub mod service;
 
 /// Generated from `proto/kvtier/v1/kvtier.proto`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod proto {
     tonic::include_proto!("kvtier.v1");
+}
+
+/// The `Checkpoints` service, generated from
+/// `proto/kvtier/checkpoint/v1/checkpoint.proto`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod checkpoint_proto {
+    tonic::include_proto!("kvtier.checkpoint.v1");
 }
 
 /// Keeps large buffers in the heap between requests.

@@ -32,6 +32,11 @@ pub const RPCS: &[&str] = &[
     "UnregisterRegion",
     "PutRegion",
     "GetRegion",
+    "Ping",
+    "ReplicaRegister",
+    "ReplicaPut",
+    "ReplicaGet",
+    "ReplicaLookup",
 ];
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -72,6 +77,9 @@ pub struct Metrics {
     pub bad_requests: AtomicU64,
     /// Requests refused for a missing or wrong token.
     pub unauthenticated: AtomicU64,
+    /// The cluster this node is a member of, once it is set up. Weak: the
+    /// cluster holds the block manager, which a stop must get back.
+    pub cluster: std::sync::OnceLock<std::sync::Weak<crate::cluster::Cluster>>,
 }
 
 impl Metrics {
@@ -83,7 +91,11 @@ impl Metrics {
 
     /// The exposition text, with the manager's counters read now.
     pub fn render(&self, m: &BlockManager) -> String {
-        self.render_stats(&m.stats())
+        let mut o = self.render_stats(&m.stats());
+        if let Some(c) = self.cluster.get().and_then(std::sync::Weak::upgrade) {
+            render_cluster(&mut o, &c.stats());
+        }
+        o
     }
 
     /// The exposition text for the manager's counters `s`.
@@ -421,6 +433,80 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, manager: Arc<Bl
             let _ = sock.write_all(body.as_bytes()).await;
             let _ = sock.shutdown().await;
         });
+    }
+}
+
+/// The `kvtier_cluster_*` series (cluster members only).
+fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
+    let _ = writeln!(
+        o,
+        "# HELP kvtier_cluster_epoch Membership epoch: bumped by every change this node saw (cluster only).\n# TYPE kvtier_cluster_epoch gauge\nkvtier_cluster_epoch {}",
+        c.epoch
+    );
+    let _ = writeln!(
+        o,
+        "# HELP kvtier_cluster_member_up Whether a member answers heartbeats: 1 up, 0.5 suspect, 0 down (cluster only).\n# TYPE kvtier_cluster_member_up gauge"
+    );
+    for m in &c.members {
+        let v = match m.liveness.as_str() {
+            "up" => "1",
+            "suspect" => "0.5",
+            _ => "0",
+        };
+        let _ = writeln!(o, "kvtier_cluster_member_up{{member=\"{}\"}} {v}", m.id);
+    }
+    let _ = writeln!(
+        o,
+        "# HELP kvtier_cluster_hints_pending Hinted blocks held for a down replica (cluster only).\n# TYPE kvtier_cluster_hints_pending gauge\nkvtier_cluster_hints_pending {}",
+        c.hints_pending
+    );
+    let counters: [(&str, &str, u64); 8] = [
+        (
+            "cluster_hints_delivered_total",
+            "Hinted blocks handed back to their replica.",
+            c.hints_delivered,
+        ),
+        (
+            "cluster_hints_dropped_total",
+            "Hints given up: the block was gone before delivery.",
+            c.hints_dropped,
+        ),
+        (
+            "cluster_replica_writes_total",
+            "Replica writes sent to peers, one per node per Put.",
+            c.replica_writes_sent,
+        ),
+        (
+            "cluster_replica_write_failures_total",
+            "Replica writes to peers that failed.",
+            c.replica_writes_failed,
+        ),
+        (
+            "cluster_peer_read_blocks_total",
+            "Blocks loads here brought from peers.",
+            c.peer_read_blocks,
+        ),
+        (
+            "cluster_peer_read_failures_total",
+            "Peer reads and lookups that failed.",
+            c.peer_read_failures,
+        ),
+        (
+            "cluster_replica_blocks_received_total",
+            "Blocks peers stored here.",
+            c.replica_blocks_received,
+        ),
+        (
+            "cluster_replica_blocks_served_total",
+            "Blocks peers loaded from here.",
+            c.replica_blocks_served,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(
+            o,
+            "# HELP kvtier_{name} {help} (cluster only)\n# TYPE kvtier_{name} counter\nkvtier_{name} {v}"
+        );
     }
 }
 

@@ -1,7 +1,8 @@
 //! The `KvTier` gRPC service over a block manager.
 
 use bytes::Bytes;
-use kvtier::{AlignedBuf, BlockManager, Namespace, NamespaceId};
+use kvtier::replication::Replication;
+use kvtier::{AlignedBuf, BlockManager, NamespaceId};
 use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -13,10 +14,12 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::CHUNK_BYTES;
+use crate::cluster::Cluster;
 use crate::convert::{self, status};
 use crate::metrics::Metrics;
 use crate::proto::{self, get_response, put_request};
 use crate::region::Regions;
+use crate::registry::Registry;
 
 /// Keys one request may carry.
 pub const MAX_KEYS: usize = 65_536;
@@ -74,35 +77,6 @@ impl Drop for Loan {
     }
 }
 
-/// The namespaces registered, persisted so a restarted daemon serves what
-/// its SSD holds without clients registering again.
-#[derive(Debug)]
-struct Registry {
-    path: PathBuf,
-    lock: Mutex<()>,
-}
-
-impl Registry {
-    fn load(&self) -> Result<Vec<Namespace>, String> {
-        match std::fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("namespace registry {}: {e}", self.path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(format!("read {}: {e}", self.path.display())),
-        }
-    }
-
-    /// Writes the whole list: temporary file, fsync, rename.
-    fn save(&self, all: &[Namespace]) -> std::io::Result<()> {
-        use std::io::Write;
-        let _g = self.lock.lock();
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(all).expect("namespaces serialize"))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)
-    }
-}
-
 /// The service. Cheap to clone.
 #[derive(Clone)]
 pub struct KvTierService {
@@ -114,6 +88,7 @@ pub struct KvTierService {
     regions: Arc<Regions>,
     max_request_bytes: u64,
     started: Instant,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for KvTierService {
@@ -135,15 +110,7 @@ impl KvTierService {
         max_request_bytes: u64,
         max_inflight_bytes: u64,
     ) -> Result<Self, String> {
-        let registry = Registry {
-            path: registry_path,
-            lock: Mutex::new(()),
-        };
-        for ns in registry.load()? {
-            manager
-                .register_namespace(&ns)
-                .map_err(|e| format!("namespace {} from {}: {e}", ns.model_id, registry.path.display()))?;
-        }
+        let registry = Registry::open(registry_path, manager.clone())?;
         let permits = (max_inflight_bytes / PERMIT_BYTES).min(u64::from(u32::MAX >> 3)) as usize;
         Ok(Self {
             manager,
@@ -156,10 +123,24 @@ impl KvTierService {
             regions: Arc::new(regions),
             max_request_bytes,
             started: Instant::now(),
+            cluster: None,
         })
     }
 
-    fn observe<T>(&self, rpc: &str, t: Instant, r: &Result<T, Status>) {
+    /// The same service in `cluster`: Puts fan out to replicas, reads that
+    /// miss here ask peers, and registrations reach every member.
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// The namespaces and their replication.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Records one request of `rpc` (one of [`crate::metrics::RPCS`]).
+    pub(crate) fn observe<T>(&self, rpc: &str, t: Instant, r: &Result<T, Status>) {
         self.metrics.rpc(rpc).observe(t.elapsed(), r.is_ok());
         if let Err(s) = r {
             if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound) {
@@ -190,8 +171,45 @@ impl KvTierService {
         })
     }
 
-    fn block_bytes(&self, ns: NamespaceId) -> Result<u64, Status> {
+    pub(crate) fn block_bytes(&self, ns: NamespaceId) -> Result<u64, Status> {
         self.manager.block_bytes(ns).map_err(|e| status(&e))
+    }
+
+    /// Receives the data messages of a `what` of `blocks` blocks into a
+    /// pooled buffer; `data` picks the bytes out of a message (`None`: not
+    /// a data message).
+    pub(crate) async fn receive<M>(
+        &self,
+        s: &mut Streaming<M>,
+        what: &str,
+        blocks: usize,
+        block: u64,
+        data: impl Fn(M) -> Option<Bytes>,
+    ) -> Result<Bytes, Status> {
+        let total = (blocks as u64 * block) as usize;
+        let mut loan = self.admit(what, blocks, block).await?;
+        let buf = loan.buf.as_mut().expect("fresh loan");
+        let mut got = 0usize;
+        while let Some(m) = s.message().await? {
+            let Some(d) = data(m) else {
+                return Err(Status::invalid_argument(format!(
+                    "only data messages may follow the {what} header"
+                )));
+            };
+            if got + d.len() > total {
+                return Err(Status::invalid_argument(format!(
+                    "{what} carries more than {blocks} blocks of {block} bytes ({total} bytes)"
+                )));
+            }
+            buf[got..got + d.len()].copy_from_slice(&d);
+            got += d.len();
+        }
+        if got != total {
+            return Err(Status::invalid_argument(format!(
+                "{what} ended after {got} of {total} bytes ({blocks} blocks of {block} bytes)"
+            )));
+        }
+        Ok(Bytes::from_owner(loan).slice(..total))
     }
 
     async fn put_inner(&self, mut s: Streaming<proto::PutRequest>) -> Result<proto::PutResponse, Status> {
@@ -204,37 +222,21 @@ impl KvTierService {
         let ns = convert::namespace_id(&header.namespace_id)?;
         let block = self.block_bytes(ns)?;
         let keys = convert::keys(&header.keys, MAX_KEYS)?;
-        let total = (keys.len() as u64 * block) as usize;
-        let mut loan = self.admit("put", keys.len(), block).await?;
-        let buf = loan.buf.as_mut().expect("fresh loan");
-        let mut got = 0usize;
-        while let Some(m) = s.message().await? {
-            let Some(put_request::Msg::Data(d)) = m.msg else {
-                return Err(Status::invalid_argument("only data messages may follow the Put header"));
-            };
-            if got + d.len() > total {
-                return Err(Status::invalid_argument(format!(
-                    "put carries more than {} blocks of {block} bytes ({total} bytes)",
-                    keys.len()
-                )));
-            }
-            buf[got..got + d.len()].copy_from_slice(&d);
-            got += d.len();
-        }
-        if got != total {
-            return Err(Status::invalid_argument(format!(
-                "put ended after {got} of {total} bytes ({} blocks of {block} bytes)",
-                keys.len()
-            )));
+        let data = self
+            .receive(&mut s, "put", keys.len(), block, |m| match m.msg {
+                Some(put_request::Msg::Data(d)) => Some(d),
+                _ => None,
+            })
+            .await?;
+        if let Some(c) = &self.cluster {
+            return c.write(ns, &keys, data, block as usize).await;
         }
         let m = self.manager.clone();
-        let (r, loan) = tokio::task::spawn_blocking(move || {
-            let r = m.store(ns, &keys, &loan.as_ref()[..total]);
-            (r, loan)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("store task: {e}")))?;
-        drop(loan);
+        // The buffer (and its share of the in-flight budget) goes back to
+        // the pool when `data` drops, after the store.
+        let r = tokio::task::spawn_blocking(move || m.store(ns, &keys, &data))
+            .await
+            .map_err(|e| Status::internal(format!("store task: {e}")))?;
         let out = r.map_err(|e| status(&e))?;
         Ok(proto::PutResponse {
             stored: out.stored as u32,
@@ -243,21 +245,57 @@ impl KvTierService {
         })
     }
 
-    async fn get_inner(&self, req: proto::GetRequest) -> Result<GetStream, Status> {
+    /// Loads the leading present blocks: from the local tiers, then (with
+    /// `peers`, in a cluster) from peers, promoting what they send into the
+    /// local tiers. Answers the stream and the blocks it carries.
+    pub(crate) async fn get_inner(&self, req: proto::GetRequest, peers: bool) -> Result<(GetStream, usize), Status> {
         let ns = convert::namespace_id(&req.namespace_id)?;
         let block = self.block_bytes(ns)?;
         let keys = convert::keys(&req.keys, MAX_KEYS)?;
         let total = (keys.len() as u64 * block) as usize;
         let mut loan = self.admit("get", keys.len(), block).await?;
-        let m = self.manager.clone();
-        let (r, loan) = tokio::task::spawn_blocking(move || {
+        let keys = Arc::new(keys);
+        let b = block as usize;
+        // Local tiers, then peers for the run that misses here, then local
+        // again: with R < N consecutive blocks live on different nodes.
+        let (mut loaded, mut failed) = (0usize, None);
+        loop {
+            let (m, ks, at) = (self.manager.clone(), keys.clone(), loaded);
+            let (r, l) = tokio::task::spawn_blocking(move || {
+                let buf = loan.buf.as_mut().expect("fresh loan");
+                let r = m.load(ns, &ks[at..], &mut buf[at * b..total]);
+                (r, loan)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("load task: {e}")))?;
+            loan = l;
+            let out = r.map_err(|e| status(&e))?;
+            loaded += out.loaded;
+            if let Some(mut f) = out.failed {
+                f.index += at;
+                failed = Some(f);
+                break;
+            }
+            let Some(c) = self.cluster.as_ref().filter(|_| peers && loaded < keys.len()) else {
+                break;
+            };
             let buf = loan.buf.as_mut().expect("fresh loan");
-            let r = m.load(ns, &keys, &mut buf[..total]);
-            (r, loan)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("load task: {e}")))?;
-        let out = r.map_err(|e| status(&e))?;
+            let n = c.fetch(ns, &keys[loaded..], &mut buf[loaded * b..total], b).await;
+            if n == 0 {
+                break;
+            }
+            // Promote: the next load of these blocks is local.
+            let promoted = Bytes::copy_from_slice(&buf[loaded * b..(loaded + n) * b]);
+            let got = keys[loaded..loaded + n].to_vec();
+            let m = self.manager.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = m.store(ns, &got, &promoted) {
+                    tracing::debug!("promote peer blocks: {e}");
+                }
+            });
+            loaded += n;
+        }
+        let out = kvtier::manager::LoadOutcome { loaded, failed };
         let header = proto::GetHeader {
             loaded: out.loaded as u32,
             block_bytes: block,
@@ -277,7 +315,48 @@ impl KvTierService {
             }));
             at = end;
         }
-        Ok(Box::pin(tokio_stream::iter(msgs)))
+        Ok((Box::pin(tokio_stream::iter(msgs)), out.loaded))
+    }
+
+    /// The longest present prefix: local tiers, then (with `peers`, in a
+    /// cluster) peers, whose blocks are reported as `TIER_PEER`.
+    pub(crate) async fn lookup_inner(
+        &self,
+        req: proto::LookupRequest,
+        peers: bool,
+    ) -> Result<proto::LookupResponse, Status> {
+        let ns = convert::namespace_id(&req.namespace_id)?;
+        let keys = convert::keys(&req.keys, MAX_KEYS)?;
+        let keys = Arc::new(keys);
+        let mut tiers: Vec<i32> = Vec::new();
+        // Local tiers, then peers for the run that misses here, and again.
+        loop {
+            let at = tiers.len();
+            let l = if self.manager.blob().is_some() {
+                // Blob lookups send HEAD requests: off the async workers.
+                let (m, ks) = (self.manager.clone(), keys.clone());
+                tokio::task::spawn_blocking(move || m.lookup(ns, &ks[at..]))
+                    .await
+                    .map_err(|e| Status::internal(format!("lookup task: {e}")))?
+            } else {
+                // Local lookups take microseconds: inline.
+                self.manager.lookup(ns, &keys[at..])
+            }
+            .map_err(|e| status(&e))?;
+            tiers.extend(l.tiers.iter().map(|t| convert::tier(*t) as i32));
+            let Some(c) = self.cluster.as_ref().filter(|_| peers && tiers.len() < keys.len()) else {
+                break;
+            };
+            let n = c.lookup(ns, &keys[tiers.len()..]).await;
+            if n == 0 {
+                break;
+            }
+            tiers.extend(std::iter::repeat_n(proto::Tier::Peer as i32, n));
+        }
+        Ok(proto::LookupResponse {
+            hit_blocks: tiers.len() as u32,
+            tiers,
+        })
     }
 }
 
@@ -315,26 +394,44 @@ impl proto::kv_tier_server::KvTier for KvTierService {
         req: Request<proto::RegisterNamespaceRequest>,
     ) -> Reply<proto::RegisterNamespaceResponse> {
         let t = Instant::now();
-        let r = (|| {
+        let r = async {
+            let req = req.into_inner();
             let p = req
-                .into_inner()
                 .namespace
                 .ok_or_else(|| Status::invalid_argument("namespace is required"))?;
             let ns = convert::namespace(&p)?;
-            let known = self.manager.block_bytes(ns.id()).is_ok();
-            let id = self.manager.register_namespace(&ns).map_err(|e| status(&e))?;
-            if !known {
-                let all: Vec<Namespace> = self.manager.namespaces().into_iter().map(|(_, n)| n).collect();
-                self.registry
-                    .save(&all)
-                    .map_err(|e| Status::internal(format!("persist the namespace registry: {e}")))?;
-                tracing::info!(namespace = %id, model = %ns.model_id, block_bytes = ns.block_bytes(), "namespace registered");
+            let rep = match (req.replicas, req.write_quorum) {
+                (None, None) => None,
+                (r, w) => Some(Replication {
+                    replicas: r.unwrap_or(1) as usize,
+                    write_quorum: w.map(|w| w as usize),
+                }),
+            };
+            if let Some(rep) = rep {
+                let members = self.cluster.as_ref().map_or(1, |c| c.size());
+                rep.validate(members).map_err(|e| {
+                    Status::invalid_argument(if self.cluster.is_none() {
+                        format!("{e} (kvtierd runs without a [cluster] table)")
+                    } else {
+                        e
+                    })
+                })?;
+            }
+            let reg = self.registry.register(&ns, rep, false)?;
+            if reg.new {
+                tracing::info!(namespace = %reg.id, model = %ns.model_id, block_bytes = ns.block_bytes(), replicas = reg.replication.replicas, "namespace registered");
+                if let Some(c) = &self.cluster {
+                    c.register_everywhere(reg.id).await;
+                }
             }
             Ok(proto::RegisterNamespaceResponse {
-                namespace_id: Bytes::copy_from_slice(&id.0.to_le_bytes()),
+                namespace_id: Bytes::copy_from_slice(&reg.id.0.to_le_bytes()),
                 block_bytes: ns.block_bytes(),
+                replicas: reg.replication.replicas as u32,
+                write_quorum: reg.replication.w() as u32,
             })
-        })();
+        }
+        .await;
         self.observe("RegisterNamespace", t, &r);
         r.map(Response::new)
     }
@@ -345,13 +442,15 @@ impl proto::kv_tier_server::KvTier for KvTierService {
     ) -> Reply<proto::ListNamespacesResponse> {
         let t = Instant::now();
         let namespaces = self
-            .manager
-            .namespaces()
+            .registry
+            .all()
             .into_iter()
-            .map(|(id, ns)| proto::NamespaceInfo {
+            .map(|(id, ns, rep)| proto::NamespaceInfo {
                 namespace_id: Bytes::copy_from_slice(&id.0.to_le_bytes()),
                 block_bytes: ns.block_bytes(),
                 namespace: Some(convert::namespace_proto(&ns)),
+                replicas: rep.replicas as u32,
+                write_quorum: rep.w() as u32,
             })
             .collect();
         let r = Ok(proto::ListNamespacesResponse { namespaces });
@@ -361,27 +460,7 @@ impl proto::kv_tier_server::KvTier for KvTierService {
 
     async fn lookup(&self, req: Request<proto::LookupRequest>) -> Reply<proto::LookupResponse> {
         let t = Instant::now();
-        let r = async {
-            let req = req.into_inner();
-            let ns = convert::namespace_id(&req.namespace_id)?;
-            let keys = convert::keys(&req.keys, MAX_KEYS)?;
-            let l = if self.manager.blob().is_some() {
-                // Blob lookups send HEAD requests: off the async workers.
-                let m = self.manager.clone();
-                tokio::task::spawn_blocking(move || m.lookup(ns, &keys))
-                    .await
-                    .map_err(|e| Status::internal(format!("lookup task: {e}")))?
-            } else {
-                // Local lookups take microseconds: inline.
-                self.manager.lookup(ns, &keys)
-            }
-            .map_err(|e| status(&e))?;
-            Ok(proto::LookupResponse {
-                hit_blocks: l.hit_blocks() as u32,
-                tiers: l.tiers.iter().map(|t| convert::tier(*t) as i32).collect(),
-            })
-        }
-        .await;
+        let r = self.lookup_inner(req.into_inner(), true).await;
         self.observe("Lookup", t, &r);
         r.map(Response::new)
     }
@@ -397,7 +476,7 @@ impl proto::kv_tier_server::KvTier for KvTierService {
 
     async fn get(&self, req: Request<proto::GetRequest>) -> Reply<GetStream> {
         let t = Instant::now();
-        let r = self.get_inner(req.into_inner()).await;
+        let r = self.get_inner(req.into_inner(), true).await.map(|(s, _)| s);
         self.observe("Get", t, &r);
         r.map(Response::new)
     }
@@ -422,7 +501,12 @@ impl proto::kv_tier_server::KvTier for KvTierService {
 
     async fn stats(&self, _req: Request<proto::StatsRequest>) -> Reply<proto::StatsResponse> {
         let t = Instant::now();
-        let r = convert::stats(&self.manager.stats()).map_err(|e| Status::internal(format!("stats: {e}")));
+        let r = convert::stats(&self.manager.stats())
+            .map(|mut s| {
+                s.cluster = self.cluster.as_ref().map(|c| c.stats());
+                s
+            })
+            .map_err(|e| Status::internal(format!("stats: {e}")));
         self.observe("Stats", t, &r);
         r.map(Response::new)
     }
@@ -458,6 +542,12 @@ impl proto::kv_tier_server::KvTier for KvTierService {
         let t = Instant::now();
         let r = async {
             let job = self.region_request(&req.into_inner(), false)?;
+            if let Some(c) = &self.cluster {
+                // Peers need the bytes after the region may change: a copy.
+                let data = Bytes::copy_from_slice(job.borrow.bytes());
+                drop(job.borrow);
+                return c.write(job.ns, &job.keys, data, job.block as usize).await;
+            }
             let m = self.manager.clone();
             let out = tokio::task::spawn_blocking(move || m.store(job.ns, &job.keys, job.borrow.bytes()))
                 .await
@@ -478,12 +568,51 @@ impl proto::kv_tier_server::KvTier for KvTierService {
         let t = Instant::now();
         let r = async {
             let mut job = self.region_request(&req.into_inner(), true)?;
-            let m = self.manager.clone();
             let block = job.block;
-            let out = tokio::task::spawn_blocking(move || m.load(job.ns, &job.keys, job.borrow.bytes_mut()))
+            let b = block as usize;
+            let n = job.keys.len();
+            // As Get: local tiers, then peers for the run that misses here.
+            let (mut loaded, mut failed) = (0usize, None);
+            loop {
+                let (m, at) = (self.manager.clone(), loaded);
+                let (r, j) = tokio::task::spawn_blocking(move || {
+                    let r = m.load(job.ns, &job.keys[at..], &mut job.borrow.bytes_mut()[at * b..]);
+                    (r, job)
+                })
                 .await
-                .map_err(|e| Status::internal(format!("load task: {e}")))?
-                .map_err(|e| status(&e))?;
+                .map_err(|e| Status::internal(format!("load task: {e}")))?;
+                job = j;
+                let out = r.map_err(|e| status(&e))?;
+                loaded += out.loaded;
+                if let Some(mut f) = out.failed {
+                    f.index += at;
+                    failed = Some(f);
+                    break;
+                }
+                let Some(c) = self.cluster.as_ref().filter(|_| loaded < n) else {
+                    break;
+                };
+                let got = c
+                    .fetch(
+                        job.ns,
+                        &job.keys[loaded..],
+                        &mut job.borrow.bytes_mut()[loaded * b..],
+                        b,
+                    )
+                    .await;
+                if got == 0 {
+                    break;
+                }
+                let promoted = Bytes::copy_from_slice(&job.borrow.bytes()[loaded * b..(loaded + got) * b]);
+                let (m, ns, keys) = (self.manager.clone(), job.ns, job.keys[loaded..loaded + got].to_vec());
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = m.store(ns, &keys, &promoted) {
+                        tracing::debug!("promote peer blocks: {e}");
+                    }
+                });
+                loaded += got;
+            }
+            let out = kvtier::manager::LoadOutcome { loaded, failed };
             Ok(proto::GetHeader {
                 loaded: out.loaded as u32,
                 block_bytes: block,

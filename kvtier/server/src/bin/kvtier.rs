@@ -49,9 +49,16 @@ enum Cmd {
     /// `writeback` (pending, uploaded, failed, resumed blocks), the bytes
     /// served from local tiers and from blob, and `throughput_reduction`.
     Stats,
+    /// The cluster as this node sees it, as JSON: its id, the membership
+    /// epoch, each member's liveness, hints pending and delivered, replica
+    /// writes and peer reads. Exit 3 when the daemon runs without a cluster.
+    Cluster,
     /// Namespace admin.
     #[command(subcommand)]
     Ns(NsCmd),
+    /// Checkpoints: named sets of files, chunked, committed by a manifest.
+    #[command(subcommand)]
+    Checkpoint(CkptCmd),
     /// Stores blocks read from a file (or stdin): keys.len() × block size bytes.
     Put {
         #[command(flatten)]
@@ -78,6 +85,103 @@ enum Cmd {
         #[command(flatten)]
         blocks: BlockArgs,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CkptCmd {
+    /// Writes checkpoint NAME from every file under DIR.
+    Put {
+        name: String,
+        dir: PathBuf,
+        #[command(flatten)]
+        group: GroupArgs,
+    },
+    /// Restores checkpoint NAME into DEST (files appear whole and verified).
+    Get {
+        name: String,
+        dest: PathBuf,
+        #[command(flatten)]
+        group: GroupArgs,
+    },
+    /// Lists the checkpoints of a group.
+    List {
+        #[command(flatten)]
+        group: GroupArgs,
+    },
+    /// Deletes checkpoint NAME (chunks other checkpoints share stay).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        group: GroupArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+struct GroupArgs {
+    /// Checkpoint group (e.g. the training job).
+    #[arg(long, default_value = "default")]
+    group: String,
+    /// Largest chunk, in MiB (fixed per group).
+    #[arg(long, default_value_t = 32)]
+    chunk_mib: u32,
+}
+
+fn ckpt_fail(e: kvtier::Error) -> Fail {
+    use kvtier::ErrorKind as K;
+    let code = match e.kind() {
+        K::InvalidArgument | K::BlockSize | K::AlreadyExists | K::Config => 2,
+        K::NotFound | K::UnknownNamespace => 3,
+        K::Throttled | K::Closed => 4,
+        K::NoSpace => 6,
+        K::ChecksumMismatch => 7,
+        _ => 1,
+    };
+    Fail(code, e.to_string())
+}
+
+async fn checkpoint(client: &Client, cmd: CkptCmd) -> Result<(), Fail> {
+    use kvtier::checkpoint::Checkpoints;
+    let g = match &cmd {
+        CkptCmd::Put { group, .. }
+        | CkptCmd::Get { group, .. }
+        | CkptCmd::List { group }
+        | CkptCmd::Delete { group, .. } => group,
+    };
+    let chunk_bytes = g
+        .chunk_mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| Fail(2, format!("--chunk-mib {} is too large", g.chunk_mib)))?;
+    let chunks = client.checkpoint_chunks(&g.group, chunk_bytes, tokio::runtime::Handle::current());
+    let ns = chunks.namespace();
+    let t = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        let c = Checkpoints::new(chunks, ns, chunk_bytes);
+        match cmd {
+            CkptCmd::Put { name, dir, .. } => c.put_dir(&name, &dir).map(|m| {
+                serde_json::json!({"name": m.name, "files": m.files.len(), "bytes": m.bytes(), "chunks": m.chunks()})
+            }),
+            CkptCmd::Get { name, dest, .. } => c.get(&name, &dest).map(|m| {
+                serde_json::json!({"name": m.name, "files": m.files.len(), "bytes": m.bytes(), "dest": dest})
+            }),
+            CkptCmd::List { .. } => c.list().map(|l| serde_json::json!(l)),
+            CkptCmd::Delete { name, .. } => c.delete(&name).and_then(|found| {
+                if found {
+                    Ok(serde_json::json!({"deleted": name}))
+                } else {
+                    Err(kvtier::Error::new(kvtier::ErrorKind::NotFound, format!("no checkpoint {name:?}")))
+                }
+            }),
+        }
+    })
+    .await
+    .map_err(|e| Fail(1, format!("checkpoint task: {e}")))?
+    .map_err(ckpt_fail)?;
+    let mut out = out;
+    if let Some(o) = out.as_object_mut() {
+        o.insert("seconds".into(), serde_json::json!(t.elapsed().as_secs_f64()));
+    }
+    println!("{out}");
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,6 +230,12 @@ struct NsArgs {
     /// LoRA adapter.
     #[arg(long)]
     lora: Option<String>,
+    /// Copies of each block in a cluster (1 by default).
+    #[arg(long)]
+    replicas: Option<u32>,
+    /// Copies a Put waits for (all replicas by default).
+    #[arg(long)]
+    write_quorum: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -248,12 +358,41 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             );
         }
         Cmd::Stats => println!("{}", client.stats().await?),
-        Cmd::Ns(NsCmd::Register(a)) => {
-            let ns = namespace(&a)?;
-            let (id, block_bytes) = client.register(&ns).await?;
+        Cmd::Checkpoint(c) => checkpoint(&client, c).await?,
+        Cmd::Cluster => {
+            let Some(c) = client.stats_reply().await?.cluster else {
+                return Err(Fail(3, "kvtierd runs without a [cluster] table".into()));
+            };
+            let members: Vec<_> = c
+                .members
+                .iter()
+                .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "weight": m.weight, "liveness": m.liveness}))
+                .collect();
             println!(
                 "{}",
-                serde_json::json!({"namespace_id": id.to_string(), "block_bytes": block_bytes})
+                serde_json::json!({
+                    "node_id": c.node_id,
+                    "epoch": c.epoch,
+                    "members": members,
+                    "hints_pending": c.hints_pending,
+                    "hints_delivered": c.hints_delivered,
+                    "hints_dropped": c.hints_dropped,
+                    "replica_writes_sent": c.replica_writes_sent,
+                    "replica_writes_failed": c.replica_writes_failed,
+                    "peer_read_blocks": c.peer_read_blocks,
+                    "peer_read_failures": c.peer_read_failures,
+                    "replica_blocks_received": c.replica_blocks_received,
+                    "replica_blocks_served": c.replica_blocks_served,
+                })
+            );
+        }
+        Cmd::Ns(NsCmd::Register(a)) => {
+            let ns = namespace(&a)?;
+            let r = client.register_replicated(&ns, a.replicas, a.write_quorum).await?;
+            let id = kvtier_server::convert::namespace_id(&r.namespace_id)?;
+            println!(
+                "{}",
+                serde_json::json!({"namespace_id": id.to_string(), "block_bytes": r.block_bytes, "replicas": r.replicas, "write_quorum": r.write_quorum})
             );
         }
         Cmd::Ns(NsCmd::List) => {
@@ -266,7 +405,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                     .transpose()?;
                 println!(
                     "{}",
-                    serde_json::json!({"namespace_id": id.to_string(), "block_bytes": n.block_bytes, "namespace": ns})
+                    serde_json::json!({"namespace_id": id.to_string(), "block_bytes": n.block_bytes, "namespace": ns, "replicas": n.replicas, "write_quorum": n.write_quorum})
                 );
             }
         }
@@ -299,6 +438,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                     kvtier_server::proto::Tier::Host => "host",
                     kvtier_server::proto::Tier::Disk => "disk",
                     kvtier_server::proto::Tier::Blob => "blob",
+                    kvtier_server::proto::Tier::Peer => "peer",
                     _ => "unknown",
                 })
                 .collect();
@@ -314,7 +454,10 @@ async fn run(cli: Cli) -> Result<(), Fail> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Two workers: checkpoint commands block in spawn_blocking threads
+    // while the workers drive their requests.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .expect("start the runtime");

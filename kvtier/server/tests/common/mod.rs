@@ -297,3 +297,16 @@ pub fn sample(body: &str, series: &str) -> f64 {
         .parse()
         .unwrap_or_else(|e| panic!("{series}: {e}"))
 }
+
+/// `n` distinct free TCP ports on 127.0.0.1, for daemons that must know
+/// each other's addresses before they start (a cluster's member list).
+/// The ports are free when this returns; a daemon binds them soon after.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local address").port())
+        .collect()
+}

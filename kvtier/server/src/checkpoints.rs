@@ -1,0 +1,320 @@
+//! Checkpoints over gRPC: the daemon's `Checkpoints` service and the
+//! client's [`RemoteChunks`].
+//!
+//! The client runs `kvtier::checkpoint::Checkpoints` (chunking, manifests,
+//! verification) over [`RemoteChunks`]; the daemon stores each chunk as one
+//! variable-length block of the group's namespace
+//! (`Namespace::checkpoints`) and keeps the group's catalog of names in its
+//! data directory. Chunks cross the wire in pieces of at most
+//! [`crate::CHUNK_BYTES`].
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kvtier::checkpoint::{ChunkStore, LocalChunks, validate_name};
+use kvtier::{BlockKey, BlockManager, Error, ErrorKind, Namespace, NamespaceId};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::checkpoint_proto as pb;
+use crate::checkpoint_proto::checkpoints_client::CheckpointsClient;
+use crate::client::Auth;
+use crate::convert::status;
+
+/// Smallest and largest chunk a group may use.
+pub const CHUNK_BYTES_RANGE: std::ops::RangeInclusive<u32> = (1 << 20)..=(256 << 20);
+
+/// Checks a group and answers its namespace.
+pub fn group_namespace(g: &pb::Group) -> Result<Namespace, Status> {
+    if g.group.len() > 64 || validate_name(&g.group).is_err() {
+        return Err(Status::invalid_argument(format!(
+            "checkpoint group {:?}: 1 to 64 letters, digits, '.', '_' and '-'",
+            g.group
+        )));
+    }
+    if !CHUNK_BYTES_RANGE.contains(&g.chunk_bytes) {
+        return Err(Status::invalid_argument(format!(
+            "chunk_bytes {} must be between {} and {}",
+            g.chunk_bytes,
+            CHUNK_BYTES_RANGE.start(),
+            CHUNK_BYTES_RANGE.end()
+        )));
+    }
+    Ok(Namespace::checkpoints(&g.group, g.chunk_bytes))
+}
+
+fn key(b: &[u8]) -> Result<BlockKey, Status> {
+    let a: [u8; 16] = b
+        .try_into()
+        .map_err(|_| Status::invalid_argument(format!("a chunk key is 16 bytes, got {}", b.len())))?;
+    Ok(BlockKey::from_le_bytes(a))
+}
+
+/// The daemon side.
+#[derive(Debug)]
+pub struct CheckpointService {
+    manager: Arc<BlockManager>,
+    dir: PathBuf,
+    groups: Mutex<HashMap<(String, u32), Arc<LocalChunks>>>,
+}
+
+impl CheckpointService {
+    /// Chunks in `manager`, catalogs under `data_dir/checkpoints`.
+    pub fn new(manager: Arc<BlockManager>, data_dir: &std::path::Path) -> Self {
+        Self {
+            manager,
+            dir: data_dir.join("checkpoints"),
+            groups: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The group's store, registering its namespace on first use.
+    fn group(&self, g: Option<&pb::Group>) -> Result<(NamespaceId, Arc<LocalChunks>), Status> {
+        let g = g.ok_or_else(|| Status::invalid_argument("the request names no checkpoint group"))?;
+        let ns = group_namespace(g)?;
+        let id = self.manager.register_namespace(&ns).map_err(|e| status(&e))?;
+        let mut groups = self.groups.lock();
+        if let Some(s) = groups.get(&(g.group.clone(), g.chunk_bytes)) {
+            return Ok((id, s.clone()));
+        }
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| Status::internal(format!("create {}: {e}", self.dir.display())))?;
+        let catalog = self.dir.join(format!("{}-{}.names", g.group, g.chunk_bytes));
+        let s = Arc::new(LocalChunks::new(self.manager.clone(), id, catalog));
+        groups.insert((g.group.clone(), g.chunk_bytes), s.clone());
+        Ok((id, s))
+    }
+
+    async fn blocking<T: Send + 'static>(f: impl FnOnce() -> kvtier::Result<T> + Send + 'static) -> Result<T, Status> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| Status::internal(format!("task: {e}")))?
+            .map_err(|e| status(&e))
+    }
+}
+
+type PieceStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ChunkPiece, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::checkpoints_server::Checkpoints for CheckpointService {
+    async fn put_chunk(&self, req: Request<Streaming<pb::ChunkWrite>>) -> Result<Response<pb::PutChunkReply>, Status> {
+        let mut s = req.into_inner();
+        let first = s
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("an empty PutChunk stream"))??;
+        let (_, store) = self.group(first.group.as_ref())?;
+        let max = first.group.as_ref().map_or(0, |g| g.chunk_bytes) as usize;
+        let k = key(&first.key)?;
+        let mut data = Vec::with_capacity(first.data.len());
+        data.extend_from_slice(&first.data);
+        while let Some(piece) = s.next().await {
+            let piece = piece?;
+            if data.len() + piece.data.len() > max {
+                return Err(Status::invalid_argument(format!(
+                    "chunk {k} exceeds the group's chunk_bytes ({max})"
+                )));
+            }
+            data.extend_from_slice(&piece.data);
+        }
+        let stored = Self::blocking(move || store.put_chunk(k, &data)).await?;
+        Ok(Response::new(pb::PutChunkReply { stored }))
+    }
+
+    type GetChunkStream = PieceStream;
+
+    async fn get_chunk(&self, req: Request<pb::ChunkRef>) -> Result<Response<PieceStream>, Status> {
+        let r = req.into_inner();
+        let (_, store) = self.group(r.group.as_ref())?;
+        let k = key(&r.key)?;
+        let got = Self::blocking(move || store.get_chunk(k)).await?;
+        let pieces: Vec<Result<pb::ChunkPiece, Status>> = match got {
+            None => vec![Ok(pb::ChunkPiece {
+                found: false,
+                data: Bytes::new(),
+            })],
+            Some(d) => {
+                let d = Bytes::from(d);
+                let mut v: Vec<_> = (0..d.len())
+                    .step_by(crate::CHUNK_BYTES)
+                    .map(|o| {
+                        Ok(pb::ChunkPiece {
+                            found: true,
+                            data: d.slice(o..(o + crate::CHUNK_BYTES).min(d.len())),
+                        })
+                    })
+                    .collect();
+                if v.is_empty() {
+                    v.push(Ok(pb::ChunkPiece { found: true, data: d }));
+                }
+                v
+            }
+        };
+        Ok(Response::new(Box::pin(tokio_stream::iter(pieces))))
+    }
+
+    async fn remove_chunk(&self, req: Request<pb::ChunkRef>) -> Result<Response<pb::RemoveChunkReply>, Status> {
+        let r = req.into_inner();
+        let (ns, _) = self.group(r.group.as_ref())?;
+        let k = key(&r.key)?;
+        let m = self.manager.clone();
+        let n = Self::blocking(move || m.remove(ns, &[k])).await?;
+        Ok(Response::new(pb::RemoveChunkReply { removed: n > 0 }))
+    }
+
+    async fn names(&self, req: Request<pb::Group>) -> Result<Response<pb::NamesReply>, Status> {
+        let g = req.into_inner();
+        let (_, store) = self.group(Some(&g))?;
+        let names = Self::blocking(move || store.names()).await?;
+        Ok(Response::new(pb::NamesReply { names }))
+    }
+
+    async fn add_name(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::NameReply>, Status> {
+        let r = req.into_inner();
+        validate_name(&r.name).map_err(|e| status(&e))?;
+        let (_, store) = self.group(r.group.as_ref())?;
+        Self::blocking(move || store.add_name(&r.name)).await?;
+        Ok(Response::new(pb::NameReply {}))
+    }
+
+    async fn remove_name(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::NameReply>, Status> {
+        let r = req.into_inner();
+        validate_name(&r.name).map_err(|e| status(&e))?;
+        let (_, store) = self.group(r.group.as_ref())?;
+        Self::blocking(move || store.remove_name(&r.name)).await?;
+        Ok(Response::new(pb::NameReply {}))
+    }
+}
+
+/// The client side: a [`ChunkStore`] on a kvtierd, for
+/// `kvtier::checkpoint::Checkpoints`. Its calls block: run them off async
+/// tasks (e.g. in `spawn_blocking`).
+#[derive(Debug, Clone)]
+pub struct RemoteChunks {
+    client: CheckpointsClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>,
+    group: pb::Group,
+    rt: tokio::runtime::Handle,
+}
+
+fn remote_err(s: Status) -> Error {
+    let kind = match s.code() {
+        tonic::Code::InvalidArgument => ErrorKind::InvalidArgument,
+        tonic::Code::NotFound => ErrorKind::NotFound,
+        tonic::Code::AlreadyExists => ErrorKind::AlreadyExists,
+        tonic::Code::ResourceExhausted => ErrorKind::NoSpace,
+        tonic::Code::Unavailable => ErrorKind::Throttled,
+        tonic::Code::DataLoss => ErrorKind::ChecksumMismatch,
+        _ => ErrorKind::Io,
+    };
+    Error::new(kind, format!("kvtierd: {}", s.message()))
+}
+
+impl RemoteChunks {
+    /// Chunks of `group` (at most `chunk_bytes` each) on the daemon behind
+    /// `channel`; calls block on `rt`.
+    pub fn new(channel: Channel, auth: Auth, group: &str, chunk_bytes: u32, rt: tokio::runtime::Handle) -> Self {
+        let client = CheckpointsClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(2 * crate::CHUNK_BYTES)
+            .max_encoding_message_size(2 * crate::CHUNK_BYTES);
+        Self {
+            client,
+            group: pb::Group {
+                group: group.to_string(),
+                chunk_bytes,
+            },
+            rt,
+        }
+    }
+
+    /// The namespace of the group's chunks.
+    pub fn namespace(&self) -> NamespaceId {
+        Namespace::checkpoints(&self.group.group, self.group.chunk_bytes).id()
+    }
+
+    fn chunk_ref(&self, key: BlockKey) -> pb::ChunkRef {
+        pb::ChunkRef {
+            group: Some(self.group.clone()),
+            key: Bytes::copy_from_slice(&key.to_le_bytes()),
+        }
+    }
+}
+
+impl ChunkStore for RemoteChunks {
+    fn put_chunk(&self, key: BlockKey, data: &[u8]) -> kvtier::Result<bool> {
+        let data = Bytes::copy_from_slice(data);
+        let mut pieces = Vec::new();
+        for (i, o) in (0..data.len().max(1)).step_by(crate::CHUNK_BYTES).enumerate() {
+            pieces.push(pb::ChunkWrite {
+                group: (i == 0).then(|| self.group.clone()),
+                key: if i == 0 {
+                    Bytes::copy_from_slice(&key.to_le_bytes())
+                } else {
+                    Bytes::new()
+                },
+                data: data.slice(o..(o + crate::CHUNK_BYTES).min(data.len())),
+            });
+        }
+        let mut c = self.client.clone();
+        self.rt.block_on(async move {
+            c.put_chunk(tokio_stream::iter(pieces))
+                .await
+                .map(|r| r.into_inner().stored)
+                .map_err(remote_err)
+        })
+    }
+
+    fn get_chunk(&self, key: BlockKey) -> kvtier::Result<Option<Vec<u8>>> {
+        let mut c = self.client.clone();
+        let req = self.chunk_ref(key);
+        self.rt.block_on(async move {
+            let mut s = c.get_chunk(req).await.map_err(remote_err)?.into_inner();
+            let mut out = Vec::new();
+            while let Some(p) = s.next().await {
+                let p = p.map_err(remote_err)?;
+                if !p.found {
+                    return Ok(None);
+                }
+                out.extend_from_slice(&p.data);
+            }
+            Ok(Some(out))
+        })
+    }
+
+    fn remove_chunk(&self, key: BlockKey) -> kvtier::Result<()> {
+        let mut c = self.client.clone();
+        let req = self.chunk_ref(key);
+        self.rt
+            .block_on(async move { c.remove_chunk(req).await.map(|_| ()).map_err(remote_err) })
+    }
+
+    fn names(&self) -> kvtier::Result<Vec<String>> {
+        let mut c = self.client.clone();
+        let g = self.group.clone();
+        self.rt
+            .block_on(async move { c.names(g).await.map(|r| r.into_inner().names).map_err(remote_err) })
+    }
+
+    fn add_name(&self, name: &str) -> kvtier::Result<()> {
+        let mut c = self.client.clone();
+        let req = pb::NameRequest {
+            group: Some(self.group.clone()),
+            name: name.to_string(),
+        };
+        self.rt
+            .block_on(async move { c.add_name(req).await.map(|_| ()).map_err(remote_err) })
+    }
+
+    fn remove_name(&self, name: &str) -> kvtier::Result<()> {
+        let mut c = self.client.clone();
+        let req = pb::NameRequest {
+            group: Some(self.group.clone()),
+            name: name.to_string(),
+        };
+        self.rt
+            .block_on(async move { c.remove_name(req).await.map(|_| ()).map_err(remote_err) })
+    }
+}

@@ -1,0 +1,647 @@
+//! kvtierd in a cluster: the I/O around the replication core.
+//!
+//! - This module: [`Cluster`], this node's view of a static member list:
+//!   heartbeats that feed [`Membership`], the fan-out of writes and
+//!   namespace registrations, reads from peers, and hint delivery.
+//! - [`hints`]: the durable log of blocks held for a down replica.
+//! - [`peer`]: the `Peer` gRPC service the other nodes call.
+//!
+//! The decisions (which nodes hold a key, which stand in for a down one,
+//! where a read goes) are the core's pure functions in
+//! [`kvtier::replication`]; this module only carries them out.
+//!
+//! # Why
+//!
+//! - **Peers are clients.** A node reaches another through the same
+//!   listener, token and TLS as any client, with [`Client`]: one port to
+//!   open, one secret to manage.
+//! - **A write waits for its quorum, per key.** Keys are grouped by target
+//!   node, each group sent in parallel; the Put succeeds when every key has
+//!   `write_quorum` acknowledged copies. Copies already written stay when
+//!   it fails (a cache may hold more, never wrong data).
+//! - **A stand-in keeps the hint, not the coordinator.** The node that holds
+//!   the copy logs the hint durably next to it, and hands it back when its
+//!   heartbeats see the original up: a coordinator that dies loses nothing.
+
+pub mod hints;
+pub mod peer;
+
+use bytes::{Bytes, BytesMut};
+use kvtier::replication::membership::{Change, Liveness, Membership};
+use kvtier::replication::placement::{self, NodeId};
+use kvtier::replication::{Replication, plan_write, read_order};
+use kvtier::{BlockKey, BlockManager, NamespaceId};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tonic::Status;
+
+use self::hints::HintLog;
+use crate::client::{Client, ClientConfig};
+use crate::config::ClusterConfig;
+use crate::convert;
+use crate::proto;
+use crate::registry::Registry;
+
+/// Blocks one hint delivery sends at most.
+const HINT_BATCH_BLOCKS: usize = 256;
+
+/// The cluster's counters.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Hinted blocks handed back to their replica.
+    pub hints_delivered: AtomicU64,
+    /// Hints given up: the block was gone here before delivery.
+    pub hints_dropped: AtomicU64,
+    /// Replica writes sent to peers (one per target node per Put).
+    pub replica_writes_sent: AtomicU64,
+    /// Those that failed.
+    pub replica_writes_failed: AtomicU64,
+    /// Blocks loads here brought from peers.
+    pub peer_read_blocks: AtomicU64,
+    /// Peer reads (and lookups) that failed.
+    pub peer_read_failures: AtomicU64,
+    /// Blocks peers stored here.
+    pub replica_blocks_received: AtomicU64,
+    /// Blocks peers loaded from here.
+    pub replica_blocks_served: AtomicU64,
+}
+
+/// This node's part in a static cluster.
+pub struct Cluster {
+    me: NodeId,
+    heartbeat: Duration,
+    peer_timeout: Duration,
+    view: RwLock<Membership>,
+    peers: BTreeMap<NodeId, Client>,
+    manager: Arc<BlockManager>,
+    registry: Arc<Registry>,
+    hints: HintLog,
+    /// Counters, for Stats and the metrics.
+    pub counters: Counters,
+    /// Peers that may lack a namespace registered here: each gets all of
+    /// them at its next answered heartbeat (every peer at startup).
+    unsynced: Mutex<BTreeSet<NodeId>>,
+    delivering: AtomicBool,
+    max_request_bytes: u64,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("me", &self.me)
+            .field("epoch", &self.view.read().epoch())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One group of a write: the keys (indices into the request) that go to
+/// one node, as replicas or as a stand-in for one down replica.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Group {
+    node: NodeId,
+    hint_for: Option<NodeId>,
+}
+
+impl Cluster {
+    /// This node's view of the cluster in `cfg`; peers are reached at their
+    /// `addr` with `token`, over TLS when `tls`. Hints live in `data_dir`.
+    pub fn new(
+        cfg: &ClusterConfig,
+        tls: bool,
+        token: Option<String>,
+        manager: Arc<BlockManager>,
+        registry: Arc<Registry>,
+        data_dir: &Path,
+        max_request_bytes: u64,
+    ) -> Result<Self, String> {
+        let me = NodeId(cfg.node_id.clone());
+        let peer_timeout = Duration::from_millis(cfg.peer_timeout_ms);
+        let scheme = if tls { "https" } else { "http" };
+        let mut peers = BTreeMap::new();
+        for m in cfg.members.iter().filter(|m| m.id != me) {
+            let c = Client::lazy(
+                &ClientConfig {
+                    endpoint: format!("{scheme}://{}", m.addr),
+                    token: token.clone(),
+                    ca_file: cfg.ca_file.clone(),
+                    tls_domain: cfg.tls_domain.clone(),
+                },
+                peer_timeout,
+            )
+            .map_err(|e| format!("cluster member {}: {e}", m.id))?;
+            peers.insert(m.id.clone(), c);
+        }
+        let hints = HintLog::open(&data_dir.join("hints.log"))?;
+        Ok(Self {
+            unsynced: Mutex::new(peers.keys().cloned().collect()),
+            me: me.clone(),
+            heartbeat: Duration::from_millis(cfg.heartbeat_interval_ms),
+            peer_timeout,
+            view: RwLock::new(Membership::new(me, cfg.members.clone(), cfg.detector())),
+            peers,
+            manager,
+            registry,
+            hints,
+            counters: Counters::default(),
+            delivering: AtomicBool::new(false),
+            max_request_bytes,
+        })
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> &NodeId {
+        &self.me
+    }
+
+    /// Members, this node included.
+    pub fn size(&self) -> usize {
+        self.view.read().members().len()
+    }
+
+    /// The membership epoch.
+    pub fn epoch(&self) -> u64 {
+        self.view.read().epoch()
+    }
+
+    /// Time a call moving `bytes` may take: the peer timeout plus a second
+    /// per 64 MiB.
+    fn timeout_for(&self, bytes: usize) -> Duration {
+        self.peer_timeout + Duration::from_millis((bytes >> 16) as u64)
+    }
+
+    /// The registration a peer needs to store blocks of `ns`.
+    fn spec(&self, ns: NamespaceId) -> Option<proto::ReplicaRegisterRequest> {
+        let (_, n, rep) = self.registry.all().into_iter().find(|(id, _, _)| *id == ns)?;
+        Some(proto::ReplicaRegisterRequest {
+            namespace: Some(convert::namespace_proto(&n)),
+            replicas: rep.replicas as u32,
+            write_quorum: rep.w() as u32,
+        })
+    }
+
+    /// Peer `from` sent a heartbeat: it is up.
+    pub fn heard_from(&self, from: &str) {
+        let id = NodeId(from.to_string());
+        if id == self.me || !self.peers.contains_key(&id) {
+            return;
+        }
+        let change = self.view.write().heartbeat_ok(&id);
+        self.log_change(change);
+    }
+
+    fn log_change(&self, change: Option<Change>) {
+        let Some(c) = change else { return };
+        let epoch = self.epoch();
+        match c {
+            Change::Liveness { id, from, to } => {
+                if to == Liveness::Down {
+                    // It may miss registrations: send them when it is back.
+                    self.unsynced.lock().insert(id.clone());
+                }
+                match to {
+                    Liveness::Up => tracing::info!(member = %id, ?from, ?to, epoch, "cluster member up"),
+                    // One missed heartbeat is common (a peer starting later).
+                    Liveness::Suspect => tracing::info!(member = %id, ?from, ?to, epoch, "cluster member suspect"),
+                    Liveness::Down => tracing::warn!(member = %id, ?from, ?to, epoch, "cluster member down"),
+                }
+            }
+            other => tracing::info!(change = ?other, epoch, "cluster membership changed"),
+        }
+    }
+
+    /// Registers `ns` on every peer, in parallel; a peer that does not
+    /// answer gets it at its next answered heartbeat.
+    pub async fn register_everywhere(&self, ns: NamespaceId) {
+        let Some(spec) = self.spec(ns) else { return };
+        let mut set = JoinSet::new();
+        for (id, c) in &self.peers {
+            if !self.view.read().is_writable(id) {
+                // Down: it gets the namespace when it answers again.
+                self.unsynced.lock().insert(id.clone());
+                continue;
+            }
+            let (id, c, spec, t) = (id.clone(), c.clone(), spec.clone(), self.peer_timeout);
+            set.spawn(async move {
+                let r = tokio::time::timeout(t, c.replica_register(spec)).await;
+                (id, matches!(r, Ok(Ok(()))))
+            });
+        }
+        while let Some(Ok((id, ok))) = set.join_next().await {
+            if !ok {
+                tracing::warn!(member = %id, namespace = %ns, "namespace not registered on a member: sent again when it answers");
+                self.unsynced.lock().insert(id);
+            }
+        }
+    }
+
+    /// Sends every namespace to `id`; marks it unsynced again on failure.
+    async fn sync_namespaces(self: Arc<Self>, id: NodeId) {
+        let Some(c) = self.peers.get(&id) else { return };
+        for (ns, _, _) in self.registry.all() {
+            let Some(spec) = self.spec(ns) else { continue };
+            match tokio::time::timeout(self.peer_timeout, c.replica_register(spec)).await {
+                Ok(Ok(())) => {}
+                r => {
+                    tracing::debug!(member = %id, ?r, "namespace sync failed");
+                    self.unsynced.lock().insert(id);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Pings every peer each heartbeat interval, feeds the membership, sends
+    /// namespaces to peers that may lack them and hands hints back to
+    /// replicas that are up. Runs until aborted.
+    pub async fn heartbeats(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let epoch = self.epoch();
+            let mut set = JoinSet::new();
+            for (id, c) in &self.peers {
+                let (id, c, me, t) = (id.clone(), c.clone(), self.me.0.clone(), self.peer_timeout);
+                set.spawn(async move {
+                    let r = tokio::time::timeout(t, c.ping(&me, epoch)).await;
+                    (id, matches!(r, Ok(Ok(_))))
+                });
+            }
+            while let Some(Ok((id, ok))) = set.join_next().await {
+                let change = {
+                    let mut v = self.view.write();
+                    if ok {
+                        v.heartbeat_ok(&id)
+                    } else {
+                        v.heartbeat_failed(&id)
+                    }
+                };
+                self.log_change(change);
+                if ok && self.unsynced.lock().remove(&id) {
+                    tokio::spawn(self.clone().sync_namespaces(id));
+                }
+            }
+            if self.hints.pending() > 0 && !self.delivering.swap(true, Relaxed) {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    this.deliver_hints().await;
+                    this.delivering.store(false, Relaxed);
+                });
+            }
+        }
+    }
+
+    /// Stores a copy here: `keys` of `ns`, back to back in `data`; with
+    /// `hint_for`, also logs that this node holds them for that replica.
+    pub async fn store_local(
+        self: &Arc<Self>,
+        ns: NamespaceId,
+        keys: Vec<BlockKey>,
+        data: Bytes,
+        hint_for: Option<NodeId>,
+    ) -> Result<proto::PutResponse, Status> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = this.manager.store(ns, &keys, &data).map_err(|e| convert::status(&e))?;
+            if let Some(h) = &hint_for {
+                this.hints
+                    .add(h, ns, &keys)
+                    .map_err(|e| Status::internal(format!("log hints in {}: {e}", this.hints.path().display())))?;
+            }
+            Ok(proto::PutResponse {
+                stored: out.stored as u32,
+                present: out.present as u32,
+                not_admitted: out.not_admitted as u32,
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("store task: {e}")))?
+    }
+
+    /// Writes `keys` of `ns` (`block` bytes each, back to back in `data`)
+    /// to their replicas: here and on peers in parallel, stand-ins with
+    /// hints for replicas that are down. Answers the counts of the first
+    /// copies once every key has `write_quorum` copies; else Unavailable,
+    /// naming the nodes that failed or are down.
+    pub async fn write(
+        self: &Arc<Self>,
+        ns: NamespaceId,
+        keys: &[BlockKey],
+        data: Bytes,
+        block: usize,
+    ) -> Result<proto::PutResponse, Status> {
+        assert_eq!(data.len(), keys.len() * block, "a write carries whole blocks");
+        let rep = self.registry.replication(ns);
+        let (plans, down) = {
+            let v = self.view.read();
+            let plans: Vec<_> = keys.iter().map(|k| plan_write(k, &v, rep)).collect();
+            let down: Vec<NodeId> = v
+                .members()
+                .into_iter()
+                .map(|m| m.id)
+                .filter(|id| !v.is_writable(id))
+                .collect();
+            (plans, down)
+        };
+        let mut groups: BTreeMap<Group, Vec<usize>> = BTreeMap::new();
+        for (i, p) in plans.iter().enumerate() {
+            for t in &p.targets {
+                let g = Group {
+                    node: t.node.clone(),
+                    hint_for: t.hint_for.clone(),
+                };
+                groups.entry(g).or_default().push(i);
+            }
+        }
+        let spec = self.spec(ns);
+        let mut set = JoinSet::new();
+        for (g, idx) in groups {
+            let gkeys: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
+            let gdata = if idx.len() == keys.len() {
+                data.clone()
+            } else {
+                let mut b = BytesMut::with_capacity(idx.len() * block);
+                for &i in &idx {
+                    b.extend_from_slice(&data[i * block..(i + 1) * block]);
+                }
+                b.freeze()
+            };
+            let this = self.clone();
+            let spec = spec.clone();
+            set.spawn(async move {
+                let r = if g.node == this.me {
+                    this.store_local(ns, gkeys, gdata, g.hint_for.clone()).await
+                } else {
+                    this.counters.replica_writes_sent.fetch_add(1, Relaxed);
+                    let c = this.peers.get(&g.node).expect("targets are members");
+                    let t = this.timeout_for(gdata.len());
+                    let hint = g.hint_for.as_ref().map(|h| h.0.clone());
+                    let r = match tokio::time::timeout(t, c.replica_put(ns, &gkeys, gdata, spec, hint)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Status::deadline_exceeded(format!("no answer within {t:?}"))),
+                    };
+                    if r.is_err() {
+                        this.counters.replica_writes_failed.fetch_add(1, Relaxed);
+                    }
+                    r
+                };
+                (g, idx, r)
+            });
+        }
+        let mut copies = vec![0usize; keys.len()];
+        // Whether every copy of a key was there already: then it is
+        // "present", else "stored".
+        let mut everywhere = vec![true; keys.len()];
+        let mut refused = vec![false; keys.len()];
+        let mut failed = BTreeMap::new();
+        while let Some(j) = set.join_next().await {
+            let (g, idx, r) = j.map_err(|e| Status::internal(format!("replica write task: {e}")))?;
+            match r {
+                // Which keys a node's admission filter kept out is not
+                // known: none of the group counts as a copy.
+                Ok(p) if p.not_admitted > 0 => {
+                    for &i in &idx {
+                        refused[i] = true;
+                    }
+                    failed.insert(
+                        g.node,
+                        format!(
+                            "its disk admission filter kept out {} of {} blocks (replicated namespaces need disk_admission_min_seen = 1)",
+                            p.not_admitted,
+                            idx.len()
+                        ),
+                    );
+                }
+                Ok(p) => {
+                    let all_present = p.present as usize == idx.len();
+                    for i in idx {
+                        copies[i] += 1;
+                        everywhere[i] &= all_present;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(member = %g.node, code = ?e.code(), "replica write failed: {}", e.message());
+                    failed.insert(g.node, format!("{:?}: {}", e.code(), e.message()));
+                }
+            }
+        }
+        let short = copies.iter().zip(&plans).filter(|(c, p)| **c < p.quorum).count();
+        if short > 0 {
+            let mut why: Vec<String> = failed.iter().map(|(n, e)| format!("{n} failed ({e})")).collect();
+            if !down.is_empty() {
+                let d: Vec<&str> = down.iter().map(|n| n.0.as_str()).collect();
+                why.push(format!("down: {}", d.join(", ")));
+            }
+            return Err(Status::unavailable(format!(
+                "{short} of {} blocks got fewer than write_quorum {} of replicas {} copies: {}",
+                keys.len(),
+                rep.w(),
+                rep.replicas,
+                why.join("; ")
+            )));
+        }
+        let present = everywhere.iter().filter(|p| **p).count();
+        Ok(proto::PutResponse {
+            stored: (keys.len() - present) as u32,
+            present: present as u32,
+            not_admitted: refused.iter().filter(|r| **r).count() as u32,
+        })
+    }
+
+    /// The peers a read of `key` asks, in order: the key's writable
+    /// replicas (stand-ins included), this node left out.
+    fn read_peers(&self, key: &BlockKey, rep: Replication) -> Vec<NodeId> {
+        let v = self.view.read();
+        read_order(key, &v, rep)
+            .into_iter()
+            .take(rep.replicas)
+            .filter(|n| *n != self.me)
+            .collect()
+    }
+
+    /// Loads `keys` of `ns` from peers into `out` (`block` bytes per key),
+    /// as far as they hold a leading run; answers the blocks loaded.
+    pub async fn fetch(&self, ns: NamespaceId, keys: &[BlockKey], out: &mut [u8], block: usize) -> usize {
+        let rep = self.registry.replication(ns);
+        let mut at = 0;
+        'keys: while at < keys.len() {
+            for peer in self.read_peers(&keys[at], rep) {
+                let c = &self.peers[&peer];
+                let t = self.timeout_for((keys.len() - at) * block);
+                match tokio::time::timeout(t, c.replica_get(ns, &keys[at..])).await {
+                    Ok(Ok(g)) if g.loaded > 0 && g.block_bytes as usize == block => {
+                        let n = g.loaded.min(keys.len() - at);
+                        out[at * block..(at + n) * block].copy_from_slice(&g.data[..n * block]);
+                        self.counters.peer_read_blocks.fetch_add(n as u64, Relaxed);
+                        at += n;
+                        continue 'keys;
+                    }
+                    Ok(Ok(_)) => {}
+                    r => {
+                        tracing::debug!(member = %peer, ?r, "peer read failed");
+                        self.counters.peer_read_failures.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+            break;
+        }
+        at
+    }
+
+    /// How many leading `keys` of `ns` peers hold.
+    pub async fn lookup(&self, ns: NamespaceId, keys: &[BlockKey]) -> usize {
+        let rep = self.registry.replication(ns);
+        let mut at = 0;
+        'keys: while at < keys.len() {
+            for peer in self.read_peers(&keys[at], rep) {
+                let c = &self.peers[&peer];
+                match tokio::time::timeout(self.peer_timeout, c.replica_lookup(ns, &keys[at..])).await {
+                    Ok(Ok(l)) if l.hit_blocks > 0 => {
+                        at += (l.hit_blocks as usize).min(keys.len() - at);
+                        continue 'keys;
+                    }
+                    Ok(Ok(_)) => {}
+                    r => {
+                        tracing::debug!(member = %peer, ?r, "peer lookup failed");
+                        self.counters.peer_read_failures.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+            break;
+        }
+        at
+    }
+
+    /// Hands hinted blocks back to their replicas that are up; drops the
+    /// copies here that this node does not hold as a replica itself.
+    async fn deliver_hints(self: &Arc<Self>) {
+        for node in self.hints.nodes() {
+            if self.view.read().liveness(&node) != Some(Liveness::Up) {
+                continue;
+            }
+            let Some(c) = self.peers.get(&node) else { continue };
+            for (ns, keys) in self.hints.for_node(&node) {
+                let Ok(block) = self.manager.block_bytes(ns) else {
+                    // Not registered here any more: nothing to hand back.
+                    let _ = self.hints.done(&node, ns, &keys);
+                    self.counters.hints_dropped.fetch_add(keys.len() as u64, Relaxed);
+                    continue;
+                };
+                let block = block as usize;
+                let per = (self.max_request_bytes as usize / block.max(1)).clamp(1, HINT_BATCH_BLOCKS);
+                for chunk in keys.chunks(per) {
+                    if let Err(e) = self.deliver(c, &node, ns, chunk.to_vec(), block).await {
+                        tracing::info!(member = %node, "hint delivery stopped, retried next heartbeat: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers one batch of hints to `node`.
+    async fn deliver(
+        self: &Arc<Self>,
+        c: &Client,
+        node: &NodeId,
+        ns: NamespaceId,
+        keys: Vec<BlockKey>,
+        block: usize,
+    ) -> Result<(), String> {
+        let m = self.manager.clone();
+        let (present, missing, data) = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; keys.len() * block];
+            let (mut present, mut missing, mut at) = (Vec::new(), Vec::new(), 0);
+            while at < keys.len() {
+                let filled = present.len() * block;
+                let rest = &keys[at..];
+                let loaded = match m.load(ns, rest, &mut buf[filled..filled + rest.len() * block]) {
+                    Ok(o) => o.loaded,
+                    Err(_) => 0,
+                };
+                present.extend_from_slice(&rest[..loaded]);
+                at += loaded;
+                if at < keys.len() {
+                    missing.push(keys[at]);
+                    at += 1;
+                }
+            }
+            buf.truncate(present.len() * block);
+            (present, missing, Bytes::from(buf))
+        })
+        .await
+        .map_err(|e| format!("load task: {e}"))?;
+        if !present.is_empty() {
+            let t = self.timeout_for(data.len());
+            match tokio::time::timeout(t, c.replica_put(ns, &present, data, self.spec(ns), None)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(format!("{:?}: {}", e.code(), e.message())),
+                Err(_) => return Err(format!("no answer within {t:?}")),
+            }
+        }
+        let log = |keys: &[BlockKey]| self.hints.done(node, ns, keys).map_err(|e| format!("hint log: {e}"));
+        log(&present)?;
+        log(&missing)?;
+        self.counters.hints_delivered.fetch_add(present.len() as u64, Relaxed);
+        self.counters.hints_dropped.fetch_add(missing.len() as u64, Relaxed);
+        // The stand-in's copy was for the replica; keep it only where this
+        // node is a replica too.
+        let rep = self.registry.replication(ns);
+        let members = self.view.read().members();
+        let extra: Vec<BlockKey> = present
+            .iter()
+            .filter(|k| !placement::replicas(k, &members, rep.replicas).contains(&self.me))
+            .copied()
+            .collect();
+        if !extra.is_empty() {
+            let m = self.manager.clone();
+            let _ = tokio::task::spawn_blocking(move || m.remove(ns, &extra)).await;
+        }
+        tracing::info!(member = %node, namespace = %ns, delivered = present.len(), dropped = missing.len(), "hints delivered");
+        Ok(())
+    }
+
+    /// Stats for the Stats reply.
+    pub fn stats(&self) -> proto::ClusterStats {
+        let v = self.view.read();
+        let c = &self.counters;
+        proto::ClusterStats {
+            node_id: self.me.0.clone(),
+            epoch: v.epoch(),
+            members: v
+                .members()
+                .into_iter()
+                .map(|m| proto::MemberStatus {
+                    liveness: liveness_name(v.liveness(&m.id)).into(),
+                    id: m.id.0,
+                    addr: m.addr,
+                    weight: m.weight,
+                })
+                .collect(),
+            hints_pending: self.hints.pending() as u64,
+            hints_delivered: c.hints_delivered.load(Relaxed),
+            hints_dropped: c.hints_dropped.load(Relaxed),
+            replica_writes_sent: c.replica_writes_sent.load(Relaxed),
+            replica_writes_failed: c.replica_writes_failed.load(Relaxed),
+            peer_read_blocks: c.peer_read_blocks.load(Relaxed),
+            peer_read_failures: c.peer_read_failures.load(Relaxed),
+            replica_blocks_received: c.replica_blocks_received.load(Relaxed),
+            replica_blocks_served: c.replica_blocks_served.load(Relaxed),
+        }
+    }
+}
+
+/// The name of a liveness, as in Stats.
+pub fn liveness_name(l: Option<Liveness>) -> &'static str {
+    match l {
+        Some(Liveness::Up) => "up",
+        Some(Liveness::Suspect) => "suspect",
+        Some(Liveness::Down) => "down",
+        None => "unknown",
+    }
+}

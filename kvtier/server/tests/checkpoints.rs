@@ -1,0 +1,110 @@
+//! `kvtier checkpoint put|get|list|delete` against a real kvtierd.
+
+mod common;
+
+use common::{Daemon, kvtier};
+use std::path::Path;
+
+fn write_tree(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("config.json".into(), b"{\"step\": 7}".to_vec()),
+        (
+            "model/shard-0.bin".into(),
+            (0..(5 << 19)).map(|i: u32| (i * 7 % 253) as u8).collect(),
+        ),
+        (
+            "model/shard-1.bin".into(),
+            (0..(1 << 20)).map(|i: u32| (i * 13 % 251) as u8).collect(),
+        ),
+        ("empty".into(), Vec::new()),
+    ];
+    for (p, b) in &files {
+        let path = root.join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, b).unwrap();
+    }
+    files
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn checkpoint_put_get_list_delete_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("data"), &[]);
+    let ep = d.endpoint();
+    let src = dir.path().join("src");
+    let files = write_tree(&src);
+    let g = ["--group", "job-1", "--chunk-mib", "1"];
+
+    let put = kvtier(
+        &ep,
+        &[],
+        &[&["checkpoint", "put", "step-7", s(&src)][..], &g[..]].concat(),
+    )
+    .expect(0);
+    let v = put.json();
+    assert_eq!(v["files"], 4, "{put:?}");
+    assert_eq!(v["bytes"], files.iter().map(|f| f.1.len()).sum::<usize>() as u64);
+    // config 1, shard-0 (2.5 MiB) 3, shard-1 (1 MiB) 1, empty 0.
+    assert_eq!(v["chunks"], 5);
+
+    let list = kvtier(&ep, &[], &[&["checkpoint", "list"][..], &g[..]].concat()).expect(0);
+    let l = list.json();
+    assert_eq!(l.as_array().map(Vec::len), Some(1), "{list:?}");
+    assert_eq!(l[0]["name"], "step-7");
+
+    let out = dir.path().join("restore");
+    kvtier(
+        &ep,
+        &[],
+        &[&["checkpoint", "get", "step-7", s(&out)][..], &g[..]].concat(),
+    )
+    .expect(0);
+    for (p, b) in &files {
+        assert_eq!(&std::fs::read(out.join(p)).unwrap(), b, "{p}");
+    }
+
+    // Immutable names, bad names, missing checkpoints: precise exit codes.
+    let again = kvtier(
+        &ep,
+        &[],
+        &[&["checkpoint", "put", "step-7", s(&src)][..], &g[..]].concat(),
+    )
+    .expect(2);
+    assert!(again.stderr.contains("exists"), "{again:?}");
+    kvtier(
+        &ep,
+        &[],
+        &[&["checkpoint", "put", "bad/name", s(&src)][..], &g[..]].concat(),
+    )
+    .expect(2);
+    kvtier(&ep, &[], &["checkpoint", "list", "--group", "no/such"]).expect(2);
+    kvtier(
+        &ep,
+        &[],
+        &[&["checkpoint", "get", "nope", s(&out)][..], &g[..]].concat(),
+    )
+    .expect(3);
+
+    // A restart keeps it.
+    let mut d = d;
+    d.signal_and_wait(libc::SIGTERM);
+    let d = Daemon::start(&dir.path().join("data"), &[]);
+    let ep = d.endpoint();
+    let out2 = dir.path().join("restore2");
+    kvtier(
+        &ep,
+        &[],
+        &[&["checkpoint", "get", "step-7", s(&out2)][..], &g[..]].concat(),
+    )
+    .expect(0);
+    assert_eq!(std::fs::read(out2.join("model/shard-0.bin")).unwrap(), files[1].1);
+
+    kvtier(&ep, &[], &[&["checkpoint", "delete", "step-7"][..], &g[..]].concat()).expect(0);
+    kvtier(&ep, &[], &[&["checkpoint", "delete", "step-7"][..], &g[..]].concat()).expect(3);
+    let list = kvtier(&ep, &[], &[&["checkpoint", "list"][..], &g[..]].concat()).expect(0);
+    assert_eq!(list.json().as_array().map(Vec::len), Some(0), "{list:?}");
+}

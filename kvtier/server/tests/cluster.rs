@@ -1,0 +1,564 @@
+//! A kvtierd cluster: 3 or 4 real kvtierd processes on 127.0.0.1, each with
+//! its own data dir, sharing one static member list. Every wait polls with a
+//! deadline; every run is bounded.
+
+mod common;
+
+use bytes::Bytes;
+use common::{Daemon, content, free_ports, key, namespace};
+use kvtier::replication::placement::{self, Member, NodeId};
+use kvtier::{BlockKey, NamespaceId};
+use kvtier_server::client::{Client, SharedRegion};
+use kvtier_server::proto;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const BLOCK: usize = 4096;
+const IDS: [&str; 4] = ["a", "b", "c", "d"];
+
+/// One node: its id, port and data dir, and the process while it runs.
+struct Node {
+    id: &'static str,
+    port: u16,
+    dir: PathBuf,
+    daemon: Option<Daemon>,
+}
+
+/// A cluster of real kvtierd processes started from one config file, each
+/// node setting its own id, listener and data dir in the environment.
+struct Cluster {
+    _root: tempfile::TempDir,
+    config: PathBuf,
+    nodes: Vec<Node>,
+    members: Vec<Member>,
+    /// Environment every node gets, and per node (by index) on top.
+    env: Vec<(usize, String, String)>,
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        Self::start_with(n, &[])
+    }
+
+    /// `n` nodes; `env` entries `(node, var, value)` set `var` on that node.
+    fn start_with(n: usize, env: &[(usize, &str, &str)]) -> Cluster {
+        Self::start_full(tempfile::tempdir().unwrap(), n, env, "")
+    }
+
+    /// As [`Self::start_with`], in `root`, with `extra` lines in `[cluster]`.
+    fn start_full(root: tempfile::TempDir, n: usize, env: &[(usize, &str, &str)], extra: &str) -> Cluster {
+        let ports = free_ports(n);
+        let members: Vec<Member> = IDS[..n]
+            .iter()
+            .zip(&ports)
+            .map(|(id, p)| Member::new(*id, format!("127.0.0.1:{p}")))
+            .collect();
+        let list: Vec<String> = members
+            .iter()
+            .map(|m| format!("  {{ id = \"{}\", addr = \"{}\" }},", m.id, m.addr))
+            .collect();
+        let config = root.path().join("cluster.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[cluster]\nnode_id = \"a\"\nheartbeat_interval_ms = 100\nsuspect_after = 1\ndown_after = 3\npeer_timeout_ms = 1000\n{extra}members = [\n{}\n]\n",
+                list.join("\n")
+            ),
+        )
+        .unwrap();
+        let nodes = IDS[..n]
+            .iter()
+            .zip(&ports)
+            .map(|(id, port)| Node {
+                id,
+                port: *port,
+                dir: root.path().join(id),
+                daemon: None,
+            })
+            .collect();
+        let mut c = Cluster {
+            _root: root,
+            config,
+            nodes,
+            members,
+            env: env.iter().map(|(i, k, v)| (*i, k.to_string(), v.to_string())).collect(),
+        };
+        for i in 0..n {
+            c.start_node(i);
+        }
+        c
+    }
+
+    /// Waits until every running node sees every member up (nodes started
+    /// before the others saw them miss heartbeats).
+    async fn all_up(&self) {
+        let mut clients = Vec::new();
+        for i in 0..self.nodes.len() {
+            clients.push(self.client(i).await);
+        }
+        eventually("every node sees every member up", 20, || async {
+            for c in &clients {
+                if cluster_stats(c).await.members.iter().any(|m| m.liveness != "up") {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+    }
+
+    /// Starts (or restarts, on the same data dir and port) node `i`.
+    fn start_node(&mut self, i: usize) {
+        let n = &self.nodes[i];
+        let listen = format!("127.0.0.1:{}", n.port);
+        let shm = self.config.with_file_name("shm");
+        std::fs::create_dir_all(&shm).unwrap();
+        let env = [
+            ("KVTIER_SHM_DIR", shm.to_str().unwrap()),
+            ("KVTIER_CONFIG", self.config.to_str().unwrap()),
+            ("KVTIER_CLUSTER_NODE_ID", n.id),
+            ("KVTIER_LISTEN", listen.as_str()),
+        ];
+        let mut env: Vec<(&str, &str)> = env.to_vec();
+        env.extend(
+            self.env
+                .iter()
+                .filter(|(j, _, _)| *j == i)
+                .map(|(_, k, v)| (k.as_str(), v.as_str())),
+        );
+        let d = Daemon::start(&n.dir, &env);
+        assert_eq!(d.grpc, listen);
+        self.nodes[i].daemon = Some(d);
+    }
+
+    /// kill -9 of node `i`.
+    fn kill(&mut self, i: usize) {
+        let mut d = self.nodes[i].daemon.take().expect("running");
+        d.signal_and_wait(libc::SIGKILL);
+    }
+
+    async fn client(&self, i: usize) -> Client {
+        self.nodes[i].daemon.as_ref().expect("running").client().await
+    }
+
+    /// The replicas of `k` by placement over the whole member list.
+    fn replicas(&self, k: &BlockKey, r: usize) -> Vec<NodeId> {
+        placement::replicas(k, &self.members, r)
+    }
+
+    fn index(&self, id: &NodeId) -> usize {
+        IDS.iter().position(|n| *n == id.0).unwrap()
+    }
+}
+
+/// Polls `check` every 20 ms until it answers true, for at most `secs`.
+async fn eventually<F, Fut>(what: &str, secs: u64, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn cluster_stats(c: &Client) -> proto::ClusterStats {
+    c.stats_reply().await.unwrap().cluster.expect("a cluster member")
+}
+
+async fn liveness(c: &Client, id: &str) -> String {
+    let s = cluster_stats(c).await;
+    s.members.into_iter().find(|m| m.id == id).unwrap().liveness
+}
+
+fn keys(ns: NamespaceId, range: std::ops::Range<u64>) -> Vec<BlockKey> {
+    range.map(|i| key(ns, i)).collect()
+}
+
+fn data(ns: NamespaceId, range: std::ops::Range<u64>) -> Bytes {
+    let mut b = Vec::new();
+    for i in range {
+        b.extend_from_slice(&content(ns, i, BLOCK));
+    }
+    Bytes::from(b)
+}
+
+/// Whether node `c` holds `k` in its own tiers, with the right bytes.
+async fn holds(c: &Client, ns: NamespaceId, i: u64) -> bool {
+    let g = c.replica_get(ns, &[key(ns, i)]).await.unwrap();
+    if g.loaded == 1 {
+        assert_eq!(&g.data[..], &content(ns, i, BLOCK)[..], "block {i}");
+    }
+    g.loaded == 1
+}
+
+fn dir_of(n: &Node) -> &Path {
+    &n.dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_and_writes_reach_every_replica_and_reads_reach_peers() {
+    let mut cl = Cluster::start(3);
+    cl.all_up().await;
+    let (a, b, c) = (cl.client(0).await, cl.client(1).await, cl.client(2).await);
+
+    // R = 3 registered on a is on every node, with its replication.
+    let r = a
+        .register_replicated(&namespace("r3", BLOCK), Some(3), None)
+        .await
+        .unwrap();
+    assert_eq!((r.replicas, r.write_quorum), (3, 3));
+    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    for n in [&b, &c] {
+        let all = n.namespaces().await.unwrap();
+        let info = all
+            .iter()
+            .find(|i| i.namespace_id == r.namespace_id)
+            .expect("registered on every member");
+        assert_eq!((info.replicas, info.write_quorum), (3, 3));
+    }
+    let e = a
+        .register_replicated(&namespace("r4", BLOCK), Some(4), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("exceeds the 3 members"), "{e:?}");
+
+    // A Put through a lands on all three.
+    let put = a.put(ns, &keys(ns, 0..12), data(ns, 0..12)).await.unwrap();
+    assert_eq!(put.stored, 12);
+    for n in [&a, &b, &c] {
+        for i in 0..12 {
+            assert!(holds(n, ns, i).await, "block {i} on every replica");
+        }
+    }
+    assert_eq!(cluster_stats(&a).await.replica_writes_sent, 2, "one write per peer");
+    let run = common::kvtier(&cl.nodes[1].daemon.as_ref().unwrap().endpoint(), &[], &["cluster"]).expect(0);
+    let j = run.json();
+    assert_eq!(j["node_id"], "b");
+    let live: Vec<&str> = j["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["liveness"].as_str().unwrap())
+        .collect();
+    assert_eq!(live, ["up", "up", "up"]);
+    let metrics = cl.nodes[0].daemon.as_ref().unwrap().metrics.clone().unwrap();
+    let (_, body) = common::http_get(&metrics, "/metrics");
+    assert_eq!(common::sample(&body, "kvtier_cluster_member_up{member=\"b\"}"), 1.0);
+    assert_eq!(common::sample(&body, "kvtier_cluster_replica_writes_total"), 2.0);
+
+    // R = 1 (the default): each block on exactly its one replica; a Get
+    // through any node reads it from that replica, a Lookup says "peer".
+    let (one, _) = b.register(&namespace("r1", BLOCK)).await.unwrap();
+    assert_eq!(
+        b.put(one, &keys(one, 0..16), data(one, 0..16)).await.unwrap().stored,
+        16
+    );
+    let clients = [&a, &b, &c];
+    let mut on_a = Vec::new();
+    for i in 0..16 {
+        let want = cl.replicas(&key(one, i), 1);
+        for (j, n) in clients.iter().enumerate() {
+            let expect = want[0].0 == IDS[j];
+            assert_eq!(holds(n, one, i).await, expect, "block {i} on {} only", want[0]);
+        }
+        on_a.push(want[0].0 == "a");
+    }
+    let l = a.lookup(one, &keys(one, 0..16)).await.unwrap();
+    assert_eq!(l.hit_blocks, 16);
+    for (i, t) in l.tiers().enumerate() {
+        assert_eq!(t == proto::Tier::Peer, !on_a[i], "block {i}: {t:?}");
+    }
+    let g = c.get(one, &keys(one, 0..16)).await.unwrap();
+    assert_eq!(g.loaded, 16);
+    assert_eq!(g.data, data(one, 0..16));
+    let not_on_c = (0..16).filter(|i| cl.replicas(&key(one, *i), 1)[0].0 != "c").count() as u64;
+    assert_eq!(cluster_stats(&c).await.peer_read_blocks, not_on_c);
+    // Promoted: c now holds every block itself.
+    for i in 0..16 {
+        assert!(holds(&c, one, i).await, "block {i} promoted into c");
+    }
+    // Regions: PutRegion fans out like Put; GetRegion reads peers like Get.
+    let mut region = SharedRegion::create(&cl.config.with_file_name("shm"), 32 * BLOCK).unwrap();
+    let rid = a.register_region(&region).await.unwrap();
+    region.as_mut_slice()[..4 * BLOCK].copy_from_slice(&data(ns, 200..204));
+    assert_eq!(a.put_region(ns, &keys(ns, 200..204), rid, 0).await.unwrap().stored, 4);
+    for n in [&a, &b, &c] {
+        for i in 200..204 {
+            assert!(holds(n, ns, i).await, "region block {i} on every replica");
+        }
+    }
+    let h = a
+        .get_region(one, &keys(one, 0..16), rid, 16 * BLOCK as u64)
+        .await
+        .unwrap();
+    assert_eq!((h.loaded, h.failed_index), (16, None));
+    assert!(region.as_slice()[16 * BLOCK..] == data(one, 0..16)[..]);
+
+    // With c killed: strong R = 3 fails naming c; W = 2 of 3 succeeds.
+    cl.kill(2);
+    eventually("a sees c down", 20, || async { liveness(&a, "c").await == "down" }).await;
+    let e = a.put(ns, &keys(ns, 100..104), data(ns, 100..104)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("down: c"), "{e:?}");
+    let w2 = a
+        .register_replicated(&namespace("w2", BLOCK), Some(3), Some(2))
+        .await
+        .unwrap();
+    let w2 = kvtier_server::convert::namespace_id(&w2.namespace_id).unwrap();
+    assert_eq!(a.put(w2, &keys(w2, 0..4), data(w2, 0..4)).await.unwrap().stored, 4);
+    assert!(cluster_stats(&a).await.epoch > 1, "liveness changes bump the epoch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_gets_its_hints_back_when_it_restarts() {
+    let mut cl = Cluster::start(4);
+    cl.all_up().await;
+    let a = cl.client(0).await;
+    let r = a
+        .register_replicated(&namespace("ckpt", BLOCK), Some(3), None)
+        .await
+        .unwrap();
+    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+
+    cl.kill(3);
+    eventually("a sees d down", 20, || async { liveness(&a, "d").await == "down" }).await;
+    // Registered while d is down: d gets it when it is back.
+    let late = a
+        .register_replicated(&namespace("late", BLOCK), Some(2), None)
+        .await
+        .unwrap();
+    let n = 32u64;
+    let put = a.put(ns, &keys(ns, 0..n), data(ns, 0..n)).await.unwrap();
+    assert_eq!(put.stored as u64, n, "R = 3 with d down: a stand-in takes d's copies");
+    let hinted = (0..n)
+        .filter(|i| cl.replicas(&key(ns, *i), 3).contains(&"d".into()))
+        .count() as u64;
+    assert!(hinted > 0, "some of {n} keys have d among their 3 replicas");
+    let mut pending = 0;
+    for i in 0..3 {
+        pending += cluster_stats(&cl.client(i).await).await.hints_pending;
+    }
+    assert_eq!(pending, hinted, "one hint per copy d missed, held by its stand-in");
+
+    // d comes back on the same data dir: the hints reach it, and every key
+    // ends up on exactly its 3 replicas (the stand-ins drop their copies).
+    cl.start_node(3);
+    let clients = [
+        cl.client(0).await,
+        cl.client(1).await,
+        cl.client(2).await,
+        cl.client(3).await,
+    ];
+    eventually("every hint is delivered", 30, || async {
+        let mut left = 0;
+        for c in &clients[..3] {
+            left += cluster_stats(c).await.hints_pending;
+        }
+        left == 0
+    })
+    .await;
+    eventually("d has the namespace registered while it was down", 20, || async {
+        let all = clients[3].namespaces().await.unwrap();
+        all.iter()
+            .any(|i| i.namespace_id == late.namespace_id && i.replicas == 2)
+    })
+    .await;
+    let info = clients[3].namespaces().await.unwrap();
+    let kept = info.iter().find(|i| i.namespace_id == r.namespace_id).unwrap();
+    assert_eq!(kept.replicas, 3, "the replication persists across a restart");
+    let mut delivered = 0;
+    for c in &clients[..3] {
+        delivered += cluster_stats(c).await.hints_delivered;
+    }
+    assert_eq!(delivered, hinted);
+    for i in 0..n {
+        let want: BTreeSet<usize> = cl.replicas(&key(ns, i), 3).iter().map(|id| cl.index(id)).collect();
+        let mut have = BTreeSet::new();
+        for (j, c) in clients.iter().enumerate() {
+            if holds(c, ns, i).await {
+                have.insert(j);
+            }
+        }
+        assert_eq!(have, want, "block {i} on exactly its replicas");
+    }
+    assert!(dir_of(&cl.nodes[0]).join("hints.log").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_of_four_nodes_down_reads_succeed_and_strong_writes_fail() {
+    let mut cl = Cluster::start(4);
+    cl.all_up().await;
+    let a = cl.client(0).await;
+    let r = a
+        .register_replicated(&namespace("r3", BLOCK), Some(3), None)
+        .await
+        .unwrap();
+    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let n = 24u64;
+    a.put(ns, &keys(ns, 0..n), data(ns, 0..n)).await.unwrap();
+
+    cl.kill(2);
+    cl.kill(3);
+    eventually("a sees c and d down", 20, || async {
+        liveness(&a, "c").await == "down" && liveness(&a, "d").await == "down"
+    })
+    .await;
+    let b = cl.client(1).await;
+    for c in [&a, &b] {
+        let g = c.get(ns, &keys(ns, 0..n)).await.unwrap();
+        assert_eq!(g.loaded as u64, n, "every block is on a or b");
+        assert_eq!(g.data, data(ns, 0..n));
+    }
+    let from_b = (0..n)
+        .filter(|i| !cl.replicas(&key(ns, *i), 3).contains(&"a".into()))
+        .count() as u64;
+    let peer_reads = cluster_stats(&a).await.peer_read_blocks;
+    assert!(from_b > 0, "some of {n} keys are on b, c and d only");
+    assert!(
+        (from_b..=n).contains(&peer_reads),
+        "{peer_reads} blocks read from b: at least the {from_b} a lacks"
+    );
+    assert_eq!(b.lookup(ns, &keys(ns, 0..n)).await.unwrap().hit_blocks as u64, n);
+
+    let e = a.put(ns, &keys(ns, 100..108), data(ns, 100..108)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("down: c, d"), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_authenticate_with_the_daemons_token() {
+    // a and b share the token; c has another, so a's and b's calls to c
+    // (and c's to them) are refused as any client's would be.
+    let env = [
+        (0, "KVTIER_AUTH_TOKEN", "s3cret"),
+        (1, "KVTIER_AUTH_TOKEN", "s3cret"),
+        (2, "KVTIER_AUTH_TOKEN", "other"),
+    ];
+    let cl = Cluster::start_with(3, &env);
+    let client = |i: usize, token: &str| {
+        let endpoint = cl.nodes[i].daemon.as_ref().unwrap().endpoint();
+        let token = Some(token.to_string());
+        async move {
+            Client::connect(&kvtier_server::client::ClientConfig {
+                endpoint,
+                token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let (a, b) = (client(0, "s3cret").await, client(1, "s3cret").await);
+    eventually("a sees b up and c down", 20, || async {
+        liveness(&a, "b").await == "up" && liveness(&a, "c").await == "down"
+    })
+    .await;
+    let r = a
+        .register_replicated(&namespace("auth", BLOCK), Some(2), None)
+        .await
+        .unwrap();
+    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    a.put(ns, &keys(ns, 0..8), data(ns, 0..8)).await.unwrap();
+    // Every block on its two replicas; c's copies are with a stand-in.
+    for i in 0..8 {
+        let want = cl.replicas(&key(ns, i), 2);
+        let on_c = want.contains(&"c".into());
+        let holders = [holds(&a, ns, i).await, holds(&b, ns, i).await];
+        assert_eq!(holders, [true, true], "block {i}: a and b hold it (c: {on_c})");
+    }
+    let e = Client::connect(&kvtier_server::client::ClientConfig {
+        endpoint: cl.nodes[0].daemon.as_ref().unwrap().endpoint(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .replica_get(ns, &keys(ns, 0..1))
+    .await
+    .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::Unauthenticated,
+        "the Peer service needs the token too"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_talk_tls_when_the_daemons_serve_it() {
+    let root = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (root.path().join("tls.crt"), root.path().join("tls.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (c, k) = (cert.to_str().unwrap().to_string(), key.to_str().unwrap().to_string());
+    let env: Vec<(usize, &str, &str)> = (0..2)
+        .flat_map(|i| {
+            [
+                (i, "KVTIER_TLS_CERT_FILE", c.as_str()),
+                (i, "KVTIER_TLS_KEY_FILE", k.as_str()),
+            ]
+        })
+        .collect();
+    let extra = format!("ca_file = {:?}\n", c);
+    let cl = Cluster::start_full(root, 2, &env, &extra);
+    let clients: Vec<Client> = {
+        let mut v = Vec::new();
+        for n in &cl.nodes {
+            let cfg = kvtier_server::client::ClientConfig {
+                endpoint: format!("https://{}", n.daemon.as_ref().unwrap().grpc),
+                ca_file: Some(cert.clone()),
+                ..Default::default()
+            };
+            v.push(Client::connect(&cfg).await.unwrap());
+        }
+        v
+    };
+    eventually("both nodes see each other up over TLS", 20, || async {
+        liveness(&clients[0], "b").await == "up" && liveness(&clients[1], "a").await == "up"
+    })
+    .await;
+    let r = clients[0]
+        .register_replicated(&namespace("tls", BLOCK), Some(2), None)
+        .await
+        .unwrap();
+    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    clients[0].put(ns, &keys(ns, 0..4), data(ns, 0..4)).await.unwrap();
+    for c in &clients {
+        for i in 0..4 {
+            assert!(holds(c, ns, i).await, "block {i} on both nodes");
+        }
+    }
+}
+
+#[test]
+fn bad_cluster_tables_exit_2_with_the_reason() {
+    let d = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "node_id = \"z\"\nmembers = [{ id = \"a\", addr = \"127.0.0.1:1\" }]\n",
+            "cluster.node_id \"z\" is not among cluster.members (a)",
+        ),
+        (
+            "node_id = \"a\"\nmembers = [{ id = \"a\", addr = \"127.0.0.1:1\" }, { id = \"a\", addr = \"127.0.0.1:2\" }]\n",
+            "duplicate id \"a\"",
+        ),
+        (
+            "node_id = \"a\"\nmembers = [{ id = \"a\", addr = \"127.0.0.1:1\", weight = -1.0 }]\n",
+            "weight -1 must be a positive number",
+        ),
+    ];
+    for (i, (table, why)) in cases.iter().enumerate() {
+        let f = d.path().join(format!("bad{i}.toml"));
+        std::fs::write(&f, format!("[cluster]\n{table}")).unwrap();
+        let e = Daemon::start_fails(&d.path().join("data"), &[("KVTIER_CONFIG", f.to_str().unwrap())]);
+        assert_eq!(e.status.code(), Some(2), "{e:?}");
+        assert!(e.stderr.contains(why), "{why}: {e:?}");
+    }
+}
