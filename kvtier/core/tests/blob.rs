@@ -438,8 +438,8 @@ fn replicas_upload_each_key_once_and_take_over_from_a_lost_uploader() {
     register(&b);
     // Two replicas of every key: a uploads the even keys, b the odd ones.
     let even = |k: &BlockKey| k.0.is_multiple_of(2);
-    a.set_upload_filter(Arc::new(move |k| even(k)));
-    b.set_upload_filter(Arc::new(move |k| !even(k)));
+    a.set_upload_filter(Arc::new(move |_, k| even(k)));
+    b.set_upload_filter(Arc::new(move |_, k| !even(k)));
     let ks = keys(&namespace(), 16, 60);
     let n_even = ks.iter().filter(|k| even(k)).count() as u64;
     assert!(n_even > 0 && n_even < 16, "the keys split");
@@ -459,7 +459,7 @@ fn replicas_upload_each_key_once_and_take_over_from_a_lost_uploader() {
     // missing, and takes over once its filter says b is down.
     let b_down = Arc::new(AtomicBool::new(false));
     let flag = b_down.clone();
-    a.set_upload_filter(Arc::new(move |k| even(k) || flag.load(Ordering::Relaxed)));
+    a.set_upload_filter(Arc::new(move |_, k| even(k) || flag.load(Ordering::Relaxed)));
     let more = keys(&namespace(), 8, 61);
     a.store(ns, &more, &data(&more)).unwrap();
     let odd = more.iter().filter(|k| !even(k)).count() as u64;

@@ -46,8 +46,9 @@ use crate::tier::blob::BlobClient;
 use crate::tier::blob::object::OBJECT_OVERHEAD_BYTES;
 use crate::tier::disk::DiskTier;
 
-/// Whether this node uploads `key` (false: another replica does).
-pub type UploadFilter = Arc<dyn Fn(&BlockKey) -> bool + Send + Sync>;
+/// Whether this node uploads `key` of a namespace (false: another replica
+/// does).
+pub type UploadFilter = Arc<dyn Fn(NamespaceId, &BlockKey) -> bool + Send + Sync>;
 
 /// The dirty log's file name in the disk directory.
 pub const LOG_FILE: &str = "blob-writeback.log";
@@ -400,8 +401,8 @@ impl Writeback {
         *self.filter.write() = Some(f);
     }
 
-    fn mine(&self, key: &BlockKey) -> bool {
-        self.filter.read().as_ref().is_none_or(|f| f(key))
+    fn mine(&self, ns: NamespaceId, key: &BlockKey) -> bool {
+        self.filter.read().as_ref().is_none_or(|f| f(ns, key))
     }
 
     /// Counts a check of blob for a key another replica uploads.
@@ -476,7 +477,7 @@ pub(crate) async fn upload_loop(wb: Arc<Writeback>, disk: DiskTier, blob: BlobCl
         let (wb, disk, blob) = (wb.clone(), disk.clone(), blob.clone());
         tokio::spawn(async move {
             let backoff = |failures: u32| min_backoff.saturating_mul(1u32 << failures.min(16)).min(max_backoff);
-            if !wb.mine(&key) {
+            if !wb.mine(ns, &key) {
                 // Another replica uploads it: wait, then look for it.
                 drop(permit);
                 tokio::time::sleep(backoff(failures)).await;
