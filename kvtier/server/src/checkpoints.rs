@@ -7,6 +7,14 @@
 //! (`Namespace::checkpoints`) and keeps the group's catalog of names in its
 //! data directory. Chunks cross the wire in pieces of at most
 //! [`crate::CHUNK_BYTES`].
+//!
+//! In a cluster, a group's namespace is replicated on min(3, members)
+//! nodes (strong writes): chunks and manifests go to their replicas
+//! through the cluster's write path (stand-ins with hints for replicas
+//! that are down), reads try this node, then the replicas, and a delete
+//! reaches every member. The catalog of names is kept on every member (a
+//! name is added everywhere that answers) and listed as the union of the
+//! members that answer.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -23,7 +31,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::checkpoint_proto as pb;
 use crate::checkpoint_proto::checkpoints_client::CheckpointsClient;
 use crate::client::Auth;
+use crate::cluster::Cluster;
 use crate::convert::status;
+use crate::registry::Registry;
+use kvtier::replication::Replication;
 
 /// Smallest and largest chunk a group may use.
 pub const CHUNK_BYTES_RANGE: std::ops::RangeInclusive<u32> = (1 << 20)..=(256 << 20);
@@ -58,25 +69,47 @@ fn key(b: &[u8]) -> Result<BlockKey, Status> {
 #[derive(Debug)]
 pub struct CheckpointService {
     manager: Arc<BlockManager>,
+    registry: Arc<Registry>,
+    cluster: Option<Arc<Cluster>>,
     dir: PathBuf,
     groups: Mutex<HashMap<(String, u32), Arc<LocalChunks>>>,
 }
 
 impl CheckpointService {
-    /// Chunks in `manager`, catalogs under `data_dir/checkpoints`.
-    pub fn new(manager: Arc<BlockManager>, data_dir: &std::path::Path) -> Self {
+    /// Chunks in `manager` (namespaces registered through `registry`),
+    /// catalogs under `data_dir/checkpoints`, replicated over `cluster`.
+    pub fn new(
+        manager: Arc<BlockManager>,
+        registry: Arc<Registry>,
+        cluster: Option<Arc<Cluster>>,
+        data_dir: &std::path::Path,
+    ) -> Self {
         Self {
             manager,
+            registry,
+            cluster,
             dir: data_dir.join("checkpoints"),
             groups: Mutex::new(HashMap::new()),
         }
     }
 
+    /// The cluster, unless the request is a member's local-only call.
+    fn fan_out(&self, g: Option<&pb::Group>) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref().filter(|_| !g.is_some_and(|g| g.local))
+    }
+
     /// The group's store, registering its namespace on first use.
-    fn group(&self, g: Option<&pb::Group>) -> Result<(NamespaceId, Arc<LocalChunks>), Status> {
+    async fn group(&self, g: Option<&pb::Group>) -> Result<(NamespaceId, Arc<LocalChunks>), Status> {
         let g = g.ok_or_else(|| Status::invalid_argument("the request names no checkpoint group"))?;
         let ns = group_namespace(g)?;
-        let id = self.manager.register_namespace(&ns).map_err(|e| status(&e))?;
+        let rep = self.cluster.as_ref().map(|c| Replication::strong(c.size().min(3)));
+        let reg = self.registry.register(&ns, rep, true)?;
+        if reg.new
+            && let Some(c) = &self.cluster
+        {
+            c.register_everywhere(reg.id).await;
+        }
+        let id = reg.id;
         let mut groups = self.groups.lock();
         if let Some(s) = groups.get(&(g.group.clone(), g.chunk_bytes)) {
             return Ok((id, s.clone()));
@@ -97,6 +130,31 @@ impl CheckpointService {
     }
 }
 
+impl CheckpointService {
+    /// Adds or removes a name on every writable member (best effort: a
+    /// member that misses it is covered by the union at list time).
+    async fn tell_members(&self, r: pb::NameRequest, add: bool) {
+        let Some(c) = self.fan_out(r.group.as_ref()) else {
+            return;
+        };
+        let req = pb::NameRequest {
+            group: r.group.map(|g| pb::Group { local: true, ..g }),
+            name: r.name,
+        };
+        for peer in c.writable_peers() {
+            let mut cc = c.peer(&peer).checkpoints();
+            let res = if add {
+                cc.add_name(req.clone()).await
+            } else {
+                cc.remove_name(req.clone()).await
+            };
+            if let Err(e) = res {
+                tracing::warn!(member = %peer, "checkpoint catalog not updated: {}", e.message());
+            }
+        }
+    }
+}
+
 type PieceStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ChunkPiece, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -107,7 +165,7 @@ impl pb::checkpoints_server::Checkpoints for CheckpointService {
             .next()
             .await
             .ok_or_else(|| Status::invalid_argument("an empty PutChunk stream"))??;
-        let (_, store) = self.group(first.group.as_ref())?;
+        let (ns, store) = self.group(first.group.as_ref()).await?;
         let max = first.group.as_ref().map_or(0, |g| g.chunk_bytes) as usize;
         let k = key(&first.key)?;
         let mut data = Vec::with_capacity(first.data.len());
@@ -121,7 +179,13 @@ impl pb::checkpoints_server::Checkpoints for CheckpointService {
             }
             data.extend_from_slice(&piece.data);
         }
-        let stored = Self::blocking(move || store.put_chunk(k, &data)).await?;
+        if data.is_empty() {
+            return Err(Status::invalid_argument(format!("chunk {k} is empty")));
+        }
+        let stored = match self.fan_out(first.group.as_ref()) {
+            Some(c) => c.write(ns, &[k], Bytes::from(data), max).await?.stored == 1,
+            None => Self::blocking(move || store.put_chunk(k, &data)).await?,
+        };
         Ok(Response::new(pb::PutChunkReply { stored }))
     }
 
@@ -129,9 +193,14 @@ impl pb::checkpoints_server::Checkpoints for CheckpointService {
 
     async fn get_chunk(&self, req: Request<pb::ChunkRef>) -> Result<Response<PieceStream>, Status> {
         let r = req.into_inner();
-        let (_, store) = self.group(r.group.as_ref())?;
+        let (ns, store) = self.group(r.group.as_ref()).await?;
         let k = key(&r.key)?;
-        let got = Self::blocking(move || store.get_chunk(k)).await?;
+        let mut got = Self::blocking(move || store.get_chunk(k)).await?;
+        if got.is_none()
+            && let Some(c) = self.fan_out(r.group.as_ref())
+        {
+            got = c.fetch_chunk(ns, k).await;
+        }
         let pieces: Vec<Result<pb::ChunkPiece, Status>> = match got {
             None => vec![Ok(pb::ChunkPiece {
                 found: false,
@@ -159,33 +228,54 @@ impl pb::checkpoints_server::Checkpoints for CheckpointService {
 
     async fn remove_chunk(&self, req: Request<pb::ChunkRef>) -> Result<Response<pb::RemoveChunkReply>, Status> {
         let r = req.into_inner();
-        let (ns, _) = self.group(r.group.as_ref())?;
+        let (ns, _) = self.group(r.group.as_ref()).await?;
         let k = key(&r.key)?;
-        let m = self.manager.clone();
-        let n = Self::blocking(move || m.remove(ns, &[k])).await?;
+        let n = match self.fan_out(r.group.as_ref()) {
+            Some(c) => c.delete_everywhere(ns, &[k]).await?,
+            None => {
+                let m = self.manager.clone();
+                Self::blocking(move || m.remove(ns, &[k])).await?
+            }
+        };
         Ok(Response::new(pb::RemoveChunkReply { removed: n > 0 }))
     }
 
     async fn names(&self, req: Request<pb::Group>) -> Result<Response<pb::NamesReply>, Status> {
         let g = req.into_inner();
-        let (_, store) = self.group(Some(&g))?;
-        let names = Self::blocking(move || store.names()).await?;
+        let (_, store) = self.group(Some(&g)).await?;
+        let mut names = Self::blocking(move || store.names()).await?;
+        if let Some(c) = self.fan_out(Some(&g)) {
+            let local = pb::Group { local: true, ..g };
+            for peer in c.writable_peers() {
+                let r = c.peer(&peer).checkpoints().names(local.clone()).await;
+                match r {
+                    Ok(r) => names.extend(r.into_inner().names),
+                    Err(e) => tracing::debug!(member = %peer, "checkpoint names not listed: {}", e.message()),
+                }
+            }
+            names.sort();
+            names.dedup();
+        }
         Ok(Response::new(pb::NamesReply { names }))
     }
 
     async fn add_name(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::NameReply>, Status> {
         let r = req.into_inner();
         validate_name(&r.name).map_err(|e| status(&e))?;
-        let (_, store) = self.group(r.group.as_ref())?;
-        Self::blocking(move || store.add_name(&r.name)).await?;
+        let (_, store) = self.group(r.group.as_ref()).await?;
+        let name = r.name.clone();
+        Self::blocking(move || store.add_name(&name)).await?;
+        self.tell_members(r, true).await;
         Ok(Response::new(pb::NameReply {}))
     }
 
     async fn remove_name(&self, req: Request<pb::NameRequest>) -> Result<Response<pb::NameReply>, Status> {
         let r = req.into_inner();
         validate_name(&r.name).map_err(|e| status(&e))?;
-        let (_, store) = self.group(r.group.as_ref())?;
-        Self::blocking(move || store.remove_name(&r.name)).await?;
+        let (_, store) = self.group(r.group.as_ref()).await?;
+        let name = r.name.clone();
+        Self::blocking(move || store.remove_name(&name)).await?;
+        self.tell_members(r, false).await;
         Ok(Response::new(pb::NameReply {}))
     }
 }
@@ -225,6 +315,7 @@ impl RemoteChunks {
             group: pb::Group {
                 group: group.to_string(),
                 chunk_bytes,
+                local: false,
             },
             rt,
         }

@@ -201,6 +201,14 @@ impl Client {
         Ok(ep)
     }
 
+    /// The raw `Checkpoints` client over this connection.
+    pub fn checkpoints(
+        &self,
+    ) -> crate::checkpoint_proto::checkpoints_client::CheckpointsClient<InterceptedService<Channel, Auth>> {
+        let (channel, auth) = self.channel.clone();
+        crate::checkpoint_proto::checkpoints_client::CheckpointsClient::with_interceptor(channel, auth)
+    }
+
     /// A [`crate::checkpoints::RemoteChunks`] for checkpoint `group` over
     /// this connection; its calls block on `rt`.
     pub fn checkpoint_chunks(
@@ -546,6 +554,7 @@ impl Client {
         data: Bytes,
         spec: Option<proto::ReplicaRegisterRequest>,
         hint_for: Option<String>,
+        chunk_len: Option<u64>,
     ) -> Result<proto::PutResponse, Status> {
         let mut msgs = Vec::with_capacity(2 + data.len() / CHUNK_BYTES);
         msgs.push(proto::ReplicaPutRequest {
@@ -554,6 +563,7 @@ impl Client {
                 keys: keys.iter().map(key_bytes).collect(),
                 namespace: spec,
                 hint_for,
+                chunk_len,
             })),
         });
         let mut at = 0;
@@ -570,6 +580,41 @@ impl Client {
             .replica_put(tokio_stream::iter(msgs))
             .await?
             .into_inner())
+    }
+
+    /// One variable-length block from the peer's own tiers; `None` on a miss.
+    pub async fn replica_get_chunk(&self, ns: NamespaceId, key: BlockKey) -> Result<Option<Vec<u8>>, Status> {
+        let mut s = self
+            .peer
+            .clone()
+            .replica_get_chunk(proto::ReplicaChunkRequest {
+                namespace_id: ns_bytes(ns),
+                key: key_bytes(&key),
+            })
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(p) = s.message().await? {
+            if !p.found {
+                return Ok(None);
+            }
+            out.extend_from_slice(&p.data);
+        }
+        Ok(Some(out))
+    }
+
+    /// Removes `keys` from the peer's own tiers; answers how many it held.
+    pub async fn replica_delete(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<u32, Status> {
+        Ok(self
+            .peer
+            .clone()
+            .replica_delete(proto::DeleteRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys.iter().map(key_bytes).collect(),
+            })
+            .await?
+            .into_inner()
+            .removed)
     }
 
     /// Loads the leading blocks of `keys` present in this node's own tiers.
@@ -598,5 +643,38 @@ impl Client {
             })
             .await?
             .into_inner())
+    }
+}
+
+/// Resync and rebalancing.
+impl Client {
+    /// Which of `keys` this node's own tiers (host, disk) hold.
+    pub async fn replica_has(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Vec<bool>, Status> {
+        let r = self
+            .peer
+            .clone()
+            .replica_has(proto::LookupRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys.iter().map(key_bytes).collect(),
+            })
+            .await?
+            .into_inner();
+        crate::cluster::resync::from_bitmap(&r.present, keys.len()).ok_or_else(|| {
+            Status::internal(format!(
+                "ReplicaHas answered {} bytes for {} keys",
+                r.present.len(),
+                keys.len()
+            ))
+        })
+    }
+
+    /// Adds a member to the cluster (sent to any node; it forwards it).
+    pub async fn join(&self, req: proto::JoinRequest) -> Result<proto::MembershipResponse, Status> {
+        Ok(self.peer.clone().join(req).await?.into_inner())
+    }
+
+    /// Removes a member from the cluster; it hands its keys over first.
+    pub async fn leave(&self, req: proto::LeaveRequest) -> Result<proto::MembershipResponse, Status> {
+        Ok(self.peer.clone().leave(req).await?.into_inner())
     }
 }

@@ -116,8 +116,15 @@ pub struct ClusterConfig {
     /// Name to verify in the peers' certificates, if not their host.
     #[serde(default)]
     pub tls_domain: Option<String>,
+    /// Bytes per second one resync (a member back from down) sends at
+    /// most; 0 for no limit.
+    #[serde(default = "default_rebalance_bytes_per_s")]
+    pub rebalance_bytes_per_s: u64,
 }
 
+fn default_rebalance_bytes_per_s() -> u64 {
+    256 << 20
+}
 fn default_heartbeat_interval_ms() -> u64 {
     500
 }

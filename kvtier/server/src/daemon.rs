@@ -81,6 +81,14 @@ pub async fn run(
         )?)),
         None => None,
     };
+    let checkpoint_registry = svc.registry().clone();
+    if let Some(c) = &cluster {
+        // Weak: the manager must not keep the cluster (and itself) alive.
+        let weak = Arc::downgrade(c);
+        manager.set_upload_filter(Arc::new(move |ns, key| {
+            weak.upgrade().is_none_or(|c| c.uploads(ns, key))
+        }));
+    }
     let svc = match &cluster {
         Some(c) => {
             let _ = metrics.cluster.set(Arc::downgrade(c));
@@ -149,7 +157,12 @@ pub async fn run(
     });
     let checkpoints = tonic::service::interceptor::InterceptedService::new(
         crate::checkpoint_proto::checkpoints_server::CheckpointsServer::new(
-            crate::checkpoints::CheckpointService::new(manager.clone(), &cfg.data_dir),
+            crate::checkpoints::CheckpointService::new(
+                manager.clone(),
+                checkpoint_registry,
+                cluster.clone(),
+                &cfg.data_dir,
+            ),
         )
         .max_decoding_message_size(2 * crate::CHUNK_BYTES)
         .max_encoding_message_size(2 * crate::CHUNK_BYTES),

@@ -37,6 +37,11 @@ pub const RPCS: &[&str] = &[
     "ReplicaPut",
     "ReplicaGet",
     "ReplicaLookup",
+    "ReplicaGetChunk",
+    "ReplicaDelete",
+    "ReplicaHas",
+    "Join",
+    "Leave",
 ];
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -460,7 +465,7 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
         "# HELP kvtier_cluster_hints_pending Hinted blocks held for a down replica (cluster only).\n# TYPE kvtier_cluster_hints_pending gauge\nkvtier_cluster_hints_pending {}",
         c.hints_pending
     );
-    let counters: [(&str, &str, u64); 8] = [
+    let counters: [(&str, &str, u64); 10] = [
         (
             "cluster_hints_delivered_total",
             "Hinted blocks handed back to their replica.",
@@ -500,6 +505,16 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
             "cluster_replica_blocks_served_total",
             "Blocks peers loaded from here.",
             c.replica_blocks_served,
+        ),
+        (
+            "cluster_resync_keys_offered_total",
+            "Keys offered to members back from down.",
+            c.resync_keys_offered,
+        ),
+        (
+            "cluster_resync_blocks_sent_total",
+            "Blocks members back from down lacked and got from here.",
+            c.resync_blocks_sent,
         ),
     ];
     for (name, help, v) in counters {

@@ -562,3 +562,217 @@ fn bad_cluster_tables_exit_2_with_the_reason() {
         assert!(e.stderr.contains(why), "{why}: {e:?}");
     }
 }
+
+/// Files for a checkpoint test: `mib` MiB in three files plus a small one.
+fn checkpoint_tree(root: &Path, mib: usize) -> Vec<(String, Vec<u8>)> {
+    let big = mib << 20;
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("config.json".into(), b"{\"step\": 1}".to_vec()),
+        (
+            "shard-0.bin".into(),
+            (0..big / 2).map(|i| (i * 7 % 253) as u8).collect(),
+        ),
+        (
+            "shard-1.bin".into(),
+            (0..big / 4 + 5).map(|i| (i * 11 % 241) as u8).collect(),
+        ),
+        ("optim.bin".into(), (0..big / 4).map(|i| (i * 13 % 239) as u8).collect()),
+    ];
+    for (p, b) in &files {
+        std::fs::write(root.join(p), b).unwrap();
+    }
+    files
+}
+
+fn same_tree(dir: &Path, files: &[(String, Vec<u8>)]) {
+    for (p, b) in files {
+        assert!(std::fs::read(dir.join(p)).unwrap() == *b, "{p} differs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_is_replicated_restored_anywhere_and_survives_two_nodes_down() {
+    let mut c = Cluster::start(3);
+    c.all_up().await;
+    let root = tempfile::tempdir().unwrap();
+    let src = root.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let files = checkpoint_tree(&src, 4);
+    let g = ["--group", "job", "--chunk-mib", "1"];
+    let ep = |c: &Cluster, i: usize| c.nodes[i].daemon.as_ref().unwrap().endpoint();
+    let run = |ep: String, args: Vec<String>| {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        common::kvtier(&ep, &[], &a)
+    };
+    let args = |v: &[&str]| -> Vec<String> { v.iter().chain(g.iter()).map(|s| s.to_string()).collect() };
+
+    let put = run(ep(&c, 0), args(&["checkpoint", "put", "step-1", src.to_str().unwrap()])).expect(0);
+    let chunks = put.json()["chunks"].as_u64().unwrap();
+    // Every node lists it, whichever took the write.
+    for i in 0..3 {
+        let l = run(ep(&c, i), args(&["checkpoint", "list"])).expect(0).json();
+        assert_eq!(l[0]["name"], "step-1", "node {i}: {l}");
+    }
+    // R = min(3, members): every chunk and the manifest on every node.
+    let s = cluster_stats(&c.client(1).await).await;
+    assert!(s.replica_blocks_received > chunks, "{s:?}");
+
+    // Two of three nodes down: the third restores it alone.
+    c.kill(0);
+    c.kill(1);
+    let out = root.path().join("out-c");
+    run(ep(&c, 2), args(&["checkpoint", "get", "step-1", out.to_str().unwrap()])).expect(0);
+    same_tree(&out, &files);
+    // A strong write cannot complete now, and says why.
+    let fail = run(ep(&c, 2), args(&["checkpoint", "put", "step-2", src.to_str().unwrap()])).expect(4);
+    assert!(
+        fail.stderr.contains("fewer than write_quorum 3")
+            && (fail.stderr.contains("down") || fail.stderr.contains("failed")),
+        "{fail:?}"
+    );
+
+    c.start_node(0);
+    c.start_node(1);
+    c.all_up().await;
+    let out = root.path().join("out-a");
+    run(ep(&c, 0), args(&["checkpoint", "get", "step-1", out.to_str().unwrap()])).expect(0);
+    same_tree(&out, &files);
+    // A delete through one node reaches all of them.
+    run(ep(&c, 1), args(&["checkpoint", "delete", "step-1"])).expect(0);
+    for i in 0..3 {
+        let l = run(ep(&c, i), args(&["checkpoint", "list"])).expect(0).json();
+        assert_eq!(l.as_array().map(Vec::len), Some(0), "node {i}: {l}");
+        let out = root.path().join(format!("gone-{i}"));
+        run(ep(&c, i), args(&["checkpoint", "get", "step-1", out.to_str().unwrap()])).expect(3);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_replica_during_a_checkpoint_write_loses_no_acknowledged_chunk() {
+    let mut c = Cluster::start(3);
+    c.all_up().await;
+    let root = tempfile::tempdir().unwrap();
+    let src = root.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let files = checkpoint_tree(&src, 24);
+    let ep0 = c.nodes[0].daemon.as_ref().unwrap().endpoint();
+    let writer = std::process::Command::new(env!("CARGO_BIN_EXE_kvtier"))
+        .args(["--endpoint", &ep0, "checkpoint", "put", "step-9", src.to_str().unwrap()])
+        .args(["--group", "job", "--chunk-mib", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill node b once it has received some chunks.
+    let b = c.client(1).await;
+    eventually("node b receives chunks", 30, || async {
+        cluster_stats(&b).await.replica_blocks_received > 2
+    })
+    .await;
+    c.kill(1);
+    let out = writer.wait_with_output().unwrap();
+    let code = out.status.code().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Either it completed with 3 live copies, or it failed and said why.
+    assert!(code == 0 || code == 4, "exit {code}: {stderr}");
+    if code == 4 {
+        assert!(stderr.contains("down") || stderr.contains("failed"), "{stderr}");
+        assert!(!stderr.is_empty());
+    }
+    c.start_node(1);
+    c.all_up().await;
+    let g = ["--group", "job", "--chunk-mib", "1"];
+    if code == 0 {
+        // Acknowledged: every node restores it, b included after its restart.
+        for i in 0..3 {
+            let ep = c.nodes[i].daemon.as_ref().unwrap().endpoint();
+            let dest = root.path().join(format!("out-{i}"));
+            let mut a = vec!["checkpoint", "get", "step-9", dest.to_str().unwrap()];
+            a.extend(g);
+            common::kvtier(&ep, &[], &a).expect(0);
+            same_tree(&dest, &files);
+        }
+    } else {
+        // Not acknowledged: no checkpoint appears, and writing it again works.
+        let mut a = vec!["checkpoint", "list"];
+        a.extend(g);
+        let l = common::kvtier(&ep0, &[], &a).expect(0).json();
+        assert_eq!(l.as_array().map(Vec::len), Some(0), "{l}");
+        let mut a = vec!["checkpoint", "put", "step-9", src.to_str().unwrap()];
+        a.extend(g);
+        common::kvtier(&ep0, &[], &a).expect(0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writeback_on_the_cluster_puts_each_chunk_once_whatever_r() {
+    use kvtier::tier::blob::azurite::{self, Azurite};
+    let az = Azurite::start();
+    let cred = kvtier::tier::blob::container::SharedKey {
+        account: azurite::ACCOUNT.into(),
+        key: azurite::KEY.into(),
+    };
+    kvtier::tier::blob::container::create_container(&az.endpoint(), &cred, "kvtier-cluster")
+        .await
+        .unwrap();
+    let endpoint = az.endpoint();
+    let mut env = Vec::new();
+    for i in 0..3 {
+        env.push((i, "KVTIER_BLOB_ACCOUNT", azurite::ACCOUNT));
+        env.push((i, "KVTIER_BLOB_CONTAINER", "kvtier-cluster"));
+        env.push((i, "KVTIER_BLOB_ENDPOINT", endpoint.as_str()));
+        env.push((i, "KVTIER_BLOB_MODE", "writeback"));
+        env.push((i, "AZURE_STORAGE_ACCOUNT_KEY", azurite::KEY));
+    }
+    let c = Cluster::start_with(3, &env);
+    c.all_up().await;
+    let a = c.client(0).await;
+    // Blocks with R = 3 and R = 2, and a checkpoint (R = 3).
+    let (n3, n2) = (namespace("wb-r3", BLOCK), namespace("wb-r2", BLOCK));
+    a.register_replicated(&n3, Some(3), None).await.unwrap();
+    a.register_replicated(&n2, Some(2), None).await.unwrap();
+    let (ns3, ns2) = (n3.id(), n2.id());
+    a.put(ns3, &keys(ns3, 0..40), data(ns3, 0..40)).await.unwrap();
+    a.put(ns2, &keys(ns2, 0..30), data(ns2, 0..30)).await.unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let src = root.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    checkpoint_tree(&src, 3);
+    let ep = c.nodes[1].daemon.as_ref().unwrap().endpoint();
+    let put = common::kvtier(
+        &ep,
+        &[],
+        &[
+            "checkpoint",
+            "put",
+            "s",
+            src.to_str().unwrap(),
+            "--group",
+            "g",
+            "--chunk-mib",
+            "1",
+        ],
+    )
+    .expect(0);
+    let chunks = put.json()["chunks"].as_u64().unwrap() + 1; // and the manifest
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(c.client(i).await);
+    }
+    eventually("every node's writeback drains", 60, || async {
+        for cl in &clients {
+            let s = cl.stats_reply().await.unwrap();
+            if s.writeback.map_or(1, |w| w.pending_blocks) > 0 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let mut puts = 0;
+    for cl in &clients {
+        puts += cl.stats_reply().await.unwrap().blob.unwrap().put_requests;
+    }
+    // Distinct blocks, not R times them.
+    assert_eq!(puts, 40 + 30 + chunks, "blob PUTs across the cluster");
+}

@@ -51,8 +51,12 @@ enum Cmd {
     Stats,
     /// The cluster as this node sees it, as JSON: its id, the membership
     /// epoch, each member's liveness, hints pending and delivered, replica
-    /// writes and peer reads. Exit 3 when the daemon runs without a cluster.
-    Cluster,
+    /// writes and peer reads, resync and rebalancing. Exit 3 when the
+    /// daemon runs without a cluster. `join` and `leave` change the members.
+    Cluster {
+        #[command(subcommand)]
+        op: Option<ClusterCmd>,
+    },
     /// Namespace admin.
     #[command(subcommand)]
     Ns(NsCmd),
@@ -182,6 +186,32 @@ async fn checkpoint(client: &Client, cmd: CkptCmd) -> Result<(), Fail> {
     }
     println!("{out}");
     Ok(())
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Adds a member (a started kvtierd whose member list names itself);
+    /// the node asked forwards it to every member. Keys move to it in the
+    /// background. Prints the new epoch and member count as JSON.
+    Join {
+        /// The member's id.
+        #[arg(long)]
+        id: String,
+        /// Its gRPC `host:port`.
+        #[arg(long)]
+        addr: String,
+        /// Its relative share of keys.
+        #[arg(long, default_value_t = 1.0)]
+        weight: f64,
+    },
+    /// Removes a member gracefully: it hands its keys over to their new
+    /// replicas; stop it once `kvtier cluster` on it shows
+    /// `rebalance_state` idle.
+    Leave {
+        /// The member's id.
+        #[arg(long)]
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -359,7 +389,36 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         }
         Cmd::Stats => println!("{}", client.stats().await?),
         Cmd::Checkpoint(c) => checkpoint(&client, c).await?,
-        Cmd::Cluster => {
+        Cmd::Cluster { op: Some(op) } => {
+            let r = match op {
+                ClusterCmd::Join { id, addr, weight } => {
+                    client
+                        .join(kvtier_server::proto::JoinRequest {
+                            id,
+                            addr,
+                            weight,
+                            forwarded: false,
+                        })
+                        .await?
+                }
+                ClusterCmd::Leave { id } => {
+                    client
+                        .leave(kvtier_server::proto::LeaveRequest { id, forwarded: false })
+                        .await?
+                }
+            };
+            println!(
+                "{}",
+                serde_json::json!({"epoch": r.epoch, "members": r.members, "not_reached": r.not_reached})
+            );
+            if !r.not_reached.is_empty() {
+                return Err(Fail(
+                    4,
+                    format!("not forwarded to {}: send it again", r.not_reached.join(", ")),
+                ));
+            }
+        }
+        Cmd::Cluster { op: None } => {
             let Some(c) = client.stats_reply().await?.cluster else {
                 return Err(Fail(3, "kvtierd runs without a [cluster] table".into()));
             };
@@ -383,6 +442,14 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                     "peer_read_failures": c.peer_read_failures,
                     "replica_blocks_received": c.replica_blocks_received,
                     "replica_blocks_served": c.replica_blocks_served,
+                    "resync_keys_offered": c.resync_keys_offered,
+                    "resync_blocks_sent": c.resync_blocks_sent,
+                    "resync_running": c.resync_running,
+                    "rebalance_state": c.rebalance_state,
+                    "rebalances_done": c.rebalances_done,
+                    "rebalance_keys_moved": c.rebalance_keys_moved,
+                    "rebalance_bytes_moved": c.rebalance_bytes_moved,
+                    "rebalance_keys_dropped": c.rebalance_keys_dropped,
                 })
             );
         }

@@ -1,10 +1,14 @@
 //! kvtierd in a cluster: the I/O around the replication core.
 //!
-//! - This module: [`Cluster`], this node's view of a static member list:
+//! - This module: [`Cluster`], this node's view of the member list:
 //!   heartbeats that feed [`Membership`], the fan-out of writes and
 //!   namespace registrations, reads from peers, and hint delivery.
 //! - [`hints`]: the durable log of blocks held for a down replica.
 //! - [`peer`]: the `Peer` gRPC service the other nodes call.
+//! - [`resync`]: what a member back from down gets from the others.
+//! - [`rebalance`]: members joining and leaving at run time, and the keys
+//!   that move after.
+//! - [`peers`]: the clients of the members, a set that grows.
 //!
 //! The decisions (which nodes hold a key, which stand in for a down one,
 //! where a read goes) are the core's pure functions in
@@ -25,6 +29,9 @@
 
 pub mod hints;
 pub mod peer;
+pub mod peers;
+pub mod rebalance;
+pub mod resync;
 
 use bytes::{Bytes, BytesMut};
 use kvtier::replication::membership::{Change, Liveness, Membership};
@@ -69,6 +76,10 @@ pub struct Counters {
     pub replica_blocks_received: AtomicU64,
     /// Blocks peers loaded from here.
     pub replica_blocks_served: AtomicU64,
+    /// Keys this node offered to members back from down.
+    pub resync_keys_offered: AtomicU64,
+    /// Those they lacked, sent.
+    pub resync_blocks_sent: AtomicU64,
 }
 
 /// This node's part in a static cluster.
@@ -77,7 +88,7 @@ pub struct Cluster {
     heartbeat: Duration,
     peer_timeout: Duration,
     view: RwLock<Membership>,
-    peers: BTreeMap<NodeId, Client>,
+    peers: peers::Peers,
     manager: Arc<BlockManager>,
     registry: Arc<Registry>,
     hints: HintLog,
@@ -88,6 +99,8 @@ pub struct Cluster {
     unsynced: Mutex<BTreeSet<NodeId>>,
     delivering: AtomicBool,
     max_request_bytes: u64,
+    resync: resync::Resync,
+    rebalance: rebalance::Rebalance,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -121,20 +134,19 @@ impl Cluster {
     ) -> Result<Self, String> {
         let me = NodeId(cfg.node_id.clone());
         let peer_timeout = Duration::from_millis(cfg.peer_timeout_ms);
-        let scheme = if tls { "https" } else { "http" };
-        let mut peers = BTreeMap::new();
-        for m in cfg.members.iter().filter(|m| m.id != me) {
-            let c = Client::lazy(
-                &ClientConfig {
-                    endpoint: format!("{scheme}://{}", m.addr),
-                    token: token.clone(),
-                    ca_file: cfg.ca_file.clone(),
-                    tls_domain: cfg.tls_domain.clone(),
-                },
-                peer_timeout,
-            )
-            .map_err(|e| format!("cluster member {}: {e}", m.id))?;
-            peers.insert(m.id.clone(), c);
+        let template = ClientConfig {
+            endpoint: String::new(),
+            token,
+            ca_file: cfg.ca_file.clone(),
+            tls_domain: cfg.tls_domain.clone(),
+        };
+        let peers = peers::Peers::new(template, tls, peer_timeout);
+        // The members saved at the last change win over the config's list,
+        // which is only the first one.
+        let members_file = data_dir.join("members.json");
+        let members = rebalance::Rebalance::saved_members(&members_file)?.unwrap_or_else(|| cfg.members.clone());
+        for m in members.iter().filter(|m| m.id != me) {
+            peers.insert(m)?;
         }
         let hints = HintLog::open(&data_dir.join("hints.log"))?;
         Ok(Self {
@@ -142,7 +154,7 @@ impl Cluster {
             me: me.clone(),
             heartbeat: Duration::from_millis(cfg.heartbeat_interval_ms),
             peer_timeout,
-            view: RwLock::new(Membership::new(me, cfg.members.clone(), cfg.detector())),
+            view: RwLock::new(Membership::new(me, members, cfg.detector())),
             peers,
             manager,
             registry,
@@ -150,6 +162,8 @@ impl Cluster {
             counters: Counters::default(),
             delivering: AtomicBool::new(false),
             max_request_bytes,
+            resync: resync::Resync::new(cfg.rebalance_bytes_per_s),
+            rebalance: rebalance::Rebalance::new(cfg.rebalance_bytes_per_s, members_file),
         })
     }
 
@@ -202,6 +216,10 @@ impl Cluster {
                 if to == Liveness::Down {
                     // It may miss registrations: send them when it is back.
                     self.unsynced.lock().insert(id.clone());
+                }
+                if from == Liveness::Down && to == Liveness::Up {
+                    // It may have missed writes that no hint covers.
+                    self.resync.returned(id.clone());
                 }
                 match to {
                     Liveness::Up => tracing::info!(member = %id, ?from, ?to, epoch, "cluster member up"),
@@ -293,6 +311,8 @@ impl Cluster {
                     this.delivering.store(false, Relaxed);
                 });
             }
+            self.start_resync();
+            self.start_rebalance();
         }
     }
 
@@ -307,7 +327,17 @@ impl Cluster {
     ) -> Result<proto::PutResponse, Status> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let out = this.manager.store(ns, &keys, &data).map_err(|e| convert::status(&e))?;
+            let whole = this
+                .manager
+                .block_bytes(ns)
+                .is_ok_and(|b| b as usize * keys.len() == data.len());
+            let out = if keys.len() == 1 && !whole {
+                // One variable-length block: a checkpoint chunk.
+                this.manager.store_one(ns, keys[0], &data)
+            } else {
+                this.manager.store(ns, &keys, &data)
+            }
+            .map_err(|e| convert::status(&e))?;
             if let Some(h) = &hint_for {
                 this.hints
                     .add(h, ns, &keys)
@@ -335,7 +365,12 @@ impl Cluster {
         data: Bytes,
         block: usize,
     ) -> Result<proto::PutResponse, Status> {
-        assert_eq!(data.len(), keys.len() * block, "a write carries whole blocks");
+        let chunk = keys.len() == 1 && data.len() < block;
+        assert!(
+            chunk || data.len() == keys.len() * block,
+            "a write carries whole blocks, or one shorter chunk"
+        );
+        let chunk_len = chunk.then_some(data.len() as u64);
         let rep = self.registry.replication(ns);
         let (plans, down) = {
             let v = self.view.read();
@@ -381,7 +416,8 @@ impl Cluster {
                     let c = this.peers.get(&g.node).expect("targets are members");
                     let t = this.timeout_for(gdata.len());
                     let hint = g.hint_for.as_ref().map(|h| h.0.clone());
-                    let r = match tokio::time::timeout(t, c.replica_put(ns, &gkeys, gdata, spec, hint)).await {
+                    let r = match tokio::time::timeout(t, c.replica_put(ns, &gkeys, gdata, spec, hint, chunk_len)).await
+                    {
                         Ok(r) => r,
                         Err(_) => Err(Status::deadline_exceeded(format!("no answer within {t:?}"))),
                     };
@@ -457,11 +493,23 @@ impl Cluster {
     /// replicas (stand-ins included), this node left out.
     fn read_peers(&self, key: &BlockKey, rep: Replication) -> Vec<NodeId> {
         let v = self.view.read();
-        read_order(key, &v, rep)
+        // While keys move, a key may still be only on an old replica: ask
+        // every member, then those that left (see `rebalance`).
+        let moving = self.rebalance.moving();
+        let mut order: Vec<NodeId> = read_order(key, &v, rep)
             .into_iter()
-            .take(rep.replicas)
+            .take(if moving { usize::MAX } else { rep.replicas })
             .filter(|n| *n != self.me)
-            .collect()
+            .collect();
+        if moving {
+            order.extend(
+                self.rebalance
+                    .departed()
+                    .into_iter()
+                    .filter(|n| *n != self.me && self.peers.contains_key(n)),
+            );
+        }
+        order
     }
 
     /// Loads `keys` of `ns` from peers into `out` (`block` bytes per key),
@@ -517,6 +565,89 @@ impl Cluster {
         at
     }
 
+    /// Whether this node uploads `key` of `ns` to blob: the first writable
+    /// replica does (`kvtier::replication::uploader`), so a key goes to blob
+    /// once whatever R is.
+    pub fn uploads(&self, ns: NamespaceId, key: &BlockKey) -> bool {
+        let rep = self.registry.replication(ns);
+        kvtier::replication::uploader(key, &self.view.read(), rep).as_ref() == Some(&self.me)
+    }
+
+    /// The members other than this node that writes go to now.
+    pub fn writable_peers(&self) -> Vec<NodeId> {
+        let v = self.view.read();
+        self.peers.keys().filter(|id| v.is_writable(id)).cloned().collect()
+    }
+
+    /// The client of member `id` (which must be a peer).
+    pub fn peer(&self, id: &NodeId) -> &Client {
+        &self.peers[id]
+    }
+
+    /// Loads one variable-length block (a checkpoint chunk) from the peers
+    /// that may hold it, in read order.
+    pub async fn fetch_chunk(&self, ns: NamespaceId, key: BlockKey) -> Option<Vec<u8>> {
+        let rep = self.registry.replication(ns);
+        for peer in self.read_peers(&key, rep) {
+            let c = &self.peers[&peer];
+            let t = self.timeout_for(self.manager.block_bytes(ns).unwrap_or(0) as usize);
+            match tokio::time::timeout(t, c.replica_get_chunk(ns, key)).await {
+                Ok(Ok(Some(d))) => {
+                    self.counters.peer_read_blocks.fetch_add(1, Relaxed);
+                    return Some(d);
+                }
+                Ok(Ok(None)) => {}
+                r => {
+                    tracing::debug!(member = %peer, ?r, "peer chunk read failed");
+                    self.counters.peer_read_failures.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        None
+    }
+
+    /// Removes `keys` of `ns` here and on every writable member; answers
+    /// how many this node held, or the first member's failure.
+    pub async fn delete_everywhere(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<usize, Status> {
+        let m = self.manager.clone();
+        let local_keys = keys.to_vec();
+        let n = tokio::task::spawn_blocking(move || m.remove(ns, &local_keys))
+            .await
+            .map_err(|e| Status::internal(format!("delete task: {e}")))?
+            .map_err(|e| convert::status(&e))?;
+        let targets: Vec<NodeId> = {
+            let v = self.view.read();
+            v.members()
+                .into_iter()
+                .map(|m| m.id)
+                .filter(|id| *id != self.me && v.is_writable(id))
+                .collect()
+        };
+        let mut set = JoinSet::new();
+        for node in targets {
+            let c = self.peers[&node].clone();
+            let keys = keys.to_vec();
+            let t = self.timeout_for(0);
+            set.spawn(async move { (node, tokio::time::timeout(t, c.replica_delete(ns, &keys)).await) });
+        }
+        let mut failed = Vec::new();
+        while let Some(j) = set.join_next().await {
+            match j {
+                Ok((_, Ok(Ok(_)))) => {}
+                Ok((node, r)) => failed.push(format!("{node}: {r:?}")),
+                Err(e) => failed.push(format!("task: {e}")),
+            }
+        }
+        if failed.is_empty() {
+            Ok(n)
+        } else {
+            Err(Status::unavailable(format!(
+                "deleted here, but not on every member: {}",
+                failed.join("; ")
+            )))
+        }
+    }
+
     /// Hands hinted blocks back to their replicas that are up; drops the
     /// copies here that this node does not hold as a replica itself.
     async fn deliver_hints(self: &Arc<Self>) {
@@ -564,6 +695,14 @@ impl Cluster {
                     Ok(o) => o.loaded,
                     Err(_) => 0,
                 };
+                if loaded == 0
+                    && present.is_empty()
+                    && let Ok(Some(c)) = m.load_one(ns, rest[0])
+                    && c.len() < block
+                {
+                    // A variable-length chunk: delivered on its own.
+                    return (vec![rest[0]], Vec::new(), Bytes::from(c));
+                }
                 present.extend_from_slice(&rest[..loaded]);
                 at += loaded;
                 if at < keys.len() {
@@ -578,7 +717,8 @@ impl Cluster {
         .map_err(|e| format!("load task: {e}"))?;
         if !present.is_empty() {
             let t = self.timeout_for(data.len());
-            match tokio::time::timeout(t, c.replica_put(ns, &present, data, self.spec(ns), None)).await {
+            let chunk_len = (present.len() == 1 && data.len() < block).then_some(data.len() as u64);
+            match tokio::time::timeout(t, c.replica_put(ns, &present, data, self.spec(ns), None, chunk_len)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(format!("{:?}: {}", e.code(), e.message())),
                 Err(_) => return Err(format!("no answer within {t:?}")),
@@ -610,7 +750,7 @@ impl Cluster {
     pub fn stats(&self) -> proto::ClusterStats {
         let v = self.view.read();
         let c = &self.counters;
-        proto::ClusterStats {
+        let mut s = proto::ClusterStats {
             node_id: self.me.0.clone(),
             epoch: v.epoch(),
             members: v
@@ -632,7 +772,13 @@ impl Cluster {
             peer_read_failures: c.peer_read_failures.load(Relaxed),
             replica_blocks_received: c.replica_blocks_received.load(Relaxed),
             replica_blocks_served: c.replica_blocks_served.load(Relaxed),
-        }
+            resync_keys_offered: c.resync_keys_offered.load(Relaxed),
+            resync_blocks_sent: c.resync_blocks_sent.load(Relaxed),
+            resync_running: self.resync.running(),
+            ..Default::default()
+        };
+        self.rebalance_stats(&mut s);
+        s
     }
 }
 

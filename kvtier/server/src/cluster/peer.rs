@@ -43,7 +43,7 @@ impl PeerService {
         let r = self.svc.registry().register(&ns, Some(rep), true)?;
         if r.new {
             tracing::info!(namespace = %r.id, model = %ns.model_id, replicas = rep.replicas, "namespace registered by a peer");
-        } else if r.replication != rep {
+        } else if (r.replication.replicas, r.replication.w()) != (rep.replicas, rep.w()) {
             tracing::warn!(
                 namespace = %r.id,
                 here = r.replication.replicas,
@@ -74,6 +74,15 @@ impl PeerService {
         let ns = convert::namespace_id(&header.namespace_id)?;
         let block = self.svc.block_bytes(ns)?;
         let keys = convert::keys(&header.keys, MAX_KEYS)?;
+        let block = match header.chunk_len {
+            None => block,
+            Some(n) if keys.len() == 1 && n > 0 && n <= block => n,
+            Some(n) => {
+                return Err(Status::invalid_argument(format!(
+                    "a replica chunk of {n} bytes must be one key of 1 to {block} bytes"
+                )));
+            }
+        };
         let data = self
             .svc
             .receive(&mut s, "replica put", keys.len(), block, |m| match m.msg {
@@ -147,10 +156,108 @@ impl proto::peer_server::Peer for PeerService {
         r.map(Response::new)
     }
 
+    type ReplicaGetChunkStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::ReplicaChunkPiece, Status>> + Send>>;
+
+    async fn replica_get_chunk(&self, req: Request<proto::ReplicaChunkRequest>) -> Reply<Self::ReplicaGetChunkStream> {
+        let t = Instant::now();
+        let r = async {
+            let req = req.into_inner();
+            let ns = convert::namespace_id(&req.namespace_id)?;
+            let key = convert::keys(std::slice::from_ref(&req.key), 1)?[0];
+            let m = self.cluster.manager.clone();
+            let got = tokio::task::spawn_blocking(move || m.load_one(ns, key))
+                .await
+                .map_err(|e| Status::internal(format!("load task: {e}")))?
+                .map_err(|e| convert::status(&e))?;
+            let pieces: Vec<Result<proto::ReplicaChunkPiece, Status>> = match got {
+                None => vec![Ok(proto::ReplicaChunkPiece {
+                    found: false,
+                    data: bytes::Bytes::new(),
+                })],
+                Some(d) => {
+                    self.cluster.counters.replica_blocks_served.fetch_add(1, Relaxed);
+                    let d = bytes::Bytes::from(d);
+                    (0..d.len())
+                        .step_by(crate::CHUNK_BYTES)
+                        .map(|o| {
+                            Ok(proto::ReplicaChunkPiece {
+                                found: true,
+                                data: d.slice(o..(o + crate::CHUNK_BYTES).min(d.len())),
+                            })
+                        })
+                        .collect()
+                }
+            };
+            Ok::<Self::ReplicaGetChunkStream, Status>(Box::pin(tokio_stream::iter(pieces)))
+        }
+        .await;
+        self.svc.observe("ReplicaGetChunk", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn replica_delete(&self, req: Request<proto::DeleteRequest>) -> Reply<proto::DeleteResponse> {
+        let t = Instant::now();
+        let r = async {
+            let req = req.into_inner();
+            let ns = convert::namespace_id(&req.namespace_id)?;
+            let keys = convert::keys(&req.keys, MAX_KEYS)?;
+            let m = self.cluster.manager.clone();
+            let n = tokio::task::spawn_blocking(move || m.remove(ns, &keys))
+                .await
+                .map_err(|e| Status::internal(format!("delete task: {e}")))?
+                .map_err(|e| convert::status(&e))?;
+            Ok(proto::DeleteResponse { removed: n as u32 })
+        }
+        .await;
+        self.svc.observe("ReplicaDelete", t, &r);
+        r.map(Response::new)
+    }
+
     async fn replica_lookup(&self, req: Request<proto::LookupRequest>) -> Reply<proto::LookupResponse> {
         let t = Instant::now();
         let r = self.svc.lookup_inner(req.into_inner(), false).await;
         self.svc.observe("ReplicaLookup", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn replica_has(&self, req: Request<proto::LookupRequest>) -> Reply<proto::ReplicaHasResponse> {
+        let t = Instant::now();
+        let req = req.into_inner();
+        let r = convert::namespace_id(&req.namespace_id).and_then(|ns| {
+            let keys = convert::keys(&req.keys, MAX_KEYS)?;
+            let has = self.cluster.has_local(ns, &keys)?;
+            Ok(proto::ReplicaHasResponse {
+                present: super::resync::bitmap(&has),
+            })
+        });
+        self.svc.observe("ReplicaHas", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn join(&self, req: Request<proto::JoinRequest>) -> Reply<proto::MembershipResponse> {
+        let t = Instant::now();
+        let req = req.into_inner();
+        let weight = if req.weight == 0.0 { 1.0 } else { req.weight };
+        let m = kvtier::replication::placement::Member {
+            id: NodeId(req.id),
+            addr: req.addr,
+            weight,
+        };
+        let r = self.cluster.join(m, req.forwarded).await;
+        self.svc.observe("Join", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn leave(&self, req: Request<proto::LeaveRequest>) -> Reply<proto::MembershipResponse> {
+        let t = Instant::now();
+        let req = req.into_inner();
+        let r = if req.id.is_empty() {
+            Err(Status::invalid_argument("a leaving member needs an id"))
+        } else {
+            self.cluster.leave(NodeId(req.id), req.forwarded).await
+        };
+        self.svc.observe("Leave", t, &r);
         r.map(Response::new)
     }
 }

@@ -745,7 +745,7 @@ impl Inner {
                 .map_err(|_| {
                     Error::new(
                         ErrorKind::Io,
-                        format!("blob endpoint {endpoint}: no answer within {limit:?}"),
+                        format!("blob endpoint {endpoint} unreachable: no answer within {limit:?}"),
                     )
                 })??;
             if made {
@@ -759,7 +759,7 @@ impl Inner {
             .map_err(|_| {
                 Error::new(
                     ErrorKind::Io,
-                    format!("blob endpoint {endpoint}: no answer within {limit:?}"),
+                    format!("blob endpoint {endpoint} unreachable: no answer within {limit:?}"),
                 )
             })?;
         match listed {

@@ -1,0 +1,100 @@
+//! The clients this node reaches its peers with, one per member it has
+//! known; members join at run time, so the set grows.
+//!
+//! Callers borrow a client for as long as they need it, across awaits,
+//! without holding a lock: each client is allocated once and never freed
+//! (`Box::leak`). A process leaks one client per member it ever learns of
+//! (a join or a re-address), which is bounded by the cluster's changes.
+
+use kvtier::replication::placement::{Member, NodeId};
+use parking_lot::RwLock;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::client::{Client, ClientConfig};
+
+/// One peer: its id, endpoint and client.
+#[derive(Debug)]
+struct Entry {
+    id: NodeId,
+    endpoint: String,
+    client: Client,
+}
+
+/// Peer clients by member id.
+#[derive(Debug)]
+pub struct Peers {
+    template: ClientConfig,
+    scheme: &'static str,
+    connect_timeout: Duration,
+    map: RwLock<BTreeMap<NodeId, &'static Entry>>,
+}
+
+impl Peers {
+    /// No peers yet; clients are built from `template` (token, CA, TLS
+    /// name) with `scheme://addr` as the endpoint.
+    pub(super) fn new(template: ClientConfig, tls: bool, connect_timeout: Duration) -> Self {
+        Self {
+            template,
+            scheme: if tls { "https" } else { "http" },
+            connect_timeout,
+            map: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// Adds a client for `m`, or replaces it when `m` moved to another
+    /// address; a client for the same address is kept.
+    pub(super) fn insert(&self, m: &Member) -> Result<(), String> {
+        let endpoint = format!("{}://{}", self.scheme, m.addr);
+        if self.map.read().get(&m.id).is_some_and(|e| e.endpoint == endpoint) {
+            return Ok(());
+        }
+        let cfg = ClientConfig {
+            endpoint: endpoint.clone(),
+            ..self.template.clone()
+        };
+        let client = Client::lazy(&cfg, self.connect_timeout).map_err(|e| format!("cluster member {}: {e}", m.id))?;
+        let entry: &'static Entry = Box::leak(Box::new(Entry {
+            id: m.id.clone(),
+            endpoint,
+            client,
+        }));
+        self.map.write().insert(m.id.clone(), entry);
+        Ok(())
+    }
+
+    /// The client of `id`.
+    pub fn get(&self, id: &NodeId) -> Option<&'static Client> {
+        self.map.read().get(id).map(|e| &e.client)
+    }
+
+    /// Whether `id` has a client.
+    pub fn contains_key(&self, id: &NodeId) -> bool {
+        self.map.read().contains_key(id)
+    }
+
+    /// Every peer's id, in id order.
+    pub fn keys(&self) -> std::vec::IntoIter<&'static NodeId> {
+        let v: Vec<&'static NodeId> = self.map.read().values().map(|e| &e.id).collect();
+        v.into_iter()
+    }
+}
+
+impl std::ops::Index<&NodeId> for Peers {
+    type Output = Client;
+
+    fn index(&self, id: &NodeId) -> &Client {
+        self.get(id).unwrap_or_else(|| panic!("{id} is not a peer"))
+    }
+}
+
+impl IntoIterator for &Peers {
+    type Item = (&'static NodeId, &'static Client);
+    type IntoIter = std::vec::IntoIter<(&'static NodeId, &'static Client)>;
+
+    /// A snapshot of the peers, in id order.
+    fn into_iter(self) -> Self::IntoIter {
+        let v: Vec<_> = self.map.read().values().map(|e| (&e.id, &e.client)).collect();
+        v.into_iter()
+    }
+}

@@ -1,0 +1,424 @@
+//! Members joining and leaving at run time, and the keys that move after.
+//!
+//! # Propagation
+//!
+//! `Join(member)` and `Leave(id)` go to any node (`kvtier cluster join`,
+//! `kvtier cluster leave`). It applies the change to its [`Membership`],
+//! persists the member list in `members.json` in its data dir (the config's
+//! list is only the first one: a restart keeps what the cluster became),
+//! and forwards the change, marked `forwarded`, to every member and, for a
+//! leave, to the leaver; a joiner also gets every member as a join of its
+//! own, so one started knowing only itself and a seed learns the rest.
+//! Applying is idempotent (joining a member already
+//! there at the same address, or removing one that is gone, changes
+//! nothing), so a change sent twice, or by two operators, converges. A
+//! member that did not answer the forward is named in the reply; the
+//! operator sends the change again (to it, or to any node).
+//!
+//! # Rebalancing
+//!
+//! After a change, each node runs the core's [`plan_rebalance`] over its
+//! own keys of every namespace, from the member list before the change to
+//! the current one, in a background task paced at `rebalance_bytes_per_s`:
+//!
+//! 1. for each gained copy it is the pusher of, ask the new replica
+//!    whether it holds the key (`ReplicaHas`) and send it with
+//!    `ReplicaPut` if not;
+//! 2. for each key it no longer is a replica of, ask every new replica;
+//!    when all confirm, drop the local copy. Otherwise the pass fails and
+//!    runs again at the next heartbeat.
+//!
+//! A leaver runs the same plan as a non-member: it pushes every key it is
+//! the only (or first) holder of, and drops each once confirmed.
+//!
+//! # Reads during a move
+//!
+//! A key's new replica may not have it yet. While a move may be under way
+//! (this node's pass pending or running, or less than [`SETTLE`] since the
+//! last change it saw, which covers the other nodes' passes), reads ask,
+//! after the key's replicas, every other writable member and the members
+//! that left recently (they serve until they are stopped): a key is found
+//! wherever a copy is. Outside a move, reads ask the replicas only.
+
+use kvtier::replication::membership::{Change, Membership};
+use kvtier::replication::placement::{Member, NodeId};
+use kvtier::replication::rebalance::plan_rebalance;
+use kvtier::{BlockKey, NamespaceId};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+use tonic::Status;
+
+use super::Cluster;
+use super::resync::{ASK_KEYS, Pacer, call};
+use crate::proto;
+
+/// How long after a membership change reads keep asking every member.
+pub const SETTLE: Duration = Duration::from_secs(60);
+
+/// The rebalancer's state and counters.
+#[derive(Debug)]
+pub(super) struct Rebalance {
+    /// The member list the keys were placed by, when a pass is due.
+    pending: Mutex<Option<Vec<Member>>>,
+    running: AtomicBool,
+    /// When the last change was seen, and the members that left recently.
+    last_change: Mutex<Option<Instant>>,
+    departed: Mutex<BTreeSet<NodeId>>,
+    bytes_per_s: u64,
+    members_file: PathBuf,
+    done: AtomicU64,
+    keys_moved: AtomicU64,
+    bytes_moved: AtomicU64,
+    keys_dropped: AtomicU64,
+}
+
+impl Rebalance {
+    pub(super) fn new(bytes_per_s: u64, members_file: PathBuf) -> Self {
+        Self {
+            pending: Mutex::new(None),
+            running: AtomicBool::new(false),
+            last_change: Mutex::new(None),
+            departed: Mutex::new(BTreeSet::new()),
+            bytes_per_s,
+            members_file,
+            done: AtomicU64::new(0),
+            keys_moved: AtomicU64::new(0),
+            bytes_moved: AtomicU64::new(0),
+            keys_dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether keys may be on their way: reads then ask every member.
+    pub(super) fn moving(&self) -> bool {
+        self.running.load(Relaxed)
+            || self.pending.lock().is_some()
+            || self.last_change.lock().is_some_and(|t| t.elapsed() < SETTLE)
+    }
+
+    /// Members that left recently, still asked by reads while moving.
+    pub(super) fn departed(&self) -> Vec<NodeId> {
+        self.departed.lock().iter().cloned().collect()
+    }
+
+    fn state(&self) -> &'static str {
+        if self.running.load(Relaxed) {
+            "running"
+        } else if self.pending.lock().is_some() {
+            "pending"
+        } else {
+            "idle"
+        }
+    }
+
+    /// The member list this node keeps across restarts, if it saved one.
+    pub(super) fn saved_members(file: &std::path::Path) -> Result<Option<Vec<Member>>, String> {
+        match std::fs::read(file) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| format!("{}: {e}", file.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", file.display())),
+        }
+    }
+
+    fn save_members(&self, members: &[Member]) -> Result<(), String> {
+        let tmp = self.members_file.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(members).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.members_file).map_err(|e| format!("{}: {e}", self.members_file.display()))
+    }
+}
+
+impl Cluster {
+    /// Applies `f` to the view; on a change, persists the member list and
+    /// schedules a rebalancing pass from the list before it.
+    fn change_members(self: &Arc<Self>, f: impl FnOnce(&mut Membership) -> Option<Change>) -> Result<bool, Status> {
+        let (before, change, after) = {
+            let mut v = self.view.write();
+            let before = v.members();
+            let change = f(&mut v);
+            (before, change, v.members())
+        };
+        let Some(change) = change else { return Ok(false) };
+        for m in after.iter().filter(|m| m.id != self.me) {
+            self.peers.insert(m).map_err(Status::invalid_argument)?;
+        }
+        if let Change::Joined(id) = &change {
+            self.rebalance.departed.lock().remove(id);
+            self.unsynced.lock().insert(id.clone());
+        }
+        if let Change::Left(id) = &change {
+            self.rebalance.departed.lock().insert(id.clone());
+        }
+        self.log_change(Some(change));
+        if let Err(e) = self.rebalance.save_members(&after) {
+            tracing::warn!("member list not saved: {e}");
+        }
+        *self.rebalance.last_change.lock() = Some(Instant::now());
+        self.rebalance.pending.lock().get_or_insert(before);
+        self.start_rebalance();
+        Ok(true)
+    }
+
+    /// Adds `m` (or re-addresses it) and, unless `forwarded`, sends the
+    /// change to every member.
+    pub async fn join(self: &Arc<Self>, m: Member, forwarded: bool) -> Result<proto::MembershipResponse, Status> {
+        if m.id.0.is_empty() || m.addr.is_empty() {
+            return Err(Status::invalid_argument("a joining member needs an id and an addr"));
+        }
+        if !(m.weight.is_finite() && m.weight > 0.0) {
+            return Err(Status::invalid_argument(format!(
+                "member weight {} must be a positive number",
+                m.weight
+            )));
+        }
+        self.change_members(|v| v.join(m.clone()))?;
+        let req = proto::JoinRequest {
+            id: m.id.0.clone(),
+            addr: m.addr.clone(),
+            weight: m.weight,
+            forwarded: true,
+        };
+        let mut not_reached = if forwarded {
+            Vec::new()
+        } else {
+            self.forward(Vec::new(), move |c| {
+                let req = req.clone();
+                async move { c.join(req).await }
+            })
+            .await
+        };
+        if !forwarded && m.id != self.me && !not_reached.contains(&m.id.0) {
+            // The joiner may have started knowing only some members: it
+            // learns every one the same way.
+            if let Err(e) = self.teach(&m.id).await {
+                tracing::warn!(member = %m.id, "member list not sent to the joiner: {e}");
+                not_reached.push(m.id.0.clone());
+            }
+        }
+        Ok(self.membership_reply(not_reached))
+    }
+
+    /// Sends every member to `joiner`, as forwarded joins.
+    async fn teach(&self, joiner: &NodeId) -> Result<(), String> {
+        let c = self.peers.get(joiner).ok_or("not a peer")?;
+        let members = self.view.read().members();
+        for m in members.into_iter().filter(|m| m.id != *joiner) {
+            let req = proto::JoinRequest {
+                id: m.id.0,
+                addr: m.addr,
+                weight: m.weight,
+                forwarded: true,
+            };
+            call(self.peer_timeout, c.join(req)).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes `id` and, unless `forwarded`, sends the change to every
+    /// member and to `id`, which hands its keys over.
+    pub async fn leave(self: &Arc<Self>, id: NodeId, forwarded: bool) -> Result<proto::MembershipResponse, Status> {
+        {
+            let v = self.view.read();
+            if v.member(&id).is_some() {
+                let left = v.members().len() - 1;
+                if let Some((ns, _, rep)) = self.registry.all().into_iter().find(|(_, _, r)| r.replicas > left) {
+                    return Err(Status::failed_precondition(format!(
+                        "namespace {ns} keeps {} replicas: {left} members would be too few",
+                        rep.replicas
+                    )));
+                }
+            }
+        }
+        self.change_members(|v| v.leave(&id))?;
+        let not_reached = if forwarded {
+            Vec::new()
+        } else {
+            let req = proto::LeaveRequest {
+                id: id.0.clone(),
+                forwarded: true,
+            };
+            self.forward(vec![id], move |c| {
+                let req = req.clone();
+                async move { c.leave(req).await }
+            })
+            .await
+        };
+        Ok(self.membership_reply(not_reached))
+    }
+
+    fn membership_reply(&self, not_reached: Vec<String>) -> proto::MembershipResponse {
+        let v = self.view.read();
+        proto::MembershipResponse {
+            epoch: v.epoch(),
+            members: v.members().len() as u32,
+            not_reached,
+        }
+    }
+
+    /// Sends a change to every member and `extra`, this node left out;
+    /// answers those that did not take it.
+    async fn forward<F, Fut>(&self, extra: Vec<NodeId>, send: F) -> Vec<String>
+    where
+        F: Fn(crate::client::Client) -> Fut,
+        Fut: Future<Output = Result<proto::MembershipResponse, Status>> + Send + 'static,
+    {
+        let mut to: BTreeSet<NodeId> = self.view.read().members().into_iter().map(|m| m.id).collect();
+        to.extend(extra);
+        to.remove(&self.me);
+        let mut set = JoinSet::new();
+        for id in to {
+            let Some(c) = self.peers.get(&id) else { continue };
+            let f = send(c.clone());
+            let t = self.peer_timeout;
+            set.spawn(async move { (id, tokio::time::timeout(t, f).await) });
+        }
+        let mut failed = Vec::new();
+        while let Some(Ok((id, r))) = set.join_next().await {
+            if !matches!(r, Ok(Ok(_))) {
+                tracing::warn!(member = %id, ?r, "membership change not forwarded");
+                failed.push(id.0);
+            }
+        }
+        failed
+    }
+
+    /// Starts a rebalancing pass when one is due and none runs.
+    pub(super) fn start_rebalance(self: &Arc<Self>) {
+        if self.rebalance.pending.lock().is_none() || self.rebalance.running.swap(true, Relaxed) {
+            return;
+        }
+        let Some(before) = self.rebalance.pending.lock().take() else {
+            self.rebalance.running.store(false, Relaxed);
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            match this.rebalance_pass(&before).await {
+                Ok(()) => {
+                    this.rebalance.done.fetch_add(1, Relaxed);
+                }
+                Err(e) => {
+                    tracing::info!("rebalancing stopped, retried next heartbeat: {e}");
+                    // An older layout than a change seen meanwhile wins:
+                    // keys still sit where it put them.
+                    *this.rebalance.pending.lock() = Some(before);
+                }
+            }
+            this.rebalance.running.store(false, Relaxed);
+        });
+    }
+
+    /// One pass over every namespace: push gained copies, drop confirmed
+    /// ones.
+    async fn rebalance_pass(self: &Arc<Self>, before: &[Member]) -> Result<(), String> {
+        let mut pacer = Pacer::new(self.rebalance.bytes_per_s);
+        let mut unconfirmed = 0;
+        for (ns, _, rep) in self.registry.all() {
+            let m = self.manager.clone();
+            let keys = tokio::task::spawn_blocking(move || m.local_keys(ns))
+                .await
+                .map_err(|e| format!("key listing task: {e}"))?;
+            let plan = plan_rebalance(keys, before, &self.view.read(), rep.replicas);
+            if plan.is_empty() {
+                continue;
+            }
+            let mut pushes: BTreeMap<NodeId, Vec<BlockKey>> = BTreeMap::new();
+            for t in &plan {
+                for n in &t.push_to {
+                    pushes.entry(n.clone()).or_default().push(t.key);
+                }
+            }
+            for (node, keys) in pushes {
+                self.push_missing(&node, ns, &keys, &mut pacer).await?;
+            }
+            let drops: Vec<(BlockKey, Vec<NodeId>)> = plan
+                .into_iter()
+                .filter(|t| !t.drop_after_confirm.is_empty())
+                .map(|t| (t.key, t.drop_after_confirm))
+                .collect();
+            unconfirmed += self.drop_confirmed(ns, drops).await?;
+        }
+        if unconfirmed > 0 {
+            return Err(format!("{unconfirmed} keys not yet confirmed by their new replicas"));
+        }
+        Ok(())
+    }
+
+    /// Sends `node` the `keys` of `ns` it lacks.
+    async fn push_missing(
+        self: &Arc<Self>,
+        node: &NodeId,
+        ns: NamespaceId,
+        keys: &[BlockKey],
+        pacer: &mut Pacer,
+    ) -> Result<(), String> {
+        let c = self.peers.get(node).ok_or_else(|| format!("{node} is not a peer"))?;
+        if let Some(spec) = self.spec(ns) {
+            call(self.peer_timeout, c.replica_register(spec)).await?;
+        }
+        for ask in keys.chunks(ASK_KEYS) {
+            let has = call(self.peer_timeout, c.replica_has(ns, ask)).await?;
+            let missing: Vec<BlockKey> = ask.iter().zip(&has).filter(|(_, h)| !**h).map(|(k, _)| *k).collect();
+            let (n, bytes) = self.push_copies(c, ns, missing, pacer).await?;
+            self.rebalance.keys_moved.fetch_add(n as u64, Relaxed);
+            self.rebalance.bytes_moved.fetch_add(bytes, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Drops each key of `drops` once every node listed with it confirms it
+    /// holds it; answers how many stay unconfirmed.
+    async fn drop_confirmed(&self, ns: NamespaceId, drops: Vec<(BlockKey, Vec<NodeId>)>) -> Result<usize, String> {
+        let mut ask: BTreeMap<NodeId, Vec<BlockKey>> = BTreeMap::new();
+        for (k, nodes) in &drops {
+            for n in nodes.iter().filter(|n| **n != self.me) {
+                ask.entry(n.clone()).or_default().push(*k);
+            }
+        }
+        let mut confirmed: BTreeMap<BlockKey, usize> = BTreeMap::new();
+        for (node, keys) in ask {
+            let Some(c) = self.peers.get(&node) else { continue };
+            for chunk in keys.chunks(ASK_KEYS) {
+                let Ok(has) = call(self.peer_timeout, c.replica_has(ns, chunk)).await else {
+                    continue;
+                };
+                for (k, h) in chunk.iter().zip(has) {
+                    if h {
+                        *confirmed.entry(*k).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let (gone, kept): (Vec<_>, Vec<_>) = drops.into_iter().partition(|(k, nodes)| {
+            let need = nodes.iter().filter(|n| **n != self.me).count();
+            confirmed.get(k).copied().unwrap_or(0) == need
+        });
+        let gone: Vec<BlockKey> = gone.into_iter().map(|(k, _)| k).collect();
+        if !gone.is_empty() {
+            let m = self.manager.clone();
+            let n = gone.len() as u64;
+            tokio::task::spawn_blocking(move || m.remove(ns, &gone))
+                .await
+                .map_err(|e| format!("remove task: {e}"))?
+                .map_err(|e| format!("remove: {e}"))?;
+            self.rebalance.keys_dropped.fetch_add(n, Relaxed);
+        }
+        Ok(kept.len())
+    }
+
+    /// The rebalancing fields of Stats.
+    pub(super) fn rebalance_stats(&self, s: &mut proto::ClusterStats) {
+        let r = &self.rebalance;
+        s.rebalance_state = r.state().into();
+        s.rebalances_done = r.done.load(Relaxed);
+        s.rebalance_keys_moved = r.keys_moved.load(Relaxed);
+        s.rebalance_bytes_moved = r.bytes_moved.load(Relaxed);
+        s.rebalance_keys_dropped = r.keys_dropped.load(Relaxed);
+    }
+}

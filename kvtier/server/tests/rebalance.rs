@@ -1,0 +1,480 @@
+//! Recovery and membership changes of a kvtierd cluster: real kvtierd processes on 127.0.0.1, each
+//! with its own data dir and config. Every wait polls with a deadline;
+//! every run is bounded.
+
+mod common;
+
+use bytes::Bytes;
+use common::{Daemon, content, free_ports, key};
+use kvtier::replication::placement::{self, Member, NodeId};
+use kvtier::{BlockKey, NamespaceId};
+use kvtier_server::client::Client;
+use kvtier_server::proto;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+const BLOCK: usize = 4096;
+
+/// One node: its id, port, data dir and config, and the process while it
+/// runs.
+struct Node {
+    id: String,
+    port: u16,
+    dir: PathBuf,
+    config: PathBuf,
+    daemon: Option<Daemon>,
+}
+
+/// Nodes of one cluster, each started from its own config file.
+struct Nodes {
+    root: tempfile::TempDir,
+    nodes: Vec<Node>,
+    /// Lines added to every node's `[cluster]` table.
+    extra: String,
+}
+
+impl Nodes {
+    /// `ids.len()` nodes on free ports, each listing all of them, with
+    /// `extra` lines in `[cluster]`, started.
+    fn start(ids: &[&str], extra: &str) -> Nodes {
+        let root = tempfile::tempdir().unwrap();
+        let ports = free_ports(ids.len());
+        let mut n = Nodes {
+            root,
+            nodes: Vec::new(),
+            extra: extra.into(),
+        };
+        let members: Vec<Member> = ids
+            .iter()
+            .zip(&ports)
+            .map(|(id, p)| Member::new(*id, format!("127.0.0.1:{p}")))
+            .collect();
+        for (id, p) in ids.iter().zip(&ports) {
+            n.add(id, *p, &members);
+        }
+        for i in 0..ids.len() {
+            n.start_node(i);
+        }
+        n
+    }
+
+    /// Adds node `id` on `port` whose config lists `members`; not started.
+    fn add(&mut self, id: &str, port: u16, members: &[Member]) {
+        let dir = self.root.path().join(id);
+        let config = self.root.path().join(format!("{id}.toml"));
+        let list: Vec<String> = members
+            .iter()
+            .map(|m| format!("  {{ id = \"{}\", addr = \"{}\" }},", m.id, m.addr))
+            .collect();
+        std::fs::write(
+            &config,
+            format!(
+                "[cluster]\nnode_id = \"{id}\"\nheartbeat_interval_ms = 100\nsuspect_after = 1\ndown_after = 3\npeer_timeout_ms = 1000\n{}members = [\n{}\n]\n",
+                self.extra,
+                list.join("\n")
+            ),
+        )
+        .unwrap();
+        self.nodes.push(Node {
+            id: id.into(),
+            port,
+            dir,
+            config,
+            daemon: None,
+        });
+    }
+
+    /// Starts (or restarts, on the same data dir and port) node `i`.
+    fn start_node(&mut self, i: usize) {
+        let n = &self.nodes[i];
+        let listen = format!("127.0.0.1:{}", n.port);
+        let shm = self.root.path().join("shm");
+        std::fs::create_dir_all(&shm).unwrap();
+        let env = [
+            ("KVTIER_SHM_DIR", shm.to_str().unwrap()),
+            ("KVTIER_CONFIG", n.config.to_str().unwrap()),
+            ("KVTIER_LISTEN", listen.as_str()),
+        ];
+        let d = Daemon::start(&n.dir, &env);
+        assert_eq!(d.grpc, listen);
+        self.nodes[i].daemon = Some(d);
+    }
+
+    /// kill -9 of node `i`.
+    fn kill(&mut self, i: usize) {
+        let mut d = self.nodes[i].daemon.take().expect("running");
+        d.signal_and_wait(libc::SIGKILL);
+    }
+
+    async fn client(&self, i: usize) -> Client {
+        self.nodes[i].daemon.as_ref().expect("running").client().await
+    }
+
+    /// Clients of the running nodes.
+    async fn clients(&self) -> Vec<Client> {
+        let mut out = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.daemon.is_some() {
+                out.push(self.client(i).await);
+            }
+        }
+        out
+    }
+
+    fn members(&self) -> Vec<Member> {
+        self.nodes
+            .iter()
+            .map(|n| Member::new(n.id.as_str(), format!("127.0.0.1:{}", n.port)))
+            .collect()
+    }
+
+    /// Waits until every running node sees every member it knows up.
+    async fn all_up(&self) {
+        let clients = self.clients().await;
+        eventually("every node sees every member up", 20, || async {
+            for c in &clients {
+                if cluster_stats(c).await.members.iter().any(|m| m.liveness != "up") {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+    }
+}
+
+/// Polls `check` every 20 ms until it answers true, for at most `secs`.
+async fn eventually<F, Fut>(what: &str, secs: u64, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn cluster_stats(c: &Client) -> proto::ClusterStats {
+    c.stats_reply().await.unwrap().cluster.expect("a cluster member")
+}
+
+async fn liveness(c: &Client, id: &str) -> String {
+    let s = cluster_stats(c).await;
+    s.members.into_iter().find(|m| m.id == id).unwrap().liveness
+}
+
+fn keys(ns: NamespaceId, range: std::ops::Range<u64>) -> Vec<BlockKey> {
+    range.map(|i| key(ns, i)).collect()
+}
+
+fn data(ns: NamespaceId, range: std::ops::Range<u64>) -> Bytes {
+    let mut b = Vec::new();
+    for i in range {
+        b.extend_from_slice(&content(ns, i, BLOCK));
+    }
+    Bytes::from(b)
+}
+
+/// Which of blocks `range` node `c` holds in its own tiers, those it holds
+/// checked for the right bytes (two calls: one RPC per block is slow).
+async fn held(c: &Client, ns: NamespaceId, range: std::ops::Range<u64>) -> Vec<bool> {
+    let has = c.replica_has(ns, &keys(ns, range.clone())).await.unwrap();
+    let present: Vec<u64> = range.zip(&has).filter(|(_, h)| **h).map(|(i, _)| i).collect();
+    let ks: Vec<BlockKey> = present.iter().map(|i| key(ns, *i)).collect();
+    if ks.is_empty() {
+        return has;
+    }
+    let g = c.replica_get(ns, &ks).await.unwrap();
+    assert_eq!(g.loaded, ks.len(), "the blocks ReplicaHas named load");
+    for (x, i) in present.iter().enumerate() {
+        assert_eq!(
+            &g.data[x * BLOCK..(x + 1) * BLOCK],
+            &content(ns, *i, BLOCK)[..],
+            "block {i}"
+        );
+    }
+    has
+}
+
+/// With R = 3 on 3 nodes there is no stand-in, so writes acknowledged at
+/// W = 2 while a node is down leave no hint: only resync brings them to
+/// the node when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_gets_the_writes_it_missed_by_resync() {
+    let mut cl = Nodes::start(&["a", "b", "c"], "");
+    cl.all_up().await;
+    let a = cl.client(0).await;
+    let r = a
+        .register_replicated(&common::namespace("resync", BLOCK), Some(3), Some(2))
+        .await
+        .unwrap();
+    assert_eq!((r.replicas, r.write_quorum), (3, 2));
+    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let (before, after) = (100u64, 300u64);
+    a.put(ns, &keys(ns, 0..before), data(ns, 0..before)).await.unwrap();
+
+    cl.kill(2);
+    let b = cl.client(1).await;
+    for c in [&a, &b] {
+        eventually("c is seen down", 20, || async { liveness(c, "c").await == "down" }).await;
+    }
+    let put = a
+        .put(ns, &keys(ns, before..after), data(ns, before..after))
+        .await
+        .unwrap();
+    assert_eq!(put.stored as u64, after - before, "acknowledged at W = 2");
+    assert!(
+        !held(&b, ns, before..after).await.contains(&false),
+        "b holds every write"
+    );
+
+    cl.start_node(2);
+    let c = cl.client(2).await;
+    eventually("resync gives c every key", 60, || async {
+        !held(&c, ns, 0..after).await.contains(&false)
+    })
+    .await;
+    for (i, n) in [&a, &b, &c].into_iter().enumerate() {
+        assert!(
+            !held(n, ns, 0..after).await.contains(&false),
+            "node {i} holds all {after} keys: 3 replicas each"
+        );
+    }
+    let (sa, sb) = (cluster_stats(&a).await, cluster_stats(&b).await);
+    assert_eq!(sa.hints_delivered + sb.hints_delivered, 0, "no stand-in, no hint");
+    assert!(
+        sa.resync_blocks_sent + sb.resync_blocks_sent >= after - before,
+        "the missed writes came by resync: {sa:?} {sb:?}"
+    );
+    assert!(
+        sa.resync_keys_offered + sb.resync_keys_offered >= after,
+        "every key of c was offered once c was back: {sa:?} {sb:?}"
+    );
+    let run = common::kvtier(&cl.nodes[0].daemon.as_ref().unwrap().endpoint(), &[], &["cluster"]).expect(0);
+    let j = run.json();
+    assert!(j["resync_keys_offered"].as_u64().is_some(), "{j}");
+}
+
+/// Reads every key of `range` through `c` over and over until `stop`, at
+/// most `max_reads` reads or 120 s; answers (reads, missed blocks).
+fn reader(
+    c: Client,
+    ns: NamespaceId,
+    range: std::ops::Range<u64>,
+    stop: Arc<AtomicBool>,
+    max_reads: u64,
+) -> tokio::task::JoinHandle<(u64, Vec<u64>)> {
+    tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (mut reads, mut misses) = (0u64, Vec::new());
+        let mut i = range.start;
+        while !stop.load(Relaxed) && reads < max_reads && Instant::now() < deadline {
+            let g = c.get(ns, &[key(ns, i)]).await.unwrap();
+            if g.loaded == 1 {
+                assert_eq!(&g.data[..], &content(ns, i, BLOCK)[..], "block {i}");
+            } else {
+                misses.push(i);
+            }
+            reads += 1;
+            i = if i + 1 == range.end { range.start } else { i + 1 };
+        }
+        (reads, misses)
+    })
+}
+
+/// Waits until every running member sees `n` members, no rebalancing is
+/// pending or running on any node, and each of `movers` finished a pass.
+async fn settled(cl: &Nodes, n: usize, movers: &[usize]) {
+    let clients = cl.clients().await;
+    let mut movers_c = Vec::new();
+    for &i in movers {
+        movers_c.push(cl.client(i).await);
+    }
+    eventually("rebalancing finished everywhere", 90, || async {
+        for c in &clients {
+            let s = cluster_stats(c).await;
+            let member = s.members.iter().any(|m| m.id == s.node_id);
+            if s.rebalance_state != "idle" || (member && s.members.len() != n) {
+                return false;
+            }
+        }
+        for c in &movers_c {
+            if cluster_stats(c).await.rebalances_done == 0 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
+
+/// For each node of `cl` (by index), which of blocks `0..n` it holds.
+async fn layout(cl: &Nodes, ns: NamespaceId, n: u64) -> Vec<Vec<bool>> {
+    let mut out = Vec::new();
+    for i in 0..cl.nodes.len() {
+        out.push(held(&cl.client(i).await, ns, 0..n).await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_out_from_3_to_4_moves_a_quarter_of_the_keys_and_reads_never_miss() {
+    // 64 KiB/s: each node's share of the move (about 330 KiB) lasts
+    // seconds, so the reader reads while keys are on their way.
+    let mut cl = Nodes::start(&["a", "b", "c"], "rebalance_bytes_per_s = 65536\n");
+    cl.all_up().await;
+    let a = cl.client(0).await;
+    let (ns, _) = a.register(&common::namespace("scale-out", BLOCK)).await.unwrap();
+    let n = 1000u64;
+    for lo in (0..n).step_by(250) {
+        a.put(ns, &keys(ns, lo..lo + 250), data(ns, lo..lo + 250))
+            .await
+            .unwrap();
+    }
+    // And an R = 2 namespace, where the pusher and the node that drops a
+    // copy may differ.
+    let r2 = a
+        .register_replicated(&common::namespace("scale-out-r2", BLOCK), Some(2), None)
+        .await
+        .unwrap();
+    let ns2 = kvtier_server::convert::namespace_id(&r2.namespace_id).unwrap();
+    let n2 = 300u64;
+    a.put(ns2, &keys(ns2, 0..n2), data(ns2, 0..n2)).await.unwrap();
+    let before = cl.members();
+
+    // d starts knowing only itself and b; the others learn of d by
+    // `cluster join` sent to b, which forwards it, and d learns of them.
+    let port = free_ports(1)[0];
+    let seed = vec![before[1].clone(), Member::new("d", format!("127.0.0.1:{port}"))];
+    cl.add("d", port, &seed);
+    cl.start_node(3);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = reader(a.clone(), ns, 0..n, stop.clone(), 200_000);
+    let b_end = cl.nodes[1].daemon.as_ref().unwrap().endpoint();
+    let addr = format!("127.0.0.1:{port}");
+    let run = tokio::task::spawn_blocking(move || {
+        common::kvtier(&b_end, &[], &["cluster", "join", "--id", "d", "--addr", &addr])
+    })
+    .await
+    .unwrap()
+    .expect(0);
+    let j = run.json();
+    assert_eq!(j["members"], 4, "{j}");
+    settled(&cl, 4, &[0, 1, 2]).await;
+    stop.store(true, Relaxed);
+    let (reads, misses) = reads.await.unwrap();
+    assert!(reads >= 20, "the reader read during the move: {reads} reads");
+    assert!(
+        misses.is_empty(),
+        "{} of {reads} reads missed during the move: {misses:?}",
+        misses.len()
+    );
+
+    // Each key is on exactly its new replica; a, which served the reads,
+    // may also keep copies it promoted on the way.
+    let after = cl.members();
+    let held = layout(&cl, ns, n).await;
+    let mut changed = 0;
+    for i in 0..n {
+        let k = key(ns, i);
+        let old = placement::replicas(&k, &before, 1);
+        let new = placement::replicas(&k, &after, 1);
+        changed += u64::from(old != new);
+        for (x, h) in held.iter().enumerate() {
+            let replica = new.contains(&NodeId(cl.nodes[x].id.clone()));
+            if replica || x != 0 {
+                assert_eq!(
+                    h[i as usize], replica,
+                    "block {i} on {}: replica {replica}",
+                    cl.nodes[x].id
+                );
+            }
+        }
+    }
+    // R = 2: both new replicas hold each key, nobody else (but a).
+    let held2 = layout(&cl, ns2, n2).await;
+    let mut gained2 = 0;
+    for i in 0..n2 {
+        let k = key(ns2, i);
+        let old = placement::replicas(&k, &before, 2);
+        let new = placement::replicas(&k, &after, 2);
+        gained2 += new.iter().filter(|x| !old.contains(x)).count() as u64;
+        for (x, h) in held2.iter().enumerate() {
+            let replica = new.contains(&NodeId(cl.nodes[x].id.clone()));
+            if replica || x != 0 {
+                assert_eq!(h[i as usize], replica, "R = 2 block {i} on {}", cl.nodes[x].id);
+            }
+        }
+    }
+    let mut moved = 0;
+    for c in cl.clients().await {
+        moved += cluster_stats(&c).await.rebalance_keys_moved;
+    }
+    assert_eq!(moved, changed + gained2, "every gained copy moved, once");
+    let moved = changed;
+    let frac = moved as f64 / n as f64;
+    eprintln!(
+        "scale-out 3 -> 4, R = 1: moved {moved} of {n} keys ({frac:.3}); {reads} reads during the move, 0 misses"
+    );
+    assert!((frac - 0.25).abs() <= 0.025, "moved fraction {frac}");
+    let saved = std::fs::read_to_string(cl.nodes[2].dir.join("members.json")).unwrap();
+    assert!(saved.contains("\"d\""), "c saved the new member list: {saved}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_leave_hands_every_key_over_and_reads_never_miss() {
+    let cl = Nodes::start(&["a", "b", "c", "d"], "rebalance_bytes_per_s = 65536\n");
+    cl.all_up().await;
+    let a = cl.client(0).await;
+    let r = a
+        .register_replicated(&common::namespace("leave", BLOCK), Some(2), None)
+        .await
+        .unwrap();
+    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let n = 400u64;
+    a.put(ns, &keys(ns, 0..n), data(ns, 0..n)).await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = reader(a.clone(), ns, 0..n, stop.clone(), 200_000);
+    let c_end = cl.nodes[2].daemon.as_ref().unwrap().endpoint();
+    let run = tokio::task::spawn_blocking(move || common::kvtier(&c_end, &[], &["cluster", "leave", "--id", "b"]))
+        .await
+        .unwrap()
+        .expect(0);
+    assert_eq!(run.json()["members"], 3);
+    settled(&cl, 3, &[1]).await;
+    stop.store(true, Relaxed);
+    let (reads, misses) = reads.await.unwrap();
+    assert!(reads >= 20, "the reader read during the move: {reads} reads");
+    assert!(
+        misses.is_empty(),
+        "{} of {reads} reads missed during the move: {misses:?}",
+        misses.len()
+    );
+
+    // Every key is on both its new replicas and gone from the leaver; a,
+    // which served the reads, may also keep promoted copies.
+    let after: Vec<Member> = cl.members().into_iter().filter(|m| m.id.0 != "b").collect();
+    let held = layout(&cl, ns, n).await;
+    for i in 0..n {
+        let new = placement::replicas(&key(ns, i), &after, 2);
+        assert_eq!(new.len(), 2);
+        for (x, h) in held.iter().enumerate() {
+            let id = NodeId(cl.nodes[x].id.clone());
+            if new.contains(&id) {
+                assert!(h[i as usize], "block {i} on its new replica {id}");
+            } else if x != 0 {
+                assert!(!h[i as usize], "block {i} left {id}");
+            }
+        }
+    }
+    let b = cluster_stats(&cl.client(1).await).await;
+    assert!(b.rebalance_keys_dropped > 0, "the leaver dropped its copies: {b:?}");
+}
