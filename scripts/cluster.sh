@@ -69,7 +69,11 @@ case ${1:-} in
     ;;
   kill)
     id=${2:?which node}; port "$id" >/dev/null
-    running "$id" && kill -KILL "$(cat "$DIR/$id.pid")" && echo "node $id killed"
+    if running "$id"; then
+      kill -KILL "$(cat "$DIR/$id.pid")"
+      while running "$id"; do sleep 0.05; done
+      echo "node $id killed"
+    fi
     ;;
   restart)
     id=${2:?which node}; port "$id" >/dev/null
