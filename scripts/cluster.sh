@@ -27,6 +27,7 @@ start_node() {
 running() { [ -f "$DIR/$1.pid" ] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; }
 
 wait_up() {
+  local id out
   for _ in $(seq 1 100); do
     local ok=1
     for id in "${NODES[@]}"; do
