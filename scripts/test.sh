@@ -13,7 +13,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 # Azurite before the bench smokes: the blob smoke and the blob tests start it.
 KVTIER_AZURITE_BIN=$(./scripts/azurite.sh)
 export KVTIER_AZURITE_BIN
-echo "== bench smoke: kvtier-bench tiers --smoke, daemon --smoke, blob --smoke, demo"
+echo "== bench smoke: kvtier-bench tiers --smoke, daemon --smoke, blob --smoke, replication --smoke, demo"
 cargo build --release -q -p kvtier-bench -p kvtier-server
 smoke_dir=$(mktemp -d "${TMPDIR:-/tmp}/kvtier-smoke.XXXXXX")
 trap 'rm -rf "$smoke_dir"' EXIT
@@ -36,6 +36,27 @@ for c in ("local_tiers", "local_tiers_with_host"):
     assert r["blob_get_requests"] < bo["blob_get_requests"], (c, r)
     assert r["blob_put_requests"] == 0, (c, r)
 print("blob: ok")
+PY
+./target/release/kvtier-bench replication --smoke --json --dir "$smoke_dir/replication" | tee "$smoke_dir/replication.json"
+python3 - "$smoke_dir/replication.json" <<'PY'
+import json, sys
+v = json.load(open(sys.argv[1]))
+logical = v["fanout_logical_bytes_per_r"]
+for r in (1, 2, 3):
+    f = v["fanout"][f"r{r}"]
+    assert abs(v["bytes_to_blob_ratio"][f"r{r}"] - 1.0) <= 0.01, (r, v["bytes_to_blob_ratio"])
+    assert f["blob_put_requests"] == logical // v["block_bytes"], (r, f)
+    assert f["replica_blocks_received_counted"] * v["block_bytes"] == f["replica_bytes_moved"], (r, f)
+    assert v[f"fanout_gbps_r{r}"] > 0, (r, v)
+# R = 3 on 3 nodes: two copies leave the coordinator whatever the placement.
+assert v["fanout"]["r3"]["replica_bytes_moved"] == 2 * logical, v["fanout"]["r3"]
+c = v["checkpoint"]
+assert c["kvtier"]["restored_bytes_verified"] == c["bytes"] > 0, c
+assert c["baseline"]["restored_bytes_verified"] == c["bytes"], c
+assert c["kvtier"]["blob_put_requests"] == c["chunks"] + 1, c
+assert v["replica_copies_verified"] == 6 * logical // v["block_bytes"], v["replica_copies_verified"]
+assert v["blob_requests"]["errors"] == 0, v["blob_requests"]
+print("replication: ok")
 PY
 ./target/release/kvtier-bench demo --json --dir "$smoke_dir/demo" >/dev/null
 echo "demo: ok"

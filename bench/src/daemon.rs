@@ -49,13 +49,13 @@ fn err(msg: impl Into<String>) -> kvtier::Error {
 }
 
 /// A kvtierd process; SIGTERM and wait when dropped.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
-    endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 impl Daemon {
-    fn start(data_dir: &Path, env: &[(&str, String)]) -> kvtier::Result<Self> {
+    pub(crate) fn start(data_dir: &Path, env: &[(&str, String)]) -> kvtier::Result<Self> {
         let exe = std::env::current_exe()
             .map_err(|e| err(format!("current exe: {e}")))?
             .with_file_name("kvtierd");
@@ -119,7 +119,7 @@ impl Drop for Daemon {
 }
 
 /// One plain TCP stream on loopback moving `src` in `block`-sized writes.
-fn loopback_round(src: &[u8], block: usize) -> kvtier::Result<f64> {
+pub(crate) fn loopback_round(src: &[u8], block: usize) -> kvtier::Result<f64> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| err(format!("bind: {e}")))?;
     let addr = l.local_addr().map_err(|e| err(format!("addr: {e}")))?;
     let total = src.len();

@@ -9,6 +9,7 @@ mod buf;
 mod daemon;
 mod demo;
 mod python;
+mod replication;
 mod tiers;
 mod transfer;
 
@@ -34,6 +35,11 @@ enum Cmd {
     /// workload, and the throughput reduction with local tiers in front
     /// against blob alone, in the same run.
     Blob(blob::Args),
+    /// A 3-node kvtierd cluster writing back to Azurite: fan-out Put
+    /// throughput for R = 1, 2, 3 against raw loopback TCP, bytes to blob
+    /// per logical byte, a checkpoint's time to safety and restore against
+    /// local files copied to blob, and blob requests per node per second.
+    Replication(replication::Args),
     /// The Python binding against Rust: put/get GB/s, same store, same run.
     Python(python::Args),
     /// GPU <-> pinned host block copies through kvtier's transfer path
@@ -63,6 +69,7 @@ fn main() {
         Cmd::Tiers(a) => tiers::run(&a),
         Cmd::Daemon(a) => daemon::run(&a),
         Cmd::Blob(a) => blob::run(&a),
+        Cmd::Replication(a) => replication::run(&a),
         Cmd::Python(a) => python::run(&a),
         Cmd::Transfer(a) => transfer::run(&a),
         Cmd::Demo { dir, json } => demo::run(&dir, json),

@@ -195,12 +195,20 @@ impl pb::checkpoints_server::Checkpoints for CheckpointService {
         let r = req.into_inner();
         let (ns, store) = self.group(r.group.as_ref()).await?;
         let k = key(&r.key)?;
-        let mut got = Self::blocking(move || store.get_chunk(k)).await?;
-        if got.is_none()
-            && let Some(c) = self.fan_out(r.group.as_ref())
-        {
-            got = c.fetch_chunk(ns, k).await;
-        }
+        // Local tiers, then (in a cluster) the replicas, then blob.
+        let got = match self.fan_out(r.group.as_ref()) {
+            None => Self::blocking(move || store.get_chunk(k)).await?,
+            Some(c) => {
+                let m = self.manager.clone();
+                match Self::blocking(move || m.load_one_local(ns, k)).await? {
+                    Some(d) => Some(d),
+                    None => match c.fetch_chunk(ns, k).await {
+                        Some(d) => Some(d),
+                        None => Self::blocking(move || store.get_chunk(k)).await?,
+                    },
+                }
+            }
+        };
         let pieces: Vec<Result<pb::ChunkPiece, Status>> = match got {
             None => vec![Ok(pb::ChunkPiece {
                 found: false,

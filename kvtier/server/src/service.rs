@@ -257,13 +257,22 @@ impl KvTierService {
         let keys = Arc::new(keys);
         let b = block as usize;
         // Local tiers, then peers for the run that misses here, then local
-        // again: with R < N consecutive blocks live on different nodes.
+        // again: with R < N consecutive blocks live on different nodes. In a
+        // cluster, blob comes last: after every replica missed.
         let (mut loaded, mut failed) = (0usize, None);
+        let in_cluster = self.cluster.is_some();
+        let mut blob_pass = false;
         loop {
             let (m, ks, at) = (self.manager.clone(), keys.clone(), loaded);
+            let local_only = in_cluster && !blob_pass;
             let (r, l) = tokio::task::spawn_blocking(move || {
                 let buf = loan.buf.as_mut().expect("fresh loan");
-                let r = m.load(ns, &ks[at..], &mut buf[at * b..total]);
+                let out = &mut buf[at * b..total];
+                let r = if local_only {
+                    m.load_local(ns, &ks[at..], out)
+                } else {
+                    m.load(ns, &ks[at..], out)
+                };
                 (r, loan)
             })
             .await
@@ -276,13 +285,21 @@ impl KvTierService {
                 failed = Some(f);
                 break;
             }
-            let Some(c) = self.cluster.as_ref().filter(|_| peers && loaded < keys.len()) else {
+            if blob_pass || loaded == keys.len() {
+                break;
+            }
+            let Some(c) = self.cluster.as_ref().filter(|_| peers) else {
                 break;
             };
             let buf = loan.buf.as_mut().expect("fresh loan");
             let n = c.fetch(ns, &keys[loaded..], &mut buf[loaded * b..total], b).await;
             if n == 0 {
-                break;
+                // Every replica missed: blob, if this node has one.
+                if self.manager.blob().is_none() {
+                    break;
+                }
+                blob_pass = true;
+                continue;
             }
             // Promote: the next load of these blocks is local.
             let promoted = Bytes::copy_from_slice(&buf[loaded * b..(loaded + n) * b]);
@@ -329,10 +346,14 @@ impl KvTierService {
         let keys = convert::keys(&req.keys, MAX_KEYS)?;
         let keys = Arc::new(keys);
         let mut tiers: Vec<i32> = Vec::new();
-        // Local tiers, then peers for the run that misses here, and again.
+        // Local tiers, then peers for the run that misses here, and again;
+        // in a cluster, blob last, after every replica missed.
+        let in_cluster = self.cluster.is_some();
+        let mut blob_pass = false;
         loop {
             let at = tiers.len();
-            let l = if self.manager.blob().is_some() {
+            let with_blob = self.manager.blob().is_some() && (!in_cluster || blob_pass);
+            let l = if with_blob {
                 // Blob lookups send HEAD requests: off the async workers.
                 let (m, ks) = (self.manager.clone(), keys.clone());
                 tokio::task::spawn_blocking(move || m.lookup(ns, &ks[at..]))
@@ -340,16 +361,23 @@ impl KvTierService {
                     .map_err(|e| Status::internal(format!("lookup task: {e}")))?
             } else {
                 // Local lookups take microseconds: inline.
-                self.manager.lookup(ns, &keys[at..])
+                self.manager.lookup_local(ns, &keys[at..])
             }
             .map_err(|e| status(&e))?;
             tiers.extend(l.tiers.iter().map(|t| convert::tier(*t) as i32));
-            let Some(c) = self.cluster.as_ref().filter(|_| peers && tiers.len() < keys.len()) else {
+            if blob_pass || tiers.len() == keys.len() {
+                break;
+            }
+            let Some(c) = self.cluster.as_ref().filter(|_| peers) else {
                 break;
             };
             let n = c.lookup(ns, &keys[tiers.len()..]).await;
             if n == 0 {
-                break;
+                if self.manager.blob().is_none() {
+                    break;
+                }
+                blob_pass = true;
+                continue;
             }
             tiers.extend(std::iter::repeat_n(proto::Tier::Peer as i32, n));
         }

@@ -775,4 +775,16 @@ async fn writeback_on_the_cluster_puts_each_chunk_once_whatever_r() {
     }
     // Distinct blocks, not R times them.
     assert_eq!(puts, 40 + 30 + chunks, "blob PUTs across the cluster");
+    // Reads go local tiers, then replica peers, then blob: a's misses of
+    // R = 2 blocks are served by peers, never by blob.
+    let before = a.stats_reply().await.unwrap().blob.unwrap();
+    let got = a.get(ns2, &keys(ns2, 0..30)).await.unwrap();
+    assert_eq!(got.loaded, 30);
+    assert!(got.data == data(ns2, 0..30));
+    let after = a.stats_reply().await.unwrap().blob.unwrap();
+    assert_eq!(
+        (after.get_requests, after.head_requests),
+        (before.get_requests, before.head_requests),
+        "blob was asked before the replicas"
+    );
 }

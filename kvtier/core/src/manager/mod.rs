@@ -517,6 +517,16 @@ impl BlockManager {
 
     /// The longest present prefix of `keys` and the tier of each block.
     pub fn lookup(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Lookup> {
+        self.lookup_with(ns, keys, true)
+    }
+
+    /// [`BlockManager::lookup`] in the host and disk tiers only (a cluster
+    /// asks its peers before blob).
+    pub fn lookup_local(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Lookup> {
+        self.lookup_with(ns, keys, false)
+    }
+
+    fn lookup_with(&self, ns: NamespaceId, keys: &[BlockKey], use_blob: bool) -> Result<Lookup> {
         let block = self.block_bytes(ns)? as usize;
         let mut tiers = Vec::new();
         'keys: for k in keys {
@@ -528,7 +538,7 @@ impl BlockManager {
             }
             break;
         }
-        if let Some(blob) = &self.shared.blob
+        if let Some(blob) = self.shared.blob.as_ref().filter(|_| use_blob)
             && tiers.len() < keys.len()
         {
             let n = blob.present_prefix(ns, &keys[tiers.len()..], block);
@@ -681,10 +691,10 @@ impl BlockManager {
     /// verified) into the lease.
     pub fn lease(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Lease> {
         let block = self.block_bytes(ns)? as usize;
-        self.lease_sized(ns, keys, Expect::Exact(block))
+        self.lease_sized(ns, keys, Expect::Exact(block), true)
     }
 
-    fn lease_sized(&self, ns: NamespaceId, keys: &[BlockKey], block: Expect) -> Result<Lease> {
+    fn lease_sized(&self, ns: NamespaceId, keys: &[BlockKey], block: Expect, use_blob: bool) -> Result<Lease> {
         let mut blocks = Vec::new();
         let mut foreign = false;
         'keys: for k in keys {
@@ -702,7 +712,7 @@ impl BlockManager {
             }
             break;
         }
-        if let Some(blob) = &self.shared.blob
+        if let Some(blob) = self.shared.blob.as_ref().filter(|_| use_blob)
             && !foreign
             && blocks.len() < keys.len()
         {
@@ -845,8 +855,18 @@ impl BlockManager {
     /// misses; a present block that fails verification stops the load and is
     /// reported in [`LoadOutcome::failed`], never served.
     pub fn load(&self, ns: NamespaceId, keys: &[BlockKey], out: &mut [u8]) -> Result<LoadOutcome> {
+        self.load_with(ns, keys, out, true)
+    }
+
+    /// [`BlockManager::load`] from the host and disk tiers only (a cluster
+    /// asks its peers before blob).
+    pub fn load_local(&self, ns: NamespaceId, keys: &[BlockKey], out: &mut [u8]) -> Result<LoadOutcome> {
+        self.load_with(ns, keys, out, false)
+    }
+
+    fn load_with(&self, ns: NamespaceId, keys: &[BlockKey], out: &mut [u8], use_blob: bool) -> Result<LoadOutcome> {
         let block = self.check(ns, keys, out.len(), "load")?;
-        let lease = self.lease(ns, keys)?;
+        let lease = self.lease_sized(ns, keys, Expect::Exact(block), use_blob)?;
         let n = lease.len();
         let res = self.load_leased(&lease, &mut out[..n * block])?;
         let missed = (keys.len() - n) as u64;
@@ -863,8 +883,17 @@ impl BlockManager {
     /// `None` on a miss. Corrupt bytes are an error
     /// ([`ErrorKind::ChecksumMismatch`]), never data.
     pub fn load_one(&self, ns: NamespaceId, key: BlockKey) -> Result<Option<Vec<u8>>> {
+        self.load_one_with(ns, key, true)
+    }
+
+    /// [`BlockManager::load_one`] from the host and disk tiers only.
+    pub fn load_one_local(&self, ns: NamespaceId, key: BlockKey) -> Result<Option<Vec<u8>>> {
+        self.load_one_with(ns, key, false)
+    }
+
+    fn load_one_with(&self, ns: NamespaceId, key: BlockKey, use_blob: bool) -> Result<Option<Vec<u8>>> {
         let max = self.block_bytes(ns)? as usize;
-        let lease = self.lease_sized(ns, &[key], Expect::AtMost(max))?;
+        let lease = self.lease_sized(ns, &[key], Expect::AtMost(max), use_blob)?;
         let sh = &self.shared;
         add(&sh.counters.loads, 1);
         let Some((k, tier, pin)) = lease.blocks.first() else {

@@ -166,7 +166,7 @@ impl proto::peer_server::Peer for PeerService {
             let ns = convert::namespace_id(&req.namespace_id)?;
             let key = convert::keys(std::slice::from_ref(&req.key), 1)?[0];
             let m = self.cluster.manager.clone();
-            let got = tokio::task::spawn_blocking(move || m.load_one(ns, key))
+            let got = tokio::task::spawn_blocking(move || m.load_one_local(ns, key))
                 .await
                 .map_err(|e| Status::internal(format!("load task: {e}")))?
                 .map_err(|e| convert::status(&e))?;
