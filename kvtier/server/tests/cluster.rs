@@ -4,17 +4,15 @@
 
 mod common;
 
-use bytes::Bytes;
-use common::{Daemon, content, free_ports, key, namespace};
+use common::{Daemon, cluster_stats, content, data, eventually, free_ports, key, keys, liveness, namespace};
 use kvtier::replication::placement::{self, Member, NodeId};
 use kvtier::{BlockKey, NamespaceId};
 use kvtier_server::client::{Client, SharedRegion};
 use kvtier_server::proto;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-const BLOCK: usize = 4096;
+const BLOCK: usize = common::CLUSTER_BLOCK;
 const IDS: [&str; 4] = ["a", "b", "c", "d"];
 
 /// One node: its id, port and data dir, and the process while it runs.
@@ -150,43 +148,6 @@ impl Cluster {
     fn index(&self, id: &NodeId) -> usize {
         IDS.iter().position(|n| *n == id.0).unwrap()
     }
-}
-
-/// Polls `check` every 20 ms until it answers true, for at most `secs`.
-async fn eventually<F, Fut>(what: &str, secs: u64, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn cluster_stats(c: &Client) -> proto::ClusterStats {
-    c.stats_reply().await.unwrap().cluster.expect("a cluster member")
-}
-
-async fn liveness(c: &Client, id: &str) -> String {
-    let s = cluster_stats(c).await;
-    s.members.into_iter().find(|m| m.id == id).unwrap().liveness
-}
-
-fn keys(ns: NamespaceId, range: std::ops::Range<u64>) -> Vec<BlockKey> {
-    range.map(|i| key(ns, i)).collect()
-}
-
-fn data(ns: NamespaceId, range: std::ops::Range<u64>) -> Bytes {
-    let mut b = Vec::new();
-    for i in range {
-        b.extend_from_slice(&content(ns, i, BLOCK));
-    }
-    Bytes::from(b)
 }
 
 /// Whether node `c` holds `k` in its own tiers, with the right bytes.

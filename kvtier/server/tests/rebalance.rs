@@ -4,18 +4,16 @@
 
 mod common;
 
-use bytes::Bytes;
-use common::{Daemon, content, free_ports, key};
+use common::{Daemon, cluster_stats, content, data, eventually, free_ports, key, keys, liveness};
 use kvtier::replication::placement::{self, Member, NodeId};
 use kvtier::{BlockKey, NamespaceId};
 use kvtier_server::client::Client;
-use kvtier_server::proto;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-const BLOCK: usize = 4096;
+const BLOCK: usize = common::CLUSTER_BLOCK;
 
 /// One node: its id, port, data dir and config, and the process while it
 /// runs.
@@ -143,43 +141,6 @@ impl Nodes {
         })
         .await;
     }
-}
-
-/// Polls `check` every 20 ms until it answers true, for at most `secs`.
-async fn eventually<F, Fut>(what: &str, secs: u64, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn cluster_stats(c: &Client) -> proto::ClusterStats {
-    c.stats_reply().await.unwrap().cluster.expect("a cluster member")
-}
-
-async fn liveness(c: &Client, id: &str) -> String {
-    let s = cluster_stats(c).await;
-    s.members.into_iter().find(|m| m.id == id).unwrap().liveness
-}
-
-fn keys(ns: NamespaceId, range: std::ops::Range<u64>) -> Vec<BlockKey> {
-    range.map(|i| key(ns, i)).collect()
-}
-
-fn data(ns: NamespaceId, range: std::ops::Range<u64>) -> Bytes {
-    let mut b = Vec::new();
-    for i in range {
-        b.extend_from_slice(&content(ns, i, BLOCK));
-    }
-    Bytes::from(b)
 }
 
 /// Which of blocks `range` node `c` holds in its own tiers, those it holds

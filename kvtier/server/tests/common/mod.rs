@@ -310,3 +310,47 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .map(|l| l.local_addr().expect("local address").port())
         .collect()
 }
+
+/// Block size of the cluster tests' namespaces.
+pub const CLUSTER_BLOCK: usize = 4096;
+
+/// Polls `check` every 20 ms until it answers true, for at most `secs`.
+pub async fn eventually<F, Fut>(what: &str, secs: u64, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A cluster member's view, from its Stats.
+pub async fn cluster_stats(c: &Client) -> kvtier_server::proto::ClusterStats {
+    c.stats_reply().await.unwrap().cluster.expect("a cluster member")
+}
+
+/// How member `c` sees member `id`.
+pub async fn liveness(c: &Client, id: &str) -> String {
+    let s = cluster_stats(c).await;
+    s.members.into_iter().find(|m| m.id == id).unwrap().liveness
+}
+
+/// Keys `range` of `ns`.
+pub fn keys(ns: NamespaceId, range: std::ops::Range<u64>) -> Vec<BlockKey> {
+    range.map(|i| key(ns, i)).collect()
+}
+
+/// The contents of blocks `range` of `ns`, [`CLUSTER_BLOCK`] bytes each.
+pub fn data(ns: NamespaceId, range: std::ops::Range<u64>) -> bytes::Bytes {
+    let mut b = Vec::new();
+    for i in range {
+        b.extend_from_slice(&content(ns, i, CLUSTER_BLOCK));
+    }
+    bytes::Bytes::from(b)
+}
