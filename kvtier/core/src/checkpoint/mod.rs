@@ -32,6 +32,9 @@ use crate::manager::BlockManager;
 /// Default largest chunk: 32 MiB.
 pub const DEFAULT_CHUNK_BYTES: u32 = 32 << 20;
 
+/// Chunks a put or a restore has in flight at most.
+pub const CHUNKS_IN_FLIGHT: usize = 4;
+
 /// Where chunks and manifests are kept, and which checkpoint names exist.
 pub trait ChunkStore: Send + Sync {
     /// Stores a chunk (any length up to the store's largest); answers
@@ -167,9 +170,8 @@ impl<S: ChunkStore> Checkpoints<S> {
             ));
         }
         let mut entries = Vec::with_capacity(files.len());
-        let mut buf = vec![0u8; self.chunk_bytes as usize];
         for (path, src) in files {
-            entries.push(self.put_file(path, src, &mut buf)?);
+            entries.push(self.put_file(path, src)?);
         }
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         let m = Manifest {
@@ -204,29 +206,67 @@ impl<S: ChunkStore> Checkpoints<S> {
         self.put(name, &files)
     }
 
-    fn put_file(&self, path: &str, src: &Path, buf: &mut [u8]) -> Result<FileEntry> {
+    /// Stores one file's chunks: this thread reads and hashes, up to
+    /// [`CHUNKS_IN_FLIGHT`] workers store, so reading, hashing and the
+    /// store's round trips overlap.
+    fn put_file(&self, path: &str, src: &Path) -> Result<FileEntry> {
         let mut f = std::fs::File::open(src).map_err(|e| Error::io(format!("open {}", src.display()), e))?;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let mut chunks = Vec::new();
         let mut size = 0u64;
-        loop {
-            let n = read_full(&mut f, buf).map_err(|e| Error::io(format!("read {}", src.display()), e))?;
-            if n == 0 {
-                break;
+        let chunk = self.chunk_bytes as usize;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(BlockKey, Vec<u8>)>(CHUNKS_IN_FLIGHT);
+        let rx = Mutex::new(rx);
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        let read = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..CHUNKS_IN_FLIGHT)
+                .map(|_| {
+                    scope.spawn(|| {
+                        loop {
+                            let job = rx.lock().recv();
+                            let Ok((key, data)) = job else { return };
+                            if failure.lock().is_some() {
+                                continue;
+                            }
+                            if let Err(e) = self.store.put_chunk(key, &data) {
+                                failure.lock().get_or_insert(e);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let read = (|| {
+                loop {
+                    let mut buf = vec![0u8; chunk];
+                    let n = read_full(&mut f, &mut buf).map_err(|e| Error::io(format!("read {}", src.display()), e))?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    buf.truncate(n);
+                    hasher.update(&buf);
+                    let key = chunk_key(self.ns, &buf);
+                    chunks.push(ChunkRef {
+                        key: key.0,
+                        len: n as u32,
+                    });
+                    size += n as u64;
+                    let last = n < chunk;
+                    if failure.lock().is_some() || tx.send((key, buf)).is_err() {
+                        return Ok(());
+                    }
+                    if last {
+                        return Ok(());
+                    }
+                }
+            })();
+            drop(tx);
+            for w in workers {
+                w.join().expect("a chunk worker panicked");
             }
-            let data = &buf[..n];
-            hasher.update(data);
-            let key = chunk_key(self.ns, data);
-            self.store.put_chunk(key, data)?;
-            chunks.push(ChunkRef {
-                key: key.0,
-                len: n as u32,
-            });
-            size += n as u64;
-            if n < buf.len() {
-                break;
-            }
-        }
+            read
+        });
+        read?;
+        failure.into_inner().map_or(Ok(()), Err)?;
         Ok(FileEntry {
             path: path.to_string(),
             size,
@@ -263,9 +303,26 @@ impl<S: ChunkStore> Checkpoints<S> {
         let result = (|| {
             let mut hasher = xxhash_rust::xxh3::Xxh3::new();
             let mut size = 0u64;
+            // Fetch a window of chunks at once, write them in order.
+            let mut window: Vec<Result<Option<Vec<u8>>>> = Vec::new();
             for (i, c) in f.chunks.iter().enumerate() {
                 let key = BlockKey(c.key);
-                let data = self.store.get_chunk(key)?.ok_or_else(|| {
+                if i % CHUNKS_IN_FLIGHT == 0 {
+                    let end = (i + CHUNKS_IN_FLIGHT).min(f.chunks.len());
+                    window = std::thread::scope(|scope| {
+                        let fetches: Vec<_> = f.chunks[i..end]
+                            .iter()
+                            .map(|c| scope.spawn(move || self.store.get_chunk(BlockKey(c.key))))
+                            .collect();
+                        fetches
+                            .into_iter()
+                            .map(|h| h.join().expect("a chunk fetch panicked"))
+                            .collect()
+                    });
+                    window.reverse();
+                }
+                let got = window.pop().expect("a fetch per chunk of the window");
+                let data = got?.ok_or_else(|| {
                     Error::new(
                         ErrorKind::NotFound,
                         format!("checkpoint {name:?} file {:?}: chunk {i} ({key}) is in no tier", f.path),

@@ -138,11 +138,61 @@ fn a_writer_that_dies_before_its_manifest_leaves_no_checkpoint() {
     let src = d.path().join("src");
     tree(&src);
     // Chunks stored, manifest never written: what a crash midway leaves.
-    let mut buf = vec![0u8; CHUNK as usize];
-    c.put_file("model/shard-0.bin", &src.join("model/shard-0.bin"), &mut buf)
-        .unwrap();
+    c.put_file("model/shard-0.bin", &src.join("model/shard-0.bin")).unwrap();
     assert!(c.list().unwrap().is_empty());
     assert!(c.manifest("s").unwrap().is_none());
     // The name is free: the real put goes through.
     c.put_dir("s", &src).unwrap();
+}
+
+/// A real store that refuses chunk puts after the first `ok`.
+struct FailingAfter {
+    inner: LocalChunks,
+    ok: std::sync::atomic::AtomicUsize,
+}
+
+impl ChunkStore for FailingAfter {
+    fn put_chunk(&self, key: BlockKey, data: &[u8]) -> Result<bool> {
+        let left = self.ok.load(std::sync::atomic::Ordering::SeqCst);
+        if left == 0 {
+            return Err(Error::new(ErrorKind::NoSpace, "injected: the store is full"));
+        }
+        self.ok.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.put_chunk(key, data)
+    }
+    fn get_chunk(&self, key: BlockKey) -> Result<Option<Vec<u8>>> {
+        self.inner.get_chunk(key)
+    }
+    fn remove_chunk(&self, key: BlockKey) -> Result<()> {
+        self.inner.remove_chunk(key)
+    }
+    fn names(&self) -> Result<Vec<String>> {
+        self.inner.names()
+    }
+    fn add_name(&self, name: &str) -> Result<()> {
+        self.inner.add_name(name)
+    }
+    fn remove_name(&self, name: &str) -> Result<()> {
+        self.inner.remove_name(name)
+    }
+}
+
+#[test]
+fn a_chunk_that_cannot_be_stored_fails_the_put_and_commits_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let Checkpoints { store, ns, chunk_bytes } = setup(d.path());
+    let c = Checkpoints::new(
+        FailingAfter {
+            inner: store,
+            ok: std::sync::atomic::AtomicUsize::new(3),
+        },
+        ns,
+        chunk_bytes,
+    );
+    let src = d.path().join("src");
+    tree(&src);
+    let e = c.put_dir("s", &src).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+    assert!(c.manifest("s").unwrap().is_none());
+    assert!(c.list().unwrap().is_empty());
 }
