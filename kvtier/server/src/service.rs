@@ -515,6 +515,12 @@ impl proto::kv_tier_server::KvTier for KvTierService {
             let req = req.into_inner();
             let ns = convert::namespace_id(&req.namespace_id)?;
             let keys = convert::keys(&req.keys, MAX_KEYS)?;
+            self.block_bytes(ns)?;
+            if let Some(c) = &self.cluster {
+                // Every member's copies, not only this node's.
+                let n = c.delete_everywhere(ns, &keys).await?;
+                return Ok(proto::DeleteResponse { removed: n as u32 });
+            }
             let m = self.manager.clone();
             let n = tokio::task::spawn_blocking(move || m.remove(ns, &keys))
                 .await

@@ -749,3 +749,22 @@ async fn writeback_on_the_cluster_puts_each_chunk_once_whatever_r() {
         "blob was asked before the replicas"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_through_one_node_removes_every_replica() {
+    let c = Cluster::start(3);
+    c.all_up().await;
+    let a = c.client(0).await;
+    let ns = namespace("delete-r3", BLOCK);
+    a.register_replicated(&ns, Some(3), None).await.unwrap();
+    let ns = ns.id();
+    a.put(ns, &keys(ns, 0..8), data(ns, 0..8)).await.unwrap();
+    let b = c.client(1).await;
+    assert_eq!(b.delete(ns, &keys(ns, 0..4)).await.unwrap(), 4);
+    for i in 0..3 {
+        let n = c.client(i).await;
+        for k in 0..8 {
+            assert_eq!(holds(&n, ns, k).await, k >= 4, "node {i} block {k}");
+        }
+    }
+}
