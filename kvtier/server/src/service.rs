@@ -245,39 +245,40 @@ impl KvTierService {
         })
     }
 
-    /// Loads the leading present blocks: from the local tiers, then (with
-    /// `peers`, in a cluster) from peers, promoting what they send into the
-    /// local tiers. Answers the stream and the blocks it carries.
-    pub(crate) async fn get_inner(&self, req: proto::GetRequest, peers: bool) -> Result<(GetStream, usize), Status> {
-        let ns = convert::namespace_id(&req.namespace_id)?;
-        let block = self.block_bytes(ns)?;
-        let keys = convert::keys(&req.keys, MAX_KEYS)?;
-        let total = (keys.len() as u64 * block) as usize;
-        let mut loan = self.admit("get", keys.len(), block).await?;
-        let keys = Arc::new(keys);
-        let b = block as usize;
-        // Local tiers, then peers for the run that misses here, then local
-        // again: with R < N consecutive blocks live on different nodes. In a
-        // cluster, blob comes last: after every replica missed.
+    /// Loads the leading present `keys` of `ns` (`b` bytes each) into the
+    /// buffer `owner` holds (`buf` gives it: exactly `keys.len()` blocks):
+    /// local tiers, then (with `peers`, in a cluster) peers for the run that
+    /// misses here, then local again, since with R < N consecutive blocks
+    /// live on different nodes. In a cluster blob comes last, after every
+    /// replica missed. Blocks from peers are promoted into the local tiers.
+    async fn load_across<B: Send + 'static>(
+        &self,
+        ns: NamespaceId,
+        keys: Arc<Vec<kvtier::BlockKey>>,
+        b: usize,
+        mut owner: B,
+        buf: fn(&mut B) -> &mut [u8],
+        peers: bool,
+    ) -> Result<(kvtier::manager::LoadOutcome, B), Status> {
+        let total = keys.len() * b;
         let (mut loaded, mut failed) = (0usize, None);
         let in_cluster = self.cluster.is_some();
         let mut blob_pass = false;
         loop {
             let (m, ks, at) = (self.manager.clone(), keys.clone(), loaded);
             let local_only = in_cluster && !blob_pass;
-            let (r, l) = tokio::task::spawn_blocking(move || {
-                let buf = loan.buf.as_mut().expect("fresh loan");
-                let out = &mut buf[at * b..total];
+            let (r, o) = tokio::task::spawn_blocking(move || {
+                let out = &mut buf(&mut owner)[at * b..total];
                 let r = if local_only {
                     m.load_local(ns, &ks[at..], out)
                 } else {
                     m.load(ns, &ks[at..], out)
                 };
-                (r, loan)
+                (r, owner)
             })
             .await
             .map_err(|e| Status::internal(format!("load task: {e}")))?;
-            loan = l;
+            owner = o;
             let out = r.map_err(|e| status(&e))?;
             loaded += out.loaded;
             if let Some(mut f) = out.failed {
@@ -291,8 +292,8 @@ impl KvTierService {
             let Some(c) = self.cluster.as_ref().filter(|_| peers) else {
                 break;
             };
-            let buf = loan.buf.as_mut().expect("fresh loan");
-            let n = c.fetch(ns, &keys[loaded..], &mut buf[loaded * b..total], b).await;
+            let bytes = buf(&mut owner);
+            let n = c.fetch(ns, &keys[loaded..], &mut bytes[loaded * b..total], b).await;
             if n == 0 {
                 // Every replica missed: blob, if this node has one.
                 if self.manager.blob().is_none() {
@@ -302,7 +303,7 @@ impl KvTierService {
                 continue;
             }
             // Promote: the next load of these blocks is local.
-            let promoted = Bytes::copy_from_slice(&buf[loaded * b..(loaded + n) * b]);
+            let promoted = Bytes::copy_from_slice(&bytes[loaded * b..(loaded + n) * b]);
             let got = keys[loaded..loaded + n].to_vec();
             let m = self.manager.clone();
             tokio::task::spawn_blocking(move || {
@@ -312,7 +313,28 @@ impl KvTierService {
             });
             loaded += n;
         }
-        let out = kvtier::manager::LoadOutcome { loaded, failed };
+        Ok((kvtier::manager::LoadOutcome { loaded, failed }, owner))
+    }
+
+    /// Loads the leading present blocks: from the local tiers, then (with
+    /// `peers`, in a cluster) from peers, promoting what they send into the
+    /// local tiers. Answers the stream and the blocks it carries.
+    pub(crate) async fn get_inner(&self, req: proto::GetRequest, peers: bool) -> Result<(GetStream, usize), Status> {
+        let ns = convert::namespace_id(&req.namespace_id)?;
+        let block = self.block_bytes(ns)?;
+        let keys = convert::keys(&req.keys, MAX_KEYS)?;
+        let loan = self.admit("get", keys.len(), block).await?;
+        let keys = Arc::new(keys);
+        let (out, loan) = self
+            .load_across(
+                ns,
+                keys,
+                block as usize,
+                loan,
+                |l| l.buf.as_mut().expect("fresh loan"),
+                peers,
+            )
+            .await?;
         let header = proto::GetHeader {
             loaded: out.loaded as u32,
             block_bytes: block,
@@ -604,49 +626,10 @@ impl proto::kv_tier_server::KvTier for KvTierService {
             let mut job = self.region_request(&req.into_inner(), true)?;
             let block = job.block;
             let b = block as usize;
-            let n = job.keys.len();
-            // As Get: local tiers, then peers for the run that misses here.
-            let (mut loaded, mut failed) = (0usize, None);
-            loop {
-                let (m, at) = (self.manager.clone(), loaded);
-                let (r, j) = tokio::task::spawn_blocking(move || {
-                    let r = m.load(job.ns, &job.keys[at..], &mut job.borrow.bytes_mut()[at * b..]);
-                    (r, job)
-                })
-                .await
-                .map_err(|e| Status::internal(format!("load task: {e}")))?;
-                job = j;
-                let out = r.map_err(|e| status(&e))?;
-                loaded += out.loaded;
-                if let Some(mut f) = out.failed {
-                    f.index += at;
-                    failed = Some(f);
-                    break;
-                }
-                let Some(c) = self.cluster.as_ref().filter(|_| loaded < n) else {
-                    break;
-                };
-                let got = c
-                    .fetch(
-                        job.ns,
-                        &job.keys[loaded..],
-                        &mut job.borrow.bytes_mut()[loaded * b..],
-                        b,
-                    )
-                    .await;
-                if got == 0 {
-                    break;
-                }
-                let promoted = Bytes::copy_from_slice(&job.borrow.bytes()[loaded * b..(loaded + got) * b]);
-                let (m, ns, keys) = (self.manager.clone(), job.ns, job.keys[loaded..loaded + got].to_vec());
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = m.store(ns, &keys, &promoted) {
-                        tracing::debug!("promote peer blocks: {e}");
-                    }
-                });
-                loaded += got;
-            }
-            let out = kvtier::manager::LoadOutcome { loaded, failed };
+            let keys = Arc::new(std::mem::take(&mut job.keys));
+            let (out, _job) = self
+                .load_across(job.ns, keys, b, job, |j| j.borrow.bytes_mut(), true)
+                .await?;
             Ok(proto::GetHeader {
                 loaded: out.loaded as u32,
                 block_bytes: block,
