@@ -50,7 +50,7 @@ pub mod tier;
 pub mod transfer;
 
 pub use block::{BlockKey, Namespace, NamespaceId, SequenceHasher};
-pub use buf::AlignedBuf;
+pub use buf::{AlignedBuf, Recycled, Recycler};
 pub use error::{Error, ErrorKind, Result};
 pub use manager::{BlockManager, ManagerConfig};
 pub use tier::{Tier, TierKind};

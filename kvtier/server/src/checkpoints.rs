@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use kvtier::checkpoint::{ChunkStore, LocalChunks, validate_name};
-use kvtier::{BlockKey, BlockManager, Error, ErrorKind, Namespace, NamespaceId};
+use kvtier::{BlockKey, BlockManager, Error, ErrorKind, Namespace, NamespaceId, Recycler};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
@@ -73,6 +73,8 @@ pub struct CheckpointService {
     cluster: Option<Arc<Cluster>>,
     dir: PathBuf,
     groups: Mutex<HashMap<(String, u32), Arc<LocalChunks>>>,
+    /// Aligned buffers for incoming chunks, by chunk size.
+    buffers: Mutex<HashMap<usize, Recycler>>,
 }
 
 impl CheckpointService {
@@ -90,7 +92,18 @@ impl CheckpointService {
             cluster,
             dir: data_dir.join("checkpoints"),
             groups: Mutex::new(HashMap::new()),
+            buffers: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Buffers for chunks of at most `chunk_bytes`: as many kept idle as a
+    /// client has chunks in flight.
+    fn recycler(&self, chunk_bytes: usize) -> Recycler {
+        self.buffers
+            .lock()
+            .entry(chunk_bytes)
+            .or_insert_with(|| Recycler::new(chunk_bytes, kvtier::checkpoint::CHUNKS_IN_FLIGHT))
+            .clone()
     }
 
     /// The cluster, unless the request is a member's local-only call.
@@ -168,23 +181,56 @@ impl pb::checkpoints_server::Checkpoints for CheckpointService {
         let (ns, store) = self.group(first.group.as_ref()).await?;
         let max = first.group.as_ref().map_or(0, |g| g.chunk_bytes) as usize;
         let k = key(&first.key)?;
-        let mut data = Vec::with_capacity(first.data.len());
-        data.extend_from_slice(&first.data);
-        while let Some(piece) = s.next().await {
-            let piece = piece?;
-            if data.len() + piece.data.len() > max {
+        if first.chunk_len > max as u64 {
+            return Err(Status::invalid_argument(format!(
+                "chunk {k}: {} bytes exceed the group's chunk_bytes ({max})",
+                first.chunk_len
+            )));
+        }
+        // Assembled in a page-aligned buffer: the SSD write then needs no
+        // staging copy. Clients that do not say the length get a Vec.
+        let mut buf = (first.chunk_len > 0).then(|| {
+            let mut b = self.recycler(max).take();
+            b.set_len(0);
+            b
+        });
+        let mut vec = Vec::new();
+        let limit = if buf.is_some() { first.chunk_len as usize } else { max };
+        let mut len = 0usize;
+        let mut next = Some(first.data);
+        while let Some(d) = next {
+            if len + d.len() > limit {
                 return Err(Status::invalid_argument(format!(
-                    "chunk {k} exceeds the group's chunk_bytes ({max})"
+                    "chunk {k} exceeds its announced length ({}) or the group's chunk_bytes ({max})",
+                    first.chunk_len
                 )));
             }
-            data.extend_from_slice(&piece.data);
+            match &mut buf {
+                Some(b) => b.whole_mut()[len..len + d.len()].copy_from_slice(&d),
+                None => vec.extend_from_slice(&d),
+            }
+            len += d.len();
+            next = s.next().await.transpose()?.map(|p| p.data);
         }
-        if data.is_empty() {
+        if len == 0 {
             return Err(Status::invalid_argument(format!("chunk {k} is empty")));
         }
+        let data = match buf {
+            Some(mut b) => {
+                if len != first.chunk_len as usize {
+                    return Err(Status::invalid_argument(format!(
+                        "chunk {k}: {len} bytes arrived of the {} announced",
+                        first.chunk_len
+                    )));
+                }
+                b.set_len(len);
+                b.into_bytes()
+            }
+            None => Bytes::from(vec),
+        };
         let stored = match self.fan_out(first.group.as_ref()) {
-            Some(c) => c.write(ns, &[k], Bytes::from(data), max).await?.stored == 1,
-            None => Self::blocking(move || store.put_chunk(k, &data)).await?,
+            Some(c) => c.write(ns, &[k], data, max).await?.stored == 1,
+            None => Self::blocking(move || store.put_chunk(k, data)).await?,
         };
         Ok(Response::new(pb::PutChunkReply { stored }))
     }
@@ -200,10 +246,10 @@ impl pb::checkpoints_server::Checkpoints for CheckpointService {
             None => Self::blocking(move || store.get_chunk(k)).await?,
             Some(c) => {
                 let m = self.manager.clone();
-                match Self::blocking(move || m.load_one_local(ns, k)).await? {
+                match Self::blocking(move || m.load_chunk_local(ns, k)).await? {
                     Some(d) => Some(d),
                     None => match c.fetch_chunk(ns, k).await {
-                        Some(d) => Some(d),
+                        Some(d) => Some(Bytes::from(d)),
                         None => Self::blocking(move || store.get_chunk(k)).await?,
                     },
                 }
@@ -215,7 +261,6 @@ impl pb::checkpoints_server::Checkpoints for CheckpointService {
                 data: Bytes::new(),
             })],
             Some(d) => {
-                let d = Bytes::from(d);
                 let mut v: Vec<_> = (0..d.len())
                     .step_by(crate::CHUNK_BYTES)
                     .map(|o| {
@@ -296,6 +341,9 @@ pub struct RemoteChunks {
     client: CheckpointsClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>,
     group: pb::Group,
     rt: tokio::runtime::Handle,
+    /// Aligned buffers the chunks are read into (a restore writes them
+    /// with O_DIRECT).
+    buffers: Recycler,
 }
 
 fn remote_err(s: Status) -> Error {
@@ -326,6 +374,7 @@ impl RemoteChunks {
                 local: false,
             },
             rt,
+            buffers: Recycler::new(chunk_bytes as usize, 2 * kvtier::checkpoint::CHUNKS_IN_FLIGHT),
         }
     }
 
@@ -343,8 +392,7 @@ impl RemoteChunks {
 }
 
 impl ChunkStore for RemoteChunks {
-    fn put_chunk(&self, key: BlockKey, data: &[u8]) -> kvtier::Result<bool> {
-        let data = Bytes::copy_from_slice(data);
+    fn put_chunk(&self, key: BlockKey, data: Bytes) -> kvtier::Result<bool> {
         let mut pieces = Vec::new();
         for (i, o) in (0..data.len().max(1)).step_by(crate::CHUNK_BYTES).enumerate() {
             pieces.push(pb::ChunkWrite {
@@ -355,6 +403,7 @@ impl ChunkStore for RemoteChunks {
                     Bytes::new()
                 },
                 data: data.slice(o..(o + crate::CHUNK_BYTES).min(data.len())),
+                chunk_len: if i == 0 { data.len() as u64 } else { 0 },
             });
         }
         let mut c = self.client.clone();
@@ -366,20 +415,30 @@ impl ChunkStore for RemoteChunks {
         })
     }
 
-    fn get_chunk(&self, key: BlockKey) -> kvtier::Result<Option<Vec<u8>>> {
+    fn get_chunk(&self, key: BlockKey) -> kvtier::Result<Option<Bytes>> {
         let mut c = self.client.clone();
         let req = self.chunk_ref(key);
+        let mut buf = self.buffers.take();
         self.rt.block_on(async move {
             let mut s = c.get_chunk(req).await.map_err(remote_err)?.into_inner();
-            let mut out = Vec::new();
+            let mut len = 0;
             while let Some(p) = s.next().await {
                 let p = p.map_err(remote_err)?;
                 if !p.found {
                     return Ok(None);
                 }
-                out.extend_from_slice(&p.data);
+                let end = len + p.data.len();
+                if end > buf.len() {
+                    return Err(Error::new(
+                        ErrorKind::ChecksumMismatch,
+                        format!("kvtierd sent more than a chunk ({} bytes) for {key}", buf.len()),
+                    ));
+                }
+                buf.whole_mut()[len..end].copy_from_slice(&p.data);
+                len = end;
             }
-            Ok(Some(out))
+            buf.set_len(len);
+            Ok(Some(buf.into_bytes()))
         })
     }
 

@@ -677,4 +677,15 @@ impl Client {
     pub async fn leave(&self, req: proto::LeaveRequest) -> Result<proto::MembershipResponse, Status> {
         Ok(self.peer.clone().leave(req).await?.into_inner())
     }
+
+    /// The member list of this node, with its epoch and digest; with
+    /// `offer`, the node first adopts that list if it is newer.
+    pub async fn members(&self, offer: Option<proto::MemberList>) -> Result<proto::MemberList, Status> {
+        Ok(self
+            .peer
+            .clone()
+            .members(proto::MembersRequest { offer })
+            .await?
+            .into_inner())
+    }
 }

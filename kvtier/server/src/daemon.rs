@@ -180,10 +180,10 @@ pub async fn run(
         grpc,
         metrics: metrics_task.as_ref().map(|m| m.0),
     });
-    let heartbeats = cluster.as_ref().map(|c| {
+    if let Some(c) = &cluster {
         tracing::info!(node = %c.me(), members = c.size(), epoch = c.epoch(), "cluster member serving");
-        tokio::spawn(c.clone().heartbeats())
-    });
+        c.start();
+    }
 
     // Stop accepting when told; give in-flight requests a bounded time.
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
@@ -209,10 +209,12 @@ pub async fn run(
     if let Some((_, t)) = metrics_task {
         t.abort();
     }
-    if let Some(h) = heartbeats {
-        h.abort();
+    // The cluster's background tasks (heartbeats, hint delivery, resync,
+    // rebalancing) hold the cluster and so the manager: stop them all,
+    // then let it go.
+    if let Some(c) = &cluster {
+        c.shutdown().await;
     }
-    // The cluster's tasks hold the manager too: let it go.
     drop(cluster);
     served.map_err(|e| format!("serve: {e}"))?;
     // Writes acknowledged to clients are on disk (SSD-only) or queued for

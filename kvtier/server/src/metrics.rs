@@ -42,6 +42,7 @@ pub const RPCS: &[&str] = &[
     "ReplicaHas",
     "Join",
     "Leave",
+    "Members",
 ];
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -465,7 +466,23 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
         "# HELP kvtier_cluster_hints_pending Hinted blocks held for a down replica (cluster only).\n# TYPE kvtier_cluster_hints_pending gauge\nkvtier_cluster_hints_pending {}",
         c.hints_pending
     );
-    let counters: [(&str, &str, u64); 10] = [
+    let _ = writeln!(
+        o,
+        "# HELP kvtier_cluster_member_out_of_sync_keys Keys known missing on a member: copies held here for it (hints), from writes while it was down or that failed on it (cluster only).\n# TYPE kvtier_cluster_member_out_of_sync_keys gauge"
+    );
+    for m in &c.members {
+        let _ = writeln!(
+            o,
+            "kvtier_cluster_member_out_of_sync_keys{{member=\"{}\"}} {}",
+            m.id, m.out_of_sync_keys
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP kvtier_cluster_members_epoch The member list's epoch: equal on nodes that saw the same joins and leaves (cluster only).\n# TYPE kvtier_cluster_members_epoch gauge\nkvtier_cluster_members_epoch {}",
+        c.members_epoch
+    );
+    let counters: [(&str, &str, u64); 12] = [
         (
             "cluster_hints_delivered_total",
             "Hinted blocks handed back to their replica.",
@@ -515,6 +532,16 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
             "cluster_resync_blocks_sent_total",
             "Blocks members back from down lacked and got from here.",
             c.resync_blocks_sent,
+        ),
+        (
+            "cluster_out_of_sync_marked_total",
+            "Replica copies that failed on a member not down, kept here for it.",
+            c.out_of_sync_marked,
+        ),
+        (
+            "cluster_member_lists_adopted_total",
+            "Newer member lists adopted from a peer.",
+            c.member_lists_adopted,
         ),
     ];
     for (name, help, v) in counters {

@@ -108,3 +108,65 @@ fn checkpoint_put_get_list_delete_through_the_cli() {
     let list = kvtier(&ep, &[], &[&["checkpoint", "list"][..], &g[..]].concat()).expect(0);
     assert_eq!(list.json().as_array().map(Vec::len), Some(0), "{list:?}");
 }
+
+/// A PutChunk whose pieces do not add up to the length its first piece
+/// announced is refused, and stores nothing.
+#[test]
+fn a_chunk_that_breaks_its_announced_length_is_refused() {
+    use kvtier_server::checkpoint_proto as pb;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&dir.path().join("data"), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let cfg = kvtier_server::client::ClientConfig {
+            endpoint: d.endpoint(),
+            ..Default::default()
+        };
+        let c = kvtier_server::client::Client::connect(&cfg).await.unwrap();
+        let group = pb::Group {
+            group: "job-1".into(),
+            chunk_bytes: 1 << 20,
+            local: false,
+        };
+        let key = bytes::Bytes::from_static(&[7u8; 16]);
+        let piece = |first: bool, n: usize, announced: u64| pb::ChunkWrite {
+            group: first.then(|| group.clone()),
+            key: if first { key.clone() } else { bytes::Bytes::new() },
+            data: bytes::Bytes::from(vec![1u8; n]),
+            chunk_len: announced,
+        };
+        for (pieces, why) in [
+            (vec![piece(true, 100, 150), piece(false, 100, 0)], "more than announced"),
+            (vec![piece(true, 100, 300), piece(false, 100, 0)], "less than announced"),
+            (vec![piece(true, 100, (1 << 20) + 1)], "more than a chunk"),
+        ] {
+            let e = c
+                .checkpoints()
+                .put_chunk(tokio_stream::iter(pieces))
+                .await
+                .expect_err(why);
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{why}: {e:?}");
+        }
+        let got = c
+            .checkpoints()
+            .get_chunk(pb::ChunkRef {
+                group: Some(group.clone()),
+                key: key.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!got.found, "nothing was stored");
+        // The same pieces with the right length go through.
+        let ok = c
+            .checkpoints()
+            .put_chunk(tokio_stream::iter(vec![piece(true, 100, 200), piece(false, 100, 0)]))
+            .await
+            .unwrap();
+        assert!(ok.into_inner().stored);
+    });
+}

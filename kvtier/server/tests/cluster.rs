@@ -44,7 +44,8 @@ impl Cluster {
         Self::start_full(tempfile::tempdir().unwrap(), n, env, "")
     }
 
-    /// As [`Self::start_with`], in `root`, with `extra` lines in `[cluster]`.
+    /// As [`Self::start_with`], in `root`, with `extra` lines in `[cluster]`
+    /// (which replace the tests' detector settings they name).
     fn start_full(root: tempfile::TempDir, n: usize, env: &[(usize, &str, &str)], extra: &str) -> Cluster {
         let ports = free_ports(n);
         let members: Vec<Member> = IDS[..n]
@@ -57,10 +58,23 @@ impl Cluster {
             .map(|m| format!("  {{ id = \"{}\", addr = \"{}\" }},", m.id, m.addr))
             .collect();
         let config = root.path().join("cluster.toml");
+        let base: String = [
+            "heartbeat_interval_ms = 100",
+            "suspect_after = 1",
+            "down_after = 3",
+            "peer_timeout_ms = 1000",
+        ]
+        .iter()
+        .filter(|l| {
+            let name = |x: &str| x.split('=').next().unwrap_or("").trim().to_string();
+            !extra.lines().any(|e| name(e) == name(l))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
         std::fs::write(
             &config,
             format!(
-                "[cluster]\nnode_id = \"a\"\nheartbeat_interval_ms = 100\nsuspect_after = 1\ndown_after = 3\npeer_timeout_ms = 1000\n{extra}members = [\n{}\n]\n",
+                "[cluster]\nnode_id = \"a\"\n{base}{extra}members = [\n{}\n]\n",
                 list.join("\n")
             ),
         )
@@ -765,6 +779,126 @@ async fn a_delete_through_one_node_removes_every_replica() {
         let n = c.client(i).await;
         for k in 0..8 {
             assert_eq!(holds(&n, ns, k).await, k >= 4, "node {i} block {k}");
+        }
+    }
+}
+
+/// A member's out-of-sync count as `c` sees it.
+async fn out_of_sync(c: &Client, id: &str) -> u64 {
+    let s = cluster_stats(c).await;
+    s.members.into_iter().find(|m| m.id == id).unwrap().out_of_sync_keys
+}
+
+/// A replica that stops answering (SIGSTOP) is suspect, not down, so writes
+/// still go to it and time out there, while W = 2 of R = 3 acknowledges
+/// them. The coordinator marks those copies out of sync (a copy and a hint
+/// of its own); the replica is then killed, so nothing it had buffered
+/// survives, and restarted before it is ever seen down: no resync runs, and
+/// it gets every key it missed from the coordinator's hints alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_that_fail_on_a_suspect_replica_are_marked_out_of_sync_and_repaired() {
+    let mut cl = Cluster::start_full(
+        tempfile::tempdir().unwrap(),
+        3,
+        &[],
+        "peer_timeout_ms = 300\ndown_after = 100000\n",
+    );
+    cl.all_up().await;
+    let a = cl.client(0).await;
+    let r = a
+        .register_replicated(&namespace("out-of-sync", BLOCK), Some(3), Some(2))
+        .await
+        .unwrap();
+    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let (before, after) = (20u64, 60u64);
+    a.put(ns, &keys(ns, 0..before), data(ns, 0..before)).await.unwrap();
+    assert_eq!(out_of_sync(&a, "c").await, 0);
+
+    let c_pid = cl.nodes[2].daemon.as_ref().unwrap().pid();
+    // SAFETY: a plain kill(2) on our own child's pid.
+    unsafe { libc::kill(c_pid, libc::SIGSTOP) };
+    eventually("a sees c suspect", 20, || async {
+        liveness(&a, "c").await == "suspect"
+    })
+    .await;
+    for lo in (before..after).step_by(20) {
+        let put = a.put(ns, &keys(ns, lo..lo + 20), data(ns, lo..lo + 20)).await.unwrap();
+        assert_eq!(put.stored, 20, "acknowledged at W = 2 without c");
+    }
+    assert_eq!(liveness(&a, "c").await, "suspect", "c is never seen down");
+    let s = cluster_stats(&a).await;
+    assert_eq!(
+        out_of_sync(&a, "c").await,
+        after - before,
+        "each copy c missed is marked: {s:?}"
+    );
+    assert_eq!(s.out_of_sync_marked, after - before);
+    assert_eq!(out_of_sync(&a, "b").await, 0, "b took every copy");
+    let end = cl.nodes[0].daemon.as_ref().unwrap().endpoint();
+    let run = tokio::task::spawn_blocking(move || common::kvtier(&end, &[], &["cluster"]))
+        .await
+        .unwrap()
+        .expect(0);
+    let j = run.json();
+    let cj = j["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "c")
+        .unwrap()
+        .clone();
+    assert_eq!(cj["out_of_sync_keys"], after - before, "{j}");
+    let metrics = cl.nodes[0].daemon.as_ref().unwrap().metrics.clone().unwrap();
+    let (_, body) = common::http_get(&metrics, "/metrics");
+    assert_eq!(
+        common::sample(&body, "kvtier_cluster_member_out_of_sync_keys{member=\"c\"}"),
+        (after - before) as f64
+    );
+    // Reads through b still find every key (b is a replica; c is skipped
+    // for the keys it lacks).
+    let b = cl.client(1).await;
+    let g = b.get(ns, &keys(ns, 0..after)).await.unwrap();
+    assert_eq!(g.loaded as u64, after);
+
+    // kill -9 while stopped: whatever c had received is gone with it.
+    cl.kill(2);
+    cl.start_node(2);
+    let c = cl.client(2).await;
+    eventually("c holds every key in its own store", 30, || async {
+        for i in 0..after {
+            if !holds(&c, ns, i).await {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    eventually("a marks nothing out of sync any more", 20, || async {
+        out_of_sync(&a, "c").await == 0
+    })
+    .await;
+    let s = cluster_stats(&a).await;
+    assert_eq!(s.hints_pending, 0, "{s:?}");
+    assert!(
+        s.hints_delivered >= after - before,
+        "the missed copies came as hints: {s:?}"
+    );
+    let sb = cluster_stats(&b).await;
+    assert_eq!(
+        s.resync_keys_offered + sb.resync_keys_offered,
+        0,
+        "c was never down: no resync ran"
+    );
+    let (_, body) = common::http_get(&metrics, "/metrics");
+    assert_eq!(
+        common::sample(&body, "kvtier_cluster_member_out_of_sync_keys{member=\"c\"}"),
+        0.0
+    );
+    // a is not a replica beyond R = 3 of 3 nodes: it is one of each key's
+    // replicas, so its own copies stay; b and c hold every key too.
+    for (i, n) in [&a, &b, &c].into_iter().enumerate() {
+        for k in 0..after {
+            assert!(holds(n, ns, k).await, "node {i} block {k}");
         }
     }
 }

@@ -106,6 +106,20 @@ impl Nodes {
         d.signal_and_wait(libc::SIGKILL);
     }
 
+    /// SIGTERM to node `i`: answers how long it took to exit, and asserts
+    /// it exited 0.
+    fn stop(&mut self, i: usize) -> Duration {
+        let mut d = self.nodes[i].daemon.take().expect("running");
+        let t = Instant::now();
+        let status = d.signal_and_wait(libc::SIGTERM);
+        assert!(status.success(), "{} exited with {status}", self.nodes[i].id);
+        t.elapsed()
+    }
+
+    fn endpoint(&self, i: usize) -> String {
+        self.nodes[i].daemon.as_ref().expect("running").endpoint()
+    }
+
     async fn client(&self, i: usize) -> Client {
         self.nodes[i].daemon.as_ref().expect("running").client().await
     }
@@ -438,4 +452,167 @@ async fn a_graceful_leave_hands_every_key_over_and_reads_never_miss() {
     }
     let b = cluster_stats(&cl.client(1).await).await;
     assert!(b.rebalance_keys_dropped > 0, "the leaver dropped its copies: {b:?}");
+}
+
+/// `kvtier` with `args` against node `i`, off the runtime's threads.
+async fn cli(cl: &Nodes, i: usize, args: &[&str]) -> common::Run {
+    let end = cl.endpoint(i);
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        common::kvtier(&end, &[], &args)
+    })
+    .await
+    .unwrap()
+}
+
+/// Losing a node for good: `cluster leave` of a member that is dead (down)
+/// succeeds, and the surviving replicas copy its keys to their new replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_member_can_be_removed_and_its_keys_are_re_replicated() {
+    let mut cl = Nodes::start(&["a", "b", "c", "d"], "");
+    cl.all_up().await;
+    let a = cl.client(0).await;
+    let r = a
+        .register_replicated(&common::namespace("dead-leave", BLOCK), Some(2), None)
+        .await
+        .unwrap();
+    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let n = 300u64;
+    a.put(ns, &keys(ns, 0..n), data(ns, 0..n)).await.unwrap();
+    let before = cl.members();
+    let lost = (0..n)
+        .filter(|i| placement::replicas(&key(ns, *i), &before, 2).contains(&"d".into()))
+        .count() as u64;
+    assert!(lost > 0, "d held some of {n} keys");
+
+    cl.kill(3);
+    for i in 0..3 {
+        let c = cl.client(i).await;
+        eventually("d is seen down", 20, || async { liveness(&c, "d").await == "down" }).await;
+    }
+    let run = cli(&cl, 0, &["cluster", "leave", "--id", "d"]).await.expect(0);
+    let j = run.json();
+    assert_eq!(j["members"], 3, "{j}");
+    assert_eq!(j["not_reached"], serde_json::json!([]), "{j}");
+    assert_eq!(
+        j["down"],
+        serde_json::json!(["d"]),
+        "the dead leaver is named apart: {j}"
+    );
+    settled(&cl, 3, &[0, 1, 2]).await;
+
+    // Every key is back to 2 copies, on its replicas among a, b and c.
+    let after: Vec<Member> = before.iter().filter(|m| m.id.0 != "d").cloned().collect();
+    let mut held_by = Vec::new();
+    for i in 0..3 {
+        held_by.push(held(&cl.client(i).await, ns, 0..n).await);
+    }
+    for i in 0..n {
+        for id in placement::replicas(&key(ns, i), &after, 2) {
+            let x = cl.nodes.iter().position(|nd| nd.id == id.0).unwrap();
+            assert!(held_by[x][i as usize], "block {i} on its new replica {id}");
+        }
+    }
+    let mut moved = 0;
+    for c in cl.clients().await {
+        let s = cluster_stats(&c).await;
+        assert_eq!(s.members.len(), 3, "{s:?}");
+        moved += s.rebalance_keys_moved;
+    }
+    assert_eq!(moved, lost, "each copy d held was made again, once");
+}
+
+/// A node that was stopped while a member joined learns the join from its
+/// peers' heartbeats once back (its list is older), saves it, and places
+/// keys on the new member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_during_a_join_catches_up_on_the_member_list() {
+    let mut cl = Nodes::start(&["a", "b", "c"], "");
+    cl.all_up().await;
+    let a = cl.client(0).await;
+    let r = a
+        .register_replicated(&common::namespace("catch-up", BLOCK), Some(2), None)
+        .await
+        .unwrap();
+    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+
+    let took = cl.stop(2);
+    assert!(took < Duration::from_secs(5), "c drained in {took:?}");
+    eventually("a sees c down", 20, || async { liveness(&a, "c").await == "down" }).await;
+    let port = free_ports(1)[0];
+    let addr = format!("127.0.0.1:{port}");
+    let seed = vec![cl.members()[0].clone(), Member::new("d", addr.clone())];
+    cl.add("d", port, &seed);
+    cl.start_node(3);
+    let run = cli(&cl, 0, &["cluster", "join", "--id", "d", "--addr", &addr])
+        .await
+        .expect(0);
+    let j = run.json();
+    assert_eq!(j["members"], 4, "{j}");
+    assert_eq!(j["down"], serde_json::json!(["c"]), "c did not take it: {j}");
+    let sa = cluster_stats(&a).await;
+    assert!(sa.members_epoch > 0, "{sa:?}");
+
+    cl.start_node(2);
+    eventually("`kvtier cluster` on c lists d", 30, || async {
+        let j = cli(&cl, 2, &["cluster"]).await.expect(0).json();
+        j["members"].as_array().unwrap().iter().any(|m| m["id"] == "d")
+    })
+    .await;
+    let c = cl.client(2).await;
+    let sc = cluster_stats(&c).await;
+    assert_eq!(sc.members.len(), 4, "{sc:?}");
+    assert_eq!(sc.members_epoch, cluster_stats(&a).await.members_epoch, "{sc:?}");
+    assert_eq!(sc.member_lists_adopted, 1, "{sc:?}");
+    let saved = std::fs::read_to_string(cl.nodes[2].dir.join("members.json")).unwrap();
+    assert!(saved.contains("\"d\""), "c saved the list it adopted: {saved}");
+    eventually("c sees d up", 20, || async { liveness(&c, "d").await == "up" }).await;
+
+    // A write through c places copies on d.
+    let n = 100u64;
+    c.put(ns, &keys(ns, 0..n), data(ns, 0..n)).await.unwrap();
+    let d = cl.client(3).await;
+    let on_d = held(&d, ns, 0..n).await;
+    let all = cl.members();
+    let mut want = 0;
+    for i in 0..n {
+        let replica = placement::replicas(&key(ns, i), &all, 2).contains(&"d".into());
+        want += u64::from(replica);
+        if replica {
+            assert!(on_d[i as usize], "block {i} on its replica d");
+        }
+    }
+    assert!(want > 0, "d is a replica of some of {n} keys");
+}
+
+/// SIGTERM while a rebalancing pass is running (slowed to 8 KiB/s, so it
+/// lasts far longer than the test): the node stops its background tasks and
+/// exits promptly, well within the drain timeout (10 s by default), which
+/// it would wait out if a task still held the block manager.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_running_rebalance_promptly() {
+    let mut cl = Nodes::start(&["a", "b"], "rebalance_bytes_per_s = 8192\n");
+    cl.all_up().await;
+    let a = cl.client(0).await;
+    let (ns, _) = a.register(&common::namespace("stop", BLOCK)).await.unwrap();
+    let n = 300u64;
+    a.put(ns, &keys(ns, 0..n), data(ns, 0..n)).await.unwrap();
+    let port = free_ports(1)[0];
+    let addr = format!("127.0.0.1:{port}");
+    let seed = vec![cl.members()[0].clone(), Member::new("c", addr.clone())];
+    cl.add("c", port, &seed);
+    cl.start_node(2);
+    cli(&cl, 0, &["cluster", "join", "--id", "c", "--addr", &addr])
+        .await
+        .expect(0);
+    eventually("a's rebalancing runs", 20, || async {
+        cluster_stats(&a).await.rebalance_state == "running"
+    })
+    .await;
+    let took = cl.stop(0);
+    assert!(took < Duration::from_secs(5), "a took {took:?} to stop");
+    // b still runs its own pass, and serves.
+    let b = cl.client(1).await;
+    assert_eq!(cluster_stats(&b).await.rebalance_state, "running");
 }

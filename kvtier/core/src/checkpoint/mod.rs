@@ -19,13 +19,19 @@
 
 pub mod manifest;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
+use std::fs::File;
 use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, sync_channel};
 
 use self::manifest::{ChunkRef, FileEntry, Manifest};
 use crate::block::{BlockKey, NamespaceId};
+use crate::buf::{Recycler, page_aligned};
 use crate::error::{Error, ErrorKind, Result};
 use crate::manager::BlockManager;
 
@@ -39,9 +45,11 @@ pub const CHUNKS_IN_FLIGHT: usize = 4;
 pub trait ChunkStore: Send + Sync {
     /// Stores a chunk (any length up to the store's largest); answers
     /// false if the key was present already.
-    fn put_chunk(&self, key: BlockKey, data: &[u8]) -> Result<bool>;
-    /// A chunk's bytes, or `None` if no tier holds it.
-    fn get_chunk(&self, key: BlockKey) -> Result<Option<Vec<u8>>>;
+    /// `data` is shared, not copied: a store may pass it on as it is.
+    fn put_chunk(&self, key: BlockKey, data: Bytes) -> Result<bool>;
+    /// A chunk's bytes, or `None` if no tier holds it. Page-aligned bytes
+    /// let a restore write them with O_DIRECT, without a copy.
+    fn get_chunk(&self, key: BlockKey) -> Result<Option<Bytes>>;
     /// Removes a chunk.
     fn remove_chunk(&self, key: BlockKey) -> Result<()>;
     /// The checkpoint names recorded.
@@ -155,24 +163,55 @@ impl<S: ChunkStore> Checkpoints<S> {
     /// to read). Every name and path is checked before anything is stored;
     /// an existing name is [`ErrorKind::AlreadyExists`].
     pub fn put(&self, name: &str, files: &[(String, PathBuf)]) -> Result<Manifest> {
+        let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
+        self.put_sources(name, &paths, |i| {
+            let src = &files[i].1;
+            let f = File::open(src).map_err(|e| Error::io(format!("open {}", src.display()), e))?;
+            Ok((Box::new(f), src.display().to_string()))
+        })
+    }
+
+    /// Writes checkpoint `name` from memory: (path in the checkpoint, its
+    /// bytes). What a training job that hands its state straight to the
+    /// tier calls: no local file is written first, the node's own replica
+    /// is its local copy. Checks as [`Checkpoints::put`].
+    pub fn put_bytes(&self, name: &str, files: &[(String, &[u8])]) -> Result<Manifest> {
+        let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
+        self.put_sources(name, &paths, |i| {
+            Ok((Box::new(files[i].1), format!("memory for {:?}", files[i].0)))
+        })
+    }
+
+    /// The put behind [`Checkpoints::put`] and [`Checkpoints::put_bytes`]:
+    /// `open(i)` gives the reader of `paths[i]` and a name for its errors.
+    fn put_sources<'s>(
+        &self,
+        name: &str,
+        paths: &[&str],
+        open: impl FnMut(usize) -> Result<(Box<dyn Read + 's>, String)>,
+    ) -> Result<Manifest> {
         validate_name(name)?;
         let mut seen = std::collections::HashSet::new();
-        for (p, _) in files {
+        for p in paths {
             validate_path(p)?;
-            if !seen.insert(p.as_str()) {
+            if !seen.insert(*p) {
                 return Err(Error::invalid(format!("checkpoint file path {p:?} given twice")));
             }
         }
-        if self.manifest(name)?.is_some() {
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!("checkpoint {name:?} exists; checkpoints are immutable (delete it first)"),
-            ));
-        }
-        let mut entries = Vec::with_capacity(files.len());
-        for (path, src) in files {
-            entries.push(self.put_file(path, src)?);
-        }
+        // A manifest without its name is a put that failed at its commit
+        // (a replica died as the manifest went out, and the rollback did
+        // not reach every copy): this put finishes it if the files match.
+        let half_committed = match self.manifest(name)? {
+            None => None,
+            Some(m) if !self.store.names()?.iter().any(|n| n == name) => Some(m),
+            Some(_) => {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("checkpoint {name:?} exists; checkpoints are immutable (delete it first)"),
+                ));
+            }
+        };
+        let mut entries = self.put_files(paths, open)?;
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         let m = Manifest {
             name: name.to_string(),
@@ -187,12 +226,39 @@ impl<S: ChunkStore> Checkpoints<S> {
                 bytes.len()
             )));
         }
-        if !self.store.put_chunk(manifest_key(self.ns, name), &bytes)? {
+        let key = manifest_key(self.ns, name);
+        if let Some(old) = half_committed {
+            if old.files != m.files {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "checkpoint {name:?} was left half-committed by a failed put of other files; delete it first"
+                    ),
+                ));
+            }
+            // Its copies are put again (the replicas that lack one get it).
+            self.store.put_chunk(key, Bytes::from(old.encode()))?;
+            self.store.add_name(name)?;
+            return Ok(old);
+        }
+        match self.store.put_chunk(key, Bytes::from(bytes)) {
+            Ok(true) => {}
             // Someone committed the same name meanwhile.
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!("checkpoint {name:?} was committed by another writer"),
-            ));
+            Ok(false) => {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("checkpoint {name:?} was committed by another writer"),
+                ));
+            }
+            Err(e) => {
+                // Not acknowledged: take back the copies that were made, so
+                // the name does not appear later (best effort; a put of the
+                // same files finishes what is left).
+                if let Err(r) = self.store.remove_chunk(key) {
+                    tracing::warn!("checkpoint {name:?}: the failed commit was not rolled back everywhere: {r}");
+                }
+                return Err(e);
+            }
         }
         self.store.add_name(name)?;
         Ok(m)
@@ -206,18 +272,31 @@ impl<S: ChunkStore> Checkpoints<S> {
         self.put(name, &files)
     }
 
-    /// Stores one file's chunks: this thread reads and hashes, up to
-    /// [`CHUNKS_IN_FLIGHT`] workers store, so reading, hashing and the
-    /// store's round trips overlap.
+    /// Stores one file's chunks (see [`Checkpoints::put_files`]).
+    #[cfg(test)]
     fn put_file(&self, path: &str, src: &Path) -> Result<FileEntry> {
-        let mut f = std::fs::File::open(src).map_err(|e| Error::io(format!("open {}", src.display()), e))?;
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        let mut chunks = Vec::new();
-        let mut size = 0u64;
+        let mut e = self.put_files(&[path], |_| {
+            let f = File::open(src).map_err(|e| Error::io(format!("open {}", src.display()), e))?;
+            Ok((Box::new(f) as Box<dyn Read>, src.display().to_string()))
+        })?;
+        Ok(e.remove(0))
+    }
+
+    /// Stores the chunks of `files`, in order: this thread reads and
+    /// hashes, [`CHUNKS_IN_FLIGHT`] workers store, so reading, hashing and
+    /// the store's round trips overlap, across files too. Read buffers are
+    /// reused, and handed to the store without a copy.
+    fn put_files<'s>(
+        &self,
+        paths: &[&str],
+        mut open: impl FnMut(usize) -> Result<(Box<dyn Read + 's>, String)>,
+    ) -> Result<Vec<FileEntry>> {
         let chunk = self.chunk_bytes as usize;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(BlockKey, Vec<u8>)>(CHUNKS_IN_FLIGHT);
+        let pool = Recycler::new(chunk, 2 * CHUNKS_IN_FLIGHT + 2);
+        let (tx, rx) = sync_channel::<(BlockKey, Bytes)>(CHUNKS_IN_FLIGHT);
         let rx = Mutex::new(rx);
         let failure: Mutex<Option<Error>> = Mutex::new(None);
+        let mut entries = Vec::with_capacity(paths.len());
         let read = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..CHUNKS_IN_FLIGHT)
                 .map(|_| {
@@ -228,7 +307,7 @@ impl<S: ChunkStore> Checkpoints<S> {
                             if failure.lock().is_some() {
                                 continue;
                             }
-                            if let Err(e) = self.store.put_chunk(key, &data) {
+                            if let Err(e) = self.store.put_chunk(key, data) {
                                 failure.lock().get_or_insert(e);
                             }
                         }
@@ -236,28 +315,41 @@ impl<S: ChunkStore> Checkpoints<S> {
                 })
                 .collect();
             let read = (|| {
-                loop {
-                    let mut buf = vec![0u8; chunk];
-                    let n = read_full(&mut f, &mut buf).map_err(|e| Error::io(format!("read {}", src.display()), e))?;
-                    if n == 0 {
-                        return Ok(());
+                for (i, path) in paths.iter().enumerate() {
+                    let (mut f, src) = open(i)?;
+                    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+                    let mut chunks = Vec::new();
+                    let mut size = 0u64;
+                    loop {
+                        let mut buf = pool.take();
+                        let n =
+                            read_full(&mut f, &mut buf[..chunk]).map_err(|e| Error::io(format!("read {src}"), e))?;
+                        if n == 0 {
+                            break;
+                        }
+                        buf.truncate(n);
+                        hasher.update(&buf);
+                        let key = chunk_key(self.ns, &buf);
+                        chunks.push(ChunkRef {
+                            key: key.0,
+                            len: n as u32,
+                        });
+                        size += n as u64;
+                        if failure.lock().is_some() || tx.send((key, buf.into_bytes())).is_err() {
+                            return Ok(());
+                        }
+                        if n < chunk {
+                            break;
+                        }
                     }
-                    buf.truncate(n);
-                    hasher.update(&buf);
-                    let key = chunk_key(self.ns, &buf);
-                    chunks.push(ChunkRef {
-                        key: key.0,
-                        len: n as u32,
+                    entries.push(FileEntry {
+                        path: path.to_string(),
+                        size,
+                        hash: hasher.digest(),
+                        chunks,
                     });
-                    size += n as u64;
-                    let last = n < chunk;
-                    if failure.lock().is_some() || tx.send((key, buf)).is_err() {
-                        return Ok(());
-                    }
-                    if last {
-                        return Ok(());
-                    }
                 }
+                Ok(())
             })();
             drop(tx);
             for w in workers {
@@ -267,28 +359,68 @@ impl<S: ChunkStore> Checkpoints<S> {
         });
         read?;
         failure.into_inner().map_or(Ok(()), Err)?;
-        Ok(FileEntry {
-            path: path.to_string(),
-            size,
-            hash: hasher.digest(),
-            chunks,
-        })
+        Ok(entries)
     }
 
     /// Restores checkpoint `name` under `dest` (made if missing); files
     /// appear whole and verified, or not at all.
+    ///
+    /// [`CHUNKS_IN_FLIGHT`] fetchers take the chunks of every file in turn
+    /// (fetcher `w` the chunks `w`, `w + N`, ...), each handing its results
+    /// over a channel of one, so this thread writes them in order and at
+    /// most 2N chunks are held at once.
     pub fn get(&self, name: &str, dest: &Path) -> Result<Manifest> {
         let m = self
             .manifest(name)?
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no checkpoint {name:?}")))?;
         for f in &m.files {
             validate_path(&f.path)?;
-            self.get_file(name, f, dest)?;
         }
+        let keys: Vec<BlockKey> = m
+            .files
+            .iter()
+            .flat_map(|f| &f.chunks)
+            .map(|c| BlockKey(c.key))
+            .collect();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let mut fetched: Vec<Receiver<Result<Option<Bytes>>>> = Vec::new();
+            for w in 0..CHUNKS_IN_FLIGHT.min(keys.len()) {
+                let (tx, rx) = sync_channel(1);
+                fetched.push(rx);
+                let (keys, stop) = (&keys, &stop);
+                scope.spawn(move || {
+                    for k in keys.iter().skip(w).step_by(CHUNKS_IN_FLIGHT) {
+                        if stop.load(Relaxed) || tx.send(self.store.get_chunk(*k)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            let mut next = 0usize;
+            let r = m.files.iter().try_for_each(|f| {
+                self.get_file(name, f, dest, || {
+                    let got = fetched[next % fetched.len()].recv().expect("a fetcher per chunk");
+                    next += 1;
+                    got
+                })
+            });
+            stop.store(true, Relaxed);
+            drop(fetched);
+            r
+        })?;
         Ok(m)
     }
 
-    fn get_file(&self, name: &str, f: &FileEntry, dest: &Path) -> Result<()> {
+    /// Writes file `f` under `dest` from its chunks, `next` giving each in
+    /// order: to a temporary name, verified, synced, renamed.
+    fn get_file(
+        &self,
+        name: &str,
+        f: &FileEntry,
+        dest: &Path,
+        mut next: impl FnMut() -> Result<Option<Bytes>>,
+    ) -> Result<()> {
         let path = dest.join(&f.path);
         let dir = path.parent().expect("a joined path has a parent");
         std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
@@ -298,31 +430,16 @@ impl<S: ChunkStore> Checkpoints<S> {
                 .expect("validated: a normal last part")
                 .to_string_lossy()
         ));
-        let io = |what: &str, e| Error::io(format!("{what} {}", tmp.display()), e);
-        let mut out = std::fs::File::create(&tmp).map_err(|e| io("create", e))?;
+        let mut out = Restore::create(
+            &tmp,
+            self.chunk_bytes.max(f.chunks.first().map_or(0, |c| c.len)) as usize,
+        )?;
         let result = (|| {
             let mut hasher = xxhash_rust::xxh3::Xxh3::new();
             let mut size = 0u64;
-            // Fetch a window of chunks at once, write them in order.
-            let mut window: Vec<Result<Option<Vec<u8>>>> = Vec::new();
             for (i, c) in f.chunks.iter().enumerate() {
                 let key = BlockKey(c.key);
-                if i % CHUNKS_IN_FLIGHT == 0 {
-                    let end = (i + CHUNKS_IN_FLIGHT).min(f.chunks.len());
-                    window = std::thread::scope(|scope| {
-                        let fetches: Vec<_> = f.chunks[i..end]
-                            .iter()
-                            .map(|c| scope.spawn(move || self.store.get_chunk(BlockKey(c.key))))
-                            .collect();
-                        fetches
-                            .into_iter()
-                            .map(|h| h.join().expect("a chunk fetch panicked"))
-                            .collect()
-                    });
-                    window.reverse();
-                }
-                let got = window.pop().expect("a fetch per chunk of the window");
-                let data = got?.ok_or_else(|| {
+                let data = next()?.ok_or_else(|| {
                     Error::new(
                         ErrorKind::NotFound,
                         format!("checkpoint {name:?} file {:?}: chunk {i} ({key}) is in no tier", f.path),
@@ -339,7 +456,7 @@ impl<S: ChunkStore> Checkpoints<S> {
                 }
                 hasher.update(&data);
                 size += data.len() as u64;
-                out.write_all(&data).map_err(|e| io("write", e))?;
+                out.write(&data)?;
             }
             if size != f.size || hasher.digest() != f.hash {
                 return Err(Error::new(
@@ -350,8 +467,8 @@ impl<S: ChunkStore> Checkpoints<S> {
                     ),
                 ));
             }
-            out.sync_all().map_err(|e| io("sync", e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| io("rename", e))
+            out.finish(size)?;
+            std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("rename {}", tmp.display()), e))
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -401,8 +518,102 @@ impl<S: ChunkStore> Checkpoints<S> {
     }
 }
 
+const PAGE: usize = 4096;
+
+/// A restored file being written: with O_DIRECT while every write is whole
+/// pages from an aligned buffer (the file's last chunk goes through a
+/// padded copy, and the file is cut to size at the end), so a restore does
+/// not fill the page cache only to flush it at the fsync. Filesystems
+/// without O_DIRECT, and unaligned writes, use the page cache.
+struct Restore {
+    path: PathBuf,
+    file: File,
+    direct: bool,
+    off: u64,
+    /// Set once a padded last page was written: no write may follow.
+    padded: bool,
+    bounce: Option<Recycler>,
+    bounce_bytes: usize,
+}
+
+impl Restore {
+    fn create(path: &Path, chunk_bytes: usize) -> Result<Self> {
+        let open = |direct: bool| {
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create(true).truncate(true);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(path)
+        };
+        let (file, direct) = match open(true) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
+                open(false).map_err(|e| Error::io(format!("create {}", path.display()), e))?,
+                false,
+            ),
+            Err(e) => return Err(Error::io(format!("create {}", path.display()), e)),
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            direct,
+            off: 0,
+            padded: false,
+            bounce: None,
+            bounce_bytes: chunk_bytes.next_multiple_of(PAGE),
+        })
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<()> {
+        let io = |e| Error::io(format!("write {}", self.path.display()), e);
+        if self.padded {
+            return Err(Error::invalid(format!(
+                "restore {}: a chunk after the file's partial last page",
+                self.path.display()
+            )));
+        }
+        if self.direct && self.off.is_multiple_of(PAGE as u64) && data.len() <= self.bounce_bytes {
+            if page_aligned(data.as_ptr()) && data.len().is_multiple_of(PAGE) {
+                self.file.write_all_at(data, self.off).map_err(io)?;
+            } else {
+                // A copy into an aligned buffer, zeros after the data to the
+                // page: only a file's last chunk has a partial page.
+                let pool = self.bounce.get_or_insert_with(|| Recycler::new(self.bounce_bytes, 1));
+                let mut b = pool.take();
+                let whole = data.len().next_multiple_of(PAGE);
+                b[..data.len()].copy_from_slice(data);
+                b[data.len()..whole].fill(0);
+                self.file.write_all_at(&b[..whole], self.off).map_err(io)?;
+                self.padded = whole != data.len();
+            }
+            self.off += data.len() as u64;
+            return Ok(());
+        }
+        if self.direct {
+            // From here on through the page cache, on a second descriptor.
+            self.file = std::fs::OpenOptions::new().write(true).open(&self.path).map_err(io)?;
+            self.direct = false;
+        }
+        self.file.write_all_at(data, self.off).map_err(io)?;
+        self.off += data.len() as u64;
+        Ok(())
+    }
+
+    /// Cuts the file to `size` (a padded last page) and syncs it.
+    fn finish(mut self, size: u64) -> Result<()> {
+        let io = |what: &str, e| Error::io(format!("{what} {}", self.path.display()), e);
+        if self.padded {
+            self.file.set_len(size).map_err(|e| io("truncate", e))?;
+        }
+        self.file.sync_all().map_err(|e| io("sync", e))?;
+        self.bounce = None;
+        Ok(())
+    }
+}
+
 /// Reads until `buf` is full or the file ends.
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+fn read_full(f: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match f.read(&mut buf[n..]) {
@@ -478,12 +689,12 @@ impl LocalChunks {
 }
 
 impl ChunkStore for LocalChunks {
-    fn put_chunk(&self, key: BlockKey, data: &[u8]) -> Result<bool> {
-        Ok(self.manager.store_one(self.ns, key, data)?.stored == 1)
+    fn put_chunk(&self, key: BlockKey, data: Bytes) -> Result<bool> {
+        Ok(self.manager.store_one(self.ns, key, &data)?.stored == 1)
     }
 
-    fn get_chunk(&self, key: BlockKey) -> Result<Option<Vec<u8>>> {
-        self.manager.load_one(self.ns, key)
+    fn get_chunk(&self, key: BlockKey) -> Result<Option<Bytes>> {
+        self.manager.load_chunk(self.ns, key)
     }
 
     fn remove_chunk(&self, key: BlockKey) -> Result<()> {

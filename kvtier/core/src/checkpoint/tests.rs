@@ -152,7 +152,7 @@ struct FailingAfter {
 }
 
 impl ChunkStore for FailingAfter {
-    fn put_chunk(&self, key: BlockKey, data: &[u8]) -> Result<bool> {
+    fn put_chunk(&self, key: BlockKey, data: bytes::Bytes) -> Result<bool> {
         let left = self.ok.load(std::sync::atomic::Ordering::SeqCst);
         if left == 0 {
             return Err(Error::new(ErrorKind::NoSpace, "injected: the store is full"));
@@ -160,7 +160,7 @@ impl ChunkStore for FailingAfter {
         self.ok.store(left - 1, std::sync::atomic::Ordering::SeqCst);
         self.inner.put_chunk(key, data)
     }
-    fn get_chunk(&self, key: BlockKey) -> Result<Option<Vec<u8>>> {
+    fn get_chunk(&self, key: BlockKey) -> Result<Option<bytes::Bytes>> {
         self.inner.get_chunk(key)
     }
     fn remove_chunk(&self, key: BlockKey) -> Result<()> {
@@ -195,4 +195,144 @@ fn a_chunk_that_cannot_be_stored_fails_the_put_and_commits_nothing() {
     assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
     assert!(c.manifest("s").unwrap().is_none());
     assert!(c.list().unwrap().is_empty());
+}
+
+#[test]
+fn a_restore_writes_pages_directly_pads_the_tail_and_cuts_it() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("f");
+    let page = PAGE;
+    let mut want = Vec::new();
+    let mut r = Restore::create(&p, 4 * page).unwrap();
+    // From an aligned buffer, then from a Vec (a bounce copy if unaligned).
+    let pool = Recycler::new(2 * page, 1);
+    let mut a = pool.take();
+    a.copy_from_slice(&bytes(1, 2 * page));
+    want.extend_from_slice(&a);
+    r.write(&a).unwrap();
+    let b = bytes(2, page + 100);
+    want.extend_from_slice(&b);
+    r.write(&b).unwrap();
+    let direct = r.direct;
+    // Nothing may follow a partial last page.
+    let e = r.write(&[1u8; 10]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    r.finish(want.len() as u64).unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), want, "direct: {direct}");
+
+    // A chunk larger than the bounce buffer goes through the page cache.
+    let q = d.path().join("g");
+    let mut r = Restore::create(&q, page).unwrap();
+    let big = bytes(3, 3 * page + 5);
+    r.write(&big).unwrap();
+    assert!(!r.direct);
+    r.finish(big.len() as u64).unwrap();
+    assert_eq!(std::fs::read(&q).unwrap(), big);
+}
+
+#[test]
+fn a_put_from_memory_stores_what_a_put_from_files_does() {
+    let d = tempfile::tempdir().unwrap();
+    let c = setup(d.path());
+    let src = d.path().join("src");
+    let files = tree(&src);
+    let from_files = c.put_dir("files", &src).unwrap();
+    let mem: Vec<(String, &[u8])> = files.iter().map(|(p, b)| (p.clone(), b.as_slice())).collect();
+    let from_memory = c.put_bytes("memory", &mem).unwrap();
+    assert_eq!(from_files.files, from_memory.files);
+    let out = d.path().join("restore");
+    c.get("memory", &out).unwrap();
+    for (p, b) in &files {
+        assert_eq!(&std::fs::read(out.join(p)).unwrap(), b, "{p}");
+    }
+    // The same checks as a put from files: nothing is stored on a bad path.
+    let e = c
+        .put_bytes("bad", &[("../x".to_string(), b"x".as_slice())])
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(c.manifest("bad").unwrap().is_none());
+}
+
+/// A real store whose manifest puts store the manifest and then fail (a
+/// replica died as it went out), and whose removes fail while `refuse`.
+struct CommitFails {
+    inner: LocalChunks,
+    fail_commits: std::sync::atomic::AtomicBool,
+    refuse_removes: std::sync::atomic::AtomicBool,
+}
+
+impl ChunkStore for CommitFails {
+    fn put_chunk(&self, key: BlockKey, data: bytes::Bytes) -> Result<bool> {
+        let is_manifest = Manifest::decode(&data).is_ok();
+        let r = self.inner.put_chunk(key, data);
+        if is_manifest && self.fail_commits.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::Throttled, "injected: a replica died"));
+        }
+        r
+    }
+    fn get_chunk(&self, key: BlockKey) -> Result<Option<bytes::Bytes>> {
+        self.inner.get_chunk(key)
+    }
+    fn remove_chunk(&self, key: BlockKey) -> Result<()> {
+        if self.refuse_removes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::Throttled, "injected: a member is down"));
+        }
+        self.inner.remove_chunk(key)
+    }
+    fn names(&self) -> Result<Vec<String>> {
+        self.inner.names()
+    }
+    fn add_name(&self, name: &str) -> Result<()> {
+        self.inner.add_name(name)
+    }
+    fn remove_name(&self, name: &str) -> Result<()> {
+        self.inner.remove_name(name)
+    }
+}
+
+#[test]
+fn a_failed_commit_is_rolled_back_or_finished_by_the_next_put() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let d = tempfile::tempdir().unwrap();
+    let Checkpoints { store, ns, chunk_bytes } = setup(d.path());
+    let c = Checkpoints::new(
+        CommitFails {
+            inner: store,
+            fail_commits: true.into(),
+            refuse_removes: false.into(),
+        },
+        ns,
+        chunk_bytes,
+    );
+    let src = d.path().join("src");
+    let files = tree(&src);
+    // Rolled back: no manifest is left, and a retry commits.
+    assert_eq!(c.put_dir("s", &src).unwrap_err().kind(), ErrorKind::Throttled);
+    assert!(c.manifest("s").unwrap().is_none());
+    // Not rolled back (a member was down): the manifest stays, unnamed.
+    c.store().refuse_removes.store(true, SeqCst);
+    assert_eq!(c.put_dir("t", &src).unwrap_err().kind(), ErrorKind::Throttled);
+    assert!(c.manifest("t").unwrap().is_some());
+    assert!(c.list().unwrap().is_empty());
+    c.store().fail_commits.store(false, SeqCst);
+    c.store().refuse_removes.store(false, SeqCst);
+    // Other files under that name are refused, and change nothing.
+    let other = d.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("x"), b"other").unwrap();
+    let e = c.put_dir("t", &other).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert!(c.list().unwrap().is_empty());
+    // The same files finish it: named, listed, restorable.
+    c.put_dir("t", &src).unwrap();
+    c.put_dir("s", &src).unwrap();
+    let names: Vec<String> = c.list().unwrap().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["s", "t"]);
+    let out = d.path().join("restore");
+    c.get("t", &out).unwrap();
+    for (p, b) in &files {
+        assert_eq!(&std::fs::read(out.join(p)).unwrap(), b, "{p}");
+    }
+    // And a committed name stays immutable.
+    assert_eq!(c.put_dir("t", &src).unwrap_err().kind(), ErrorKind::AlreadyExists);
 }

@@ -883,15 +883,27 @@ impl BlockManager {
     /// `None` on a miss. Corrupt bytes are an error
     /// ([`ErrorKind::ChecksumMismatch`]), never data.
     pub fn load_one(&self, ns: NamespaceId, key: BlockKey) -> Result<Option<Vec<u8>>> {
-        self.load_one_with(ns, key, true)
+        Ok(self.load_one_with(ns, key, true)?.map(|b| b.to_vec()))
     }
 
     /// [`BlockManager::load_one`] from the host and disk tiers only.
     pub fn load_one_local(&self, ns: NamespaceId, key: BlockKey) -> Result<Option<Vec<u8>>> {
+        Ok(self.load_one_with(ns, key, false)?.map(|b| b.to_vec()))
+    }
+
+    /// [`BlockManager::load_one`] into a page-aligned buffer, as `Bytes`:
+    /// read from the SSD without staging, and ready for an O_DIRECT write
+    /// or the network without a copy.
+    pub fn load_chunk(&self, ns: NamespaceId, key: BlockKey) -> Result<Option<bytes::Bytes>> {
+        self.load_one_with(ns, key, true)
+    }
+
+    /// [`BlockManager::load_chunk`] from the host and disk tiers only.
+    pub fn load_chunk_local(&self, ns: NamespaceId, key: BlockKey) -> Result<Option<bytes::Bytes>> {
         self.load_one_with(ns, key, false)
     }
 
-    fn load_one_with(&self, ns: NamespaceId, key: BlockKey, use_blob: bool) -> Result<Option<Vec<u8>>> {
+    fn load_one_with(&self, ns: NamespaceId, key: BlockKey, use_blob: bool) -> Result<Option<bytes::Bytes>> {
         let max = self.block_bytes(ns)? as usize;
         let lease = self.lease_sized(ns, &[key], Expect::AtMost(max), use_blob)?;
         let sh = &self.shared;
@@ -903,12 +915,14 @@ impl BlockManager {
             }
             return Ok(None);
         };
-        let mut out = vec![0u8; pin.len()];
-        let r = pin.read_into(&mut out);
+        let len = pin.len();
+        let mut buf = crate::buf::AlignedBuf::new(len);
+        let out = &mut buf[..len];
+        let r = pin.read_into(out);
         let mut res = LoadOutcome::default();
-        if self.finish_block(ns, 0, *k, *tier, &out, r, &mut res) {
+        if self.finish_block(ns, 0, *k, *tier, out, r, &mut res) {
             add(&sh.counters.loaded_blocks, 1);
-            return Ok(Some(out));
+            return Ok(Some(bytes::Bytes::from_owner(buf).slice(..len)));
         }
         let f = res.failed.expect("a block that did not finish failed");
         Err(Error::new(f.kind, f.message))

@@ -7,6 +7,22 @@
 //! keys; writes skip it (see [`super::plan_write`]) and leave it hints.
 //! Joining and leaving change the placement set; those are the changes that
 //! move keys.
+//!
+//! # Catching up on the member list
+//!
+//! The epoch counts every change this node saw, liveness included, so it
+//! differs between nodes. The member list has its own clock, the *list
+//! epoch*, comparable across nodes: every join or leave applied here, sent
+//! by an operator or forwarded by a peer, bumps it by one. Nodes that
+//! applied the same changes then have the same list epoch and the same
+//! [`Membership::digest`]; a node that missed one stays behind, even after
+//! applying later ones. Heartbeats carry both: a node that sees a peer with
+//! a larger list epoch and another digest ([`Membership::catch_up`])
+//! fetches the peer's list and adopts it, epoch included
+//! ([`Membership::adopt`]), so a node that was down during a join or leave
+//! learns it once back. Only a strictly larger epoch is adopted, so two
+//! lists never replace each other back and forth; two changes applied at
+//! once on different nodes both reach every node, each bumping the clock.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -61,6 +77,20 @@ pub enum Change {
     Left(NodeId),
 }
 
+/// A hash of a member list given in id order (ids, addresses, weights):
+/// what [`Membership::digest`] answers for that list.
+pub fn digest<'a>(members: impl IntoIterator<Item = &'a Member>) -> u64 {
+    let mut b = Vec::new();
+    for m in members {
+        for part in [m.id.0.as_bytes(), m.addr.as_bytes()] {
+            b.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            b.extend_from_slice(part);
+        }
+        b.extend_from_slice(&m.weight.to_bits().to_le_bytes());
+    }
+    xxhash_rust::xxh3::xxh3_64(&b)
+}
+
 #[derive(Debug, Clone)]
 struct State {
     member: Member,
@@ -73,8 +103,21 @@ struct State {
 pub struct Membership {
     me: NodeId,
     epoch: u64,
+    /// The member list's clock: see "Catching up on the member list".
+    list_epoch: u64,
     detector: Detector,
     members: BTreeMap<NodeId, State>,
+}
+
+/// What a node does on seeing a peer's list epoch and digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Nothing: the peer's list is not newer.
+    Nothing,
+    /// Same list, newer clock: take the peer's list epoch.
+    Epoch(u64),
+    /// The peer's list is newer and differs: fetch it and adopt it.
+    Fetch,
 }
 
 impl Membership {
@@ -96,9 +139,65 @@ impl Membership {
         Self {
             me,
             epoch: 1,
+            list_epoch: 0,
             detector,
             members,
         }
+    }
+
+    /// The same view with the member list's clock at `list_epoch` (the
+    /// value saved with the list).
+    pub fn with_list_epoch(mut self, list_epoch: u64) -> Self {
+        self.list_epoch = list_epoch;
+        self
+    }
+
+    /// The member list's clock: bumped by a join or leave applied here
+    /// first, raised to the carried value by a forwarded one.
+    pub fn list_epoch(&self) -> u64 {
+        self.list_epoch
+    }
+
+    /// Raises the list epoch to `e` (a forwarded change's, or a peer's with
+    /// the same list); never lowers it.
+    pub fn observe_list_epoch(&mut self, e: u64) {
+        self.list_epoch = self.list_epoch.max(e);
+    }
+
+    /// A hash of the member list (ids, addresses, weights, in id order):
+    /// equal on nodes with the same list.
+    pub fn digest(&self) -> u64 {
+        digest(self.members.values().map(|s| &s.member))
+    }
+
+    /// What to do on seeing a peer at list epoch `epoch` with `digest`:
+    /// only a strictly newer list is adopted, so two nodes never swap
+    /// lists back and forth.
+    pub fn catch_up(&self, epoch: u64, digest: u64) -> CatchUp {
+        if epoch <= self.list_epoch {
+            CatchUp::Nothing
+        } else if digest == self.digest() {
+            CatchUp::Epoch(epoch)
+        } else {
+            CatchUp::Fetch
+        }
+    }
+
+    /// Takes `members` (a peer's newer list, at `list_epoch`) as the list:
+    /// members missing from it leave, new or re-addressed ones join; the
+    /// others keep their liveness. Answers the changes, in order (leaves
+    /// first). A list without this node removes it, as a forwarded leave
+    /// would.
+    pub fn adopt(&mut self, members: Vec<Member>, list_epoch: u64) -> Vec<Change> {
+        let was = self.list_epoch;
+        let keep: std::collections::BTreeSet<NodeId> = members.iter().map(|m| m.id.clone()).collect();
+        let gone: Vec<NodeId> = self.members.keys().filter(|id| !keep.contains(*id)).cloned().collect();
+        let mut out: Vec<Change> = gone.iter().filter_map(|id| self.leave(id)).collect();
+        out.extend(members.into_iter().filter_map(|m| self.join(m)));
+        // The peer's clock, not the changes' own bumps: a node that adopts
+        // a list must not look newer than the list's owner.
+        self.list_epoch = was.max(list_epoch);
+        out
     }
 
     /// This node.
@@ -178,6 +277,7 @@ impl Membership {
             Some(s) => {
                 s.member = m;
                 self.epoch += 1;
+                self.list_epoch += 1;
                 Some(Change::Joined(id))
             }
             None => {
@@ -190,6 +290,7 @@ impl Membership {
                     },
                 );
                 self.epoch += 1;
+                self.list_epoch += 1;
                 Some(Change::Joined(id))
             }
         }
@@ -200,6 +301,7 @@ impl Membership {
     pub fn leave(&mut self, id: &NodeId) -> Option<Change> {
         self.members.remove(id)?;
         self.epoch += 1;
+        self.list_epoch += 1;
         Some(Change::Left(id.clone()))
     }
 }
@@ -266,5 +368,51 @@ mod tests {
         // This node never marks itself down.
         assert_eq!(m.heartbeat_failed(&"a".into()), None);
         assert!(m.is_writable(&"a".into()));
+    }
+
+    #[test]
+    fn a_node_that_missed_changes_adopts_a_newer_list_and_only_a_newer_one() {
+        // a applies a join, then a leave, that c (down then) never got.
+        let mut a = three();
+        let mut c = three().with_list_epoch(0); // its view from "a" stands for c's
+        assert_eq!(a.digest(), c.digest(), "same list, same digest");
+        // Liveness changes move the epoch, not the list's clock.
+        a.heartbeat_failed(&"c".into());
+        assert_eq!(a.list_epoch(), 0);
+        assert_eq!(a.catch_up(c.list_epoch(), c.digest()), CatchUp::Nothing);
+        a.join(Member::new("d", "d:1"));
+        a.leave(&"b".into());
+        assert_eq!(a.list_epoch(), 2);
+        // c is older: a ignores it, c fetches.
+        assert_eq!(a.catch_up(c.list_epoch(), c.digest()), CatchUp::Nothing);
+        assert_eq!(c.catch_up(a.list_epoch(), a.digest()), CatchUp::Fetch);
+        c.heartbeat_failed(&"c".into());
+        let changes = c.adopt(a.members(), a.list_epoch());
+        assert_eq!(changes, vec![Change::Left("b".into()), Change::Joined("d".into())]);
+        assert_eq!(c.digest(), a.digest());
+        assert_eq!(digest(&a.members()), a.digest());
+        assert_eq!(c.list_epoch(), 2);
+        assert_eq!(
+            c.liveness(&"c".into()),
+            Some(Liveness::Suspect),
+            "a kept member keeps its liveness"
+        );
+        assert_eq!(c.catch_up(a.list_epoch(), a.digest()), CatchUp::Nothing);
+        // Same list at a newer clock: only the clock moves.
+        c.observe_list_epoch(1);
+        assert_eq!(c.list_epoch(), 2, "never lowered");
+        assert_eq!(c.catch_up(5, a.digest()), CatchUp::Epoch(5));
+        // A list without this node removes it.
+        let mut b = three();
+        let changes = b.adopt(vec![Member::new("a", "a:1"), Member::new("c", "c:1")], 9);
+        assert_eq!(changes, vec![Change::Left("b".into())]);
+        assert_eq!(b.liveness(&"b".into()), None);
+        assert_eq!(b.list_epoch(), 9);
+        // Adopting a list with several new members takes its epoch, not
+        // one bump per member.
+        let mut d = Membership::new("d".into(), vec![Member::new("d", "d:1")], Detector::default());
+        d.adopt(a.members(), a.list_epoch());
+        assert_eq!(d.list_epoch(), a.list_epoch());
+        assert_eq!(d.digest(), a.digest());
     }
 }

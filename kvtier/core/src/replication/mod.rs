@@ -118,16 +118,29 @@ pub fn plan_write(key: &BlockKey, view: &Membership, rep: Replication) -> WriteP
 /// Where a read tries, in order: the replicas that are up, then the rest
 /// of the writable members (a stand-in may hold a hinted copy).
 pub fn read_order(key: &BlockKey, view: &Membership, rep: Replication) -> Vec<NodeId> {
+    read_order_with(key, view, rep, |_| false)
+}
+
+/// [`read_order`], with the members `out_of_sync` names for `key` (a write
+/// of it failed there and is not repaired yet) moved to the end, in the
+/// same relative order: they are asked only when no other member has it.
+pub fn read_order_with(
+    key: &BlockKey,
+    view: &Membership,
+    rep: Replication,
+    out_of_sync: impl Fn(&NodeId) -> bool,
+) -> Vec<NodeId> {
     let members = view.members();
     let order: Vec<NodeId> = rank(key, &members).into_iter().map(|i| members[i].id.clone()).collect();
     let r = rep.replicas.min(order.len());
     let (first, rest) = order.split_at(r);
-    first
+    let (fresh, stale): (Vec<NodeId>, Vec<NodeId>) = first
         .iter()
         .chain(rest)
         .filter(|n| view.is_writable(n))
         .cloned()
-        .collect()
+        .partition(|n| !out_of_sync(n));
+    fresh.into_iter().chain(stale).collect()
 }
 
 /// The one node that uploads `key` to blob: the first writable replica in
@@ -186,6 +199,20 @@ mod tests {
         let reads = read_order(&key, &v, rep);
         assert!(!reads.contains(&victim));
         assert!(reads[..3].contains(&p.targets[1].node));
+    }
+
+    #[test]
+    fn out_of_sync_members_are_read_last() {
+        let v = view(4, 0);
+        let key = BlockKey(7);
+        let rep = Replication::strong(3);
+        let plain = read_order(&key, &v, rep);
+        assert_eq!(plain.len(), 4);
+        let stale = plain[0].clone();
+        let order = read_order_with(&key, &v, rep, |n| *n == stale);
+        assert_eq!(order[..3], plain[1..], "the others keep their order");
+        assert_eq!(order[3], stale, "the out-of-sync member comes last");
+        assert_eq!(read_order_with(&key, &v, rep, |_| true), plain, "all stale: unchanged");
     }
 
     #[test]

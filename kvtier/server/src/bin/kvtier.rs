@@ -50,8 +50,9 @@ enum Cmd {
     /// served from local tiers and from blob, and `throughput_reduction`.
     Stats,
     /// The cluster as this node sees it, as JSON: its id, the membership
-    /// epoch, each member's liveness, hints pending and delivered, replica
-    /// writes and peer reads, resync and rebalancing. Exit 3 when the
+    /// epoch, each member's liveness and out-of-sync keys (copies held here
+    /// for it), hints pending and delivered, replica writes and peer reads,
+    /// resync and rebalancing. Exit 3 when the
     /// daemon runs without a cluster. `join` and `leave` change the members.
     Cluster {
         #[command(subcommand)]
@@ -206,7 +207,8 @@ enum ClusterCmd {
     },
     /// Removes a member gracefully: it hands its keys over to their new
     /// replicas; stop it once `kvtier cluster` on it shows
-    /// `rebalance_state` idle.
+    /// `rebalance_state` idle. A dead member (down) can be removed too: the
+    /// surviving replicas re-replicate its keys, and it is named in `down`.
     Leave {
         /// The member's id.
         #[arg(long)]
@@ -409,7 +411,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             };
             println!(
                 "{}",
-                serde_json::json!({"epoch": r.epoch, "members": r.members, "not_reached": r.not_reached})
+                serde_json::json!({"epoch": r.epoch, "members": r.members, "not_reached": r.not_reached, "down": r.down})
             );
             if !r.not_reached.is_empty() {
                 return Err(Fail(
@@ -425,13 +427,14 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             let members: Vec<_> = c
                 .members
                 .iter()
-                .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "weight": m.weight, "liveness": m.liveness}))
+                .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "weight": m.weight, "liveness": m.liveness, "out_of_sync_keys": m.out_of_sync_keys}))
                 .collect();
             println!(
                 "{}",
                 serde_json::json!({
                     "node_id": c.node_id,
                     "epoch": c.epoch,
+                    "members_epoch": c.members_epoch,
                     "members": members,
                     "hints_pending": c.hints_pending,
                     "hints_delivered": c.hints_delivered,
@@ -445,6 +448,8 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                     "resync_keys_offered": c.resync_keys_offered,
                     "resync_blocks_sent": c.resync_blocks_sent,
                     "resync_running": c.resync_running,
+                    "out_of_sync_marked": c.out_of_sync_marked,
+                    "member_lists_adopted": c.member_lists_adopted,
                     "rebalance_state": c.rebalance_state,
                     "rebalances_done": c.rebalances_done,
                     "rebalance_keys_moved": c.rebalance_keys_moved,

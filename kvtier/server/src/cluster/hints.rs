@@ -1,6 +1,10 @@
-//! The hint log: blocks this node holds for a down replica, to hand back
-//! when it returns. Durable in the data dir, so a stand-in that restarts
-//! still delivers.
+//! The hint log: blocks this node holds for a replica that lacks them, to
+//! hand back when it answers again. Durable in the data dir, so a node that
+//! restarts still delivers. Two kinds of node hold hints: a stand-in, for a
+//! down replica it took a write for, and a write's coordinator, for a
+//! replica whose copy failed while it was up or suspect (the coordinator
+//! keeps a copy of its own until delivery). Either way the replica's copy
+//! is *out of sync*: [`HintLog::counts`] is the per-member view.
 //!
 //! An append-only file of records, each self-describing and checked:
 //!
@@ -178,6 +182,17 @@ impl HintLog {
         out
     }
 
+    /// Whether a hint for `key` of `ns` is pending for `node`: its copy is
+    /// known missing.
+    pub fn contains(&self, node: &NodeId, ns: NamespaceId, key: BlockKey) -> bool {
+        self.state.lock().1.get(node).is_some_and(|s| s.contains(&(ns, key)))
+    }
+
+    /// Hints pending per node: the keys known missing on each.
+    pub fn counts(&self) -> BTreeMap<NodeId, usize> {
+        self.state.lock().1.iter().map(|(n, s)| (n.clone(), s.len())).collect()
+    }
+
     /// The nodes hints are pending for.
     pub fn nodes(&self) -> Vec<NodeId> {
         self.state.lock().1.keys().cloned().collect()
@@ -215,6 +230,10 @@ mod tests {
         assert_eq!(log.pending(), 3);
         assert_eq!(log.for_node(&b)[&ns], vec![BlockKey(1), BlockKey(3)]);
         assert_eq!(log.nodes(), vec![b.clone(), c.clone()]);
+        assert!(log.contains(&b, ns, BlockKey(3)));
+        assert!(!log.contains(&b, ns, BlockKey(2)), "done");
+        assert!(!log.contains(&c, NamespaceId(8), BlockKey(4)), "another namespace");
+        assert_eq!(log.counts(), BTreeMap::from([(b.clone(), 2), (c.clone(), 1)]));
         log.done(&c, ns, &[BlockKey(4)]).unwrap();
         assert_eq!(log.nodes(), vec![b.clone()]);
         // All done: the file is emptied, and appends start over.

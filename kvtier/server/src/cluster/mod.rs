@@ -2,8 +2,10 @@
 //!
 //! - This module: [`Cluster`], this node's view of the member list:
 //!   heartbeats that feed [`Membership`], the fan-out of writes and
-//!   namespace registrations, reads from peers, and hint delivery.
-//! - [`hints`]: the durable log of blocks held for a down replica.
+//!   namespace registrations, reads from peers, hint delivery, and the
+//!   background tasks, which [`Cluster::shutdown`] stops.
+//! - [`hints`]: the durable log of blocks held for a replica that lacks
+//!   them (down, or a write to it failed): the per-member out-of-sync view.
 //! - [`peer`]: the `Peer` gRPC service the other nodes call.
 //! - [`resync`]: what a member back from down gets from the others.
 //! - [`rebalance`]: members joining and leaving at run time, and the keys
@@ -26,6 +28,14 @@
 //! - **A stand-in keeps the hint, not the coordinator.** The node that holds
 //!   the copy logs the hint durably next to it, and hands it back when its
 //!   heartbeats see the original up: a coordinator that dies loses nothing.
+//! - **A failed copy is marked out of sync by the coordinator.** A replica
+//!   write that fails on a member that is not down (a timeout, a suspect
+//!   node, an error) while the write still reaches its quorum would leave
+//!   that replica without the key for good. The coordinator keeps a copy
+//!   and a hint for it, exactly as a stand-in would, and delivers it once
+//!   the member answers heartbeats again. Reads ask a member marked out of
+//!   sync for a key last. So a member going suspect and back up needs no
+//!   resync (see [`resync`]): every copy it missed has a hint somewhere.
 
 pub mod hints;
 pub mod peer;
@@ -36,7 +46,7 @@ pub mod resync;
 use bytes::{Bytes, BytesMut};
 use kvtier::replication::membership::{Change, Liveness, Membership};
 use kvtier::replication::placement::{self, NodeId};
-use kvtier::replication::{Replication, plan_write, read_order};
+use kvtier::replication::{Replication, plan_write, read_order_with};
 use kvtier::{BlockKey, BlockManager, NamespaceId};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, BTreeSet};
@@ -76,6 +86,11 @@ pub struct Counters {
     pub replica_blocks_received: AtomicU64,
     /// Blocks peers loaded from here.
     pub replica_blocks_served: AtomicU64,
+    /// Replica copies that failed on a member that was not down, marked
+    /// out of sync (a copy and a hint kept here).
+    pub out_of_sync_marked: AtomicU64,
+    /// Member lists adopted from a peer with a newer one.
+    pub member_lists_adopted: AtomicU64,
     /// Keys this node offered to members back from down.
     pub resync_keys_offered: AtomicU64,
     /// Those they lacked, sent.
@@ -101,6 +116,9 @@ pub struct Cluster {
     max_request_bytes: u64,
     resync: resync::Resync,
     rebalance: rebalance::Rebalance,
+    /// The background tasks (heartbeats, deliveries, resync, rebalancing,
+    /// fetches), and whether [`Cluster::shutdown`] stopped them.
+    tasks: Mutex<(bool, Vec<tokio::task::JoinHandle<()>>)>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -144,7 +162,8 @@ impl Cluster {
         // The members saved at the last change win over the config's list,
         // which is only the first one.
         let members_file = data_dir.join("members.json");
-        let members = rebalance::Rebalance::saved_members(&members_file)?.unwrap_or_else(|| cfg.members.clone());
+        let (members, list_epoch) =
+            rebalance::Rebalance::saved_members(&members_file)?.unwrap_or_else(|| (cfg.members.clone(), 0));
         for m in members.iter().filter(|m| m.id != me) {
             peers.insert(m)?;
         }
@@ -154,7 +173,7 @@ impl Cluster {
             me: me.clone(),
             heartbeat: Duration::from_millis(cfg.heartbeat_interval_ms),
             peer_timeout,
-            view: RwLock::new(Membership::new(me, members, cfg.detector())),
+            view: RwLock::new(Membership::new(me, members, cfg.detector()).with_list_epoch(list_epoch)),
             peers,
             manager,
             registry,
@@ -164,7 +183,42 @@ impl Cluster {
             max_request_bytes,
             resync: resync::Resync::new(cfg.rebalance_bytes_per_s),
             rebalance: rebalance::Rebalance::new(cfg.rebalance_bytes_per_s, members_file),
+            tasks: Mutex::new((false, Vec::new())),
         })
+    }
+
+    /// Starts the heartbeats, which start every other background task.
+    pub fn start(self: &Arc<Self>) {
+        self.spawn(self.clone().heartbeats());
+    }
+
+    /// Runs `f` in the background until it ends or [`Cluster::shutdown`];
+    /// after a shutdown, drops it instead.
+    fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
+        let mut t = self.tasks.lock();
+        if t.0 {
+            return;
+        }
+        t.1.retain(|h| !h.is_finished());
+        t.1.push(tokio::spawn(f));
+    }
+
+    /// Stops every background task and waits until each has ended, so none
+    /// holds this cluster (and its block manager) any more. Work cut short
+    /// is redone after a restart: hints are durable, and a returning or
+    /// rejoining member is resynced or rebalanced again.
+    pub async fn shutdown(&self) {
+        let tasks = {
+            let mut t = self.tasks.lock();
+            t.0 = true;
+            std::mem::take(&mut t.1)
+        };
+        for h in &tasks {
+            h.abort();
+        }
+        for h in tasks {
+            let _ = h.await;
+        }
     }
 
     /// This node's id.
@@ -273,7 +327,8 @@ impl Cluster {
         }
     }
 
-    /// Pings every peer each heartbeat interval, feeds the membership, sends
+    /// Pings every peer each heartbeat interval, feeds the membership,
+    /// fetches a newer member list from a peer that has one, sends
     /// namespaces to peers that may lack them and hands hints back to
     /// replicas that are up. Runs until aborted.
     pub async fn heartbeats(self: Arc<Self>) {
@@ -287,10 +342,14 @@ impl Cluster {
                 let (id, c, me, t) = (id.clone(), c.clone(), self.me.0.clone(), self.peer_timeout);
                 set.spawn(async move {
                     let r = tokio::time::timeout(t, c.ping(&me, epoch)).await;
-                    (id, matches!(r, Ok(Ok(_))))
+                    (id, r.ok().and_then(Result::ok))
                 });
             }
-            while let Some(Ok((id, ok))) = set.join_next().await {
+            while let Some(Ok((id, answer))) = set.join_next().await {
+                let ok = answer.is_some();
+                if let Some(p) = answer {
+                    self.maybe_catch_up(&id, p.members_epoch, p.members_digest);
+                }
                 let change = {
                     let mut v = self.view.write();
                     if ok {
@@ -301,12 +360,12 @@ impl Cluster {
                 };
                 self.log_change(change);
                 if ok && self.unsynced.lock().remove(&id) {
-                    tokio::spawn(self.clone().sync_namespaces(id));
+                    self.spawn(self.clone().sync_namespaces(id));
                 }
             }
             if self.hints.pending() > 0 && !self.delivering.swap(true, Relaxed) {
                 let this = self.clone();
-                tokio::spawn(async move {
+                self.spawn(async move {
                     this.deliver_hints().await;
                     this.delivering.store(false, Relaxed);
                 });
@@ -395,6 +454,8 @@ impl Cluster {
         }
         let spec = self.spec(ns);
         let mut set = JoinSet::new();
+        // What each peer group carried, to keep for a member whose copy fails.
+        let mut sent: BTreeMap<Group, (Vec<BlockKey>, Bytes)> = BTreeMap::new();
         for (g, idx) in groups {
             let gkeys: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
             let gdata = if idx.len() == keys.len() {
@@ -406,6 +467,9 @@ impl Cluster {
                 }
                 b.freeze()
             };
+            if g.node != self.me {
+                sent.insert(g.clone(), (gkeys.clone(), gdata.clone()));
+            }
             let this = self.clone();
             let spec = spec.clone();
             set.spawn(async move {
@@ -435,6 +499,7 @@ impl Cluster {
         let mut everywhere = vec![true; keys.len()];
         let mut refused = vec![false; keys.len()];
         let mut failed = BTreeMap::new();
+        let mut missed = Vec::new();
         while let Some(j) = set.join_next().await {
             let (g, idx, r) = j.map_err(|e| Status::internal(format!("replica write task: {e}")))?;
             match r {
@@ -462,9 +527,17 @@ impl Cluster {
                 }
                 Err(e) => {
                     tracing::warn!(member = %g.node, code = ?e.code(), "replica write failed: {}", e.message());
+                    if may_recover(e.code())
+                        && let Some((gkeys, gdata)) = sent.remove(&g)
+                    {
+                        missed.push((g.hint_for.clone().unwrap_or_else(|| g.node.clone()), gkeys, gdata));
+                    }
                     failed.insert(g.node, format!("{:?}: {}", e.code(), e.message()));
                 }
             }
+        }
+        for (node, gkeys, gdata) in missed {
+            self.mark_out_of_sync(ns, node, gkeys, gdata).await;
         }
         let short = copies.iter().zip(&plans).filter(|(c, p)| **c < p.quorum).count();
         if short > 0 {
@@ -489,14 +562,33 @@ impl Cluster {
         })
     }
 
-    /// The peers a read of `key` asks, in order: the key's writable
-    /// replicas (stand-ins included), this node left out.
-    fn read_peers(&self, key: &BlockKey, rep: Replication) -> Vec<NodeId> {
+    /// Marks the copies of `keys` of `ns` (bytes `data`) that a write
+    /// failed to make on `node` out of sync: this node keeps a copy and a
+    /// durable hint, delivered once `node` answers heartbeats. When even
+    /// that fails, `node` is resynced once it is up.
+    async fn mark_out_of_sync(self: &Arc<Self>, ns: NamespaceId, node: NodeId, keys: Vec<BlockKey>, data: Bytes) {
+        let n = keys.len() as u64;
+        match self.store_local(ns, keys, data, Some(node.clone())).await {
+            Ok(_) => {
+                self.counters.out_of_sync_marked.fetch_add(n, Relaxed);
+                tracing::info!(member = %node, namespace = %ns, keys = n, "replica copies marked out of sync: delivered once it answers");
+            }
+            Err(e) => {
+                tracing::warn!(member = %node, namespace = %ns, keys = n, "out-of-sync copies not kept here ({}): the member is resynced once up", e.message());
+                self.resync.returned(node);
+            }
+        }
+    }
+
+    /// The peers a read of `key` of `ns` asks, in order: the key's writable
+    /// replicas (stand-ins included), this node left out, those known to
+    /// lack it (out of sync) last.
+    fn read_peers(&self, ns: NamespaceId, key: &BlockKey, rep: Replication) -> Vec<NodeId> {
         let v = self.view.read();
         // While keys move, a key may still be only on an old replica: ask
         // every member, then those that left (see `rebalance`).
         let moving = self.rebalance.moving();
-        let mut order: Vec<NodeId> = read_order(key, &v, rep)
+        let mut order: Vec<NodeId> = read_order_with(key, &v, rep, |n| self.hints.contains(n, ns, *key))
             .into_iter()
             .take(if moving { usize::MAX } else { rep.replicas })
             .filter(|n| *n != self.me)
@@ -518,7 +610,7 @@ impl Cluster {
         let rep = self.registry.replication(ns);
         let mut at = 0;
         'keys: while at < keys.len() {
-            for peer in self.read_peers(&keys[at], rep) {
+            for peer in self.read_peers(ns, &keys[at], rep) {
                 let c = &self.peers[&peer];
                 let t = self.timeout_for((keys.len() - at) * block);
                 match tokio::time::timeout(t, c.replica_get(ns, &keys[at..])).await {
@@ -546,7 +638,7 @@ impl Cluster {
         let rep = self.registry.replication(ns);
         let mut at = 0;
         'keys: while at < keys.len() {
-            for peer in self.read_peers(&keys[at], rep) {
+            for peer in self.read_peers(ns, &keys[at], rep) {
                 let c = &self.peers[&peer];
                 match tokio::time::timeout(self.peer_timeout, c.replica_lookup(ns, &keys[at..])).await {
                     Ok(Ok(l)) if l.hit_blocks > 0 => {
@@ -588,7 +680,7 @@ impl Cluster {
     /// that may hold it, in read order.
     pub async fn fetch_chunk(&self, ns: NamespaceId, key: BlockKey) -> Option<Vec<u8>> {
         let rep = self.registry.replication(ns);
-        for peer in self.read_peers(&key, rep) {
+        for peer in self.read_peers(ns, &key, rep) {
             let c = &self.peers[&peer];
             let t = self.timeout_for(self.manager.block_bytes(ns).unwrap_or(0) as usize);
             match tokio::time::timeout(t, c.replica_get_chunk(ns, key)).await {
@@ -652,7 +744,19 @@ impl Cluster {
     /// copies here that this node does not hold as a replica itself.
     async fn deliver_hints(self: &Arc<Self>) {
         for node in self.hints.nodes() {
-            if self.view.read().liveness(&node) != Some(Liveness::Up) {
+            let liveness = self.view.read().liveness(&node);
+            if liveness.is_none() {
+                // No longer a member: nothing to hand back. Its keys moved
+                // to their new replicas by rebalancing.
+                for (ns, keys) in self.hints.for_node(&node) {
+                    if self.hints.done(&node, ns, &keys).is_ok() {
+                        self.counters.hints_dropped.fetch_add(keys.len() as u64, Relaxed);
+                    }
+                }
+                tracing::info!(member = %node, "hints for a member that left dropped");
+                continue;
+            }
+            if liveness != Some(Liveness::Up) {
                 continue;
             }
             let Some(c) = self.peers.get(&node) else { continue };
@@ -748,6 +852,7 @@ impl Cluster {
 
     /// Stats for the Stats reply.
     pub fn stats(&self) -> proto::ClusterStats {
+        let out_of_sync = self.hints.counts();
         let v = self.view.read();
         let c = &self.counters;
         let mut s = proto::ClusterStats {
@@ -758,6 +863,7 @@ impl Cluster {
                 .into_iter()
                 .map(|m| proto::MemberStatus {
                     liveness: liveness_name(v.liveness(&m.id)).into(),
+                    out_of_sync_keys: out_of_sync.get(&m.id).copied().unwrap_or(0) as u64,
                     id: m.id.0,
                     addr: m.addr,
                     weight: m.weight,
@@ -775,11 +881,32 @@ impl Cluster {
             resync_keys_offered: c.resync_keys_offered.load(Relaxed),
             resync_blocks_sent: c.resync_blocks_sent.load(Relaxed),
             resync_running: self.resync.running(),
+            members_epoch: v.list_epoch(),
+            out_of_sync_marked: c.out_of_sync_marked.load(Relaxed),
+            member_lists_adopted: c.member_lists_adopted.load(Relaxed),
             ..Default::default()
         };
         self.rebalance_stats(&mut s);
         s
     }
+}
+
+/// Whether a replica write that failed with `code` may succeed later (a
+/// timeout, an unreachable or busy node): then the copy is kept for the
+/// replica. A refusal that would repeat (bad input, no permission) is not.
+fn may_recover(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    !matches!(
+        code,
+        InvalidArgument
+            | NotFound
+            | AlreadyExists
+            | PermissionDenied
+            | FailedPrecondition
+            | OutOfRange
+            | Unimplemented
+            | Unauthenticated
+    )
 }
 
 /// The name of a liveness, as in Stats.

@@ -105,9 +105,12 @@ impl proto::peer_server::Peer for PeerService {
     async fn ping(&self, req: Request<proto::PingRequest>) -> Reply<proto::PingResponse> {
         let t = Instant::now();
         self.cluster.heard_from(&req.into_inner().from);
+        let (members_epoch, members_digest) = self.cluster.list_clock();
         let r = Ok(proto::PingResponse {
             node_id: self.cluster.me().0.clone(),
             epoch: self.cluster.epoch(),
+            members_epoch,
+            members_digest,
         });
         self.svc.observe("Ping", t, &r);
         r.map(Response::new)
@@ -258,6 +261,17 @@ impl proto::peer_server::Peer for PeerService {
             self.cluster.leave(NodeId(req.id), req.forwarded).await
         };
         self.svc.observe("Leave", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn members(&self, req: Request<proto::MembersRequest>) -> Reply<proto::MemberList> {
+        let t = Instant::now();
+        let r = match req.into_inner().offer {
+            Some(offer) => self.cluster.adopt_list(offer, "an offer").map(|_| ()),
+            None => Ok(()),
+        }
+        .map(|()| self.cluster.member_list());
+        self.svc.observe("Members", t, &r);
         r.map(Response::new)
     }
 }

@@ -7,13 +7,31 @@
 //! persists the member list in `members.json` in its data dir (the config's
 //! list is only the first one: a restart keeps what the cluster became),
 //! and forwards the change, marked `forwarded`, to every member and, for a
-//! leave, to the leaver; a joiner also gets every member as a join of its
-//! own, so one started knowing only itself and a seed learns the rest.
-//! Applying is idempotent (joining a member already
+//! leave, to the leaver; a joiner is also offered the whole list
+//! (`Members` with an offer), so one started knowing only itself learns
+//! the rest. Applying is idempotent (joining a member already
 //! there at the same address, or removing one that is gone, changes
 //! nothing), so a change sent twice, or by two operators, converges. A
-//! member that did not answer the forward is named in the reply; the
-//! operator sends the change again (to it, or to any node).
+//! member that was up but did not answer the forward is named in the
+//! reply's `not_reached`; the operator sends the change again (to it, or to
+//! any node). One that is down here is named in `down` instead: it catches
+//! up by itself once back (below). Removing a dead member is how an
+//! operator gives up on a lost node: the surviving replicas re-replicate
+//! its keys by the pass below (the first old replica still up pushes).
+//!
+//! # Catching up
+//!
+//! The member list has its own clock, the list epoch (see
+//! [`Membership`]): applying a change bumps it, so nodes that applied the
+//! same changes agree on it and on the list's digest. Every Ping answer
+//! carries both; a node that sees a peer with a larger list epoch and
+//! another digest fetches that peer's list (`Members`) and adopts it as if
+//! the changes had been forwarded to it: it persists the list, schedules a
+//! rebalancing pass and, when the list lacks it, leaves. So a node that
+//! was down (or unreachable) during a join or leave learns it within a
+//! heartbeat of coming back, and a forward that failed needs no resend.
+//! A change forwarded to a node that had missed an earlier one leaves its
+//! epoch behind the others', so that it still fetches the whole list.
 //!
 //! # Rebalancing
 //!
@@ -40,7 +58,7 @@
 //! that left recently (they serve until they are stopped): a key is found
 //! wherever a copy is. Outside a move, reads ask the replicas only.
 
-use kvtier::replication::membership::{Change, Membership};
+use kvtier::replication::membership::{self, CatchUp, Change, Liveness, Membership};
 use kvtier::replication::placement::{Member, NodeId};
 use kvtier::replication::rebalance::plan_rebalance;
 use kvtier::{BlockKey, NamespaceId};
@@ -66,6 +84,8 @@ pub(super) struct Rebalance {
     /// The member list the keys were placed by, when a pass is due.
     pending: Mutex<Option<Vec<Member>>>,
     running: AtomicBool,
+    /// Whether a member list is being fetched from a peer.
+    fetching: AtomicBool,
     /// When the last change was seen, and the members that left recently.
     last_change: Mutex<Option<Instant>>,
     departed: Mutex<BTreeSet<NodeId>>,
@@ -82,6 +102,7 @@ impl Rebalance {
         Self {
             pending: Mutex::new(None),
             running: AtomicBool::new(false),
+            fetching: AtomicBool::new(false),
             last_change: Mutex::new(None),
             departed: Mutex::new(BTreeSet::new()),
             bytes_per_s,
@@ -115,48 +136,72 @@ impl Rebalance {
         }
     }
 
-    /// The member list this node keeps across restarts, if it saved one.
-    pub(super) fn saved_members(file: &std::path::Path) -> Result<Option<Vec<Member>>, String> {
+    /// The member list this node keeps across restarts, with its list
+    /// epoch, if it saved one (a bare list, as older versions saved, has
+    /// epoch 0).
+    pub(super) fn saved_members(file: &std::path::Path) -> Result<Option<(Vec<Member>, u64)>, String> {
         match std::fs::read(file) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
+            Ok(b) => serde_json::from_slice::<SavedMembers>(&b)
+                .map(|s| {
+                    Some(match s {
+                        SavedMembers::Bare(m) => (m, 0),
+                        SavedMembers::WithEpoch { epoch, members } => (members, epoch),
+                    })
+                })
                 .map_err(|e| format!("{}: {e}", file.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(format!("{}: {e}", file.display())),
         }
     }
 
-    fn save_members(&self, members: &[Member]) -> Result<(), String> {
+    fn save_members(&self, members: &[Member], epoch: u64) -> Result<(), String> {
         let tmp = self.members_file.with_extension("json.tmp");
-        let text = serde_json::to_vec_pretty(members).map_err(|e| e.to_string())?;
+        let saved = SavedMembers::WithEpoch {
+            epoch,
+            members: members.to_vec(),
+        };
+        let text = serde_json::to_vec_pretty(&saved).map_err(|e| e.to_string())?;
         std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, &self.members_file).map_err(|e| format!("{}: {e}", self.members_file.display()))
     }
 }
 
+/// `members.json`: the list with its epoch, or (older versions) the bare
+/// list.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum SavedMembers {
+    WithEpoch { epoch: u64, members: Vec<Member> },
+    Bare(Vec<Member>),
+}
+
 impl Cluster {
     /// Applies `f` to the view; on a change, persists the member list and
     /// schedules a rebalancing pass from the list before it.
-    fn change_members(self: &Arc<Self>, f: impl FnOnce(&mut Membership) -> Option<Change>) -> Result<bool, Status> {
-        let (before, change, after) = {
+    fn change_members(self: &Arc<Self>, f: impl FnOnce(&mut Membership) -> Vec<Change>) -> Result<bool, Status> {
+        let (before, changes, after, epoch) = {
             let mut v = self.view.write();
             let before = v.members();
-            let change = f(&mut v);
-            (before, change, v.members())
+            let changes = f(&mut v);
+            (before, changes, v.members(), v.list_epoch())
         };
-        let Some(change) = change else { return Ok(false) };
+        if changes.is_empty() {
+            return Ok(false);
+        }
         for m in after.iter().filter(|m| m.id != self.me) {
             self.peers.insert(m).map_err(Status::invalid_argument)?;
         }
-        if let Change::Joined(id) = &change {
-            self.rebalance.departed.lock().remove(id);
-            self.unsynced.lock().insert(id.clone());
+        for change in changes {
+            if let Change::Joined(id) = &change {
+                self.rebalance.departed.lock().remove(id);
+                self.unsynced.lock().insert(id.clone());
+            }
+            if let Change::Left(id) = &change {
+                self.rebalance.departed.lock().insert(id.clone());
+            }
+            self.log_change(Some(change));
         }
-        if let Change::Left(id) = &change {
-            self.rebalance.departed.lock().insert(id.clone());
-        }
-        self.log_change(Some(change));
-        if let Err(e) = self.rebalance.save_members(&after) {
+        if let Err(e) = self.rebalance.save_members(&after, epoch) {
             tracing::warn!("member list not saved: {e}");
         }
         *self.rebalance.last_change.lock() = Some(Instant::now());
@@ -177,54 +222,169 @@ impl Cluster {
                 m.weight
             )));
         }
-        self.change_members(|v| v.join(m.clone()))?;
+        self.change_members(|v| v.join(m.clone()).into_iter().collect())?;
         let req = proto::JoinRequest {
             id: m.id.0.clone(),
             addr: m.addr.clone(),
             weight: m.weight,
             forwarded: true,
         };
-        let mut not_reached = if forwarded {
-            Vec::new()
+        let (mut not_reached, down) = if forwarded {
+            (Vec::new(), Vec::new())
         } else {
-            self.forward(Vec::new(), move |c| {
+            self.forward(Vec::new(), BTreeSet::new(), move |c| {
                 let req = req.clone();
                 async move { c.join(req).await }
             })
             .await
         };
-        if !forwarded && m.id != self.me && !not_reached.contains(&m.id.0) {
-            // The joiner may have started knowing only some members: it
-            // learns every one the same way.
+        if !forwarded && m.id != self.me && !not_reached.contains(&m.id.0) && !down.contains(&m.id.0) {
+            // The joiner may have started knowing only some members: it is
+            // offered the whole list at once.
             if let Err(e) = self.teach(&m.id).await {
                 tracing::warn!(member = %m.id, "member list not sent to the joiner: {e}");
                 not_reached.push(m.id.0.clone());
             }
         }
-        Ok(self.membership_reply(not_reached))
+        Ok(self.membership_reply(not_reached, down))
     }
 
-    /// Sends every member to `joiner`, as forwarded joins.
+    /// Offers this node's member list to `joiner`, which adopts it when it
+    /// is newer than its own. One call, so the joiner never holds a part
+    /// of the list at a list epoch that others would take for newer.
     async fn teach(&self, joiner: &NodeId) -> Result<(), String> {
         let c = self.peers.get(joiner).ok_or("not a peer")?;
-        let members = self.view.read().members();
-        for m in members.into_iter().filter(|m| m.id != *joiner) {
-            let req = proto::JoinRequest {
-                id: m.id.0,
+        call(self.peer_timeout, c.members(Some(self.member_list()))).await?;
+        Ok(())
+    }
+
+    /// The member list's epoch and digest, as Ping answers them.
+    pub fn list_clock(&self) -> (u64, u64) {
+        let v = self.view.read();
+        (v.list_epoch(), v.digest())
+    }
+
+    /// This node's member list, with its epoch and digest.
+    pub fn member_list(&self) -> proto::MemberList {
+        let v = self.view.read();
+        proto::MemberList {
+            members_epoch: v.list_epoch(),
+            members_digest: v.digest(),
+            members: v
+                .members()
+                .into_iter()
+                .map(|m| proto::MemberStatus {
+                    id: m.id.0,
+                    addr: m.addr,
+                    weight: m.weight,
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    /// Adopts `list` (a peer's, offered or fetched) when it is newer than
+    /// this node's and differs; takes its epoch when only the epoch is
+    /// newer. Answers whether the member list changed.
+    pub fn adopt_list(self: &Arc<Self>, list: proto::MemberList, from: &str) -> Result<bool, Status> {
+        let mut members = Vec::with_capacity(list.members.len());
+        for m in list.members {
+            if m.id.is_empty() || m.addr.is_empty() || !(m.weight.is_finite() && m.weight > 0.0) {
+                return Err(Status::invalid_argument(format!(
+                    "member list from {from}: bad member {:?} at {:?} weight {}",
+                    m.id, m.addr, m.weight
+                )));
+            }
+            members.push(Member {
+                id: NodeId(m.id),
                 addr: m.addr,
                 weight: m.weight,
-                forwarded: true,
-            };
-            call(self.peer_timeout, c.join(req)).await?;
+            });
         }
-        Ok(())
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        if members.windows(2).any(|w| w[0].id == w[1].id) {
+            return Err(Status::invalid_argument(format!(
+                "member list from {from}: duplicate ids"
+            )));
+        }
+        if membership::digest(&members) != list.members_digest {
+            return Err(Status::invalid_argument(format!(
+                "member list from {from}: its digest does not match its members"
+            )));
+        }
+        let (epoch, digest) = (list.members_epoch, list.members_digest);
+        let catch_up = self.view.read().catch_up(epoch, digest);
+        match catch_up {
+            CatchUp::Nothing => Ok(false),
+            CatchUp::Epoch(e) => {
+                let (after, e) = {
+                    let mut v = self.view.write();
+                    v.observe_list_epoch(e);
+                    (v.members(), v.list_epoch())
+                };
+                if let Err(e) = self.rebalance.save_members(&after, e) {
+                    tracing::warn!("member list not saved: {e}");
+                }
+                Ok(false)
+            }
+            CatchUp::Fetch => {
+                let changed = self.change_members(|v| {
+                    // Checked again under the write lock: a change may have
+                    // come in since.
+                    if v.catch_up(epoch, digest) == CatchUp::Fetch {
+                        v.adopt(members, epoch)
+                    } else {
+                        Vec::new()
+                    }
+                })?;
+                if changed {
+                    self.counters.member_lists_adopted.fetch_add(1, Relaxed);
+                    tracing::info!(from, members_epoch = epoch, "adopted a newer member list");
+                }
+                Ok(changed)
+            }
+        }
+    }
+
+    /// A peer answered a heartbeat with its list epoch and digest: fetch its
+    /// list when it is newer (one fetch at a time).
+    pub(super) fn maybe_catch_up(self: &Arc<Self>, peer: &NodeId, epoch: u64, digest: u64) {
+        match self.view.read().catch_up(epoch, digest) {
+            CatchUp::Nothing => return,
+            CatchUp::Epoch(_) | CatchUp::Fetch => {}
+        }
+        if self.rebalance.fetching.swap(true, Relaxed) {
+            return;
+        }
+        let Some(c) = self.peers.get(peer) else {
+            self.rebalance.fetching.store(false, Relaxed);
+            return;
+        };
+        let (this, peer) = (self.clone(), peer.clone());
+        self.spawn(async move {
+            match call(this.peer_timeout, c.members(None)).await {
+                Ok(list) => {
+                    if let Err(e) = this.adopt_list(list, &peer.0) {
+                        tracing::warn!(member = %peer, "member list not adopted: {}", e.message());
+                    }
+                }
+                Err(e) => tracing::info!(member = %peer, "member list not fetched, tried again next heartbeat: {e}"),
+            }
+            this.rebalance.fetching.store(false, Relaxed);
+        });
     }
 
     /// Removes `id` and, unless `forwarded`, sends the change to every
     /// member and to `id`, which hands its keys over.
     pub async fn leave(self: &Arc<Self>, id: NodeId, forwarded: bool) -> Result<proto::MembershipResponse, Status> {
+        // A dead leaver cannot take the change (nor hand anything over):
+        // its surviving replicas' keys move by rebalancing.
+        let mut dead = BTreeSet::new();
         {
             let v = self.view.read();
+            if v.liveness(&id) == Some(Liveness::Down) {
+                dead.insert(id.clone());
+            }
             if v.member(&id).is_some() {
                 let left = v.members().len() - 1;
                 if let Some((ns, _, rep)) = self.registry.all().into_iter().find(|(_, _, r)| r.replicas > left) {
@@ -235,35 +395,37 @@ impl Cluster {
                 }
             }
         }
-        self.change_members(|v| v.leave(&id))?;
-        let not_reached = if forwarded {
-            Vec::new()
+        self.change_members(|v| v.leave(&id).into_iter().collect())?;
+        let (not_reached, down) = if forwarded {
+            (Vec::new(), Vec::new())
         } else {
             let req = proto::LeaveRequest {
                 id: id.0.clone(),
                 forwarded: true,
             };
-            self.forward(vec![id], move |c| {
+            self.forward(vec![id], dead, move |c| {
                 let req = req.clone();
                 async move { c.leave(req).await }
             })
             .await
         };
-        Ok(self.membership_reply(not_reached))
+        Ok(self.membership_reply(not_reached, down))
     }
 
-    fn membership_reply(&self, not_reached: Vec<String>) -> proto::MembershipResponse {
+    fn membership_reply(&self, not_reached: Vec<String>, down: Vec<String>) -> proto::MembershipResponse {
         let v = self.view.read();
         proto::MembershipResponse {
             epoch: v.epoch(),
             members: v.members().len() as u32,
             not_reached,
+            down,
         }
     }
 
     /// Sends a change to every member and `extra`, this node left out;
-    /// answers those that did not take it.
-    async fn forward<F, Fut>(&self, extra: Vec<NodeId>, send: F) -> Vec<String>
+    /// answers those that did not take it: (up here or unknown, down here
+    /// or in `dead`).
+    async fn forward<F, Fut>(&self, extra: Vec<NodeId>, dead: BTreeSet<NodeId>, send: F) -> (Vec<String>, Vec<String>)
     where
         F: Fn(crate::client::Client) -> Fut,
         Fut: Future<Output = Result<proto::MembershipResponse, Status>> + Send + 'static,
@@ -278,14 +440,20 @@ impl Cluster {
             let t = self.peer_timeout;
             set.spawn(async move { (id, tokio::time::timeout(t, f).await) });
         }
-        let mut failed = Vec::new();
+        let (mut failed, mut down) = (Vec::new(), Vec::new());
         while let Some(Ok((id, r))) = set.join_next().await {
-            if !matches!(r, Ok(Ok(_))) {
+            if matches!(r, Ok(Ok(_))) {
+                continue;
+            }
+            if dead.contains(&id) || self.view.read().liveness(&id) == Some(Liveness::Down) {
+                tracing::info!(member = %id, "membership change not forwarded to a member that is down: it catches up once back");
+                down.push(id.0);
+            } else {
                 tracing::warn!(member = %id, ?r, "membership change not forwarded");
                 failed.push(id.0);
             }
         }
-        failed
+        (failed, down)
     }
 
     /// Starts a rebalancing pass when one is due and none runs.
@@ -298,7 +466,7 @@ impl Cluster {
             return;
         };
         let this = self.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             match this.rebalance_pass(&before).await {
                 Ok(()) => {
                     this.rebalance.done.fetch_add(1, Relaxed);

@@ -1,9 +1,10 @@
 //! Resync: a replica that was down gets back what it missed.
 //!
 //! Hints cover writes made while a replica was down *and* a stand-in was
-//! free to hold them. They do not cover a write that found no stand-in
-//! (R = members), a stand-in that died too, or a copy that failed on a
-//! suspect node. So when heartbeats see a member go from down to up, every
+//! free to hold them, and copies that failed on a replica that was up or
+//! suspect (the write's coordinator keeps them, see [`super`]). They do not
+//! cover a write that found no stand-in (R = members) or a stand-in that
+//! died too. So when heartbeats see a member go from down to up, every
 //! node walks its own keys of every namespace, keeps those the core's
 //! [`plan_resync`] gives it (exactly one offering node per key), asks the
 //! returned node which it lacks ([`ReplicaHas`](crate::proto::ReplicaHasRequest)),
@@ -12,6 +13,17 @@
 //! A resync that fails part way (the node went down again, a call timed
 //! out) is queued again and restarts at the next heartbeat; asking first
 //! makes a restart cheap.
+//!
+//! # Not on suspect → up
+//!
+//! A suspect member is still written to, so no write skips it: a copy it
+//! missed is one whose write to it failed, and the coordinator marked that
+//! copy out of sync with a hint (delivered when the member is up again).
+//! Walking every key of every node on each suspect → up flap, which a
+//! busy or slow node does often, would cost far more and find nothing
+//! more. The one copy without a hint is one whose hint could not be kept
+//! (the coordinator's own store failed): then the coordinator queues the
+//! member for a resync here, run once it is up.
 
 use bytes::{Bytes, BytesMut};
 use kvtier::replication::membership::Liveness;
@@ -136,7 +148,7 @@ impl Cluster {
             return;
         }
         let this = self.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             loop {
                 let next = this.resync.queue.lock().pop_first();
                 let Some(node) = next else { break };

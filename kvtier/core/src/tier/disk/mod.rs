@@ -143,6 +143,7 @@ struct Inner {
     counters: TierCounters,
     staging: BufPool,
     oversize_staging: AtomicU64,
+    oversize_idle: Mutex<Vec<AlignedBuf>>,
     background_unlinks: Arc<AtomicUsize>,
     recycled: AtomicU64,
     recovery: Recovery,
@@ -255,6 +256,7 @@ impl DiskTier {
             counters: TierCounters::default(),
             staging: BufPool::new(cfg.io_buffers.max(1), cfg.io_buffer_bytes as usize),
             oversize_staging: AtomicU64::new(0),
+            oversize_idle: Mutex::new(Vec::new()),
             background_unlinks: Arc::new(AtomicUsize::new(0)),
             recycled: AtomicU64::new(0),
             recovery: Recovery::default(),
@@ -661,8 +663,12 @@ impl Inner {
 
     /// Writes one record, from the caller's buffer when it is page-aligned.
     fn append(&self, h: &mut RecordHeader, data: &[u8]) -> Result<()> {
-        let direct_data = data.len() >= 16 * PAGE as usize && file::is_page_aligned(data.as_ptr(), data.len());
-        h.data_offset = if direct_data { PAGE as u32 } else { HEADER_BYTES as u32 };
+        // Large blocks start on a page, staged or not, so a reader with an
+        // aligned buffer reads them without staging.
+        let large = data.len() >= 16 * PAGE as usize;
+        let direct_data = large && file::is_page_aligned(data.as_ptr(), data.len());
+        h.data_offset = if large { PAGE as u32 } else { HEADER_BYTES as u32 };
+        let at = h.data_offset as usize;
         let len = h.record_bytes();
         if len > self.cfg.segment_bytes - 2 * PAGE || data.len() as u64 > record::MAX_DATA_BYTES {
             return Err(Error::invalid(format!(
@@ -678,8 +684,9 @@ impl Inner {
         if direct_data {
             buf[HEADER_BYTES..].fill(0);
         } else {
-            buf[HEADER_BYTES..HEADER_BYTES + data.len()].copy_from_slice(data);
-            buf[HEADER_BYTES + data.len()..].fill(0);
+            buf[HEADER_BYTES..at].fill(0);
+            buf[at..at + data.len()].copy_from_slice(data);
+            buf[at + data.len()..].fill(0);
         }
         let r = self.write_record(h, &mut *buf, data, direct_data, len);
         if let Err(e) = &r
@@ -728,7 +735,15 @@ impl Inner {
     fn staging_or_own(&self, len: usize) -> Result<Staging<'_>> {
         if len > self.staging.buf_bytes() {
             self.oversize_staging.fetch_add(1, Relaxed);
-            return Ok(Staging::Own(AlignedBuf::new(len)));
+            let kept = {
+                let mut idle = self.oversize_idle.lock();
+                let i = idle.iter().position(|b| b.len() >= len);
+                i.map(|i| idle.swap_remove(i))
+            };
+            return Ok(Staging::Own(Oversize {
+                buf: Some(kept.unwrap_or_else(|| AlignedBuf::new(len))),
+                idle: &self.oversize_idle,
+            }));
         }
         match self.staging.acquire(self.staging_wait()) {
             Some(b) => Ok(Staging::Pool(b)),
@@ -820,7 +835,29 @@ fn read_full(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
 
 enum Staging<'a> {
     Pool(file::PoolBuf<'a>),
-    Own(AlignedBuf),
+    Own(Oversize<'a>),
+}
+
+/// Idle oversize staging buffers kept for reuse, in bytes at most: a
+/// stream of large unaligned blocks (checkpoint chunks from the network)
+/// then reuses touched memory instead of faulting in a fresh buffer each.
+const OVERSIZE_IDLE_BYTES: usize = 128 << 20;
+
+/// A staging buffer larger than the pool's, kept idle after use while
+/// [`OVERSIZE_IDLE_BYTES`] allow.
+struct Oversize<'a> {
+    buf: Option<AlignedBuf>,
+    idle: &'a Mutex<Vec<AlignedBuf>>,
+}
+
+impl Drop for Oversize<'_> {
+    fn drop(&mut self) {
+        let Some(b) = self.buf.take() else { return };
+        let mut idle = self.idle.lock();
+        if idle.iter().map(|x| x.len()).sum::<usize>() + b.len() <= OVERSIZE_IDLE_BYTES {
+            idle.push(b);
+        }
+    }
 }
 
 impl std::ops::Deref for Staging<'_> {
@@ -828,7 +865,7 @@ impl std::ops::Deref for Staging<'_> {
     fn deref(&self) -> &[u8] {
         match self {
             Self::Pool(b) => b.as_slice(),
-            Self::Own(b) => b.as_slice(),
+            Self::Own(b) => b.buf.as_ref().expect("held until dropped").as_slice(),
         }
     }
 }
@@ -837,7 +874,7 @@ impl std::ops::DerefMut for Staging<'_> {
     fn deref_mut(&mut self) -> &mut [u8] {
         match self {
             Self::Pool(b) => b.as_mut_slice(),
-            Self::Own(b) => b.as_mut_slice(),
+            Self::Own(b) => b.buf.as_mut().expect("held until dropped").as_mut_slice(),
         }
     }
 }
@@ -1057,8 +1094,21 @@ impl DiskPin {
         let loc = &self.loc;
         let data_at = loc.off + u64::from(loc.data_offset);
         let io = |e| Error::io(format!("read block {} from segment {}", self.key, self.seg.id), e);
+        let page = PAGE as usize;
         if !self.inner.direct || (loc.data_offset as u64 == PAGE && file::is_page_aligned(out.as_ptr(), out.len())) {
             self.seg.file.read_exact_at(out, data_at).map_err(io)?;
+        } else if loc.data_offset as u64 == PAGE && file::is_page_aligned(out.as_ptr(), page) && out.len() > page {
+            // Whole pages straight into the caller's buffer, the last
+            // partial page through a page of staging.
+            let head = out.len() / page * page;
+            self.seg.file.read_exact_at(&mut out[..head], data_at).map_err(io)?;
+            let mut buf = self.inner.staging_or_own(page)?;
+            self.seg
+                .file
+                .read_exact_at(&mut buf[..page], data_at + head as u64)
+                .map_err(io)?;
+            let tail = out.len() - head;
+            out[head..].copy_from_slice(&buf[..tail]);
         } else {
             // Read whole pages into staging, then copy the block out.
             let first = data_at - data_at % PAGE;

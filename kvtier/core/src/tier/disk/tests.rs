@@ -127,6 +127,41 @@ fn aligned_blocks_go_direct_and_come_back() {
     assert!(out.as_slice() == src.as_slice());
 }
 
+#[test]
+fn large_unaligned_blocks_start_on_a_page_and_oversize_staging_is_reused() {
+    let d = tempfile::tempdir().unwrap();
+    // Staging buffers of one page: every large block stages oversize.
+    let t = DiskConfig {
+        io_buffer_bytes: PAGE,
+        ..cfg(d.path())
+    }
+    .build()
+    .unwrap();
+    let len = BLOCK + 100;
+    for i in 1..=3 {
+        let mut v = vec![0u8; len + 1];
+        v[1..].copy_from_slice(&content(key(i), len));
+        t.put(NS, key(i), &v[1..]).unwrap();
+    }
+    assert_eq!(t.oversize_staging(), 3);
+    // One oversize buffer served the three puts, and is kept idle.
+    assert_eq!(t.inner.oversize_idle.lock().len(), 1);
+    let loc = *t.inner.state.lock().index.get(&key(2)).unwrap();
+    assert_eq!(u64::from(loc.data_offset), PAGE, "staged, and still on a page");
+    // An aligned reader gets the whole pages straight and the tail through
+    // a page of staging: no oversize buffer.
+    let mut out = AlignedBuf::new(len);
+    assert_eq!(t.get(&key(2), &mut out.as_mut_slice()[..len]).unwrap(), Fetched::Hit);
+    assert!(out[..len] == content(key(2), len)[..]);
+    if t.direct_io() {
+        assert_eq!(t.oversize_staging(), 3);
+    }
+    // An unaligned reader still works.
+    let mut v = vec![0u8; len + 1];
+    assert_eq!(t.get(&key(3), &mut v[1..]).unwrap(), Fetched::Hit);
+    assert!(v[1..] == content(key(3), len)[..]);
+}
+
 /// Flips one byte of the file at `off`.
 fn flip(path: &Path, off: u64) {
     let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
