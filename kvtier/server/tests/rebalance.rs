@@ -178,6 +178,16 @@ async fn held(c: &Client, ns: NamespaceId, range: std::ops::Range<u64>) -> Vec<b
     has
 }
 
+/// Registers namespace `name` (blocks of BLOCK) with `r` replicas and
+/// strong writes, through `a`.
+async fn replicated(a: &Client, name: &str, r: u32) -> NamespaceId {
+    let reg = a
+        .register_replicated(&common::namespace(name, BLOCK), Some(r), None)
+        .await
+        .unwrap();
+    kvtier_server::convert::namespace_id(&reg.namespace_id).unwrap()
+}
+
 /// With R = 3 on 3 nodes there is no stand-in, so writes acknowledged at
 /// W = 2 while a node is down leave no hint: only resync brings them to
 /// the node when it returns.
@@ -315,11 +325,7 @@ async fn scale_out_from_3_to_4_moves_a_quarter_of_the_keys_and_reads_never_miss(
     }
     // And an R = 2 namespace, where the pusher and the node that drops a
     // copy may differ.
-    let r2 = a
-        .register_replicated(&common::namespace("scale-out-r2", BLOCK), Some(2), None)
-        .await
-        .unwrap();
-    let ns2 = kvtier_server::convert::namespace_id(&r2.namespace_id).unwrap();
+    let ns2 = replicated(&a, "scale-out-r2", 2).await;
     let n2 = 300u64;
     a.put(ns2, &keys(ns2, 0..n2), data(ns2, 0..n2)).await.unwrap();
     let before = cl.members();
@@ -408,11 +414,7 @@ async fn a_graceful_leave_hands_every_key_over_and_reads_never_miss() {
     let cl = Nodes::start(&["a", "b", "c", "d"], "rebalance_bytes_per_s = 65536\n");
     cl.all_up().await;
     let a = cl.client(0).await;
-    let r = a
-        .register_replicated(&common::namespace("leave", BLOCK), Some(2), None)
-        .await
-        .unwrap();
-    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let ns = replicated(&a, "leave", 2).await;
     let n = 400u64;
     a.put(ns, &keys(ns, 0..n), data(ns, 0..n)).await.unwrap();
 
@@ -473,11 +475,7 @@ async fn a_dead_member_can_be_removed_and_its_keys_are_re_replicated() {
     let mut cl = Nodes::start(&["a", "b", "c", "d"], "");
     cl.all_up().await;
     let a = cl.client(0).await;
-    let r = a
-        .register_replicated(&common::namespace("dead-leave", BLOCK), Some(2), None)
-        .await
-        .unwrap();
-    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let ns = replicated(&a, "dead-leave", 2).await;
     let n = 300u64;
     a.put(ns, &keys(ns, 0..n), data(ns, 0..n)).await.unwrap();
     let before = cl.members();
@@ -531,11 +529,7 @@ async fn a_node_down_during_a_join_catches_up_on_the_member_list() {
     let mut cl = Nodes::start(&["a", "b", "c"], "");
     cl.all_up().await;
     let a = cl.client(0).await;
-    let r = a
-        .register_replicated(&common::namespace("catch-up", BLOCK), Some(2), None)
-        .await
-        .unwrap();
-    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let ns = replicated(&a, "catch-up", 2).await;
 
     let took = cl.stop(2);
     assert!(took < Duration::from_secs(5), "c drained in {took:?}");

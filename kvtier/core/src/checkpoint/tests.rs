@@ -145,25 +145,49 @@ fn a_writer_that_dies_before_its_manifest_leaves_no_checkpoint() {
     c.put_dir("s", &src).unwrap();
 }
 
-/// A real store that refuses chunk puts after the first `ok`.
-struct FailingAfter {
+/// A real store with faults to turn on: chunk puts refused after the first
+/// `ok`; manifest puts that store the manifest and then fail (a replica died
+/// as it went out); removes that fail (a member is down).
+struct Faulty {
     inner: LocalChunks,
     ok: std::sync::atomic::AtomicUsize,
+    fail_commits: std::sync::atomic::AtomicBool,
+    refuse_removes: std::sync::atomic::AtomicBool,
 }
 
-impl ChunkStore for FailingAfter {
+impl Faulty {
+    fn new(inner: LocalChunks) -> Self {
+        Self {
+            inner,
+            ok: usize::MAX.into(),
+            fail_commits: false.into(),
+            refuse_removes: false.into(),
+        }
+    }
+}
+
+impl ChunkStore for Faulty {
     fn put_chunk(&self, key: BlockKey, data: bytes::Bytes) -> Result<bool> {
-        let left = self.ok.load(std::sync::atomic::Ordering::SeqCst);
+        use std::sync::atomic::Ordering::SeqCst;
+        let left = self.ok.load(SeqCst);
         if left == 0 {
             return Err(Error::new(ErrorKind::NoSpace, "injected: the store is full"));
         }
-        self.ok.store(left - 1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.put_chunk(key, data)
+        self.ok.store(left - 1, SeqCst);
+        let is_manifest = Manifest::decode(&data).is_ok();
+        let r = self.inner.put_chunk(key, data);
+        if is_manifest && self.fail_commits.load(SeqCst) {
+            return Err(Error::new(ErrorKind::Throttled, "injected: a replica died"));
+        }
+        r
     }
     fn get_chunk(&self, key: BlockKey) -> Result<Option<bytes::Bytes>> {
         self.inner.get_chunk(key)
     }
     fn remove_chunk(&self, key: BlockKey) -> Result<()> {
+        if self.refuse_removes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::Throttled, "injected: a member is down"));
+        }
         self.inner.remove_chunk(key)
     }
     fn names(&self) -> Result<Vec<String>> {
@@ -181,14 +205,9 @@ impl ChunkStore for FailingAfter {
 fn a_chunk_that_cannot_be_stored_fails_the_put_and_commits_nothing() {
     let d = tempfile::tempdir().unwrap();
     let Checkpoints { store, ns, chunk_bytes } = setup(d.path());
-    let c = Checkpoints::new(
-        FailingAfter {
-            inner: store,
-            ok: std::sync::atomic::AtomicUsize::new(3),
-        },
-        ns,
-        chunk_bytes,
-    );
+    let faulty = Faulty::new(store);
+    faulty.ok.store(3, std::sync::atomic::Ordering::SeqCst);
+    let c = Checkpoints::new(faulty, ns, chunk_bytes);
     let src = d.path().join("src");
     tree(&src);
     let e = c.put_dir("s", &src).unwrap_err();
@@ -253,57 +272,14 @@ fn a_put_from_memory_stores_what_a_put_from_files_does() {
     assert!(c.manifest("bad").unwrap().is_none());
 }
 
-/// A real store whose manifest puts store the manifest and then fail (a
-/// replica died as it went out), and whose removes fail while `refuse`.
-struct CommitFails {
-    inner: LocalChunks,
-    fail_commits: std::sync::atomic::AtomicBool,
-    refuse_removes: std::sync::atomic::AtomicBool,
-}
-
-impl ChunkStore for CommitFails {
-    fn put_chunk(&self, key: BlockKey, data: bytes::Bytes) -> Result<bool> {
-        let is_manifest = Manifest::decode(&data).is_ok();
-        let r = self.inner.put_chunk(key, data);
-        if is_manifest && self.fail_commits.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::new(ErrorKind::Throttled, "injected: a replica died"));
-        }
-        r
-    }
-    fn get_chunk(&self, key: BlockKey) -> Result<Option<bytes::Bytes>> {
-        self.inner.get_chunk(key)
-    }
-    fn remove_chunk(&self, key: BlockKey) -> Result<()> {
-        if self.refuse_removes.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::new(ErrorKind::Throttled, "injected: a member is down"));
-        }
-        self.inner.remove_chunk(key)
-    }
-    fn names(&self) -> Result<Vec<String>> {
-        self.inner.names()
-    }
-    fn add_name(&self, name: &str) -> Result<()> {
-        self.inner.add_name(name)
-    }
-    fn remove_name(&self, name: &str) -> Result<()> {
-        self.inner.remove_name(name)
-    }
-}
-
 #[test]
 fn a_failed_commit_is_rolled_back_or_finished_by_the_next_put() {
     use std::sync::atomic::Ordering::SeqCst;
     let d = tempfile::tempdir().unwrap();
     let Checkpoints { store, ns, chunk_bytes } = setup(d.path());
-    let c = Checkpoints::new(
-        CommitFails {
-            inner: store,
-            fail_commits: true.into(),
-            refuse_removes: false.into(),
-        },
-        ns,
-        chunk_bytes,
-    );
+    let faulty = Faulty::new(store);
+    faulty.fail_commits.store(true, SeqCst);
+    let c = Checkpoints::new(faulty, ns, chunk_bytes);
     let src = d.path().join("src");
     let files = tree(&src);
     // Rolled back: no manifest is left, and a retry commits.
