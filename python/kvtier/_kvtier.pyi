@@ -1,5 +1,6 @@
+import os
 from collections.abc import Buffer, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 __version__: str
 
@@ -11,6 +12,25 @@ class NoSpaceError(KvTierError): ...
 class ThrottledError(KvTierError): ...
 class ChecksumError(KvTierError): ...
 class UnavailableError(KvTierError): ...
+
+class NotFoundError(KvTierError):
+    """No such checkpoint, or a chunk of one that no tier holds."""
+
+class AlreadyExistsError(KvTierError):
+    """A checkpoint of that name exists: names are immutable; nothing changed."""
+
+class CheckpointInfo(TypedDict):
+    """What checkpoint_put and checkpoint_get return."""
+
+    name: str
+    files: int
+    bytes: int
+    chunks: int
+
+class CheckpointSummary(CheckpointInfo):
+    """One entry of checkpoint_list."""
+
+    created_unix_ms: int
 
 Namespace = Mapping[str, Any]
 """model_id, revision, layout{num_layers, kv_heads, head_dim, block_tokens, kind, dtype}, tp_rank, tp_size, salt, lora"""
@@ -42,6 +62,26 @@ class Client:
     def delete(self, ns: bytes, keys_: Sequence[bytes]) -> int: ...
     def stats(self) -> dict[str, Any]: ...
     def health(self) -> dict[str, Any]: ...
+    def checkpoint_put(
+        self,
+        name: str,
+        files: Mapping[str, Buffer] | str | os.PathLike[str],
+        *,
+        group: str = "default",
+        chunk_mib: int = 32,
+    ) -> CheckpointInfo:
+        """Writes checkpoint `name` from {path in the checkpoint: buffer} (read
+        in place) or from every regular file under a directory. Raises
+        AlreadyExistsError if the name exists, InvalidArgumentError for a bad
+        name, path, group or chunk_mib (1 to 256); either way nothing changes."""
+    def checkpoint_get(
+        self, name: str, dest: str | os.PathLike[str], *, group: str = "default", chunk_mib: int = 32
+    ) -> CheckpointInfo:
+        """Restores checkpoint `name` under `dest`: files appear whole and
+        verified, or not at all. NotFoundError if it does not exist."""
+    def checkpoint_list(self, *, group: str = "default", chunk_mib: int = 32) -> list[CheckpointSummary]: ...
+    def checkpoint_delete(self, name: str, *, group: str = "default", chunk_mib: int = 32) -> bool:
+        """Deletes checkpoint `name`; answers whether it existed."""
 
 def key_from_hash(ns: bytes, engine_hash: bytes) -> bytes: ...
 def keys_from_tokens(namespace_: Namespace, tokens: Sequence[int]) -> list[bytes]: ...

@@ -3,7 +3,8 @@
 //! # Layout
 //!
 //! - [`Store`]: the block manager in this process, from a dict or TOML.
-//! - [`Client`]: a client of a local kvtierd.
+//! - [`Client`]: a client of a local kvtierd: KV blocks, and checkpoints
+//!   (named sets of files, from memory or a directory).
 //! - Free functions: block keys from engine hashes and from token ids.
 //!
 //! # Why
@@ -14,11 +15,14 @@
 //! - **The interpreter is released around all I/O**, so Python threads (an
 //!   engine's scheduler) keep running while blocks move.
 
+use kvtier::checkpoint::Checkpoints;
+use kvtier::checkpoint::manifest::Manifest;
 use kvtier::{BlockKey, BlockManager, ErrorKind, ManagerConfig, Namespace, NamespaceId, SequenceHasher};
+use kvtier_server::checkpoints::RemoteChunks;
 use kvtier_server::client::{Client as RpcClient, ClientConfig};
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyMapping};
 
 pyo3::create_exception!(
     _kvtier,
@@ -53,6 +57,18 @@ pyo3::create_exception!(
 pyo3::create_exception!(_kvtier, ThrottledError, KvTierError, "A bounded queue is full: retry.");
 pyo3::create_exception!(_kvtier, ChecksumError, KvTierError, "Stored bytes failed verification.");
 pyo3::create_exception!(_kvtier, UnavailableError, KvTierError, "The daemon cannot be reached.");
+pyo3::create_exception!(
+    _kvtier,
+    NotFoundError,
+    KvTierError,
+    "A named thing does not exist: a checkpoint, or a chunk of one that no tier holds."
+);
+pyo3::create_exception!(
+    _kvtier,
+    AlreadyExistsError,
+    KvTierError,
+    "A checkpoint of that name exists; names are immutable, so nothing changed."
+);
 
 fn err(e: kvtier::Error) -> PyErr {
     let msg = e.to_string();
@@ -62,7 +78,10 @@ fn err(e: kvtier::Error) -> PyErr {
         ErrorKind::UnknownNamespace => UnknownNamespaceError::new_err(msg),
         ErrorKind::NoSpace => NoSpaceError::new_err(msg),
         ErrorKind::Throttled => ThrottledError::new_err(msg),
+        ErrorKind::Unavailable => UnavailableError::new_err(msg),
         ErrorKind::ChecksumMismatch => ChecksumError::new_err(msg),
+        ErrorKind::NotFound => NotFoundError::new_err(msg),
+        ErrorKind::AlreadyExists => AlreadyExistsError::new_err(msg),
         _ => KvTierError::new_err(msg),
     }
 }
@@ -180,6 +199,36 @@ fn put_result(py: Python<'_>, stored: u64, present: u64, not_admitted: u64) -> P
     d.set_item("present", present)?;
     d.set_item("not_admitted", not_admitted)?;
     Ok(d)
+}
+
+/// A checkpoint's manifest as the dict the checkpoint methods return.
+fn manifest_dict<'py>(py: Python<'py>, m: &Manifest) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("name", &m.name)?;
+    d.set_item("files", m.files.len())?;
+    d.set_item("bytes", m.bytes())?;
+    d.set_item("chunks", m.chunks())?;
+    Ok(d)
+}
+
+/// The chunk size of a checkpoint group, checked as kvtierd checks it, so
+/// that bad input fails here, before anything is sent.
+fn checkpoint_chunk_bytes(group: &str, chunk_mib: i64) -> PyResult<u32> {
+    let range = kvtier_server::checkpoints::CHUNK_BYTES_RANGE;
+    let (lo, hi) = (i64::from(*range.start() >> 20), i64::from(*range.end() >> 20));
+    if !(lo..=hi).contains(&chunk_mib) {
+        return Err(InvalidArgumentError::new_err(format!(
+            "chunk_mib {chunk_mib} must be between {lo} and {hi}"
+        )));
+    }
+    let chunk_bytes = (chunk_mib as u32) << 20;
+    let g = kvtier_server::checkpoint_proto::Group {
+        group: group.to_string(),
+        chunk_bytes,
+        ..Default::default()
+    };
+    kvtier_server::checkpoints::group_namespace(&g).map_err(status)?;
+    Ok(chunk_bytes)
 }
 
 /// The block manager in this process.
@@ -305,6 +354,18 @@ impl Client {
     ) -> PyResult<T> {
         py.detach(|| self.rt.block_on(f)).map_err(status)
     }
+
+    /// Checkpoints of `group` on the daemon; checks the group and chunk
+    /// size first. Its calls block on this client's runtime, so make them
+    /// from a thread that is not one of its workers (the caller's, detached).
+    fn checkpoints(&self, group: &str, chunk_mib: i64) -> PyResult<Checkpoints<RemoteChunks>> {
+        let chunk_bytes = checkpoint_chunk_bytes(group, chunk_mib)?;
+        let store = self
+            .inner
+            .checkpoint_chunks(group, chunk_bytes, self.rt.handle().clone());
+        let ns = Namespace::checkpoints(group, chunk_bytes).id();
+        Ok(Checkpoints::new(store, ns, chunk_bytes))
+    }
 }
 
 #[pymethods]
@@ -420,6 +481,106 @@ impl Client {
         d.set_item("mode", h.mode)?;
         d.set_item("uptime_s", h.uptime_s)?;
         Ok(d)
+    }
+
+    /// Writes checkpoint `name` from `files`: a mapping {path in the
+    /// checkpoint: buffer}, each buffer read where it lies (no local file
+    /// first), or a directory (every regular file under it). The checkpoint
+    /// exists once every chunk is stored; names are immutable
+    /// (AlreadyExistsError). Returns {"name", "files", "bytes", "chunks"}.
+    #[pyo3(signature = (name, files, *, group = "default", chunk_mib = 32))]
+    fn checkpoint_put<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        files: &Bound<'py, PyAny>,
+        group: &str,
+        chunk_mib: i64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let c = self.checkpoints(group, chunk_mib)?;
+        let m = if let Ok(map) = files.cast::<PyMapping>() {
+            let items = map.items()?;
+            let mut held = Vec::with_capacity(items.len());
+            let mut parts = Vec::with_capacity(items.len());
+            for item in items.iter() {
+                let (path, data): (Bound<'py, PyAny>, Bound<'py, PyAny>) = item.extract()?;
+                let path: String = path
+                    .extract()
+                    .map_err(|_| InvalidArgumentError::new_err(format!("checkpoint file path {path:?}: not a str")))?;
+                let buf = Buffer::get(&data, false)?;
+                let (p, len) = buf.ptr_len();
+                held.push(buf);
+                parts.push((path, p, len));
+            }
+            let m = py.detach(|| {
+                let files: Vec<(String, &[u8])> = parts
+                    .into_iter()
+                    // SAFETY: `held` holds every buffer until after detach returns.
+                    .map(|(path, p, len)| (path, unsafe { slice(p, len) }))
+                    .collect();
+                c.put_bytes(name, &files)
+            });
+            drop(held);
+            m
+        } else {
+            let dir: std::path::PathBuf = files.extract().map_err(|_| {
+                InvalidArgumentError::new_err("files: a mapping {path: buffer} or a directory (str or os.PathLike)")
+            })?;
+            if !dir.is_dir() {
+                return Err(InvalidArgumentError::new_err(format!(
+                    "files: {} is not a directory",
+                    dir.display()
+                )));
+            }
+            py.detach(|| c.put_dir(name, &dir))
+        }
+        .map_err(err)?;
+        manifest_dict(py, &m)
+    }
+
+    /// Restores checkpoint `name` under `dest` (made if missing): files
+    /// appear whole and verified, or not at all. NotFoundError if there is
+    /// no such checkpoint or a chunk is in no tier. Returns {"name",
+    /// "files", "bytes", "chunks"}.
+    #[pyo3(signature = (name, dest, *, group = "default", chunk_mib = 32))]
+    fn checkpoint_get<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        dest: std::path::PathBuf,
+        group: &str,
+        chunk_mib: i64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let c = self.checkpoints(group, chunk_mib)?;
+        let m = py.detach(|| c.get(name, &dest)).map_err(err)?;
+        manifest_dict(py, &m)
+    }
+
+    /// The checkpoints of a group, by name: [{"name", "files", "bytes",
+    /// "chunks", "created_unix_ms"}].
+    #[pyo3(signature = (*, group = "default", chunk_mib = 32))]
+    fn checkpoint_list<'py>(&self, py: Python<'py>, group: &str, chunk_mib: i64) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let c = self.checkpoints(group, chunk_mib)?;
+        let list = py.detach(|| c.list()).map_err(err)?;
+        list.iter()
+            .map(|s| {
+                let d = PyDict::new(py);
+                d.set_item("name", &s.name)?;
+                d.set_item("files", s.files)?;
+                d.set_item("bytes", s.bytes)?;
+                d.set_item("chunks", s.chunks)?;
+                d.set_item("created_unix_ms", s.created_unix_ms)?;
+                Ok(d)
+            })
+            .collect()
+    }
+
+    /// Deletes checkpoint `name` (chunks other checkpoints share stay);
+    /// answers whether it existed.
+    #[pyo3(signature = (name, *, group = "default", chunk_mib = 32))]
+    fn checkpoint_delete(&self, py: Python<'_>, name: &str, group: &str, chunk_mib: i64) -> PyResult<bool> {
+        let c = self.checkpoints(group, chunk_mib)?;
+        py.detach(|| c.delete(name)).map_err(err)
     }
 }
 
@@ -540,6 +701,8 @@ fn _kvtier(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ThrottledError", py.get_type::<ThrottledError>())?;
     m.add("ChecksumError", py.get_type::<ChecksumError>())?;
     m.add("UnavailableError", py.get_type::<UnavailableError>())?;
+    m.add("NotFoundError", py.get_type::<NotFoundError>())?;
+    m.add("AlreadyExistsError", py.get_type::<AlreadyExistsError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

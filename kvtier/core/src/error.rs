@@ -32,6 +32,9 @@ pub enum ErrorKind {
     NotFound,
     /// A named thing exists and is immutable (a checkpoint name).
     AlreadyExists,
+    /// A service the call needs (kvtierd, enough replicas) cannot be
+    /// reached now; retry later.
+    Unavailable,
 }
 
 impl fmt::Display for ErrorKind {
@@ -48,6 +51,7 @@ impl fmt::Display for ErrorKind {
             Self::Io => "i/o error",
             Self::NotFound => "not found",
             Self::AlreadyExists => "already exists",
+            Self::Unavailable => "unavailable",
         };
         f.write_str(s)
     }

@@ -352,7 +352,7 @@ fn remote_err(s: Status) -> Error {
         tonic::Code::NotFound => ErrorKind::NotFound,
         tonic::Code::AlreadyExists => ErrorKind::AlreadyExists,
         tonic::Code::ResourceExhausted => ErrorKind::NoSpace,
-        tonic::Code::Unavailable => ErrorKind::Throttled,
+        tonic::Code::Unavailable => ErrorKind::Unavailable,
         tonic::Code::DataLoss => ErrorKind::ChecksumMismatch,
         _ => ErrorKind::Io,
     };

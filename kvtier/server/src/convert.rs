@@ -17,7 +17,7 @@ pub fn status(e: &kvtier::Error) -> Status {
         ErrorKind::UnknownNamespace => Status::not_found(msg),
         ErrorKind::NoSpace => Status::resource_exhausted(msg),
         // Retryable: the client backs off and sends the request again.
-        ErrorKind::Throttled | ErrorKind::Closed => Status::unavailable(msg),
+        ErrorKind::Throttled | ErrorKind::Closed | ErrorKind::Unavailable => Status::unavailable(msg),
         ErrorKind::ChecksumMismatch => Status::data_loss(msg),
         ErrorKind::Config => Status::failed_precondition(msg),
         ErrorKind::NotFound => Status::not_found(msg),

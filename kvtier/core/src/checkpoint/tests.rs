@@ -95,7 +95,7 @@ fn bad_names_and_paths_change_nothing() {
         let e = c.put(name, &[("f".into(), f.clone())]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{name:?}: {e}");
     }
-    for path in ["/etc/passwd", "../x", "a/../b", "./a", "a//b", "", "a/"] {
+    for path in ["/etc/passwd", "../x", "a/../b", "./a", "a/./b", "a/.", "a//b", "", "a/"] {
         let e = c
             .put("ok", &[("f".into(), f.clone()), (path.into(), f.clone())])
             .unwrap_err();

@@ -136,7 +136,7 @@ fn ckpt_fail(e: kvtier::Error) -> Fail {
     let code = match e.kind() {
         K::InvalidArgument | K::BlockSize | K::AlreadyExists | K::Config => 2,
         K::NotFound | K::UnknownNamespace => 3,
-        K::Throttled | K::Closed => 4,
+        K::Throttled | K::Closed | K::Unavailable => 4,
         K::NoSpace => 6,
         K::ChecksumMismatch => 7,
         _ => 1,
