@@ -11,6 +11,9 @@ mod demo;
 mod python;
 mod replication;
 mod tiers;
+// Used by the replay and peers benches.
+#[allow(dead_code)]
+mod trace;
 mod transfer;
 
 use clap::{Parser, Subcommand};

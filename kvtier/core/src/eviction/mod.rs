@@ -47,10 +47,53 @@ pub enum EvictionKind {
 }
 
 impl EvictionKind {
+    /// Every policy a config can name.
+    pub const ALL: &'static [EvictionKind] = &[Self::Lru];
+
+    /// The name a config uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lru => "lru",
+        }
+    }
+
     /// A fresh policy of this kind.
     pub fn build(self) -> Box<dyn EvictionPolicy> {
         match self {
             Self::Lru => Box::new(LruPolicy::new()),
         }
+    }
+}
+
+impl std::str::FromStr for EvictionKind {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Self> {
+        Self::ALL.iter().copied().find(|k| k.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+            crate::Error::invalid(format!("eviction policy {s:?}: one of {}", names.join(", ")))
+        })
+    }
+}
+
+impl std::fmt::Display for EvictionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_a_bad_one_lists_them() {
+        for k in EvictionKind::ALL {
+            assert_eq!(k.name().parse::<EvictionKind>().unwrap(), *k);
+            let toml: EvictionKind = serde_json::from_str(&format!("\"{k}\"")).unwrap();
+            assert_eq!(toml, *k);
+        }
+        let e = "mru".parse::<EvictionKind>().unwrap_err();
+        assert!(e.to_string().contains("lru"), "{e}");
     }
 }

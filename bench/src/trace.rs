@@ -1,0 +1,199 @@
+//! Mooncake-format request traces (`../shared/traces/README.md`): one JSON
+//! object a line, with `timestamp` (ms), `input_length` and
+//! `output_length` (tokens) and `hash_ids`, one id per 512-token block of
+//! the prompt, chained (a request can reuse block `i` only with blocks
+//! `0..i`).
+//!
+//! Also the reference simulation the trace README's figures come from: a
+//! request's hit is the leading run of its ids that are cached (times 512
+//! tokens, capped at `input_length`), counted before the request inserts or
+//! touches every one of its blocks, in order.
+
+use serde::Deserialize;
+use std::collections::{BinaryHeap, HashMap};
+use std::io::BufRead;
+use std::path::Path;
+
+use kvtier::{ErrorKind, Result};
+
+/// Tokens per trace block.
+pub(crate) const BLOCK_TOKENS: u64 = 512;
+
+/// One request of a trace.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub(crate) struct Request {
+    /// Arrival, ms from the trace's start.
+    pub timestamp: u64,
+    /// Prompt tokens.
+    pub input_length: u64,
+    /// Generated tokens.
+    #[serde(default)]
+    pub output_length: u64,
+    /// Prefix block ids, one per 512-token block.
+    pub hash_ids: Vec<u64>,
+}
+
+impl Request {
+    /// The tokens a hit of `blocks` leading blocks saves.
+    pub(crate) fn hit_tokens(&self, blocks: usize) -> u64 {
+        (blocks as u64 * BLOCK_TOKENS).min(self.input_length)
+    }
+}
+
+/// Reads a trace; a malformed line is an error naming it.
+pub(crate) fn load(path: &Path) -> Result<Vec<Request>> {
+    let f = std::fs::File::open(path).map_err(|e| kvtier::Error::io(format!("open {}", path.display()), e))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| kvtier::Error::io(format!("read {}", path.display()), e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: Request = serde_json::from_str(&line).map_err(|e| {
+            kvtier::Error::new(
+                ErrorKind::InvalidArgument,
+                format!("{} line {}: not a trace request: {e}", path.display(), i + 1),
+            )
+        })?;
+        out.push(r);
+    }
+    if out.is_empty() {
+        return Err(kvtier::Error::new(
+            ErrorKind::InvalidArgument,
+            format!("{}: no requests", path.display()),
+        ));
+    }
+    Ok(out)
+}
+
+/// Token hit rate of the reference simulation with an LRU of `capacity`
+/// blocks (`None`: unbounded).
+pub(crate) fn reference_lru(reqs: &[Request], capacity: Option<usize>) -> f64 {
+    // Recency stamps in a map plus a min-heap of (stamp, id) with stale
+    // entries skipped: O(log n) per access.
+    let mut stamp: HashMap<u64, u64> = HashMap::new();
+    let mut heap = BinaryHeap::new();
+    let (mut now, mut hit, mut total) = (0u64, 0u64, 0u64);
+    for r in reqs {
+        let n = r.hash_ids.iter().take_while(|b| stamp.contains_key(b)).count();
+        hit += r.hit_tokens(n);
+        total += r.input_length;
+        for b in &r.hash_ids {
+            now += 1;
+            stamp.insert(*b, now);
+            heap.push(std::cmp::Reverse((now, *b)));
+            while capacity.is_some_and(|c| stamp.len() > c) {
+                let std::cmp::Reverse((s, k)) = heap.pop().expect("entries for every key");
+                if stamp.get(&k) == Some(&s) {
+                    stamp.remove(&k);
+                }
+            }
+        }
+    }
+    hit as f64 / total.max(1) as f64
+}
+
+/// Token hit rate of the offline optimum (Belady: evict the block used
+/// farthest in the future) with `capacity` blocks.
+pub(crate) fn reference_belady(reqs: &[Request], capacity: usize) -> f64 {
+    let accesses: Vec<u64> = reqs.iter().flat_map(|r| r.hash_ids.iter().copied()).collect();
+    let mut next = vec![u64::MAX; accesses.len()];
+    let mut seen: HashMap<u64, u64> = HashMap::new();
+    for (i, b) in accesses.iter().enumerate().rev() {
+        next[i] = seen.get(b).copied().unwrap_or(u64::MAX);
+        seen.insert(*b, i as u64);
+    }
+    // The cache: id -> its next use; a max-heap of (next use, id), stale
+    // entries skipped.
+    let mut cached: HashMap<u64, u64> = HashMap::new();
+    let mut heap = BinaryHeap::new();
+    let (mut i, mut hit, mut total) = (0usize, 0u64, 0u64);
+    for r in reqs {
+        let n = r.hash_ids.iter().take_while(|b| cached.contains_key(b)).count();
+        hit += r.hit_tokens(n);
+        total += r.input_length;
+        for b in &r.hash_ids {
+            cached.insert(*b, next[i]);
+            heap.push((next[i], *b));
+            i += 1;
+            while cached.len() > capacity {
+                let (nx, k) = heap.pop().expect("entries for every key");
+                if cached.get(&k) == Some(&nx) {
+                    cached.remove(&k);
+                }
+            }
+        }
+    }
+    hit as f64 / total.max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(ids: &[u64], input: u64) -> Request {
+        Request {
+            timestamp: 0,
+            input_length: input,
+            output_length: 0,
+            hash_ids: ids.to_vec(),
+        }
+    }
+
+    #[test]
+    fn hits_are_leading_runs_capped_at_the_prompt() {
+        // 1: nothing cached. 2: [0, 1] hit, 9 misses (a leading run only).
+        // 3: the whole prompt, capped at its 700 tokens.
+        let reqs = [req(&[0, 1, 2], 1500), req(&[0, 1, 9, 2], 2000), req(&[0, 1], 700)];
+        let total = (1500 + 2000 + 700) as f64;
+        assert!((reference_lru(&reqs, None) - (1024.0 + 700.0) / total).abs() < 1e-12);
+        // Capacity 2: request 1 leaves [1, 2], so request 2's block 0
+        // misses; it leaves [9, 2], so request 3 misses too.
+        assert_eq!(reference_lru(&reqs, Some(2)), 0.0);
+        // Capacity 3 keeps request 1 whole: request 2 hits [0, 1].
+        assert!((reference_lru(&reqs, Some(3)) - 1024.0 / total).abs() < 1e-12);
+    }
+
+    #[test]
+    fn belady_is_never_below_lru_and_reaches_unbounded() {
+        let reqs: Vec<Request> = (0..200u64)
+            .map(|i| req(&[0, 1 + i % 7, 100 + i % 13, 1000 + i], 4 * 512))
+            .collect();
+        for c in [2, 4, 8, 16] {
+            assert!(
+                reference_belady(&reqs, c) + 1e-12 >= reference_lru(&reqs, Some(c)),
+                "{c}"
+            );
+        }
+        let all = reference_lru(&reqs, None);
+        assert!((reference_belady(&reqs, 10_000) - all).abs() < 1e-12);
+    }
+
+    /// The shipped trace reproduces its README's figures.
+    #[test]
+    fn the_shipped_trace_gives_its_reference_figures() {
+        let reqs = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("traces/conversation_trace.jsonl")).unwrap();
+        assert_eq!(reqs.len(), 12_031);
+        for (cap, lru, opt) in [(2_000, 0.055, 0.260), (10_000, 0.215, 0.374)] {
+            let l = reference_lru(&reqs, Some(cap));
+            let o = reference_belady(&reqs, cap);
+            assert!((l - lru).abs() <= 0.0005, "LRU at {cap}: {l}");
+            assert!((o - opt).abs() <= 0.0005, "Belady at {cap}: {o}");
+        }
+        assert!((reference_lru(&reqs, None) - 0.374).abs() <= 0.0005);
+    }
+
+    #[test]
+    fn a_bad_line_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.jsonl");
+        std::fs::write(
+            &p,
+            "{\"timestamp\": 0, \"input_length\": 5, \"hash_ids\": [1]}\nnot json\n",
+        )
+        .unwrap();
+        let e = load(&p).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+}
