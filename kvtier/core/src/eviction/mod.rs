@@ -4,8 +4,10 @@
 //! are busy (pinned) and may not go. LRU is the first policy; others plug in
 //! behind [`EvictionPolicy`] and are named by [`EvictionKind`] in config.
 
+mod frecency;
 mod lru;
 
+pub use self::frecency::FrecencyPolicy;
 pub use self::lru::LruPolicy;
 
 use serde::{Deserialize, Serialize};
@@ -44,16 +46,20 @@ pub enum EvictionKind {
     /// Least recently used.
     #[default]
     Lru,
+    /// Recency with a bonus of log2(uses) turnovers, uses remembered
+    /// across evictions ([`FrecencyPolicy`]).
+    Frecency,
 }
 
 impl EvictionKind {
     /// Every policy a config can name.
-    pub const ALL: &'static [EvictionKind] = &[Self::Lru];
+    pub const ALL: &'static [EvictionKind] = &[Self::Lru, Self::Frecency];
 
     /// The name a config uses.
     pub fn name(self) -> &'static str {
         match self {
             Self::Lru => "lru",
+            Self::Frecency => "frecency",
         }
     }
 
@@ -61,6 +67,7 @@ impl EvictionKind {
     pub fn build(self) -> Box<dyn EvictionPolicy> {
         match self {
             Self::Lru => Box::new(LruPolicy::new()),
+            Self::Frecency => Box::new(FrecencyPolicy::new()),
         }
     }
 }
