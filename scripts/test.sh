@@ -13,7 +13,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 # Azurite before the bench smokes: the blob smoke and the blob tests start it.
 KVTIER_AZURITE_BIN=$(./scripts/azurite.sh)
 export KVTIER_AZURITE_BIN
-echo "== bench smoke: kvtier-bench tiers --smoke, daemon --smoke, blob --smoke, replication --smoke, demo"
+echo "== bench smoke: kvtier-bench tiers --smoke, daemon --smoke, blob --smoke, replication --smoke, peers --smoke, replay, demo"
 cargo build --release -q -p kvtier-bench -p kvtier-server
 smoke_dir=$(mktemp -d "${TMPDIR:-/tmp}/kvtier-smoke.XXXXXX")
 trap 'rm -rf "$smoke_dir"' EXIT
@@ -60,6 +60,45 @@ assert v["time_to_safe_files_first_s"] > 0, v
 assert v["replica_copies_verified"] == 6 * logical // v["block_bytes"], v["replica_copies_verified"]
 assert v["blob_requests"]["errors"] == 0, v["blob_requests"]
 print("replication: ok")
+PY
+./target/release/kvtier-bench peers --smoke --json --dir "$smoke_dir/peers" | tee "$smoke_dir/peers.json"
+python3 - "$smoke_dir/peers.json" <<'PY'
+import json, sys
+v = json.load(open(sys.argv[1]))
+for side in ("kvtier", "foyer"):
+    for k in ("put_gbps", "get_gbps", "get_p50_us", "get_p99_us", "put_p99_us", "hit_rate"):
+        assert v[f"{side}_{k}"] > 0, (side, k, v[f"{side}_{k}"])
+    io = v[side]["io"]
+    # Every block came back and every byte was compared.
+    assert io["get_misses"] == 0 and io["bytes_verified"] == v["total_bytes"], (side, io)
+    assert v[side]["replay"]["bytes_verified"] > 0, (side, v[side]["replay"])
+for k in ("put_ratio", "get_ratio", "p99_ratio", "hit_rate_ratio"):
+    assert v[k] > 0, (k, v[k])
+# Paced to its buffers, foyer drops nothing in the put/get part.
+assert v["foyer"]["counters"]["dropped_entries"] == 0, v["foyer"]["counters"]
+print("peers: ok")
+PY
+# The trace replay: real BlockManager, real bytes; LRU must reproduce the
+# reference simulation computed in the same run.
+./target/release/kvtier-bench replay --trace bench/traces/conversation_trace.jsonl \
+    --capacity-blocks 2000 --policy lru --requests 2000 --json --dir "$smoke_dir/replay" | tee "$smoke_dir/replay.json"
+./target/release/kvtier-bench replay --trace bench/traces/conversation_trace.jsonl \
+    --sweep --requests 1000 --json --png "$smoke_dir/replay.png" --dir "$smoke_dir/replay" > "$smoke_dir/sweep.json"
+python3 - "$smoke_dir/replay.json" "$smoke_dir/sweep.json" "$smoke_dir/replay.png" <<'PY'
+import json, sys
+v = json.load(open(sys.argv[1]))
+assert v["requests"] == 2000, v["requests"]
+assert v["token_hit_rate"] > 0, v
+assert abs(v["token_hit_rate"] - v["lru_reference_token_hit_rate"]) <= 0.005, v
+assert v["optimum_token_hit_rate"] >= v["lru_reference_token_hit_rate"], v
+assert v["blocks_loaded_verified"] == v["hits"]["host_blocks"] > 0, v
+s = json.load(open(sys.argv[2]))
+assert all(0 <= r <= 1 for r in s["optimum"]), s["optimum"]
+assert set(s["policies"]) == {"lru", "frecency"}, list(s["policies"])
+assert s["tiering_study"]["rows"][-1]["token_hit_rate"] > 0, s["tiering_study"]
+png = open(sys.argv[3], "rb").read()
+assert png.startswith(b"\x89PNG") and len(png) > 1000, len(png)
+print("replay: ok")
 PY
 ./target/release/kvtier-bench demo --json --dir "$smoke_dir/demo" >/dev/null
 echo "demo: ok"

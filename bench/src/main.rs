@@ -8,11 +8,12 @@ mod blob;
 mod buf;
 mod daemon;
 mod demo;
+mod peers;
 mod python;
+mod replay;
 mod replication;
 mod tiers;
 // Used by the replay and peers benches.
-#[allow(dead_code)]
 mod trace;
 mod transfer;
 
@@ -43,6 +44,14 @@ enum Cmd {
     /// per logical byte, a checkpoint's time to safety and restore against
     /// local files copied to blob, and blob requests per node per second.
     Replication(replication::Args),
+    /// A request trace through the real BlockManager with real bytes: token
+    /// hit rate of an eviction policy against LRU and the offline optimum
+    /// computed in the same run; `--sweep` draws the curves and runs the
+    /// GPU / host / SSD tiering study.
+    Replay(replay::Args),
+    /// kvtier against foyer (hybrid memory + disk cache) in one run: put/get
+    /// GB/s and latency of 2 MiB blocks, and the hit rate over a trace.
+    Peers(peers::Args),
     /// The Python binding against Rust: put/get GB/s, same store, same run.
     Python(python::Args),
     /// GPU <-> pinned host block copies through kvtier's transfer path
@@ -73,6 +82,8 @@ fn main() {
         Cmd::Daemon(a) => daemon::run(&a),
         Cmd::Blob(a) => blob::run(&a),
         Cmd::Replication(a) => replication::run(&a),
+        Cmd::Replay(a) => replay::run(&a),
+        Cmd::Peers(a) => peers::run(&a),
         Cmd::Python(a) => python::run(&a),
         Cmd::Transfer(a) => transfer::run(&a),
         Cmd::Demo { dir, json } => demo::run(&dir, json),

@@ -34,6 +34,17 @@ pub(crate) struct Request {
 }
 
 impl Request {
+    /// A request at time 0 with no output, for tests.
+    #[cfg(test)]
+    pub(crate) fn new(ids: &[u64], input_length: u64) -> Self {
+        Self {
+            timestamp: 0,
+            input_length,
+            output_length: 0,
+            hash_ids: ids.to_vec(),
+        }
+    }
+
     /// The tokens a hit of `blocks` leading blocks saves.
     pub(crate) fn hit_tokens(&self, blocks: usize) -> u64 {
         (blocks as u64 * BLOCK_TOKENS).min(self.input_length)
@@ -127,17 +138,41 @@ pub(crate) fn reference_belady(reqs: &[Request], capacity: usize) -> f64 {
     hit as f64 / total.max(1) as f64
 }
 
+/// Token hit rate of an eviction policy holding `capacity` blocks, by the
+/// reference's rules, on the policy alone (no tiers, no bytes): the quick
+/// way to compare policies over many capacities.
+pub(crate) fn simulate(reqs: &[Request], capacity: usize, kind: kvtier::eviction::EvictionKind) -> f64 {
+    let mut policy = kind.build();
+    let mut held = std::collections::HashSet::new();
+    let (mut hit, mut total) = (0u64, 0u64);
+    for r in reqs {
+        let n = r.hash_ids.iter().take_while(|b| held.contains(*b)).count();
+        hit += r.hit_tokens(n);
+        total += r.input_length;
+        for b in &r.hash_ids {
+            let key = kvtier::BlockKey(u128::from(*b));
+            if held.contains(b) {
+                policy.touch(&key);
+                continue;
+            }
+            policy.insert(key);
+            held.insert(*b);
+            while held.len() > capacity {
+                let v = policy.victim(&|_| false).expect("a key to evict");
+                policy.remove(&v);
+                held.remove(&(v.0 as u64));
+            }
+        }
+    }
+    hit as f64 / total.max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn req(ids: &[u64], input: u64) -> Request {
-        Request {
-            timestamp: 0,
-            input_length: input,
-            output_length: 0,
-            hash_ids: ids.to_vec(),
-        }
+        Request::new(ids, input)
     }
 
     #[test]
@@ -181,6 +216,42 @@ mod tests {
             assert!((o - opt).abs() <= 0.0005, "Belady at {cap}: {o}");
         }
         assert!((reference_lru(&reqs, None) - 0.374).abs() <= 0.0005);
+    }
+
+    /// The LRU policy object, simulated, is the reference LRU.
+    #[test]
+    fn the_lru_policy_simulates_the_reference() {
+        let reqs = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("traces/conversation_trace.jsonl")).unwrap();
+        let reqs = &reqs[..3000];
+        for cap in [500, 2_000] {
+            let sim = simulate(reqs, cap, kvtier::eviction::EvictionKind::Lru);
+            assert!((sim - reference_lru(reqs, Some(cap))).abs() < 1e-12, "{cap}: {sim}");
+        }
+    }
+
+    #[test]
+    #[ignore = "prints figures: cargo test --release -p kvtier-bench policies -- --ignored --nocapture"]
+    fn policies_on_the_shipped_trace() {
+        let reqs = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("traces/conversation_trace.jsonl")).unwrap();
+        for cap in [1_000, 2_000, 6_000, 10_000, 20_000, 40_000, 80_000] {
+            let lru = reference_lru(&reqs, Some(cap));
+            let opt = reference_belady(&reqs, cap);
+            for k in kvtier::eviction::EvictionKind::ALL {
+                let h = simulate(&reqs, cap, *k);
+                println!(
+                    "{cap} {k}: {h:.4} (LRU {lru:.4}, optimum {opt:.4}, gap closed {:.3})",
+                    (h - lru) / (opt - lru)
+                );
+            }
+        }
+        // Another workload: the same requests, last first.
+        let rev: Vec<Request> = reqs.iter().rev().cloned().collect();
+        for cap in [2_000, 10_000, 40_000] {
+            let lru = reference_lru(&rev, Some(cap));
+            for k in kvtier::eviction::EvictionKind::ALL {
+                println!("reversed {cap} {k}: {:.4} (LRU {lru:.4})", simulate(&rev, cap, *k));
+            }
+        }
     }
 
     #[test]
