@@ -611,11 +611,7 @@ fn measure(a: &Args) -> Result<Value> {
 
 pub(crate) fn run(a: &Args) -> Result<()> {
     let out = measure(a)?;
-    if a.json {
-        println!("{out}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&out).expect("serializable"));
-    }
+    crate::print_json(&out, a.json);
     Ok(())
 }
 

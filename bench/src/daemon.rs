@@ -460,10 +460,6 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
             "ssd_only_put_gbps": sput, "ssd_only_get_gbps": sget,
         },
     });
-    if a.json {
-        println!("{out}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&out).expect("serializable"));
-    }
+    crate::print_json(&out, a.json);
     Ok(())
 }

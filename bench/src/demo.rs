@@ -153,10 +153,6 @@ pub(crate) fn run(dir: &Path, json_out: bool) -> Result<()> {
         "stats_before_restart": before,
         "stats_after_restart": after,
     });
-    if json_out {
-        println!("{summary}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&summary).expect("serializable"));
-    }
+    crate::print_json(&summary, json_out);
     Ok(())
 }

@@ -69,6 +69,15 @@ enum Cmd {
     },
 }
 
+/// Prints a bench's result: one line of JSON with `--json`, else indented.
+fn print_json(v: &serde_json::Value, one_line: bool) {
+    if one_line {
+        println!("{v}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+    }
+}
+
 fn main() {
     // The client side of the daemon bench moves the same transient buffers.
     kvtier_server::keep_large_buffers();

@@ -843,11 +843,7 @@ pub(crate) fn run(a: &Args) -> Result<()> {
             t = a.foyer_threads
         ),
     });
-    if a.json {
-        println!("{out}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&out).expect("serializable"));
-    }
+    crate::print_json(&out, a.json);
     Ok(())
 }
 

@@ -125,10 +125,6 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
         "goals": { "binding_cost_max": 0.10, "met": pp / rp >= 0.9 && pg / rg >= 0.9 },
         "per_round": { "rust_put_gbps": puts, "rust_get_gbps": gets },
     });
-    if a.json {
-        println!("{j}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&j).expect("serializable"));
-    }
+    crate::print_json(&j, a.json);
     Ok(())
 }

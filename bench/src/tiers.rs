@@ -286,11 +286,7 @@ pub(crate) fn run(a: &Args) -> Result<()> {
         },
         "ssd_corrupt_blocks": ssd_stats.disk.map(|d| d.corrupt),
     });
-    if a.json {
-        println!("{out}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&out).expect("serializable"));
-    }
+    crate::print_json(&out, a.json);
     Ok(())
 }
 

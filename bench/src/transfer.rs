@@ -129,11 +129,7 @@ mod gpu {
             "raw_d2h_gbps": round3(rd), "raw_h2d_gbps": round3(rh),
             "d2h_ratio": round3(d / rd), "h2d_ratio": round3(h / rh),
         });
-        if a.json {
-            println!("{out}");
-        } else {
-            println!("{}", serde_json::to_string_pretty(&out).expect("serializable"));
-        }
+        crate::print_json(&out, a.json);
         Ok(())
     }
 }
