@@ -82,8 +82,9 @@ pub(crate) struct Args {
     /// queue, and the bound foyer's inserts are paced to.
     #[arg(long, default_value_t = 32)]
     queue_blocks: usize,
-    /// foyer's flushers (write tasks), and the worker and blocking-I/O
-    /// threads of the tokio runtime it runs on.
+    /// Disk writers on each side: foyer's flushers (write tasks), and the
+    /// worker and blocking-I/O threads of its tokio runtime; kvtier's
+    /// offload workers.
     #[arg(long, default_value_t = 2)]
     foyer_threads: usize,
     /// The trace replayed for the hit rates.
@@ -265,7 +266,7 @@ fn foyer_err(what: &str) -> impl FnOnce(foyer::Error) -> kvtier::Error + '_ {
     move |e| kvtier::Error::new(ErrorKind::Io, format!("foyer {what}: {e}"))
 }
 
-fn kvtier_config(b: &Budget, dir: &Path) -> ManagerConfig {
+fn kvtier_config(b: &Budget, dir: &Path, writers: usize) -> ManagerConfig {
     let disk = DiskConfig {
         segment_bytes: b.disk_unit_bytes as u64,
         ..DiskConfig::new(dir, b.disk_bytes as u64)
@@ -273,6 +274,7 @@ fn kvtier_config(b: &Budget, dir: &Path) -> ManagerConfig {
     ManagerConfig {
         cascade: Cascade::WriteThrough,
         offload_queue_blocks: b.queue_blocks,
+        offload_workers: writers,
         ..ManagerConfig::tiered(Some(HostConfig::with_capacity(b.memory_bytes as u64)), Some(disk))
     }
 }
@@ -505,9 +507,9 @@ impl FoyerPacer {
     }
 }
 
-fn kvtier_io(b: &Budget, dir: &Path, src: &[u8], order: &[usize]) -> Result<(Io, serde_json::Value)> {
+fn kvtier_io(b: &Budget, dir: &Path, writers: usize, src: &[u8], order: &[usize]) -> Result<(Io, serde_json::Value)> {
     let block = b.block_bytes;
-    let cfg = kvtier_config(b, dir);
+    let cfg = kvtier_config(b, dir, writers);
     let m = cfg.build()?;
     let ns = m.register_namespace(&namespace("peers-bench", block))?;
     let keys: Vec<BlockKey> = (0..src.len() / block).map(|i| key(ns, 0, i)).collect();
@@ -628,8 +630,8 @@ fn trace_block(id: u64, out: &mut [u8]) {
     fill(out, 2 * id + 1);
 }
 
-fn kvtier_replay(b: &Budget, dir: &Path, reqs: &[Request]) -> Result<Replay> {
-    let m = kvtier_config(b, dir).build()?;
+fn kvtier_replay(b: &Budget, dir: &Path, writers: usize, reqs: &[Request]) -> Result<Replay> {
+    let m = kvtier_config(b, dir, writers).build()?;
     let ns = m.register_namespace(&namespace("peers-trace", b.block_bytes))?;
     let (mut got, mut want) = (Aligned::new(b.block_bytes), Aligned::new(b.block_bytes));
     let mut r = Replay::default();
@@ -766,14 +768,14 @@ pub(crate) fn run(a: &Args) -> Result<()> {
     // kvtier first, then foyer, each on a fresh directory; the order is
     // swapped for the replay so that neither always runs on a warmer disk.
     fresh_dir(&kv_dir)?;
-    let (mut kv, kv_tiers) = kvtier_io(&io_budget, &kv_dir, &src, &order)?;
+    let (mut kv, kv_tiers) = kvtier_io(&io_budget, &kv_dir, a.foyer_threads, &src, &order)?;
     fresh_dir(&fy_dir)?;
     let (mut fy, fy_counters) = foyer_io(&foyer_io_cfg, &io_budget, &fy_dir, &src, &order)?;
     drop(src);
     fresh_dir(&fy_dir)?;
     let (fy_replay, fy_replay_counters) = foyer_replay(&foyer_trace_cfg, &trace_budget, &fy_dir, &reqs)?;
     fresh_dir(&kv_dir)?;
-    let kv_replay = kvtier_replay(&trace_budget, &kv_dir, &reqs)?;
+    let kv_replay = kvtier_replay(&trace_budget, &kv_dir, a.foyer_threads, &reqs)?;
     let _ = std::fs::remove_dir_all(&kv_dir);
     let _ = std::fs::remove_dir_all(&fy_dir);
 
@@ -834,11 +836,14 @@ pub(crate) fn run(a: &Args) -> Result<()> {
         "reference_lru_hit_rate_unbounded": round4(trace::reference_lru(&reqs, None)),
     });
     out["config"] = json!({
-        "kvtier": { "io": kvtier_config(&io_budget, &kv_dir), "replay": kvtier_config(&trace_budget, &kv_dir) },
+        "kvtier": {
+            "io": kvtier_config(&io_budget, &kv_dir, a.foyer_threads),
+            "replay": kvtier_config(&trace_budget, &kv_dir, a.foyer_threads),
+        },
         "foyer": { "io": foyer_io_cfg, "replay": foyer_trace_cfg },
         "same_for_both": { "io": io_budget, "replay": trace_budget },
         "threads": format!(
-            "kvtier: the caller and one offload writer; foyer: the caller plus a tokio runtime of {t} workers \
+            "kvtier: the caller and {t} offload writers; foyer: the caller plus a tokio runtime of {t} workers \
              and {t} blocking I/O threads, {t} flushers",
             t = a.foyer_threads
         ),
@@ -898,7 +903,7 @@ mod tests {
         let mut src = Aligned::new(n * b.block_bytes);
         fill(&mut src, 3);
         let order = shuffled(n, 5);
-        let (kv, _) = kvtier_io(&b, &d.path().join("kv"), &src, &order).unwrap();
+        let (kv, _) = kvtier_io(&b, &d.path().join("kv"), 2, &src, &order).unwrap();
         assert_eq!(kv.get_misses, 0);
         assert_eq!(kv.bytes_verified, src.len() as u64);
         let c = FoyerConfig::new(&b, 1, direct_io_works(d.path()));

@@ -87,6 +87,11 @@ pub struct ManagerConfig {
     /// Write-through blocks queued for disk at most; more are throttled.
     #[serde(default = "default_offload_queue")]
     pub offload_queue_blocks: usize,
+    /// Threads writing the write-through queue to disk: with O_DIRECT each
+    /// write waits for the device, so two keep it busy where one leaves
+    /// gaps.
+    #[serde(default = "default_offload_workers")]
+    pub offload_workers: usize,
     /// The Azure Blob tier behind the disk, if any.
     #[serde(default)]
     pub blob: Option<BlobConfig>,
@@ -103,6 +108,9 @@ fn default_admission_counters() -> usize {
 }
 fn default_offload_queue() -> usize {
     64
+}
+fn default_offload_workers() -> usize {
+    2
 }
 
 impl ManagerConfig {
@@ -130,6 +138,7 @@ impl ManagerConfig {
             admission_counters: default_admission_counters(),
             promote_on_hit: true,
             offload_queue_blocks: default_offload_queue(),
+            offload_workers: default_offload_workers(),
             blob: None,
         }
     }
@@ -151,6 +160,9 @@ impl ManagerConfig {
             (Mode::SsdOnly, None, None) => Err(Error::config("ssd-only mode needs a [disk] tier")),
             (Mode::Tiered, None, None) => Err(Error::config("configure a [host] tier, a [disk] tier, or both")),
             _ if self.offload_queue_blocks == 0 => Err(Error::config("offload_queue_blocks must be > 0")),
+            _ if !(1..=64).contains(&self.offload_workers) => {
+                Err(Error::config("offload_workers must be between 1 and 64"))
+            }
             _ => match &self.blob {
                 Some(b) if b.mode == BlobMode::Writeback && self.disk.is_none() => Err(Error::config(
                     "blob mode writeback keeps its dirty log on the SSD: configure a [disk] tier",
@@ -349,7 +361,7 @@ struct Job {
 pub struct BlockManager {
     shared: Arc<Shared>,
     tx: Option<SyncSender<Job>>,
-    worker: Option<std::thread::JoinHandle<()>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for BlockManager {
@@ -397,32 +409,39 @@ impl BlockManager {
             queued: Mutex::new(0),
             drained: Condvar::new(),
         });
-        let (tx, worker) = match (&host, &disk, cfg.cascade) {
+        let (tx, workers) = match (&host, &disk, cfg.cascade) {
             (Some(_), Some(disk), Cascade::WriteThrough) => {
                 let (tx, rx) = sync_channel::<Job>(cfg.offload_queue_blocks);
-                let (disk, queue, counters) = (disk.clone(), queue.clone(), counters.clone());
-                let wb = wb.clone();
-                let worker = std::thread::Builder::new()
-                    .name("kvtier-offload".into())
-                    .spawn(move || {
-                        for job in rx {
-                            match put_disk(&disk, wb.as_deref(), job.ns, job.key, job.pin.as_slice()) {
-                                Ok(_) => add(&counters.offloaded, 1),
-                                Err(e) => {
-                                    add(&counters.offload_errors, 1);
-                                    tracing::warn!(key = %job.key, "write-through to disk failed: {e}");
+                let rx = Arc::new(Mutex::new(rx));
+                let mut workers = Vec::with_capacity(cfg.offload_workers);
+                for i in 0..cfg.offload_workers {
+                    let (disk, queue, counters) = (disk.clone(), queue.clone(), counters.clone());
+                    let (wb, rx) = (wb.clone(), rx.clone());
+                    let worker = std::thread::Builder::new()
+                        .name(format!("kvtier-offload-{i}"))
+                        .spawn(move || {
+                            loop {
+                                let job = rx.lock().recv();
+                                let Ok(job) = job else { return };
+                                match put_disk(&disk, wb.as_deref(), job.ns, job.key, job.pin.as_slice()) {
+                                    Ok(_) => add(&counters.offloaded, 1),
+                                    Err(e) => {
+                                        add(&counters.offload_errors, 1);
+                                        tracing::warn!(key = %job.key, "write-through to disk failed: {e}");
+                                    }
                                 }
+                                drop(job);
+                                let mut q = queue.queued.lock();
+                                *q -= 1;
+                                queue.drained.notify_all();
                             }
-                            drop(job);
-                            let mut q = queue.queued.lock();
-                            *q -= 1;
-                            queue.drained.notify_all();
-                        }
-                    })
-                    .map_err(|e| Error::io("start the offload worker", e))?;
-                (Some(tx), Some(worker))
+                        })
+                        .map_err(|e| Error::io("start an offload worker", e))?;
+                    workers.push(worker);
+                }
+                (Some(tx), workers)
             }
-            _ => (None, None),
+            _ => (None, Vec::new()),
         };
         Ok(Self {
             shared: Arc::new(Shared {
@@ -437,7 +456,7 @@ impl BlockManager {
                 queue,
             }),
             tx,
-            worker,
+            workers,
         })
     }
 
@@ -1052,10 +1071,10 @@ impl Drop for BlockManager {
         }
         // Drain the write-through queue: every queued block reaches disk.
         self.tx.take();
-        if let Some(w) = self.worker.take()
-            && w.join().is_err()
-        {
-            tracing::error!("the offload worker panicked");
+        for w in self.workers.drain(..) {
+            if w.join().is_err() {
+                tracing::error!("an offload worker panicked");
+            }
         }
     }
 }

@@ -185,6 +185,36 @@ fn write_through_reaches_disk_and_a_full_queue_throttles() {
 }
 
 #[test]
+fn several_offload_workers_write_every_block_once_and_drain_on_drop() {
+    let d = tempfile::tempdir().unwrap();
+    let n = ns("m");
+    let ks = keys(&n, 40, 5);
+    for workers in [0, 65] {
+        let mut cfg = ManagerConfig::tiered(Some(HostConfig::with_capacity(64 * BLOCK)), Some(disk_cfg(d.path())));
+        cfg.offload_workers = workers;
+        let e = cfg.build().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config, "{workers}: {e}");
+    }
+    {
+        let mut cfg = ManagerConfig::tiered(Some(HostConfig::with_capacity(64 * BLOCK)), Some(disk_cfg(d.path())));
+        cfg.cascade = Cascade::WriteThrough;
+        cfg.offload_workers = 4;
+        cfg.offload_queue_blocks = 64;
+        let m = cfg.build().unwrap();
+        let id = m.register_namespace(&n).unwrap();
+        for c in ks.chunks(8) {
+            m.store(id, c, &data(c)).unwrap();
+        }
+        // Dropped without a flush: the workers drain the queue first.
+    }
+    let m = ManagerConfig::ssd_only(disk_cfg(d.path())).build().unwrap();
+    let id = m.register_namespace(&n).unwrap();
+    let mut out = vec![0u8; ks.len() * BLOCK as usize];
+    assert_eq!(m.load(id, &ks, &mut out).unwrap().loaded, ks.len());
+    assert!(out == data(&ks), "every block reached the SSD intact");
+}
+
+#[test]
 fn ssd_only_survives_restart() {
     let d = tempfile::tempdir().unwrap();
     let n = ns("m");
