@@ -81,9 +81,7 @@ pub(crate) struct Args {
     smoke: bool,
 }
 
-fn fail(kind: ErrorKind, msg: impl Into<String>) -> kvtier::Error {
-    kvtier::Error::new(kind, msg)
-}
+use crate::fail;
 
 /// The workload's sizes, after `--smoke` and validation.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -69,6 +69,11 @@ enum Cmd {
     },
 }
 
+/// An error of `kind`: what a bench answers for bad arguments or a failed check.
+fn fail(kind: kvtier::ErrorKind, msg: impl Into<String>) -> kvtier::Error {
+    kvtier::Error::new(kind, msg)
+}
+
 /// Prints a bench's result: one line of JSON with `--json`, else indented.
 fn print_json(v: &serde_json::Value, one_line: bool) {
     if one_line {

@@ -102,9 +102,7 @@ pub(crate) struct Args {
     smoke: bool,
 }
 
-fn fail(kind: ErrorKind, msg: impl Into<String>) -> kvtier::Error {
-    kvtier::Error::new(kind, msg)
-}
+use crate::fail;
 
 fn io(msg: impl Into<String>) -> kvtier::Error {
     fail(ErrorKind::Io, msg)

@@ -274,6 +274,20 @@ fn reader(
     })
 }
 
+/// Stops a [`reader`] and checks it read during the move and never
+/// missed; answers how many reads it made.
+async fn no_misses(stop: Arc<AtomicBool>, reader: tokio::task::JoinHandle<(u64, Vec<u64>)>) -> u64 {
+    stop.store(true, Relaxed);
+    let (reads, misses) = reader.await.unwrap();
+    assert!(reads >= 20, "the reader read during the move: {reads} reads");
+    assert!(
+        misses.is_empty(),
+        "{} of {reads} reads missed during the move: {misses:?}",
+        misses.len()
+    );
+    reads
+}
+
 /// Waits until every running member sees `n` members, no rebalancing is
 /// pending or running on any node, and each of `movers` finished a pass.
 async fn settled(cl: &Nodes, n: usize, movers: &[usize]) {
@@ -349,14 +363,7 @@ async fn scale_out_from_3_to_4_moves_a_quarter_of_the_keys_and_reads_never_miss(
     let j = run.json();
     assert_eq!(j["members"], 4, "{j}");
     settled(&cl, 4, &[0, 1, 2]).await;
-    stop.store(true, Relaxed);
-    let (reads, misses) = reads.await.unwrap();
-    assert!(reads >= 20, "the reader read during the move: {reads} reads");
-    assert!(
-        misses.is_empty(),
-        "{} of {reads} reads missed during the move: {misses:?}",
-        misses.len()
-    );
+    let reads = no_misses(stop, reads).await;
 
     // Each key is on exactly its new replica; a, which served the reads,
     // may also keep copies it promoted on the way.
@@ -427,14 +434,7 @@ async fn a_graceful_leave_hands_every_key_over_and_reads_never_miss() {
         .expect(0);
     assert_eq!(run.json()["members"], 3);
     settled(&cl, 3, &[1]).await;
-    stop.store(true, Relaxed);
-    let (reads, misses) = reads.await.unwrap();
-    assert!(reads >= 20, "the reader read during the move: {reads} reads");
-    assert!(
-        misses.is_empty(),
-        "{} of {reads} reads missed during the move: {misses:?}",
-        misses.len()
-    );
+    no_misses(stop, reads).await;
 
     // Every key is on both its new replicas and gone from the leaver; a,
     // which served the reads, may also keep promoted copies.
