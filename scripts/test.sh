@@ -5,6 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# A fresh clone's CI build: incremental artifacts only cost disk there.
+if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL=0; fi
+# The smokes write up to about 3 GiB under TMPDIR and the build about 20 GiB
+# under target/: say so up front rather than fail later on ENOSPC.
+for d in "${TMPDIR:-/tmp}" .; do
+  free_kib=$(df -Pk "$d" | awk 'NR == 2 { print $4 }')
+  if [ "$free_kib" -lt $((4 * 1024 * 1024)) ]; then
+    echo "test.sh: only $((free_kib / 1024)) MiB free under $d; the smokes and tests need at least 4 GiB" >&2
+    exit 1
+  fi
+done
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -62,9 +62,20 @@ fn reload(m: &BlockManager, ns: NamespaceId, prompts: &[Vec<BlockKey>], block: u
         disk += l.tiers.iter().filter(|t| **t == TierKind::Disk).count();
         let r = m.load(ns, keys, &mut out)?;
         if r.loaded != keys.len() || r.failed.is_some() {
+            let failed = r
+                .failed
+                .as_ref()
+                .map_or("none".to_string(), |e| format!("block {}: {}", e.index, e.message));
+            let offload_errors = m.stats().offload_errors;
             return Err(kvtier::Error::new(
                 kvtier::ErrorKind::Io,
-                format!("prompt reloaded {} of {} blocks: {:?}", r.loaded, keys.len(), r.failed),
+                format!(
+                    "prompt reloaded {} of {} blocks (load error: {failed}); {offload_errors} \
+                     write-throughs to the SSD failed, so those blocks were only in host memory: \
+                     the warnings above name the cause (a full filesystem?)",
+                    r.loaded,
+                    keys.len()
+                ),
             ));
         }
         for (k, got) in keys.iter().zip(out.chunks_exact(block)) {
