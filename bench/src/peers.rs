@@ -197,8 +197,9 @@ impl FoyerConfig {
         // A flusher takes every entry queued for it into one buffer and drops
         // those that do not fit. The pacing keeps about `window` bytes
         // unwritten, and all of them may hash to one flusher: each buffer
-        // holds the whole window, and a disk unit for the pacing's drift.
-        let per_flusher = window + b.disk_unit_bytes;
+        // holds the whole window, and two disk units: one being filled, one
+        // for the pacing's drift while a full one is written.
+        let per_flusher = window + 2 * b.disk_unit_bytes;
         Self {
             version: FOYER_VERSION,
             policy: "WriteOnInsertion",

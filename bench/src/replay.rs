@@ -579,6 +579,21 @@ fn sweep(a: &Args, policy: EvictionKind) -> Result<()> {
         lines.push((p.name().into(), rates));
     }
     lines.push(("optimum".into(), opt.clone()));
+    // How much an admission filter would have to know to close a third of
+    // LRU's gap: the share of blocks' last uses it must refuse, never
+    // refusing a block that is used again.
+    let oracle: Vec<serde_json::Value> = caps
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let third = lru[i] + (opt[i] - lru[i]) / 3.0;
+            json!({
+                "capacity_blocks": c,
+                "token_hit_rate": trace::reference_lru_admission_oracle(&reqs, *c, 1.0),
+                "last_uses_to_refuse_for_a_third_of_the_gap": trace::admission_needed(&reqs, *c, third),
+            })
+        })
+        .collect();
     let study = tiering_study(&reqs, policy, block, &a.dir)?;
     if let Some(png) = &a.png {
         plot(png, &caps, &lines, reqs.len())?;
@@ -596,6 +611,7 @@ fn sweep(a: &Args, policy: EvictionKind) -> Result<()> {
         "lru_reference": lru,
         "optimum": opt,
         "policies": curves,
+        "lru_with_admission_oracle": oracle,
         "tiering_study": study,
         "png": a.png.as_ref().map(|p| p.display().to_string()),
         "wall_s": round3(t.elapsed().as_secs_f64()),

@@ -138,6 +138,75 @@ pub(crate) fn reference_belady(reqs: &[Request], capacity: usize) -> f64 {
     hit as f64 / total.max(1) as f64
 }
 
+/// Token hit rate of LRU behind an admission oracle: at a block's last use
+/// in the trace, a `refuse` fraction of those uses (chosen by a hash of the
+/// access, so the same ones every run) neither inserts the block nor keeps
+/// it. `refuse = 1` knows every block's future exactly and comes close to
+/// the optimum; smaller fractions say how much of the optimum's advantage a
+/// filter that never refuses a block used again would have to find.
+pub(crate) fn reference_lru_admission_oracle(reqs: &[Request], capacity: usize, refuse: f64) -> f64 {
+    let accesses: Vec<u64> = reqs.iter().flat_map(|r| r.hash_ids.iter().copied()).collect();
+    let mut last_use = vec![false; accesses.len()];
+    let mut seen = std::collections::HashSet::new();
+    for (i, b) in accesses.iter().enumerate().rev() {
+        last_use[i] = seen.insert(*b);
+    }
+    let cut = (refuse.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
+    let mut stamp: HashMap<u64, u64> = HashMap::new();
+    let mut heap = BinaryHeap::new();
+    let (mut i, mut now, mut hit, mut total) = (0usize, 0u64, 0u64, 0u64);
+    for r in reqs {
+        let n = r.hash_ids.iter().take_while(|b| stamp.contains_key(b)).count();
+        hit += r.hit_tokens(n);
+        total += r.input_length;
+        for b in &r.hash_ids {
+            let refused = last_use[i] && (refuse >= 1.0 || splitmix(i as u64) < cut);
+            i += 1;
+            if refused {
+                stamp.remove(b);
+                continue;
+            }
+            now += 1;
+            stamp.insert(*b, now);
+            heap.push(std::cmp::Reverse((now, *b)));
+            while stamp.len() > capacity {
+                let std::cmp::Reverse((s, k)) = heap.pop().expect("entries for every key");
+                if stamp.get(&k) == Some(&s) {
+                    stamp.remove(&k);
+                }
+            }
+        }
+    }
+    hit as f64 / total.max(1) as f64
+}
+
+/// The smallest fraction of last uses an admission oracle must refuse for
+/// LRU to reach `target`, to 0.01; `None` when refusing all of them does
+/// not reach it.
+pub(crate) fn admission_needed(reqs: &[Request], capacity: usize, target: f64) -> Option<f64> {
+    if reference_lru_admission_oracle(reqs, capacity, 1.0) < target {
+        return None;
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    while hi - lo > 0.01 {
+        let mid = (lo + hi) / 2.0;
+        if reference_lru_admission_oracle(reqs, capacity, mid) >= target {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Some((hi * 100.0).ceil() / 100.0)
+}
+
+/// A well-mixed 64-bit hash (splitmix64's finaliser).
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 /// Token hit rate of an eviction policy holding `capacity` blocks, by the
 /// reference's rules, on the policy alone (no tiers, no bytes): the quick
 /// way to compare policies over many capacities.
@@ -206,6 +275,35 @@ mod tests {
 
     /// The shipped trace reproduces its README's figures.
     #[test]
+    fn the_admission_oracle_sits_between_lru_and_the_optimum() {
+        // Block 9 is used once, between two uses of 1: an LRU of one block
+        // loses 1 to it; the oracle refuses it and keeps 1.
+        let reqs = vec![req(&[1], 512), req(&[9], 512), req(&[1], 512)];
+        assert_eq!(reference_lru(&reqs, Some(1)), 0.0);
+        assert_eq!(reference_lru_admission_oracle(&reqs, 1, 0.0), 0.0);
+        assert!((reference_lru_admission_oracle(&reqs, 1, 1.0) - 1.0 / 3.0).abs() < 1e-9);
+        let needed = admission_needed(&reqs, 1, 0.3).expect("the whole oracle reaches 1/3");
+        assert!(needed > 0.0 && needed <= 1.0, "{needed}");
+        assert!(reference_lru_admission_oracle(&reqs, 1, needed) > 0.3);
+        assert_eq!(admission_needed(&reqs, 1, 0.5), None);
+        let caps = [50, 400];
+        let shipped = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("traces/conversation_trace.jsonl")).unwrap();
+        let some = &shipped[..1500];
+        for cap in caps {
+            let (lru, opt) = (reference_lru(some, Some(cap)), reference_belady(some, cap));
+            let (half, all) = (
+                reference_lru_admission_oracle(some, cap, 0.5),
+                reference_lru_admission_oracle(some, cap, 1.0),
+            );
+            assert!(
+                lru <= half && half <= all && all <= opt + 1e-12,
+                "{cap}: {lru} {half} {all} {opt}"
+            );
+            assert!(all > lru, "{cap}: the oracle gains");
+        }
+    }
+
+    #[test]
     fn the_shipped_trace_gives_its_reference_figures() {
         let reqs = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("traces/conversation_trace.jsonl")).unwrap();
         assert_eq!(reqs.len(), 12_031);
@@ -236,6 +334,11 @@ mod tests {
         for cap in [1_000, 2_000, 6_000, 10_000, 20_000, 40_000, 80_000] {
             let lru = reference_lru(&reqs, Some(cap));
             let opt = reference_belady(&reqs, cap);
+            println!(
+                "{cap} LRU with an admission oracle: {:.4}; last uses to refuse for a third of the gap: {:?}",
+                reference_lru_admission_oracle(&reqs, cap, 1.0),
+                admission_needed(&reqs, cap, lru + (opt - lru) / 3.0)
+            );
             for k in kvtier::eviction::EvictionKind::ALL {
                 let h = simulate(&reqs, cap, *k);
                 println!(

@@ -20,11 +20,11 @@ pub mod writeback;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use self::admission::Admission;
 use self::writeback::{Writeback, WritebackStats};
@@ -421,18 +421,24 @@ impl BlockManager {
                         .name(format!("kvtier-offload-{i}"))
                         .spawn(move || {
                             loop {
-                                let job = rx.lock().recv();
-                                let Ok(job) = job else { return };
-                                match put_disk(&disk, wb.as_deref(), job.ns, job.key, job.pin.as_slice()) {
-                                    Ok(_) => add(&counters.offloaded, 1),
-                                    Err(e) => {
-                                        add(&counters.offload_errors, 1);
-                                        tracing::warn!(key = %job.key, "write-through to disk failed: {e}");
+                                let Some(jobs) = next_jobs(&rx) else { return };
+                                let items: Vec<_> = jobs.iter().map(|j| (j.ns, j.key, j.pin.as_slice())).collect();
+                                let results = put_disk_batch(&disk, wb.as_deref(), &items);
+                                for (job, r) in jobs.iter().zip(results) {
+                                    match r {
+                                        Ok(_) => add(&counters.offloaded, 1),
+                                        Err(e) => {
+                                            add(&counters.offload_errors, 1);
+                                            tracing::warn!(key = %job.key, "write-through to disk failed: {e}");
+                                        }
                                     }
                                 }
-                                drop(job);
+                                // The pins go only once their bytes are on disk.
+                                drop(items);
+                                let n = jobs.len();
+                                drop(jobs);
                                 let mut q = queue.queued.lock();
-                                *q -= 1;
+                                *q -= n;
                                 queue.drained.notify_all();
                             }
                         })
@@ -1120,6 +1126,73 @@ fn put_disk(disk: &DiskTier, wb: Option<&Writeback>, ns: NamespaceId, key: Block
             Err(e)
         }
     }
+}
+
+/// Jobs a write-through worker takes at once, at most: those already
+/// queued behind the one it waited for go to disk together (see
+/// [`DiskTier::put_batch`]).
+const OFFLOAD_BATCH_JOBS: usize = 64;
+/// Bytes of blocks a worker takes at once; it stops taking more past this.
+const OFFLOAD_BATCH_BYTES: usize = 4 << 20;
+
+/// Waits for a write-through job, then takes those already queued behind
+/// it without waiting, up to [`OFFLOAD_BATCH_JOBS`] or
+/// [`OFFLOAD_BATCH_BYTES`]. `None` once the queue is closed and empty.
+fn next_jobs(rx: &Mutex<Receiver<Job>>) -> Option<Vec<Job>> {
+    let rx = rx.lock();
+    let first = rx.recv().ok()?;
+    let mut bytes = first.pin.as_slice().len();
+    let mut jobs = vec![first];
+    while jobs.len() < OFFLOAD_BATCH_JOBS && bytes < OFFLOAD_BATCH_BYTES {
+        match rx.try_recv() {
+            Ok(j) => {
+                bytes += j.pin.as_slice().len();
+                jobs.push(j);
+            }
+            Err(_) => break,
+        }
+    }
+    Some(jobs)
+}
+
+/// [`put_disk`] for several blocks, packed into shared disk writes. In
+/// writeback mode each block is logged dirty before the write and queued
+/// for upload once it is on disk, as one by one.
+fn put_disk_batch(
+    disk: &DiskTier,
+    wb: Option<&Writeback>,
+    items: &[(NamespaceId, BlockKey, &[u8])],
+) -> Vec<Result<Stored>> {
+    let Some(wb) = wb else {
+        return disk.put_batch(items);
+    };
+    let mut out: Vec<Option<Result<Stored>>> = items.iter().map(|_| None).collect();
+    let mut todo = Vec::with_capacity(items.len());
+    let mut seen = HashSet::with_capacity(items.len());
+    for (i, &(ns, key, _)) in items.iter().enumerate() {
+        // A repeat is answered here, so that a failed first write is never
+        // marked ready through it.
+        if disk.contains(&key) || !seen.insert(key) {
+            out[i] = Some(Ok(Stored::Present));
+            continue;
+        }
+        match wb.begin(ns, key) {
+            Ok(()) => todo.push(i),
+            Err(e) => out[i] = Some(Err(e)),
+        }
+    }
+    let batch: Vec<_> = todo.iter().map(|&i| items[i]).collect();
+    for (&i, r) in todo.iter().zip(disk.put_batch(&batch)) {
+        let (ns, key, _) = items[i];
+        out[i] = Some(match r {
+            Ok(s) => wb.ready(ns, key).map(|()| s),
+            Err(e) => {
+                wb.abort(key);
+                Err(e)
+            }
+        });
+    }
+    out.into_iter().map(|r| r.expect("every block is answered")).collect()
 }
 
 #[cfg(test)]

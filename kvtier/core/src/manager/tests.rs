@@ -341,3 +341,80 @@ fn example_config_in_deploy_parses() {
     let c = ManagerConfig::from_toml(text).unwrap();
     assert!(c.disk.is_some());
 }
+
+#[test]
+fn a_worker_takes_the_jobs_already_queued_together() {
+    let host = HostConfig::with_capacity(256 << 20).build(None).unwrap();
+    let nsid = NamespaceId(9);
+    let job = |i: u128, len: usize| {
+        let key = BlockKey(i + 1);
+        host.put(nsid, key, &content(key, len)).unwrap();
+        Job {
+            ns: nsid,
+            key,
+            pin: host.pin_host(&key).unwrap(),
+        }
+    };
+    let (tx, rx) = sync_channel::<Job>(128);
+    let rx = Mutex::new(rx);
+    // Capped by count.
+    for i in 0..70 {
+        tx.send(job(i, 4096)).unwrap();
+    }
+    assert_eq!(next_jobs(&rx).unwrap().len(), OFFLOAD_BATCH_JOBS);
+    assert_eq!(next_jobs(&rx).unwrap().len(), 70 - OFFLOAD_BATCH_JOBS);
+    // Capped by bytes: the job that reaches the cap is the last taken.
+    for i in 100..106 {
+        tx.send(job(i, 1 << 20)).unwrap();
+    }
+    let first = next_jobs(&rx).unwrap();
+    assert_eq!(first.len(), OFFLOAD_BATCH_BYTES >> 20);
+    assert_eq!(first[0].key, BlockKey(101), "in queue order");
+    assert_eq!(next_jobs(&rx).unwrap().len(), 6 - (OFFLOAD_BATCH_BYTES >> 20));
+    drop(tx);
+    assert!(next_jobs(&rx).is_none(), "closed and empty");
+}
+
+#[test]
+fn batched_disk_writes_keep_writeback_per_block() {
+    let d = tempfile::tempdir().unwrap();
+    let disk = disk_cfg(&d.path().join("disk")).build().unwrap();
+    let wb = Writeback::open(d.path(), false, |k| disk.contains(k)).unwrap();
+    let nsid = NamespaceId(9);
+    let k = |i: u128| BlockKey(i);
+    let small = |i: u128| content(k(i), 6000);
+    disk.put(nsid, k(1), &small(1)).unwrap();
+    let (b2, b3, b4) = (small(2), small(3), small(4));
+    let items = [
+        (nsid, k(1), small(1).as_slice().to_vec()),
+        (nsid, k(2), b2.clone()),
+        (nsid, k(2), b2.clone()),
+        (nsid, k(3), b3.clone()),
+        (nsid, k(5), Vec::new()),
+        (nsid, k(4), b4.clone()),
+    ];
+    let items: Vec<_> = items.iter().map(|(n, k, v)| (*n, *k, v.as_slice())).collect();
+    let r = put_disk_batch(&disk, Some(&wb), &items);
+    let got: Vec<_> = r.iter().map(|r| r.as_ref().map_err(|e| e.kind()).copied()).collect();
+    assert_eq!(
+        got,
+        [
+            Ok(Stored::Present),
+            Ok(Stored::Inserted),
+            Ok(Stored::Present),
+            Ok(Stored::Inserted),
+            Err(ErrorKind::InvalidArgument),
+            Ok(Stored::Inserted),
+        ]
+    );
+    assert_eq!(disk.batched_writes(), 1, "blocks 2, 3 and 4 in one write");
+    // Written blocks are pending upload; the present one and the failed
+    // one are not.
+    assert!(!wb.retains(&k(1)));
+    assert!(wb.retains(&k(2)) && wb.retains(&k(3)) && wb.retains(&k(4)));
+    assert!(!wb.retains(&k(5)));
+    assert_eq!(wb.stats().pending_blocks, 3);
+    // Without writeback, the same batch goes straight to disk.
+    let r = put_disk_batch(&disk, None, &items);
+    assert!(r.iter().filter(|r| r.is_ok()).all(|r| matches!(r, Ok(Stored::Present))));
+}

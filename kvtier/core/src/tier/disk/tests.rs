@@ -413,3 +413,251 @@ fn a_pinned_segment_is_not_recycled_under_its_reader() {
         "a recycled file was rewritten under a reader"
     );
 }
+
+/// Small (staged, not large) blocks of varying sizes.
+fn small_len(i: u64) -> usize {
+    1000 + (i as usize * 7919) % (15 * PAGE as usize - 1000)
+}
+
+fn assert_small_intact(t: &DiskTier, keys: impl IntoIterator<Item = u64>) {
+    for i in keys {
+        let len = small_len(i);
+        let mut out = vec![0u8; len];
+        assert_eq!(t.get(&key(i), &mut out).unwrap(), Fetched::Hit, "block {i} missing");
+        assert!(out == content(key(i), len), "block {i} altered");
+    }
+}
+
+/// Every key's record lies right after the previous one, in one segment.
+fn assert_contiguous(t: &DiskTier, keys: impl IntoIterator<Item = u64>) {
+    let st = t.inner.state.lock();
+    let locs: Vec<Loc> = keys.into_iter().map(|i| *st.index.get(&key(i)).unwrap()).collect();
+    for w in locs.windows(2) {
+        assert_eq!(w[1].seg, w[0].seg, "{w:?}");
+        assert_eq!(w[1].off, w[0].off + w[0].record_bytes(), "{w:?}");
+    }
+}
+
+#[test]
+fn put_batch_packs_small_blocks_into_one_write_and_recovery_reads_them() {
+    let d = tempfile::tempdir().unwrap();
+    let t = cfg(d.path()).build().unwrap();
+    // Something already in the segment: the group goes after it.
+    t.put(NS, key(100), &content(key(100), 5000)).unwrap();
+    assert_eq!(t.batched_writes(), 0);
+    let data: Vec<Vec<u8>> = (0..8).map(|i| content(key(i), small_len(i))).collect();
+    let items: Vec<_> = (0..8).map(|i| (NS, key(i), data[i as usize].as_slice())).collect();
+    let before = t.counters().bytes_written.load(Relaxed);
+    let r = t.put_batch(&items);
+    assert!(r.iter().all(|r| matches!(r, Ok(Stored::Inserted))), "{r:?}");
+    assert_eq!(t.batched_writes(), 1, "eight small blocks, one write");
+    assert_eq!(
+        t.counters().bytes_written.load(Relaxed) - before,
+        data.iter().map(|d| d.len() as u64).sum::<u64>()
+    );
+    assert_contiguous(&t, [100, 0, 1, 2, 3, 4, 5, 6, 7]);
+    assert_small_intact(&t, 0..8);
+    // A second batch of the same keys writes nothing.
+    assert!(t.put_batch(&items).iter().all(|r| matches!(r, Ok(Stored::Present))));
+    assert_eq!(t.batched_writes(), 1);
+    drop(t);
+    let t = cfg(d.path()).build().unwrap();
+    let r = t.recovery();
+    assert_eq!((r.blocks, r.skipped_records), (9, 0), "{r:?}");
+    assert_small_intact(&t, 0..8);
+    // The reopened tier appends after the packed records.
+    fill(&t, 200..202);
+    assert_intact(&t, 200..202);
+}
+
+#[test]
+fn put_batch_packed_records_verify_in_an_unsealed_segment() {
+    let d = tempfile::tempdir().unwrap();
+    let t = cfg(d.path()).build().unwrap();
+    let data: Vec<Vec<u8>> = (0..6).map(|i| content(key(i), small_len(i))).collect();
+    let items: Vec<_> = (0..6).map(|i| (NS, key(i), data[i as usize].as_slice())).collect();
+    assert!(t.put_batch(&items).iter().all(|r| r.is_ok()));
+    drop(t);
+    // Wipe the seal: the next open verifies every record's data.
+    let seg = segment_files(d.path()).pop().unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.write_all_at(&[0u8; PAGE as usize], (1 << 20) - PAGE).unwrap();
+    drop(f);
+    let t = cfg(d.path()).build().unwrap();
+    let r = t.recovery();
+    assert_eq!((r.blocks, r.unsealed_segments, r.skipped_records), (6, 1, 0), "{r:?}");
+    assert_small_intact(&t, 0..6);
+}
+
+#[test]
+fn put_batch_mixes_present_repeated_empty_and_large_blocks() {
+    let d = tempfile::tempdir().unwrap();
+    let t = cfg(d.path()).build().unwrap();
+    t.put(NS, key(1), &content(key(1), small_len(1))).unwrap();
+    let small: Vec<Vec<u8>> = (0..6).map(|i| content(key(i), small_len(i))).collect();
+    let large = content(key(3), BLOCK + 10);
+    let items = [
+        (NS, key(1), small[1].as_slice()),
+        (NS, key(2), small[2].as_slice()),
+        (NS, key(2), small[2].as_slice()),
+        (NS, key(3), large.as_slice()),
+        (NS, key(4), small[4].as_slice()),
+        (NS, key(5), &[][..]),
+    ];
+    let r = t.put_batch(&items);
+    assert!(matches!(r[0], Ok(Stored::Present)), "{r:?}");
+    assert!(matches!(r[1], Ok(Stored::Inserted)), "{r:?}");
+    assert!(matches!(r[2], Ok(Stored::Present)), "{r:?}");
+    assert!(matches!(r[3], Ok(Stored::Inserted)), "{r:?}");
+    assert!(matches!(r[4], Ok(Stored::Inserted)), "{r:?}");
+    assert_eq!(r[5].as_ref().unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(t.batched_writes(), 1, "keys 2 and 4 went together");
+    assert!(!t.contains(&key(5)));
+    let loc = *t.inner.state.lock().index.get(&key(3)).unwrap();
+    assert_eq!(u64::from(loc.data_offset), PAGE, "a large block is written as by put");
+    let check = |t: &DiskTier| {
+        assert_small_intact(t, [1, 2, 4]);
+        let mut out = vec![0u8; large.len()];
+        assert_eq!(t.get(&key(3), &mut out).unwrap(), Fetched::Hit);
+        assert!(out == large);
+    };
+    check(&t);
+    drop(t);
+    let t = cfg(d.path()).build().unwrap();
+    assert_eq!(t.recovery().blocks, 4);
+    check(&t);
+}
+
+#[test]
+fn put_batch_splits_at_the_staging_buffer() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = DiskConfig {
+        io_buffer_bytes: 8 * PAGE,
+        ..cfg(d.path())
+    };
+    let t = cfg.build().unwrap();
+    // Records of two pages: four fill a buffer.
+    let data: Vec<Vec<u8>> = (0..10).map(|i| content(key(i), 5000)).collect();
+    let items: Vec<_> = (0..10).map(|i| (NS, key(i), data[i as usize].as_slice())).collect();
+    assert!(t.put_batch(&items).iter().all(|r| matches!(r, Ok(Stored::Inserted))));
+    // 4 + 4 + 2.
+    assert_eq!(t.batched_writes(), 3);
+    assert_eq!(t.oversize_staging(), 0);
+    assert_contiguous(&t, 0..10);
+    let check = |t: &DiskTier| {
+        let mut out = vec![0u8; 5000];
+        for i in 0..10 {
+            assert_eq!(t.get(&key(i), &mut out).unwrap(), Fetched::Hit);
+            assert!(out == data[i as usize]);
+        }
+    };
+    check(&t);
+    drop(t);
+    let t = cfg.build().unwrap();
+    assert_eq!(t.recovery().blocks, 10);
+    check(&t);
+}
+
+#[test]
+fn put_batch_splits_at_the_end_of_a_segment() {
+    let d = tempfile::tempdir().unwrap();
+    let t = cfg(d.path()).build().unwrap();
+    // Records of 15 pages; a 1 MiB segment has 254 pages for records: 16
+    // fit, so 40 go 16 + 16 + 8, each group in its own segment.
+    let len = 15 * PAGE as usize - HEADER_BYTES;
+    let data: Vec<Vec<u8>> = (0..40).map(|i| content(key(i), len)).collect();
+    let items: Vec<_> = (0..40).map(|i| (NS, key(i), data[i as usize].as_slice())).collect();
+    assert!(t.put_batch(&items).iter().all(|r| matches!(r, Ok(Stored::Inserted))));
+    assert_eq!(t.batched_writes(), 3);
+    assert_eq!(segment_files(d.path()).len(), 3);
+    assert_contiguous(&t, 0..16);
+    assert_contiguous(&t, 16..32);
+    assert_contiguous(&t, 32..40);
+    let check = |t: &DiskTier| {
+        let mut out = vec![0u8; len];
+        for i in 0..40 {
+            assert_eq!(t.get(&key(i), &mut out).unwrap(), Fetched::Hit, "block {i}");
+            assert!(out == data[i as usize], "block {i}");
+        }
+    };
+    check(&t);
+    drop(t);
+    let t = cfg(d.path()).build().unwrap();
+    let r = t.recovery();
+    assert_eq!((r.blocks, r.skipped_records, r.unsealed_segments), (40, 0, 0), "{r:?}");
+    check(&t);
+}
+
+#[test]
+fn a_failed_packed_write_publishes_nothing_and_retires_its_segment() {
+    let d = tempfile::tempdir().unwrap();
+    let t = cfg(d.path()).build().unwrap();
+    t.put(NS, key(0), &content(key(0), small_len(0))).unwrap();
+    let data: Vec<Vec<u8>> = (1..3).map(|i| content(key(i), 5000)).collect();
+    let (seg, off, n) = t.inner.reserve_prefix(&[2 * PAGE, 2 * PAGE]).unwrap();
+    assert_eq!(n, 2);
+    let recs = [
+        (off, header(NS, key(1), &data[0], HEADER_BYTES as u32)),
+        (off + 2 * PAGE, header(NS, key(2), &data[1], HEADER_BYTES as u32)),
+    ];
+    assert_eq!(
+        t.inner.state.lock().segments[&seg.id].writers,
+        1,
+        "one reservation, one writer"
+    );
+    let failed = Err(Error::io("test", std::io::Error::from_raw_os_error(libc::EIO)));
+    t.inner.finish_packed(&seg, &recs, &failed);
+    {
+        let st = t.inner.state.lock();
+        let m = &st.segments[&seg.id];
+        assert_eq!(m.writers, 0);
+        assert!(m.failed && m.sealed && !m.seal_written);
+        assert_ne!(st.active, Some(seg.id));
+        assert!(!st.index.contains_key(&key(1)) && !st.index.contains_key(&key(2)));
+    }
+    // The next write goes to a new segment, and the failed one is verified
+    // in full on the next open.
+    let items: Vec<_> = (1..3).map(|i| (NS, key(i), data[i as usize - 1].as_slice())).collect();
+    assert!(t.put_batch(&items).iter().all(|r| matches!(r, Ok(Stored::Inserted))));
+    assert_ne!(t.inner.state.lock().index[&key(1)].seg, seg.id);
+    drop(t);
+    let t = cfg(d.path()).build().unwrap();
+    let r = t.recovery();
+    assert_eq!((r.blocks, r.unsealed_segments, r.skipped_records), (3, 1, 0), "{r:?}");
+}
+
+#[test]
+fn a_throttled_batch_fails_every_block_and_counts_each() {
+    let d = tempfile::tempdir().unwrap();
+    let t = DiskConfig {
+        io_buffers: 1,
+        staging_wait_ms: 10,
+        ..cfg(d.path())
+    }
+    .build()
+    .unwrap();
+    let data: Vec<Vec<u8>> = (0..3).map(|i| content(key(i), 5000)).collect();
+    let items: Vec<_> = (0..3).map(|i| (NS, key(i), data[i as usize].as_slice())).collect();
+    let held = t.inner.staging.acquire(Duration::ZERO).unwrap();
+    let r = t.put_batch(&items);
+    assert!(
+        r.iter().all(|r| r.as_ref().unwrap_err().kind() == ErrorKind::Throttled),
+        "{r:?}"
+    );
+    assert_eq!(t.counters().rejected.load(Relaxed), 3);
+    assert_eq!(
+        t.inner.state.lock().segments.values().map(|m| m.writers).sum::<u32>(),
+        0
+    );
+    drop(held);
+    assert!(t.put_batch(&items).iter().all(|r| matches!(r, Ok(Stored::Inserted))));
+    assert_holds(&t, &data);
+}
+
+fn assert_holds(t: &DiskTier, data: &[Vec<u8>]) {
+    for (i, d) in data.iter().enumerate() {
+        let mut out = vec![0u8; d.len()];
+        assert_eq!(t.get(&key(i as u64), &mut out).unwrap(), Fetched::Hit);
+        assert!(&out == d);
+    }
+}
