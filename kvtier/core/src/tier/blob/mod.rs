@@ -471,6 +471,14 @@ fn chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
+/// Whether an error's text says the service refused the credentials: a
+/// 403 status (object_store writes "status code: 403 Forbidden") or
+/// Azure's error codes for it. Never a bare "403", which a duration such
+/// as `401.25403ms` in the same text contains.
+fn refused_credentials(text: &str) -> bool {
+    text.contains("status code: 403") || text.contains("AuthenticationFailed") || text.contains("AuthorizationFailure")
+}
+
 /// Maps an `object_store` error, in one place.
 fn map_err(cfg: &BlobConfig, what: &str, e: object_store::Error) -> Error {
     let text = chain(&e);
@@ -778,7 +786,7 @@ impl Inner {
                         "blob container {} does not exist in account {} at {endpoint} (create it, or set create_container = true)",
                         cfg.container, cfg.account
                     )))
-                } else if text.contains("403") || text.contains("AuthenticationFailed") {
+                } else if refused_credentials(&text) {
                     Err(Error::config(format!(
                         "blob account {} container {}: the credentials were refused: {text}",
                         cfg.account, cfg.container
@@ -994,3 +1002,25 @@ impl PinnedBlock for BlobBlock {
 
 #[cfg(feature = "azurite")]
 pub mod azurite;
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::refused_credentials;
+
+    #[test]
+    fn a_refusal_is_read_from_the_status_not_from_any_digits() {
+        // What a connection refused at startup printed once: its duration
+        // holds "403", and it was taken for refused credentials.
+        let unreachable = "Generic MicrosoftAzure error: Error performing GET http://127.0.0.1:1/devstoreaccount1/c?restype=container in 401.258403ms, after 3 retries, max_retries: 3, retry_timeout: 30s  - HTTP error: error sending request: client error (Connect): tcp connect error: Connection refused (os error 111)";
+        assert!(!refused_credentials(unreachable));
+        assert!(refused_credentials(
+            "Error performing GET http://h/c in 2.1ms - Server returned non-2xx status code: 403 Forbidden: "
+        ));
+        assert!(refused_credentials(
+            "Server returned error response: <Error><Code>AuthenticationFailed</Code></Error>"
+        ));
+        assert!(!refused_credentials(
+            "Server returned non-2xx status code: 404 Not Found: ContainerNotFound"
+        ));
+    }
+}
