@@ -668,20 +668,7 @@ impl Inner {
 
     /// Reserves `len` bytes in the active segment.
     fn reserve(&self, len: u64) -> Result<(Arc<Segment>, u64)> {
-        let seal_at = self.cfg.segment_bytes - PAGE;
-        let mut st = self.state.lock();
-        loop {
-            if let Some(id) = st.active {
-                let m = st.segments.get_mut(&id).expect("active segment is listed");
-                if m.next + len <= seal_at {
-                    let off = m.next;
-                    m.next += len;
-                    m.writers += 1;
-                    return Ok((m.seg.clone(), off));
-                }
-            }
-            self.roll(&mut st)?;
-        }
+        self.reserve_prefix(&[len]).map(|(seg, off, _)| (seg, off))
     }
 
     /// Reserves room for the longest prefix of `lens` (at least one) that
@@ -844,31 +831,7 @@ impl Inner {
     /// Ends a write reserved with [`Inner::reserve`]; publishes the record
     /// when it was written whole.
     fn finish(&self, seg: &Segment, off: u64, h: &RecordHeader, written: &Result<()>) {
-        let mut st = self.state.lock();
-        let State {
-            index,
-            segments,
-            active,
-            used_bytes,
-            ..
-        } = &mut *st;
-        let m = segments
-            .get_mut(&seg.id)
-            .expect("a segment with a write in flight is never reclaimed");
-        m.writers -= 1;
-        m.records += 1;
-        if written.is_ok() {
-            apply(index, used_bytes, m, off, h);
-        } else {
-            // The region may be torn: write nothing more after it, and
-            // leave it unsealed so the next open verifies every record.
-            m.sealed = true;
-            m.failed = true;
-            if *active == Some(seg.id) {
-                *active = None;
-            }
-        }
-        seal_if_done(m, self.cfg.segment_bytes, self.cfg.sync_writes);
+        self.finish_packed(seg, &[(off, *h)], written);
     }
 
     /// Writes one record, from the caller's buffer when it is page-aligned.
