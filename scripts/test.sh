@@ -107,6 +107,11 @@ s = json.load(open(sys.argv[2]))
 assert all(0 <= r <= 1 for r in s["optimum"]), s["optimum"]
 assert set(s["policies"]) == {"lru", "frecency"}, list(s["policies"])
 assert s["tiering_study"]["rows"][-1]["token_hit_rate"] > 0, s["tiering_study"]
+# LRU behind an admission oracle lies between LRU and the optimum.
+for lru, opt, o in zip(s["lru_reference"], s["optimum"], s["lru_with_admission_oracle"]):
+    assert lru <= o["token_hit_rate"] <= opt + 1e-9, (lru, o, opt)
+    need = o["last_uses_to_refuse_for_a_third_of_the_gap"]
+    assert need is None or 0 <= need <= 1, o
 png = open(sys.argv[3], "rb").read()
 assert png.startswith(b"\x89PNG") and len(png) > 1000, len(png)
 print("replay: ok")

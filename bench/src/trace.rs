@@ -181,11 +181,14 @@ pub(crate) fn reference_lru_admission_oracle(reqs: &[Request], capacity: usize, 
 }
 
 /// The smallest fraction of last uses an admission oracle must refuse for
-/// LRU to reach `target`, to 0.01; `None` when refusing all of them does
-/// not reach it.
+/// LRU to reach `target`, to 0.01 (0 when LRU reaches it alone); `None`
+/// when refusing all of them does not reach it.
 pub(crate) fn admission_needed(reqs: &[Request], capacity: usize, target: f64) -> Option<f64> {
     if reference_lru_admission_oracle(reqs, capacity, 1.0) < target {
         return None;
+    }
+    if reference_lru_admission_oracle(reqs, capacity, 0.0) >= target {
+        return Some(0.0);
     }
     let (mut lo, mut hi) = (0.0f64, 1.0f64);
     while hi - lo > 0.01 {
@@ -286,6 +289,7 @@ mod tests {
         assert!(needed > 0.0 && needed <= 1.0, "{needed}");
         assert!(reference_lru_admission_oracle(&reqs, 1, needed) > 0.3);
         assert_eq!(admission_needed(&reqs, 1, 0.5), None);
+        assert_eq!(admission_needed(&reqs, 1, 0.0), Some(0.0));
         let caps = [50, 400];
         let shipped = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("traces/conversation_trace.jsonl")).unwrap();
         let some = &shipped[..1500];
