@@ -80,28 +80,7 @@ pub(crate) fn load(path: &Path) -> Result<Vec<Request>> {
 /// Token hit rate of the reference simulation with an LRU of `capacity`
 /// blocks (`None`: unbounded).
 pub(crate) fn reference_lru(reqs: &[Request], capacity: Option<usize>) -> f64 {
-    // Recency stamps in a map plus a min-heap of (stamp, id) with stale
-    // entries skipped: O(log n) per access.
-    let mut stamp: HashMap<u64, u64> = HashMap::new();
-    let mut heap = BinaryHeap::new();
-    let (mut now, mut hit, mut total) = (0u64, 0u64, 0u64);
-    for r in reqs {
-        let n = r.hash_ids.iter().take_while(|b| stamp.contains_key(b)).count();
-        hit += r.hit_tokens(n);
-        total += r.input_length;
-        for b in &r.hash_ids {
-            now += 1;
-            stamp.insert(*b, now);
-            heap.push(std::cmp::Reverse((now, *b)));
-            while capacity.is_some_and(|c| stamp.len() > c) {
-                let std::cmp::Reverse((s, k)) = heap.pop().expect("entries for every key");
-                if stamp.get(&k) == Some(&s) {
-                    stamp.remove(&k);
-                }
-            }
-        }
-    }
-    hit as f64 / total.max(1) as f64
+    lru_refusing(reqs, capacity, 0.0)
 }
 
 /// Token hit rate of the offline optimum (Belady: evict the block used
@@ -145,11 +124,21 @@ pub(crate) fn reference_belady(reqs: &[Request], capacity: usize) -> f64 {
 /// the optimum; smaller fractions say how much of the optimum's advantage a
 /// filter that never refuses a block used again would have to find.
 pub(crate) fn reference_lru_admission_oracle(reqs: &[Request], capacity: usize, refuse: f64) -> f64 {
-    let accesses: Vec<u64> = reqs.iter().flat_map(|r| r.hash_ids.iter().copied()).collect();
-    let mut last_use = vec![false; accesses.len()];
-    let mut seen = std::collections::HashSet::new();
-    for (i, b) in accesses.iter().enumerate().rev() {
-        last_use[i] = seen.insert(*b);
+    lru_refusing(reqs, Some(capacity), refuse)
+}
+
+/// LRU of `capacity` blocks (`None`: unbounded) that refuses a `refuse`
+/// fraction of blocks' last uses: [`reference_lru`] at 0.
+fn lru_refusing(reqs: &[Request], capacity: Option<usize>, refuse: f64) -> f64 {
+    // Whether each access is its block's last one (only when refusing).
+    let mut last_use = Vec::new();
+    if refuse > 0.0 {
+        let accesses: Vec<u64> = reqs.iter().flat_map(|r| r.hash_ids.iter().copied()).collect();
+        let mut seen = std::collections::HashSet::new();
+        last_use = vec![false; accesses.len()];
+        for (i, b) in accesses.iter().enumerate().rev() {
+            last_use[i] = seen.insert(*b);
+        }
     }
     let cut = (refuse.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
     let mut stamp: HashMap<u64, u64> = HashMap::new();
@@ -160,7 +149,7 @@ pub(crate) fn reference_lru_admission_oracle(reqs: &[Request], capacity: usize, 
         hit += r.hit_tokens(n);
         total += r.input_length;
         for b in &r.hash_ids {
-            let refused = last_use[i] && (refuse >= 1.0 || splitmix(i as u64) < cut);
+            let refused = refuse > 0.0 && last_use[i] && (refuse >= 1.0 || splitmix(i as u64) < cut);
             i += 1;
             if refused {
                 stamp.remove(b);
@@ -169,7 +158,7 @@ pub(crate) fn reference_lru_admission_oracle(reqs: &[Request], capacity: usize, 
             now += 1;
             stamp.insert(*b, now);
             heap.push(std::cmp::Reverse((now, *b)));
-            while stamp.len() > capacity {
+            while capacity.is_some_and(|c| stamp.len() > c) {
                 let std::cmp::Reverse((s, k)) = heap.pop().expect("entries for every key");
                 if stamp.get(&k) == Some(&s) {
                     stamp.remove(&k);
