@@ -1109,23 +1109,9 @@ fn demoter(disk: DiskTier, wb: Option<Arc<Writeback>>, admission: Arc<Admission>
 /// Writes a block to disk; in writeback mode, logs it dirty first and
 /// queues its upload once it is on disk.
 fn put_disk(disk: &DiskTier, wb: Option<&Writeback>, ns: NamespaceId, key: BlockKey, data: &[u8]) -> Result<Stored> {
-    let Some(wb) = wb else {
-        return disk.put(ns, key, data);
-    };
-    if disk.contains(&key) {
-        return Ok(Stored::Present);
-    }
-    wb.begin(ns, key)?;
-    match disk.put(ns, key, data) {
-        Ok(s) => {
-            wb.ready(ns, key)?;
-            Ok(s)
-        }
-        Err(e) => {
-            wb.abort(key);
-            Err(e)
-        }
-    }
+    put_disk_batch(disk, wb, &[(ns, key, data)])
+        .pop()
+        .expect("one result per block")
 }
 
 /// Jobs a write-through worker takes at once, at most: those already
