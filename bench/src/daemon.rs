@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use kvtier::{AlignedBuf, BlockKey, NamespaceId};
-use kvtier_server::client::{Client, ClientConfig, SharedRegion};
+use kvtier_client::{Client, ClientConfig, SharedRegion};
 use serde_json::json;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -253,8 +253,7 @@ async fn session(
         endpoint: endpoint.to_string(),
         ..Default::default()
     })
-    .await
-    .map_err(err)?;
+    .await?;
     let (ns, _) = c
         .register(&namespace("bench-daemon", block))
         .await

@@ -85,7 +85,7 @@ fn print_json(v: &serde_json::Value, one_line: bool) {
 
 fn main() {
     // The client side of the daemon bench moves the same transient buffers.
-    kvtier_server::keep_large_buffers();
+    kvtier_client::keep_large_buffers();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

@@ -41,8 +41,8 @@ use kvtier::replication::placement::{self, Member};
 use kvtier::tier::blob::azurite::{self, Azurite};
 use kvtier::tier::blob::container::{SharedKey, create_container};
 use kvtier::{AlignedBuf, BlockKey, ErrorKind, Result};
-use kvtier_server::client::{Client, ClientConfig};
-use kvtier_server::proto;
+use kvtier_client::{Client, ClientConfig};
+use kvtier_proto::proto;
 use object_store::azure::{MicrosoftAzure, MicrosoftAzureBuilder};
 use object_store::{ClientOptions, ObjectStoreExt, WriteMultipart};
 use serde_json::{Value, json};
@@ -238,8 +238,7 @@ impl Cluster {
                     endpoint: d.endpoint.clone(),
                     ..Default::default()
                 })
-                .await
-                .map_err(io)?,
+                .await?,
             );
         }
         Ok(out)
@@ -660,7 +659,7 @@ fn measure(a: &Args) -> Result<Value> {
             format!("{} is missing: run scripts/azurite.sh", bin.display()),
         ));
     }
-    kvtier_server::install_crypto_provider();
+    kvtier_client::install_crypto_provider();
     let _ = std::fs::remove_dir_all(&a.dir);
     std::fs::create_dir_all(&a.dir).map_err(|e| io(format!("create {}: {e}", a.dir.display())))?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -13,7 +13,10 @@ fill its bytes in place, with the interpreter released.
 Errors are ``KvTierError`` subclasses named for their kind:
 ``InvalidArgumentError`` (nothing changed), ``NotFoundError`` (no such
 checkpoint, or a chunk of one in no tier), ``AlreadyExistsError`` (checkpoint
-names are immutable), ``NoSpaceError``, ``ThrottledError``, ...
+names are immutable), ``NoSpaceError``, ``TooLargeError`` (a request over
+the daemon's size limit; an ``InvalidArgumentError``), ``ThrottledError``
+(back off and retry; the connection is fine), ``UnavailableError`` (the
+daemon is unreachable or stopping), ``PermissionDeniedError``, ...
 """
 
 from ._kvtier import (
@@ -25,8 +28,10 @@ from ._kvtier import (
     KvTierError,
     NoSpaceError,
     NotFoundError,
+    PermissionDeniedError,
     Store,
     ThrottledError,
+    TooLargeError,
     UnavailableError,
     UnknownNamespaceError,
     __version__,
@@ -43,8 +48,10 @@ __all__ = [
     "KvTierError",
     "NoSpaceError",
     "NotFoundError",
+    "PermissionDeniedError",
     "Store",
     "ThrottledError",
+    "TooLargeError",
     "UnavailableError",
     "UnknownNamespaceError",
     "__version__",

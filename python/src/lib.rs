@@ -18,8 +18,8 @@
 use kvtier::checkpoint::Checkpoints;
 use kvtier::checkpoint::manifest::Manifest;
 use kvtier::{BlockKey, BlockManager, ErrorKind, ManagerConfig, Namespace, NamespaceId, SequenceHasher};
-use kvtier_server::checkpoints::RemoteChunks;
-use kvtier_server::client::{Client as RpcClient, ClientConfig};
+use kvtier_client::RemoteChunks;
+use kvtier_client::{Client as RpcClient, ClientConfig};
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyMapping};
@@ -54,7 +54,24 @@ pyo3::create_exception!(
     KvTierError,
     "No room for the blocks; nothing stored."
 );
-pyo3::create_exception!(_kvtier, ThrottledError, KvTierError, "A bounded queue is full: retry.");
+pyo3::create_exception!(
+    _kvtier,
+    TooLargeError,
+    InvalidArgumentError,
+    "A request is over a size limit (the daemon's max_request_bytes): split it; nothing stored."
+);
+pyo3::create_exception!(
+    _kvtier,
+    PermissionDeniedError,
+    KvTierError,
+    "The daemon refused the caller: a missing or wrong token, or a region outside its directory."
+);
+pyo3::create_exception!(
+    _kvtier,
+    ThrottledError,
+    KvTierError,
+    "A bounded queue is full: retry later; the connection is fine."
+);
 pyo3::create_exception!(_kvtier, ChecksumError, KvTierError, "Stored bytes failed verification.");
 pyo3::create_exception!(_kvtier, UnavailableError, KvTierError, "The daemon cannot be reached.");
 pyo3::create_exception!(
@@ -70,33 +87,32 @@ pyo3::create_exception!(
     "A checkpoint of that name exists; names are immutable, so nothing changed."
 );
 
+/// The one map from an error's kind to its Python exception: the same
+/// mistake raises the same class embedded and through the daemon, since a
+/// daemon's errors arrive with their kind (`kvtier_proto::error`).
 fn err(e: kvtier::Error) -> PyErr {
     let msg = e.to_string();
     match e.kind() {
         ErrorKind::BlockSize => BlockSizeError::new_err(msg),
+        ErrorKind::TooLarge => TooLargeError::new_err(msg),
         ErrorKind::InvalidArgument | ErrorKind::Config => InvalidArgumentError::new_err(msg),
         ErrorKind::UnknownNamespace => UnknownNamespaceError::new_err(msg),
         ErrorKind::NoSpace => NoSpaceError::new_err(msg),
         ErrorKind::Throttled => ThrottledError::new_err(msg),
-        ErrorKind::Unavailable => UnavailableError::new_err(msg),
+        ErrorKind::Unavailable | ErrorKind::Closed => UnavailableError::new_err(msg),
         ErrorKind::ChecksumMismatch => ChecksumError::new_err(msg),
         ErrorKind::NotFound => NotFoundError::new_err(msg),
         ErrorKind::AlreadyExists => AlreadyExistsError::new_err(msg),
+        ErrorKind::Unauthenticated | ErrorKind::PermissionDenied => PermissionDeniedError::new_err(msg),
+        ErrorKind::Io | ErrorKind::Internal => KvTierError::new_err(msg),
         _ => KvTierError::new_err(msg),
     }
 }
 
+/// A status this module parsed itself (a request it checked locally with
+/// the protocol's codecs), read back into the crate's error.
 fn status(s: tonic::Status) -> PyErr {
-    use tonic::Code;
-    let msg = format!("{:?}: {}", s.code(), s.message());
-    match s.code() {
-        Code::InvalidArgument => InvalidArgumentError::new_err(msg),
-        Code::NotFound => UnknownNamespaceError::new_err(msg),
-        Code::ResourceExhausted => NoSpaceError::new_err(msg),
-        Code::Unavailable => UnavailableError::new_err(msg),
-        Code::DataLoss => ChecksumError::new_err(msg),
-        _ => KvTierError::new_err(msg),
-    }
+    err(kvtier_proto::error::from_status(s))
 }
 
 /// A Python buffer held for the length of a call: its bytes as they lie.
@@ -214,7 +230,7 @@ fn manifest_dict<'py>(py: Python<'py>, m: &Manifest) -> PyResult<Bound<'py, PyDi
 /// The chunk size of a checkpoint group, checked as kvtierd checks it, so
 /// that bad input fails here, before anything is sent.
 fn checkpoint_chunk_bytes(group: &str, chunk_mib: i64) -> PyResult<u32> {
-    let range = kvtier_server::checkpoints::CHUNK_BYTES_RANGE;
+    let range = kvtier_proto::convert::CHUNK_BYTES_RANGE;
     let (lo, hi) = (i64::from(*range.start() >> 20), i64::from(*range.end() >> 20));
     if !(lo..=hi).contains(&chunk_mib) {
         return Err(InvalidArgumentError::new_err(format!(
@@ -222,12 +238,12 @@ fn checkpoint_chunk_bytes(group: &str, chunk_mib: i64) -> PyResult<u32> {
         )));
     }
     let chunk_bytes = (chunk_mib as u32) << 20;
-    let g = kvtier_server::checkpoint_proto::Group {
+    let g = kvtier_proto::checkpoint_proto::Group {
         group: group.to_string(),
         chunk_bytes,
         ..Default::default()
     };
-    kvtier_server::checkpoints::group_namespace(&g).map_err(status)?;
+    kvtier_proto::convert::group_namespace(&g).map_err(status)?;
     Ok(chunk_bytes)
 }
 
@@ -350,9 +366,9 @@ impl Client {
     fn run<T: Send>(
         &self,
         py: Python<'_>,
-        f: impl std::future::Future<Output = Result<T, tonic::Status>> + Send,
+        f: impl std::future::Future<Output = kvtier::Result<T>> + Send,
     ) -> PyResult<T> {
-        py.detach(|| self.rt.block_on(f)).map_err(status)
+        py.detach(|| self.rt.block_on(f)).map_err(err)
     }
 
     /// Checkpoints of `group` on the daemon; checks the group and chunk
@@ -391,9 +407,7 @@ impl Client {
             ca_file: ca_file.map(Into::into),
             tls_domain,
         };
-        let inner = py
-            .detach(|| rt.block_on(RpcClient::connect(&cfg)))
-            .map_err(UnavailableError::new_err)?;
+        let inner = py.detach(|| rt.block_on(RpcClient::connect(&cfg))).map_err(err)?;
         Ok(Self { rt, inner })
     }
 
@@ -412,15 +426,7 @@ impl Client {
     fn lookup(&self, py: Python<'_>, ns: &[u8], keys_: Vec<Vec<u8>>) -> PyResult<(usize, Vec<&'static str>)> {
         let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
         let l = self.run(py, self.inner.lookup(ns, &keys))?;
-        let tiers = l
-            .tiers()
-            .map(|t| match t {
-                kvtier_server::proto::Tier::Host => "host",
-                kvtier_server::proto::Tier::Disk => "disk",
-                kvtier_server::proto::Tier::Blob => "blob",
-                _ => "unknown",
-            })
-            .collect();
+        let tiers = l.tiers().map(kvtier_proto::convert::tier_name).collect();
         Ok((l.hit_blocks as usize, tiers))
     }
 
@@ -699,6 +705,8 @@ fn _kvtier(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("UnknownNamespaceError", py.get_type::<UnknownNamespaceError>())?;
     m.add("NoSpaceError", py.get_type::<NoSpaceError>())?;
     m.add("ThrottledError", py.get_type::<ThrottledError>())?;
+    m.add("TooLargeError", py.get_type::<TooLargeError>())?;
+    m.add("PermissionDeniedError", py.get_type::<PermissionDeniedError>())?;
     m.add("ChecksumError", py.get_type::<ChecksumError>())?;
     m.add("UnavailableError", py.get_type::<UnavailableError>())?;
     m.add("NotFoundError", py.get_type::<NotFoundError>())?;

@@ -15,9 +15,11 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// A caller's argument is malformed (wrong sizes, an empty key list, an
-    /// oversize request, ...).
+    /// A caller's argument is malformed (wrong sizes, an empty key list, ...).
     InvalidArgument,
+    /// A request is over a size limit (a daemon's `max_request_bytes`, a
+    /// message limit): split it. Nothing was stored.
+    TooLarge,
     /// A block's length differs from its namespace's block size.
     BlockSize,
     /// The namespace was never registered with this manager.
@@ -54,8 +56,9 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for exhaustive round-trip tests and tables.
-    pub const ALL: [ErrorKind; 15] = [
+    pub const ALL: [ErrorKind; 16] = [
         Self::InvalidArgument,
+        Self::TooLarge,
         Self::BlockSize,
         Self::UnknownNamespace,
         Self::NoSpace,
@@ -76,6 +79,7 @@ impl ErrorKind {
     pub const fn name(self) -> &'static str {
         match self {
             Self::InvalidArgument => "invalid_argument",
+            Self::TooLarge => "too_large",
             Self::BlockSize => "block_size",
             Self::UnknownNamespace => "unknown_namespace",
             Self::NoSpace => "no_space",
@@ -106,6 +110,7 @@ impl ErrorKind {
         match self {
             Self::Throttled | Self::Unavailable | Self::Closed => true,
             Self::InvalidArgument
+            | Self::TooLarge
             | Self::BlockSize
             | Self::UnknownNamespace
             | Self::NoSpace
@@ -132,6 +137,7 @@ impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = match self {
             Self::InvalidArgument => "invalid argument",
+            Self::TooLarge => "too large",
             Self::BlockSize => "wrong block size",
             Self::UnknownNamespace => "unknown namespace",
             Self::NoSpace => "no space",

@@ -6,7 +6,7 @@
 //! variable-length block of the group's namespace
 //! (`Namespace::checkpoints`) and keeps the group's catalog of names in its
 //! data directory. Chunks cross the wire in pieces of at most
-//! [`crate::CHUNK_BYTES`].
+//! [`kvtier_proto::CHUNK_BYTES`].
 //!
 //! In a cluster, a group's namespace is replicated on min(3, members)
 //! nodes (strong writes): chunks and manifests go to their replicas
@@ -23,45 +23,23 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use kvtier::checkpoint::{ChunkStore, LocalChunks, validate_name};
-use kvtier::{BlockKey, BlockManager, Error, ErrorKind, Namespace, NamespaceId, Recycler};
+use kvtier::{BlockKey, BlockManager, ErrorKind, NamespaceId, Recycler};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::checkpoint_proto as pb;
-use crate::checkpoint_proto::checkpoints_client::CheckpointsClient;
-use crate::client::Auth;
 use crate::cluster::Cluster;
-use crate::convert::status;
 use crate::registry::Registry;
+use crate::{invalid, status, status_of};
 use kvtier::replication::Replication;
 
-/// Smallest and largest chunk a group may use.
-pub const CHUNK_BYTES_RANGE: std::ops::RangeInclusive<u32> = (1 << 20)..=(256 << 20);
-
-/// Checks a group and answers its namespace.
-pub fn group_namespace(g: &pb::Group) -> Result<Namespace, Status> {
-    if g.group.len() > 64 || validate_name(&g.group).is_err() {
-        return Err(Status::invalid_argument(format!(
-            "checkpoint group {:?}: 1 to 64 letters, digits, '.', '_' and '-'",
-            g.group
-        )));
-    }
-    if !CHUNK_BYTES_RANGE.contains(&g.chunk_bytes) {
-        return Err(Status::invalid_argument(format!(
-            "chunk_bytes {} must be between {} and {}",
-            g.chunk_bytes,
-            CHUNK_BYTES_RANGE.start(),
-            CHUNK_BYTES_RANGE.end()
-        )));
-    }
-    Ok(Namespace::checkpoints(&g.group, g.chunk_bytes))
-}
+use kvtier_proto::chunk::pieces_at_least_one;
+pub use kvtier_proto::convert::{CHUNK_BYTES_RANGE, group_namespace};
 
 fn key(b: &[u8]) -> Result<BlockKey, Status> {
     let a: [u8; 16] = b
         .try_into()
-        .map_err(|_| Status::invalid_argument(format!("a chunk key is 16 bytes, got {}", b.len())))?;
+        .map_err(|_| invalid(format!("a chunk key is 16 bytes, got {}", b.len())))?;
     Ok(BlockKey::from_le_bytes(a))
 }
 
@@ -113,7 +91,7 @@ impl CheckpointService {
 
     /// The group's store, registering its namespace on first use.
     async fn group(&self, g: Option<&pb::Group>) -> Result<(NamespaceId, Arc<LocalChunks>), Status> {
-        let g = g.ok_or_else(|| Status::invalid_argument("the request names no checkpoint group"))?;
+        let g = g.ok_or_else(|| invalid("the request names no checkpoint group"))?;
         let ns = group_namespace(g)?;
         let rep = self.cluster.as_ref().map(|c| Replication::strong(c.size().min(3)));
         let reg = self.registry.register(&ns, rep, true)?;
@@ -128,7 +106,7 @@ impl CheckpointService {
             return Ok((id, s.clone()));
         }
         std::fs::create_dir_all(&self.dir)
-            .map_err(|e| Status::internal(format!("create {}: {e}", self.dir.display())))?;
+            .map_err(|e| status_of(ErrorKind::Internal, format!("create {}: {e}", self.dir.display())))?;
         let catalog = self.dir.join(format!("{}-{}.names", g.group, g.chunk_bytes));
         let s = Arc::new(LocalChunks::new(self.manager.clone(), id, catalog));
         groups.insert((g.group.clone(), g.chunk_bytes), s.clone());
@@ -138,7 +116,7 @@ impl CheckpointService {
     async fn blocking<T: Send + 'static>(f: impl FnOnce() -> kvtier::Result<T> + Send + 'static) -> Result<T, Status> {
         tokio::task::spawn_blocking(f)
             .await
-            .map_err(|e| Status::internal(format!("task: {e}")))?
+            .map_err(|e| status_of(ErrorKind::Internal, format!("task: {e}")))?
             .map_err(|e| status(&e))
     }
 }
@@ -174,15 +152,12 @@ type PieceStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::
 impl pb::checkpoints_server::Checkpoints for CheckpointService {
     async fn put_chunk(&self, req: Request<Streaming<pb::ChunkWrite>>) -> Result<Response<pb::PutChunkReply>, Status> {
         let mut s = req.into_inner();
-        let first = s
-            .next()
-            .await
-            .ok_or_else(|| Status::invalid_argument("an empty PutChunk stream"))??;
+        let first = s.next().await.ok_or_else(|| invalid("an empty PutChunk stream"))??;
         let (ns, store) = self.group(first.group.as_ref()).await?;
         let max = first.group.as_ref().map_or(0, |g| g.chunk_bytes) as usize;
         let k = key(&first.key)?;
         if first.chunk_len > max as u64 {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "chunk {k}: {} bytes exceed the group's chunk_bytes ({max})",
                 first.chunk_len
             )));
@@ -200,7 +175,7 @@ impl pb::checkpoints_server::Checkpoints for CheckpointService {
         let mut next = Some(first.data);
         while let Some(d) = next {
             if len + d.len() > limit {
-                return Err(Status::invalid_argument(format!(
+                return Err(invalid(format!(
                     "chunk {k} exceeds its announced length ({}) or the group's chunk_bytes ({max})",
                     first.chunk_len
                 )));
@@ -213,12 +188,12 @@ impl pb::checkpoints_server::Checkpoints for CheckpointService {
             next = s.next().await.transpose()?.map(|p| p.data);
         }
         if len == 0 {
-            return Err(Status::invalid_argument(format!("chunk {k} is empty")));
+            return Err(invalid(format!("chunk {k} is empty")));
         }
         let data = match buf {
             Some(mut b) => {
                 if len != first.chunk_len as usize {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(invalid(format!(
                         "chunk {k}: {len} bytes arrived of the {} announced",
                         first.chunk_len
                     )));
@@ -260,21 +235,9 @@ impl pb::checkpoints_server::Checkpoints for CheckpointService {
                 found: false,
                 data: Bytes::new(),
             })],
-            Some(d) => {
-                let mut v: Vec<_> = (0..d.len())
-                    .step_by(crate::CHUNK_BYTES)
-                    .map(|o| {
-                        Ok(pb::ChunkPiece {
-                            found: true,
-                            data: d.slice(o..(o + crate::CHUNK_BYTES).min(d.len())),
-                        })
-                    })
-                    .collect();
-                if v.is_empty() {
-                    v.push(Ok(pb::ChunkPiece { found: true, data: d }));
-                }
-                v
-            }
+            Some(d) => pieces_at_least_one(&d)
+                .map(|data| Ok(pb::ChunkPiece { found: true, data }))
+                .collect(),
         };
         Ok(Response::new(Box::pin(tokio_stream::iter(pieces))))
     }
@@ -330,149 +293,5 @@ impl pb::checkpoints_server::Checkpoints for CheckpointService {
         Self::blocking(move || store.remove_name(&name)).await?;
         self.tell_members(r, false).await;
         Ok(Response::new(pb::NameReply {}))
-    }
-}
-
-/// The client side: a [`ChunkStore`] on a kvtierd, for
-/// `kvtier::checkpoint::Checkpoints`. Its calls block: run them off async
-/// tasks (e.g. in `spawn_blocking`).
-#[derive(Debug, Clone)]
-pub struct RemoteChunks {
-    client: CheckpointsClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>,
-    group: pb::Group,
-    rt: tokio::runtime::Handle,
-    /// Aligned buffers the chunks are read into (a restore writes them
-    /// with O_DIRECT).
-    buffers: Recycler,
-}
-
-fn remote_err(s: Status) -> Error {
-    let kind = match s.code() {
-        tonic::Code::InvalidArgument => ErrorKind::InvalidArgument,
-        tonic::Code::NotFound => ErrorKind::NotFound,
-        tonic::Code::AlreadyExists => ErrorKind::AlreadyExists,
-        tonic::Code::ResourceExhausted => ErrorKind::NoSpace,
-        tonic::Code::Unavailable => ErrorKind::Unavailable,
-        tonic::Code::DataLoss => ErrorKind::ChecksumMismatch,
-        _ => ErrorKind::Io,
-    };
-    Error::new(kind, format!("kvtierd: {}", s.message()))
-}
-
-impl RemoteChunks {
-    /// Chunks of `group` (at most `chunk_bytes` each) on the daemon behind
-    /// `channel`; calls block on `rt`.
-    pub fn new(channel: Channel, auth: Auth, group: &str, chunk_bytes: u32, rt: tokio::runtime::Handle) -> Self {
-        let client = CheckpointsClient::with_interceptor(channel, auth)
-            .max_decoding_message_size(2 * crate::CHUNK_BYTES)
-            .max_encoding_message_size(2 * crate::CHUNK_BYTES);
-        Self {
-            client,
-            group: pb::Group {
-                group: group.to_string(),
-                chunk_bytes,
-                local: false,
-            },
-            rt,
-            buffers: Recycler::new(chunk_bytes as usize, 2 * kvtier::checkpoint::CHUNKS_IN_FLIGHT),
-        }
-    }
-
-    /// The namespace of the group's chunks.
-    pub fn namespace(&self) -> NamespaceId {
-        Namespace::checkpoints(&self.group.group, self.group.chunk_bytes).id()
-    }
-
-    fn chunk_ref(&self, key: BlockKey) -> pb::ChunkRef {
-        pb::ChunkRef {
-            group: Some(self.group.clone()),
-            key: Bytes::copy_from_slice(&key.to_le_bytes()),
-        }
-    }
-}
-
-impl ChunkStore for RemoteChunks {
-    fn put_chunk(&self, key: BlockKey, data: Bytes) -> kvtier::Result<bool> {
-        let mut pieces = Vec::new();
-        for (i, o) in (0..data.len().max(1)).step_by(crate::CHUNK_BYTES).enumerate() {
-            pieces.push(pb::ChunkWrite {
-                group: (i == 0).then(|| self.group.clone()),
-                key: if i == 0 {
-                    Bytes::copy_from_slice(&key.to_le_bytes())
-                } else {
-                    Bytes::new()
-                },
-                data: data.slice(o..(o + crate::CHUNK_BYTES).min(data.len())),
-                chunk_len: if i == 0 { data.len() as u64 } else { 0 },
-            });
-        }
-        let mut c = self.client.clone();
-        self.rt.block_on(async move {
-            c.put_chunk(tokio_stream::iter(pieces))
-                .await
-                .map(|r| r.into_inner().stored)
-                .map_err(remote_err)
-        })
-    }
-
-    fn get_chunk(&self, key: BlockKey) -> kvtier::Result<Option<Bytes>> {
-        let mut c = self.client.clone();
-        let req = self.chunk_ref(key);
-        let mut buf = self.buffers.take();
-        self.rt.block_on(async move {
-            let mut s = c.get_chunk(req).await.map_err(remote_err)?.into_inner();
-            let mut len = 0;
-            while let Some(p) = s.next().await {
-                let p = p.map_err(remote_err)?;
-                if !p.found {
-                    return Ok(None);
-                }
-                let end = len + p.data.len();
-                if end > buf.len() {
-                    return Err(Error::new(
-                        ErrorKind::ChecksumMismatch,
-                        format!("kvtierd sent more than a chunk ({} bytes) for {key}", buf.len()),
-                    ));
-                }
-                buf.whole_mut()[len..end].copy_from_slice(&p.data);
-                len = end;
-            }
-            buf.set_len(len);
-            Ok(Some(buf.into_bytes()))
-        })
-    }
-
-    fn remove_chunk(&self, key: BlockKey) -> kvtier::Result<()> {
-        let mut c = self.client.clone();
-        let req = self.chunk_ref(key);
-        self.rt
-            .block_on(async move { c.remove_chunk(req).await.map(|_| ()).map_err(remote_err) })
-    }
-
-    fn names(&self) -> kvtier::Result<Vec<String>> {
-        let mut c = self.client.clone();
-        let g = self.group.clone();
-        self.rt
-            .block_on(async move { c.names(g).await.map(|r| r.into_inner().names).map_err(remote_err) })
-    }
-
-    fn add_name(&self, name: &str) -> kvtier::Result<()> {
-        let mut c = self.client.clone();
-        let req = pb::NameRequest {
-            group: Some(self.group.clone()),
-            name: name.to_string(),
-        };
-        self.rt
-            .block_on(async move { c.add_name(req).await.map(|_| ()).map_err(remote_err) })
-    }
-
-    fn remove_name(&self, name: &str) -> kvtier::Result<()> {
-        let mut c = self.client.clone();
-        let req = pb::NameRequest {
-            group: Some(self.group.clone()),
-            name: name.to_string(),
-        };
-        self.rt
-            .block_on(async move { c.remove_name(req).await.map(|_| ()).map_err(remote_err) })
     }
 }

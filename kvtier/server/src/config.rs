@@ -148,7 +148,11 @@ impl ClusterConfig {
     }
 
     /// Checks everything that needs no network.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> kvtier::Result<()> {
+        self.validate_text().map_err(config_error)
+    }
+
+    fn validate_text(&self) -> Result<(), String> {
         if self.node_id.is_empty() {
             return Err("cluster.node_id must not be empty".into());
         }
@@ -325,13 +329,24 @@ impl BlobEnv {
     }
 }
 
+/// A configuration mistake as the crate's error: the kind callers (and
+/// kvtierd's exit code) decide on.
+fn config_error(message: String) -> kvtier::Error {
+    kvtier::Error::new(kvtier::ErrorKind::Config, message)
+}
+
 fn parse<T: std::str::FromStr>(var: &str, v: &str) -> Result<T, String> {
     v.parse().map_err(|_| format!("{var}={v:?} is not a valid number"))
 }
 
 impl DaemonConfig {
-    /// The file's settings (or the defaults), then the environment's.
-    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, String> {
+    /// The file's settings (or the defaults), then the environment's. Any
+    /// failure is [`kvtier::ErrorKind::Config`], naming the setting.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> kvtier::Result<Self> {
+        Self::load_text(path, env).map_err(config_error)
+    }
+
+    fn load_text(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, String> {
         let mut c = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| format!("read config {}: {e}", p.display()))?;
@@ -438,13 +453,17 @@ impl DaemonConfig {
             b.validate().map_err(|e| e.message().to_string())?;
         }
         if let Some(c) = &self.cluster {
-            c.validate()?;
+            c.validate_text()?;
         }
         Ok(())
     }
 
     /// The bearer token, read from `auth_token_file` when that is set.
-    pub fn token(&self) -> Result<Option<String>, String> {
+    pub fn token(&self) -> kvtier::Result<Option<String>> {
+        self.token_text().map_err(config_error)
+    }
+
+    fn token_text(&self) -> Result<Option<String>, String> {
         if let Some(f) = &self.auth_token_file {
             let t = std::fs::read_to_string(f).map_err(|e| format!("read auth_token_file {}: {e}", f.display()))?;
             let t = t.trim().to_string();
@@ -532,15 +551,21 @@ mod tests {
     #[test]
     fn bad_settings_are_precise() {
         let e = DaemonConfig::load(None, env(&[("KVTIER_MODE", "fast")])).unwrap_err();
+        assert_eq!(e.kind(), kvtier::ErrorKind::Config);
+        let e = e.to_string();
         assert!(e.contains("KVTIER_MODE=\"fast\""), "{e}");
-        let e = DaemonConfig::load(None, env(&[("KVTIER_DISK_CAPACITY_BYTES", "lots")])).unwrap_err();
+        let e = DaemonConfig::load(None, env(&[("KVTIER_DISK_CAPACITY_BYTES", "lots")]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a valid number"), "{e}");
-        let e = DaemonConfig::load(None, env(&[("KVTIER_TLS_CERT_FILE", "c.pem")])).unwrap_err();
+        let e = DaemonConfig::load(None, env(&[("KVTIER_TLS_CERT_FILE", "c.pem")]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("both"), "{e}");
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("k.toml");
         std::fs::write(&f, "listen_addr = \"x\"\n").unwrap();
-        let e = DaemonConfig::load(Some(&f), env(&[])).unwrap_err();
+        let e = DaemonConfig::load(Some(&f), env(&[])).unwrap_err().to_string();
         assert!(e.contains("unknown field"), "{e}");
     }
 
@@ -665,17 +690,22 @@ mod tests {
 
     #[test]
     fn bad_blob_settings_are_precise() {
-        let e = DaemonConfig::load(None, env(&[("KVTIER_BLOB_ACCOUNT", "acct")])).unwrap_err();
+        let e = DaemonConfig::load(None, env(&[("KVTIER_BLOB_ACCOUNT", "acct")]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("KVTIER_BLOB_ACCOUNT set"), "{e}");
         assert!(e.contains("no [blob] table: set KVTIER_BLOB_CONTAINER too"), "{e}");
         let e = DaemonConfig::load(
             None,
             env(&[("KVTIER_BLOB_PREFIX", "p/"), ("KVTIER_BLOB_MODE", "writeback")]),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("KVTIER_BLOB_PREFIX, KVTIER_BLOB_MODE set"), "{e}");
         assert!(e.contains("KVTIER_BLOB_ACCOUNT and KVTIER_BLOB_CONTAINER"), "{e}");
-        let e = DaemonConfig::load(None, env(&[("KVTIER_BLOB_MODE", "write-back")])).unwrap_err();
+        let e = DaemonConfig::load(None, env(&[("KVTIER_BLOB_MODE", "write-back")]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("KVTIER_BLOB_MODE=\"write-back\""), "{e}");
         // The core's checks that need no network run at load.
         let e = DaemonConfig::load(
@@ -685,7 +715,8 @@ mod tests {
                 ("KVTIER_BLOB_CONTAINER", "kv-cache"),
             ]),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("blob.account \"MyAccount\""), "{e}");
         let e = DaemonConfig::load(
             None,
@@ -695,17 +726,18 @@ mod tests {
                 ("KVTIER_BLOB_ENDPOINT", "acct.blob.core.windows.net"),
             ]),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("blob.endpoint"), "{e}");
         let d = tempfile::tempdir().unwrap();
         let f = write(
             d.path(),
             "[blob]\naccount = \"acct\"\ncontainer = \"kv-cache\"\nkey = \"x\"\n",
         );
-        let e = DaemonConfig::load(Some(&f), env(&[])).unwrap_err();
+        let e = DaemonConfig::load(Some(&f), env(&[])).unwrap_err().to_string();
         assert!(e.contains("unknown field `key`"), "{e}");
         let f = write(d.path(), "[blob]\naccount = \"acct\"\n");
-        let e = DaemonConfig::load(Some(&f), env(&[])).unwrap_err();
+        let e = DaemonConfig::load(Some(&f), env(&[])).unwrap_err().to_string();
         assert!(e.contains("missing field `container`"), "{e}");
     }
 
@@ -716,7 +748,7 @@ mod tests {
         let blob = "[blob]\naccount = \"acct\"\ncontainer = \"kv-cache\"\n";
         let f = write(d.path(), &format!("{blob}{manager}"));
         for vars in [&[][..], &[("KVTIER_BLOB_MODE", "writeback")][..]] {
-            let e = DaemonConfig::load(Some(&f), env(vars)).unwrap_err();
+            let e = DaemonConfig::load(Some(&f), env(vars)).unwrap_err().to_string();
             assert!(e.contains("configure the blob tier as [manager.blob]"), "{e}");
         }
         // [manager.blob] applies, and the environment overrides it.
@@ -730,7 +762,9 @@ mod tests {
         assert_eq!((b.account.as_str(), b.mode), ("acct", BlobMode::Writeback));
         // Without [manager.blob], the environment makes it, or says so.
         let f = write(d.path(), manager);
-        let e = DaemonConfig::load(Some(&f), env(&[("KVTIER_BLOB_CONTAINER", "kv-cache")])).unwrap_err();
+        let e = DaemonConfig::load(Some(&f), env(&[("KVTIER_BLOB_CONTAINER", "kv-cache")]))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("no [manager.blob] table: set KVTIER_BLOB_ACCOUNT too"),
             "{e}"
@@ -760,7 +794,9 @@ mod tests {
         assert_eq!(toml::from_str::<DaemonConfig>(&printed).unwrap(), c, "{printed}");
         let c = DaemonConfig::load(Some(&f), env(&[("KVTIER_CLUSTER_NODE_ID", "b")])).unwrap();
         assert_eq!(c.cluster.unwrap().node_id, "b");
-        let e = DaemonConfig::load(None, env(&[("KVTIER_CLUSTER_NODE_ID", "b")])).unwrap_err();
+        let e = DaemonConfig::load(None, env(&[("KVTIER_CLUSTER_NODE_ID", "b")]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no [cluster] table"), "{e}");
         assert!(DaemonConfig::load(None, env(&[])).unwrap().cluster.is_none());
     }
@@ -774,7 +810,9 @@ mod tests {
             assert_eq!(cl.node_id, id);
             assert_eq!(cl.members.len(), 3);
         }
-        let e = DaemonConfig::load(Some(&f), env(&[("KVTIER_CLUSTER_NODE_ID", "d")])).unwrap_err();
+        let e = DaemonConfig::load(Some(&f), env(&[("KVTIER_CLUSTER_NODE_ID", "d")]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"d\" is not among cluster.members (a, b, c)"), "{e}");
     }
 
@@ -783,7 +821,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let load = |body: &str| {
             let f = write(d.path(), &format!("[cluster]\n{body}"));
-            DaemonConfig::load(Some(&f), env(&[])).unwrap_err()
+            DaemonConfig::load(Some(&f), env(&[])).unwrap_err().to_string()
         };
         let two = "members = [{ id = \"a\", addr = \"h:1\" }, { id = \"b\", addr = \"h:2\" }]\n";
         let e = load(&format!("node_id = \"c\"\n{two}"));

@@ -12,9 +12,12 @@ use crate::cluster::Cluster;
 use crate::cluster::peer::PeerService;
 use crate::config::DaemonConfig;
 use crate::metrics::Metrics;
+use crate::node::Node;
 use crate::proto::kv_tier_server::KvTierServer;
 use crate::proto::peer_server::PeerServer;
 use crate::service::KvTierService;
+use crate::status_of;
+use kvtier::{Error, ErrorKind};
 
 /// Compares in time independent of where the strings differ.
 fn same(a: &[u8], b: &[u8]) -> bool {
@@ -39,15 +42,15 @@ pub async fn run(
     cfg: DaemonConfig,
     stop: impl Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(Bound),
-) -> Result<(), String> {
+) -> kvtier::Result<()> {
     crate::install_crypto_provider();
     let token = cfg.token()?;
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("create {}: {e}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| Error::io(format!("create {}", cfg.data_dir.display()), e))?;
     let mcfg = cfg.manager_config();
     let manager = tokio::task::spawn_blocking(move || mcfg.build())
         .await
-        .map_err(|e| format!("open the block manager: {e}"))?
-        .map_err(|e| format!("open the block manager: {e}"))?;
+        .map_err(|e| join_error("open the block manager", e))?
+        .map_err(|e| e.context("open the block manager"))?;
     let manager = Arc::new(manager);
     if let Some(r) = manager.disk().map(|d| d.recovery()) {
         tracing::info!(
@@ -58,7 +61,7 @@ pub async fn run(
         );
     }
     let metrics = Arc::new(Metrics::default());
-    let svc = KvTierService::new(
+    let node = Node::new(
         manager.clone(),
         metrics.clone(),
         cfg.data_dir.join("namespaces.json"),
@@ -75,13 +78,13 @@ pub async fn run(
             cfg.tls.is_some(),
             token.clone(),
             manager.clone(),
-            svc.registry().clone(),
+            node.registry().clone(),
             &cfg.data_dir,
             cfg.max_request_bytes,
         )?)),
         None => None,
     };
-    let checkpoint_registry = svc.registry().clone();
+    let checkpoint_registry = node.registry().clone();
     if let Some(c) = &cluster {
         // Weak: the manager must not keep the cluster (and itself) alive.
         let weak = Arc::downgrade(c);
@@ -89,26 +92,27 @@ pub async fn run(
             weak.upgrade().is_none_or(|c| c.uploads(ns, key))
         }));
     }
-    let svc = match &cluster {
+    let node = Arc::new(match &cluster {
         Some(c) => {
             let _ = metrics.cluster.set(Arc::downgrade(c));
-            svc.with_cluster(c.clone())
+            node.with_cluster(c.clone())
         }
-        None => svc,
-    };
-    let peer = cluster.as_ref().map(|c| PeerService::new(svc.clone(), c.clone()));
+        None => node,
+    });
+    let peer = cluster.as_ref().map(|c| PeerService::new(node.clone(), c.clone()));
+    let svc = KvTierService::new(node);
 
     let listener = TcpListener::bind(&cfg.listen)
         .await
-        .map_err(|e| format!("bind {}: {e}", cfg.listen))?;
-    let grpc = listener.local_addr().map_err(|e| format!("local address: {e}"))?;
+        .map_err(|e| Error::io(format!("bind {}", cfg.listen), e))?;
+    let grpc = listener.local_addr().map_err(|e| Error::io("local address", e))?;
     let metrics_task = if cfg.metrics_listen.is_empty() {
         None
     } else {
         let l = TcpListener::bind(&cfg.metrics_listen)
             .await
-            .map_err(|e| format!("bind metrics {}: {e}", cfg.metrics_listen))?;
-        let addr = l.local_addr().map_err(|e| format!("local address: {e}"))?;
+            .map_err(|e| Error::io(format!("bind metrics {}", cfg.metrics_listen), e))?;
+        let addr = l.local_addr().map_err(|e| Error::io("local address", e))?;
         Some((
             addr,
             tokio::spawn(crate::metrics::serve(l, metrics.clone(), manager.clone())),
@@ -121,11 +125,12 @@ pub async fn run(
         .initial_connection_window_size(Some(64 << 20))
         .max_frame_size(Some((1 << 20) - 1));
     if let Some(tls) = &cfg.tls {
-        let cert = std::fs::read(&tls.cert_file).map_err(|e| format!("read {}: {e}", tls.cert_file.display()))?;
-        let key = std::fs::read(&tls.key_file).map_err(|e| format!("read {}: {e}", tls.key_file.display()))?;
+        let cert =
+            std::fs::read(&tls.cert_file).map_err(|e| Error::io(format!("read {}", tls.cert_file.display()), e))?;
+        let key = std::fs::read(&tls.key_file).map_err(|e| Error::io(format!("read {}", tls.key_file.display()), e))?;
         builder = builder
             .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
-            .map_err(|e| format!("TLS: {e}"))?;
+            .map_err(|e| Error::with_source(ErrorKind::Config, format!("TLS: {e}"), e))?;
     }
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<KvTierServer<KvTierService>>().await;
@@ -144,14 +149,14 @@ pub async fn run(
             auth_metrics
                 .unauthenticated
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Err(Status::unauthenticated("missing or invalid bearer token"))
+            Err(status_of(ErrorKind::Unauthenticated, "missing or invalid bearer token"))
         }
     };
     let peer_api = peer.map(|p| {
         tonic::service::interceptor::InterceptedService::new(
             PeerServer::new(p)
-                .max_decoding_message_size(2 * crate::CHUNK_BYTES)
-                .max_encoding_message_size(2 * crate::CHUNK_BYTES),
+                .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(crate::MAX_MESSAGE_BYTES),
             auth.clone(),
         )
     });
@@ -164,14 +169,14 @@ pub async fn run(
                 &cfg.data_dir,
             ),
         )
-        .max_decoding_message_size(2 * crate::CHUNK_BYTES)
-        .max_encoding_message_size(2 * crate::CHUNK_BYTES),
+        .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::MAX_MESSAGE_BYTES),
         auth.clone(),
     );
     let api = tonic::service::interceptor::InterceptedService::new(
         KvTierServer::new(svc)
-            .max_decoding_message_size(2 * crate::CHUNK_BYTES)
-            .max_encoding_message_size(2 * crate::CHUNK_BYTES),
+            .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::MAX_MESSAGE_BYTES),
         auth,
     );
 
@@ -216,7 +221,7 @@ pub async fn run(
         c.shutdown().await;
     }
     drop(cluster);
-    served.map_err(|e| format!("serve: {e}"))?;
+    served.map_err(|e| Error::with_source(ErrorKind::Io, format!("serve: {e}"), e))?;
     // Writes acknowledged to clients are on disk (SSD-only) or queued for
     // it (write-through): drain the queue, then close the tiers so the
     // disk tier seals its active segment.
@@ -247,7 +252,7 @@ pub async fn run(
             Ok(m) => {
                 tokio::task::spawn_blocking(move || drop(m))
                     .await
-                    .map_err(|e| format!("close: {e}"))?;
+                    .map_err(|e| join_error("close", e))?;
                 break;
             }
             Err(m) if tokio::time::Instant::now() < deadline => {
@@ -258,7 +263,7 @@ pub async fn run(
                 tracing::warn!("requests still hold the block manager: flushing without closing");
                 tokio::task::spawn_blocking(move || m.flush())
                     .await
-                    .map_err(|e| format!("flush: {e}"))?;
+                    .map_err(|e| join_error("flush", e))?;
                 break;
             }
         }
@@ -281,6 +286,11 @@ pub fn signal() -> impl Future<Output = ()> + Send + 'static {
             _ = int.recv() => {}
         }
     }
+}
+
+/// A blocking task that panicked or was cancelled: a bug, not a setting.
+fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
+    Error::with_source(ErrorKind::Internal, format!("{what}: {e}"), e)
 }
 
 #[cfg(test)]

@@ -349,7 +349,7 @@ fn render_blob(o: &mut String, s: &ManagerStats) {
     let _ = writeln!(
         o,
         "# HELP kvtier_blob_info The blob tier's mode (blob tier only).\n# TYPE kvtier_blob_info gauge\nkvtier_blob_info{{mode=\"{}\"}} 1",
-        crate::convert::blob_mode(b.mode)
+        crate::stats::blob_mode(b.mode)
     );
     let Some(w) = &s.writeback else { return };
     let _ = writeln!(
@@ -555,7 +555,7 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::convert::tests::{blob_stats, local_stats};
+    use crate::stats::tests::{blob_stats, local_stats};
 
     /// The value of the sample named exactly `series` (name and labels).
     fn sample(body: &str, series: &str) -> f64 {

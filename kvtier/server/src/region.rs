@@ -14,6 +14,8 @@
 //! the daemon's control, like a device's DMA: they can only change the bytes
 //! of the client's own blocks before they are checksummed.
 
+use crate::{invalid, status_of};
+use kvtier::ErrorKind;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -25,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use tonic::Status;
 
 /// The file-name prefix a region must have.
-pub const REGION_PREFIX: &str = "kvtier-";
+pub use kvtier_proto::REGION_PREFIX;
 
 /// A mapped region file.
 #[derive(Debug)]
@@ -118,7 +120,8 @@ impl Regions {
     /// Maps `path` (at least `size` bytes) and answers its id.
     pub fn register(&self, path: &str, size: u64) -> Result<u64, Status> {
         let Some(dir) = &self.dir else {
-            return Err(Status::failed_precondition(
+            return Err(status_of(
+                ErrorKind::Config,
                 "shared-memory regions are disabled (shm_dir is empty)",
             ));
         };
@@ -127,37 +130,36 @@ impl Regions {
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with(REGION_PREFIX) && n.len() > REGION_PREFIX.len());
-        let canon = p
-            .canonicalize()
-            .map_err(|e| Status::invalid_argument(format!("region {path}: {e}")))?;
+        let canon = p.canonicalize().map_err(|e| invalid(format!("region {path}: {e}")))?;
         if !name_ok || canon.parent() != Some(dir.as_path()) {
-            return Err(Status::permission_denied(format!(
-                "region {path}: must be a file named {REGION_PREFIX}* directly in {}",
-                dir.display()
-            )));
+            return Err(status_of(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "region {path}: must be a file named {REGION_PREFIX}* directly in {}",
+                    dir.display()
+                ),
+            ));
         }
         if size == 0 || size > (1 << 40) {
-            return Err(Status::invalid_argument(format!(
-                "region size {size} must be between 1 byte and 1 TiB"
-            )));
+            return Err(invalid(format!("region size {size} must be between 1 byte and 1 TiB")));
         }
         if self.map.lock().len() >= self.max_regions {
-            return Err(Status::resource_exhausted(format!(
-                "{} regions registered already (max_regions)",
-                self.max_regions
-            )));
+            return Err(status_of(
+                ErrorKind::NoSpace,
+                format!("{} regions registered already (max_regions)", self.max_regions),
+            ));
         }
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&canon)
-            .map_err(|e| Status::permission_denied(format!("open region {path}: {e}")))?;
+            .map_err(|e| status_of(ErrorKind::PermissionDenied, format!("open region {path}: {e}")))?;
         let meta = f
             .metadata()
-            .map_err(|e| Status::internal(format!("stat region {path}: {e}")))?;
+            .map_err(|e| status_of(ErrorKind::Internal, format!("stat region {path}: {e}")))?;
         if !meta.is_file() || meta.len() < size {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "region {path} is {} bytes, the request says {size}",
                 meta.len()
             )));
@@ -176,10 +178,10 @@ impl Regions {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(Status::internal(format!(
-                "map region {path}: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(status_of(
+                ErrorKind::Internal,
+                format!("map region {path}: {}", std::io::Error::last_os_error()),
+            ));
         }
         let region = Region {
             ptr: NonNull::new(p.cast()).expect("mmap never returns null on success"),
@@ -199,7 +201,7 @@ impl Regions {
             .lock()
             .remove(&id)
             .map(drop)
-            .ok_or_else(|| Status::not_found(format!("region {id} is not registered")))
+            .ok_or_else(|| status_of(ErrorKind::NotFound, format!("region {id} is not registered")))
     }
 
     /// Borrows `[offset, offset+len)` of region `id`.
@@ -209,12 +211,12 @@ impl Regions {
             .lock()
             .get(&id)
             .cloned()
-            .ok_or_else(|| Status::not_found(format!("region {id} is not registered")))?;
+            .ok_or_else(|| status_of(ErrorKind::NotFound, format!("region {id} is not registered")))?;
         let end = offset
             .checked_add(len)
             .filter(|e| *e <= region.len as u64)
             .ok_or_else(|| {
-                Status::invalid_argument(format!(
+                invalid(format!(
                     "bytes {offset}..{} are outside region {id} of {} bytes",
                     offset.saturating_add(len),
                     region.len
@@ -223,9 +225,10 @@ impl Regions {
         let (start, end) = (offset as usize, end as usize);
         let mut busy = region.busy.lock();
         if busy.iter().any(|&(s, e, x)| s < end && start < e && (x || exclusive)) {
-            return Err(Status::failed_precondition(format!(
-                "bytes {start}..{end} of region {id} overlap a request in flight"
-            )));
+            return Err(status_of(
+                ErrorKind::Throttled,
+                format!("bytes {start}..{end} of region {id} overlap a request in flight"),
+            ));
         }
         busy.push((start, end, exclusive));
         drop(busy);
@@ -251,9 +254,13 @@ mod tests {
         let id = r.register(&path, 1 << 20).unwrap();
         let mut w = r.borrow(id, 0, 4096, true).unwrap();
         w.bytes_mut().fill(7);
-        // An overlapping read must wait for the write.
+        // An overlapping read must wait for the write: retry later.
         let e = r.borrow(id, 100, 10, false).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            kvtier_proto::error::carried_kind(&e),
+            Some(ErrorKind::Throttled),
+            "{e:?}"
+        );
         let ro = r.borrow(id, 4096, 4096, false).unwrap();
         let ro2 = r.borrow(id, 4096, 4096, false).unwrap();
         drop(w);

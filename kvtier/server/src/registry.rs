@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tonic::Status;
 
-use crate::convert::status;
+use crate::status;
+use crate::status_of;
+use kvtier::ErrorKind;
 
 /// One entry of the file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,17 +52,29 @@ pub struct Registered {
 impl Registry {
     /// Opens the registry at `path` and registers what it holds with
     /// `manager`.
-    pub fn open(path: PathBuf, manager: Arc<BlockManager>) -> Result<Self, String> {
+    ///
+    /// An unreadable file is [`ErrorKind::Io`]; one that does not parse, or
+    /// names a namespace the manager refuses, is [`ErrorKind::Config`].
+    pub fn open(path: PathBuf, manager: Arc<BlockManager>) -> kvtier::Result<Self> {
         let entries: Vec<Entry> = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("namespace registry {}: {e}", path.display()))?,
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                kvtier::Error::with_source(
+                    ErrorKind::Config,
+                    format!("namespace registry {}: {e}", path.display()),
+                    e,
+                )
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(format!("read {}: {e}", path.display())),
+            Err(e) => return Err(kvtier::Error::io(format!("read {}", path.display()), e)),
         };
         let mut reps = HashMap::new();
         for e in entries {
-            let id = manager
-                .register_namespace(&e.namespace)
-                .map_err(|err| format!("namespace {} from {}: {err}", e.namespace.model_id, path.display()))?;
+            let id = manager.register_namespace(&e.namespace).map_err(|err| {
+                kvtier::Error::new(
+                    ErrorKind::Config,
+                    format!("namespace {} from {}: {err}", e.namespace.model_id, path.display()),
+                )
+            })?;
             reps.insert(id, e.replication.unwrap_or(Replication::strong(1)));
         }
         Ok(Self {
@@ -98,14 +112,17 @@ impl Registry {
         if known {
             let have = self.replication(ns.id());
             if let Some(want) = rep.filter(|w| *w != have && !keep_first) {
-                return Err(Status::failed_precondition(format!(
-                    "namespace {} is registered with replicas {} and write_quorum {}: it cannot change to replicas {} and write_quorum {}",
-                    ns.model_id,
-                    have.replicas,
-                    have.w(),
-                    want.replicas,
-                    want.w()
-                )));
+                return Err(status_of(
+                    ErrorKind::Config,
+                    format!(
+                        "namespace {} is registered with replicas {} and write_quorum {}: it cannot change to replicas {} and write_quorum {}",
+                        ns.model_id,
+                        have.replicas,
+                        have.w(),
+                        want.replicas,
+                        want.w()
+                    ),
+                ));
             }
             return Ok(Registered {
                 id: ns.id(),
@@ -125,7 +142,7 @@ impl Registry {
             })
             .collect();
         self.save(&entries)
-            .map_err(|e| Status::internal(format!("persist the namespace registry: {e}")))?;
+            .map_err(|e| status_of(ErrorKind::Internal, format!("persist the namespace registry: {e}")))?;
         Ok(Registered {
             id,
             replication: rep,

@@ -1,441 +1,31 @@
-//! The `KvTier` gRPC service over a block manager.
+//! The `KvTier` gRPC service: a thin adapter over the local [`Node`].
 
 use bytes::Bytes;
 use kvtier::replication::Replication;
-use kvtier::{AlignedBuf, BlockManager, NamespaceId};
-use parking_lot::Mutex;
-use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::CHUNK_BYTES;
-use crate::cluster::Cluster;
-use crate::convert::{self, status};
-use crate::metrics::Metrics;
-use crate::proto::{self, get_response, put_request};
-use crate::region::Regions;
-use crate::registry::Registry;
-
-/// Keys one request may carry.
-pub const MAX_KEYS: usize = 65_536;
-/// Idle request buffers kept for reuse.
-const POOLED_BUFFERS: usize = 16;
-/// Permits of the in-flight semaphore are pages of request bytes.
-const PERMIT_BYTES: u64 = 4096;
-
-/// Page-aligned request buffers, reused: first touch of fresh memory costs
-/// more than the copy into it.
-#[derive(Debug)]
-struct BufPool {
-    idle: Mutex<Vec<AlignedBuf>>,
-}
-
-impl BufPool {
-    fn take(&self, len: usize) -> AlignedBuf {
-        let mut idle = self.idle.lock();
-        match idle.iter().position(|b| b.len() >= len) {
-            Some(i) => idle.swap_remove(i),
-            None => {
-                drop(idle);
-                AlignedBuf::new(len)
-            }
-        }
-    }
-
-    fn give(&self, b: AlignedBuf) {
-        let mut idle = self.idle.lock();
-        if idle.len() < POOLED_BUFFERS {
-            idle.push(b);
-        }
-    }
-}
-
-/// A request buffer on loan, with its share of the in-flight budget; both
-/// go back when the last `Bytes` made from it is dropped.
-struct Loan {
-    buf: Option<AlignedBuf>,
-    pool: Arc<BufPool>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl AsRef<[u8]> for Loan {
-    fn as_ref(&self) -> &[u8] {
-        self.buf.as_deref().expect("present until drop")
-    }
-}
-
-impl Drop for Loan {
-    fn drop(&mut self) {
-        if let Some(b) = self.buf.take() {
-            self.pool.give(b);
-        }
-    }
-}
+use crate::convert;
+use crate::node::{GetStream, MAX_KEYS, Node};
+use crate::proto;
+use crate::{invalid, status, status_of};
+use kvtier::ErrorKind;
 
 /// The service. Cheap to clone.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct KvTierService {
-    manager: Arc<BlockManager>,
-    metrics: Arc<Metrics>,
-    pool: Arc<BufPool>,
-    inflight: Arc<Semaphore>,
-    registry: Arc<Registry>,
-    regions: Arc<Regions>,
-    max_request_bytes: u64,
-    started: Instant,
-    cluster: Option<Arc<Cluster>>,
+    node: Arc<Node>,
 }
 
-impl std::fmt::Debug for KvTierService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvTierService").finish_non_exhaustive()
+impl KvTierService {
+    /// The service over `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
     }
 }
 
 type Reply<T> = Result<Response<T>, Status>;
-
-impl KvTierService {
-    /// A service over `manager`; namespaces persist in `registry_path` and
-    /// the ones already there are registered now.
-    pub fn new(
-        manager: Arc<BlockManager>,
-        metrics: Arc<Metrics>,
-        registry_path: PathBuf,
-        regions: Regions,
-        max_request_bytes: u64,
-        max_inflight_bytes: u64,
-    ) -> Result<Self, String> {
-        let registry = Registry::open(registry_path, manager.clone())?;
-        let permits = (max_inflight_bytes / PERMIT_BYTES).min(u64::from(u32::MAX >> 3)) as usize;
-        Ok(Self {
-            manager,
-            metrics,
-            pool: Arc::new(BufPool {
-                idle: Mutex::new(Vec::new()),
-            }),
-            inflight: Arc::new(Semaphore::new(permits)),
-            registry: Arc::new(registry),
-            regions: Arc::new(regions),
-            max_request_bytes,
-            started: Instant::now(),
-            cluster: None,
-        })
-    }
-
-    /// The same service in `cluster`: Puts fan out to replicas, reads that
-    /// miss here ask peers, and registrations reach every member.
-    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Self {
-        self.cluster = Some(cluster);
-        self
-    }
-
-    /// The namespaces and their replication.
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
-    }
-
-    /// Records one request of `rpc` (one of [`crate::metrics::RPCS`]).
-    pub(crate) fn observe<T>(&self, rpc: &str, t: Instant, r: &Result<T, Status>) {
-        self.metrics.rpc(rpc).observe(t.elapsed(), r.is_ok());
-        if let Err(s) = r {
-            if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound) {
-                self.metrics.bad_requests.fetch_add(1, Relaxed);
-            }
-            tracing::debug!(rpc, code = ?s.code(), "{}", s.message());
-        }
-    }
-
-    /// Checks a request's size and waits for its share of the budget.
-    async fn admit(&self, what: &str, blocks: usize, block_bytes: u64) -> Result<Loan, Status> {
-        let total = blocks as u64 * block_bytes;
-        if total > self.max_request_bytes {
-            return Err(Status::resource_exhausted(format!(
-                "{what} of {blocks} blocks of {block_bytes} bytes ({total} bytes) exceeds max_request_bytes {}",
-                self.max_request_bytes
-            )));
-        }
-        let permits = total.div_ceil(PERMIT_BYTES).max(1) as u32;
-        self.metrics.inflight_bytes.fetch_add(total, Relaxed);
-        let permit = self.inflight.clone().acquire_many_owned(permits).await;
-        self.metrics.inflight_bytes.fetch_sub(total, Relaxed);
-        let permit = permit.map_err(|_| Status::unavailable("kvtierd is stopping"))?;
-        Ok(Loan {
-            buf: Some(self.pool.take(total as usize)),
-            pool: self.pool.clone(),
-            _permit: permit,
-        })
-    }
-
-    pub(crate) fn block_bytes(&self, ns: NamespaceId) -> Result<u64, Status> {
-        self.manager.block_bytes(ns).map_err(|e| status(&e))
-    }
-
-    /// Receives the data messages of a `what` of `blocks` blocks into a
-    /// pooled buffer; `data` picks the bytes out of a message (`None`: not
-    /// a data message).
-    pub(crate) async fn receive<M>(
-        &self,
-        s: &mut Streaming<M>,
-        what: &str,
-        blocks: usize,
-        block: u64,
-        data: impl Fn(M) -> Option<Bytes>,
-    ) -> Result<Bytes, Status> {
-        let total = (blocks as u64 * block) as usize;
-        let mut loan = self.admit(what, blocks, block).await?;
-        let buf = loan.buf.as_mut().expect("fresh loan");
-        let mut got = 0usize;
-        while let Some(m) = s.message().await? {
-            let Some(d) = data(m) else {
-                return Err(Status::invalid_argument(format!(
-                    "only data messages may follow the {what} header"
-                )));
-            };
-            if got + d.len() > total {
-                return Err(Status::invalid_argument(format!(
-                    "{what} carries more than {blocks} blocks of {block} bytes ({total} bytes)"
-                )));
-            }
-            buf[got..got + d.len()].copy_from_slice(&d);
-            got += d.len();
-        }
-        if got != total {
-            return Err(Status::invalid_argument(format!(
-                "{what} ended after {got} of {total} bytes ({blocks} blocks of {block} bytes)"
-            )));
-        }
-        Ok(Bytes::from_owner(loan).slice(..total))
-    }
-
-    async fn put_inner(&self, mut s: Streaming<proto::PutRequest>) -> Result<proto::PutResponse, Status> {
-        let header = match s.message().await? {
-            Some(proto::PutRequest {
-                msg: Some(put_request::Msg::Header(h)),
-            }) => h,
-            _ => return Err(Status::invalid_argument("the first Put message must be a header")),
-        };
-        let ns = convert::namespace_id(&header.namespace_id)?;
-        let block = self.block_bytes(ns)?;
-        let keys = convert::keys(&header.keys, MAX_KEYS)?;
-        let data = self
-            .receive(&mut s, "put", keys.len(), block, |m| match m.msg {
-                Some(put_request::Msg::Data(d)) => Some(d),
-                _ => None,
-            })
-            .await?;
-        if let Some(c) = &self.cluster {
-            return c.write(ns, &keys, data, block as usize).await;
-        }
-        let m = self.manager.clone();
-        // The buffer (and its share of the in-flight budget) goes back to
-        // the pool when `data` drops, after the store.
-        let r = tokio::task::spawn_blocking(move || m.store(ns, &keys, &data))
-            .await
-            .map_err(|e| Status::internal(format!("store task: {e}")))?;
-        let out = r.map_err(|e| status(&e))?;
-        Ok(proto::PutResponse {
-            stored: out.stored as u32,
-            present: out.present as u32,
-            not_admitted: out.not_admitted as u32,
-        })
-    }
-
-    /// Loads the leading present `keys` of `ns` (`b` bytes each) into the
-    /// buffer `owner` holds (`buf` gives it: exactly `keys.len()` blocks):
-    /// local tiers, then (with `peers`, in a cluster) peers for the run that
-    /// misses here, then local again, since with R < N consecutive blocks
-    /// live on different nodes. In a cluster blob comes last, after every
-    /// replica missed. Blocks from peers are promoted into the local tiers.
-    async fn load_across<B: Send + 'static>(
-        &self,
-        ns: NamespaceId,
-        keys: Arc<Vec<kvtier::BlockKey>>,
-        b: usize,
-        mut owner: B,
-        buf: fn(&mut B) -> &mut [u8],
-        peers: bool,
-    ) -> Result<(kvtier::manager::LoadOutcome, B), Status> {
-        let total = keys.len() * b;
-        let (mut loaded, mut failed) = (0usize, None);
-        let in_cluster = self.cluster.is_some();
-        let mut blob_pass = false;
-        loop {
-            let (m, ks, at) = (self.manager.clone(), keys.clone(), loaded);
-            let local_only = in_cluster && !blob_pass;
-            let (r, o) = tokio::task::spawn_blocking(move || {
-                let out = &mut buf(&mut owner)[at * b..total];
-                let r = if local_only {
-                    m.load_local(ns, &ks[at..], out)
-                } else {
-                    m.load(ns, &ks[at..], out)
-                };
-                (r, owner)
-            })
-            .await
-            .map_err(|e| Status::internal(format!("load task: {e}")))?;
-            owner = o;
-            let out = r.map_err(|e| status(&e))?;
-            loaded += out.loaded;
-            if let Some(mut f) = out.failed {
-                f.index += at;
-                failed = Some(f);
-                break;
-            }
-            if blob_pass || loaded == keys.len() {
-                break;
-            }
-            let Some(c) = self.cluster.as_ref().filter(|_| peers) else {
-                break;
-            };
-            let bytes = buf(&mut owner);
-            let n = c.fetch(ns, &keys[loaded..], &mut bytes[loaded * b..total], b).await;
-            if n == 0 {
-                // Every replica missed: blob, if this node has one.
-                if self.manager.blob().is_none() {
-                    break;
-                }
-                blob_pass = true;
-                continue;
-            }
-            // Promote: the next load of these blocks is local.
-            let promoted = Bytes::copy_from_slice(&bytes[loaded * b..(loaded + n) * b]);
-            let got = keys[loaded..loaded + n].to_vec();
-            let m = self.manager.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = m.store(ns, &got, &promoted) {
-                    tracing::debug!("promote peer blocks: {e}");
-                }
-            });
-            loaded += n;
-        }
-        Ok((kvtier::manager::LoadOutcome { loaded, failed }, owner))
-    }
-
-    /// Loads the leading present blocks: from the local tiers, then (with
-    /// `peers`, in a cluster) from peers, promoting what they send into the
-    /// local tiers. Answers the stream and the blocks it carries.
-    pub(crate) async fn get_inner(&self, req: proto::GetRequest, peers: bool) -> Result<(GetStream, usize), Status> {
-        let ns = convert::namespace_id(&req.namespace_id)?;
-        let block = self.block_bytes(ns)?;
-        let keys = convert::keys(&req.keys, MAX_KEYS)?;
-        let loan = self.admit("get", keys.len(), block).await?;
-        let keys = Arc::new(keys);
-        let (out, loan) = self
-            .load_across(
-                ns,
-                keys,
-                block as usize,
-                loan,
-                |l| l.buf.as_mut().expect("fresh loan"),
-                peers,
-            )
-            .await?;
-        let header = proto::GetHeader {
-            loaded: out.loaded as u32,
-            block_bytes: block,
-            failed_index: out.failed.as_ref().map(|f| f.index as u32),
-            failed_reason: out.failed.map(|f| f.message).unwrap_or_default(),
-        };
-        let bytes = Bytes::from_owner(loan).slice(..out.loaded * block as usize);
-        let mut msgs = Vec::with_capacity(1 + bytes.len() / CHUNK_BYTES + 1);
-        msgs.push(Ok(proto::GetResponse {
-            msg: Some(get_response::Msg::Header(header)),
-        }));
-        let mut at = 0;
-        while at < bytes.len() {
-            let end = (at + CHUNK_BYTES).min(bytes.len());
-            msgs.push(Ok(proto::GetResponse {
-                msg: Some(get_response::Msg::Data(bytes.slice(at..end))),
-            }));
-            at = end;
-        }
-        Ok((Box::pin(tokio_stream::iter(msgs)), out.loaded))
-    }
-
-    /// The longest present prefix: local tiers, then (with `peers`, in a
-    /// cluster) peers, whose blocks are reported as `TIER_PEER`.
-    pub(crate) async fn lookup_inner(
-        &self,
-        req: proto::LookupRequest,
-        peers: bool,
-    ) -> Result<proto::LookupResponse, Status> {
-        let ns = convert::namespace_id(&req.namespace_id)?;
-        let keys = convert::keys(&req.keys, MAX_KEYS)?;
-        let keys = Arc::new(keys);
-        let mut tiers: Vec<i32> = Vec::new();
-        // Local tiers, then peers for the run that misses here, and again;
-        // in a cluster, blob last, after every replica missed.
-        let in_cluster = self.cluster.is_some();
-        let mut blob_pass = false;
-        loop {
-            let at = tiers.len();
-            let with_blob = self.manager.blob().is_some() && (!in_cluster || blob_pass);
-            let l = if with_blob {
-                // Blob lookups send HEAD requests: off the async workers.
-                let (m, ks) = (self.manager.clone(), keys.clone());
-                tokio::task::spawn_blocking(move || m.lookup(ns, &ks[at..]))
-                    .await
-                    .map_err(|e| Status::internal(format!("lookup task: {e}")))?
-            } else {
-                // Local lookups take microseconds: inline.
-                self.manager.lookup_local(ns, &keys[at..])
-            }
-            .map_err(|e| status(&e))?;
-            tiers.extend(l.tiers.iter().map(|t| convert::tier(*t) as i32));
-            if blob_pass || tiers.len() == keys.len() {
-                break;
-            }
-            let Some(c) = self.cluster.as_ref().filter(|_| peers) else {
-                break;
-            };
-            let n = c.lookup(ns, &keys[tiers.len()..]).await;
-            if n == 0 {
-                if self.manager.blob().is_none() {
-                    break;
-                }
-                blob_pass = true;
-                continue;
-            }
-            tiers.extend(std::iter::repeat_n(proto::Tier::Peer as i32, n));
-        }
-        Ok(proto::LookupResponse {
-            hit_blocks: tiers.len() as u32,
-            tiers,
-        })
-    }
-}
-
-impl KvTierService {
-    /// Checks a region request: namespace, keys, and the byte range.
-    fn region_request(&self, req: &proto::RegionRequest, exclusive: bool) -> Result<RegionJob, Status> {
-        let ns = convert::namespace_id(&req.namespace_id)?;
-        let block = self.block_bytes(ns)?;
-        let keys = convert::keys(&req.keys, MAX_KEYS)?;
-        let len = keys.len() as u64 * block;
-        let borrow = self.regions.borrow(req.region_id, req.offset, len, exclusive)?;
-        Ok(RegionJob {
-            ns,
-            keys,
-            block,
-            borrow,
-        })
-    }
-}
-
-struct RegionJob {
-    ns: NamespaceId,
-    keys: Vec<kvtier::BlockKey>,
-    block: u64,
-    borrow: crate::region::Borrow,
-}
-
-/// The stream a Get answers with.
-pub type GetStream = Pin<Box<dyn Stream<Item = Result<proto::GetResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl proto::kv_tier_server::KvTier for KvTierService {
@@ -448,7 +38,7 @@ impl proto::kv_tier_server::KvTier for KvTierService {
             let req = req.into_inner();
             let p = req
                 .namespace
-                .ok_or_else(|| Status::invalid_argument("namespace is required"))?;
+                .ok_or_else(|| invalid("namespace is required"))?;
             let ns = convert::namespace(&p)?;
             let rep = match (req.replicas, req.write_quorum) {
                 (None, None) => None,
@@ -458,19 +48,19 @@ impl proto::kv_tier_server::KvTier for KvTierService {
                 }),
             };
             if let Some(rep) = rep {
-                let members = self.cluster.as_ref().map_or(1, |c| c.size());
+                let members = self.node.cluster.as_ref().map_or(1, |c| c.size());
                 rep.validate(members).map_err(|e| {
-                    Status::invalid_argument(if self.cluster.is_none() {
+                    invalid(if self.node.cluster.is_none() {
                         format!("{e} (kvtierd runs without a [cluster] table)")
                     } else {
                         e
                     })
                 })?;
             }
-            let reg = self.registry.register(&ns, rep, false)?;
+            let reg = self.node.registry.register(&ns, rep, false)?;
             if reg.new {
                 tracing::info!(namespace = %reg.id, model = %ns.model_id, block_bytes = ns.block_bytes(), replicas = reg.replication.replicas, "namespace registered");
-                if let Some(c) = &self.cluster {
+                if let Some(c) = &self.node.cluster {
                     c.register_everywhere(reg.id).await;
                 }
             }
@@ -482,7 +72,7 @@ impl proto::kv_tier_server::KvTier for KvTierService {
             })
         }
         .await;
-        self.observe("RegisterNamespace", t, &r);
+        self.node.observe("RegisterNamespace", t, &r);
         r.map(Response::new)
     }
 
@@ -492,6 +82,7 @@ impl proto::kv_tier_server::KvTier for KvTierService {
     ) -> Reply<proto::ListNamespacesResponse> {
         let t = Instant::now();
         let namespaces = self
+            .node
             .registry
             .all()
             .into_iter()
@@ -504,21 +95,21 @@ impl proto::kv_tier_server::KvTier for KvTierService {
             })
             .collect();
         let r = Ok(proto::ListNamespacesResponse { namespaces });
-        self.observe("ListNamespaces", t, &r);
+        self.node.observe("ListNamespaces", t, &r);
         r.map(Response::new)
     }
 
     async fn lookup(&self, req: Request<proto::LookupRequest>) -> Reply<proto::LookupResponse> {
         let t = Instant::now();
-        let r = self.lookup_inner(req.into_inner(), true).await;
-        self.observe("Lookup", t, &r);
+        let r = self.node.lookup_inner(req.into_inner(), true).await;
+        self.node.observe("Lookup", t, &r);
         r.map(Response::new)
     }
 
     async fn put(&self, req: Request<Streaming<proto::PutRequest>>) -> Reply<proto::PutResponse> {
         let t = Instant::now();
-        let r = self.put_inner(req.into_inner()).await;
-        self.observe("Put", t, &r);
+        let r = self.node.put_inner(req.into_inner()).await;
+        self.node.observe("Put", t, &r);
         r.map(Response::new)
     }
 
@@ -526,8 +117,8 @@ impl proto::kv_tier_server::KvTier for KvTierService {
 
     async fn get(&self, req: Request<proto::GetRequest>) -> Reply<GetStream> {
         let t = Instant::now();
-        let r = self.get_inner(req.into_inner(), true).await.map(|(s, _)| s);
-        self.observe("Get", t, &r);
+        let r = self.node.get_inner(req.into_inner(), true).await.map(|(s, _)| s);
+        self.node.observe("Get", t, &r);
         r.map(Response::new)
     }
 
@@ -537,33 +128,33 @@ impl proto::kv_tier_server::KvTier for KvTierService {
             let req = req.into_inner();
             let ns = convert::namespace_id(&req.namespace_id)?;
             let keys = convert::keys(&req.keys, MAX_KEYS)?;
-            self.block_bytes(ns)?;
-            if let Some(c) = &self.cluster {
+            self.node.block_bytes(ns)?;
+            if let Some(c) = &self.node.cluster {
                 // Every member's copies, not only this node's.
                 let n = c.delete_everywhere(ns, &keys).await?;
                 return Ok(proto::DeleteResponse { removed: n as u32 });
             }
-            let m = self.manager.clone();
+            let m = self.node.manager.clone();
             let n = tokio::task::spawn_blocking(move || m.remove(ns, &keys))
                 .await
-                .map_err(|e| Status::internal(format!("delete task: {e}")))?
+                .map_err(|e| status_of(ErrorKind::Internal, format!("delete task: {e}")))?
                 .map_err(|e| status(&e))?;
             Ok(proto::DeleteResponse { removed: n as u32 })
         }
         .await;
-        self.observe("Delete", t, &r);
+        self.node.observe("Delete", t, &r);
         r.map(Response::new)
     }
 
     async fn stats(&self, _req: Request<proto::StatsRequest>) -> Reply<proto::StatsResponse> {
         let t = Instant::now();
-        let r = convert::stats(&self.manager.stats())
+        let r = crate::stats::reply(&self.node.manager.stats())
             .map(|mut s| {
-                s.cluster = self.cluster.as_ref().map(|c| c.stats());
+                s.cluster = self.node.cluster.as_ref().map(|c| c.stats());
                 s
             })
-            .map_err(|e| Status::internal(format!("stats: {e}")));
-        self.observe("Stats", t, &r);
+            .map_err(|e| status_of(ErrorKind::Internal, format!("stats: {e}")));
+        self.node.observe("Stats", t, &r);
         r.map(Response::new)
     }
 
@@ -574,10 +165,11 @@ impl proto::kv_tier_server::KvTier for KvTierService {
         let t = Instant::now();
         let req = req.into_inner();
         let r = self
+            .node
             .regions
             .register(&req.path, req.size)
             .map(|region_id| proto::RegisterRegionResponse { region_id });
-        self.observe("RegisterRegion", t, &r);
+        self.node.observe("RegisterRegion", t, &r);
         r.map(Response::new)
     }
 
@@ -587,27 +179,28 @@ impl proto::kv_tier_server::KvTier for KvTierService {
     ) -> Reply<proto::UnregisterRegionResponse> {
         let t = Instant::now();
         let r = self
+            .node
             .regions
             .unregister(req.into_inner().region_id)
             .map(|()| proto::UnregisterRegionResponse {});
-        self.observe("UnregisterRegion", t, &r);
+        self.node.observe("UnregisterRegion", t, &r);
         r.map(Response::new)
     }
 
     async fn put_region(&self, req: Request<proto::RegionRequest>) -> Reply<proto::PutResponse> {
         let t = Instant::now();
         let r = async {
-            let job = self.region_request(&req.into_inner(), false)?;
-            if let Some(c) = &self.cluster {
+            let job = self.node.region_request(&req.into_inner(), false)?;
+            if let Some(c) = &self.node.cluster {
                 // Peers need the bytes after the region may change: a copy.
                 let data = Bytes::copy_from_slice(job.borrow.bytes());
                 drop(job.borrow);
                 return c.write(job.ns, &job.keys, data, job.block as usize).await;
             }
-            let m = self.manager.clone();
+            let m = self.node.manager.clone();
             let out = tokio::task::spawn_blocking(move || m.store(job.ns, &job.keys, job.borrow.bytes()))
                 .await
-                .map_err(|e| Status::internal(format!("store task: {e}")))?
+                .map_err(|e| status_of(ErrorKind::Internal, format!("store task: {e}")))?
                 .map_err(|e| status(&e))?;
             Ok(proto::PutResponse {
                 stored: out.stored as u32,
@@ -616,18 +209,19 @@ impl proto::kv_tier_server::KvTier for KvTierService {
             })
         }
         .await;
-        self.observe("PutRegion", t, &r);
+        self.node.observe("PutRegion", t, &r);
         r.map(Response::new)
     }
 
     async fn get_region(&self, req: Request<proto::RegionRequest>) -> Reply<proto::GetHeader> {
         let t = Instant::now();
         let r = async {
-            let mut job = self.region_request(&req.into_inner(), true)?;
+            let mut job = self.node.region_request(&req.into_inner(), true)?;
             let block = job.block;
             let b = block as usize;
             let keys = Arc::new(std::mem::take(&mut job.keys));
             let (out, _job) = self
+                .node
                 .load_across(job.ns, keys, b, job, |j| j.borrow.bytes_mut(), true)
                 .await?;
             Ok(proto::GetHeader {
@@ -638,13 +232,13 @@ impl proto::kv_tier_server::KvTier for KvTierService {
             })
         }
         .await;
-        self.observe("GetRegion", t, &r);
+        self.node.observe("GetRegion", t, &r);
         r.map(Response::new)
     }
 
     async fn health(&self, _req: Request<proto::HealthRequest>) -> Reply<proto::HealthResponse> {
         let t = Instant::now();
-        let mode = serde_json::to_value(self.manager.mode())
+        let mode = serde_json::to_value(self.node.manager.mode())
             .ok()
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default();
@@ -652,9 +246,9 @@ impl proto::kv_tier_server::KvTier for KvTierService {
             status: "serving".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             mode,
-            uptime_s: self.started.elapsed().as_secs(),
+            uptime_s: self.node.started.elapsed().as_secs(),
         });
-        self.observe("Health", t, &r);
+        self.node.observe("Health", t, &r);
         r.map(Response::new)
     }
 }

@@ -10,9 +10,9 @@ use common::{Daemon, content, http_get, key, kvtier, namespace, sample};
 use kvtier::NamespaceId;
 use kvtier::tier::blob::azurite::{self, Azurite};
 use kvtier::tier::blob::{BlobConfig, BlobMode};
-use kvtier_server::client::Client;
+use kvtier_client::Client;
+use kvtier_proto::proto::{self, Tier};
 use kvtier_server::config::DaemonConfig;
-use kvtier_server::proto::{self, Tier};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

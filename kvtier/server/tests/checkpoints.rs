@@ -113,16 +113,16 @@ fn checkpoint_put_get_list_delete_through_the_cli() {
 /// announced is refused, and stores nothing.
 #[test]
 fn a_chunk_that_breaks_its_announced_length_is_refused() {
-    use kvtier_server::checkpoint_proto as pb;
+    use kvtier_proto::checkpoint_proto as pb;
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(&dir.path().join("data"), &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let cfg = kvtier_server::client::ClientConfig {
+        let cfg = kvtier_client::ClientConfig {
             endpoint: d.endpoint(),
             ..Default::default()
         };
-        let c = kvtier_server::client::Client::connect(&cfg).await.unwrap();
+        let c = kvtier_client::Client::connect(&cfg).await.unwrap();
         let group = pb::Group {
             group: "job-1".into(),
             chunk_bytes: 1 << 20,

@@ -5,10 +5,11 @@
 mod common;
 
 use common::{Daemon, cluster_stats, content, data, eventually, free_ports, key, keys, liveness, namespace};
+use kvtier::ErrorKind;
 use kvtier::replication::placement::{self, Member, NodeId};
 use kvtier::{BlockKey, NamespaceId};
-use kvtier_server::client::{Client, SharedRegion};
-use kvtier_server::proto;
+use kvtier_client::{Client, SharedRegion};
+use kvtier_proto::proto;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -189,7 +190,7 @@ async fn registration_and_writes_reach_every_replica_and_reads_reach_peers() {
         .await
         .unwrap();
     assert_eq!((r.replicas, r.write_quorum), (3, 3));
-    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let ns = kvtier_proto::convert::namespace_id(&r.namespace_id).unwrap();
     for n in [&b, &c] {
         let all = n.namespaces().await.unwrap();
         let info = all
@@ -202,7 +203,7 @@ async fn registration_and_writes_reach_every_replica_and_reads_reach_peers() {
         .register_replicated(&namespace("r4", BLOCK), Some(4), None)
         .await
         .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e:?}");
     assert!(e.message().contains("exceeds the 3 members"), "{e:?}");
 
     // A Put through a lands on all three.
@@ -281,13 +282,13 @@ async fn registration_and_writes_reach_every_replica_and_reads_reach_peers() {
     cl.kill(2);
     eventually("a sees c down", 20, || async { liveness(&a, "c").await == "down" }).await;
     let e = a.put(ns, &keys(ns, 100..104), data(ns, 100..104)).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:?}");
     assert!(e.message().contains("down: c"), "{e:?}");
     let w2 = a
         .register_replicated(&namespace("w2", BLOCK), Some(3), Some(2))
         .await
         .unwrap();
-    let w2 = kvtier_server::convert::namespace_id(&w2.namespace_id).unwrap();
+    let w2 = kvtier_proto::convert::namespace_id(&w2.namespace_id).unwrap();
     assert_eq!(a.put(w2, &keys(w2, 0..4), data(w2, 0..4)).await.unwrap().stored, 4);
     assert!(cluster_stats(&a).await.epoch > 1, "liveness changes bump the epoch");
 }
@@ -301,7 +302,7 @@ async fn a_killed_replica_gets_its_hints_back_when_it_restarts() {
         .register_replicated(&namespace("ckpt", BLOCK), Some(3), None)
         .await
         .unwrap();
-    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let ns = kvtier_proto::convert::namespace_id(&r.namespace_id).unwrap();
 
     cl.kill(3);
     eventually("a sees d down", 20, || async { liveness(&a, "d").await == "down" }).await;
@@ -376,7 +377,7 @@ async fn with_two_of_four_nodes_down_reads_succeed_and_strong_writes_fail() {
         .register_replicated(&namespace("r3", BLOCK), Some(3), None)
         .await
         .unwrap();
-    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let ns = kvtier_proto::convert::namespace_id(&r.namespace_id).unwrap();
     let n = 24u64;
     a.put(ns, &keys(ns, 0..n), data(ns, 0..n)).await.unwrap();
 
@@ -404,7 +405,7 @@ async fn with_two_of_four_nodes_down_reads_succeed_and_strong_writes_fail() {
     assert_eq!(b.lookup(ns, &keys(ns, 0..n)).await.unwrap().hit_blocks as u64, n);
 
     let e = a.put(ns, &keys(ns, 100..108), data(ns, 100..108)).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:?}");
     assert!(e.message().contains("down: c, d"), "{e:?}");
 }
 
@@ -422,7 +423,7 @@ async fn peers_authenticate_with_the_daemons_token() {
         let endpoint = cl.nodes[i].daemon.as_ref().unwrap().endpoint();
         let token = Some(token.to_string());
         async move {
-            Client::connect(&kvtier_server::client::ClientConfig {
+            Client::connect(&kvtier_client::ClientConfig {
                 endpoint,
                 token,
                 ..Default::default()
@@ -440,7 +441,7 @@ async fn peers_authenticate_with_the_daemons_token() {
         .register_replicated(&namespace("auth", BLOCK), Some(2), None)
         .await
         .unwrap();
-    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let ns = kvtier_proto::convert::namespace_id(&r.namespace_id).unwrap();
     a.put(ns, &keys(ns, 0..8), data(ns, 0..8)).await.unwrap();
     // Every block on its two replicas; c's copies are with a stand-in.
     for i in 0..8 {
@@ -449,7 +450,7 @@ async fn peers_authenticate_with_the_daemons_token() {
         let holders = [holds(&a, ns, i).await, holds(&b, ns, i).await];
         assert_eq!(holders, [true, true], "block {i}: a and b hold it (c: {on_c})");
     }
-    let e = Client::connect(&kvtier_server::client::ClientConfig {
+    let e = Client::connect(&kvtier_client::ClientConfig {
         endpoint: cl.nodes[0].daemon.as_ref().unwrap().endpoint(),
         ..Default::default()
     })
@@ -459,8 +460,8 @@ async fn peers_authenticate_with_the_daemons_token() {
     .await
     .unwrap_err();
     assert_eq!(
-        e.code(),
-        tonic::Code::Unauthenticated,
+        e.kind(),
+        ErrorKind::Unauthenticated,
         "the Peer service needs the token too"
     );
 }
@@ -486,7 +487,7 @@ async fn peers_talk_tls_when_the_daemons_serve_it() {
     let clients: Vec<Client> = {
         let mut v = Vec::new();
         for n in &cl.nodes {
-            let cfg = kvtier_server::client::ClientConfig {
+            let cfg = kvtier_client::ClientConfig {
                 endpoint: format!("https://{}", n.daemon.as_ref().unwrap().grpc),
                 ca_file: Some(cert.clone()),
                 ..Default::default()
@@ -503,7 +504,7 @@ async fn peers_talk_tls_when_the_daemons_serve_it() {
         .register_replicated(&namespace("tls", BLOCK), Some(2), None)
         .await
         .unwrap();
-    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let ns = kvtier_proto::convert::namespace_id(&r.namespace_id).unwrap();
     clients[0].put(ns, &keys(ns, 0..4), data(ns, 0..4)).await.unwrap();
     for c in &clients {
         for i in 0..4 {
@@ -809,7 +810,7 @@ async fn copies_that_fail_on_a_suspect_replica_are_marked_out_of_sync_and_repair
         .register_replicated(&namespace("out-of-sync", BLOCK), Some(3), Some(2))
         .await
         .unwrap();
-    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let ns = kvtier_proto::convert::namespace_id(&r.namespace_id).unwrap();
     let (before, after) = (20u64, 60u64);
     a.put(ns, &keys(ns, 0..before), data(ns, 0..before)).await.unwrap();
     assert_eq!(out_of_sync(&a, "c").await, 0);

@@ -4,8 +4,9 @@ mod common;
 
 use bytes::Bytes;
 use common::{Daemon, content, key, namespace};
+use kvtier::ErrorKind;
 use kvtier::NamespaceId;
-use kvtier_server::client::Client;
+use kvtier_client::Client;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use tonic::Code;
 
 const BLOCK: usize = 256 * 1024;
 
-async fn put(c: &Client, ns: NamespaceId, i: u64) -> Result<(), tonic::Status> {
+async fn put(c: &Client, ns: NamespaceId, i: u64) -> kvtier::Result<()> {
     c.put(ns, &[key(ns, i)], Bytes::from(content(ns, i, BLOCK)))
         .await
         .map(drop)
@@ -161,7 +162,7 @@ async fn many_concurrent_clients_lose_nothing() {
                 loop {
                     match c.put(ns, &[k], Bytes::from(data.clone())).await {
                         Ok(_) => break,
-                        Err(s) if s.code() == Code::Unavailable && tries < 100 => {
+                        Err(s) if s.kind() == ErrorKind::Unavailable && tries < 100 => {
                             tries += 1;
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
@@ -214,7 +215,7 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
         .put(ns, &[key(ns, 1)], Bytes::from(vec![1u8; BLOCK - 1]))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     assert!(
         e.message()
             .contains(&format!("put ended after {} of {BLOCK} bytes", BLOCK - 1)),
@@ -225,7 +226,7 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
         .put(ns, &[key(ns, 1)], Bytes::from(vec![1u8; BLOCK + 1]))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     assert!(e.message().contains("carries more than 1 blocks"), "{}", e.message());
     // An unknown namespace.
     let other = NamespaceId(42);
@@ -233,24 +234,24 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
         .put(other, &[key(other, 1)], Bytes::from(vec![0u8; BLOCK]))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(e.kind(), ErrorKind::NotFound);
     assert!(e.message().contains("is not registered"), "{}", e.message());
     assert_eq!(
-        c.lookup(other, &[key(other, 1)]).await.unwrap_err().code(),
-        Code::NotFound
+        c.lookup(other, &[key(other, 1)]).await.unwrap_err().kind(),
+        ErrorKind::NotFound
     );
     // An oversize request: more than max_request_bytes.
     let keys: Vec<_> = (10..15).map(|i| key(ns, i)).collect();
     let e = c.put(ns, &keys, Bytes::from(vec![0u8; 5 * BLOCK])).await.unwrap_err();
-    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert_eq!(e.kind(), ErrorKind::TooLarge);
     assert!(e.message().contains("exceeds max_request_bytes"), "{}", e.message());
-    assert_eq!(c.get(ns, &keys).await.unwrap_err().code(), Code::ResourceExhausted);
+    assert_eq!(c.get(ns, &keys).await.unwrap_err().kind(), ErrorKind::TooLarge);
     // Malformed: keys of the wrong length, no keys, a bad layout.
-    let mut raw = kvtier_server::proto::kv_tier_client::KvTierClient::connect(d.endpoint())
+    let mut raw = kvtier_proto::proto::kv_tier_client::KvTierClient::connect(d.endpoint())
         .await
         .unwrap();
     let e = raw
-        .lookup(kvtier_server::proto::LookupRequest {
+        .lookup(kvtier_proto::proto::LookupRequest {
             namespace_id: Bytes::copy_from_slice(&ns.0.to_le_bytes()),
             keys: vec![Bytes::from_static(b"short")],
         })
@@ -259,10 +260,10 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("key 0 must be 16 bytes, got 5"), "{}", e.message());
     let e = c.lookup(ns, &[]).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     let e = raw
-        .put(tokio_stream::iter(vec![kvtier_server::proto::PutRequest {
-            msg: Some(kvtier_server::proto::put_request::Msg::Data(Bytes::from_static(b"x"))),
+        .put(tokio_stream::iter(vec![kvtier_proto::proto::PutRequest {
+            msg: Some(kvtier_proto::proto::put_request::Msg::Data(Bytes::from_static(b"x"))),
         }]))
         .await
         .unwrap_err();
@@ -275,7 +276,7 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
     let mut bad_ns = namespace("bad", BLOCK);
     bad_ns.layout.head_dim = 0;
     let e = c.register(&bad_ns).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     assert!(e.message().contains("head_dim"), "{}", e.message());
 
     // Nothing was stored by any of them.
@@ -335,7 +336,7 @@ async fn full_disk_is_resource_exhausted_and_keeps_stored_blocks() {
         }
     }
     let s = refused.expect("a 4 MiB filesystem took 64 blocks of 256 KiB");
-    assert_eq!(s.code(), Code::ResourceExhausted, "{s}");
+    assert_eq!(s.kind(), ErrorKind::TooLarge, "{s}");
     assert!(s.message().contains("no space"), "{}", s.message());
     // Everything acknowledged is still served, intact.
     let l = c

@@ -4,6 +4,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{Daemon, content, http_get, key, namespace, sample};
+use kvtier::ErrorKind;
 use std::time::Duration;
 
 const BLOCK: usize = 4096;
@@ -40,7 +41,7 @@ async fn metrics_count_requests() {
         .await
         .unwrap()
         .expect_err("unknown namespace");
-    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert_eq!(e.kind(), ErrorKind::NotFound);
     let l = tokio::time::timeout(step, c.lookup(ns, &[key(ns, 0), key(ns, 1), key(ns, 5)]))
         .await
         .unwrap()
@@ -128,7 +129,7 @@ async fn healthz_and_unknown_paths() {
         .await
         .unwrap()
         .expect_err("no token");
-    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert_eq!(e.kind(), ErrorKind::Unauthenticated);
     let m = m.to_string();
     let (_, body) = tokio::task::spawn_blocking(move || http_get(&m, "/metrics"))
         .await

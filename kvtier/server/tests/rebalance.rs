@@ -7,7 +7,7 @@ mod common;
 use common::{Daemon, cluster_stats, content, data, eventually, free_ports, key, keys, liveness};
 use kvtier::replication::placement::{self, Member, NodeId};
 use kvtier::{BlockKey, NamespaceId};
-use kvtier_server::client::Client;
+use kvtier_client::Client;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -185,7 +185,7 @@ async fn replicated(a: &Client, name: &str, r: u32) -> NamespaceId {
         .register_replicated(&common::namespace(name, BLOCK), Some(r), None)
         .await
         .unwrap();
-    kvtier_server::convert::namespace_id(&reg.namespace_id).unwrap()
+    kvtier_proto::convert::namespace_id(&reg.namespace_id).unwrap()
 }
 
 /// With R = 3 on 3 nodes there is no stand-in, so writes acknowledged at
@@ -201,7 +201,7 @@ async fn a_restarted_node_gets_the_writes_it_missed_by_resync() {
         .await
         .unwrap();
     assert_eq!((r.replicas, r.write_quorum), (3, 2));
-    let ns = kvtier_server::convert::namespace_id(&r.namespace_id).unwrap();
+    let ns = kvtier_proto::convert::namespace_id(&r.namespace_id).unwrap();
     let (before, after) = (100u64, 300u64);
     a.put(ns, &keys(ns, 0..before), data(ns, 0..before)).await.unwrap();
 

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{Daemon, content, key, namespace};
-use kvtier_server::client::SharedRegion;
-use tonic::Code;
+use kvtier::ErrorKind;
+use kvtier_client::SharedRegion;
 
 const BLOCK: usize = 64 * 1024;
 
@@ -34,20 +34,23 @@ async fn blocks_go_through_a_region_and_survive_a_restart() {
 
     // Bad requests are precise and change nothing.
     let e = c.get_region(ns, &keys, id, 9 * BLOCK as u64).await.unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     assert!(e.message().contains("outside region"), "{}", e.message());
     assert_eq!(
-        c.put_region(ns, &keys, 999, 0).await.unwrap_err().code(),
-        Code::NotFound
+        c.put_region(ns, &keys, 999, 0).await.unwrap_err().kind(),
+        ErrorKind::NotFound
     );
     let outside = tempfile::tempdir().unwrap();
     let foreign = SharedRegion::create(outside.path(), BLOCK).unwrap();
     assert_eq!(
-        c.register_region(&foreign).await.unwrap_err().code(),
-        Code::PermissionDenied
+        c.register_region(&foreign).await.unwrap_err().kind(),
+        ErrorKind::PermissionDenied
     );
     c.unregister_region(id).await.unwrap();
-    assert_eq!(c.get_region(ns, &keys, id, 0).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        c.get_region(ns, &keys, id, 0).await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
     drop(c);
     assert!(d.signal_and_wait(libc::SIGTERM).success());
 
@@ -74,6 +77,6 @@ async fn regions_can_be_turned_off() {
     let c = d.client().await;
     let r = SharedRegion::create(shm.path(), BLOCK).unwrap();
     let e = c.register_region(&r).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(e.kind(), ErrorKind::Config);
     assert!(e.message().contains("disabled"), "{}", e.message());
 }

@@ -6,7 +6,7 @@ mod common;
 use bytes::Bytes;
 use common::{Daemon, content, key, namespace};
 use kvtier::NamespaceId;
-use kvtier_server::client::{Client, ClientConfig};
+use kvtier_client::{Client, ClientConfig};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::Code;
@@ -37,9 +37,9 @@ async fn connect(endpoint: &str, token: Option<&str>) -> Client {
     .expect("connect")
 }
 
-fn assert_refused<T: std::fmt::Debug>(what: &str, r: Result<T, tonic::Status>) {
+fn assert_refused<T: std::fmt::Debug>(what: &str, r: kvtier::Result<T>) {
     let s = r.expect_err(what);
-    assert_eq!(s.code(), Code::Unauthenticated, "{what}: {s:?}");
+    assert_eq!(s.kind(), kvtier::ErrorKind::Unauthenticated, "{what}: {s:?}");
     assert_eq!(s.message(), REFUSED, "{what}");
 }
 
@@ -198,8 +198,8 @@ fn tls_config(d: &Daemon, ca: &Path, token: Option<&str>) -> ClientConfig {
 /// Connecting and calling fails one way or the other.
 async fn fails(cfg: &ClientConfig) -> String {
     let r = within("a refused connection", async {
-        let c = Client::connect(cfg).await?;
-        c.health().await.map_err(|s| format!("{s:?}"))
+        let c = Client::connect(cfg).await.map_err(|e| e.to_string())?;
+        c.health().await.map_err(|e| e.to_string())
     })
     .await;
     match r {

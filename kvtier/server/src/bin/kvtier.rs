@@ -10,11 +10,10 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use kvtier::block::{Dtype, KvKind, KvLayout};
 use kvtier::{BlockKey, Namespace, NamespaceId};
-use kvtier_server::client::{Client, ClientConfig};
+use kvtier_client::{Client, ClientConfig};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tonic::{Code, Status};
 
 #[derive(Parser, Debug)]
 #[command(name = "kvtier", version, about = "kvtier client and admin tool")]
@@ -131,19 +130,6 @@ struct GroupArgs {
     chunk_mib: u32,
 }
 
-fn ckpt_fail(e: kvtier::Error) -> Fail {
-    use kvtier::ErrorKind as K;
-    let code = match e.kind() {
-        K::InvalidArgument | K::BlockSize | K::AlreadyExists | K::Config => 2,
-        K::NotFound | K::UnknownNamespace => 3,
-        K::Throttled | K::Closed | K::Unavailable => 4,
-        K::NoSpace => 6,
-        K::ChecksumMismatch => 7,
-        _ => 1,
-    };
-    Fail(code, e.to_string())
-}
-
 async fn checkpoint(client: &Client, cmd: CkptCmd) -> Result<(), Fail> {
     use kvtier::checkpoint::Checkpoints;
     let g = match &cmd {
@@ -179,8 +165,7 @@ async fn checkpoint(client: &Client, cmd: CkptCmd) -> Result<(), Fail> {
         }
     })
     .await
-    .map_err(|e| Fail(1, format!("checkpoint task: {e}")))?
-    .map_err(ckpt_fail)?;
+    .map_err(|e| Fail(1, format!("checkpoint task: {e}")))??;
     let mut out = out;
     if let Some(o) = out.as_object_mut() {
         o.insert("seconds".into(), serde_json::json!(t.elapsed().as_secs_f64()));
@@ -286,18 +271,34 @@ struct BlockArgs {
 /// A failure with its exit code.
 struct Fail(u8, String);
 
-impl From<Status> for Fail {
-    fn from(s: Status) -> Self {
-        let code = match s.code() {
-            Code::InvalidArgument | Code::OutOfRange => 2,
-            Code::NotFound => 3,
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => 4,
-            Code::Unauthenticated | Code::PermissionDenied => 5,
-            Code::ResourceExhausted => 6,
-            Code::DataLoss => 7,
-            _ => 1,
-        };
-        Fail(code, format!("{:?}: {}", s.code(), s.message()))
+impl From<kvtier::Error> for Fail {
+    /// The exit code is a function of the error's kind alone, whichever
+    /// side of the wire the error came from.
+    fn from(e: kvtier::Error) -> Self {
+        Fail(exit_code(e.kind()), e.to_string())
+    }
+}
+
+impl From<tonic::Status> for Fail {
+    /// A reply the CLI parses itself: read back into the crate's error.
+    fn from(s: tonic::Status) -> Self {
+        kvtier_proto::error::from_status(s).into()
+    }
+}
+
+/// The exit code of a failure of `kind`: the table in the crate docs.
+fn exit_code(kind: kvtier::ErrorKind) -> u8 {
+    use kvtier::ErrorKind as K;
+    match kind {
+        K::InvalidArgument | K::BlockSize | K::AlreadyExists | K::Config => 2,
+        K::NotFound | K::UnknownNamespace => 3,
+        K::Throttled | K::Closed | K::Unavailable => 4,
+        K::Unauthenticated | K::PermissionDenied => 5,
+        K::NoSpace | K::TooLarge => 6,
+        K::ChecksumMismatch => 7,
+        K::Io | K::Internal => 1,
+        // A kind added after this build: "anything else".
+        _ => 1,
     }
 }
 
@@ -379,8 +380,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         ca_file: cli.ca_file.clone(),
         tls_domain: cli.tls_domain.clone(),
     })
-    .await
-    .map_err(|e| Fail(4, e))?;
+    .await?;
     match cli.cmd {
         Cmd::Health => {
             let h = client.health().await?;
@@ -395,7 +395,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             let r = match op {
                 ClusterCmd::Join { id, addr, weight } => {
                     client
-                        .join(kvtier_server::proto::JoinRequest {
+                        .join(kvtier_proto::proto::JoinRequest {
                             id,
                             addr,
                             weight,
@@ -405,7 +405,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                 }
                 ClusterCmd::Leave { id } => {
                     client
-                        .leave(kvtier_server::proto::LeaveRequest { id, forwarded: false })
+                        .leave(kvtier_proto::proto::LeaveRequest { id, forwarded: false })
                         .await?
                 }
             };
@@ -461,7 +461,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         Cmd::Ns(NsCmd::Register(a)) => {
             let ns = namespace(&a)?;
             let r = client.register_replicated(&ns, a.replicas, a.write_quorum).await?;
-            let id = kvtier_server::convert::namespace_id(&r.namespace_id)?;
+            let id = kvtier_proto::convert::namespace_id(&r.namespace_id)?;
             println!(
                 "{}",
                 serde_json::json!({"namespace_id": id.to_string(), "block_bytes": r.block_bytes, "replicas": r.replicas, "write_quorum": r.write_quorum})
@@ -469,12 +469,8 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         }
         Cmd::Ns(NsCmd::List) => {
             for n in client.namespaces().await? {
-                let id = kvtier_server::convert::namespace_id(&n.namespace_id)?;
-                let ns = n
-                    .namespace
-                    .as_ref()
-                    .map(kvtier_server::convert::namespace)
-                    .transpose()?;
+                let id = kvtier_proto::convert::namespace_id(&n.namespace_id)?;
+                let ns = n.namespace.as_ref().map(kvtier_proto::convert::namespace).transpose()?;
                 println!(
                     "{}",
                     serde_json::json!({"namespace_id": id.to_string(), "block_bytes": n.block_bytes, "namespace": ns, "replicas": n.replicas, "write_quorum": n.write_quorum})
@@ -504,16 +500,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         Cmd::Lookup { blocks } => {
             let (ns, keys) = blocks.parse()?;
             let l = client.lookup(ns, &keys).await?;
-            let tiers: Vec<&str> = l
-                .tiers()
-                .map(|t| match t {
-                    kvtier_server::proto::Tier::Host => "host",
-                    kvtier_server::proto::Tier::Disk => "disk",
-                    kvtier_server::proto::Tier::Blob => "blob",
-                    kvtier_server::proto::Tier::Peer => "peer",
-                    _ => "unknown",
-                })
-                .collect();
+            let tiers: Vec<&str> = l.tiers().map(kvtier_proto::convert::tier_name).collect();
             println!("{}", serde_json::json!({"hit_blocks": l.hit_blocks, "tiers": tiers}));
         }
         Cmd::Delete { blocks } => {

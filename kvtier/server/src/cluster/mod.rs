@@ -58,11 +58,13 @@ use tokio::task::JoinSet;
 use tonic::Status;
 
 use self::hints::HintLog;
-use crate::client::{Client, ClientConfig};
 use crate::config::ClusterConfig;
 use crate::convert;
 use crate::proto;
 use crate::registry::Registry;
+use crate::{status, status_of};
+use kvtier::ErrorKind;
+use kvtier_client::{Client, ClientConfig};
 
 /// Blocks one hint delivery sends at most.
 const HINT_BATCH_BLOCKS: usize = 256;
@@ -142,6 +144,19 @@ impl Cluster {
     /// This node's view of the cluster in `cfg`; peers are reached at their
     /// `addr` with `token`, over TLS when `tls`. Hints live in `data_dir`.
     pub fn new(
+        cfg: &ClusterConfig,
+        tls: bool,
+        token: Option<String>,
+        manager: Arc<BlockManager>,
+        registry: Arc<Registry>,
+        data_dir: &Path,
+        max_request_bytes: u64,
+    ) -> kvtier::Result<Self> {
+        Self::open(cfg, tls, token, manager, registry, data_dir, max_request_bytes)
+            .map_err(|m| kvtier::Error::new(ErrorKind::Config, format!("cluster: {m}")))
+    }
+
+    fn open(
         cfg: &ClusterConfig,
         tls: bool,
         token: Option<String>,
@@ -396,11 +411,14 @@ impl Cluster {
             } else {
                 this.manager.store(ns, &keys, &data)
             }
-            .map_err(|e| convert::status(&e))?;
+            .map_err(|e| status(&e))?;
             if let Some(h) = &hint_for {
-                this.hints
-                    .add(h, ns, &keys)
-                    .map_err(|e| Status::internal(format!("log hints in {}: {e}", this.hints.path().display())))?;
+                this.hints.add(h, ns, &keys).map_err(|e| {
+                    status_of(
+                        ErrorKind::Internal,
+                        format!("log hints in {}: {e}", this.hints.path().display()),
+                    )
+                })?;
             }
             Ok(proto::PutResponse {
                 stored: out.stored as u32,
@@ -409,7 +427,7 @@ impl Cluster {
             })
         })
         .await
-        .map_err(|e| Status::internal(format!("store task: {e}")))?
+        .map_err(|e| status_of(ErrorKind::Internal, format!("store task: {e}")))?
     }
 
     /// Writes `keys` of `ns` (`block` bytes each, back to back in `data`)
@@ -474,7 +492,9 @@ impl Cluster {
             let spec = spec.clone();
             set.spawn(async move {
                 let r = if g.node == this.me {
-                    this.store_local(ns, gkeys, gdata, g.hint_for.clone()).await
+                    this.store_local(ns, gkeys, gdata, g.hint_for.clone())
+                        .await
+                        .map_err(kvtier_proto::error::from_status)
                 } else {
                     this.counters.replica_writes_sent.fetch_add(1, Relaxed);
                     let c = this.peers.get(&g.node).expect("targets are members");
@@ -483,7 +503,10 @@ impl Cluster {
                     let r = match tokio::time::timeout(t, c.replica_put(ns, &gkeys, gdata, spec, hint, chunk_len)).await
                     {
                         Ok(r) => r,
-                        Err(_) => Err(Status::deadline_exceeded(format!("no answer within {t:?}"))),
+                        Err(_) => Err(kvtier::Error::new(
+                            ErrorKind::Unavailable,
+                            format!("no answer within {t:?}"),
+                        )),
                     };
                     if r.is_err() {
                         this.counters.replica_writes_failed.fetch_add(1, Relaxed);
@@ -501,7 +524,7 @@ impl Cluster {
         let mut failed = BTreeMap::new();
         let mut missed = Vec::new();
         while let Some(j) = set.join_next().await {
-            let (g, idx, r) = j.map_err(|e| Status::internal(format!("replica write task: {e}")))?;
+            let (g, idx, r) = j.map_err(|e| status_of(ErrorKind::Internal, format!("replica write task: {e}")))?;
             match r {
                 // Which keys a node's admission filter kept out is not
                 // known: none of the group counts as a copy.
@@ -526,13 +549,13 @@ impl Cluster {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(member = %g.node, code = ?e.code(), "replica write failed: {}", e.message());
-                    if may_recover(e.code())
+                    tracing::warn!(member = %g.node, kind = e.kind().name(), "replica write failed: {}", e.message());
+                    if may_recover(e.kind())
                         && let Some((gkeys, gdata)) = sent.remove(&g)
                     {
                         missed.push((g.hint_for.clone().unwrap_or_else(|| g.node.clone()), gkeys, gdata));
                     }
-                    failed.insert(g.node, format!("{:?}: {}", e.code(), e.message()));
+                    failed.insert(g.node, e.to_string());
                 }
             }
         }
@@ -546,13 +569,16 @@ impl Cluster {
                 let d: Vec<&str> = down.iter().map(|n| n.0.as_str()).collect();
                 why.push(format!("down: {}", d.join(", ")));
             }
-            return Err(Status::unavailable(format!(
-                "{short} of {} blocks got fewer than write_quorum {} of replicas {} copies: {}",
-                keys.len(),
-                rep.w(),
-                rep.replicas,
-                why.join("; ")
-            )));
+            return Err(status_of(
+                ErrorKind::Unavailable,
+                format!(
+                    "{short} of {} blocks got fewer than write_quorum {} of replicas {} copies: {}",
+                    keys.len(),
+                    rep.w(),
+                    rep.replicas,
+                    why.join("; ")
+                ),
+            ));
         }
         let present = everywhere.iter().filter(|p| **p).count();
         Ok(proto::PutResponse {
@@ -705,8 +731,8 @@ impl Cluster {
         let local_keys = keys.to_vec();
         let n = tokio::task::spawn_blocking(move || m.remove(ns, &local_keys))
             .await
-            .map_err(|e| Status::internal(format!("delete task: {e}")))?
-            .map_err(|e| convert::status(&e))?;
+            .map_err(|e| status_of(ErrorKind::Internal, format!("delete task: {e}")))?
+            .map_err(|e| status(&e))?;
         let targets: Vec<NodeId> = {
             let v = self.view.read();
             v.members()
@@ -733,10 +759,10 @@ impl Cluster {
         if failed.is_empty() {
             Ok(n)
         } else {
-            Err(Status::unavailable(format!(
-                "deleted here, but not on every member: {}",
-                failed.join("; ")
-            )))
+            Err(status_of(
+                ErrorKind::Unavailable,
+                format!("deleted here, but not on every member: {}", failed.join("; ")),
+            ))
         }
     }
 
@@ -824,7 +850,7 @@ impl Cluster {
             let chunk_len = (present.len() == 1 && data.len() < block).then_some(data.len() as u64);
             match tokio::time::timeout(t, c.replica_put(ns, &present, data, self.spec(ns), None, chunk_len)).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(format!("{:?}: {}", e.code(), e.message())),
+                Ok(Err(e)) => return Err(e.to_string()),
                 Err(_) => return Err(format!("no answer within {t:?}")),
             }
         }
@@ -891,21 +917,22 @@ impl Cluster {
     }
 }
 
-/// Whether a replica write that failed with `code` may succeed later (a
-/// timeout, an unreachable or busy node): then the copy is kept for the
-/// replica. A refusal that would repeat (bad input, no permission) is not.
-fn may_recover(code: tonic::Code) -> bool {
-    use tonic::Code::*;
+/// Whether a replica write that failed with `kind` may succeed later (a
+/// timeout, an unreachable, busy or full node, a torn copy): then the copy
+/// is kept for the replica. A refusal that would repeat (bad input, no
+/// permission) is not.
+fn may_recover(kind: ErrorKind) -> bool {
     !matches!(
-        code,
-        InvalidArgument
-            | NotFound
-            | AlreadyExists
-            | PermissionDenied
-            | FailedPrecondition
-            | OutOfRange
-            | Unimplemented
-            | Unauthenticated
+        kind,
+        ErrorKind::InvalidArgument
+            | ErrorKind::TooLarge
+            | ErrorKind::BlockSize
+            | ErrorKind::UnknownNamespace
+            | ErrorKind::NotFound
+            | ErrorKind::AlreadyExists
+            | ErrorKind::PermissionDenied
+            | ErrorKind::Unauthenticated
+            | ErrorKind::Config
     )
 }
 

@@ -10,37 +10,36 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Cluster;
 use crate::convert;
+use crate::node::{GetStream, MAX_KEYS, Node};
 use crate::proto::{self, replica_put_request};
-use crate::service::{GetStream, KvTierService, MAX_KEYS};
+use crate::{invalid, status, status_of};
+use kvtier::ErrorKind;
 
 /// The service, over the same block manager as the client API.
 #[derive(Debug, Clone)]
 pub struct PeerService {
-    svc: KvTierService,
+    node: Arc<Node>,
     cluster: Arc<Cluster>,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
 
 impl PeerService {
-    /// Serves `cluster`'s peers from `svc`'s manager.
-    pub fn new(svc: KvTierService, cluster: Arc<Cluster>) -> Self {
-        Self { svc, cluster }
+    /// Serves `cluster`'s peers from `node`.
+    pub fn new(node: Arc<Node>, cluster: Arc<Cluster>) -> Self {
+        Self { node, cluster }
     }
 
     /// Registers a namespace a peer sent, keeping the replication already
     /// registered here if there is one.
     fn register(&self, req: &proto::ReplicaRegisterRequest) -> Result<(), Status> {
-        let p = req
-            .namespace
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("namespace is required"))?;
+        let p = req.namespace.as_ref().ok_or_else(|| invalid("namespace is required"))?;
         let ns = convert::namespace(p)?;
         let rep = Replication {
             replicas: (req.replicas as usize).max(1),
             write_quorum: (req.write_quorum > 0).then_some(req.write_quorum as usize),
         };
-        let r = self.svc.registry().register(&ns, Some(rep), true)?;
+        let r = self.node.registry().register(&ns, Some(rep), true)?;
         if r.new {
             tracing::info!(namespace = %r.id, model = %ns.model_id, replicas = rep.replicas, "namespace registered by a peer");
         } else if (r.replication.replicas, r.replication.w()) != (rep.replicas, rep.w()) {
@@ -63,28 +62,26 @@ impl PeerService {
                 msg: Some(replica_put_request::Msg::Header(h)),
             }) => h,
             _ => {
-                return Err(Status::invalid_argument(
-                    "the first ReplicaPut message must be a header",
-                ));
+                return Err(invalid("the first ReplicaPut message must be a header"));
             }
         };
         if let Some(spec) = &header.namespace {
             self.register(spec)?;
         }
         let ns = convert::namespace_id(&header.namespace_id)?;
-        let block = self.svc.block_bytes(ns)?;
+        let block = self.node.block_bytes(ns)?;
         let keys = convert::keys(&header.keys, MAX_KEYS)?;
         let block = match header.chunk_len {
             None => block,
             Some(n) if keys.len() == 1 && n > 0 && n <= block => n,
             Some(n) => {
-                return Err(Status::invalid_argument(format!(
+                return Err(invalid(format!(
                     "a replica chunk of {n} bytes must be one key of 1 to {block} bytes"
                 )));
             }
         };
         let data = self
-            .svc
+            .node
             .receive(&mut s, "replica put", keys.len(), block, |m| match m.msg {
                 Some(replica_put_request::Msg::Data(d)) => Some(d),
                 _ => None,
@@ -112,7 +109,7 @@ impl proto::peer_server::Peer for PeerService {
             members_epoch,
             members_digest,
         });
-        self.svc.observe("Ping", t, &r);
+        self.node.observe("Ping", t, &r);
         r.map(Response::new)
     }
 
@@ -124,7 +121,7 @@ impl proto::peer_server::Peer for PeerService {
         let req = req.into_inner();
         let r = self.register(&req).and_then(|()| {
             let ns = convert::namespace(req.namespace.as_ref().expect("checked by register"))?;
-            let rep = self.svc.registry().replication(ns.id());
+            let rep = self.node.registry().replication(ns.id());
             Ok(proto::RegisterNamespaceResponse {
                 namespace_id: bytes::Bytes::copy_from_slice(&ns.id().0.to_le_bytes()),
                 block_bytes: ns.block_bytes(),
@@ -132,14 +129,14 @@ impl proto::peer_server::Peer for PeerService {
                 write_quorum: rep.w() as u32,
             })
         });
-        self.svc.observe("ReplicaRegister", t, &r);
+        self.node.observe("ReplicaRegister", t, &r);
         r.map(Response::new)
     }
 
     async fn replica_put(&self, req: Request<Streaming<proto::ReplicaPutRequest>>) -> Reply<proto::PutResponse> {
         let t = Instant::now();
         let r = self.replica_put_inner(req.into_inner()).await;
-        self.svc.observe("ReplicaPut", t, &r);
+        self.node.observe("ReplicaPut", t, &r);
         r.map(Response::new)
     }
 
@@ -147,7 +144,7 @@ impl proto::peer_server::Peer for PeerService {
 
     async fn replica_get(&self, req: Request<proto::GetRequest>) -> Reply<GetStream> {
         let t = Instant::now();
-        let r = self.svc.get_inner(req.into_inner(), false).await;
+        let r = self.node.get_inner(req.into_inner(), false).await;
         if let Ok((_, n)) = &r {
             self.cluster
                 .counters
@@ -155,7 +152,7 @@ impl proto::peer_server::Peer for PeerService {
                 .fetch_add(*n as u64, Relaxed);
         }
         let r = r.map(|(s, _)| s);
-        self.svc.observe("ReplicaGet", t, &r);
+        self.node.observe("ReplicaGet", t, &r);
         r.map(Response::new)
     }
 
@@ -171,8 +168,8 @@ impl proto::peer_server::Peer for PeerService {
             let m = self.cluster.manager.clone();
             let got = tokio::task::spawn_blocking(move || m.load_one_local(ns, key))
                 .await
-                .map_err(|e| Status::internal(format!("load task: {e}")))?
-                .map_err(|e| convert::status(&e))?;
+                .map_err(|e| status_of(ErrorKind::Internal, format!("load task: {e}")))?
+                .map_err(|e| status(&e))?;
             let pieces: Vec<Result<proto::ReplicaChunkPiece, Status>> = match got {
                 None => vec![Ok(proto::ReplicaChunkPiece {
                     found: false,
@@ -181,21 +178,15 @@ impl proto::peer_server::Peer for PeerService {
                 Some(d) => {
                     self.cluster.counters.replica_blocks_served.fetch_add(1, Relaxed);
                     let d = bytes::Bytes::from(d);
-                    (0..d.len())
-                        .step_by(crate::CHUNK_BYTES)
-                        .map(|o| {
-                            Ok(proto::ReplicaChunkPiece {
-                                found: true,
-                                data: d.slice(o..(o + crate::CHUNK_BYTES).min(d.len())),
-                            })
-                        })
+                    kvtier_proto::chunk::pieces(&d)
+                        .map(|data| Ok(proto::ReplicaChunkPiece { found: true, data }))
                         .collect()
                 }
             };
             Ok::<Self::ReplicaGetChunkStream, Status>(Box::pin(tokio_stream::iter(pieces)))
         }
         .await;
-        self.svc.observe("ReplicaGetChunk", t, &r);
+        self.node.observe("ReplicaGetChunk", t, &r);
         r.map(Response::new)
     }
 
@@ -208,19 +199,19 @@ impl proto::peer_server::Peer for PeerService {
             let m = self.cluster.manager.clone();
             let n = tokio::task::spawn_blocking(move || m.remove(ns, &keys))
                 .await
-                .map_err(|e| Status::internal(format!("delete task: {e}")))?
-                .map_err(|e| convert::status(&e))?;
+                .map_err(|e| status_of(ErrorKind::Internal, format!("delete task: {e}")))?
+                .map_err(|e| status(&e))?;
             Ok(proto::DeleteResponse { removed: n as u32 })
         }
         .await;
-        self.svc.observe("ReplicaDelete", t, &r);
+        self.node.observe("ReplicaDelete", t, &r);
         r.map(Response::new)
     }
 
     async fn replica_lookup(&self, req: Request<proto::LookupRequest>) -> Reply<proto::LookupResponse> {
         let t = Instant::now();
-        let r = self.svc.lookup_inner(req.into_inner(), false).await;
-        self.svc.observe("ReplicaLookup", t, &r);
+        let r = self.node.lookup_inner(req.into_inner(), false).await;
+        self.node.observe("ReplicaLookup", t, &r);
         r.map(Response::new)
     }
 
@@ -231,10 +222,10 @@ impl proto::peer_server::Peer for PeerService {
             let keys = convert::keys(&req.keys, MAX_KEYS)?;
             let has = self.cluster.has_local(ns, &keys)?;
             Ok(proto::ReplicaHasResponse {
-                present: super::resync::bitmap(&has),
+                present: kvtier_proto::chunk::bitmap(&has),
             })
         });
-        self.svc.observe("ReplicaHas", t, &r);
+        self.node.observe("ReplicaHas", t, &r);
         r.map(Response::new)
     }
 
@@ -248,7 +239,7 @@ impl proto::peer_server::Peer for PeerService {
             weight,
         };
         let r = self.cluster.join(m, req.forwarded).await;
-        self.svc.observe("Join", t, &r);
+        self.node.observe("Join", t, &r);
         r.map(Response::new)
     }
 
@@ -256,11 +247,11 @@ impl proto::peer_server::Peer for PeerService {
         let t = Instant::now();
         let req = req.into_inner();
         let r = if req.id.is_empty() {
-            Err(Status::invalid_argument("a leaving member needs an id"))
+            Err(invalid("a leaving member needs an id"))
         } else {
             self.cluster.leave(NodeId(req.id), req.forwarded).await
         };
-        self.svc.observe("Leave", t, &r);
+        self.node.observe("Leave", t, &r);
         r.map(Response::new)
     }
 
@@ -271,7 +262,7 @@ impl proto::peer_server::Peer for PeerService {
             None => Ok(()),
         }
         .map(|()| self.cluster.member_list());
-        self.svc.observe("Members", t, &r);
+        self.node.observe("Members", t, &r);
         r.map(Response::new)
     }
 }

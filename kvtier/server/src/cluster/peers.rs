@@ -11,7 +11,7 @@ use parking_lot::RwLock;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::client::{Client, ClientConfig};
+use kvtier_client::{Client, ClientConfig};
 
 /// One peer: its id, endpoint and client.
 #[derive(Debug)]

@@ -74,6 +74,8 @@ use tonic::Status;
 use super::Cluster;
 use super::resync::{ASK_KEYS, Pacer, call};
 use crate::proto;
+use crate::{invalid, status_of};
+use kvtier::ErrorKind;
 
 /// How long after a membership change reads keep asking every member.
 pub const SETTLE: Duration = Duration::from_secs(60);
@@ -214,13 +216,10 @@ impl Cluster {
     /// change to every member.
     pub async fn join(self: &Arc<Self>, m: Member, forwarded: bool) -> Result<proto::MembershipResponse, Status> {
         if m.id.0.is_empty() || m.addr.is_empty() {
-            return Err(Status::invalid_argument("a joining member needs an id and an addr"));
+            return Err(invalid("a joining member needs an id and an addr"));
         }
         if !(m.weight.is_finite() && m.weight > 0.0) {
-            return Err(Status::invalid_argument(format!(
-                "member weight {} must be a positive number",
-                m.weight
-            )));
+            return Err(invalid(format!("member weight {} must be a positive number", m.weight)));
         }
         self.change_members(|v| v.join(m.clone()).into_iter().collect())?;
         let req = proto::JoinRequest {
@@ -290,7 +289,7 @@ impl Cluster {
         let mut members = Vec::with_capacity(list.members.len());
         for m in list.members {
             if m.id.is_empty() || m.addr.is_empty() || !(m.weight.is_finite() && m.weight > 0.0) {
-                return Err(Status::invalid_argument(format!(
+                return Err(invalid(format!(
                     "member list from {from}: bad member {:?} at {:?} weight {}",
                     m.id, m.addr, m.weight
                 )));
@@ -303,12 +302,10 @@ impl Cluster {
         }
         members.sort_by(|a, b| a.id.cmp(&b.id));
         if members.windows(2).any(|w| w[0].id == w[1].id) {
-            return Err(Status::invalid_argument(format!(
-                "member list from {from}: duplicate ids"
-            )));
+            return Err(invalid(format!("member list from {from}: duplicate ids")));
         }
         if membership::digest(&members) != list.members_digest {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "member list from {from}: its digest does not match its members"
             )));
         }
@@ -388,10 +385,13 @@ impl Cluster {
             if v.member(&id).is_some() {
                 let left = v.members().len() - 1;
                 if let Some((ns, _, rep)) = self.registry.all().into_iter().find(|(_, _, r)| r.replicas > left) {
-                    return Err(Status::failed_precondition(format!(
-                        "namespace {ns} keeps {} replicas: {left} members would be too few",
-                        rep.replicas
-                    )));
+                    return Err(status_of(
+                        ErrorKind::Config,
+                        format!(
+                            "namespace {ns} keeps {} replicas: {left} members would be too few",
+                            rep.replicas
+                        ),
+                    ));
                 }
             }
         }
@@ -427,8 +427,8 @@ impl Cluster {
     /// or in `dead`).
     async fn forward<F, Fut>(&self, extra: Vec<NodeId>, dead: BTreeSet<NodeId>, send: F) -> (Vec<String>, Vec<String>)
     where
-        F: Fn(crate::client::Client) -> Fut,
-        Fut: Future<Output = Result<proto::MembershipResponse, Status>> + Send + 'static,
+        F: Fn(kvtier_client::Client) -> Fut,
+        Fut: Future<Output = kvtier::Result<proto::MembershipResponse>> + Send + 'static,
     {
         let mut to: BTreeSet<NodeId> = self.view.read().members().into_iter().map(|m| m.id).collect();
         to.extend(extra);

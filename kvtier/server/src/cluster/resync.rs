@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 use tonic::Status;
 
 use super::Cluster;
-use crate::client::Client;
-use crate::convert;
+use crate::status;
+use kvtier_client::Client;
 
 /// Keys one `ReplicaHas` asks about.
 pub(super) const ASK_KEYS: usize = 1024;
@@ -114,26 +114,10 @@ impl Pacer {
     }
 }
 
-/// `present` as a bitmap, one bit per key, least significant bit first.
-pub(crate) fn bitmap(present: &[bool]) -> Bytes {
-    let mut b = vec![0u8; present.len().div_ceil(8)];
-    for (i, p) in present.iter().enumerate() {
-        if *p {
-            b[i / 8] |= 1 << (i % 8);
-        }
-    }
-    Bytes::from(b)
-}
-
-/// The first `n` bits of `b`; `None` when `b` is not `n` bits long.
-pub(crate) fn from_bitmap(b: &[u8], n: usize) -> Option<Vec<bool>> {
-    (b.len() == n.div_ceil(8)).then(|| (0..n).map(|i| b[i / 8] & (1 << (i % 8)) != 0).collect())
-}
-
 impl Cluster {
     /// Which of `keys` of `ns` this node's own tiers (host, disk) hold.
     pub fn has_local(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Vec<bool>, Status> {
-        self.manager.block_bytes(ns).map_err(|e| convert::status(&e))?;
+        self.manager.block_bytes(ns).map_err(|e| status(&e))?;
         let host = self.manager.host();
         let disk = self.manager.disk();
         Ok(keys
@@ -251,10 +235,10 @@ impl Cluster {
 }
 
 /// A peer call within `t`, its failure as text.
-pub(super) async fn call<T>(t: Duration, f: impl Future<Output = Result<T, Status>>) -> Result<T, String> {
+pub(super) async fn call<T>(t: Duration, f: impl Future<Output = kvtier::Result<T>>) -> Result<T, String> {
     match tokio::time::timeout(t, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{:?}: {}", e.code(), e.message())),
+        Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {t:?}")),
     }
 }
@@ -262,18 +246,6 @@ pub(super) async fn call<T>(t: Duration, f: impl Future<Output = Result<T, Statu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bitmaps_round_trip_and_reject_a_wrong_length() {
-        for n in [0usize, 1, 7, 8, 9, 100] {
-            let bits: Vec<bool> = (0..n).map(|i| i % 3 == 0).collect();
-            let b = bitmap(&bits);
-            assert_eq!(b.len(), n.div_ceil(8));
-            assert_eq!(from_bitmap(&b, n), Some(bits));
-        }
-        assert_eq!(from_bitmap(&[0xff], 9), None);
-        assert_eq!(from_bitmap(&[0xff, 0], 8), None);
-    }
 
     #[test]
     fn the_pacer_holds_sends_to_the_rate() {

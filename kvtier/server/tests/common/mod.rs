@@ -4,7 +4,7 @@
 
 use kvtier::block::{Dtype, KvKind, KvLayout};
 use kvtier::{BlockKey, Namespace, NamespaceId};
-use kvtier_server::client::{Client, ClientConfig};
+use kvtier_client::{Client, ClientConfig};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -331,7 +331,7 @@ where
 }
 
 /// A cluster member's view, from its Stats.
-pub async fn cluster_stats(c: &Client) -> kvtier_server::proto::ClusterStats {
+pub async fn cluster_stats(c: &Client) -> kvtier_proto::proto::ClusterStats {
     c.stats_reply().await.unwrap().cluster.expect("a cluster member")
 }
 

@@ -1,18 +1,36 @@
-//! The Rust client of kvtierd, used by the CLI, the bench and the tests.
+//! [`Client`]: one connection to a kvtierd, for the KvTier and Peer services.
 
 use bytes::{Bytes, BytesMut};
 use kvtier::{BlockKey, Namespace, NamespaceId};
 use std::path::PathBuf;
+use std::time::Duration;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
-use crate::CHUNK_BYTES;
-use crate::convert::{self, key_bytes};
-use crate::proto::kv_tier_client::KvTierClient;
-use crate::proto::peer_client::PeerClient;
-use crate::proto::{self, get_response, put_request, replica_put_request};
+use kvtier::{Error, ErrorKind, Result};
+use kvtier_proto::MAX_MESSAGE_BYTES;
+use kvtier_proto::chunk::{from_bitmap, pieces};
+use kvtier_proto::convert::{self, key_bytes};
+use kvtier_proto::error::from_status;
+use kvtier_proto::proto::kv_tier_client::KvTierClient;
+use kvtier_proto::proto::peer_client::PeerClient;
+use kvtier_proto::proto::{self, get_response, put_request, replica_put_request};
+
+use crate::SharedRegion;
+
+/// Reads a gRPC result into a core one: the status's kind comes back
+/// through the protocol's one reader.
+trait Wire<T> {
+    fn wire(self) -> Result<T>;
+}
+
+impl<T> Wire<T> for std::result::Result<T, Status> {
+    fn wire(self) -> Result<T> {
+        self.map_err(from_status)
+    }
+}
 
 /// Where and how to connect.
 #[derive(Debug, Clone, Default)]
@@ -27,104 +45,12 @@ pub struct ClientConfig {
     pub tls_domain: Option<String>,
 }
 
-/// A shared-memory region this process created and mapped: block bytes go
-/// to and from kvtierd through it without crossing the socket. The file is
-/// removed when the region is dropped.
-#[derive(Debug)]
-pub struct SharedRegion {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-    path: PathBuf,
-}
-
-// SAFETY: plain shared memory owned by this value.
-unsafe impl Send for SharedRegion {}
-// SAFETY: shared access hands out `&[u8]` only.
-unsafe impl Sync for SharedRegion {}
-
-impl SharedRegion {
-    /// Creates `dir/kvtier-<pid>-<n>` of `len` bytes (mode 0600), maps it and
-    /// touches every page. `dir` must be the daemon's `shm_dir`.
-    pub fn create(dir: &std::path::Path, len: usize) -> std::io::Result<Self> {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::fs::OpenOptionsExt;
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = dir.join(format!("{}{}-{n}", crate::region::REGION_PREFIX, std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)?;
-        let len = len.max(1).next_multiple_of(4096);
-        f.set_len(len as u64)?;
-        // SAFETY: a shared mapping of the file just sized; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
-        let ptr = std::ptr::NonNull::new(p.cast::<u8>()).expect("mmap never returns null on success");
-        for off in (0..len).step_by(4096) {
-            // SAFETY: inside the mapping just made.
-            unsafe { ptr.as_ptr().add(off).write_volatile(0) };
-        }
-        Ok(Self { ptr, len, path })
-    }
-
-    /// Path to register with the daemon.
-    pub fn path(&self) -> &std::path::Path {
-        &self.path
-    }
-
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Never true.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The bytes. Do not change a range while a request on it is in flight.
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: our mapping, valid for our lifetime.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    /// The bytes, to fill before a put.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: our mapping; &mut self makes this view unique here.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for SharedRegion {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in create().
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 /// Adds the bearer token to every request.
 #[derive(Clone, Debug)]
 pub struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
 
 impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, mut req: Request<()>) -> std::result::Result<Request<()>, Status> {
         if let Some(v) = &self.0 {
             req.metadata_mut().insert("authorization", v.clone());
         }
@@ -162,26 +88,32 @@ fn ns_bytes(ns: NamespaceId) -> Bytes {
 
 impl Client {
     /// Connects (lazily retried by the channel afterwards).
-    pub async fn connect(cfg: &ClientConfig) -> Result<Self, String> {
-        let ep = Self::endpoint(cfg, std::time::Duration::from_secs(5))?;
-        let channel = ep
-            .connect()
-            .await
-            .map_err(|e| format!("connect to {}: {e}", cfg.endpoint))?;
+    ///
+    /// A daemon that cannot be reached is [`ErrorKind::Unavailable`]; a
+    /// malformed endpoint, token or CA file is [`ErrorKind::Config`].
+    pub async fn connect(cfg: &ClientConfig) -> Result<Self> {
+        let ep = Self::endpoint(cfg, Duration::from_secs(5))?;
+        let channel = ep.connect().await.map_err(|e| {
+            Error::with_source(
+                ErrorKind::Unavailable,
+                format!("connect to {}: {}", cfg.endpoint, error_chain(&e)),
+                e,
+            )
+        })?;
         Self::over(channel, cfg)
     }
 
     /// A client that connects on its first call (and again after a
     /// failure), each connection attempt bounded by `connect_timeout`:
     /// kvtierd's handle on a peer that may be down.
-    pub fn lazy(cfg: &ClientConfig, connect_timeout: std::time::Duration) -> Result<Self, String> {
+    pub fn lazy(cfg: &ClientConfig, connect_timeout: Duration) -> Result<Self> {
         let channel = Self::endpoint(cfg, connect_timeout)?.connect_lazy();
         Self::over(channel, cfg)
     }
 
-    fn endpoint(cfg: &ClientConfig, connect_timeout: std::time::Duration) -> Result<Endpoint, String> {
+    fn endpoint(cfg: &ClientConfig, connect_timeout: Duration) -> Result<Endpoint> {
         let mut ep = Endpoint::from_shared(cfg.endpoint.clone())
-            .map_err(|e| format!("endpoint {:?}: {e}", cfg.endpoint))?
+            .map_err(|e| Error::with_source(ErrorKind::Config, format!("endpoint {:?}: {e}", cfg.endpoint), e))?
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(16 << 20))
             .initial_connection_window_size(Some(64 << 20))
@@ -190,13 +122,16 @@ impl Client {
             crate::install_crypto_provider();
             let mut tls = ClientTlsConfig::new().with_enabled_roots();
             if let Some(ca) = &cfg.ca_file {
-                let pem = std::fs::read(ca).map_err(|e| format!("read {}: {e}", ca.display()))?;
+                let pem = std::fs::read(ca)
+                    .map_err(|e| Error::with_source(ErrorKind::Config, format!("CA file {}: {e}", ca.display()), e))?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
             }
             if let Some(d) = &cfg.tls_domain {
                 tls = tls.domain_name(d.clone());
             }
-            ep = ep.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
+            ep = ep
+                .tls_config(tls)
+                .map_err(|e| Error::with_source(ErrorKind::Config, format!("TLS: {e}"), e))?;
         }
         Ok(ep)
     }
@@ -204,38 +139,31 @@ impl Client {
     /// The raw `Checkpoints` client over this connection.
     pub fn checkpoints(
         &self,
-    ) -> crate::checkpoint_proto::checkpoints_client::CheckpointsClient<InterceptedService<Channel, Auth>> {
+    ) -> kvtier_proto::checkpoint_proto::checkpoints_client::CheckpointsClient<InterceptedService<Channel, Auth>> {
         let (channel, auth) = self.channel.clone();
-        crate::checkpoint_proto::checkpoints_client::CheckpointsClient::with_interceptor(channel, auth)
+        kvtier_proto::checkpoint_proto::checkpoints_client::CheckpointsClient::with_interceptor(channel, auth)
     }
 
-    /// A [`crate::checkpoints::RemoteChunks`] for checkpoint `group` over
+    /// A [`crate::RemoteChunks`] for checkpoint `group` over
     /// this connection; its calls block on `rt`.
-    pub fn checkpoint_chunks(
-        &self,
-        group: &str,
-        chunk_bytes: u32,
-        rt: tokio::runtime::Handle,
-    ) -> crate::checkpoints::RemoteChunks {
+    pub fn checkpoint_chunks(&self, group: &str, chunk_bytes: u32, rt: tokio::runtime::Handle) -> crate::RemoteChunks {
         let (channel, auth) = self.channel.clone();
-        crate::checkpoints::RemoteChunks::new(channel, auth, group, chunk_bytes, rt)
+        crate::RemoteChunks::new(channel, auth, group, chunk_bytes, rt)
     }
 
-    fn over(channel: Channel, cfg: &ClientConfig) -> Result<Self, String> {
+    fn over(channel: Channel, cfg: &ClientConfig) -> Result<Self> {
         let auth = match &cfg.token {
             None => Auth(None),
-            Some(t) => {
-                Auth(Some(format!("Bearer {t}").parse().map_err(|_| {
-                    "the token has characters a header cannot carry".to_string()
-                })?))
-            }
+            Some(t) => Auth(Some(format!("Bearer {t}").parse().map_err(|_| {
+                Error::new(ErrorKind::Config, "the token has characters a header cannot carry")
+            })?)),
         };
         let inner = KvTierClient::with_interceptor(channel.clone(), auth.clone())
-            .max_decoding_message_size(2 * CHUNK_BYTES)
-            .max_encoding_message_size(2 * CHUNK_BYTES);
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let peer = PeerClient::with_interceptor(channel.clone(), auth.clone())
-            .max_decoding_message_size(2 * CHUNK_BYTES)
-            .max_encoding_message_size(2 * CHUNK_BYTES);
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Self {
             inner,
             peer,
@@ -244,9 +172,9 @@ impl Client {
     }
 
     /// Registers `ns`; answers its id and block size.
-    pub async fn register(&self, ns: &Namespace) -> Result<(NamespaceId, u64), Status> {
+    pub async fn register(&self, ns: &Namespace) -> Result<(NamespaceId, u64)> {
         let r = self.register_replicated(ns, None, None).await?;
-        Ok((convert::namespace_id(&r.namespace_id)?, r.block_bytes))
+        Ok((convert::namespace_id(&r.namespace_id).wire()?, r.block_bytes))
     }
 
     /// Registers `ns` with `replicas` copies of each block in a cluster,
@@ -256,7 +184,7 @@ impl Client {
         ns: &Namespace,
         replicas: Option<u32>,
         write_quorum: Option<u32>,
-    ) -> Result<proto::RegisterNamespaceResponse, Status> {
+    ) -> Result<proto::RegisterNamespaceResponse> {
         Ok(self
             .inner
             .clone()
@@ -265,23 +193,25 @@ impl Client {
                 replicas,
                 write_quorum,
             })
-            .await?
+            .await
+            .wire()?
             .into_inner())
     }
 
     /// The daemon's namespaces.
-    pub async fn namespaces(&self) -> Result<Vec<proto::NamespaceInfo>, Status> {
+    pub async fn namespaces(&self) -> Result<Vec<proto::NamespaceInfo>> {
         Ok(self
             .inner
             .clone()
             .list_namespaces(proto::ListNamespacesRequest {})
-            .await?
+            .await
+            .wire()?
             .into_inner()
             .namespaces)
     }
 
     /// The longest present prefix of `keys` and the tier of each block.
-    pub async fn lookup(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<proto::LookupResponse, Status> {
+    pub async fn lookup(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<proto::LookupResponse> {
         Ok(self
             .inner
             .clone()
@@ -289,28 +219,30 @@ impl Client {
                 namespace_id: ns_bytes(ns),
                 keys: keys.iter().map(key_bytes).collect(),
             })
-            .await?
+            .await
+            .wire()?
             .into_inner())
     }
 
     /// Stores `keys.len()` blocks laid out back to back in `data`.
-    pub async fn put(&self, ns: NamespaceId, keys: &[BlockKey], data: Bytes) -> Result<proto::PutResponse, Status> {
-        let mut msgs = Vec::with_capacity(2 + data.len() / CHUNK_BYTES);
-        msgs.push(proto::PutRequest {
+    pub async fn put(&self, ns: NamespaceId, keys: &[BlockKey], data: Bytes) -> Result<proto::PutResponse> {
+        let header = proto::PutRequest {
             msg: Some(put_request::Msg::Header(proto::PutHeader {
                 namespace_id: ns_bytes(ns),
                 keys: keys.iter().map(key_bytes).collect(),
             })),
+        };
+        let data = pieces(&data).map(|d| proto::PutRequest {
+            msg: Some(put_request::Msg::Data(d)),
         });
-        let mut at = 0;
-        while at < data.len() {
-            let end = (at + CHUNK_BYTES).min(data.len());
-            msgs.push(proto::PutRequest {
-                msg: Some(put_request::Msg::Data(data.slice(at..end))),
-            });
-            at = end;
-        }
-        Ok(self.inner.clone().put(tokio_stream::iter(msgs)).await?.into_inner())
+        let msgs: Vec<_> = std::iter::once(header).chain(data).collect();
+        Ok(self
+            .inner
+            .clone()
+            .put(tokio_stream::iter(msgs))
+            .await
+            .wire()?
+            .into_inner())
     }
 
     /// Starts a Get: its header, and the stream of its data messages.
@@ -318,7 +250,7 @@ impl Client {
         &self,
         ns: NamespaceId,
         keys: &[BlockKey],
-    ) -> Result<(proto::GetHeader, tonic::Streaming<proto::GetResponse>), Status> {
+    ) -> Result<(proto::GetHeader, tonic::Streaming<proto::GetResponse>)> {
         let s = self
             .inner
             .clone()
@@ -326,32 +258,34 @@ impl Client {
                 namespace_id: ns_bytes(ns),
                 keys: keys.iter().map(key_bytes).collect(),
             })
-            .await?
+            .await
+            .wire()?
             .into_inner();
         Self::header(s).await
     }
 
     /// The next data message of a Get, checked against the `want` bytes its
     /// header announced, `at` of which arrived already.
-    async fn next_data(
-        s: &mut tonic::Streaming<proto::GetResponse>,
-        at: usize,
-        want: usize,
-    ) -> Result<Option<Bytes>, Status> {
-        let Some(m) = s.message().await? else {
+    async fn next_data(s: &mut tonic::Streaming<proto::GetResponse>, at: usize, want: usize) -> Result<Option<Bytes>> {
+        let Some(m) = s.message().await.wire()? else {
             return if at == want {
                 Ok(None)
             } else {
-                Err(Status::data_loss(format!(
-                    "the Get stream carried {at} of {want} bytes"
-                )))
+                Err(Error::new(
+                    ErrorKind::ChecksumMismatch,
+                    format!("the Get stream carried {at} of {want} bytes"),
+                ))
             };
         };
         let Some(get_response::Msg::Data(d)) = m.msg else {
-            return Err(Status::internal("a Get header in the middle of the data"));
+            return Err(Error::new(
+                ErrorKind::Internal,
+                "a Get header in the middle of the data",
+            ));
         };
         if at + d.len() > want {
-            return Err(Status::data_loss(
+            return Err(Error::new(
+                ErrorKind::ChecksumMismatch,
                 "the Get stream carried more bytes than its header said",
             ));
         }
@@ -359,7 +293,7 @@ impl Client {
     }
 
     /// Loads the leading present blocks of `keys`.
-    pub async fn get(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Got, Status> {
+    pub async fn get(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Got> {
         let (h, s) = self.start_get(ns, keys).await?;
         Self::gather(h, s).await
     }
@@ -367,17 +301,20 @@ impl Client {
     /// The header of a Get stream, and the stream of its data messages.
     async fn header(
         mut s: tonic::Streaming<proto::GetResponse>,
-    ) -> Result<(proto::GetHeader, tonic::Streaming<proto::GetResponse>), Status> {
-        match s.message().await? {
+    ) -> Result<(proto::GetHeader, tonic::Streaming<proto::GetResponse>)> {
+        match s.message().await.wire()? {
             Some(proto::GetResponse {
                 msg: Some(get_response::Msg::Header(h)),
             }) => Ok((h, s)),
-            _ => Err(Status::internal("the Get stream did not start with a header")),
+            _ => Err(Error::new(
+                ErrorKind::Internal,
+                "the Get stream did not start with a header",
+            )),
         }
     }
 
     /// The data a Get's header announced, gathered.
-    async fn gather(h: proto::GetHeader, mut s: tonic::Streaming<proto::GetResponse>) -> Result<Got, Status> {
+    async fn gather(h: proto::GetHeader, mut s: tonic::Streaming<proto::GetResponse>) -> Result<Got> {
         let want = h.loaded as usize * h.block_bytes as usize;
         // One message is handed on as it is; more are gathered.
         let mut parts = Vec::new();
@@ -408,21 +345,19 @@ impl Client {
     /// `keys.len()` blocks long), with no allocation: engines and the bench
     /// reuse their (pinned, touched) buffers. Answers the header; the
     /// leading `loaded` blocks of `out` hold the data.
-    pub async fn get_into(
-        &self,
-        ns: NamespaceId,
-        keys: &[BlockKey],
-        out: &mut [u8],
-    ) -> Result<proto::GetHeader, Status> {
+    pub async fn get_into(&self, ns: NamespaceId, keys: &[BlockKey], out: &mut [u8]) -> Result<proto::GetHeader> {
         let (h, mut s) = self.start_get(ns, keys).await?;
         let want = h.loaded as usize * h.block_bytes as usize;
         if want > out.len() {
-            return Err(Status::invalid_argument(format!(
-                "{} blocks of {} bytes do not fit a buffer of {}",
-                h.loaded,
-                h.block_bytes,
-                out.len()
-            )));
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{} blocks of {} bytes do not fit a buffer of {}",
+                    h.loaded,
+                    h.block_bytes,
+                    out.len()
+                ),
+            ));
         }
         let mut at = 0;
         while let Some(d) = Self::next_data(&mut s, at, want).await? {
@@ -433,7 +368,7 @@ impl Client {
     }
 
     /// Removes blocks; answers how many were present.
-    pub async fn delete(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<u32, Status> {
+    pub async fn delete(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<u32> {
         Ok(self
             .inner
             .clone()
@@ -441,17 +376,18 @@ impl Client {
                 namespace_id: ns_bytes(ns),
                 keys: keys.iter().map(key_bytes).collect(),
             })
-            .await?
+            .await
+            .wire()?
             .into_inner()
             .removed)
     }
 
     /// Registers a region; answers its id for put_region and get_region.
-    pub async fn register_region(&self, r: &SharedRegion) -> Result<u64, Status> {
+    pub async fn register_region(&self, r: &SharedRegion) -> Result<u64> {
         let path = r
             .path()
             .to_str()
-            .ok_or_else(|| Status::invalid_argument("region path is not UTF-8"))?
+            .ok_or_else(|| Error::new(ErrorKind::InvalidArgument, "region path is not UTF-8"))?
             .to_string();
         Ok(self
             .inner
@@ -460,18 +396,20 @@ impl Client {
                 path,
                 size: r.len() as u64,
             })
-            .await?
+            .await
+            .wire()?
             .into_inner()
             .region_id)
     }
 
     /// Forgets a region.
-    pub async fn unregister_region(&self, region_id: u64) -> Result<(), Status> {
+    pub async fn unregister_region(&self, region_id: u64) -> Result<()> {
         self.inner
             .clone()
             .unregister_region(proto::UnregisterRegionRequest { region_id })
             .await
             .map(drop)
+            .wire()
     }
 
     fn region_request(ns: NamespaceId, keys: &[BlockKey], region_id: u64, offset: u64) -> proto::RegionRequest {
@@ -490,9 +428,9 @@ impl Client {
         keys: &[BlockKey],
         region_id: u64,
         offset: u64,
-    ) -> Result<proto::PutResponse, Status> {
+    ) -> Result<proto::PutResponse> {
         let req = Self::region_request(ns, keys, region_id, offset);
-        Ok(self.inner.clone().put_region(req).await?.into_inner())
+        Ok(self.inner.clone().put_region(req).await.wire()?.into_inner())
     }
 
     /// Loads the leading present blocks into a registered region at `offset`.
@@ -502,32 +440,44 @@ impl Client {
         keys: &[BlockKey],
         region_id: u64,
         offset: u64,
-    ) -> Result<proto::GetHeader, Status> {
+    ) -> Result<proto::GetHeader> {
         let req = Self::region_request(ns, keys, region_id, offset);
-        Ok(self.inner.clone().get_region(req).await?.into_inner())
+        Ok(self.inner.clone().get_region(req).await.wire()?.into_inner())
     }
 
     /// The manager's counters as JSON.
-    pub async fn stats(&self) -> Result<String, Status> {
+    pub async fn stats(&self) -> Result<String> {
         Ok(self.stats_reply().await?.json)
     }
 
     /// The whole Stats reply: the JSON, and the blob tier's and the
     /// writeback's counters as typed fields.
-    pub async fn stats_reply(&self) -> Result<proto::StatsResponse, Status> {
-        Ok(self.inner.clone().stats(proto::StatsRequest {}).await?.into_inner())
+    pub async fn stats_reply(&self) -> Result<proto::StatsResponse> {
+        Ok(self
+            .inner
+            .clone()
+            .stats(proto::StatsRequest {})
+            .await
+            .wire()?
+            .into_inner())
     }
 
     /// Liveness and identity.
-    pub async fn health(&self) -> Result<proto::HealthResponse, Status> {
-        Ok(self.inner.clone().health(proto::HealthRequest {}).await?.into_inner())
+    pub async fn health(&self) -> Result<proto::HealthResponse> {
+        Ok(self
+            .inner
+            .clone()
+            .health(proto::HealthRequest {})
+            .await
+            .wire()?
+            .into_inner())
     }
 
     // The Peer service: what kvtierd nodes ask each other. Tests and tools
     // use it to read one node's own tiers.
 
     /// A heartbeat from node `from` at membership `epoch`.
-    pub async fn ping(&self, from: &str, epoch: u64) -> Result<proto::PingResponse, Status> {
+    pub async fn ping(&self, from: &str, epoch: u64) -> Result<proto::PingResponse> {
         Ok(self
             .peer
             .clone()
@@ -535,13 +485,14 @@ impl Client {
                 from: from.into(),
                 epoch,
             })
-            .await?
+            .await
+            .wire()?
             .into_inner())
     }
 
     /// Registers a namespace on this node only.
-    pub async fn replica_register(&self, req: proto::ReplicaRegisterRequest) -> Result<(), Status> {
-        self.peer.clone().replica_register(req).await.map(drop)
+    pub async fn replica_register(&self, req: proto::ReplicaRegisterRequest) -> Result<()> {
+        self.peer.clone().replica_register(req).await.map(drop).wire()
     }
 
     /// Stores copies of `keys` (back to back in `data`) on this node only;
@@ -555,9 +506,8 @@ impl Client {
         spec: Option<proto::ReplicaRegisterRequest>,
         hint_for: Option<String>,
         chunk_len: Option<u64>,
-    ) -> Result<proto::PutResponse, Status> {
-        let mut msgs = Vec::with_capacity(2 + data.len() / CHUNK_BYTES);
-        msgs.push(proto::ReplicaPutRequest {
+    ) -> Result<proto::PutResponse> {
+        let header = proto::ReplicaPutRequest {
             msg: Some(replica_put_request::Msg::Header(proto::ReplicaPutHeader {
                 namespace_id: ns_bytes(ns),
                 keys: keys.iter().map(key_bytes).collect(),
@@ -565,25 +515,22 @@ impl Client {
                 hint_for,
                 chunk_len,
             })),
+        };
+        let data = pieces(&data).map(|d| proto::ReplicaPutRequest {
+            msg: Some(replica_put_request::Msg::Data(d)),
         });
-        let mut at = 0;
-        while at < data.len() {
-            let end = (at + CHUNK_BYTES).min(data.len());
-            msgs.push(proto::ReplicaPutRequest {
-                msg: Some(replica_put_request::Msg::Data(data.slice(at..end))),
-            });
-            at = end;
-        }
+        let msgs: Vec<_> = std::iter::once(header).chain(data).collect();
         Ok(self
             .peer
             .clone()
             .replica_put(tokio_stream::iter(msgs))
-            .await?
+            .await
+            .wire()?
             .into_inner())
     }
 
     /// One variable-length block from the peer's own tiers; `None` on a miss.
-    pub async fn replica_get_chunk(&self, ns: NamespaceId, key: BlockKey) -> Result<Option<Vec<u8>>, Status> {
+    pub async fn replica_get_chunk(&self, ns: NamespaceId, key: BlockKey) -> Result<Option<Vec<u8>>> {
         let mut s = self
             .peer
             .clone()
@@ -591,10 +538,11 @@ impl Client {
                 namespace_id: ns_bytes(ns),
                 key: key_bytes(&key),
             })
-            .await?
+            .await
+            .wire()?
             .into_inner();
         let mut out = Vec::new();
-        while let Some(p) = s.message().await? {
+        while let Some(p) = s.message().await.wire()? {
             if !p.found {
                 return Ok(None);
             }
@@ -604,7 +552,7 @@ impl Client {
     }
 
     /// Removes `keys` from the peer's own tiers; answers how many it held.
-    pub async fn replica_delete(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<u32, Status> {
+    pub async fn replica_delete(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<u32> {
         Ok(self
             .peer
             .clone()
@@ -612,13 +560,14 @@ impl Client {
                 namespace_id: ns_bytes(ns),
                 keys: keys.iter().map(key_bytes).collect(),
             })
-            .await?
+            .await
+            .wire()?
             .into_inner()
             .removed)
     }
 
     /// Loads the leading blocks of `keys` present in this node's own tiers.
-    pub async fn replica_get(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Got, Status> {
+    pub async fn replica_get(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Got> {
         let s = self
             .peer
             .clone()
@@ -626,14 +575,15 @@ impl Client {
                 namespace_id: ns_bytes(ns),
                 keys: keys.iter().map(key_bytes).collect(),
             })
-            .await?
+            .await
+            .wire()?
             .into_inner();
         let (h, s) = Self::header(s).await?;
         Self::gather(h, s).await
     }
 
     /// The longest prefix of `keys` present in this node's own tiers.
-    pub async fn replica_lookup(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<proto::LookupResponse, Status> {
+    pub async fn replica_lookup(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<proto::LookupResponse> {
         Ok(self
             .peer
             .clone()
@@ -641,7 +591,8 @@ impl Client {
                 namespace_id: ns_bytes(ns),
                 keys: keys.iter().map(key_bytes).collect(),
             })
-            .await?
+            .await
+            .wire()?
             .into_inner())
     }
 }
@@ -649,7 +600,7 @@ impl Client {
 /// Resync and rebalancing.
 impl Client {
     /// Which of `keys` this node's own tiers (host, disk) hold.
-    pub async fn replica_has(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Vec<bool>, Status> {
+    pub async fn replica_has(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Vec<bool>> {
         let r = self
             .peer
             .clone()
@@ -657,35 +608,52 @@ impl Client {
                 namespace_id: ns_bytes(ns),
                 keys: keys.iter().map(key_bytes).collect(),
             })
-            .await?
+            .await
+            .wire()?
             .into_inner();
-        crate::cluster::resync::from_bitmap(&r.present, keys.len()).ok_or_else(|| {
-            Status::internal(format!(
-                "ReplicaHas answered {} bytes for {} keys",
-                r.present.len(),
-                keys.len()
-            ))
+        from_bitmap(&r.present, keys.len()).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("ReplicaHas answered {} bytes for {} keys", r.present.len(), keys.len()),
+            )
         })
     }
 
     /// Adds a member to the cluster (sent to any node; it forwards it).
-    pub async fn join(&self, req: proto::JoinRequest) -> Result<proto::MembershipResponse, Status> {
-        Ok(self.peer.clone().join(req).await?.into_inner())
+    pub async fn join(&self, req: proto::JoinRequest) -> Result<proto::MembershipResponse> {
+        Ok(self.peer.clone().join(req).await.wire()?.into_inner())
     }
 
     /// Removes a member from the cluster; it hands its keys over first.
-    pub async fn leave(&self, req: proto::LeaveRequest) -> Result<proto::MembershipResponse, Status> {
-        Ok(self.peer.clone().leave(req).await?.into_inner())
+    pub async fn leave(&self, req: proto::LeaveRequest) -> Result<proto::MembershipResponse> {
+        Ok(self.peer.clone().leave(req).await.wire()?.into_inner())
     }
 
     /// The member list of this node, with its epoch and digest; with
     /// `offer`, the node first adopts that list if it is newer.
-    pub async fn members(&self, offer: Option<proto::MemberList>) -> Result<proto::MemberList, Status> {
+    pub async fn members(&self, offer: Option<proto::MemberList>) -> Result<proto::MemberList> {
         Ok(self
             .peer
             .clone()
             .members(proto::MembersRequest { offer })
-            .await?
+            .await
+            .wire()?
             .into_inner())
     }
+}
+
+/// The text of an error and its sources, each said once: tonic's transport
+/// errors keep the useful part ("connection refused") in a source.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+        src = s.source();
+    }
+    msg
 }

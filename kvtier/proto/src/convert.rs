@@ -1,0 +1,209 @@
+//! Conversions between the wire types and kvtier's, in one place.
+
+use kvtier::block::{Dtype, KvKind, KvLayout};
+use kvtier::checkpoint::validate_name;
+use kvtier::{BlockKey, Namespace, NamespaceId, TierKind};
+use tonic::Status;
+
+use crate::checkpoint_proto;
+use crate::error::{invalid, status};
+use crate::proto;
+
+/// A 16-byte namespace id.
+pub fn namespace_id(b: &[u8]) -> Result<NamespaceId, Status> {
+    let a: [u8; 16] = b
+        .try_into()
+        .map_err(|_| invalid(format!("namespace_id must be 16 bytes, got {}", b.len())))?;
+    Ok(NamespaceId(u128::from_le_bytes(a)))
+}
+
+/// 16-byte keys, at most `max` of them.
+pub fn keys(raw: &[bytes::Bytes], max: usize) -> Result<Vec<BlockKey>, Status> {
+    if raw.is_empty() {
+        return Err(invalid("keys must not be empty"));
+    }
+    if raw.len() > max {
+        return Err(invalid(format!(
+            "{} keys exceed the limit of {max} per request",
+            raw.len()
+        )));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let a: [u8; 16] = k[..]
+                .try_into()
+                .map_err(|_| invalid(format!("key {i} must be 16 bytes, got {}", k.len())))?;
+            Ok(BlockKey::from_le_bytes(a))
+        })
+        .collect()
+}
+
+/// Wire bytes of a key.
+pub fn key_bytes(k: &BlockKey) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(&k.to_le_bytes())
+}
+
+/// Wire tier of a core tier.
+pub fn tier(t: TierKind) -> proto::Tier {
+    match t {
+        TierKind::Host => proto::Tier::Host,
+        TierKind::Disk => proto::Tier::Disk,
+        TierKind::Blob => proto::Tier::Blob,
+        _ => proto::Tier::Unspecified,
+    }
+}
+
+/// A core namespace from the wire, checked.
+pub fn namespace(p: &proto::Namespace) -> Result<Namespace, Status> {
+    let l = p
+        .layout
+        .as_ref()
+        .ok_or_else(|| invalid("namespace.layout is required"))?;
+    let kind = match l.kind.as_str() {
+        "kv" | "" => KvKind::Kv,
+        "mla" => KvKind::Mla,
+        other => {
+            return Err(invalid(format!("layout.kind {other:?}: expected \"kv\" or \"mla\"")));
+        }
+    };
+    let dtype = match l.dtype.as_str() {
+        "f16" => Dtype::F16,
+        "bf16" => Dtype::Bf16,
+        "f32" => Dtype::F32,
+        "fp8e4m3" => Dtype::Fp8E4m3,
+        "fp8e5m2" => Dtype::Fp8E5m2,
+        other => {
+            return Err(invalid(format!(
+                "layout.dtype {other:?}: expected f16, bf16, f32, fp8e4m3 or fp8e5m2"
+            )));
+        }
+    };
+    let ns = Namespace {
+        model_id: p.model_id.clone(),
+        revision: p.revision.clone(),
+        layout: KvLayout {
+            num_layers: l.num_layers,
+            kv_heads: l.kv_heads,
+            head_dim: l.head_dim,
+            block_tokens: l.block_tokens,
+            kind,
+            dtype,
+        },
+        tp_rank: p.tp_rank,
+        tp_size: p.tp_size.max(1),
+        salt: p.salt.clone(),
+        lora: p.lora.clone(),
+    };
+    ns.validate().map_err(|e| status(&e))?;
+    Ok(ns)
+}
+
+/// The wire form of a core namespace.
+pub fn namespace_proto(ns: &Namespace) -> proto::Namespace {
+    let l = &ns.layout;
+    proto::Namespace {
+        model_id: ns.model_id.clone(),
+        revision: ns.revision.clone(),
+        layout: Some(proto::Layout {
+            num_layers: l.num_layers,
+            kv_heads: l.kv_heads,
+            head_dim: l.head_dim,
+            block_tokens: l.block_tokens,
+            kind: serde_json::to_value(l.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            dtype: serde_json::to_value(l.dtype)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+        }),
+        tp_rank: ns.tp_rank,
+        tp_size: ns.tp_size,
+        salt: ns.salt.clone(),
+        lora: ns.lora.clone(),
+    }
+}
+
+/// Smallest and largest chunk a group may use.
+pub const CHUNK_BYTES_RANGE: std::ops::RangeInclusive<u32> = (1 << 20)..=(256 << 20);
+
+/// Checks a group and answers its namespace.
+pub fn group_namespace(g: &checkpoint_proto::Group) -> Result<Namespace, Status> {
+    if g.group.len() > 64 || validate_name(&g.group).is_err() {
+        return Err(invalid(format!(
+            "checkpoint group {:?}: 1 to 64 letters, digits, '.', '_' and '-'",
+            g.group
+        )));
+    }
+    if !CHUNK_BYTES_RANGE.contains(&g.chunk_bytes) {
+        return Err(invalid(format!(
+            "chunk_bytes {} must be between {} and {}",
+            g.chunk_bytes,
+            CHUNK_BYTES_RANGE.start(),
+            CHUNK_BYTES_RANGE.end()
+        )));
+    }
+    Ok(Namespace::checkpoints(&g.group, g.chunk_bytes))
+}
+
+/// The wire tier's name, as clients print it. Exhaustive, so a tier added
+/// to the protocol must be named here.
+pub fn tier_name(t: proto::Tier) -> &'static str {
+    match t {
+        proto::Tier::Unspecified => "unknown",
+        proto::Tier::Host => "host",
+        proto::Tier::Disk => "disk",
+        proto::Tier::Blob => "blob",
+        proto::Tier::Peer => "peer",
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    fn wire() -> proto::Namespace {
+        proto::Namespace {
+            model_id: "m".into(),
+            revision: String::new(),
+            layout: Some(proto::Layout {
+                num_layers: 2,
+                kv_heads: 2,
+                head_dim: 64,
+                block_tokens: 16,
+                kind: "kv".into(),
+                dtype: "bf16".into(),
+            }),
+            tp_rank: 0,
+            tp_size: 1,
+            salt: Some("s".into()),
+            lora: None,
+        }
+    }
+
+    #[test]
+    fn namespace_round_trips() {
+        let ns = namespace(&wire()).unwrap();
+        assert_eq!(namespace_proto(&ns), wire());
+        assert_eq!(ns.block_bytes(), 16 * 2 * 2 * 2 * 64 * 2);
+    }
+
+    #[test]
+    fn bad_wire_input_is_precise() {
+        let mut w = wire();
+        w.layout.as_mut().unwrap().dtype = "f64".into();
+        let e = namespace(&w).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("layout.dtype \"f64\""), "{}", e.message());
+        let e = keys(&[bytes::Bytes::from_static(&[1; 15])], 8).unwrap_err();
+        assert!(
+            e.message().contains("key 0 must be 16 bytes, got 15"),
+            "{}",
+            e.message()
+        );
+        assert!(namespace_id(&[0; 3]).is_err());
+        assert!(keys(&[], 8).is_err());
+    }
+}

@@ -1,0 +1,447 @@
+//! The `KvTier` gRPC service over a block manager.
+
+use bytes::Bytes;
+use kvtier::{AlignedBuf, BlockManager, NamespaceId};
+use parking_lot::Mutex;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::Stream;
+use tonic::{Status, Streaming};
+
+use crate::cluster::Cluster;
+use crate::convert;
+use crate::metrics::Metrics;
+use crate::proto::{self, get_response, put_request};
+use crate::region::Regions;
+use crate::registry::Registry;
+use crate::{invalid, status, status_of};
+use kvtier::ErrorKind;
+use kvtier_proto::chunk::pieces;
+
+/// Keys one request may carry.
+pub const MAX_KEYS: usize = 65_536;
+/// Idle request buffers kept for reuse.
+const POOLED_BUFFERS: usize = 16;
+/// Permits of the in-flight semaphore are pages of request bytes.
+const PERMIT_BYTES: u64 = 4096;
+
+/// Page-aligned request buffers, reused: first touch of fresh memory costs
+/// more than the copy into it.
+#[derive(Debug)]
+struct BufPool {
+    idle: Mutex<Vec<AlignedBuf>>,
+}
+
+impl BufPool {
+    fn take(&self, len: usize) -> AlignedBuf {
+        let mut idle = self.idle.lock();
+        match idle.iter().position(|b| b.len() >= len) {
+            Some(i) => idle.swap_remove(i),
+            None => {
+                drop(idle);
+                AlignedBuf::new(len)
+            }
+        }
+    }
+
+    fn give(&self, b: AlignedBuf) {
+        let mut idle = self.idle.lock();
+        if idle.len() < POOLED_BUFFERS {
+            idle.push(b);
+        }
+    }
+}
+
+/// A request buffer on loan, with its share of the in-flight budget; both
+/// go back when the last `Bytes` made from it is dropped.
+struct Loan {
+    buf: Option<AlignedBuf>,
+    pool: Arc<BufPool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Loan {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.as_deref().expect("present until drop")
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool.give(b);
+        }
+    }
+}
+
+/// The local node: what both gRPC services serve from. Shared behind an
+/// `Arc`.
+pub struct Node {
+    pub(crate) manager: Arc<BlockManager>,
+    pub(crate) metrics: Arc<Metrics>,
+    pool: Arc<BufPool>,
+    inflight: Arc<Semaphore>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) regions: Arc<Regions>,
+    max_request_bytes: u64,
+    pub(crate) started: Instant,
+    pub(crate) cluster: Option<Arc<Cluster>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// A node over `manager`; namespaces persist in `registry_path` and
+    /// the ones already there are registered now.
+    pub fn new(
+        manager: Arc<BlockManager>,
+        metrics: Arc<Metrics>,
+        registry_path: PathBuf,
+        regions: Regions,
+        max_request_bytes: u64,
+        max_inflight_bytes: u64,
+    ) -> kvtier::Result<Self> {
+        let registry = Registry::open(registry_path, manager.clone())?;
+        let permits = (max_inflight_bytes / PERMIT_BYTES).min(u64::from(u32::MAX >> 3)) as usize;
+        Ok(Self {
+            manager,
+            metrics,
+            pool: Arc::new(BufPool {
+                idle: Mutex::new(Vec::new()),
+            }),
+            inflight: Arc::new(Semaphore::new(permits)),
+            registry: Arc::new(registry),
+            regions: Arc::new(regions),
+            max_request_bytes,
+            started: Instant::now(),
+            cluster: None,
+        })
+    }
+
+    /// The same node in `cluster`: Puts fan out to replicas, reads that
+    /// miss here ask peers, and registrations reach every member.
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// The namespaces and their replication.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Records one request of `rpc` (one of [`crate::metrics::RPCS`]).
+    pub(crate) fn observe<T>(&self, rpc: &str, t: Instant, r: &Result<T, Status>) {
+        self.metrics.rpc(rpc).observe(t.elapsed(), r.is_ok());
+        if let Err(s) = r {
+            let kind = kvtier_proto::error::carried_kind(s);
+            if kind.is_some_and(is_bad_request) {
+                self.metrics.bad_requests.fetch_add(1, Relaxed);
+            }
+            tracing::debug!(rpc, kind = kind.map(ErrorKind::name), "{}", s.message());
+        }
+    }
+
+    /// Checks a request's size and waits for its share of the budget.
+    async fn admit(&self, what: &str, blocks: usize, block_bytes: u64) -> Result<Loan, Status> {
+        let total = blocks as u64 * block_bytes;
+        if total > self.max_request_bytes {
+            return Err(status_of(
+                ErrorKind::TooLarge,
+                format!(
+                    "{what} of {blocks} blocks of {block_bytes} bytes ({total} bytes) exceeds max_request_bytes {}",
+                    self.max_request_bytes
+                ),
+            ));
+        }
+        let permits = total.div_ceil(PERMIT_BYTES).max(1) as u32;
+        self.metrics.inflight_bytes.fetch_add(total, Relaxed);
+        let permit = self.inflight.clone().acquire_many_owned(permits).await;
+        self.metrics.inflight_bytes.fetch_sub(total, Relaxed);
+        let permit = permit.map_err(|_| status_of(ErrorKind::Closed, "kvtierd is stopping"))?;
+        Ok(Loan {
+            buf: Some(self.pool.take(total as usize)),
+            pool: self.pool.clone(),
+            _permit: permit,
+        })
+    }
+
+    pub(crate) fn block_bytes(&self, ns: NamespaceId) -> Result<u64, Status> {
+        self.manager.block_bytes(ns).map_err(|e| status(&e))
+    }
+
+    /// Receives the data messages of a `what` of `blocks` blocks into a
+    /// pooled buffer; `data` picks the bytes out of a message (`None`: not
+    /// a data message).
+    pub(crate) async fn receive<M>(
+        &self,
+        s: &mut Streaming<M>,
+        what: &str,
+        blocks: usize,
+        block: u64,
+        data: impl Fn(M) -> Option<Bytes>,
+    ) -> Result<Bytes, Status> {
+        let total = (blocks as u64 * block) as usize;
+        let mut loan = self.admit(what, blocks, block).await?;
+        let buf = loan.buf.as_mut().expect("fresh loan");
+        let mut got = 0usize;
+        while let Some(m) = s.message().await? {
+            let Some(d) = data(m) else {
+                return Err(invalid(format!("only data messages may follow the {what} header")));
+            };
+            if got + d.len() > total {
+                return Err(invalid(format!(
+                    "{what} carries more than {blocks} blocks of {block} bytes ({total} bytes)"
+                )));
+            }
+            buf[got..got + d.len()].copy_from_slice(&d);
+            got += d.len();
+        }
+        if got != total {
+            return Err(invalid(format!(
+                "{what} ended after {got} of {total} bytes ({blocks} blocks of {block} bytes)"
+            )));
+        }
+        Ok(Bytes::from_owner(loan).slice(..total))
+    }
+
+    pub(crate) async fn put_inner(&self, mut s: Streaming<proto::PutRequest>) -> Result<proto::PutResponse, Status> {
+        let header = match s.message().await? {
+            Some(proto::PutRequest {
+                msg: Some(put_request::Msg::Header(h)),
+            }) => h,
+            _ => return Err(invalid("the first Put message must be a header")),
+        };
+        let ns = convert::namespace_id(&header.namespace_id)?;
+        let block = self.block_bytes(ns)?;
+        let keys = convert::keys(&header.keys, MAX_KEYS)?;
+        let data = self
+            .receive(&mut s, "put", keys.len(), block, |m| match m.msg {
+                Some(put_request::Msg::Data(d)) => Some(d),
+                _ => None,
+            })
+            .await?;
+        if let Some(c) = &self.cluster {
+            return c.write(ns, &keys, data, block as usize).await;
+        }
+        let m = self.manager.clone();
+        // The buffer (and its share of the in-flight budget) goes back to
+        // the pool when `data` drops, after the store.
+        let r = tokio::task::spawn_blocking(move || m.store(ns, &keys, &data))
+            .await
+            .map_err(|e| status_of(ErrorKind::Internal, format!("store task: {e}")))?;
+        let out = r.map_err(|e| status(&e))?;
+        Ok(proto::PutResponse {
+            stored: out.stored as u32,
+            present: out.present as u32,
+            not_admitted: out.not_admitted as u32,
+        })
+    }
+
+    /// Loads the leading present `keys` of `ns` (`b` bytes each) into the
+    /// buffer `owner` holds (`buf` gives it: exactly `keys.len()` blocks):
+    /// local tiers, then (with `peers`, in a cluster) peers for the run that
+    /// misses here, then local again, since with R < N consecutive blocks
+    /// live on different nodes. In a cluster blob comes last, after every
+    /// replica missed. Blocks from peers are promoted into the local tiers.
+    pub(crate) async fn load_across<B: Send + 'static>(
+        &self,
+        ns: NamespaceId,
+        keys: Arc<Vec<kvtier::BlockKey>>,
+        b: usize,
+        mut owner: B,
+        buf: fn(&mut B) -> &mut [u8],
+        peers: bool,
+    ) -> Result<(kvtier::manager::LoadOutcome, B), Status> {
+        let total = keys.len() * b;
+        let (mut loaded, mut failed) = (0usize, None);
+        let in_cluster = self.cluster.is_some();
+        let mut blob_pass = false;
+        loop {
+            let (m, ks, at) = (self.manager.clone(), keys.clone(), loaded);
+            let local_only = in_cluster && !blob_pass;
+            let (r, o) = tokio::task::spawn_blocking(move || {
+                let out = &mut buf(&mut owner)[at * b..total];
+                let r = if local_only {
+                    m.load_local(ns, &ks[at..], out)
+                } else {
+                    m.load(ns, &ks[at..], out)
+                };
+                (r, owner)
+            })
+            .await
+            .map_err(|e| status_of(ErrorKind::Internal, format!("load task: {e}")))?;
+            owner = o;
+            let out = r.map_err(|e| status(&e))?;
+            loaded += out.loaded;
+            if let Some(mut f) = out.failed {
+                f.index += at;
+                failed = Some(f);
+                break;
+            }
+            if blob_pass || loaded == keys.len() {
+                break;
+            }
+            let Some(c) = self.cluster.as_ref().filter(|_| peers) else {
+                break;
+            };
+            let bytes = buf(&mut owner);
+            let n = c.fetch(ns, &keys[loaded..], &mut bytes[loaded * b..total], b).await;
+            if n == 0 {
+                // Every replica missed: blob, if this node has one.
+                if self.manager.blob().is_none() {
+                    break;
+                }
+                blob_pass = true;
+                continue;
+            }
+            // Promote: the next load of these blocks is local.
+            let promoted = Bytes::copy_from_slice(&bytes[loaded * b..(loaded + n) * b]);
+            let got = keys[loaded..loaded + n].to_vec();
+            let m = self.manager.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = m.store(ns, &got, &promoted) {
+                    tracing::debug!("promote peer blocks: {e}");
+                }
+            });
+            loaded += n;
+        }
+        Ok((kvtier::manager::LoadOutcome { loaded, failed }, owner))
+    }
+
+    /// Loads the leading present blocks: from the local tiers, then (with
+    /// `peers`, in a cluster) from peers, promoting what they send into the
+    /// local tiers. Answers the stream and the blocks it carries.
+    pub(crate) async fn get_inner(&self, req: proto::GetRequest, peers: bool) -> Result<(GetStream, usize), Status> {
+        let ns = convert::namespace_id(&req.namespace_id)?;
+        let block = self.block_bytes(ns)?;
+        let keys = convert::keys(&req.keys, MAX_KEYS)?;
+        let loan = self.admit("get", keys.len(), block).await?;
+        let keys = Arc::new(keys);
+        let (out, loan) = self
+            .load_across(
+                ns,
+                keys,
+                block as usize,
+                loan,
+                |l| l.buf.as_mut().expect("fresh loan"),
+                peers,
+            )
+            .await?;
+        let header = proto::GetHeader {
+            loaded: out.loaded as u32,
+            block_bytes: block,
+            failed_index: out.failed.as_ref().map(|f| f.index as u32),
+            failed_reason: out.failed.map(|f| f.message).unwrap_or_default(),
+        };
+        let bytes = Bytes::from_owner(loan).slice(..out.loaded * block as usize);
+        let header = Ok(proto::GetResponse {
+            msg: Some(get_response::Msg::Header(header)),
+        });
+        let data = pieces(&bytes).map(|d| {
+            Ok(proto::GetResponse {
+                msg: Some(get_response::Msg::Data(d)),
+            })
+        });
+        let msgs: Vec<_> = std::iter::once(header).chain(data).collect();
+        Ok((Box::pin(tokio_stream::iter(msgs)), out.loaded))
+    }
+
+    /// The longest present prefix: local tiers, then (with `peers`, in a
+    /// cluster) peers, whose blocks are reported as `TIER_PEER`.
+    pub(crate) async fn lookup_inner(
+        &self,
+        req: proto::LookupRequest,
+        peers: bool,
+    ) -> Result<proto::LookupResponse, Status> {
+        let ns = convert::namespace_id(&req.namespace_id)?;
+        let keys = convert::keys(&req.keys, MAX_KEYS)?;
+        let keys = Arc::new(keys);
+        let mut tiers: Vec<i32> = Vec::new();
+        // Local tiers, then peers for the run that misses here, and again;
+        // in a cluster, blob last, after every replica missed.
+        let in_cluster = self.cluster.is_some();
+        let mut blob_pass = false;
+        loop {
+            let at = tiers.len();
+            let with_blob = self.manager.blob().is_some() && (!in_cluster || blob_pass);
+            let l = if with_blob {
+                // Blob lookups send HEAD requests: off the async workers.
+                let (m, ks) = (self.manager.clone(), keys.clone());
+                tokio::task::spawn_blocking(move || m.lookup(ns, &ks[at..]))
+                    .await
+                    .map_err(|e| status_of(ErrorKind::Internal, format!("lookup task: {e}")))?
+            } else {
+                // Local lookups take microseconds: inline.
+                self.manager.lookup_local(ns, &keys[at..])
+            }
+            .map_err(|e| status(&e))?;
+            tiers.extend(l.tiers.iter().map(|t| convert::tier(*t) as i32));
+            if blob_pass || tiers.len() == keys.len() {
+                break;
+            }
+            let Some(c) = self.cluster.as_ref().filter(|_| peers) else {
+                break;
+            };
+            let n = c.lookup(ns, &keys[tiers.len()..]).await;
+            if n == 0 {
+                if self.manager.blob().is_none() {
+                    break;
+                }
+                blob_pass = true;
+                continue;
+            }
+            tiers.extend(std::iter::repeat_n(proto::Tier::Peer as i32, n));
+        }
+        Ok(proto::LookupResponse {
+            hit_blocks: tiers.len() as u32,
+            tiers,
+        })
+    }
+}
+
+impl Node {
+    /// Checks a region request: namespace, keys, and the byte range.
+    pub(crate) fn region_request(&self, req: &proto::RegionRequest, exclusive: bool) -> Result<RegionJob, Status> {
+        let ns = convert::namespace_id(&req.namespace_id)?;
+        let block = self.block_bytes(ns)?;
+        let keys = convert::keys(&req.keys, MAX_KEYS)?;
+        let len = keys.len() as u64 * block;
+        let borrow = self.regions.borrow(req.region_id, req.offset, len, exclusive)?;
+        Ok(RegionJob {
+            ns,
+            keys,
+            block,
+            borrow,
+        })
+    }
+}
+
+/// A checked region request: what PutRegion and GetRegion act on.
+pub(crate) struct RegionJob {
+    pub(crate) ns: NamespaceId,
+    pub(crate) keys: Vec<kvtier::BlockKey>,
+    pub(crate) block: u64,
+    pub(crate) borrow: crate::region::Borrow,
+}
+
+/// The stream a Get answers with.
+pub type GetStream = Pin<Box<dyn Stream<Item = Result<proto::GetResponse, Status>> + Send>>;
+
+/// Whether a request failed through the client's own fault (malformed, a
+/// namespace or name that does not exist): what the `bad_requests` counter
+/// counts. An oversize request is counted apart, as refused by a limit.
+fn is_bad_request(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::InvalidArgument | ErrorKind::BlockSize | ErrorKind::UnknownNamespace | ErrorKind::NotFound
+    )
+}
