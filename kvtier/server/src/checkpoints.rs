@@ -133,7 +133,8 @@ impl CheckpointService {
             name: r.name,
         };
         for peer in c.writable_peers() {
-            let mut cc = c.peer(&peer).checkpoints();
+            let Some(pc) = c.peer(&peer) else { continue };
+            let mut cc = pc.checkpoints();
             let res = if add {
                 cc.add_name(req.clone()).await
             } else {
@@ -263,7 +264,8 @@ impl pb::checkpoints_server::Checkpoints for CheckpointService {
         if let Some(c) = self.fan_out(Some(&g)) {
             let local = pb::Group { local: true, ..g };
             for peer in c.writable_peers() {
-                let r = c.peer(&peer).checkpoints().names(local.clone()).await;
+                let Some(pc) = c.peer(&peer) else { continue };
+                let r = pc.checkpoints().names(local.clone()).await;
                 match r {
                     Ok(r) => names.extend(r.into_inner().names),
                     Err(e) => tracing::debug!(member = %peer, "checkpoint names not listed: {}", e.message()),

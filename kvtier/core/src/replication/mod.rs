@@ -4,14 +4,25 @@
 //!   list, from the member list alone.
 //! - [`membership`]: members, liveness from heartbeats, and an epoch.
 //! - [`rebalance`]: after a membership change or a node's return, which
-//!   keys this node pushes where, and which it may drop.
-//! - This module: the decisions a write, a read, an upload and a resync
-//!   make, as plain functions. None does I/O: kvtierd's peer service drives
-//!   them (DESIGN.md: "the replication logic does no I/O").
+//!   keys this node pushes where, and which it may drop once confirmed.
+//! - [`write`]: a write's requests (its keys grouped by target), the tally
+//!   of their answers into a verdict, and which failed copies are kept for
+//!   their replica (out of sync).
+//! - [`read`]: where a read goes while keys move after a membership change.
+//! - [`hints`]: when a hint goes back to its replica, and which copies a
+//!   stand-in drops after.
+//! - This module: where a write goes, where a read goes, who uploads, as
+//!   plain functions. None of these modules does I/O: kvtierd's cluster
+//!   module drives them (DESIGN.md: "the replication logic does no I/O").
 
+pub mod hints;
 pub mod membership;
 pub mod placement;
+pub mod read;
 pub mod rebalance;
+#[cfg(test)]
+mod testkit;
+pub mod write;
 
 use serde::{Deserialize, Serialize};
 
@@ -68,7 +79,7 @@ impl Replication {
 }
 
 /// One copy a write sends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Target {
     /// The node written to.
     pub node: NodeId,

@@ -11,6 +11,8 @@
 //! - **Resync** ([`plan_resync`]): a replica came back after missing writes;
 //!   the keys it should hold are offered to it (it answers which it lacks).
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use super::membership::Membership;
 use super::placement::{Member, NodeId, rank, replicas};
 use crate::block::BlockKey;
@@ -66,6 +68,95 @@ pub fn plan_rebalance(
     out
 }
 
+/// The pushes of `plan` by receiving node: each `(key, node)` pair of the
+/// plan once, keys in plan order, nodes in id order.
+pub fn pushes_by_node(plan: &[Transfer]) -> BTreeMap<NodeId, Vec<BlockKey>> {
+    let mut out: BTreeMap<NodeId, Vec<BlockKey>> = BTreeMap::new();
+    for t in plan {
+        for n in &t.push_to {
+            out.entry(n.clone()).or_default().push(t.key);
+        }
+    }
+    out
+}
+
+/// The keys of a plan this node stops holding, and the confirmations they
+/// wait for: a key is dropped only once every one of its new replicas
+/// (this node aside) said it holds it.
+#[derive(Debug, Clone)]
+pub struct DropTally {
+    me: NodeId,
+    /// Per key, the nodes that must confirm it.
+    waiting: Vec<(BlockKey, Vec<NodeId>)>,
+    confirmed: BTreeSet<(NodeId, BlockKey)>,
+}
+
+/// Which keys a [`DropTally`] lets go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Drops {
+    /// Keys every new replica confirmed: remove the local copy.
+    pub drop: Vec<BlockKey>,
+    /// Keys still waiting for some confirmation: kept, asked again on the
+    /// next pass.
+    pub unconfirmed: usize,
+}
+
+impl DropTally {
+    /// The drops of `plan` made on `me`.
+    pub fn new(me: &NodeId, plan: &[Transfer]) -> Self {
+        let waiting = plan
+            .iter()
+            .filter(|t| !t.drop_after_confirm.is_empty())
+            .map(|t| {
+                let nodes = t.drop_after_confirm.iter().filter(|n| *n != me).cloned().collect();
+                (t.key, nodes)
+            })
+            .collect();
+        Self {
+            me: me.clone(),
+            waiting,
+            confirmed: BTreeSet::new(),
+        }
+    }
+
+    /// Whether no key waits to be dropped.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// The questions to ask: per node, the keys it must confirm.
+    pub fn asks(&self) -> BTreeMap<NodeId, Vec<BlockKey>> {
+        let mut out: BTreeMap<NodeId, Vec<BlockKey>> = BTreeMap::new();
+        for (k, nodes) in &self.waiting {
+            for n in nodes {
+                out.entry(n.clone()).or_default().push(*k);
+            }
+        }
+        out
+    }
+
+    /// `node` answered that it holds `key`. Answers from nodes that were
+    /// not asked, or about other keys, count for nothing.
+    pub fn confirm(&mut self, node: &NodeId, key: BlockKey) {
+        if *node != self.me {
+            self.confirmed.insert((node.clone(), key));
+        }
+    }
+
+    /// The keys to drop, and how many stay unconfirmed.
+    pub fn finish(self) -> Drops {
+        let mut out = Drops::default();
+        for (k, nodes) in self.waiting {
+            if nodes.iter().all(|n| self.confirmed.contains(&(n.clone(), k))) {
+                out.drop.push(k);
+            } else {
+                out.unconfirmed += 1;
+            }
+        }
+        out
+    }
+}
+
 /// Keys of `keys` that this node should offer to `returned` (a replica that
 /// came back): those `returned` is a replica of, for which this node is the
 /// first other writable replica.
@@ -93,6 +184,7 @@ pub fn plan_resync(
 mod tests {
     use super::super::membership::Detector;
     use super::*;
+    use proptest::prelude::*;
     use std::collections::HashMap;
 
     fn members(n: usize) -> Vec<Member> {
@@ -181,6 +273,51 @@ mod tests {
         assert_eq!(plan.len(), only.len());
         for t in &plan {
             assert_eq!(t.push_to, replicas(&t.key, &after, 1));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_leaver_drops_a_key_only_once_every_new_replica_confirmed_it(
+            before_n in 2usize..7,
+            gone in 0usize..7,
+            r in 1usize..4,
+            answers in prop::collection::vec(any::<bool>(), 64),
+        ) {
+            let gone = gone % before_n;
+            let before = members(before_n);
+            let r = r.min(before_n - 1);
+            let mut view = view_of(&before, gone);
+            let me = before[gone].id.clone();
+            view.leave(&me);
+            let held: Vec<BlockKey> = (0..200).map(key).filter(|k| replicas(k, &before, r).contains(&me)).collect();
+            let plan = plan_rebalance(held.clone(), &before, &view, r);
+            let pushes = pushes_by_node(&plan);
+            let pairs: usize = pushes.values().map(Vec::len).sum();
+            prop_assert_eq!(pairs, plan.iter().map(|t| t.push_to.len()).sum::<usize>(), "each push once");
+            let mut tally = DropTally::new(&me, &plan);
+            // Each asked node answers for each key at random; a stray
+            // answer from this node itself counts for nothing.
+            let mut said: BTreeSet<(NodeId, BlockKey)> = BTreeSet::new();
+            let mut i = 0;
+            for (node, keys) in tally.asks() {
+                prop_assert_ne!(&node, &me, "never asks itself");
+                for k in keys {
+                    if answers[i % answers.len()] {
+                        said.insert((node.clone(), k));
+                        tally.confirm(&node, k);
+                    }
+                    i += 1;
+                }
+            }
+            tally.confirm(&me, held.first().copied().unwrap_or(BlockKey(0)));
+            let drops = tally.finish();
+            prop_assert_eq!(drops.drop.len() + drops.unconfirmed, held.len(), "a leaver stops holding every key");
+            for k in &drops.drop {
+                for n in replicas(k, &view.members(), r) {
+                    prop_assert!(said.contains(&(n.clone(), *k)), "{:?} dropped before {} confirmed", k, n);
+                }
+            }
         }
     }
 

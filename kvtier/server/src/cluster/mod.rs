@@ -13,8 +13,10 @@
 //! - [`peers`]: the clients of the members, a set that grows.
 //!
 //! The decisions (which nodes hold a key, which stand in for a down one,
-//! where a read goes) are the core's pure functions in
-//! [`kvtier::replication`]; this module only carries them out.
+//! how a write's keys are grouped and when it is acknowledged, which failed
+//! copies are kept for their replica, where a read goes during a move, what
+//! a stand-in drops after handing a hint back) are the core's pure
+//! functions in [`kvtier::replication`]; this module only carries them out.
 //!
 //! # Why
 //!
@@ -36,6 +38,12 @@
 //!   the member answers heartbeats again. Reads ask a member marked out of
 //!   sync for a key last. So a member going suspect and back up needs no
 //!   resync (see [`resync`]): every copy it missed has a hint somewhere.
+//! - **A member's client exists before a view names it.** A membership
+//!   change registers the clients of the members it names, then publishes
+//!   the view (see `rebalance`), so a write, a read or a heartbeat that
+//!   finds a member in the view finds its client. Should one still be
+//!   missing, the copy or read to it fails like an unreachable node would:
+//!   counted, and for a write hinted.
 
 pub mod hints;
 pub mod peer;
@@ -44,10 +52,13 @@ pub mod rebalance;
 pub mod resync;
 
 use bytes::{Bytes, BytesMut};
+use kvtier::replication::hints::{HintAction, hint_action, settle_delivery};
 use kvtier::replication::membership::{Change, Liveness, Membership};
-use kvtier::replication::placement::{self, NodeId};
-use kvtier::replication::{Replication, plan_write, read_order_with};
-use kvtier::{BlockKey, BlockManager, NamespaceId};
+use kvtier::replication::placement::NodeId;
+use kvtier::replication::read::read_order_moving;
+use kvtier::replication::write::{CopyOutcome, Verdict, WriteTally};
+use kvtier::replication::{Replication, plan_write};
+use kvtier::{BlockKey, BlockManager, ErrorKind, NamespaceId};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -63,7 +74,6 @@ use crate::convert;
 use crate::proto;
 use crate::registry::Registry;
 use crate::{status, status_of};
-use kvtier::ErrorKind;
 use kvtier_client::{Client, ClientConfig};
 
 /// Blocks one hint delivery sends at most.
@@ -130,14 +140,6 @@ impl std::fmt::Debug for Cluster {
             .field("epoch", &self.view.read().epoch())
             .finish_non_exhaustive()
     }
-}
-
-/// One group of a write: the keys (indices into the request) that go to
-/// one node, as replicas or as a stand-in for one down replica.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct Group {
-    node: NodeId,
-    hint_for: Option<NodeId>,
 }
 
 impl Cluster {
@@ -449,7 +451,7 @@ impl Cluster {
         );
         let chunk_len = chunk.then_some(data.len() as u64);
         let rep = self.registry.replication(ns);
-        let (plans, down) = {
+        let (mut tally, down) = {
             let v = self.view.read();
             let plans: Vec<_> = keys.iter().map(|k| plan_write(k, &v, rep)).collect();
             let down: Vec<NodeId> = v
@@ -458,134 +460,126 @@ impl Cluster {
                 .map(|m| m.id)
                 .filter(|id| !v.is_writable(id))
                 .collect();
-            (plans, down)
+            (WriteTally::new(self.me.clone(), &plans), down)
         };
-        let mut groups: BTreeMap<Group, Vec<usize>> = BTreeMap::new();
-        for (i, p) in plans.iter().enumerate() {
-            for t in &p.targets {
-                let g = Group {
-                    node: t.node.clone(),
-                    hint_for: t.hint_for.clone(),
-                };
-                groups.entry(g).or_default().push(i);
-            }
-        }
         let spec = self.spec(ns);
         let mut set = JoinSet::new();
         // What each peer group carried, to keep for a member whose copy fails.
-        let mut sent: BTreeMap<Group, (Vec<BlockKey>, Bytes)> = BTreeMap::new();
-        for (g, idx) in groups {
-            let gkeys: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
-            let gdata = if idx.len() == keys.len() {
+        let mut sent: BTreeMap<usize, (Vec<BlockKey>, Bytes)> = BTreeMap::new();
+        for (gi, g) in tally.groups().iter().enumerate() {
+            let gkeys: Vec<BlockKey> = g.keys.iter().map(|&i| keys[i]).collect();
+            let gdata = if g.keys.len() == keys.len() {
                 data.clone()
             } else {
-                let mut b = BytesMut::with_capacity(idx.len() * block);
-                for &i in &idx {
+                let mut b = BytesMut::with_capacity(g.keys.len() * block);
+                for &i in &g.keys {
                     b.extend_from_slice(&data[i * block..(i + 1) * block]);
                 }
                 b.freeze()
             };
-            if g.node != self.me {
-                sent.insert(g.clone(), (gkeys.clone(), gdata.clone()));
+            let (node, hint_for) = (g.target.node.clone(), g.target.hint_for.clone());
+            if node != self.me {
+                sent.insert(gi, (gkeys.clone(), gdata.clone()));
             }
             let this = self.clone();
             let spec = spec.clone();
             set.spawn(async move {
-                let r = if g.node == this.me {
-                    this.store_local(ns, gkeys, gdata, g.hint_for.clone())
+                let r = if node == this.me {
+                    this.store_local(ns, gkeys, gdata, hint_for)
                         .await
                         .map_err(kvtier_proto::error::from_status)
                 } else {
                     this.counters.replica_writes_sent.fetch_add(1, Relaxed);
-                    let c = this.peers.get(&g.node).expect("targets are members");
-                    let t = this.timeout_for(gdata.len());
-                    let hint = g.hint_for.as_ref().map(|h| h.0.clone());
-                    let r = match tokio::time::timeout(t, c.replica_put(ns, &gkeys, gdata, spec, hint, chunk_len)).await
-                    {
-                        Ok(r) => r,
-                        Err(_) => Err(kvtier::Error::new(
+                    let r = match this.peers.get(&node) {
+                        None => Err(kvtier::Error::new(
                             ErrorKind::Unavailable,
-                            format!("no answer within {t:?}"),
+                            format!("member {node} has no client yet"),
                         )),
+                        Some(c) => {
+                            let t = this.timeout_for(gdata.len());
+                            let hint = hint_for.as_ref().map(|h| h.0.clone());
+                            let put = c.replica_put(ns, &gkeys, gdata, spec, hint, chunk_len);
+                            match tokio::time::timeout(t, put).await {
+                                Ok(r) => r,
+                                Err(_) => Err(kvtier::Error::new(
+                                    ErrorKind::Unavailable,
+                                    format!("no answer within {t:?}"),
+                                )),
+                            }
+                        }
                     };
                     if r.is_err() {
                         this.counters.replica_writes_failed.fetch_add(1, Relaxed);
                     }
                     r
                 };
-                (g, idx, r)
+                (gi, r)
             });
         }
-        let mut copies = vec![0usize; keys.len()];
-        // Whether every copy of a key was there already: then it is
-        // "present", else "stored".
-        let mut everywhere = vec![true; keys.len()];
-        let mut refused = vec![false; keys.len()];
         let mut failed = BTreeMap::new();
         let mut missed = Vec::new();
         while let Some(j) = set.join_next().await {
-            let (g, idx, r) = j.map_err(|e| status_of(ErrorKind::Internal, format!("replica write task: {e}")))?;
-            match r {
-                // Which keys a node's admission filter kept out is not
-                // known: none of the group counts as a copy.
-                Ok(p) if p.not_admitted > 0 => {
-                    for &i in &idx {
-                        refused[i] = true;
-                    }
-                    failed.insert(
-                        g.node,
-                        format!(
-                            "its disk admission filter kept out {} of {} blocks (replicated namespaces need disk_admission_min_seen = 1)",
-                            p.not_admitted,
-                            idx.len()
-                        ),
-                    );
-                }
+            let (gi, r) = j.map_err(|e| status_of(ErrorKind::Internal, format!("replica write task: {e}")))?;
+            let g = &tally.groups()[gi];
+            let (node, n) = (g.target.node.clone(), g.keys.len());
+            let outcome = match r {
                 Ok(p) => {
-                    let all_present = p.present as usize == idx.len();
-                    for i in idx {
-                        copies[i] += 1;
-                        everywhere[i] &= all_present;
+                    if p.not_admitted > 0 {
+                        failed.insert(
+                            node,
+                            format!(
+                                "its disk admission filter kept out {} of {n} blocks (replicated namespaces need disk_admission_min_seen = 1)",
+                                p.not_admitted,
+                            ),
+                        );
+                    }
+                    CopyOutcome::Stored {
+                        present: p.present as usize,
+                        not_admitted: p.not_admitted as usize,
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(member = %g.node, kind = e.kind().name(), "replica write failed: {}", e.message());
-                    if may_recover(e.kind())
-                        && let Some((gkeys, gdata)) = sent.remove(&g)
-                    {
-                        missed.push((g.hint_for.clone().unwrap_or_else(|| g.node.clone()), gkeys, gdata));
-                    }
-                    failed.insert(g.node, e.to_string());
+                    tracing::warn!(member = %node, kind = e.kind().name(), "replica write failed: {}", e.message());
+                    failed.insert(node, e.to_string());
+                    CopyOutcome::Failed(e.kind())
                 }
+            };
+            if let Some(home) = tally.record(gi, outcome)
+                && let Some((gkeys, gdata)) = sent.remove(&gi)
+            {
+                missed.push((home, gkeys, gdata));
             }
         }
         for (node, gkeys, gdata) in missed {
             self.mark_out_of_sync(ns, node, gkeys, gdata).await;
         }
-        let short = copies.iter().zip(&plans).filter(|(c, p)| **c < p.quorum).count();
-        if short > 0 {
-            let mut why: Vec<String> = failed.iter().map(|(n, e)| format!("{n} failed ({e})")).collect();
-            if !down.is_empty() {
-                let d: Vec<&str> = down.iter().map(|n| n.0.as_str()).collect();
-                why.push(format!("down: {}", d.join(", ")));
-            }
-            return Err(status_of(
-                ErrorKind::Unavailable,
-                format!(
-                    "{short} of {} blocks got fewer than write_quorum {} of replicas {} copies: {}",
+        match tally.verdict() {
+            Verdict::Acknowledged(ack) => Ok(proto::PutResponse {
+                stored: ack.stored as u32,
+                present: ack.present as u32,
+                not_admitted: ack.not_admitted as u32,
+            }),
+            Verdict::Failed(short) => {
+                let mut why: Vec<String> = failed.iter().map(|(n, e)| format!("{n} failed ({e})")).collect();
+                if !down.is_empty() {
+                    let d: Vec<&str> = down.iter().map(|n| n.0.as_str()).collect();
+                    why.push(format!("down: {}", d.join(", ")));
+                }
+                let msg = format!(
+                    "{} of {} blocks got fewer than write_quorum {} of replicas {} copies: {}",
+                    short.short_keys,
                     keys.len(),
                     rep.w(),
                     rep.replicas,
                     why.join("; ")
-                ),
-            ));
+                );
+                Err(status(&kvtier::Error::new(short.kind, msg)))
+            }
+            other => Err(status_of(
+                ErrorKind::Internal,
+                format!("a write verdict this build does not know: {other:?}"),
+            )),
         }
-        let present = everywhere.iter().filter(|p| **p).count();
-        Ok(proto::PutResponse {
-            stored: (keys.len() - present) as u32,
-            present: present as u32,
-            not_admitted: refused.iter().filter(|r| **r).count() as u32,
-        })
     }
 
     /// Marks the copies of `keys` of `ns` (bytes `data`) that a write
@@ -608,26 +602,26 @@ impl Cluster {
 
     /// The peers a read of `key` of `ns` asks, in order: the key's writable
     /// replicas (stand-ins included), this node left out, those known to
-    /// lack it (out of sync) last.
+    /// lack it (out of sync) last; while keys move, the old replicas and
+    /// every other member after them (see `rebalance`).
     fn read_peers(&self, ns: NamespaceId, key: &BlockKey, rep: Replication) -> Vec<NodeId> {
+        let moving = self.rebalance.movement();
         let v = self.view.read();
-        // While keys move, a key may still be only on an old replica: ask
-        // every member, then those that left (see `rebalance`).
-        let moving = self.rebalance.moving();
-        let mut order: Vec<NodeId> = read_order_with(key, &v, rep, |n| self.hints.contains(n, ns, *key))
+        read_order_moving(key, &v, rep, moving.as_ref(), |n| self.hints.contains(n, ns, *key))
             .into_iter()
-            .take(if moving { usize::MAX } else { rep.replicas })
             .filter(|n| *n != self.me)
-            .collect();
-        if moving {
-            order.extend(
-                self.rebalance
-                    .departed()
-                    .into_iter()
-                    .filter(|n| *n != self.me && self.peers.contains_key(n)),
-            );
+            .collect()
+    }
+
+    /// The client of `peer` for a read; a member without one (a departed
+    /// member this process never knew) counts as a failed read.
+    fn read_client(&self, peer: &NodeId) -> Option<&'static Client> {
+        let c = self.peers.get(peer);
+        if c.is_none() {
+            tracing::debug!(member = %peer, "no client for a member a read asks");
+            self.counters.peer_read_failures.fetch_add(1, Relaxed);
         }
-        order
+        c
     }
 
     /// Loads `keys` of `ns` from peers into `out` (`block` bytes per key),
@@ -637,7 +631,7 @@ impl Cluster {
         let mut at = 0;
         'keys: while at < keys.len() {
             for peer in self.read_peers(ns, &keys[at], rep) {
-                let c = &self.peers[&peer];
+                let Some(c) = self.read_client(&peer) else { continue };
                 let t = self.timeout_for((keys.len() - at) * block);
                 match tokio::time::timeout(t, c.replica_get(ns, &keys[at..])).await {
                     Ok(Ok(g)) if g.loaded > 0 && g.block_bytes as usize == block => {
@@ -665,7 +659,7 @@ impl Cluster {
         let mut at = 0;
         'keys: while at < keys.len() {
             for peer in self.read_peers(ns, &keys[at], rep) {
-                let c = &self.peers[&peer];
+                let Some(c) = self.read_client(&peer) else { continue };
                 match tokio::time::timeout(self.peer_timeout, c.replica_lookup(ns, &keys[at..])).await {
                     Ok(Ok(l)) if l.hit_blocks > 0 => {
                         at += (l.hit_blocks as usize).min(keys.len() - at);
@@ -697,9 +691,9 @@ impl Cluster {
         self.peers.keys().filter(|id| v.is_writable(id)).cloned().collect()
     }
 
-    /// The client of member `id` (which must be a peer).
-    pub fn peer(&self, id: &NodeId) -> &Client {
-        &self.peers[id]
+    /// The client of member `id`, if it is a peer.
+    pub fn peer(&self, id: &NodeId) -> Option<&'static Client> {
+        self.peers.get(id)
     }
 
     /// Loads one variable-length block (a checkpoint chunk) from the peers
@@ -707,7 +701,7 @@ impl Cluster {
     pub async fn fetch_chunk(&self, ns: NamespaceId, key: BlockKey) -> Option<Vec<u8>> {
         let rep = self.registry.replication(ns);
         for peer in self.read_peers(ns, &key, rep) {
-            let c = &self.peers[&peer];
+            let Some(c) = self.read_client(&peer) else { continue };
             let t = self.timeout_for(self.manager.block_bytes(ns).unwrap_or(0) as usize);
             match tokio::time::timeout(t, c.replica_get_chunk(ns, key)).await {
                 Ok(Ok(Some(d))) => {
@@ -742,13 +736,17 @@ impl Cluster {
                 .collect()
         };
         let mut set = JoinSet::new();
+        let mut failed = Vec::new();
         for node in targets {
-            let c = self.peers[&node].clone();
+            let Some(c) = self.peers.get(&node) else {
+                failed.push(format!("{node}: no client yet"));
+                continue;
+            };
+            let c = c.clone();
             let keys = keys.to_vec();
             let t = self.timeout_for(0);
             set.spawn(async move { (node, tokio::time::timeout(t, c.replica_delete(ns, &keys)).await) });
         }
-        let mut failed = Vec::new();
         while let Some(j) = set.join_next().await {
             match j {
                 Ok((_, Ok(Ok(_)))) => {}
@@ -771,19 +769,20 @@ impl Cluster {
     async fn deliver_hints(self: &Arc<Self>) {
         for node in self.hints.nodes() {
             let liveness = self.view.read().liveness(&node);
-            if liveness.is_none() {
-                // No longer a member: nothing to hand back. Its keys moved
-                // to their new replicas by rebalancing.
-                for (ns, keys) in self.hints.for_node(&node) {
-                    if self.hints.done(&node, ns, &keys).is_ok() {
-                        self.counters.hints_dropped.fetch_add(keys.len() as u64, Relaxed);
+            match hint_action(liveness) {
+                HintAction::Deliver => {}
+                HintAction::GiveUp => {
+                    for (ns, keys) in self.hints.for_node(&node) {
+                        if self.hints.done(&node, ns, &keys).is_ok() {
+                            self.counters.hints_dropped.fetch_add(keys.len() as u64, Relaxed);
+                        }
                     }
+                    tracing::info!(member = %node, "hints for a member that left dropped");
+                    continue;
                 }
-                tracing::info!(member = %node, "hints for a member that left dropped");
-                continue;
-            }
-            if liveness != Some(Liveness::Up) {
-                continue;
+                // Waiting, or an action this build does not know: the
+                // hints stay for a later heartbeat.
+                _ => continue,
             }
             let Some(c) = self.peers.get(&node) else { continue };
             for (ns, keys) in self.hints.for_node(&node) {
@@ -845,34 +844,34 @@ impl Cluster {
         })
         .await
         .map_err(|e| format!("load task: {e}"))?;
-        if !present.is_empty() {
+        let handed_back = if present.is_empty() {
+            Ok(())
+        } else {
             let t = self.timeout_for(data.len());
             let chunk_len = (present.len() == 1 && data.len() < block).then_some(data.len() as u64);
             match tokio::time::timeout(t, c.replica_put(ns, &present, data, self.spec(ns), None, chunk_len)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err(format!("no answer within {t:?}")),
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {t:?}")),
             }
-        }
-        let log = |keys: &[BlockKey]| self.hints.done(node, ns, keys).map_err(|e| format!("hint log: {e}"));
-        log(&present)?;
-        log(&missing)?;
-        self.counters.hints_delivered.fetch_add(present.len() as u64, Relaxed);
-        self.counters.hints_dropped.fetch_add(missing.len() as u64, Relaxed);
-        // The stand-in's copy was for the replica; keep it only where this
-        // node is a replica too.
+        };
         let rep = self.registry.replication(ns);
-        let members = self.view.read().members();
-        let extra: Vec<BlockKey> = present
-            .iter()
-            .filter(|k| !placement::replicas(k, &members, rep.replicas).contains(&self.me))
-            .copied()
-            .collect();
-        if !extra.is_empty() {
+        let settled = settle_delivery(&present, &missing, handed_back.is_ok(), &self.view.read(), rep.replicas);
+        // Unconfirmed, the settlement is empty: every hint and copy stays.
+        handed_back?;
+        self.hints
+            .done(node, ns, &settled.done)
+            .map_err(|e| format!("hint log: {e}"))?;
+        self.counters
+            .hints_delivered
+            .fetch_add(settled.delivered as u64, Relaxed);
+        self.counters.hints_dropped.fetch_add(settled.given_up as u64, Relaxed);
+        if !settled.drop.is_empty() {
             let m = self.manager.clone();
-            let _ = tokio::task::spawn_blocking(move || m.remove(ns, &extra)).await;
+            let drop = settled.drop;
+            let _ = tokio::task::spawn_blocking(move || m.remove(ns, &drop)).await;
         }
-        tracing::info!(member = %node, namespace = %ns, delivered = present.len(), dropped = missing.len(), "hints delivered");
+        tracing::info!(member = %node, namespace = %ns, delivered = settled.delivered, dropped = settled.given_up, "hints delivered");
         Ok(())
     }
 
@@ -917,25 +916,6 @@ impl Cluster {
     }
 }
 
-/// Whether a replica write that failed with `kind` may succeed later (a
-/// timeout, an unreachable, busy or full node, a torn copy): then the copy
-/// is kept for the replica. A refusal that would repeat (bad input, no
-/// permission) is not.
-fn may_recover(kind: ErrorKind) -> bool {
-    !matches!(
-        kind,
-        ErrorKind::InvalidArgument
-            | ErrorKind::TooLarge
-            | ErrorKind::BlockSize
-            | ErrorKind::UnknownNamespace
-            | ErrorKind::NotFound
-            | ErrorKind::AlreadyExists
-            | ErrorKind::PermissionDenied
-            | ErrorKind::Unauthenticated
-            | ErrorKind::Config
-    )
-}
-
 /// The name of a liveness, as in Stats.
 pub fn liveness_name(l: Option<Liveness>) -> &'static str {
     match l {
@@ -943,5 +923,116 @@ pub fn liveness_name(l: Option<Liveness>) -> &'static str {
         Some(Liveness::Suspect) => "suspect",
         Some(Liveness::Down) => "down",
         None => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvtier::ManagerConfig;
+    use kvtier::replication::placement::Member;
+    use kvtier::replication::write::copy_may_recover;
+    use kvtier::tier::host::HostConfig;
+
+    #[test]
+    fn a_failed_copy_is_kept_for_its_replica_unless_the_peer_refused_it() {
+        use kvtier_proto::error::{from_status, status_of};
+        // What a peer call fails with, read back as the driver reads it.
+        let keep = [
+            // A connection that broke mid-call: no kvtier kind on it.
+            tonic::Status::unknown("transport error"),
+            tonic::Status::deadline_exceeded("late"),
+            status_of(ErrorKind::Throttled, "queue full"),
+            status_of(ErrorKind::NoSpace, "disk full"),
+            status_of(ErrorKind::Closed, "stopping"),
+        ];
+        let drop = [
+            status_of(ErrorKind::InvalidArgument, "bad"),
+            status_of(ErrorKind::UnknownNamespace, "who"),
+            status_of(ErrorKind::Unauthenticated, "token"),
+            status_of(ErrorKind::TooLarge, "split it"),
+        ];
+        for s in keep {
+            let k = from_status(s).kind();
+            assert!(copy_may_recover(k), "{k:?} keeps the copy");
+        }
+        for s in drop {
+            let k = from_status(s).kind();
+            assert!(!copy_may_recover(k), "{k:?} drops the copy");
+        }
+    }
+
+    fn namespace() -> kvtier::Namespace {
+        kvtier::Namespace {
+            model_id: "m".into(),
+            revision: String::new(),
+            layout: kvtier::block::KvLayout {
+                num_layers: 1,
+                kv_heads: 1,
+                head_dim: 16,
+                block_tokens: 64,
+                kind: kvtier::block::KvKind::Kv,
+                dtype: kvtier::block::Dtype::F16,
+            },
+            tp_rank: 0,
+            tp_size: 1,
+            salt: None,
+            lora: None,
+        }
+    }
+
+    /// A member in the view without a client, which a membership change
+    /// never publishes, is put there directly: writes, reads and deletes
+    /// must treat it as a member that does not answer.
+    #[tokio::test]
+    async fn a_member_without_a_client_is_a_failed_copy_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = HostConfig {
+            pin_memory: false,
+            ..HostConfig::with_capacity(16 << 20)
+        };
+        let manager = Arc::new(ManagerConfig::host_only(host).build().unwrap());
+        let registry = Arc::new(Registry::open(dir.path().join("namespaces.json"), manager.clone()).unwrap());
+        let cfg: ClusterConfig =
+            serde_json::from_str(r#"{"node_id": "a", "members": [{"id": "a", "addr": "127.0.0.1:1"}]}"#).unwrap();
+        let cluster = Arc::new(
+            Cluster::new(
+                &cfg,
+                false,
+                None,
+                manager.clone(),
+                registry.clone(),
+                dir.path(),
+                64 << 20,
+            )
+            .unwrap(),
+        );
+        let b: NodeId = "b".into();
+        cluster.view.write().join(Member::new("b", "127.0.0.1:1"));
+        assert!(cluster.peer(&b).is_none());
+        let ns = registry
+            .register(&namespace(), Some(Replication::strong(2)), false)
+            .unwrap()
+            .id;
+        let block = manager.block_bytes(ns).unwrap() as usize;
+        let key = BlockKey(1);
+
+        let e = cluster
+            .write(ns, &[key], Bytes::from(vec![7u8; block]), block)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("b failed"), "{e:?}");
+        let c = &cluster.counters;
+        assert_eq!(c.replica_writes_sent.load(Relaxed), 1);
+        assert_eq!(c.replica_writes_failed.load(Relaxed), 1);
+        assert_eq!(c.out_of_sync_marked.load(Relaxed), 1, "a copy kept here for b");
+        assert!(cluster.hints.contains(&b, ns, key), "and a hint");
+
+        let mut out = vec![0u8; block];
+        assert_eq!(cluster.fetch(ns, &[BlockKey(2)], &mut out, block).await, 0);
+        assert_eq!(c.peer_read_failures.load(Relaxed), 1, "the read to b failed");
+        let e = cluster.delete_everywhere(ns, &[key]).await.unwrap_err();
+        assert!(e.message().contains("b: no client"), "{e:?}");
     }
 }

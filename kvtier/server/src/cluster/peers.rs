@@ -63,7 +63,8 @@ impl Peers {
         Ok(())
     }
 
-    /// The client of `id`.
+    /// The client of `id`; `None` for a node that is no peer, which
+    /// callers treat as an unreachable one.
     pub fn get(&self, id: &NodeId) -> Option<&'static Client> {
         self.map.read().get(id).map(|e| &e.client)
     }
@@ -77,14 +78,6 @@ impl Peers {
     pub fn keys(&self) -> std::vec::IntoIter<&'static NodeId> {
         let v: Vec<&'static NodeId> = self.map.read().values().map(|e| &e.id).collect();
         v.into_iter()
-    }
-}
-
-impl std::ops::Index<&NodeId> for Peers {
-    type Output = Client;
-
-    fn index(&self, id: &NodeId) -> &Client {
-        self.get(id).unwrap_or_else(|| panic!("{id} is not a peer"))
     }
 }
 

@@ -54,16 +54,28 @@
 //! A key's new replica may not have it yet. While a move may be under way
 //! (this node's pass pending or running, or less than [`SETTLE`] since the
 //! last change it saw, which covers the other nodes' passes), reads ask,
-//! after the key's replicas, every other writable member and the members
-//! that left recently (they serve until they are stopped): a key is found
-//! wherever a copy is. Outside a move, reads ask the replicas only.
+//! after the key's replicas, its replicas under the member list before the
+//! move, every other writable member and the members that left recently
+//! (they serve until they are stopped): a key is found wherever a copy is
+//! (the core's [`read_order_moving`]). Outside a move, reads ask the
+//! replicas only.
+//!
+//! # Clients before the view
+//!
+//! A change is applied to a copy of the view; the clients of the members
+//! it names are registered, and only then is the copy published. So no
+//! task ever finds a member in the view without its client, and a change
+//! naming an address no client can be built for changes nothing.
 
 use kvtier::replication::membership::{self, CatchUp, Change, Liveness, Membership};
 use kvtier::replication::placement::{Member, NodeId};
-use kvtier::replication::rebalance::plan_rebalance;
+use kvtier::replication::read::Move;
+#[cfg(doc)]
+use kvtier::replication::read::read_order_moving;
+use kvtier::replication::rebalance::{DropTally, Drops, plan_rebalance, pushes_by_node};
 use kvtier::{BlockKey, NamespaceId};
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -91,6 +103,9 @@ pub(super) struct Rebalance {
     /// When the last change was seen, and the members that left recently.
     last_change: Mutex<Option<Instant>>,
     departed: Mutex<BTreeSet<NodeId>>,
+    /// The member list keys were placed by when the current move began:
+    /// reads during the move ask those replicas early.
+    placed_by: Mutex<Option<Vec<Member>>>,
     bytes_per_s: u64,
     members_file: PathBuf,
     done: AtomicU64,
@@ -107,6 +122,7 @@ impl Rebalance {
             fetching: AtomicBool::new(false),
             last_change: Mutex::new(None),
             departed: Mutex::new(BTreeSet::new()),
+            placed_by: Mutex::new(None),
             bytes_per_s,
             members_file,
             done: AtomicU64::new(0),
@@ -123,9 +139,15 @@ impl Rebalance {
             || self.last_change.lock().is_some_and(|t| t.elapsed() < SETTLE)
     }
 
-    /// Members that left recently, still asked by reads while moving.
-    pub(super) fn departed(&self) -> Vec<NodeId> {
-        self.departed.lock().iter().cloned().collect()
+    /// What reads need to know of a move under way; `None` outside one.
+    pub(super) fn movement(&self) -> Option<Move> {
+        if !self.moving() {
+            return None;
+        }
+        Some(Move {
+            before: self.placed_by.lock().clone(),
+            departed: self.departed.lock().iter().cloned().collect(),
+        })
     }
 
     fn state(&self) -> &'static str {
@@ -180,18 +202,33 @@ enum SavedMembers {
 impl Cluster {
     /// Applies `f` to the view; on a change, persists the member list and
     /// schedules a rebalancing pass from the list before it.
+    /// Every member the changed view names has a client before the view is
+    /// published (see "Clients before the view").
     fn change_members(self: &Arc<Self>, f: impl FnOnce(&mut Membership) -> Vec<Change>) -> Result<bool, Status> {
+        let was_moving = self.rebalance.moving();
         let (before, changes, after, epoch) = {
             let mut v = self.view.write();
             let before = v.members();
-            let changes = f(&mut v);
-            (before, changes, v.members(), v.list_epoch())
+            let mut next = v.clone();
+            let changes = f(&mut next);
+            if changes.is_empty() {
+                return Ok(false);
+            }
+            let after = next.members();
+            for m in after.iter().filter(|m| m.id != self.me) {
+                self.peers.insert(m).map_err(Status::invalid_argument)?;
+            }
+            let epoch = next.list_epoch();
+            *v = next;
+            (before, changes, after, epoch)
         };
-        if changes.is_empty() {
-            return Ok(false);
-        }
-        for m in after.iter().filter(|m| m.id != self.me) {
-            self.peers.insert(m).map_err(Status::invalid_argument)?;
+        {
+            // A change during a move keeps the older layout: keys the
+            // move has not reached yet still sit where it put them.
+            let mut placed_by = self.rebalance.placed_by.lock();
+            if !was_moving || placed_by.is_none() {
+                *placed_by = Some(before.clone());
+            }
         }
         for change in changes {
             if let Change::Joined(id) = &change {
@@ -496,21 +533,10 @@ impl Cluster {
             if plan.is_empty() {
                 continue;
             }
-            let mut pushes: BTreeMap<NodeId, Vec<BlockKey>> = BTreeMap::new();
-            for t in &plan {
-                for n in &t.push_to {
-                    pushes.entry(n.clone()).or_default().push(t.key);
-                }
-            }
-            for (node, keys) in pushes {
+            for (node, keys) in pushes_by_node(&plan) {
                 self.push_missing(&node, ns, &keys, &mut pacer).await?;
             }
-            let drops: Vec<(BlockKey, Vec<NodeId>)> = plan
-                .into_iter()
-                .filter(|t| !t.drop_after_confirm.is_empty())
-                .map(|t| (t.key, t.drop_after_confirm))
-                .collect();
-            unconfirmed += self.drop_confirmed(ns, drops).await?;
+            unconfirmed += self.drop_confirmed(ns, DropTally::new(&self.me, &plan)).await?;
         }
         if unconfirmed > 0 {
             return Err(format!("{unconfirmed} keys not yet confirmed by their new replicas"));
@@ -540,17 +566,16 @@ impl Cluster {
         Ok(())
     }
 
-    /// Drops each key of `drops` once every node listed with it confirms it
-    /// holds it; answers how many stay unconfirmed.
-    async fn drop_confirmed(&self, ns: NamespaceId, drops: Vec<(BlockKey, Vec<NodeId>)>) -> Result<usize, String> {
-        let mut ask: BTreeMap<NodeId, Vec<BlockKey>> = BTreeMap::new();
-        for (k, nodes) in &drops {
-            for n in nodes.iter().filter(|n| **n != self.me) {
-                ask.entry(n.clone()).or_default().push(*k);
-            }
+    /// Asks the new replicas of the keys `tally` waits on whether they hold
+    /// them, drops those every one confirmed; answers how many stay
+    /// unconfirmed.
+    async fn drop_confirmed(&self, ns: NamespaceId, mut tally: DropTally) -> Result<usize, String> {
+        if tally.is_empty() {
+            return Ok(0);
         }
-        let mut confirmed: BTreeMap<BlockKey, usize> = BTreeMap::new();
-        for (node, keys) in ask {
+        for (node, keys) in tally.asks() {
+            // A member without a client confirms nothing: its keys stay
+            // here until a later pass.
             let Some(c) = self.peers.get(&node) else { continue };
             for chunk in keys.chunks(ASK_KEYS) {
                 let Ok(has) = call(self.peer_timeout, c.replica_has(ns, chunk)).await else {
@@ -558,16 +583,15 @@ impl Cluster {
                 };
                 for (k, h) in chunk.iter().zip(has) {
                     if h {
-                        *confirmed.entry(*k).or_default() += 1;
+                        tally.confirm(&node, *k);
                     }
                 }
             }
         }
-        let (gone, kept): (Vec<_>, Vec<_>) = drops.into_iter().partition(|(k, nodes)| {
-            let need = nodes.iter().filter(|n| **n != self.me).count();
-            confirmed.get(k).copied().unwrap_or(0) == need
-        });
-        let gone: Vec<BlockKey> = gone.into_iter().map(|(k, _)| k).collect();
+        let Drops {
+            drop: gone,
+            unconfirmed,
+        } = tally.finish();
         if !gone.is_empty() {
             let m = self.manager.clone();
             let n = gone.len() as u64;
@@ -577,7 +601,7 @@ impl Cluster {
                 .map_err(|e| format!("remove: {e}"))?;
             self.rebalance.keys_dropped.fetch_add(n, Relaxed);
         }
-        Ok(kept.len())
+        Ok(unconfirmed)
     }
 
     /// The rebalancing fields of Stats.
