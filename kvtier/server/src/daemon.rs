@@ -9,10 +9,10 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 
 use crate::cluster::Cluster;
-use crate::cluster::peer::PeerService;
 use crate::config::DaemonConfig;
 use crate::metrics::Metrics;
 use crate::node::Node;
+use crate::peer::PeerService;
 use crate::proto::kv_tier_server::KvTierServer;
 use crate::proto::peer_server::PeerServer;
 use crate::service::KvTierService;
@@ -50,7 +50,9 @@ pub async fn run(
     let manager = tokio::task::spawn_blocking(move || mcfg.build())
         .await
         .map_err(|e| join_error("open the block manager", e))?
-        .map_err(|e| e.context("open the block manager"))?;
+        // The inner kind is named in the text ("invalid configuration: ...")
+        // and kept as the error's kind.
+        .map_err(|e| Error::with_source(e.kind(), format!("open the block manager: {e}"), e))?;
     let manager = Arc::new(manager);
     if let Some(r) = manager.disk().map(|d| d.recovery()) {
         tracing::info!(

@@ -6,10 +6,12 @@
 //!   admission limits and the request buffers; the services are adapters
 //!   over it.
 //! - [`service`]: the client-facing `KvTier` gRPC service.
+//! - [`peer`]: the `Peer` gRPC service other kvtierd nodes call.
 //! - [`checkpoints`]: the `Checkpoints` service (chunks and the catalog of
 //!   names).
 //! - [`cluster`]: kvtierd nodes together: membership, replica fan-out,
-//!   peer reads, hints, rebalancing, and the `Peer` service.
+//!   peer reads, hints and rebalancing (the decisions are the core's
+//!   `kvtier::replication`; this module carries them out).
 //! - [`config`]: the daemon's TOML configuration with `KVTIER_*` overrides.
 //! - [`registry`]: the namespaces and their replication, persisted.
 //! - [`metrics`]: Prometheus text on an HTTP port.
@@ -40,6 +42,7 @@ pub mod config;
 pub mod daemon;
 pub mod metrics;
 pub mod node;
+pub mod peer;
 pub mod region;
 pub mod registry;
 pub mod service;

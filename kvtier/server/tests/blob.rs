@@ -3,7 +3,7 @@
 //! writeback through the daemon, a cache-only node reading what another
 //! uploaded, an outage, and a restart with uploads pending.
 
-mod common;
+use kvtier_testkit as common;
 
 use bytes::Bytes;
 use common::{Daemon, content, http_get, key, kvtier, namespace, sample};

@@ -1,6 +1,6 @@
 //! `kvtier checkpoint put|get|list|delete` against a real kvtierd.
 
-mod common;
+use kvtier_testkit as common;
 
 use common::{Daemon, kvtier};
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! The `kvtier` CLI against a real kvtierd: its JSON output and the exit
 //! codes documented at the top of `src/bin/kvtier.rs`.
 
-mod common;
+use kvtier_testkit as common;
 
 use common::{Daemon, kvtier};
 use std::path::Path;

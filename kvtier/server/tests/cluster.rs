@@ -2,7 +2,7 @@
 //! its own data dir, sharing one static member list. Every wait polls with a
 //! deadline; every run is bounded.
 
-mod common;
+use kvtier_testkit as common;
 
 use common::{Daemon, cluster_stats, content, data, eventually, free_ports, key, keys, liveness, namespace};
 use kvtier::ErrorKind;

@@ -1,6 +1,6 @@
 //! kvtierd's Prometheus endpoint, read with a plain HTTP/1.0 request.
 
-mod common;
+use kvtier_testkit as common;
 
 use bytes::Bytes;
 use common::{Daemon, content, http_get, key, namespace, sample};
@@ -41,7 +41,7 @@ async fn metrics_count_requests() {
         .await
         .unwrap()
         .expect_err("unknown namespace");
-    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert_eq!(e.kind(), ErrorKind::UnknownNamespace);
     let l = tokio::time::timeout(step, c.lookup(ns, &[key(ns, 0), key(ns, 1), key(ns, 5)]))
         .await
         .unwrap()

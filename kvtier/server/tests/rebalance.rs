@@ -2,7 +2,7 @@
 //! with its own data dir and config. Every wait polls with a deadline;
 //! every run is bounded.
 
-mod common;
+use kvtier_testkit as common;
 
 use common::{Daemon, cluster_stats, content, data, eventually, free_ports, key, keys, liveness};
 use kvtier::replication::placement::{self, Member, NodeId};

@@ -1,7 +1,7 @@
 //! The same-host data path through shared-memory regions, against a real
 //! kvtierd process.
 
-mod common;
+use kvtier_testkit as common;
 
 use common::{Daemon, content, key, namespace};
 use kvtier::ErrorKind;

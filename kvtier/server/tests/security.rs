@@ -1,7 +1,7 @@
 //! Bearer-token auth, the unauthenticated grpc.health.v1 service, and TLS,
 //! against real kvtierd processes.
 
-mod common;
+use kvtier_testkit as common;
 
 use bytes::Bytes;
 use common::{Daemon, content, key, namespace};

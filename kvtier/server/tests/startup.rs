@@ -1,7 +1,7 @@
 //! A SIGTERM right after kvtierd announces its addresses drains it: the
 //! signal handlers are installed before it serves, not on first poll.
 
-mod common;
+use kvtier_testkit as common;
 
 use common::Daemon;
 

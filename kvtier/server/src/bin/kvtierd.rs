@@ -39,7 +39,7 @@ fn main() {
     let cfg = match kvtier_server::config::DaemonConfig::load(args.config.as_deref(), std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("kvtierd: {e}");
+            eprintln!("kvtierd: {}", e.message());
             std::process::exit(2);
         }
     };
@@ -67,7 +67,8 @@ fn main() {
         let _ = out.flush();
     }));
     if let Err(e) = r {
-        eprintln!("kvtierd: {e}");
+        // The message names the step that failed and the cause's kind.
+        eprintln!("kvtierd: {}", e.message());
         std::process::exit(1);
     }
 }

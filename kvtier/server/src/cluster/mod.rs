@@ -46,7 +46,6 @@
 //!   counted, and for a write hinted.
 
 pub mod hints;
-pub mod peer;
 pub mod peers;
 pub mod rebalance;
 pub mod resync;

@@ -1,6 +1,14 @@
-//! Starts real kvtierd processes on 127.0.0.1 with free ports and
-//! temporary directories, for the process tests.
-#![allow(dead_code, unreachable_pub)]
+//! kvtier's test kit, shared by the server's process tests and the
+//! benchmarks: real kvtierd processes on 127.0.0.1 with free ports and
+//! temporary directories, the `kvtier` CLI as a process, namespaces, keys
+//! and deterministic block contents, and polling helpers.
+//!
+//! The binaries are found next to the running executable (a test binary in
+//! `target/<profile>/deps/`, or the bench in `target/<profile>/`), so build
+//! them first: `cargo test -p kvtier-server` does, and the bench's docs say
+//! `cargo build --release -p kvtier-server`. `KVTIER_BIN_DIR` overrides the
+//! directory.
+#![allow(missing_docs, clippy::missing_panics_doc)]
 
 use kvtier::block::{Dtype, KvKind, KvLayout};
 use kvtier::{BlockKey, Namespace, NamespaceId};
@@ -11,7 +19,28 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The path of the workspace binary `name`: `KVTIER_BIN_DIR/name`, or the
+/// one beside the running executable (or beside its `deps/` directory).
+pub fn binary(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("KVTIER_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("the running executable's path");
+    let mut dir = exe.parent().expect("the executable's directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (cargo build -p kvtier-server, --release for the bench)",
+        p.display()
+    );
+    p
+}
+
 /// A running kvtierd; killed when dropped.
+#[derive(Debug)]
 pub struct Daemon {
     pub child: Option<Child>,
     pub grpc: String,
@@ -22,7 +51,7 @@ pub struct Daemon {
 impl Daemon {
     /// kvtierd on free loopback ports with `data_dir`, then `env`.
     fn command(data_dir: &Path, env: &[(&str, &str)]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvtierd"));
+        let mut cmd = Command::new(binary("kvtierd"));
         cmd.env("KVTIER_LISTEN", "127.0.0.1:0")
             .env("KVTIER_METRICS_LISTEN", "127.0.0.1:0")
             .env("KVTIER_DATA_DIR", data_dir)
@@ -53,7 +82,9 @@ impl Daemon {
         });
         let deadline = Instant::now() + Duration::from_secs(30);
         let (mut grpc, mut metrics) = (None, None);
-        while grpc.is_none() || metrics.is_none() {
+        // Metrics are on unless the caller turned them off.
+        let want_metrics = !env.iter().any(|(k, v)| *k == "KVTIER_METRICS_LISTEN" && v.is_empty());
+        while grpc.is_none() || (want_metrics && metrics.is_none()) {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(l) => {
@@ -221,7 +252,7 @@ impl Run {
 
 /// Runs `kvtier` with `args` against `endpoint` (and `env`), for at most 30 s.
 pub fn kvtier(endpoint: &str, env: &[(&str, &str)], args: &[&str]) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvtier"));
+    let mut cmd = Command::new(binary("kvtier"));
     cmd.arg("--endpoint")
         .arg(endpoint)
         .args(args)

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::Cluster;
+use crate::cluster::Cluster;
 use crate::convert;
 use crate::node::{GetStream, MAX_KEYS, Node};
 use crate::proto::{self, replica_put_request};
@@ -165,7 +165,7 @@ impl proto::peer_server::Peer for PeerService {
             let req = req.into_inner();
             let ns = convert::namespace_id(&req.namespace_id)?;
             let key = convert::keys(std::slice::from_ref(&req.key), 1)?[0];
-            let m = self.cluster.manager.clone();
+            let m = self.node.manager.clone();
             let got = tokio::task::spawn_blocking(move || m.load_one_local(ns, key))
                 .await
                 .map_err(|e| status_of(ErrorKind::Internal, format!("load task: {e}")))?
@@ -196,7 +196,7 @@ impl proto::peer_server::Peer for PeerService {
             let req = req.into_inner();
             let ns = convert::namespace_id(&req.namespace_id)?;
             let keys = convert::keys(&req.keys, MAX_KEYS)?;
-            let m = self.cluster.manager.clone();
+            let m = self.node.manager.clone();
             let n = tokio::task::spawn_blocking(move || m.remove(ns, &keys))
                 .await
                 .map_err(|e| status_of(ErrorKind::Internal, format!("delete task: {e}")))?
