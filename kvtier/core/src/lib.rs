@@ -44,6 +44,7 @@ pub mod buf;
 pub mod checkpoint;
 pub mod error;
 pub mod eviction;
+pub mod fsio;
 pub mod manager;
 pub mod replication;
 pub mod tier;

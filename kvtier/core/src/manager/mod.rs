@@ -30,6 +30,7 @@ use self::admission::Admission;
 use self::writeback::{Writeback, WritebackStats};
 use crate::block::{BlockKey, Namespace, NamespaceId};
 use crate::error::{Error, ErrorKind, Result};
+use crate::fsio::FileIo;
 use crate::tier::blob::object::Expect;
 use crate::tier::blob::{BlobConfig, BlobMode, BlobStats, BlobTier};
 use crate::tier::disk::{DiskConfig, DiskTier};
@@ -380,15 +381,27 @@ impl BlockManager {
     /// Opens the configured tiers (rebuilding the disk index) and starts the
     /// write-through worker when one is needed.
     pub fn open(cfg: &ManagerConfig) -> Result<Self> {
+        Self::open_with(cfg, FileIo::default())
+    }
+
+    /// [`BlockManager::open`] with the disk tier's and the dirty log's
+    /// file operations going through `io`: how tests inject I/O faults.
+    pub fn open_with(cfg: &ManagerConfig, io: FileIo) -> Result<Self> {
         cfg.validate()?;
         let counters = Arc::new(Counters::default());
         let admission = Arc::new(Admission::new(cfg.disk_admission_min_seen, cfg.admission_counters));
-        let disk = cfg.disk.as_ref().map(DiskConfig::build).transpose()?;
+        let disk = cfg
+            .disk
+            .as_ref()
+            .map(|d| DiskTier::open_with(d, io.clone()))
+            .transpose()?;
         let blob = cfg.blob.as_ref().map(BlobConfig::build).transpose()?;
         let wb = match (&blob, &disk) {
             (Some(b), Some(d)) if b.mode() == BlobMode::Writeback => {
                 let dcfg = cfg.disk.as_ref().expect("a disk tier was built");
-                let wb = Arc::new(Writeback::open(&dcfg.dir, dcfg.sync_writes, |k| d.contains(k))?);
+                let wb = Arc::new(Writeback::open_with(&dcfg.dir, dcfg.sync_writes, io.clone(), |k| {
+                    d.contains(k)
+                })?);
                 let keep = wb.clone();
                 d.set_retain(Arc::new(move |k| keep.retains(k)))?;
                 b.handle()

@@ -1,6 +1,11 @@
+use super::index::Loc;
 use super::*;
+use crate::error::ErrorKind;
 use crate::tier::conformance::{self, content};
 use crate::tier::{Fetched, TierExt};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::Duration;
 
 const NS: NamespaceId = NamespaceId(0xd15c);
 const BLOCK: usize = 64 * 1024;
