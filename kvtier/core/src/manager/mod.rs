@@ -350,6 +350,22 @@ struct Queue {
     capacity: usize,
     queued: Mutex<usize>,
     drained: Condvar,
+    /// Keys with a write-through job queued or being written, and how many
+    /// jobs each: a removal waits for them, so that a job queued before it
+    /// cannot write the block to disk after it (the block would come back).
+    in_flight: Mutex<HashMap<BlockKey, u32>>,
+    /// Notified when jobs leave `in_flight`.
+    written: Condvar,
+}
+
+impl Queue {
+    /// Waits until no write-through job for `key` is queued or running.
+    fn wait_written(&self, key: &BlockKey) {
+        let mut f = self.in_flight.lock();
+        while f.contains_key(key) {
+            self.written.wait(&mut f);
+        }
+    }
 }
 
 struct Job {
@@ -421,6 +437,8 @@ impl BlockManager {
             capacity: cfg.offload_queue_blocks,
             queued: Mutex::new(0),
             drained: Condvar::new(),
+            in_flight: Mutex::new(HashMap::new()),
+            written: Condvar::new(),
         });
         let (tx, workers) = match (&host, &disk, cfg.cascade) {
             (Some(_), Some(disk), Cascade::WriteThrough) => {
@@ -448,6 +466,18 @@ impl BlockManager {
                                 }
                                 // The pins go only once their bytes are on disk.
                                 drop(items);
+                                {
+                                    let mut f = queue.in_flight.lock();
+                                    for job in &jobs {
+                                        if let Some(n) = f.get_mut(&job.key) {
+                                            *n -= 1;
+                                            if *n == 0 {
+                                                f.remove(&job.key);
+                                            }
+                                        }
+                                    }
+                                    queue.written.notify_all();
+                                }
                                 let n = jobs.len();
                                 drop(jobs);
                                 let mut q = queue.queued.lock();
@@ -708,6 +738,7 @@ impl BlockManager {
                 && want[i]
                 && let Some(pin) = host.pin_host(k)
             {
+                *sh.queue.in_flight.lock().entry(*k).or_insert(0) += 1;
                 tx.send(Job { ns, key: *k, pin })
                     .expect("the offload worker runs while the manager lives");
                 sent += 1;
@@ -977,6 +1008,7 @@ impl BlockManager {
             if let Some(wb) = &self.shared.wb {
                 wb.cancel(*k);
             }
+            self.shared.queue.wait_written(k);
             for t in self.tiers() {
                 any |= t.remove(k)?;
             }

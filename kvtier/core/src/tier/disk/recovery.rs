@@ -111,10 +111,13 @@ impl Inner {
         };
         let mut scan = Scanner::new(&seg.file, id, end, verify);
         let mut last_end = PAGE;
+        // A counted skip, and whether a whole record follows one.
+        let (mut skipped, mut torn) = (false, false);
         let mut pos = PAGE;
         while pos < end {
             match scan.record_at(pos).map_err(|e| io("read", e))? {
                 Scanned::Record(h) => {
+                    torn |= skipped;
                     meta.records += 1;
                     last_end = pos + h.record_bytes();
                     apply(&mut st.index, &mut st.used_bytes, &mut meta, pos, &h);
@@ -122,11 +125,20 @@ impl Inner {
                 }
                 Scanned::Skip { counted, next } => {
                     rec.skipped_records += u64::from(counted);
+                    skipped |= counted;
                     pos = next;
                 }
             }
         }
-        if !meta.seal_written {
+        if torn {
+            // A torn record lies before the end of the last whole one (a
+            // record cut off at the end lies past the seal's end, and is
+            // never read again). A seal would make the next open index the skipped records
+            // from their (valid) headers without verifying their data, and
+            // a torn record would then shadow an older whole copy of its
+            // key: the segment stays unsealed and is verified every time.
+            meta.next = last_end;
+        } else if !meta.seal_written {
             // Everything in it is verified now: seal it so the next open trusts it.
             meta.next = last_end;
             if let Err(e) = write_seal(&meta, self.cfg.segment_bytes, self.cfg.sync_writes, &self.io) {
