@@ -27,7 +27,7 @@
 //! - `segments`: rolling to a new segment, reclaiming the oldest, seals.
 //! - `recovery`: rebuilding the index from the files on open.
 //! - `pin`: reading a pinned block.
-//! - `file`, [`record`]: aligned buffers and O_DIRECT files; the on-disk format.
+//! - `file`, `record`: aligned buffers and O_DIRECT files; the on-disk format.
 //!
 //! Segment writes, fsyncs and renames go through a [`FileIo`], so a test
 //! can fail any one of them ([`DiskTier::open_with`]).
