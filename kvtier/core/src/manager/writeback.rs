@@ -582,6 +582,36 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_log_rewrite_keeps_the_old_log_and_a_failed_append_is_not_acknowledged() {
+        use crate::fsio::{Faults, FileOp};
+        let dir = tempfile::tempdir().unwrap();
+        let ns = NamespaceId(5);
+        let faults = Faults::new();
+        let io = FileIo::with_faults(faults.clone());
+        {
+            let wb = Writeback::open_with(dir.path(), true, io.clone(), |_| true).unwrap();
+            wb.begin(ns, BlockKey(1)).unwrap();
+            wb.ready(ns, BlockKey(1)).unwrap();
+            // A dirty record whose append fails is not acknowledged.
+            faults.fail_nth(FileOp::Write, 1);
+            assert!(wb.begin(ns, BlockKey(2)).is_err());
+            assert_eq!(wb.stats().log_errors, 1);
+        }
+        let before = std::fs::read(dir.path().join(LOG_FILE)).unwrap();
+        // Opening rewrites the log: a failed rename or fsync fails the open
+        // and leaves the old log whole, so nothing pending is lost.
+        for op in [FileOp::Rename, FileOp::Fsync] {
+            faults.fail_nth(op, 1);
+            let e = Writeback::open_with(dir.path(), true, io.clone(), |_| true).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Io, "{op:?}: {e}");
+            assert_eq!(std::fs::read(dir.path().join(LOG_FILE)).unwrap(), before, "{op:?}");
+        }
+        let wb = Writeback::open_with(dir.path(), true, io, |_| true).unwrap();
+        assert_eq!(wb.pop().map(|p| p.0), Some(BlockKey(1)));
+        assert_eq!(wb.pop(), None, "the refused block 2 is not pending");
+    }
+
+    #[test]
     fn replay_drops_blocks_that_never_reached_the_disk() {
         let dir = tempfile::tempdir().unwrap();
         let ns = NamespaceId(5);
