@@ -16,6 +16,9 @@
 //!   membership with epochs, write plans with hinted stand-ins, the one
 //!   uploader per key), as plain functions without I/O.
 //! - [`error`]: the one error type, with kinds callers match on.
+//! - [`fsio`]: the file-system boundary: one durable replace (write, fsync,
+//!   rename, fsync the directory) for every metadata file, and the
+//!   write/fsync/rename faults tests inject.
 //! - [`buf`]: page-aligned buffers for clients and the disk tier.
 //! - [`transfer`]: block copies between an engine's KV tensors and staging
 //!   (host memcpy, or CUDA async copies with the `cuda` feature).
@@ -44,6 +47,7 @@ pub mod buf;
 pub mod checkpoint;
 pub mod error;
 pub mod eviction;
+pub mod fsio;
 pub mod manager;
 pub mod replication;
 pub mod tier;

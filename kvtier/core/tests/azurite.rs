@@ -107,10 +107,10 @@ async fn container_creation_and_an_object_store_round_trip() {
         .unwrap();
     let got = store.get(&path).await.unwrap().bytes().await.unwrap();
     assert_eq!(&got[..], b"kv block");
-    // An unreachable endpoint is an I/O error, not a hang.
+    // An unreachable endpoint is a retryable outage, not a hang.
     drop(az);
     let e = create_container("http://127.0.0.1:1/devstoreaccount1", &cred, "kvtier-test")
         .await
         .unwrap_err();
-    assert_eq!(e.kind(), kvtier::ErrorKind::Io, "{e}");
+    assert_eq!(e.kind(), kvtier::ErrorKind::Unavailable, "{e}");
 }

@@ -235,18 +235,19 @@ fn wrong_credentials_missing_container_and_no_service_fail_at_startup() {
         let e = c.build().unwrap_err();
         assert!(e.to_string().contains("AZURE_STORAGE_ACCOUNT_KEY"), "{e}");
     }
-    // Nothing listening: an I/O error, quickly.
+    // Nothing listening: unavailable (retryable), quickly.
     let mut c = az.config("kvtier-creds", BlobMode::CacheOnly);
     c.endpoint = Some("http://127.0.0.1:1/devstoreaccount1".into());
     c.create_container = false;
     let t = Instant::now();
     let e = c.build().unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(e.to_string().contains("unreachable"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(20), "took {:?}", t.elapsed());
     // The same over https (real Azure's scheme): TLS is set up, no panic.
     c.endpoint = Some("https://127.0.0.1:1/devstoreaccount1".into());
     let e = c.build().unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
     // Writeback without a disk tier is refused before any request.
     let mut mc = ManagerConfig::host_only(kvtier::tier::host::HostConfig::with_capacity(1 << 20));
     mc.blob = Some(az.config("kvtier-creds", BlobMode::Writeback));

@@ -22,7 +22,7 @@ pub mod manifest;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +33,7 @@ use self::manifest::{ChunkRef, FileEntry, Manifest};
 use crate::block::{BlockKey, NamespaceId};
 use crate::buf::{Recycler, page_aligned};
 use crate::error::{Error, ErrorKind, Result};
+use crate::fsio::{FileIo, replace_durably};
 use crate::manager::BlockManager;
 
 /// Default largest chunk: 32 MiB.
@@ -465,7 +466,8 @@ impl<S: ChunkStore> Checkpoints<S> {
                 ));
             }
             out.finish(size)?;
-            std::fs::rename(&tmp, &path).map_err(|e| Error::io(format!("rename {}", tmp.display()), e))
+            // Synced by `finish`: only the rename and the directory are left.
+            FileIo::default().rename_durably(&tmp, &path)
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -674,14 +676,9 @@ impl LocalChunks {
     }
 
     fn write_names(&self, names: &[String]) -> Result<()> {
-        let tmp = self.catalog.with_extension("tmp");
-        let io = |what: &str, e| Error::io(format!("{what} {}", tmp.display()), e);
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io("create", e))?;
         let mut text = names.join("\n");
         text.push('\n');
-        f.write_all(text.as_bytes()).map_err(|e| io("write", e))?;
-        f.sync_all().map_err(|e| io("sync", e))?;
-        std::fs::rename(&tmp, &self.catalog).map_err(|e| io("rename", e))
+        replace_durably(&self.catalog, text.as_bytes())
     }
 }
 

@@ -1,6 +1,11 @@
+use super::store::{OFFLOAD_BATCH_BYTES, OFFLOAD_BATCH_JOBS, next_jobs, put_disk_batch};
 use super::*;
 use crate::block::{Dtype, KvKind, KvLayout, SequenceHasher};
 use crate::tier::conformance::content;
+use crate::tier::disk::DiskConfig;
+use crate::tier::host::HostConfig;
+use crate::tier::{Stored, TierKind};
+use std::path::Path;
 
 const BLOCK: u64 = 64 * 1024;
 

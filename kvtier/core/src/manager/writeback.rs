@@ -33,7 +33,7 @@ use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use crate::block::{BlockKey, NamespaceId};
 use crate::error::{Error, Result};
+use crate::fsio::FileIo;
 use crate::tier::Tier;
 use crate::tier::blob::BlobClient;
 use crate::tier::blob::object::OBJECT_OVERHEAD_BYTES;
@@ -128,6 +129,8 @@ struct Log {
 pub(crate) struct Writeback {
     path: PathBuf,
     sync: bool,
+    /// The log's appends, fsyncs and rewrites go through it.
+    io: FileIo,
     state: Mutex<State>,
     log: Mutex<Log>,
     idle: Condvar,
@@ -155,7 +158,13 @@ impl std::fmt::Debug for Writeback {
 impl Writeback {
     /// Opens the log in `dir`, keeps the pending blocks that `on_disk`
     /// holds (queued for upload), drops the rest, and rewrites the log.
+    #[cfg(test)]
     pub(crate) fn open(dir: &Path, sync: bool, on_disk: impl Fn(&BlockKey) -> bool) -> Result<Self> {
+        Self::open_with(dir, sync, FileIo::default(), on_disk)
+    }
+
+    /// [`Writeback::open`] with the log's file operations going through `io`.
+    pub(crate) fn open_with(dir: &Path, sync: bool, io: FileIo, on_disk: impl Fn(&BlockKey) -> bool) -> Result<Self> {
         let path = dir.join(LOG_FILE);
         let mut order = Vec::new();
         let mut pending: HashMap<BlockKey, NamespaceId> = HashMap::new();
@@ -214,7 +223,7 @@ impl Writeback {
                 "dirty log named blocks that never reached the disk (never acknowledged)"
             );
         }
-        let file = rewrite(&path, &state)?;
+        let file = rewrite(&io, &path, &state)?;
         let resumed = state.pending.len() as u64;
         if resumed > 0 {
             tracing::info!(resumed, "resuming blob uploads from the dirty log");
@@ -222,6 +231,7 @@ impl Writeback {
         Ok(Self {
             path,
             sync,
+            io,
             log: Mutex::new(Log { file, records: resumed }),
             state: Mutex::new(state),
             idle: Condvar::new(),
@@ -239,10 +249,13 @@ impl Writeback {
     }
 
     fn append(&self, log: &mut Log, records: &[u8]) -> Result<()> {
-        let r = log
-            .file
-            .write_all(records)
-            .and_then(|()| if self.sync { log.file.sync_data() } else { Ok(()) });
+        let r = self.io.append(&mut log.file, records).and_then(|()| {
+            if self.sync {
+                self.io.sync_data(&log.file)
+            } else {
+                Ok(())
+            }
+        });
         match r {
             Ok(()) => {
                 log.records += (records.len() / RECORD_BYTES) as u64;
@@ -325,7 +338,7 @@ impl Writeback {
         let mut log = self.log.lock();
         let _ = self.append(&mut log, &encode(OP_DONE, e.ns, key));
         if log.records > 4096 && log.records > 4 * st.pending.len() as u64 {
-            match rewrite(&self.path, &st) {
+            match rewrite(&self.io, &self.path, &st) {
                 Ok(f) => {
                     log.file = f;
                     log.records = st.pending.len() as u64;
@@ -421,11 +434,8 @@ impl Writeback {
     }
 }
 
-/// Writes the pending blocks as a new log and swaps it in atomically.
-fn rewrite(path: &Path, st: &State) -> Result<File> {
-    let tmp = path.with_extension("log.tmp");
-    let io = |what: &str, e| Error::io(format!("{what} {}", tmp.display()), e);
-    let mut f = File::create(&tmp).map_err(|e| io("create", e))?;
+/// Writes the pending blocks as a new log and swaps it in durably.
+fn rewrite(io: &FileIo, path: &Path, st: &State) -> Result<File> {
     let mut buf = Vec::with_capacity(st.pending.len() * RECORD_BYTES);
     // Queue order first, so uploads resume oldest first.
     let mut seen = std::collections::HashSet::new();
@@ -436,15 +446,7 @@ fn rewrite(path: &Path, st: &State) -> Result<File> {
             buf.extend_from_slice(&encode(OP_DIRTY, e.ns, *k));
         }
     }
-    f.write_all(&buf).map_err(|e| io("write", e))?;
-    f.sync_data().map_err(|e| io("sync", e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| io("rename", e))?;
-    if let Some(dir) = path.parent()
-        && let Ok(d) = File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
+    io.replace_durably(path, &buf)?;
     OpenOptions::new()
         .append(true)
         .open(path)
@@ -545,6 +547,7 @@ fn read_block(disk: &DiskTier, ns: NamespaceId, key: BlockKey) -> std::result::R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn log_replays_pending_and_cuts_a_torn_tail() {
@@ -576,6 +579,36 @@ mod tests {
         // Rewritten on open: exactly the pending records remain.
         let len = std::fs::metadata(dir.path().join(LOG_FILE)).unwrap().len();
         assert_eq!(len, 2 * RECORD_BYTES as u64);
+    }
+
+    #[test]
+    fn a_failed_log_rewrite_keeps_the_old_log_and_a_failed_append_is_not_acknowledged() {
+        use crate::fsio::{Faults, FileOp};
+        let dir = tempfile::tempdir().unwrap();
+        let ns = NamespaceId(5);
+        let faults = Faults::new();
+        let io = FileIo::with_faults(faults.clone());
+        {
+            let wb = Writeback::open_with(dir.path(), true, io.clone(), |_| true).unwrap();
+            wb.begin(ns, BlockKey(1)).unwrap();
+            wb.ready(ns, BlockKey(1)).unwrap();
+            // A dirty record whose append fails is not acknowledged.
+            faults.fail_nth(FileOp::Write, 1);
+            assert!(wb.begin(ns, BlockKey(2)).is_err());
+            assert_eq!(wb.stats().log_errors, 1);
+        }
+        let before = std::fs::read(dir.path().join(LOG_FILE)).unwrap();
+        // Opening rewrites the log: a failed rename or fsync fails the open
+        // and leaves the old log whole, so nothing pending is lost.
+        for op in [FileOp::Rename, FileOp::Fsync] {
+            faults.fail_nth(op, 1);
+            let e = Writeback::open_with(dir.path(), true, io.clone(), |_| true).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Io, "{op:?}: {e}");
+            assert_eq!(std::fs::read(dir.path().join(LOG_FILE)).unwrap(), before, "{op:?}");
+        }
+        let wb = Writeback::open_with(dir.path(), true, io, |_| true).unwrap();
+        assert_eq!(wb.pop().map(|p| p.0), Some(BlockKey(1)));
+        assert_eq!(wb.pop(), None, "the refused block 2 is not pending");
     }
 
     #[test]

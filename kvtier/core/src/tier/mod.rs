@@ -5,7 +5,17 @@
 //! - [`blob`]: Azure Blob (G4), behind the SSD: read on a local miss,
 //!   written lazily in writeback mode.
 //!
-//! Every tier passes the same conformance suite ([`conformance`]).
+//! Every local tier passes the same conformance suite ([`conformance`]).
+//!
+//! [`Tier`] is that suite's contract, not the seam the manager dispatches
+//! through: the [`crate::BlockManager`] holds the host, disk and blob tiers
+//! as a fixed set of concrete types, because it uses what only each one
+//! has (host pins for write-through, the demotion hook, packed disk
+//! writes, the retain hook, windowed blob fetches); see its docs. Faults
+//! are injected below the tiers, at the file I/O boundary
+//! ([`crate::fsio::FileIo`], given to [`disk::DiskTier::open_with`] and
+//! [`crate::BlockManager::open_with`]), and the blob tier runs over any
+//! `object_store` ([`blob::BlobTier::with_store`]).
 
 pub mod blob;
 pub mod disk;

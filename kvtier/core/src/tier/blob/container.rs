@@ -30,7 +30,8 @@ impl std::fmt::Debug for SharedKey {
 /// `https://ACCOUNT.blob.core.windows.net`, or Azurite's path-style
 /// `http://127.0.0.1:PORT/ACCOUNT`). Answers whether it was created (false:
 /// it existed). Wrong credentials are a [`ErrorKind::Config`] error that says
-/// so; an unreachable endpoint is [`ErrorKind::Io`].
+/// so; an unreachable endpoint is [`ErrorKind::Unavailable`], a 429
+/// [`ErrorKind::Throttled`], a 5xx [`ErrorKind::Unavailable`].
 pub async fn create_container(endpoint: &str, cred: &SharedKey, container: &str) -> Result<bool> {
     if !(3..=63).contains(&container.len())
         || !container
@@ -75,7 +76,7 @@ pub async fn create_container(endpoint: &str, cred: &SharedKey, container: &str)
                 msg.push_str(&format!(": {s}"));
                 src = s.source();
             }
-            Error::new(ErrorKind::Io, msg)
+            Error::with_source(ErrorKind::Unavailable, msg, e)
         })?;
     match resp.status().as_u16() {
         201 => Ok(true),
@@ -86,8 +87,13 @@ pub async fn create_container(endpoint: &str, cred: &SharedKey, container: &str)
         ))),
         s => {
             let body = resp.text().await.unwrap_or_default();
+            let kind = match s {
+                429 => ErrorKind::Throttled,
+                500 | 502 | 503 | 504 => ErrorKind::Unavailable,
+                _ => ErrorKind::Io,
+            };
             Err(Error::new(
-                ErrorKind::Io,
+                kind,
                 format!(
                     "creating container {container}: HTTP {s}: {}",
                     body.chars().take(300).collect::<String>()

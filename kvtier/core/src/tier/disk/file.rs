@@ -106,56 +106,6 @@ pub(crate) fn probe_direct(dir: &Path) -> Result<(), std::io::Error> {
     r
 }
 
-/// Writes `parts` back to back at `off` with as few `pwritev` calls as the
-/// kernel allows (one, for regular files, unless the disk fills up).
-pub(crate) fn write_all_vectored_at(f: &File, parts: &[&[u8]], mut off: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
-    let mut first = 0;
-    while first < parts.len() {
-        let iov: Vec<libc::iovec> = parts[first..]
-            .iter()
-            .map(|p| libc::iovec {
-                iov_base: p.as_ptr() as *mut libc::c_void,
-                iov_len: p.len(),
-            })
-            .collect();
-        // SAFETY: every iovec points into a live slice borrowed for this
-        // call; pwritev only reads from them.
-        let n = unsafe {
-            libc::pwritev(
-                f.as_raw_fd(),
-                iov.as_ptr(),
-                iov.len() as libc::c_int,
-                off as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        let mut n = n as usize;
-        off += n as u64;
-        while n > 0 {
-            let p = parts[first];
-            if n >= p.len() {
-                n -= p.len();
-                first += 1;
-            } else {
-                parts[first] = &p[n..];
-                n = 0;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Whether `p` and `len` can go to an O_DIRECT file as they are.
 pub(crate) fn is_page_aligned(p: *const u8, len: usize) -> bool {
     (p as usize).is_multiple_of(PAGE as usize) && len.is_multiple_of(PAGE as usize)

@@ -1,0 +1,86 @@
+//! The in-memory index: where each live block's record is, and the list of
+//! segment files the records live in.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::record::{PAGE, RecordHeader};
+use crate::block::{BlockKey, KeyMap, NamespaceId};
+
+/// A segment file. Readers hold it through an `Arc`, so an unlinked file
+/// stays readable until the last reader is done.
+#[derive(Debug)]
+pub(super) struct Segment {
+    pub(super) id: u64,
+    pub(super) file: File,
+}
+
+#[derive(Debug)]
+pub(super) struct SegMeta {
+    pub(super) seg: Arc<Segment>,
+    pub(super) path: PathBuf,
+    /// Keys whose live record is (or was) in this segment.
+    pub(super) keys: Vec<BlockKey>,
+    /// Writes reserved in this segment and not yet finished.
+    pub(super) writers: u32,
+    /// No more reservations go here.
+    pub(super) sealed: bool,
+    /// A write into it failed: never sealed, so the next open verifies it.
+    pub(super) failed: bool,
+    pub(super) seal_written: bool,
+    /// Next free offset.
+    pub(super) next: u64,
+    pub(super) records: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Loc {
+    pub(super) seg: u64,
+    pub(super) off: u64,
+    pub(super) data_offset: u32,
+    pub(super) len: u64,
+    pub(super) hash: u64,
+    pub(super) ns: NamespaceId,
+}
+
+impl Loc {
+    pub(super) fn record_bytes(&self) -> u64 {
+        (u64::from(self.data_offset) + self.len).next_multiple_of(PAGE)
+    }
+}
+
+#[derive(Debug, Default)]
+pub(super) struct State {
+    pub(super) index: KeyMap<Loc>,
+    pub(super) segments: BTreeMap<u64, SegMeta>,
+    pub(super) active: Option<u64>,
+    pub(super) next_id: u64,
+    pub(super) used_bytes: u64,
+}
+
+pub(super) fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016x}.seg"))
+}
+
+/// Puts a scanned or written record into the index.
+pub(super) fn apply(index: &mut KeyMap<Loc>, used_bytes: &mut u64, meta: &mut SegMeta, off: u64, h: &RecordHeader) {
+    if let Some(old) = index.remove(&h.key) {
+        *used_bytes -= old.record_bytes();
+    }
+    if h.is_tombstone() {
+        return;
+    }
+    let loc = Loc {
+        seg: meta.seg.id,
+        off,
+        data_offset: h.data_offset,
+        len: h.data_len,
+        hash: h.data_hash,
+        ns: h.ns,
+    };
+    *used_bytes += loc.record_bytes();
+    index.insert(h.key, loc);
+    meta.keys.push(h.key);
+}
