@@ -31,8 +31,7 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::buf::fill;
-use crate::tiers::{gbps, key, namespace, round3};
+use crate::util::{Invariants, XorShift, fill, fresh_dir, gbps, key, namespace, ratio, report, round3};
 
 /// The container every node of a run shares.
 const CONTAINER: &str = "kvtier-bench";
@@ -189,14 +188,11 @@ fn load_order(requests: usize, loads: usize, s: f64, seed: u64) -> Vec<usize> {
             acc
         })
         .collect();
-    // xorshift64 never leaves 0; a multiplied seed spreads small seeds.
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    // A multiplied seed spreads small seeds.
+    let mut x = XorShift::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     (0..loads)
         .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+            let u = x.unit();
             cdf.partition_point(|c| *c <= u).min(requests - 1)
         })
         .collect()
@@ -440,15 +436,6 @@ impl Reads<'_> {
     }
 }
 
-/// `value / reference`, or null when the reference is 0.
-fn ratio(value: f64, reference: f64) -> Value {
-    if reference == 0.0 {
-        Value::Null
-    } else {
-        json!(round3(value / reference))
-    }
-}
-
 fn ratios(run: &ReadRun, reference: &ReadRun, unbounded: f64) -> Value {
     json!({
         "blob_get_requests": ratio(run.blob.get_requests as f64, reference.blob.get_requests as f64),
@@ -470,8 +457,7 @@ fn measure(a: &Args) -> Result<Value> {
     }
     let ssd = Ssd::of(&w, a.ssd_percent);
     let host_capacity_bytes = (w.data_bytes() as u64 * a.host_percent / 100).max(2 * w.block as u64);
-    let _ = std::fs::remove_dir_all(&a.dir);
-    std::fs::create_dir_all(&a.dir).map_err(|e| kvtier::Error::io(format!("create {}", a.dir.display()), e))?;
+    fresh_dir(&a.dir)?;
 
     let ns_def = namespace("blob-bench", w.block);
     let ns = ns_def.id();
@@ -608,8 +594,48 @@ fn measure(a: &Args) -> Result<Value> {
 }
 
 pub(crate) fn run(a: &Args) -> Result<()> {
-    let out = measure(a)?;
-    crate::print_json(&out, a.json);
+    report(&measure(a)?, a.json, a.smoke.then_some(check_smoke))
+}
+
+/// What CI holds a smoke run to: each block uploaded once, with its record
+/// header; blob-only reads every block from blob; the local tiers serve
+/// every byte, spare blob GETs and never upload.
+fn check_smoke(v: &Value) -> Result<()> {
+    let c = Invariants::of("blob --smoke", v);
+    let (puts, stored) = (c.u("/blob_put_requests")?, c.u("/stored_blocks")?);
+    c.ensure(puts == stored && stored > 0, || {
+        format!("each block uploaded once: blob_put_requests {puts} == stored_blocks {stored} > 0")
+    })?;
+    let (to_blob, block) = (c.u("/bytes_to_blob")?, c.u("/block_bytes")?);
+    c.ensure(to_blob == stored * (block + 64), || {
+        format!("bytes_to_blob {to_blob} == stored_blocks {stored} * (block_bytes {block} + 64)")
+    })?;
+    let (loads, per_request) = (c.u("/loads")?, c.u("/blocks_per_request")?);
+    let served = loads * per_request * block;
+    let bo_reduction = c.f("/blob_only/throughput_reduction")?;
+    c.ensure(bo_reduction == 0.0, || {
+        format!("blob_only/throughput_reduction {bo_reduction} == 0")
+    })?;
+    let bo_gets = c.u("/blob_only/blob_get_requests")?;
+    c.ensure(bo_gets == loads * per_request, || {
+        format!("blob_only/blob_get_requests {bo_gets} == loads {loads} * blocks_per_request {per_request}")
+    })?;
+    for run in ["local_tiers", "local_tiers_with_host"] {
+        let bytes = c.u(&format!("/{run}/bytes_served"))?;
+        c.ensure(bytes == served, || {
+            format!("{run}/bytes_served {bytes} == loads * blocks_per_request * block_bytes {served}")
+        })?;
+        let reduction = c.f(&format!("/{run}/throughput_reduction"))?;
+        c.ensure(reduction > 0.0, || {
+            format!("{run}/throughput_reduction {reduction} > 0")
+        })?;
+        let gets = c.u(&format!("/{run}/blob_get_requests"))?;
+        c.ensure(gets < bo_gets, || {
+            format!("{run}/blob_get_requests {gets} < blob_only/blob_get_requests {bo_gets}")
+        })?;
+        let puts = c.u(&format!("/{run}/blob_put_requests"))?;
+        c.ensure(puts == 0, || format!("{run}/blob_put_requests {puts} == 0"))?;
+    }
     Ok(())
 }
 

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::buf::fill;
-use crate::tiers::{gbps, key, median, namespace, raw_disk_round, round3};
+use crate::tiers::raw_disk_round;
+use crate::util::{fill, gbps, io_err as err, key, median, namespace, round3};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
@@ -42,10 +42,6 @@ pub(crate) struct Args {
     /// A seconds-long run with small sizes, for CI: figures are not goals.
     #[arg(long)]
     smoke: bool,
-}
-
-fn err(msg: impl Into<String>) -> kvtier::Error {
-    kvtier::Error::new(kvtier::ErrorKind::Io, msg)
 }
 
 /// A kvtierd process; SIGTERM and wait when dropped.

@@ -11,7 +11,7 @@ use serde_json::json;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::buf::fill;
+use crate::util::fill;
 use kvtier::AlignedBuf as Aligned;
 
 const PROMPTS: usize = 4;

@@ -5,7 +5,6 @@
 //! machines are noisy: the ratios are what carry over.
 
 mod blob;
-mod buf;
 mod daemon;
 mod demo;
 mod peers;
@@ -16,6 +15,7 @@ mod tiers;
 // Used by the replay and peers benches.
 mod trace;
 mod transfer;
+mod util;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

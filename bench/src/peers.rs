@@ -40,15 +40,16 @@ use serde::Serialize;
 use serde_json::json;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::buf::fill;
-use crate::tiers::{gbps, key, namespace, round3};
 use crate::trace::{self, Request};
+use crate::util::{
+    Invariants, XorShift, direct_io_works, fill, fresh_dir, gbps, key, namespace, percentile, ratio, report, round3,
+    round4,
+};
 
 /// The foyer release measured; `Cargo.toml` pins the same.
 const FOYER_VERSION: &str = "0.22.6";
@@ -415,29 +416,16 @@ impl Io {
     }
 }
 
-/// The `p`th percentile (nearest rank) of `v`; 0 when empty.
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
-}
-
 fn micros(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e6
 }
 
 /// A seeded permutation of `0..n` (Fisher-Yates over xorshift).
 fn shuffled(n: usize, seed: u64) -> Vec<usize> {
-    let mut x = seed | 1;
+    let mut x = XorShift::new(seed);
     let mut v: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.swap(i, (x % (i as u64 + 1)) as usize);
+        v.swap(i, (x.next_u64() % (i as u64 + 1)) as usize);
     }
     v
 }
@@ -622,10 +610,6 @@ impl Replay {
     }
 }
 
-fn round4(x: f64) -> f64 {
-    (x * 10_000.0).round() / 10_000.0
-}
-
 /// The bytes of trace block `id`: distinct per id.
 fn trace_block(id: u64, out: &mut [u8]) {
     fill(out, 2 * id + 1);
@@ -700,34 +684,6 @@ fn foyer_replay(c: &FoyerConfig, b: &Budget, dir: &Path, reqs: &[Request]) -> Re
     r.waits = pacer.waits;
     rt.block_on(cache.close()).map_err(foyer_err("close"))?;
     Ok((r, counters.summary()))
-}
-
-/// Whether `dir` takes O_DIRECT files (tmpfs does not).
-fn direct_io_works(dir: &Path) -> bool {
-    let p = dir.join("direct-io-probe");
-    let ok = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&p)
-        .is_ok();
-    let _ = std::fs::remove_file(&p);
-    ok
-}
-
-/// `a / b`, or null when `b` is 0.
-fn ratio(a: f64, b: f64) -> serde_json::Value {
-    if b > 0.0 {
-        json!(round3(a / b))
-    } else {
-        serde_json::Value::Null
-    }
-}
-
-fn fresh_dir(dir: &Path) -> Result<()> {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).map_err(|e| kvtier::Error::io(format!("create {}", dir.display()), e))
 }
 
 pub(crate) fn run(a: &Args) -> Result<()> {
@@ -849,23 +805,51 @@ pub(crate) fn run(a: &Args) -> Result<()> {
             t = a.foyer_threads
         ),
     });
-    crate::print_json(&out, a.json);
+    report(&out, a.json, a.smoke.then_some(check_smoke))
+}
+
+/// What CI holds a smoke run to: both caches measured (every figure above
+/// 0), every block back and every byte compared, the replay verified bytes,
+/// every ratio defined; paced to its buffers, foyer drops nothing in the
+/// put/get part.
+fn check_smoke(v: &serde_json::Value) -> Result<()> {
+    let c = Invariants::of("peers --smoke", v);
+    let total = c.u("/total_bytes")?;
+    for side in ["kvtier", "foyer"] {
+        for k in [
+            "put_gbps",
+            "get_gbps",
+            "get_p50_us",
+            "get_p99_us",
+            "put_p99_us",
+            "hit_rate",
+        ] {
+            let x = c.f(&format!("/{side}_{k}"))?;
+            c.ensure(x > 0.0, || format!("{side}_{k} {x} > 0"))?;
+        }
+        // Every block came back and every byte was compared.
+        let misses = c.u(&format!("/{side}/io/get_misses"))?;
+        let verified = c.u(&format!("/{side}/io/bytes_verified"))?;
+        c.ensure(misses == 0 && verified == total, || {
+            format!("{side}/io/get_misses {misses} == 0 and {side}/io/bytes_verified {verified} == total_bytes {total}")
+        })?;
+        let replayed = c.u(&format!("/{side}/replay/bytes_verified"))?;
+        c.ensure(replayed > 0, || format!("{side}/replay/bytes_verified {replayed} > 0"))?;
+    }
+    for k in ["put_ratio", "get_ratio", "p99_ratio", "hit_rate_ratio"] {
+        let x = c.f(&format!("/{k}"))?;
+        c.ensure(x > 0.0, || format!("{k} {x} > 0"))?;
+    }
+    let dropped = c.u("/foyer/counters/dropped_entries")?;
+    c.ensure(dropped == 0, || {
+        format!("foyer/counters/dropped_entries {dropped} == 0")
+    })?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percentiles_take_the_nearest_rank() {
-        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
-        v.reverse();
-        assert_eq!(percentile(&mut v, 50.0), 50.0);
-        assert_eq!(percentile(&mut v, 99.0), 99.0);
-        assert_eq!(percentile(&mut v, 100.0), 100.0);
-        assert_eq!(percentile(&mut [], 99.0), 0.0);
-    }
 
     #[test]
     fn shuffled_is_a_permutation() {

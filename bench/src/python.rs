@@ -8,8 +8,7 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::buf::fill;
-use crate::tiers::{median, namespace, round3};
+use crate::util::{fill, io_err as err, median, namespace, round3};
 use kvtier::AlignedBuf as Aligned;
 
 #[derive(clap::Args, Debug)]
@@ -33,10 +32,6 @@ pub(crate) struct Args {
     /// A seconds-long run, for CI.
     #[arg(long)]
     smoke: bool,
-}
-
-fn err(msg: impl Into<String>) -> kvtier::Error {
-    kvtier::Error::new(kvtier::ErrorKind::Io, msg)
 }
 
 fn default_python() -> PathBuf {

@@ -30,8 +30,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
 
-use crate::tiers::{namespace, round3};
 use crate::trace::{self, Request};
+use crate::util::{Invariants, fill, is_filled, memcpy_round, namespace, round3, splitmix64};
 
 /// Capacities (blocks) the sweep replays at.
 const SWEEP_CAPACITIES: &[usize] = &[1_000, 2_000, 4_000, 6_000, 10_000, 20_000, 40_000];
@@ -80,6 +80,11 @@ pub(crate) struct Args {
     /// With --sweep: write the hit-rate curves to this PNG.
     #[arg(long)]
     png: Option<PathBuf>,
+    /// After the run, check the invariants CI relies on (LRU reproduces the
+    /// reference, the oracle lies between LRU and the optimum, the PNG is
+    /// drawn, ...); a broken one is a failure exit that names it.
+    #[arg(long)]
+    check: bool,
     /// Directory the disk tier's temporary directories go in.
     #[arg(long, default_value = "target/bench-replay")]
     dir: PathBuf,
@@ -136,31 +141,14 @@ impl Outcome {
     }
 }
 
-/// The bytes of trace block `id`: a xorshift stream seeded by the id.
-fn block_words(id: u64) -> impl Iterator<Item = u64> {
-    // splitmix64 of the id, so neighbouring ids give unrelated streams.
-    let mut z = id.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    let mut x = (z ^ (z >> 31)) | 1;
-    std::iter::repeat_with(move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    })
-}
-
+/// The bytes of trace block `id`: a xorshift stream seeded by a hash of
+/// the id, so neighbouring ids give unrelated streams.
 fn fill_block(id: u64, out: &mut [u8]) {
-    for (c, w) in out.chunks_exact_mut(8).zip(block_words(id)) {
-        c.copy_from_slice(&w.to_le_bytes());
-    }
+    fill(out, splitmix64(id));
 }
 
 fn block_is(id: u64, got: &[u8]) -> bool {
-    got.chunks_exact(8)
-        .zip(block_words(id))
-        .all(|(c, w)| c == w.to_le_bytes())
+    is_filled(got, splitmix64(id))
 }
 
 fn key(ns: NamespaceId, id: u64) -> BlockKey {
@@ -405,13 +393,7 @@ fn memcpy_gbps(block: usize) -> f64 {
     let total = (256 << 20) / block * block;
     let src = AlignedBuf::new(total);
     let mut dst = AlignedBuf::new(total);
-    let t = Instant::now();
-    for (s, d) in src.chunks_exact(block).zip(dst.chunks_exact_mut(block)) {
-        d.copy_from_slice(s);
-    }
-    let secs = t.elapsed().as_secs_f64();
-    std::hint::black_box(&dst);
-    total as f64 / secs / 1e9
+    memcpy_round(&src, &mut dst, block)
 }
 
 fn load_trace(a: &Args) -> Result<Vec<Request>> {
@@ -528,6 +510,97 @@ pub(crate) fn run(a: &Args) -> Result<()> {
             moved / o.manager_s.max(1e-9) / 1e9,
         );
     }
+    if a.check {
+        // --requests, where given, is what CI asked for.
+        check_replay(&out, a.requests.unwrap_or(reqs.len()) as u64)?;
+    }
+    Ok(())
+}
+
+/// What CI holds a replay to: every request asked replayed; hits; the
+/// manager's LRU reproduces the reference simulation (within half a point)
+/// and the optimum is at least LRU's; every block loaded was checked.
+fn check_replay(v: &serde_json::Value, requests: u64) -> Result<()> {
+    let c = Invariants::of("replay --check", v);
+    let replayed = c.u("/requests")?;
+    c.ensure(replayed == requests, || {
+        format!("requests {replayed} == {requests} asked")
+    })?;
+    let hit = c.f("/token_hit_rate")?;
+    c.ensure(hit > 0.0, || format!("token_hit_rate {hit} > 0"))?;
+    let lru = c.f("/lru_reference_token_hit_rate")?;
+    c.ensure((hit - lru).abs() <= 0.005, || {
+        format!("|token_hit_rate {hit} - lru_reference_token_hit_rate {lru}| <= 0.005")
+    })?;
+    let opt = c.f("/optimum_token_hit_rate")?;
+    c.ensure(opt >= lru, || {
+        format!("optimum_token_hit_rate {opt} >= lru_reference_token_hit_rate {lru}")
+    })?;
+    let (loaded, host) = (c.u("/blocks_loaded_verified")?, c.u("/hits/host_blocks")?);
+    c.ensure(loaded == host && host > 0, || {
+        format!("blocks_loaded_verified {loaded} == hits/host_blocks {host} > 0")
+    })?;
+    Ok(())
+}
+
+/// What CI holds a sweep to: optimum hit rates are rates; both policies
+/// swept; the tiering study's last row hits; LRU behind an admission oracle
+/// lies between LRU and the optimum, with a share of last uses in [0, 1]
+/// (or none); the PNG, if asked for, is a PNG of some size.
+fn check_sweep(v: &serde_json::Value, png: Option<&Path>) -> Result<()> {
+    let c = Invariants::of("replay --sweep --check", v);
+    let rates = |at: &str| -> Result<Vec<f64>> {
+        let a = c.get(at)?;
+        let items = a.as_array().ok_or_else(|| c.broken(format!("{at} is not an array")))?;
+        (0..items.len()).map(|i| c.f(&format!("{at}/{i}"))).collect()
+    };
+    let optimum = rates("/optimum")?;
+    c.ensure(optimum.iter().all(|r| (0.0..=1.0).contains(r)), || {
+        format!("every optimum rate in [0, 1]: {optimum:?}")
+    })?;
+    let policies: std::collections::BTreeSet<&str> = c
+        .get("/policies")?
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    c.ensure(policies == ["frecency", "lru"].into(), || {
+        format!("policies {policies:?} == {{lru, frecency}}")
+    })?;
+    let last = c
+        .get("/tiering_study/rows")?
+        .as_array()
+        .map_or(0, |rows| rows.len())
+        .checked_sub(1)
+        .ok_or_else(|| c.broken("tiering_study/rows is empty".into()))?;
+    let study = c.f(&format!("/tiering_study/rows/{last}/token_hit_rate"))?;
+    c.ensure(study > 0.0, || {
+        format!("tiering_study/rows/-1/token_hit_rate {study} > 0")
+    })?;
+    // LRU behind an admission oracle lies between LRU and the optimum.
+    let lru = rates("/lru_reference")?;
+    let oracle_rows = c.get("/lru_with_admission_oracle")?.as_array().map_or(0, Vec::len);
+    for (i, (lru, opt)) in lru.iter().zip(&optimum).enumerate().take(oracle_rows) {
+        let o = c.f(&format!("/lru_with_admission_oracle/{i}/token_hit_rate"))?;
+        c.ensure(*lru <= o && o <= opt + 1e-9, || {
+            format!("capacity {i}: lru_reference {lru} <= lru_with_admission_oracle {o} <= optimum {opt} + 1e-9")
+        })?;
+        let at = format!("/lru_with_admission_oracle/{i}/last_uses_to_refuse_for_a_third_of_the_gap");
+        let need = c.get(&at)?;
+        c.ensure(
+            need.is_null() || need.as_f64().is_some_and(|n| (0.0..=1.0).contains(&n)),
+            || format!("{at} {need} is null or in [0, 1]"),
+        )?;
+    }
+    if let Some(png) = png {
+        let bytes = std::fs::read(png).map_err(|e| kvtier::Error::io(format!("read {}", png.display()), e))?;
+        c.ensure(bytes.starts_with(b"\x89PNG") && bytes.len() > 1000, || {
+            format!(
+                "{} starts with \\x89PNG and is over 1000 bytes ({} bytes)",
+                png.display(),
+                bytes.len()
+            )
+        })?;
+    }
     Ok(())
 }
 
@@ -635,6 +708,9 @@ fn sweep(a: &Args, policy: EvictionKind) -> Result<()> {
             "tiering study: {}",
             serde_json::to_string_pretty(&out["tiering_study"]).expect("json")
         );
+    }
+    if a.check {
+        check_sweep(&out, a.png.as_deref())?;
     }
     Ok(())
 }
@@ -784,6 +860,7 @@ fn plot(path: &Path, caps: &[usize], lines: &[(String, Vec<f64>)], requests: usi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::XorShift;
     use kvtier::Tier;
 
     const BLOCK: usize = 4096;
@@ -805,13 +882,8 @@ mod tests {
     /// Chained requests that share prefixes, revisit old ones and repeat ids
     /// inside a request; prompts end mid-block.
     fn synthetic(n: u64) -> Vec<Request> {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut x = XorShift::new(0x2545_f491_4f6c_dd1d);
+        let mut next = move || x.next_u64();
         (0..n)
             .map(|i| {
                 let conv = next() % 12;

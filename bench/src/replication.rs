@@ -50,9 +50,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::buf::fill;
 use crate::daemon::{Daemon, loopback_round};
-use crate::tiers::{gbps, key, median, namespace, raw_disk_round, round3};
+use crate::tiers::raw_disk_round;
+use crate::util::{Invariants, fill, gbps, key, median, namespace, ratio, report, round3};
 
 /// The nodes' container for writeback.
 const CONTAINER: &str = "kvtier-bench-replication";
@@ -640,15 +640,6 @@ async fn download(store: &MicrosoftAzure, dir: &Path, files: &[(String, AlignedB
     Ok(files.len() as u64)
 }
 
-/// `value / reference`, or null when the reference is 0.
-fn ratio(value: f64, reference: f64) -> Value {
-    if reference == 0.0 {
-        Value::Null
-    } else {
-        json!(round3(value / reference))
-    }
-}
-
 /// Runs the whole benchmark; answers the summary.
 fn measure(a: &Args) -> Result<Value> {
     let s = Sizes::of(a)?;
@@ -963,8 +954,67 @@ fn measure(a: &Args) -> Result<Value> {
 }
 
 pub(crate) fn run(a: &Args) -> Result<()> {
-    let out = measure(a)?;
-    crate::print_json(&out, a.json);
+    report(&measure(a)?, a.json, a.smoke.then_some(check_smoke))
+}
+
+/// What CI holds a smoke run to: for every R, one upload per logical block
+/// (bytes to blob within 1% of the logical bytes), replica bytes as counted
+/// by the receivers; two copies leave the coordinator at R = 3; both
+/// checkpoints restored whole, each chunk and manifest uploaded once; every
+/// replica copy verified; no blob request failed.
+fn check_smoke(v: &Value) -> Result<()> {
+    let c = Invariants::of("replication --smoke", v);
+    let logical = c.u("/fanout_logical_bytes_per_r")?;
+    let block = c.u("/block_bytes")?;
+    for r in [1, 2, 3] {
+        let ratio = c.f(&format!("/bytes_to_blob_ratio/r{r}"))?;
+        c.ensure((ratio - 1.0).abs() <= 0.01, || {
+            format!("|bytes_to_blob_ratio/r{r} {ratio} - 1.0| <= 0.01")
+        })?;
+        let f = |k: &str| c.u(&format!("/fanout/r{r}/{k}"));
+        let puts = f("blob_put_requests")?;
+        c.ensure(puts == logical / block, || {
+            format!(
+                "fanout/r{r}/blob_put_requests {puts} == fanout_logical_bytes_per_r {logical} / block_bytes {block}"
+            )
+        })?;
+        let (received, moved) = (f("replica_blocks_received_counted")?, f("replica_bytes_moved")?);
+        c.ensure(received * block == moved, || {
+            format!(
+                "fanout/r{r}/replica_blocks_received_counted {received} * block_bytes {block} == replica_bytes_moved {moved}"
+            )
+        })?;
+        let g = c.f(&format!("/fanout_gbps_r{r}"))?;
+        c.ensure(g > 0.0, || format!("fanout_gbps_r{r} {g} > 0"))?;
+    }
+    // R = 3 on 3 nodes: two copies leave the coordinator whatever the placement.
+    let moved = c.u("/fanout/r3/replica_bytes_moved")?;
+    c.ensure(moved == 2 * logical, || {
+        format!("fanout/r3/replica_bytes_moved {moved} == 2 * fanout_logical_bytes_per_r {logical}")
+    })?;
+    let bytes = c.u("/checkpoint/bytes")?;
+    let restored = c.u("/checkpoint/kvtier/restored_bytes_verified")?;
+    c.ensure(restored == bytes && bytes > 0, || {
+        format!("checkpoint/kvtier/restored_bytes_verified {restored} == checkpoint/bytes {bytes} > 0")
+    })?;
+    let restored = c.u("/checkpoint/baseline/restored_bytes_verified")?;
+    c.ensure(restored == bytes, || {
+        format!("checkpoint/baseline/restored_bytes_verified {restored} == checkpoint/bytes {bytes}")
+    })?;
+    // Two checkpoints of equal size (from memory, then files first): each
+    // chunk and manifest uploaded once.
+    let (puts, chunks) = (c.u("/checkpoint/kvtier/blob_put_requests")?, c.u("/checkpoint/chunks")?);
+    c.ensure(puts == 2 * (chunks + 1), || {
+        format!("checkpoint/kvtier/blob_put_requests {puts} == 2 * (checkpoint/chunks {chunks} + 1)")
+    })?;
+    let safe_s = c.f("/time_to_safe_files_first_s")?;
+    c.ensure(safe_s > 0.0, || format!("time_to_safe_files_first_s {safe_s} > 0"))?;
+    let copies = c.u("/replica_copies_verified")?;
+    c.ensure(copies == 6 * logical / block, || {
+        format!("replica_copies_verified {copies} == 6 * fanout_logical_bytes_per_r {logical} / block_bytes {block}")
+    })?;
+    let errors = c.u("/blob_requests/errors")?;
+    c.ensure(errors == 0, || format!("blob_requests/errors {errors} == 0"))?;
     Ok(())
 }
 

@@ -2,17 +2,16 @@
 //! O_DIRECT I/O of the same bytes in the same directory, and the prefix
 //! lookup rate over an index of a million blocks.
 
-use kvtier::block::{Dtype, KvKind, KvLayout};
 use kvtier::manager::ManagerConfig;
 use kvtier::tier::disk::DiskConfig;
 use kvtier::tier::host::HostConfig;
-use kvtier::{BlockKey, BlockManager, Namespace, NamespaceId, Result};
+use kvtier::{BlockKey, BlockManager, NamespaceId, Result};
 use serde_json::json;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::buf::fill;
+use crate::util::{XorShift, fill, gbps, key, median, memcpy_round, namespace, round3};
 use kvtier::AlignedBuf as Aligned;
 
 #[derive(clap::Args, Debug)]
@@ -38,45 +37,6 @@ pub(crate) struct Args {
     /// A seconds-long run with small sizes, for CI: figures are not goals.
     #[arg(long)]
     smoke: bool,
-}
-
-pub(crate) fn gbps(bytes: usize, secs: f64) -> f64 {
-    bytes as f64 / secs / 1e9
-}
-
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-    v[v.len() / 2]
-}
-
-pub(crate) fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-/// A namespace whose blocks are `bytes` long (bytes a multiple of 64).
-pub(crate) fn namespace(model: &str, bytes: usize) -> Namespace {
-    // 1 layer, K and V, 1 head, f16: 4 bytes per token-dim.
-    let head_dim = 16u32;
-    Namespace {
-        model_id: model.into(),
-        revision: String::new(),
-        layout: KvLayout {
-            num_layers: 1,
-            kv_heads: 1,
-            head_dim,
-            block_tokens: (bytes / (4 * head_dim as usize)) as u32,
-            kind: KvKind::Kv,
-            dtype: Dtype::F16,
-        },
-        tp_rank: 0,
-        tp_size: 1,
-        salt: None,
-        lora: None,
-    }
-}
-
-pub(crate) fn key(ns: NamespaceId, round: usize, i: usize) -> BlockKey {
-    BlockKey::from_opaque(ns, &[(round as u64).to_le_bytes(), (i as u64).to_le_bytes()].concat())
 }
 
 pub(crate) struct Throughput {
@@ -110,16 +70,6 @@ fn manager_round(
     assert!(src == dst, "blocks came back altered");
     m.remove(ns, &keys)?;
     Ok(Throughput { put, get })
-}
-
-fn memcpy_round(src: &[u8], dst: &mut [u8], block: usize) -> f64 {
-    let t = Instant::now();
-    for (s, d) in src.chunks_exact(block).zip(dst.chunks_exact_mut(block)) {
-        d.copy_from_slice(s);
-    }
-    let secs = t.elapsed().as_secs_f64();
-    std::hint::black_box(&dst);
-    gbps(src.len(), secs)
 }
 
 /// Plain O_DIRECT sequential write and read of the same bytes, in blocks.
@@ -158,13 +108,8 @@ fn lookup_rate(blocks: usize, min_secs: f64) -> Result<(f64, usize)> {
     let ns = m.register_namespace(&namespace("lookup-bench", BLOCK))?;
     // Chains of 64 keys with a stored prefix of pseudo-random length, so the
     // walks stop at every depth; about `blocks` stored in all.
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = XorShift::new(0x2545_f491_4f6c_dd1d);
+    let mut next = || rng.next_u64();
     let mut chains: Vec<(Vec<BlockKey>, usize)> = Vec::new();
     let data = vec![7u8; CHAIN * BLOCK];
     let mut stored = 0;
@@ -293,21 +238,6 @@ pub(crate) fn run(a: &Args) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn median_takes_the_middle_of_the_rounds() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![5.0]), 5.0);
-    }
-
-    #[test]
-    fn bench_namespace_has_the_block_size_asked_for() {
-        for bytes in [64, 4096, 2 << 20] {
-            let ns = namespace("x", bytes);
-            ns.validate().unwrap();
-            assert_eq!(ns.block_bytes(), bytes as u64);
-        }
-    }
 
     #[test]
     fn manager_round_moves_and_checks_every_block() {

@@ -16,6 +16,8 @@ use std::path::Path;
 
 use kvtier::{ErrorKind, Result};
 
+use crate::util::splitmix64;
+
 /// Tokens per trace block.
 pub(crate) const BLOCK_TOKENS: u64 = 512;
 
@@ -149,7 +151,7 @@ fn lru_refusing(reqs: &[Request], capacity: Option<usize>, refuse: f64) -> f64 {
         hit += r.hit_tokens(n);
         total += r.input_length;
         for b in &r.hash_ids {
-            let refused = refuse > 0.0 && last_use[i] && (refuse >= 1.0 || splitmix(i as u64) < cut);
+            let refused = refuse > 0.0 && last_use[i] && (refuse >= 1.0 || splitmix64(i as u64) < cut);
             i += 1;
             if refused {
                 stamp.remove(b);
@@ -189,14 +191,6 @@ pub(crate) fn admission_needed(reqs: &[Request], capacity: usize, target: f64) -
         }
     }
     Some((hi * 100.0).ceil() / 100.0)
-}
-
-/// A well-mixed 64-bit hash (splitmix64's finaliser).
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 /// Token hit rate of an eviction policy holding `capacity` blocks, by the

@@ -53,7 +53,7 @@ fn absent(a: &Args, why: &str) -> kvtier::Result<()> {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::{Args, absent};
-    use crate::tiers::{median, round3};
+    use crate::util::{median, round3};
     use cudarc::driver::{CudaContext, DevicePtr, sys};
     use kvtier::transfer::cuda::CudaCopier;
     use kvtier::transfer::{Copier, Direction, LayerBlocks, plan};

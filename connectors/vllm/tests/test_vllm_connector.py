@@ -196,6 +196,18 @@ def test_blocks_move_between_kv_memory_layouts(model_dir, tmp_path):
         assert torch.equal(got, H.expected_kv(i, PREFIX, range(48), 2, 64)), name
 
 
+def test_the_installed_wheel_ships_the_connector():
+    """kvtier.vllm is imported from the installed wheel (not this checkout)
+    and is, byte for byte, the source in connectors/vllm."""
+    import pathlib
+
+    source = pathlib.Path(__file__).resolve().parents[1] / "kvtier" / "vllm.py"
+    installed = pathlib.Path(kv.__file__).resolve()
+    assert installed != source and "site-packages" in installed.parts, installed
+    assert installed.parent == pathlib.Path(kvtier.__file__).resolve().parent
+    assert installed.read_bytes() == source.read_bytes(), f"{installed} is not {source}: rebuild the wheel"
+
+
 def test_the_documented_flag_loads_the_connector(model_dir):
     """The exact --kv-transfer-config JSON of the README, through vLLM's own
     KVTransferConfig and KVConnectorFactory."""
@@ -251,3 +263,77 @@ def test_a_daemon_restart_under_the_engine(model_dir, tmp_path, caplog):
             assert torch.equal(got, H.expected_kv(i, PREFIX, range(48), 2, 64)), name
     finally:
         d.stop()
+
+
+class FakeClient:
+    """Stands in for kvtier.Client where a real daemon cannot be made to
+    answer one chosen error kind on one chosen call (throttling needs a full
+    queue at the right moment). `fail` is the exception its next data calls
+    raise, or None."""
+
+    made = 0
+    fail = None
+
+    def __init__(self, endpoint, token=None):
+        FakeClient.made += 1
+
+    def register_namespace(self, namespace):
+        return bytes(16)
+
+    def _call(self):
+        if FakeClient.fail is not None:
+            raise FakeClient.fail("fake daemon: " + FakeClient.fail.__name__)
+
+    def lookup(self, ns, keys):
+        self._call()
+        return 0, []
+
+    def put(self, ns, keys, data):
+        self._call()
+        return {"stored": len(keys)}
+
+
+@pytest.fixture
+def fake_client(monkeypatch):
+    monkeypatch.setattr(FakeClient, "made", 0)
+    monkeypatch.setattr(FakeClient, "fail", None)
+    monkeypatch.setattr(kv.kvtier, "Client", FakeClient)
+    return FakeClient
+
+
+def test_fake_client_throttled_keeps_the_daemon_client_unavailable_drops_it(fake_client):
+    d = kv._Daemon("http://fake", None)
+    ns = d.register_namespace({})
+    client = d._client
+    assert fake_client.made == 1
+    fake_client.fail = kvtier.ThrottledError
+    for _ in range(3):
+        with pytest.raises(kvtier.ThrottledError):
+            d.lookup(ns, [bytes(16)])
+    assert d._client is client, "a throttled daemon is up: the client must be kept"
+    assert fake_client.made == 1, "a throttled call reconnected"
+    fake_client.fail = kvtier.UnavailableError
+    with pytest.raises(kvtier.UnavailableError):
+        d.lookup(ns, [bytes(16)])
+    assert d._client is None, "an unavailable daemon drops the client"
+    fake_client.fail = None
+    assert d.lookup(ns, [bytes(16)]) == (0, [])
+    assert fake_client.made == 2, "the next call reconnects"
+
+
+def test_fake_client_a_throttled_daemon_means_misses_and_skipped_saves(model_dir, fake_client, caplog):
+    """Through vLLM's real scheduler: every lookup and save of a request is
+    throttled; the request is served from scratch and no connector
+    reconnects."""
+    fake_client.fail = kvtier.ThrottledError
+    _, sched, worker = instance(model_dir, {"mode": "daemon", "endpoint": "http://fake"})
+    made = fake_client.made  # one client each: scheduler and worker connectors
+    assert made == 2
+    sched.add_request(H.make_request("t1", PREFIX + [1], max_tokens=2))
+    results = H.run_until_finished(sched, worker, ["t1"], max_steps=10)
+    assert results[0].scheduler_output.scheduled_new_reqs[0].num_computed_tokens == 0
+    assert not sched.has_requests()
+    assert fake_client.made == made, "a throttled daemon made a connector reconnect"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("lookup failed" in m and "ThrottledError" in m for m in messages), messages
+    assert any("skipped" in m and "ThrottledError" in m for m in messages), messages

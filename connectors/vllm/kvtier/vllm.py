@@ -34,7 +34,8 @@ and ``get_finished`` reports the load done. Saves copy the blocks out in
 ``wait_for_save`` (so vLLM may reuse them at once) and store them there. A
 failed or corrupt load is reported by ``get_block_ids_with_load_errors``, no
 later than the pass that reports the load finished, so vLLM recomputes; a
-daemon that is down means misses and a logged warning.
+daemon that is down means misses and a logged warning; a throttled one
+(``ThrottledError``) means the same for that call, with the client kept.
 """
 
 from __future__ import annotations
@@ -114,7 +115,12 @@ _STORES_LOCK = threading.Lock()
 class _Daemon:
     """A kvtierd client that connects when it can: a daemon that is down at
     startup, or restarts later, means misses (UnavailableError), never a
-    crash. Reconnects at most once every `retry_s`."""
+    crash. Reconnects at most once every `retry_s`.
+
+    Only ``UnavailableError`` drops the client: a throttled daemon
+    (``ThrottledError``, a full queue) is up and answering, so the call
+    fails like any other (a miss, a skipped save) and the client is kept;
+    reconnecting would add load exactly when the daemon sheds it."""
 
     def __init__(self, endpoint: str, token: str | None, retry_s: float = 2.0):
         self._endpoint, self._token, self._retry_s = endpoint, token, retry_s
@@ -140,6 +146,8 @@ class _Daemon:
         def call(*args, **kwargs):
             try:
                 return getattr(self._get(), name)(*args, **kwargs)
+            except kvtier.ThrottledError:
+                raise  # the daemon is up: keep the client
             except kvtier.UnavailableError:
                 with self._lock:
                     self._client = None  # reconnect next time (the daemon may restart)
@@ -277,6 +285,10 @@ class KvTierConnector(KVConnectorBase_V1):
             return True
         except kvtier.UnavailableError as e:
             logger.warning("kvtier: daemon unavailable, serving without the cache: %s", e)
+            return False
+        except kvtier.ThrottledError as e:
+            # Registered on a later call: the step goes on without the cache.
+            logger.warning("kvtier: daemon throttled, serving without the cache for now: %s", e)
             return False
 
     def _keys(self, request: Any, first: int, last: int) -> list[bytes]:

@@ -1,0 +1,83 @@
+"""kvtier's Python test kit: namespaces, and a real kvtierd process on
+127.0.0.1 (``Daemon``, the ``kvtierd`` fixture). Shared by ``python/tests``
+and the connectors' tests (``connectors/<engine>/tests``), whose conftest.py
+files import it."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def namespace(model="test-model", block_tokens=16, layers=2, kv_heads=2, head_dim=64, dtype="f16", **extra):
+    ns = {
+        "model_id": model,
+        "layout": {
+            "num_layers": layers,
+            "kv_heads": kv_heads,
+            "head_dim": head_dim,
+            "block_tokens": block_tokens,
+            "kind": "kv",
+            "dtype": dtype,
+        },
+    }
+    ns.update(extra)
+    return ns
+
+
+def kvtierd_binary():
+    for profile in ("release", "debug"):
+        p = ROOT / "target" / profile / "kvtierd"
+        if p.exists():
+            return p
+    raise RuntimeError("build kvtierd first: cargo build --release -p kvtier-server")
+
+
+class Daemon:
+    def __init__(self, data_dir, env=None):
+        os.makedirs(data_dir, exist_ok=True)
+        e = dict(os.environ)
+        e.update(
+            {
+                "KVTIER_LISTEN": "127.0.0.1:0",
+                "KVTIER_METRICS_LISTEN": "",
+                "KVTIER_DATA_DIR": str(data_dir),
+                "KVTIER_DISK_CAPACITY_BYTES": str(256 << 20),
+                "KVTIER_LOG": "warn",
+            }
+        )
+        e.update(env or {})
+        self.proc = subprocess.Popen([str(kvtierd_binary())], env=e, stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        self.endpoint = None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"kvtierd exited: {self.proc.wait()}")
+            if line.startswith("kvtierd listening on "):
+                self.endpoint = "http://" + line.split()[-1]
+                break
+        if self.endpoint is None:
+            self.proc.kill()
+            raise RuntimeError("kvtierd did not start within 30 s")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def kvtierd():
+    with tempfile.TemporaryDirectory() as d:
+        daemon = Daemon(d)
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
