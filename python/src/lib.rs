@@ -199,15 +199,6 @@ fn namespace(obj: &Bound<'_, PyAny>) -> PyResult<Namespace> {
     Ok(ns)
 }
 
-fn tier_name(t: kvtier::TierKind) -> &'static str {
-    match t {
-        kvtier::TierKind::Host => "host",
-        kvtier::TierKind::Disk => "disk",
-        kvtier::TierKind::Blob => "blob",
-        _ => "unknown",
-    }
-}
-
 /// What a put did, as the dict both Store and Client return.
 fn put_result(py: Python<'_>, stored: u64, present: u64, not_admitted: u64) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
@@ -293,7 +284,7 @@ impl Store {
     fn lookup(&self, py: Python<'_>, ns: &[u8], keys_: Vec<Vec<u8>>) -> PyResult<(usize, Vec<&'static str>)> {
         let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
         let l = py.detach(|| self.inner.lookup(ns, &keys)).map_err(err)?;
-        Ok((l.hit_blocks(), l.tiers.iter().map(|t| tier_name(*t)).collect()))
+        Ok((l.hit_blocks(), l.tiers.iter().map(|t| t.name()).collect()))
     }
 
     /// Stores `len(keys)` blocks laid out back to back in `data` (any

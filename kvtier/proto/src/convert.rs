@@ -44,6 +44,11 @@ pub fn key_bytes(k: &BlockKey) -> bytes::Bytes {
     bytes::Bytes::copy_from_slice(&k.to_le_bytes())
 }
 
+/// `["a", "b"]` as `a, b`, for the errors that list what is accepted.
+fn names<const N: usize>(all: [&str; N]) -> String {
+    all.join(", ")
+}
+
 /// Wire tier of a core tier.
 pub fn tier(t: TierKind) -> proto::Tier {
     match t {
@@ -60,25 +65,23 @@ pub fn namespace(p: &proto::Namespace) -> Result<Namespace, Status> {
         .layout
         .as_ref()
         .ok_or_else(|| invalid("namespace.layout is required"))?;
+    // An empty kind is the wire's default: separate K and V.
     let kind = match l.kind.as_str() {
-        "kv" | "" => KvKind::Kv,
-        "mla" => KvKind::Mla,
-        other => {
-            return Err(invalid(format!("layout.kind {other:?}: expected \"kv\" or \"mla\"")));
-        }
+        "" => KvKind::Kv,
+        name => KvKind::from_name(name).ok_or_else(|| {
+            invalid(format!(
+                "layout.kind {name:?}: expected one of {}",
+                names(KvKind::ALL.map(KvKind::name))
+            ))
+        })?,
     };
-    let dtype = match l.dtype.as_str() {
-        "f16" => Dtype::F16,
-        "bf16" => Dtype::Bf16,
-        "f32" => Dtype::F32,
-        "fp8e4m3" => Dtype::Fp8E4m3,
-        "fp8e5m2" => Dtype::Fp8E5m2,
-        other => {
-            return Err(invalid(format!(
-                "layout.dtype {other:?}: expected f16, bf16, f32, fp8e4m3 or fp8e5m2"
-            )));
-        }
-    };
+    let dtype = Dtype::from_name(&l.dtype).ok_or_else(|| {
+        invalid(format!(
+            "layout.dtype {:?}: expected one of {}",
+            l.dtype,
+            names(Dtype::ALL.map(Dtype::name))
+        ))
+    })?;
     let ns = Namespace {
         model_id: p.model_id.clone(),
         revision: p.revision.clone(),
@@ -110,14 +113,8 @@ pub fn namespace_proto(ns: &Namespace) -> proto::Namespace {
             kv_heads: l.kv_heads,
             head_dim: l.head_dim,
             block_tokens: l.block_tokens,
-            kind: serde_json::to_value(l.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
-            dtype: serde_json::to_value(l.dtype)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
+            kind: l.kind.name().into(),
+            dtype: l.dtype.name().into(),
         }),
         tp_rank: ns.tp_rank,
         tp_size: ns.tp_size,

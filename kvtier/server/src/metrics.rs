@@ -349,7 +349,7 @@ fn render_blob(o: &mut String, s: &ManagerStats) {
     let _ = writeln!(
         o,
         "# HELP kvtier_blob_info The blob tier's mode (blob tier only).\n# TYPE kvtier_blob_info gauge\nkvtier_blob_info{{mode=\"{}\"}} 1",
-        crate::stats::blob_mode(b.mode)
+        b.mode.name()
     );
     let Some(w) = &s.writeback else { return };
     let _ = writeln!(

@@ -150,14 +150,11 @@ impl Registry {
         })
     }
 
-    /// Writes the whole list: temporary file, fsync, rename.
-    fn save(&self, all: &[Entry]) -> std::io::Result<()> {
-        use std::io::Write;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(all).expect("namespaces serialize"))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)
+    /// Writes the whole list through the one durable replace (temporary
+    /// file, fsync, rename, directory fsync).
+    fn save(&self, all: &[Entry]) -> kvtier::Result<()> {
+        let bytes = serde_json::to_vec_pretty(all).expect("namespaces serialize");
+        kvtier::fsio::replace_durably(&self.path, &bytes)
     }
 }
 

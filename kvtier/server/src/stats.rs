@@ -3,17 +3,9 @@
 
 use kvtier::manager::ManagerStats;
 use kvtier::manager::writeback::WritebackStats;
-use kvtier::tier::blob::{BlobMode, BlobStats};
+use kvtier::tier::blob::BlobStats;
 
 use crate::proto;
-
-/// The name of a blob mode, as in the configuration.
-pub fn blob_mode(m: BlobMode) -> &'static str {
-    match m {
-        BlobMode::CacheOnly => "cache-only",
-        BlobMode::Writeback => "writeback",
-    }
-}
 
 /// The Stats reply: every counter as JSON, and the blob tier's also as
 /// typed fields.
@@ -32,7 +24,7 @@ pub fn reply(s: &ManagerStats) -> Result<proto::StatsResponse, serde_json::Error
 
 fn blob_stats(b: &BlobStats) -> proto::BlobStats {
     proto::BlobStats {
-        mode: blob_mode(b.mode).into(),
+        mode: b.mode.name().into(),
         put_requests: b.put_requests,
         get_requests: b.get_requests,
         head_requests: b.head_requests,
@@ -65,6 +57,7 @@ fn writeback_stats(w: &WritebackStats) -> proto::WritebackStats {
 pub(crate) mod tests {
     use super::*;
     use kvtier::TierKind;
+    use kvtier::tier::blob::BlobMode;
 
     /// A real manager's stats (host tier only, no blob).
     pub(crate) fn local_stats() -> ManagerStats {
@@ -161,6 +154,6 @@ pub(crate) mod tests {
         assert_eq!(json["blob"]["tier"]["bytes_written"], 13);
         assert_eq!(json["writeback"]["pending_blocks"], 21);
         assert_eq!(json["throughput_reduction"], 0.75);
-        assert_eq!(blob_mode(BlobMode::CacheOnly), "cache-only");
+        assert_eq!(BlobMode::CacheOnly.name(), "cache-only");
     }
 }

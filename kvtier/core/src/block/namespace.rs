@@ -23,6 +23,25 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    /// Every dtype, for tables and round-trip tests.
+    pub const ALL: [Dtype; 5] = [Self::F16, Self::Bf16, Self::F32, Self::Fp8E4m3, Self::Fp8E5m2];
+
+    /// The name configurations and the wire use (serde's spelling too).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+            Self::F32 => "f32",
+            Self::Fp8E4m3 => "fp8e4m3",
+            Self::Fp8E5m2 => "fp8e5m2",
+        }
+    }
+
+    /// The dtype named `name`, the inverse of [`Dtype::name`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.name() == name)
+    }
+
     /// Bytes per element.
     pub fn size_bytes(self) -> u64 {
         match self {
@@ -52,6 +71,24 @@ pub enum KvKind {
     Kv,
     /// One compressed latent per layer (DeepSeek-style multi-head latent attention).
     Mla,
+}
+
+impl KvKind {
+    /// Every kind, for tables and round-trip tests.
+    pub const ALL: [KvKind; 2] = [Self::Kv, Self::Mla];
+
+    /// The name configurations and the wire use (serde's spelling too).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Kv => "kv",
+            Self::Mla => "mla",
+        }
+    }
+
+    /// The kind named `name`, the inverse of [`KvKind::name`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
 }
 
 /// The shape of one kvtier block: `block_tokens` tokens across all layers.
@@ -337,5 +374,18 @@ pub(crate) mod tests {
         v.model_id.clear();
         assert!(v.validate().is_err());
         assert!(llama().validate().is_ok());
+    }
+
+    #[test]
+    fn dtype_and_kind_names_round_trip_and_match_serde() {
+        for d in Dtype::ALL {
+            assert_eq!(Dtype::from_name(d.name()), Some(d));
+            assert_eq!(serde_json::to_value(d).unwrap(), d.name());
+        }
+        for k in KvKind::ALL {
+            assert_eq!(KvKind::from_name(k.name()), Some(k));
+            assert_eq!(serde_json::to_value(k).unwrap(), k.name());
+        }
+        assert_eq!(Dtype::from_name("f64"), None);
     }
 }

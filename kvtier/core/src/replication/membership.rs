@@ -41,6 +41,17 @@ pub enum Liveness {
     Down,
 }
 
+impl Liveness {
+    /// The name Stats and logs use (serde's spelling too).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Suspect => "suspect",
+            Self::Down => "down",
+        }
+    }
+}
+
 /// How many missed heartbeats make a member suspect, then down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Detector {

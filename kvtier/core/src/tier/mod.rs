@@ -43,6 +43,18 @@ pub enum TierKind {
     Blob,
 }
 
+impl TierKind {
+    /// The tier's name, as Stats, lookups and the Python package print it
+    /// (serde's spelling too).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::Disk => "disk",
+            Self::Blob => "blob",
+        }
+    }
+}
+
 /// What a [`Tier::put`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {

@@ -108,15 +108,12 @@ impl HintLog {
                 encode(&mut buf, HINT, node, *ns, *key);
             }
         }
-        let tmp = path.with_extension("log.tmp");
-        let write = || -> std::io::Result<File> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&buf)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            std::fs::OpenOptions::new().append(true).open(path)
-        };
-        let file = write().map_err(|e| format!("rewrite the hint log {}: {e}", path.display()))?;
+        kvtier::fsio::replace_durably(path, &buf)
+            .map_err(|e| format!("rewrite the hint log {}: {e}", path.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("open the hint log {}: {e}", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
             state: Mutex::new((file, pending)),

@@ -886,7 +886,7 @@ impl Cluster {
                 .members()
                 .into_iter()
                 .map(|m| proto::MemberStatus {
-                    liveness: liveness_name(v.liveness(&m.id)).into(),
+                    liveness: v.liveness(&m.id).map_or("unknown", Liveness::name).into(),
                     out_of_sync_keys: out_of_sync.get(&m.id).copied().unwrap_or(0) as u64,
                     id: m.id.0,
                     addr: m.addr,
@@ -912,16 +912,6 @@ impl Cluster {
         };
         self.rebalance_stats(&mut s);
         s
-    }
-}
-
-/// The name of a liveness, as in Stats.
-pub fn liveness_name(l: Option<Liveness>) -> &'static str {
-    match l {
-        Some(Liveness::Up) => "up",
-        Some(Liveness::Suspect) => "suspect",
-        Some(Liveness::Down) => "down",
-        None => "unknown",
     }
 }
 

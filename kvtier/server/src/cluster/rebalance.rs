@@ -179,14 +179,14 @@ impl Rebalance {
     }
 
     fn save_members(&self, members: &[Member], epoch: u64) -> Result<(), String> {
-        let tmp = self.members_file.with_extension("json.tmp");
         let saved = SavedMembers::WithEpoch {
             epoch,
             members: members.to_vec(),
         };
         let text = serde_json::to_vec_pretty(&saved).map_err(|e| e.to_string())?;
-        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.members_file).map_err(|e| format!("{}: {e}", self.members_file.display()))
+        // Durable: a member list that survives a crash half-written, or
+        // unsynced, would bring the node back with the wrong view.
+        kvtier::fsio::replace_durably(&self.members_file, &text).map_err(|e| e.to_string())
     }
 }
 

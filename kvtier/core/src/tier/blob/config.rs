@@ -22,6 +22,16 @@ pub enum BlobMode {
     Writeback,
 }
 
+impl BlobMode {
+    /// The name the configuration uses (serde's spelling too).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::CacheOnly => "cache-only",
+            Self::Writeback => "writeback",
+        }
+    }
+}
+
 /// How kvtier authenticates to the storage account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
