@@ -7,11 +7,11 @@ use bytes::Bytes;
 use kvtier::{AlignedBuf, BlockKey, NamespaceId};
 use kvtier_client::{Client, ClientConfig, SharedRegion};
 use serde_json::json;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+
+use std::time::Instant;
 
 use crate::tiers::raw_disk_round;
 use crate::util::{fill, gbps, io_err as err, key, median, namespace, round3};
@@ -44,74 +44,16 @@ pub(crate) struct Args {
     smoke: bool,
 }
 
-/// A kvtierd process; SIGTERM and wait when dropped.
-pub(crate) struct Daemon {
-    child: Child,
-    pub(crate) endpoint: String,
-}
+pub(crate) use kvtier_testkit::Daemon;
 
-impl Daemon {
-    pub(crate) fn start(data_dir: &Path, env: &[(&str, String)]) -> kvtier::Result<Self> {
-        let exe = std::env::current_exe()
-            .map_err(|e| err(format!("current exe: {e}")))?
-            .with_file_name("kvtierd");
-        if !exe.exists() {
-            return Err(err(format!(
-                "{} is missing: build it with `cargo build --release -p kvtier-server`",
-                exe.display()
-            )));
-        }
-        let mut cmd = Command::new(&exe);
-        cmd.env("KVTIER_LISTEN", "127.0.0.1:0")
-            .env("KVTIER_METRICS_LISTEN", "")
-            .env("KVTIER_DATA_DIR", data_dir)
-            .env("KVTIER_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().map_err(|e| err(format!("spawn {}: {e}", exe.display())))?;
-        let out = child.stdout.take().expect("piped");
-        let mut lines = BufReader::new(out).lines();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match lines.next() {
-                Some(Ok(l)) => {
-                    if let Some(a) = l.strip_prefix("kvtierd listening on ") {
-                        let endpoint = format!("http://{a}");
-                        std::thread::spawn(move || lines.for_each(drop));
-                        return Ok(Self { child, endpoint });
-                    }
-                }
-                _ => {
-                    let _ = child.kill();
-                    return Err(err("kvtierd exited before serving"));
-                }
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return Err(err("kvtierd did not start within 60 s"));
-            }
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A kvtierd from the test kit, found beside this binary, without metrics,
+/// stopped gracefully (SIGTERM, drain) when dropped.
+pub(crate) fn start_daemon(data_dir: &Path, env: &[(&str, String)]) -> kvtier::Result<Daemon> {
+    let mut all: Vec<(&str, &str)> = vec![("KVTIER_METRICS_LISTEN", "")];
+    all.extend(env.iter().map(|(k, v)| (*k, v.as_str())));
+    Daemon::try_start(data_dir, &all)
+        .map(Daemon::terminate_on_drop)
+        .map_err(|e| kvtier::Error::new(kvtier::ErrorKind::Unavailable, e))
 }
 
 /// One plain TCP stream on loopback moving `src` in `block`-sized writes.
@@ -324,7 +266,7 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
     let shm_env = ("KVTIER_SHM_DIR", shm_dir.display().to_string());
 
     // The request path: host RAM holds the working set.
-    let tiered = Daemon::start(
+    let tiered = start_daemon(
         &a.dir.join("tiered"),
         &[
             ("KVTIER_MODE", "tiered".into()),
@@ -341,7 +283,7 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut stream_put, mut stream_get, mut ssd_stream_put, mut ssd_stream_get) = (vec![], vec![], vec![], vec![]);
     let (p50, p99) = rt.block_on(async {
-        let (c, ns, src_id, dst_id) = session(&tiered.endpoint, block, &src_region, &dst_region).await?;
+        let (c, ns, src_id, dst_id) = session(&tiered.endpoint(), block, &src_region, &dst_region).await?;
         for r in 0..rounds {
             tcp.push(loopback_round(&src, block)?);
             let d = region_round(
@@ -366,7 +308,7 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
     drop(tiered);
 
     // SSD-only, next to raw O_DIRECT in the same directory.
-    let ssd = Daemon::start(
+    let ssd = start_daemon(
         &a.dir.join("ssd-only"),
         &[
             ("KVTIER_MODE", "ssd-only".into()),
@@ -382,7 +324,7 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
         ],
     )?;
     rt.block_on(async {
-        let (c, ns, src_id, dst_id) = session(&ssd.endpoint, block, &src_region, &dst_region).await?;
+        let (c, ns, src_id, dst_id) = session(&ssd.endpoint(), block, &src_region, &dst_region).await?;
         for r in 0..rounds {
             let raw = raw_disk_round(&a.dir, &src, &mut dst, block)?;
             rput.push(raw.put);

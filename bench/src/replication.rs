@@ -50,7 +50,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::daemon::{Daemon, loopback_round};
+use crate::daemon::{Daemon, loopback_round, start_daemon};
 use crate::tiers::raw_disk_round;
 use crate::util::{Invariants, fill, gbps, key, median, namespace, ratio, report, round3};
 
@@ -225,7 +225,7 @@ impl Cluster {
                 ("KVTIER_BLOB_MODE", "writeback".into()),
                 ("AZURE_STORAGE_ACCOUNT_KEY", azurite::KEY.into()),
             ];
-            daemons.push(Daemon::start(&dir.join(id), &env)?);
+            daemons.push(start_daemon(&dir.join(id), &env)?);
         }
         Ok(Self { members, daemons })
     }
@@ -235,7 +235,7 @@ impl Cluster {
         for d in &self.daemons {
             out.push(
                 Client::connect(&ClientConfig {
-                    endpoint: d.endpoint.clone(),
+                    endpoint: d.endpoint(),
                     ..Default::default()
                 })
                 .await?,

@@ -39,13 +39,15 @@ pub fn binary(name: &str) -> PathBuf {
     p
 }
 
-/// A running kvtierd; killed when dropped.
+/// A running kvtierd; killed when dropped, or stopped gracefully (SIGTERM,
+/// then up to 30 s) after [`Daemon::terminate_on_drop`].
 #[derive(Debug)]
 pub struct Daemon {
     pub child: Option<Child>,
     pub grpc: String,
     pub metrics: Option<String>,
     pub data_dir: PathBuf,
+    terminate_on_drop: bool,
 }
 
 impl Daemon {
@@ -67,9 +69,16 @@ impl Daemon {
     }
 
     /// Starts kvtierd with `data_dir` and extra environment, and waits (up to
-    /// 30 s) until it prints its addresses.
+    /// 60 s) until it prints its addresses; panics if it does not serve.
     pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Daemon {
-        let mut child = Self::command(data_dir, env).spawn().expect("spawn kvtierd");
+        Self::try_start(data_dir, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Daemon::start`], answering why kvtierd did not serve instead of
+    /// panicking (for the bench, which reports it).
+    pub fn try_start(data_dir: &Path, env: &[(&str, &str)]) -> Result<Daemon, String> {
+        let mut cmd = Self::command(data_dir, env);
+        let mut child = cmd.spawn().map_err(|e| format!("spawn {:?}: {e}", cmd.get_program()))?;
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -80,7 +89,7 @@ impl Daemon {
                 }
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         let (mut grpc, mut metrics) = (None, None);
         // Metrics are on unless the caller turned them off.
         let want_metrics = !env.iter().any(|(k, v)| *k == "KVTIER_METRICS_LISTEN" && v.is_empty());
@@ -95,21 +104,30 @@ impl Daemon {
                     }
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = child.wait().expect("wait");
-                    panic!("kvtierd exited before serving: {status}");
+                    let status = child.wait().map_err(|e| format!("wait for kvtierd: {e}"))?;
+                    return Err(format!("kvtierd exited before serving: {status}"));
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     let _ = child.kill();
-                    panic!("kvtierd did not start within 30 s");
+                    let _ = child.wait();
+                    return Err("kvtierd did not start within 60 s".into());
                 }
             }
         }
-        Daemon {
+        Ok(Daemon {
             child: Some(child),
             grpc: grpc.expect("set above"),
             metrics,
             data_dir: data_dir.to_path_buf(),
-        }
+            terminate_on_drop: false,
+        })
+    }
+
+    /// Makes dropping the daemon a graceful stop: SIGTERM, then up to 30 s
+    /// for it to drain, then SIGKILL.
+    pub fn terminate_on_drop(mut self) -> Self {
+        self.terminate_on_drop = true;
+        self
     }
 
     /// Starts kvtierd expecting it to fail at startup: waits (up to 60 s)
@@ -186,10 +204,20 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        let Some(mut c) = self.child.take() else { return };
+        if self.terminate_on_drop {
+            // SAFETY: a plain kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
