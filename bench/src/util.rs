@@ -74,10 +74,9 @@ pub(crate) fn is_filled(b: &[u8], seed: u64) -> bool {
 pub(crate) fn namespace(model: &str, bytes: usize) -> Namespace {
     // 1 layer, K and V, 1 head, f16: 4 bytes per token-dim.
     let head_dim = 16u32;
-    Namespace {
-        model_id: model.into(),
-        revision: String::new(),
-        layout: KvLayout {
+    Namespace::new(
+        model,
+        KvLayout {
             num_layers: 1,
             kv_heads: 1,
             head_dim,
@@ -85,11 +84,7 @@ pub(crate) fn namespace(model: &str, bytes: usize) -> Namespace {
             kind: KvKind::Kv,
             dtype: Dtype::F16,
         },
-        tp_rank: 0,
-        tp_size: 1,
-        salt: None,
-        lora: None,
-    }
+    )
 }
 
 /// Block `i` of request (or round) `round`.

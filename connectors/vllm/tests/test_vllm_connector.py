@@ -337,3 +337,51 @@ def test_fake_client_a_throttled_daemon_means_misses_and_skipped_saves(model_dir
     messages = [r.getMessage() for r in caplog.records]
     assert any("lookup failed" in m and "ThrottledError" in m for m in messages), messages
     assert any("skipped" in m and "ThrottledError" in m for m in messages), messages
+
+
+def test_a_throttled_daemon_keeps_the_connectors_client(model_dir, tmp_path, monkeypatch, caplog):
+    """A real kvtierd whose write-through queue holds 2 blocks refuses a save
+    of 3 new blocks as throttled (ThrottledError, not UnavailableError): the
+    save is skipped, the request is served, and neither connector reconnects;
+    the same client answers the next lookup."""
+    from conftest import Daemon
+
+    cfg = tmp_path / "kvtierd.toml"
+    cfg.write_text(
+        "[manager]\n"
+        'mode = "tiered"\n'
+        'cascade = "write-through"\n'
+        "offload_queue_blocks = 2\n"
+        "[manager.host]\n"
+        f"capacity_bytes = {64 << 20}\n"
+        "pin_memory = false\n"
+        "[manager.disk]\n"
+        f'dir = "{tmp_path / "blocks"}"\n'
+        f"capacity_bytes = {256 << 20}\n"
+    )
+    daemon = Daemon(tmp_path / "data", env={"KVTIER_CONFIG": str(cfg)})
+    made = []
+    real = kvtier.Client
+
+    def counting_client(*a, **k):
+        made.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(kv.kvtier, "Client", counting_client)
+    try:
+        extra = {"mode": "daemon", "endpoint": daemon.endpoint}
+        _, sched, worker = instance(model_dir, extra)
+        clients = len(made)
+        sched.add_request(H.make_request("q1", PREFIX + [1], max_tokens=2))
+        H.run_until_finished(sched, worker, ["q1"], max_steps=10)
+        messages = [r.getMessage() for r in caplog.records]
+        # The daemon's error kind, as the connector logged it.
+        assert any("skipped" in m and "throttled:" in m for m in messages), messages
+        assert not any("unavailable" in m.lower() for m in messages), messages
+        # Nothing was stored, and the same clients still answer.
+        sched.add_request(H.make_request("q2", PREFIX + [2], max_tokens=2))
+        results = H.run_until_finished(sched, worker, ["q2"], max_steps=10)
+        assert results[0].scheduler_output.scheduled_new_reqs[0].num_computed_tokens == 0
+        assert len(made) == clients, f"a throttled daemon made a connector reconnect: {made}"
+    finally:
+        daemon.stop()

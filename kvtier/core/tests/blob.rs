@@ -17,10 +17,9 @@ const BLOCK: usize = 64 << 10;
 
 /// A namespace whose blocks are 64 KiB.
 fn namespace() -> Namespace {
-    Namespace {
-        model_id: "blob-tests".into(),
-        revision: String::new(),
-        layout: KvLayout {
+    Namespace::new(
+        "blob-tests",
+        KvLayout {
             num_layers: 2,
             kv_heads: 4,
             head_dim: 64,
@@ -28,11 +27,7 @@ fn namespace() -> Namespace {
             kind: KvKind::Kv,
             dtype: Dtype::F16,
         },
-        tp_rank: 0,
-        tp_size: 1,
-        salt: None,
-        lora: None,
-    }
+    )
 }
 
 /// `n` keys of one request (`seed` tells requests apart).

@@ -383,10 +383,9 @@ enum Setup {
 }
 
 fn namespace() -> Namespace {
-    Namespace {
-        model_id: "crash-model".into(),
-        revision: String::new(),
-        layout: KvLayout {
+    Namespace::new(
+        "crash-model",
+        KvLayout {
             num_layers: 1,
             kv_heads: 1,
             head_dim: 64,
@@ -394,11 +393,7 @@ fn namespace() -> Namespace {
             kind: KvKind::Kv,
             dtype: Dtype::F16,
         },
-        tp_rank: 0,
-        tp_size: 1,
-        salt: None,
-        lora: None,
-    }
+    )
 }
 
 fn manager_cfg(setup: Setup, dir: &Path, sync: bool) -> ManagerConfig {

@@ -30,10 +30,9 @@ const PER_SEGMENT: u64 = (SEGMENT / PAGE as u64 - 2) / 17;
 
 /// A namespace whose blocks are 64 KiB.
 fn ns() -> Namespace {
-    Namespace {
-        model_id: "faults".into(),
-        revision: String::new(),
-        layout: KvLayout {
+    Namespace::new(
+        "faults",
+        KvLayout {
             num_layers: 2,
             kv_heads: 4,
             head_dim: 64,
@@ -41,11 +40,7 @@ fn ns() -> Namespace {
             kind: KvKind::Kv,
             dtype: Dtype::F16,
         },
-        tp_rank: 0,
-        tp_size: 1,
-        salt: None,
-        lora: None,
-    }
+    )
 }
 
 fn key(ns: NamespaceId, i: u64) -> BlockKey {

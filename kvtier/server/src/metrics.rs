@@ -556,16 +556,7 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
 mod tests {
     use super::*;
     use crate::stats::tests::{blob_stats, local_stats};
-
-    /// The value of the sample named exactly `series` (name and labels).
-    fn sample(body: &str, series: &str) -> f64 {
-        body.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("no sample {series} in\n{body}"))
-            .trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("{series}: {e}"))
-    }
+    use kvtier_testkit::sample;
 
     /// Every sample belongs to a family announced once, HELP then TYPE.
     fn assert_well_formed(body: &str) {

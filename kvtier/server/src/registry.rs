@@ -164,10 +164,9 @@ mod tests {
 
     #[test]
     fn entries_read_the_old_format_and_write_replication_only_when_not_one() {
-        let ns = kvtier::Namespace {
-            model_id: "m".into(),
-            revision: String::new(),
-            layout: kvtier::block::KvLayout {
+        let ns = kvtier::Namespace::new(
+            "m",
+            kvtier::block::KvLayout {
                 num_layers: 1,
                 kv_heads: 1,
                 head_dim: 16,
@@ -175,11 +174,7 @@ mod tests {
                 kind: kvtier::block::KvKind::Kv,
                 dtype: kvtier::block::Dtype::F16,
             },
-            tp_rank: 0,
-            tp_size: 1,
-            salt: None,
-            lora: None,
-        };
+        );
         // A registry written before clusters: plain namespaces.
         let old = serde_json::to_string(&vec![ns.clone()]).unwrap();
         let e: Vec<Entry> = serde_json::from_str(&old).unwrap();

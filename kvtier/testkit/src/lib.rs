@@ -231,10 +231,9 @@ pub struct Exited {
 
 /// A namespace whose blocks are `block_bytes` long (a multiple of 64).
 pub fn namespace(model: &str, block_bytes: usize) -> Namespace {
-    Namespace {
-        model_id: model.into(),
-        revision: String::new(),
-        layout: KvLayout {
+    Namespace::new(
+        model,
+        KvLayout {
             num_layers: 1,
             kv_heads: 1,
             head_dim: 16,
@@ -242,11 +241,7 @@ pub fn namespace(model: &str, block_bytes: usize) -> Namespace {
             kind: KvKind::Kv,
             dtype: Dtype::F16,
         },
-        tp_rank: 0,
-        tp_size: 1,
-        salt: None,
-        lora: None,
-    }
+    )
 }
 
 /// The key of block `i` in `ns`.

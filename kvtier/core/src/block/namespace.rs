@@ -184,6 +184,20 @@ impl fmt::Display for NamespaceId {
 }
 
 impl Namespace {
+    /// The namespace of `model_id` with `layout`, for TP rank 0 of 1, with
+    /// no revision, salt or LoRA adapter: set the fields for the rest.
+    pub fn new(model_id: impl Into<String>, layout: KvLayout) -> Self {
+        Self {
+            model_id: model_id.into(),
+            revision: String::new(),
+            layout,
+            tp_rank: 0,
+            tp_size: 1,
+            salt: None,
+            lora: None,
+        }
+    }
+
     /// The namespace of the checkpoints of `group` (a training job, or
     /// "default") in chunks of at most `chunk_bytes`.
     ///

@@ -11,10 +11,9 @@ const BLOCK: u64 = 64 * 1024;
 
 /// A namespace whose blocks are 64 KiB.
 fn ns(model: &str) -> Namespace {
-    Namespace {
-        model_id: model.into(),
-        revision: String::new(),
-        layout: KvLayout {
+    Namespace::new(
+        model,
+        KvLayout {
             num_layers: 2,
             kv_heads: 4,
             head_dim: 64,
@@ -22,11 +21,7 @@ fn ns(model: &str) -> Namespace {
             kind: KvKind::Kv,
             dtype: Dtype::F16,
         },
-        tp_rank: 0,
-        tp_size: 1,
-        salt: None,
-        lora: None,
-    }
+    )
 }
 
 fn keys(n: &Namespace, blocks: usize, seed: u32) -> Vec<BlockKey> {

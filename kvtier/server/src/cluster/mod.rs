@@ -952,10 +952,9 @@ mod tests {
     }
 
     fn namespace() -> kvtier::Namespace {
-        kvtier::Namespace {
-            model_id: "m".into(),
-            revision: String::new(),
-            layout: kvtier::block::KvLayout {
+        kvtier::Namespace::new(
+            "m",
+            kvtier::block::KvLayout {
                 num_layers: 1,
                 kv_heads: 1,
                 head_dim: 16,
@@ -963,11 +962,7 @@ mod tests {
                 kind: kvtier::block::KvKind::Kv,
                 dtype: kvtier::block::Dtype::F16,
             },
-            tp_rank: 0,
-            tp_size: 1,
-            salt: None,
-            lora: None,
-        }
+        )
     }
 
     /// A member in the view without a client, which a membership change
