@@ -1,0 +1,151 @@
+//! Reads and deletes across members: the peers to ask, in the core's read
+//! order, for blocks, lookups and checkpoint chunks.
+
+use super::*;
+
+impl Cluster {
+    /// The peers a read of `key` of `ns` asks, in order: the key's writable
+    /// replicas (stand-ins included), this node left out, those known to
+    /// lack it (out of sync) last; while keys move, the old replicas and
+    /// every other member after them (see `rebalance`).
+    pub(super) fn read_peers(&self, ns: NamespaceId, key: &BlockKey, rep: Replication) -> Vec<NodeId> {
+        let moving = self.rebalance.movement();
+        let v = self.view.read();
+        read_order_moving(key, &v, rep, moving.as_ref(), |n| self.hints.contains(n, ns, *key))
+            .into_iter()
+            .filter(|n| *n != self.me)
+            .collect()
+    }
+
+    /// The client of `peer` for a read; a member without one (a departed
+    /// member this process never knew) counts as a failed read.
+    pub(super) fn read_client(&self, peer: &NodeId) -> Option<&'static Client> {
+        let c = self.peers.get(peer);
+        if c.is_none() {
+            tracing::debug!(member = %peer, "no client for a member a read asks");
+            self.counters.peer_read_failures.fetch_add(1, Relaxed);
+        }
+        c
+    }
+
+    /// Loads `keys` of `ns` from peers into `out` (`block` bytes per key),
+    /// as far as they hold a leading run; answers the blocks loaded.
+    pub async fn fetch(&self, ns: NamespaceId, keys: &[BlockKey], out: &mut [u8], block: usize) -> usize {
+        let rep = self.registry.replication(ns);
+        let mut at = 0;
+        'keys: while at < keys.len() {
+            for peer in self.read_peers(ns, &keys[at], rep) {
+                let Some(c) = self.read_client(&peer) else { continue };
+                let t = self.timeout_for((keys.len() - at) * block);
+                match tokio::time::timeout(t, c.replica_get(ns, &keys[at..])).await {
+                    Ok(Ok(g)) if g.loaded > 0 && g.block_bytes as usize == block => {
+                        let n = g.loaded.min(keys.len() - at);
+                        out[at * block..(at + n) * block].copy_from_slice(&g.data[..n * block]);
+                        self.counters.peer_read_blocks.fetch_add(n as u64, Relaxed);
+                        at += n;
+                        continue 'keys;
+                    }
+                    Ok(Ok(_)) => {}
+                    r => {
+                        tracing::debug!(member = %peer, ?r, "peer read failed");
+                        self.counters.peer_read_failures.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+            break;
+        }
+        at
+    }
+
+    /// How many leading `keys` of `ns` peers hold.
+    pub async fn lookup(&self, ns: NamespaceId, keys: &[BlockKey]) -> usize {
+        let rep = self.registry.replication(ns);
+        let mut at = 0;
+        'keys: while at < keys.len() {
+            for peer in self.read_peers(ns, &keys[at], rep) {
+                let Some(c) = self.read_client(&peer) else { continue };
+                match tokio::time::timeout(self.peer_timeout, c.replica_lookup(ns, &keys[at..])).await {
+                    Ok(Ok(l)) if l.hit_blocks > 0 => {
+                        at += (l.hit_blocks as usize).min(keys.len() - at);
+                        continue 'keys;
+                    }
+                    Ok(Ok(_)) => {}
+                    r => {
+                        tracing::debug!(member = %peer, ?r, "peer lookup failed");
+                        self.counters.peer_read_failures.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+            break;
+        }
+        at
+    }
+
+    /// Loads one variable-length block (a checkpoint chunk) from the peers
+    /// that may hold it, in read order.
+    pub async fn fetch_chunk(&self, ns: NamespaceId, key: BlockKey) -> Option<Vec<u8>> {
+        let rep = self.registry.replication(ns);
+        for peer in self.read_peers(ns, &key, rep) {
+            let Some(c) = self.read_client(&peer) else { continue };
+            let t = self.timeout_for(self.manager.block_bytes(ns).unwrap_or(0) as usize);
+            match tokio::time::timeout(t, c.replica_get_chunk(ns, key)).await {
+                Ok(Ok(Some(d))) => {
+                    self.counters.peer_read_blocks.fetch_add(1, Relaxed);
+                    return Some(d);
+                }
+                Ok(Ok(None)) => {}
+                r => {
+                    tracing::debug!(member = %peer, ?r, "peer chunk read failed");
+                    self.counters.peer_read_failures.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        None
+    }
+
+    /// Removes `keys` of `ns` here and on every writable member; answers
+    /// how many this node held, or the first member's failure.
+    pub async fn delete_everywhere(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<usize, Status> {
+        let m = self.manager.clone();
+        let local_keys = keys.to_vec();
+        let n = tokio::task::spawn_blocking(move || m.remove(ns, &local_keys))
+            .await
+            .map_err(|e| status_of(ErrorKind::Internal, format!("delete task: {e}")))?
+            .map_err(|e| status(&e))?;
+        let targets: Vec<NodeId> = {
+            let v = self.view.read();
+            v.members()
+                .into_iter()
+                .map(|m| m.id)
+                .filter(|id| *id != self.me && v.is_writable(id))
+                .collect()
+        };
+        let mut set = JoinSet::new();
+        let mut failed = Vec::new();
+        for node in targets {
+            let Some(c) = self.peers.get(&node) else {
+                failed.push(format!("{node}: no client yet"));
+                continue;
+            };
+            let c = c.clone();
+            let keys = keys.to_vec();
+            let t = self.timeout_for(0);
+            set.spawn(async move { (node, tokio::time::timeout(t, c.replica_delete(ns, &keys)).await) });
+        }
+        while let Some(j) = set.join_next().await {
+            match j {
+                Ok((_, Ok(Ok(_)))) => {}
+                Ok((node, r)) => failed.push(format!("{node}: {r:?}")),
+                Err(e) => failed.push(format!("task: {e}")),
+            }
+        }
+        if failed.is_empty() {
+            Ok(n)
+        } else {
+            Err(status_of(
+                ErrorKind::Unavailable,
+                format!("deleted here, but not on every member: {}", failed.join("; ")),
+            ))
+        }
+    }
+}
