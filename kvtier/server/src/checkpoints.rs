@@ -1,8 +1,8 @@
 //! Checkpoints over gRPC: the daemon's `Checkpoints` service and the
-//! client's [`RemoteChunks`].
+//! client's [`RemoteChunks`](kvtier_client::RemoteChunks).
 //!
 //! The client runs `kvtier::checkpoint::Checkpoints` (chunking, manifests,
-//! verification) over [`RemoteChunks`]; the daemon stores each chunk as one
+//! verification) over [`RemoteChunks`](kvtier_client::RemoteChunks); the daemon stores each chunk as one
 //! variable-length block of the group's namespace
 //! (`Namespace::checkpoints`) and keeps the group's catalog of names in its
 //! data directory. Chunks cross the wire in pieces of at most

@@ -93,7 +93,13 @@ fn decode(mut b: &[u8], pending: &mut Pending) -> usize {
 
 impl HintLog {
     /// Opens (or creates) the log at `path`, compacted to its pending hints.
-    pub fn open(path: &Path) -> Result<Self, String> {
+    /// A log that cannot be read or rewritten is [`kvtier::ErrorKind::Io`]
+    /// (or `NoSpace`), naming the file.
+    pub fn open(path: &Path) -> kvtier::Result<Self> {
+        Self::open_text(path).map_err(|m| kvtier::Error::new(kvtier::ErrorKind::Io, m))
+    }
+
+    fn open_text(path: &Path) -> Result<Self, String> {
         let mut pending = Pending::new();
         match std::fs::read(path) {
             Ok(b) => {

@@ -192,7 +192,7 @@ impl Cluster {
         for m in members.iter().filter(|m| m.id != me) {
             peers.insert(m)?;
         }
-        let hints = HintLog::open(&data_dir.join("hints.log"))?;
+        let hints = HintLog::open(&data_dir.join("hints.log")).map_err(|e| e.to_string())?;
         Ok(Self {
             unsynced: Mutex::new(peers.keys().cloned().collect()),
             me: me.clone(),

@@ -7,7 +7,7 @@
 //! died too. So when heartbeats see a member go from down to up, every
 //! node walks its own keys of every namespace, keeps those the core's
 //! [`plan_resync`] gives it (exactly one offering node per key), asks the
-//! returned node which it lacks ([`ReplicaHas`](crate::proto::ReplicaHasRequest)),
+//! returned node which it lacks (the `ReplicaHas` call),
 //! and sends those with `ReplicaPut`, at most `rebalance_bytes_per_s`.
 //!
 //! A resync that fails part way (the node went down again, a call timed
