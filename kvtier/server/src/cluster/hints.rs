@@ -93,8 +93,8 @@ fn decode(mut b: &[u8], pending: &mut Pending) -> usize {
 
 impl HintLog {
     /// Opens (or creates) the log at `path`, compacted to its pending hints.
-    /// A log that cannot be read or rewritten is [`kvtier::ErrorKind::Io`]
-    /// (or `NoSpace`), naming the file.
+    /// A log that cannot be read or rewritten is [`kvtier::ErrorKind::Io`],
+    /// naming the file.
     pub fn open(path: &Path) -> kvtier::Result<Self> {
         Self::open_text(path).map_err(|m| kvtier::Error::new(kvtier::ErrorKind::Io, m))
     }
