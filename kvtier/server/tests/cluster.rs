@@ -681,6 +681,60 @@ async fn kill_9_of_a_replica_during_a_checkpoint_write_loses_no_acknowledged_chu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_chunk_hints_are_handed_back_without_a_failed_load() {
+    // Four nodes, R = 3: with d down a stand-in takes d's chunks, short
+    // ones included (a file's tail, the manifest).
+    let mut c = Cluster::start(4);
+    c.all_up().await;
+    let a = c.client(0).await;
+    c.kill(3);
+    eventually("a sees d down", 20, || async { liveness(&a, "d").await == "down" }).await;
+    let root = tempfile::tempdir().unwrap();
+    let src = root.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let files = checkpoint_tree(&src, 4);
+    let ep = |c: &Cluster, i: usize| c.nodes[i].daemon.as_ref().unwrap().endpoint();
+    let g = ["--group", "job", "--chunk-mib", "1"];
+    let mut put = vec!["checkpoint", "put", "step-1", src.to_str().unwrap()];
+    put.extend(g);
+    common::kvtier(&ep(&c, 0), &[], &put).expect(0);
+    let mut hinted = 0;
+    for i in 0..3 {
+        hinted += cluster_stats(&c.client(i).await).await.hints_pending;
+    }
+    assert!(hinted > 0, "d missed some chunks");
+
+    c.start_node(3);
+    c.all_up().await;
+    let clients = [c.client(0).await, c.client(1).await, c.client(2).await];
+    eventually("every hint is delivered", 30, || async {
+        let mut left = 0;
+        for cl in &clients {
+            left += cluster_stats(cl).await.hints_pending;
+        }
+        left == 0
+    })
+    .await;
+    let mut delivered = 0;
+    for (i, cl) in clients.iter().enumerate() {
+        delivered += cluster_stats(cl).await.hints_delivered;
+        let m = c.nodes[i].daemon.as_ref().unwrap().metrics.clone().unwrap();
+        let (_, body) = tokio::task::spawn_blocking(move || common::http_get(&m, "/metrics"))
+            .await
+            .unwrap();
+        assert_eq!(common::sample(&body, "kvtier_load_failures_total"), 0.0, "node {i}");
+    }
+    assert_eq!(delivered, hinted, "every chunk d missed, short ones too");
+    // With a down, d and the others still restore every byte.
+    c.kill(0);
+    let out = root.path().join("out-d");
+    let mut get = vec!["checkpoint", "get", "step-1", out.to_str().unwrap()];
+    get.extend(g);
+    common::kvtier(&ep(&c, 3), &[], &get).expect(0);
+    same_tree(&out, &files);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writeback_on_the_cluster_puts_each_chunk_once_whatever_r() {
     use kvtier::tier::blob::azurite::{self, Azurite};
     let az = Azurite::start();

@@ -67,6 +67,19 @@ impl Lease {
     pub fn tiers(&self) -> Vec<TierKind> {
         self.blocks.iter().map(|b| b.1).collect()
     }
+
+    /// How many leading pinned blocks are exactly `block_bytes` long: what
+    /// [`BlockManager::load_leased`] can copy into whole-block slots.
+    /// Checkpoint chunks may be shorter than their namespace's block; a
+    /// caller moving them reads those one by one instead.
+    pub fn whole_blocks(&self, block_bytes: usize) -> usize {
+        self.blocks.iter().take_while(|b| b.2.len() == block_bytes).count()
+    }
+
+    /// Keeps the first `n` pinned blocks and unpins the rest.
+    pub fn truncate(&mut self, n: usize) {
+        self.blocks.truncate(n);
+    }
 }
 
 impl BlockManager {

@@ -418,3 +418,32 @@ fn batched_disk_writes_keep_writeback_per_block() {
     let r = put_disk_batch(&disk, None, &items);
     assert!(r.iter().filter(|r| r.is_ok()).all(|r| matches!(r, Ok(Stored::Present))));
 }
+
+#[test]
+fn a_lease_says_how_many_leading_blocks_are_whole() {
+    // A checkpoint namespace: whole chunks, then a short last chunk.
+    let chunk = 1 << 20;
+    let m = ManagerConfig::host_only(HostConfig {
+        pin_memory: false,
+        ..HostConfig::with_capacity(8 << 20)
+    })
+    .build()
+    .unwrap();
+    let id = m
+        .register_namespace(&Namespace::checkpoints("g", chunk as u32))
+        .unwrap();
+    let ks = [BlockKey(1), BlockKey(2), BlockKey(3)];
+    m.store_one(id, ks[0], &vec![1u8; chunk]).unwrap();
+    m.store_one(id, ks[1], &vec![2u8; chunk]).unwrap();
+    m.store_one(id, ks[2], &[3u8; 100]).unwrap();
+    let mut lease = m.lease(id, &ks).unwrap();
+    assert_eq!(lease.len(), 3);
+    assert_eq!(lease.whole_blocks(chunk), 2);
+    // The whole run loads into whole-block slots without a failed load;
+    // the short chunk is read on its own.
+    lease.truncate(2);
+    let mut out = vec![0u8; 2 * chunk];
+    assert_eq!(m.load_leased(&lease, &mut out).unwrap().loaded, 2);
+    assert_eq!(m.load_one(id, ks[2]).unwrap().unwrap(), vec![3u8; 100]);
+    assert_eq!(m.stats().load_failures, 0);
+}

@@ -34,17 +34,28 @@ impl Cluster {
                 };
                 let block = block as usize;
                 let per = (self.max_request_bytes as usize / block.max(1)).clamp(1, HINT_BATCH_BLOCKS);
-                for chunk in keys.chunks(per) {
-                    if let Err(e) = self.deliver(c, &node, ns, chunk.to_vec(), block).await {
-                        tracing::info!(member = %node, "hint delivery stopped, retried next heartbeat: {e}");
-                        break;
+                // Each batch settles at least its first key, so this ends.
+                let mut rest = keys;
+                while !rest.is_empty() {
+                    let batch: Vec<BlockKey> = rest.drain(..rest.len().min(per)).collect();
+                    match self.deliver(c, &node, ns, batch, block).await {
+                        Ok(mut left) => {
+                            left.append(&mut rest);
+                            rest = left;
+                        }
+                        Err(e) => {
+                            tracing::info!(member = %node, "hint delivery stopped, retried next heartbeat: {e}");
+                            break;
+                        }
                     }
                 }
             }
         }
     }
 
-    /// Delivers one batch of hints to `node`.
+    /// Delivers one batch of hints to `node` and returns the keys it left
+    /// for the next batch (those after a short checkpoint chunk, which
+    /// travels on its own). It settles at least the batch's first key.
     pub(super) async fn deliver(
         self: &Arc<Self>,
         c: &Client,
@@ -52,35 +63,51 @@ impl Cluster {
         ns: NamespaceId,
         keys: Vec<BlockKey>,
         block: usize,
-    ) -> Result<(), String> {
+    ) -> Result<Vec<BlockKey>, String> {
         let m = self.manager.clone();
-        let (present, missing, data) = tokio::task::spawn_blocking(move || {
+        let (present, missing, data, left) = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; keys.len() * block];
             let (mut present, mut missing, mut at) = (Vec::new(), Vec::new(), 0);
             while at < keys.len() {
                 let filled = present.len() * block;
                 let rest = &keys[at..];
-                let loaded = match m.load(ns, rest, &mut buf[filled..filled + rest.len() * block]) {
-                    Ok(o) => o.loaded,
-                    Err(_) => 0,
+                // Pin first: a checkpoint chunk shorter than the block is
+                // read on its own, never into a whole-block slot (which
+                // would count as a failed load).
+                let (loaded, short_next) = match m.lease(ns, rest) {
+                    Ok(mut lease) => {
+                        let whole = lease.whole_blocks(block);
+                        let pinned = lease.len();
+                        lease.truncate(whole);
+                        let out = &mut buf[filled..filled + whole * block];
+                        let loaded = m.load_leased(&lease, out).map_or(0, |o| o.loaded);
+                        (loaded, loaded == whole && whole < pinned)
+                    }
+                    Err(_) => (0, false),
                 };
-                if loaded == 0
-                    && present.is_empty()
-                    && let Ok(Some(c)) = m.load_one(ns, rest[0])
-                    && c.len() < block
-                {
-                    // A variable-length chunk: delivered on its own.
-                    return (vec![rest[0]], Vec::new(), Bytes::from(c));
-                }
                 present.extend_from_slice(&rest[..loaded]);
                 at += loaded;
+                if short_next {
+                    if !present.is_empty() {
+                        // It goes on its own in the next batch.
+                        let left = keys[at..].to_vec();
+                        buf.truncate(present.len() * block);
+                        return (present, missing, Bytes::from(buf), left);
+                    }
+                    if let Ok(Some(c)) = m.load_one(ns, keys[at])
+                        && c.len() < block
+                    {
+                        // A variable-length chunk: delivered on its own.
+                        return (vec![keys[at]], Vec::new(), Bytes::from(c), keys[at + 1..].to_vec());
+                    }
+                }
                 if at < keys.len() {
                     missing.push(keys[at]);
                     at += 1;
                 }
             }
             buf.truncate(present.len() * block);
-            (present, missing, Bytes::from(buf))
+            (present, missing, Bytes::from(buf), Vec::new())
         })
         .await
         .map_err(|e| format!("load task: {e}"))?;
@@ -112,6 +139,6 @@ impl Cluster {
             let _ = tokio::task::spawn_blocking(move || m.remove(ns, &drop)).await;
         }
         tracing::info!(member = %node, namespace = %ns, delivered = settled.delivered, dropped = settled.given_up, "hints delivered");
-        Ok(())
+        Ok(left)
     }
 }
