@@ -171,7 +171,14 @@ fn ns_id(b: &[u8]) -> PyResult<NamespaceId> {
     Ok(NamespaceId(u128::from_le_bytes(a)))
 }
 
+/// Parses keys as the daemon does: none at all is a mistake, refused the
+/// same way embedded and through kvtierd.
 fn keys(raw: Vec<Vec<u8>>) -> PyResult<Vec<BlockKey>> {
+    if raw.is_empty() {
+        return Err(InvalidArgumentError::new_err(
+            "invalid argument: keys must not be empty",
+        ));
+    }
     raw.into_iter()
         .enumerate()
         .map(|(i, k)| {

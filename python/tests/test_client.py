@@ -28,7 +28,7 @@ def test_client_round_trip(kvtierd):
 def test_client_errors_are_precise(kvtierd):
     c = kvtier.Client(kvtierd.endpoint)
     ns = c.register_namespace(namespace())
-    with pytest.raises(kvtier.InvalidArgumentError, match="put ended after"):
+    with pytest.raises(kvtier.BlockSizeError, match="put ended after"):
         c.put(ns, [kvtier.key_from_hash(ns, b"a")], bytes(BLOCK - 1))
     with pytest.raises(kvtier.UnknownNamespaceError):
         c.lookup(bytes(16), [bytes(16)])

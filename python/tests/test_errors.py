@@ -29,6 +29,7 @@ def _manager_toml(dir_, queue_blocks):
         "[disk]\n"
         f'dir = "{dir_}"\n'
         f"capacity_bytes = {256 << 20}\n"
+        f"segment_bytes = {16 << 20}\n"
     )
 
 

@@ -198,17 +198,20 @@ impl Node {
                 return Err(invalid(format!("only data messages may follow the {what} header")));
             };
             if got + d.len() > total {
-                return Err(invalid(format!(
-                    "{what} carries more than {blocks} blocks of {block} bytes ({total} bytes)"
-                )));
+                return Err(status_of(
+                    ErrorKind::BlockSize,
+                    format!("{what} carries more than {blocks} blocks of {block} bytes ({total} bytes)"),
+                ));
             }
             buf[got..got + d.len()].copy_from_slice(&d);
             got += d.len();
         }
         if got != total {
-            return Err(invalid(format!(
-                "{what} ended after {got} of {total} bytes ({blocks} blocks of {block} bytes)"
-            )));
+            // The same kind as a wrong buffer size in the embedded store.
+            return Err(status_of(
+                ErrorKind::BlockSize,
+                format!("{what} ended after {got} of {total} bytes ({blocks} blocks of {block} bytes)"),
+            ));
         }
         Ok(Bytes::from_owner(loan).slice(..total))
     }

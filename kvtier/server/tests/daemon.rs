@@ -215,7 +215,7 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
         .put(ns, &[key(ns, 1)], Bytes::from(vec![1u8; BLOCK - 1]))
         .await
         .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert_eq!(e.kind(), ErrorKind::BlockSize);
     assert!(
         e.message()
             .contains(&format!("put ended after {} of {BLOCK} bytes", BLOCK - 1)),
@@ -226,7 +226,7 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
         .put(ns, &[key(ns, 1)], Bytes::from(vec![1u8; BLOCK + 1]))
         .await
         .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert_eq!(e.kind(), ErrorKind::BlockSize);
     assert!(e.message().contains("carries more than 1 blocks"), "{}", e.message());
     // An unknown namespace.
     let other = NamespaceId(42);
