@@ -1,11 +1,27 @@
 #!/usr/bin/env bash
 # Builds the kvtier wheel, proves it installs into a clean venv and ships
-# the connectors, installs it into the project venv (with the real vllm) and
-# runs the Python tests: python/tests, then each connector's tests.
+# the connectors, installs it into the venv of each vLLM version under test
+# (scripts/python-env.sh, one venv per version, with the real vllm) and runs
+# the Python tests as a matrix: python/tests once, in the first version's
+# venv; each connector's tests once per version.
+#
+# The versions: $KVTIER_VLLM_VERSIONS, default "0.34.0 0.31.0" (the newest
+# vLLM we test, and NVIDIA Dynamo 1.6.1's pin). One wheel serves every venv:
+# it is abi3 (pyo3's abi3-py311 feature, Cargo.toml), for any CPython >= 3.11.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=$(./scripts/python-env.sh)
-PY="$VENV/bin/python"
+read -r -a VLLM_VERSIONS <<<"${KVTIER_VLLM_VERSIONS:-0.34.0 0.31.0}"
+if [ ${#VLLM_VERSIONS[@]} -eq 0 ]; then
+  echo "python-test: KVTIER_VLLM_VERSIONS names no vllm version" >&2
+  exit 2
+fi
+# Every venv first (each built once, then reused), so a version that cannot
+# be installed fails the run before any test.
+declare -A VENVS
+for version in "${VLLM_VERSIONS[@]}"; do
+  VENVS[$version]=$(./scripts/python-env.sh "$version")
+done
+PY="${VENVS[${VLLM_VERSIONS[0]}]}/bin/python"   # builds the wheel, runs python/tests
 cargo build --release -q -p kvtier-server   # the tests start a real kvtierd
 wheel=$(KVTIER_PYTHON="$PY" ./scripts/build-wheel.sh --release)
 clean=$(mktemp -d)
@@ -29,10 +45,18 @@ assert installed.read_bytes() == source.read_bytes(), f"{installed} differs from
 print(f"clean venv: {name} from the wheel ({installed.name}, same bytes as {source})")
 PY
 done
-"$PY" -m pip install -q --force-reinstall --no-deps "$wheel"
+for version in "${VLLM_VERSIONS[@]}"; do
+  "${VENVS[$version]}/bin/python" -m pip install -q --force-reinstall --no-deps "$wheel"
+done
 status=0
-for tests in python/tests connectors/*/tests; do
-  echo "== pytest $tests"
-  (cd "$tests" && "$PY" -m pytest -q -p no:cacheprovider .) || status=1
+run_pytest() { # tests-dir vllm-version
+  echo "== pytest $1 (vllm $2)"
+  (cd "$1" && "${VENVS[$2]}/bin/python" -m pytest -q -p no:cacheprovider .) || status=1
+}
+run_pytest python/tests "${VLLM_VERSIONS[0]}"
+for tests in connectors/*/tests; do
+  for version in "${VLLM_VERSIONS[@]}"; do
+    run_pytest "$tests" "$version"
+  done
 done
 exit $status

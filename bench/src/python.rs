@@ -34,12 +34,13 @@ pub(crate) struct Args {
     smoke: bool,
 }
 
-fn default_python() -> PathBuf {
+/// `$KVTIER_VENV/bin/python`, else the project venv's, else `python3`.
+pub(crate) fn default_python() -> PathBuf {
     if let Some(v) = std::env::var_os("KVTIER_VENV") {
         return PathBuf::from(v).join("bin/python");
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let venv = home.join(".cache/kvtier/venv-vllm-0.33.0/bin/python");
+    let venv = home.join(".cache/kvtier/venv-vllm-0.34.0/bin/python");
     if venv.exists() { venv } else { PathBuf::from("python3") }
 }
 

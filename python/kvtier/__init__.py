@@ -4,11 +4,16 @@
 - ``Client``: a client of a local ``kvtierd`` (daemon mode); its
   ``checkpoint_*`` methods put, get, list and delete checkpoints (named sets
   of files, from memory or a directory).
-- ``key_from_hash`` / ``keys_from_tokens``: 16-byte block keys.
+- ``key_from_hash`` / ``keys_from_hashes`` / ``keys_from_tokens``: 16-byte
+  block keys (``keys_from_hashes``: a request's engine hashes in one call;
+  only bytes-like hashes, anything else is a ``TypeError``).
 
 ``put`` and ``get`` take any C-contiguous buffer (numpy arrays of any dtype,
 bytes, bytearray, memoryview, CPU tensors through ``.numpy()``) and read or
-fill its bytes in place, with the interpreter released.
+fill its bytes in place, with the interpreter released. ``Store.save_blocks``
+and ``Store.load_blocks`` move blocks straight between an engine's KV tensors
+and the tiers, one copy each way (``Store.has_host_tier()`` says whether
+saves land in host memory or go through a staging buffer to the SSD).
 
 Errors are ``KvTierError`` subclasses named for their kind:
 ``InvalidArgumentError`` (nothing changed), ``NotFoundError`` (no such
@@ -36,6 +41,7 @@ from ._kvtier import (
     UnknownNamespaceError,
     __version__,
     key_from_hash,
+    keys_from_hashes,
     keys_from_tokens,
 )
 
@@ -56,5 +62,6 @@ __all__ = [
     "UnknownNamespaceError",
     "__version__",
     "key_from_hash",
+    "keys_from_hashes",
     "keys_from_tokens",
 ]

@@ -1,5 +1,5 @@
 import os
-from collections.abc import Buffer, Mapping, Sequence
+from collections.abc import Buffer, Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
 __version__: str
@@ -47,6 +47,36 @@ class Store:
     def delete(self, ns: bytes, keys_: Sequence[bytes]) -> int: ...
     def flush(self) -> None: ...
     def stats(self) -> dict[str, Any]: ...
+    def has_host_tier(self) -> bool:
+        """Whether saves land in a host tier; without one (SSD-only) they go
+        through a reused staging buffer to the disk."""
+    def save_blocks(
+        self,
+        ns: bytes,
+        keys: Sequence[bytes],
+        layers: Sequence[tuple[int, int, int]],
+        layer_block_bytes: int,
+        block_ids: Sequence[int],
+        device: str = "cpu",
+    ) -> dict[str, int]:
+        """Stores block ids `block_ids` of the KV tensors under `keys`, each
+        copied once from the tensors into the tier. `layers`: (address of
+        block 0, bytes between blocks, number of blocks) per layer; a block
+        is every layer's `layer_block_bytes` in layer order. Returns
+        {"stored", "present", "not_admitted"}; bad input raises
+        InvalidArgumentError / BlockSizeError and stores nothing."""
+    def load_blocks(
+        self,
+        ns: bytes,
+        keys: Sequence[bytes],
+        layers: Sequence[tuple[int, int, int]],
+        layer_block_bytes: int,
+        block_ids: Sequence[int],
+        device: str = "cpu",
+    ) -> tuple[int, int | None]:
+        """Loads the leading present blocks of `keys` straight into block ids
+        `block_ids` of the KV tensors. Returns (loaded, failed_index or
+        None), as get does: a block failing verification is never written."""
 
 class Client:
     def __init__(
@@ -86,4 +116,7 @@ class Client:
         """Deletes checkpoint `name`; answers whether it existed."""
 
 def key_from_hash(ns: bytes, engine_hash: bytes) -> bytes: ...
+def keys_from_hashes(ns: bytes, hashes: Iterable[bytes | bytearray | memoryview]) -> list[bytes]:
+    """`[key_from_hash(ns, h) for h in hashes]` in one call; a hash that is
+    not bytes-like raises TypeError naming its index and type."""
 def keys_from_tokens(namespace_: Namespace, tokens: Sequence[int]) -> list[bytes]: ...

@@ -2,10 +2,13 @@
 //!
 //! # Layout
 //!
-//! - [`Store`]: the block manager in this process, from a dict or TOML.
+//! - [`Store`]: the block manager in this process, from a dict or TOML;
+//!   `save_blocks` / `load_blocks` move blocks between an engine's KV
+//!   tensors and the tiers in one call and one copy.
 //! - [`Client`]: a client of a local kvtierd: KV blocks, and checkpoints
 //!   (named sets of files, from memory or a directory).
-//! - Free functions: block keys from engine hashes and from token ids.
+//! - Free functions: block keys from engine hashes (one or a request's
+//!   worth) and from token ids.
 //!
 //! # Why
 //!
@@ -14,15 +17,22 @@
 //!   `.numpy()`) and read or fill its bytes where they lie.
 //! - **The interpreter is released around all I/O**, so Python threads (an
 //!   engine's scheduler) keep running while blocks move.
+//! - **Straight between tensors and tiers**: `save_blocks` copies each block
+//!   from the KV tensors into space reserved in the host tier and commits
+//!   it; `load_blocks` copies verified blocks from the tier into the
+//!   tensors. One copy each way, where staging plus `put`/`get` take two.
 
 use kvtier::checkpoint::Checkpoints;
 use kvtier::checkpoint::manifest::Manifest;
+use kvtier::manager::StoreOutcome;
+use kvtier::transfer::{BlockPlan, Copier, LayerBlocks};
 use kvtier::{BlockKey, BlockManager, ErrorKind, ManagerConfig, Namespace, NamespaceId, SequenceHasher};
 use kvtier_client::RemoteChunks;
 use kvtier_client::{Client as RpcClient, ClientConfig};
-use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyMapping};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMapping, PyMemoryView};
+use std::sync::Arc;
 
 pyo3::create_exception!(
     _kvtier,
@@ -251,6 +261,62 @@ struct Store {
     inner: BlockManager,
 }
 
+/// A request to move blocks between an engine's KV tensors and the tiers,
+/// checked whole before anything moves.
+struct Transfer {
+    ns: NamespaceId,
+    keys: Vec<BlockKey>,
+    plan: BlockPlan,
+    copier: Arc<dyn Copier>,
+}
+
+impl Store {
+    /// Checks a `save_blocks` / `load_blocks` request: the namespace, one
+    /// key per block id, every block id inside every layer, and layers
+    /// that make up exactly the namespace's block.
+    fn transfer(
+        &self,
+        ns: &[u8],
+        keys_: Vec<Vec<u8>>,
+        layers: Vec<(u64, u64, u64)>,
+        layer_block_bytes: usize,
+        block_ids: &[u64],
+        device: &str,
+    ) -> PyResult<Transfer> {
+        let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
+        if block_ids.len() != keys.len() {
+            return Err(InvalidArgumentError::new_err(format!(
+                "invalid argument: {} keys and {} block ids; one block id per key",
+                keys.len(),
+                block_ids.len()
+            )));
+        }
+        let block_bytes = self.inner.block_bytes(ns).map_err(err)?;
+        let layers: Vec<LayerBlocks> = layers
+            .into_iter()
+            .map(|(base, block_stride, num_blocks)| LayerBlocks {
+                base,
+                block_stride,
+                num_blocks,
+            })
+            .collect();
+        let plan = BlockPlan::new(&layers, layer_block_bytes, block_ids).map_err(err)?;
+        if plan.block_bytes() as u64 != block_bytes {
+            return Err(BlockSizeError::new_err(format!(
+                "block size: {} layers of {layer_block_bytes} bytes make blocks of {} bytes; the namespace's blocks are {block_bytes} bytes",
+                layers.len(),
+                plan.block_bytes()
+            )));
+        }
+        Ok(Transfer {
+            ns,
+            keys,
+            plan,
+            copier: copier(device)?,
+        })
+    }
+}
+
 #[pymethods]
 impl Store {
     /// A store from a config dict (the keys of deploy/kvtier.toml), or TOML text.
@@ -341,6 +407,99 @@ impl Store {
         py.detach(|| self.inner.remove(ns, &keys)).map_err(err)
     }
 
+    /// Whether the store has a host tier: saves then copy each block from
+    /// the tensors straight into it. Without one (SSD-only) they go
+    /// through a reused staging buffer to the disk.
+    fn has_host_tier(&self) -> bool {
+        self.inner.host().is_some()
+    }
+
+    /// Saves blocks straight from an engine's KV tensors: block `i` is read
+    /// from block id `block_ids[i]` of every layer and stored under
+    /// `keys[i]`. `layers`: (address of block 0, bytes between blocks,
+    /// number of blocks), one per layer, as `_copy_blocks` takes them; a
+    /// block is every layer's `layer_block_bytes`, in layer order, and must
+    /// make up the namespace's block. Each block is copied once, into space
+    /// reserved in the host tier, and becomes visible when its copy is
+    /// done. Present keys are not copied. Returns {"stored", "present",
+    /// "not_admitted"}, as `put` does; bad input raises before anything is
+    /// stored. Low level: the addresses must be live tensor storage on
+    /// `device`, not written during the call.
+    #[pyo3(signature = (ns, keys, layers, layer_block_bytes, block_ids, device = "cpu"))]
+    #[allow(clippy::too_many_arguments)]
+    fn save_blocks<'py>(
+        &self,
+        py: Python<'py>,
+        ns: &[u8],
+        keys: Vec<Vec<u8>>,
+        layers: Vec<(u64, u64, u64)>,
+        layer_block_bytes: usize,
+        block_ids: Vec<u64>,
+        device: &str,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let t = self.transfer(ns, keys, layers, layer_block_bytes, &block_ids, device)?;
+        let m = &self.inner;
+        let out = py
+            .detach(|| {
+                let mut total = StoreOutcome::default();
+                let mut done = 0;
+                // A reservation may cover fewer blocks than asked (a full
+                // pool, a full write-through queue, a staging buffer's
+                // worth): commit it and reserve the rest.
+                while done < t.keys.len() {
+                    let mut r = m.reserve(t.ns, &t.keys[done..])?;
+                    // SAFETY: the tensor addresses are the caller's
+                    // contract (live storage on `device`, not written
+                    // during the call), as for `_copy_blocks`; a failed
+                    // copy drops the reservation, committing nothing of it.
+                    unsafe { t.plan.save(&*t.copier, done, &mut r.slots_mut())? };
+                    done += r.len();
+                    let o = r.commit()?;
+                    total.stored += o.stored;
+                    total.present += o.present;
+                    total.not_admitted += o.not_admitted;
+                }
+                Ok(total)
+            })
+            .map_err(err)?;
+        put_result(py, out.stored as u64, out.present as u64, out.not_admitted as u64)
+    }
+
+    /// Loads the leading present blocks of `keys` straight into an
+    /// engine's KV tensors: block `i` into block id `block_ids[i]` of every
+    /// layer (`layers` as for `save_blocks`). Host-tier blocks are copied
+    /// from the tier's memory, disk blocks through a reused buffer, each
+    /// verified first. Returns (loaded, failed_index or None), as `get`
+    /// does: loading stops at the first missing block, and a block that
+    /// fails verification is never written into the tensors; recompute it
+    /// and what follows. Low level: the addresses must be live tensor
+    /// storage on `device`, not used during the call.
+    #[pyo3(signature = (ns, keys, layers, layer_block_bytes, block_ids, device = "cpu"))]
+    #[allow(clippy::too_many_arguments)]
+    fn load_blocks(
+        &self,
+        py: Python<'_>,
+        ns: &[u8],
+        keys: Vec<Vec<u8>>,
+        layers: Vec<(u64, u64, u64)>,
+        layer_block_bytes: usize,
+        block_ids: Vec<u64>,
+        device: &str,
+    ) -> PyResult<(usize, Option<usize>)> {
+        let t = self.transfer(ns, keys, layers, layer_block_bytes, &block_ids, device)?;
+        let r = py
+            .detach(|| {
+                self.inner.load_with(t.ns, &t.keys, |first, blocks| {
+                    // SAFETY: the tensor addresses are the caller's
+                    // contract (live storage on `device`, not used during
+                    // the call), as for `_copy_blocks`.
+                    unsafe { t.plan.load(&*t.copier, first, blocks) }
+                })
+            })
+            .map_err(err)?;
+        Ok((r.loaded, r.failed.map(|f| f.index)))
+    }
+
     /// Waits until queued write-through blocks are on disk.
     fn flush(&self, py: Python<'_>) {
         py.detach(|| self.inner.flush());
@@ -386,14 +545,27 @@ impl Client {
 impl Client {
     /// Connects to kvtierd at `endpoint` (http://host:port, https:// for TLS).
     #[new]
-    #[pyo3(signature = (endpoint = "http://127.0.0.1:50051", *, token = None, ca_file = None, tls_domain = None))]
+    /// `timeout_s` bounds each call: a daemon that does not answer in time
+    /// (stopped, wedged) raises UnavailableError instead of holding the
+    /// caller; None waits as long as the call takes.
+    #[pyo3(signature = (endpoint = "http://127.0.0.1:50051", *, token = None, ca_file = None, tls_domain = None, timeout_s = None))]
     fn new(
         py: Python<'_>,
         endpoint: &str,
         token: Option<String>,
         ca_file: Option<String>,
         tls_domain: Option<String>,
+        timeout_s: Option<f64>,
     ) -> PyResult<Self> {
+        let request_timeout = match timeout_s {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 => Some(std::time::Duration::from_secs_f64(t)),
+            Some(t) => {
+                return Err(InvalidArgumentError::new_err(format!(
+                    "timeout_s {t}: a positive number of seconds, or None"
+                )));
+            }
+        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -404,6 +576,7 @@ impl Client {
             token,
             ca_file: ca_file.map(Into::into),
             tls_domain,
+            request_timeout,
         };
         let inner = py.detach(|| rt.block_on(RpcClient::connect(&cfg))).map_err(err)?;
         Ok(Self { rt, inner })
@@ -588,15 +761,15 @@ impl Client {
     }
 }
 
-fn copier(device: &str) -> PyResult<std::sync::Arc<dyn kvtier::transfer::Copier>> {
+fn copier(device: &str) -> PyResult<Arc<dyn Copier>> {
     use std::collections::HashMap;
-    use std::sync::{Arc, Mutex, OnceLock};
-    static COPIERS: OnceLock<Mutex<HashMap<String, Arc<dyn kvtier::transfer::Copier>>>> = OnceLock::new();
+    use std::sync::{Mutex, OnceLock};
+    static COPIERS: OnceLock<Mutex<HashMap<String, Arc<dyn Copier>>>> = OnceLock::new();
     let mut m = COPIERS.get_or_init(Default::default).lock().expect("copier cache");
     if let Some(c) = m.get(device) {
         return Ok(c.clone());
     }
-    let c: Arc<dyn kvtier::transfer::Copier> = match device {
+    let c: Arc<dyn Copier> = match device {
         "cpu" => Arc::new(kvtier::transfer::host::HostCopier),
         d if d.starts_with("cuda") => {
             let ordinal = d
@@ -640,7 +813,7 @@ fn _copy_blocks(
     staging: &Bound<'_, PyAny>,
     device: &str,
 ) -> PyResult<()> {
-    use kvtier::transfer::{Direction, LayerBlocks, plan};
+    use kvtier::transfer::{Direction, plan};
     let dir = match direction {
         "save" => Direction::ToStaging,
         "load" => Direction::FromStaging,
@@ -677,6 +850,45 @@ fn key_from_hash<'py>(py: Python<'py>, ns: &[u8], engine_hash: &[u8]) -> PyResul
     Ok(PyBytes::new(py, &k.to_le_bytes()))
 }
 
+/// The 16-byte keys of a request's engine-provided block hashes in a
+/// namespace, in one call: the same keys as `[key_from_hash(ns, h) for h in
+/// hashes]`. vLLM's block hashes are bytes; a hash must be bytes-like
+/// (bytes, bytearray, a C-contiguous memoryview). Anything else raises
+/// TypeError naming its index and type: it is never turned into a key
+/// through its repr. Each key is one hash of a few dozen bytes, far less
+/// than releasing the interpreter costs, so it stays held.
+#[pyfunction]
+fn keys_from_hashes<'py>(py: Python<'py>, ns: &[u8], hashes: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let ns = ns_id(ns)?;
+    let type_name = |o: &Bound<'py, PyAny>| o.get_type().name().map(|n| n.to_string());
+    let items = hashes.try_iter().map_err(|_| {
+        let t = type_name(hashes).unwrap_or_default();
+        PyTypeError::new_err(format!("hashes: an iterable of bytes-like block hashes, got {t}"))
+    })?;
+    let mut out = Vec::with_capacity(hashes.len().unwrap_or(0));
+    for (i, h) in items.enumerate() {
+        let h = h?;
+        let key = if let Ok(b) = h.cast::<PyBytes>() {
+            BlockKey::from_opaque(ns, b.as_bytes())
+        } else if let Ok(b) = h.cast::<PyByteArray>() {
+            BlockKey::from_opaque(ns, &b.to_vec())
+        } else if h.cast::<PyMemoryView>().is_ok() {
+            let buf = Buffer::get(&h, false).map_err(|e| PyTypeError::new_err(format!("hashes[{i}]: {e}")))?;
+            let (p, len) = buf.ptr_len();
+            // SAFETY: `buf` holds the buffer for the hash, and the
+            // interpreter stays attached, so no Python code changes it.
+            BlockKey::from_opaque(ns, unsafe { slice(p, len) })
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "hashes[{i}]: a block hash is bytes-like (bytes, bytearray, memoryview), got {}",
+                type_name(&h)?
+            )));
+        };
+        out.push(PyBytes::new(py, &key.to_le_bytes()));
+    }
+    Ok(out)
+}
+
 /// Chained 16-byte keys of every full block of `tokens` in a namespace (a dict).
 #[pyfunction]
 fn keys_from_tokens<'py>(
@@ -695,6 +907,7 @@ fn _kvtier(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Store>()?;
     m.add_class::<Client>()?;
     m.add_function(wrap_pyfunction!(key_from_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(keys_from_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(keys_from_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(_copy_blocks, m)?)?;
     m.add("KvTierError", py.get_type::<KvTierError>())?;

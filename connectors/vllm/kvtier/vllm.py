@@ -77,6 +77,9 @@ EXTRA_KEYS = {
     "disk_capacity_bytes",
     "store",
     "salt",
+    "staging_bytes",
+    "timeout_s",
+    "transfer_timeout_s",
 }
 
 DTYPES = {
@@ -100,13 +103,23 @@ def parse_extra_config(extra: dict[str, Any] | None) -> dict[str, Any]:
     load_mode = extra.setdefault("load_mode", "async")
     if load_mode not in ("async", "sync"):
         raise ValueError(f"kv_connector_extra_config: load_mode {load_mode!r} must be 'async' or 'sync'")
-    for key in ("host_capacity_bytes", "disk_capacity_bytes"):
+    for key in ("host_capacity_bytes", "disk_capacity_bytes", "staging_bytes"):
         if key in extra and (not isinstance(extra[key], int) or extra[key] < 0):
             raise ValueError(f"kv_connector_extra_config: {key} must be a non-negative integer")
+    for key, default in (("timeout_s", DEFAULT_TIMEOUT_S), ("transfer_timeout_s", DEFAULT_TRANSFER_TIMEOUT_S)):
+        t = extra.setdefault(key, default)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ValueError(f"kv_connector_extra_config: {key} must be a positive number of seconds")
     if "store" in extra and not isinstance(extra["store"], dict):
         raise ValueError("kv_connector_extra_config: store must be a table of store settings")
     return extra
 
+
+# Daemon calls that take longer fail as unavailable. The scheduler's
+# lookups (a miss) are on the engine's critical path: a wedged daemon holds
+# it no longer than this. Worker loads and saves run off the step.
+DEFAULT_TIMEOUT_S = 1.0
+DEFAULT_TRANSFER_TIMEOUT_S = 30.0
 
 _STORES: dict[str, Any] = {}
 _STORES_LOCK = threading.Lock()
@@ -122,8 +135,9 @@ class _Daemon:
     fails like any other (a miss, a skipped save) and the client is kept;
     reconnecting would add load exactly when the daemon sheds it."""
 
-    def __init__(self, endpoint: str, token: str | None, retry_s: float = 2.0):
+    def __init__(self, endpoint: str, token: str | None, timeout_s: float = DEFAULT_TIMEOUT_S, retry_s: float = 2.0):
         self._endpoint, self._token, self._retry_s = endpoint, token, retry_s
+        self._timeout_s = timeout_s
         self._client = None
         self._next_try = 0.0
         self._lock = threading.Lock()
@@ -134,7 +148,7 @@ class _Daemon:
         with self._lock:
             if self._client is None and time.monotonic() >= self._next_try:
                 try:
-                    self._client = kvtier.Client(self._endpoint, token=self._token)
+                    self._client = kvtier.Client(self._endpoint, token=self._token, timeout_s=self._timeout_s)
                 except kvtier.KvTierError as e:
                     self._next_try = time.monotonic() + self._retry_s
                     logger.warning("kvtier: daemon %s unavailable: %s", self._endpoint, e)
@@ -149,18 +163,27 @@ class _Daemon:
             except kvtier.ThrottledError:
                 raise  # the daemon is up: keep the client
             except kvtier.UnavailableError:
+                import time
+
                 with self._lock:
-                    self._client = None  # reconnect next time (the daemon may restart)
+                    # Reconnect after retry_s (the daemon may restart);
+                    # until then calls fail at once instead of each
+                    # waiting out its timeout on a wedged daemon.
+                    self._client = None
+                    self._next_try = time.monotonic() + self._retry_s
                 raise
 
         return call
 
 
-def open_store(extra: dict[str, Any]):
-    """The embedded store, or a daemon client. The scheduler and worker
-    connectors of one process share one embedded store."""
+def open_store(extra: dict[str, Any], worker: bool = False):
+    """The embedded store, or a daemon client (its calls bounded by
+    ``transfer_timeout_s`` on a worker, ``timeout_s`` otherwise). The
+    scheduler and worker connectors of one process share one embedded
+    store."""
     if extra["mode"] == "daemon":
-        return _Daemon(extra.get("endpoint", "http://127.0.0.1:50051"), extra.get("token"))
+        timeout = extra["transfer_timeout_s" if worker else "timeout_s"]
+        return _Daemon(extra.get("endpoint", "http://127.0.0.1:50051"), extra.get("token"), float(timeout))
     cfg = extra.get("store")
     if cfg is None:
         cfg = {}
@@ -210,15 +233,135 @@ def config_layout(vllm_config: VllmConfig) -> dict[str, Any]:
     }
 
 
-def block_key(ns_id: bytes, block_hash: Any) -> bytes:
-    """kvtier's key of one of vLLM's block hashes."""
-    if isinstance(block_hash, (bytes, bytearray)):
-        raw = bytes(block_hash)
-    elif isinstance(block_hash, int):
-        raw = block_hash.to_bytes(32, "little", signed=True)
-    else:
-        raw = repr(block_hash).encode()
-    return kvtier.key_from_hash(ns_id, raw)
+# vLLM's documented prefix-caching hashes (``prefix_caching_hash_algo``);
+# each makes a block hash of bytes, which is what kvtier keys are made from.
+HASH_ALGOS = ("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")
+
+
+def check_hashing(vllm_config: VllmConfig) -> None:
+    """Refuses, at startup, block hashes the connector does not know how
+    to key (rather than keying them some other way later)."""
+    import os
+
+    algo = getattr(vllm_config.cache_config, "prefix_caching_hash_algo", "sha256")
+    if algo not in HASH_ALGOS:
+        raise ValueError(
+            f"kvtier: prefix_caching_hash_algo {algo!r} is not one kvtier keys blocks by "
+            f"(supported: {', '.join(HASH_ALGOS)})"
+        )
+    if algo.startswith("xxhash") and not os.environ.get("PYTHONHASHSEED"):
+        logger.warning(
+            "kvtier: %s block hashes are seeded per process unless PYTHONHASHSEED is set: "
+            "blocks saved by one engine process are never found by another",
+            algo,
+        )
+
+
+def request_keys(ns_id: bytes, block_hashes: Any) -> list[bytes]:
+    """kvtier's keys of a run of vLLM block hashes, in one call."""
+    return kvtier.keys_from_hashes(ns_id, block_hashes)
+
+
+class _Staging:
+    """Staging memory allocated once and reused: ``slots`` regions of
+    ``slot_bytes`` each, pinned when the KV cache is on a GPU (device-to-
+    host copies into pageable memory run far below the bus's speed). A
+    region is taken whole and given back; nothing here ever waits."""
+
+    def __init__(self, slots: int, slot_bytes: int, pinned: bool):
+        self.slot_bytes = slot_bytes
+        self._mem = torch.empty(slots * slot_bytes, dtype=torch.uint8, pin_memory=pinned).numpy()
+        self._free = list(range(slots))
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            return self._free.pop() if self._free else None
+
+    def give(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    def view(self, slot: int, nbytes: int) -> np.ndarray:
+        at = slot * self.slot_bytes
+        return self._mem[at : at + nbytes]
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+
+@dataclass
+class SaveStats:
+    """What the worker's save path did (blocks, not calls)."""
+
+    saved: int = 0
+    # Not stored because the staging was all in flight (the store is
+    # slower than the engine) or the store refused them (throttled, full,
+    # down): the engine went on; a later request recomputes them.
+    skipped_in_flight: int = 0
+    skipped_store: int = 0
+
+
+class _Saver:
+    """Stores copied-out blocks off the engine's step: one background
+    thread drains a queue of (keys, staging slot) items. The bound on bytes
+    in flight is the staging itself: no free slot, and the save is skipped
+    and counted, so a slow or throttled store never blocks a step."""
+
+    def __init__(self, store: Any, staging: _Staging):
+        import queue
+
+        self._store = store
+        self._staging = staging
+        self._queue: queue.Queue = queue.Queue()
+        self.stats = SaveStats()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="kvtier-save", daemon=True)
+        self._thread.start()
+
+    def submit(self, ns_id: bytes, req_id: str, keys: list[bytes], slot: int, nbytes: int) -> None:
+        self._queue.put((ns_id, req_id, keys, slot, nbytes))
+
+    def count(self, **deltas: int) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                ns_id, req_id, keys, slot, nbytes = item
+                try:
+                    self._store.put(ns_id, keys, self._staging.view(slot, nbytes))
+                    self.count(saved=len(keys))
+                except kvtier.KvTierError as e:
+                    self.count(skipped_store=len(keys))
+                    logger.warning("kvtier: save of %s skipped: %s", req_id, e)
+                except Exception:
+                    self.count(skipped_store=len(keys))
+                    logger.exception("kvtier: save of %s raised", req_id)
+                finally:
+                    self._staging.give(slot)
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Waits until every queued save is stored or skipped."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+# Staging runs: blocks per slot, default save staging, loading threads.
+SLOT_BLOCKS = 32
+DEFAULT_STAGING_BYTES = 256 << 20
+LOAD_THREADS = 2
 
 
 @dataclass
@@ -259,7 +402,15 @@ class KvTierConnector(KVConnectorBase_V1):
         self._block_size = int(vllm_config.cache_config.block_size)
         self._layout = config_layout(vllm_config)
         self._namespace = model_namespace(vllm_config, self._extra, self._layout)
-        self._store = open_store(self._extra)
+        check_hashing(vllm_config)
+        if role == KVConnectorRole.SCHEDULER and getattr(
+            vllm_config.kv_transfer_config, "kv_load_failure_policy", "recompute"
+        ) == "fail":
+            logger.warning(
+                "kvtier: kv_load_failure_policy is 'fail': a kvtier block that cannot be loaded "
+                "fails its request; set it to 'recompute' to recompute such blocks instead"
+            )
+        self._store = open_store(self._extra, worker=role == KVConnectorRole.WORKER)
         self._ns_id: bytes | None = None
         self._register_namespace()
         # Scheduler side.
@@ -274,6 +425,12 @@ class KvTierConnector(KVConnectorBase_V1):
         self._errors_lock = threading.Lock()
         self._loads_in_flight: dict[str, Any] = {}
         self._pool = None
+        self._save_staging: _Staging | None = None
+        self._load_staging: _Staging | None = None
+        self._saver: _Saver | None = None
+        # Embedded with a host tier: blocks move straight between the KV
+        # tensors and the tier's memory, one copy, no staging.
+        self._direct_store = False
 
     # ---------------------------------------------------------------- common
 
@@ -293,7 +450,7 @@ class KvTierConnector(KVConnectorBase_V1):
 
     def _keys(self, request: Any, first: int, last: int) -> list[bytes]:
         assert self._ns_id is not None
-        return [block_key(self._ns_id, h) for h in request.block_hashes[first:last]]
+        return request_keys(self._ns_id, request.block_hashes[first:last])
 
     # --------------------------------------------------------- scheduler side
 
@@ -420,6 +577,24 @@ class KvTierConnector(KVConnectorBase_V1):
             t[0].permute(1, 0, 2).is_contiguous() and t.stride(0) >= t[0].numel() for t in kv_caches.values()
         )
         self._device = "cpu" if first.device.type == "cpu" else f"cuda:{first.device.index or 0}"
+        self._direct_store = (
+            self._direct
+            and self._extra["mode"] == "embedded"
+            and hasattr(self._store, "save_blocks")
+            and self._store.has_host_tier()
+        )
+        # Staging, allocated once: saves take a slot per run of up to
+        # SLOT_BLOCKS blocks and hold it until the store has them; loads
+        # use one slot per loading thread.
+        slot_bytes = SLOT_BLOCKS * self._block_bytes()
+        pinned = first.device.type == "cuda"
+        if not self._direct_store:
+            slots = max(2, self._extra.get("staging_bytes", DEFAULT_STAGING_BYTES) // slot_bytes)
+            self._save_staging = _Staging(slots, slot_bytes, pinned)
+            self._saver = _Saver(self._store, self._save_staging)
+            self._load_staging = _Staging(LOAD_THREADS + 1, slot_bytes, pinned)
+        else:
+            self._saver = _Saver(self._store, _Staging(0, slot_bytes, False))
         logger.info(
             "kvtier: %d layers of %s, %s path on %s",
             len(self._layer_names),
@@ -431,12 +606,8 @@ class KvTierConnector(KVConnectorBase_V1):
     def _copy(self, direction: str, block_ids: list[int], staging: np.ndarray) -> None:
         """Moves whole blocks between the KV tensors and block-major staging."""
         if self._direct:
-            layers = []
-            for name in self._layer_names:
-                t = self._kv_caches[name]
-                layers.append((t.data_ptr(), t.stride(0) * t.element_size(), t.shape[0]))
             kvtier._kvtier._copy_blocks(
-                direction, layers, self._layer_block_bytes(), list(block_ids), staging, self._device
+                direction, self._layers(), self._layer_block_bytes(), list(block_ids), staging, self._device
             )
             return
         per_layer = self._layer_block_bytes()
@@ -481,33 +652,46 @@ class KvTierConnector(KVConnectorBase_V1):
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtier-load")
+            self._pool = ThreadPoolExecutor(max_workers=LOAD_THREADS, thread_name_prefix="kvtier-load")
         for load in meta.loads:
             # The request's blocks are its own until the load is reported
             # finished: writing them from another thread is safe.
             self._loads_in_flight[load.req_id] = self._pool.submit(self._load_or_fail, load)
 
     def _load_or_fail(self, load: LoadSpec) -> None:
-        """A load that raises reports every block it owns as failed, so
-        nothing half-written is taken for KV."""
+        """A load that raises reports every block it did not finish as
+        failed, so nothing half-written is taken for KV."""
+        done = [0]
         try:
-            self._load(load)
+            self._load(load, done)
         except Exception:
             logger.exception("kvtier: load of %s raised; vLLM recomputes its blocks", load.req_id)
             with self._errors_lock:
-                self._load_errors.update(load.block_ids)
+                self._load_errors.update(load.block_ids[done[0] :])
 
-    def _load(self, load: LoadSpec) -> None:
-        """Reads a request's blocks and scatters them into the KV tensors;
-        records the blocks it could not load (before it returns, so they are
-        reported no later than the load's completion)."""
-        block_bytes = self._block_bytes()
-        staging = np.empty(len(load.keys) * block_bytes, np.uint8)
+    def _layers(self) -> list[tuple[int, int, int]]:
+        out = []
+        for name in self._layer_names:
+            t = self._kv_caches[name]
+            out.append((t.data_ptr(), t.stride(0) * t.element_size(), t.shape[0]))
+        return out
+
+    def _load(self, load: LoadSpec, done: list[int]) -> None:
+        """Reads a request's blocks into the KV tensors; records the blocks
+        it could not load (before it returns, so they are reported no later
+        than the load's completion). `done[0]`: blocks written so far."""
+        loaded, failed = 0, None
         try:
-            loaded, failed = self._store.get(self._ns_id, load.keys, staging)
+            if self._direct_store:
+                loaded, failed = self._store.load_blocks(
+                    self._ns_id, load.keys, self._layers(), self._layer_block_bytes(), load.block_ids, self._device
+                )
+                done[0] = loaded
+            else:
+                loaded, failed = self._load_staged(load, done)
         except kvtier.KvTierError as e:
             logger.warning("kvtier: load of %s failed, recomputing: %s", load.req_id, e)
-            loaded, failed = 0, 0
+            loaded = done[0]
         if loaded < len(load.keys):
             with self._errors_lock:
                 self._load_errors.update(load.block_ids[loaded:])
@@ -518,8 +702,27 @@ class KvTierConnector(KVConnectorBase_V1):
                 len(load.keys),
                 " (a block failed verification)" if failed is not None else "",
             )
-        if loaded:
-            self._copy("load", load.block_ids[:loaded], staging[: loaded * block_bytes])
+
+    def _load_staged(self, load: LoadSpec, done: list[int]) -> tuple[int, int | None]:
+        """Through a staging slot, SLOT_BLOCKS blocks at a time."""
+        assert self._load_staging is not None
+        slot = self._load_staging.take()
+        if slot is None:
+            raise RuntimeError("kvtier: no load staging slot free (more loading threads than slots)")
+        try:
+            block_bytes = self._block_bytes()
+            for at in range(0, len(load.keys), SLOT_BLOCKS):
+                keys = load.keys[at : at + SLOT_BLOCKS]
+                staging = self._load_staging.view(slot, len(keys) * block_bytes)
+                n, failed = self._store.get(self._ns_id, keys, staging)
+                if n:
+                    self._copy("load", load.block_ids[at : at + n], staging[: n * block_bytes])
+                done[0] = at + n
+                if n < len(keys):
+                    return at + n, (None if failed is None else at + failed)
+            return len(load.keys), None
+        finally:
+            self._load_staging.give(slot)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # Loads complete in start_load_kv.
@@ -531,17 +734,59 @@ class KvTierConnector(KVConnectorBase_V1):
         return
 
     def wait_for_save(self):
+        """The step pays one copy of each completed block out of the KV
+        tensors (into the host tier itself, embedded; into pinned staging
+        otherwise); the store runs on the saver's thread. When the copy
+        returns the blocks are free to reuse, so request_finished never
+        holds them."""
         meta = self._get_connector_metadata()
         if not isinstance(meta, KvTierMetadata) or not meta.saves or not self._register_namespace():
             return
-        block_bytes = self._block_bytes()
         for save in meta.saves:
-            staging = np.empty(len(save.keys) * block_bytes, np.uint8)
-            self._copy("save", save.block_ids, staging)
+            self._save(save)
+
+    def _save(self, save: SaveSpec) -> None:
+        assert self._saver is not None
+        if self._direct_store:
             try:
-                self._store.put(self._ns_id, save.keys, staging)
+                r = self._store.save_blocks(
+                    self._ns_id, save.keys, self._layers(), self._layer_block_bytes(), save.block_ids, self._device
+                )
+                self._saver.count(saved=r["stored"], skipped_store=r["not_admitted"])
             except kvtier.KvTierError as e:
+                self._saver.count(skipped_store=len(save.keys))
                 logger.warning("kvtier: save of %s skipped: %s", save.req_id, e)
+            return
+        assert self._save_staging is not None
+        block_bytes = self._block_bytes()
+        for at in range(0, len(save.keys), SLOT_BLOCKS):
+            slot = self._save_staging.take()
+            if slot is None:
+                # Everything in flight: skip the rest of this save (a
+                # prefix's later blocks are no use without the earlier).
+                self._saver.count(skipped_in_flight=len(save.keys) - at)
+                logger.debug("kvtier: save of %s skipped from block %d: staging in flight", save.req_id, at)
+                return
+            keys = save.keys[at : at + SLOT_BLOCKS]
+            nbytes = len(keys) * block_bytes
+            try:
+                self._copy("save", save.block_ids[at : at + SLOT_BLOCKS], self._save_staging.view(slot, nbytes))
+            except Exception:
+                self._save_staging.give(slot)
+                self._saver.count(skipped_store=len(save.keys) - at)
+                logger.exception("kvtier: copy-out for the save of %s failed", save.req_id)
+                return
+            self._saver.submit(self._ns_id, save.req_id, keys, slot, nbytes)
+
+    @property
+    def save_stats(self) -> SaveStats:
+        """Blocks saved and skipped by this worker so far."""
+        return SaveStats() if self._saver is None else self._saver.stats
+
+    def flush_saves(self) -> None:
+        """Waits until every save copied out so far is stored or skipped."""
+        if self._saver is not None:
+            self._saver.flush()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Async loads that completed (their errors are recorded already)."""
@@ -555,6 +800,12 @@ class KvTierConnector(KVConnectorBase_V1):
     def shutdown(self):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        if self._saver is not None:
+            # Saves copied out are stored before the engine exits.
+            self._saver.flush()
+            self._saver.close()
+            logger.info("kvtier: saves %s", self._saver.stats)
+            self._saver = None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._errors_lock:

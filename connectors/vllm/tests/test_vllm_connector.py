@@ -274,7 +274,7 @@ class FakeClient:
     made = 0
     fail = None
 
-    def __init__(self, endpoint, token=None):
+    def __init__(self, endpoint, token=None, timeout_s=None):
         FakeClient.made += 1
 
     def register_namespace(self, namespace):
@@ -302,7 +302,7 @@ def fake_client(monkeypatch):
 
 
 def test_fake_client_throttled_keeps_the_daemon_client_unavailable_drops_it(fake_client):
-    d = kv._Daemon("http://fake", None)
+    d = kv._Daemon("http://fake", None, retry_s=0.2)
     ns = d.register_namespace({})
     client = d._client
     assert fake_client.made == 1
@@ -317,8 +317,14 @@ def test_fake_client_throttled_keeps_the_daemon_client_unavailable_drops_it(fake
         d.lookup(ns, [bytes(16)])
     assert d._client is None, "an unavailable daemon drops the client"
     fake_client.fail = None
+    # Until retry_s has passed, calls fail at once without reconnecting (a
+    # wedged daemon would hold each of them for its whole timeout).
+    with pytest.raises(kvtier.UnavailableError):
+        d.lookup(ns, [bytes(16)])
+    assert fake_client.made == 1
+    time.sleep(0.25)
     assert d.lookup(ns, [bytes(16)]) == (0, [])
-    assert fake_client.made == 2, "the next call reconnects"
+    assert fake_client.made == 2, "the next call after retry_s reconnects"
 
 
 def test_fake_client_a_throttled_daemon_means_misses_and_skipped_saves(model_dir, fake_client, caplog):
@@ -386,3 +392,82 @@ def test_a_throttled_daemon_keeps_the_connectors_client(model_dir, tmp_path, mon
         assert len(made) == clients, f"a throttled daemon made a connector reconnect: {made}"
     finally:
         daemon.stop()
+
+
+def test_a_stalled_daemon_never_blocks_the_step(model_dir, tmp_path):
+    """Saves run off the step: with the daemon frozen (SIGSTOP) every put
+    hangs, yet the engine serves request after request; once the staging
+    (2 slots here) is all in flight, further saves are skipped and counted.
+    Thawed, what was copied out is stored and found by a fresh engine."""
+    import signal
+
+    from conftest import Daemon
+
+    d = Daemon(tmp_path / "data")
+    # Lookups give up on the frozen daemon after 0.2 s (misses); the
+    # saver's puts wait for it (transfer_timeout_s).
+    extra = {"mode": "daemon", "endpoint": d.endpoint, "staging_bytes": 1, "load_mode": "sync", "timeout_s": 0.2}
+    try:
+        _, sched, worker = instance(model_dir, extra)
+        # Registered while the daemon answers; then it freezes.
+        sched.add_request(H.make_request("warm", [7] * 20, max_tokens=1))
+        H.run_until_finished(sched, worker, ["warm"], max_steps=10)
+        base = worker.connector.save_stats.saved
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            prefixes = [[1000 * (i + 1) + t for t in range(48)] for i in range(4)]
+            for i, p in enumerate(prefixes):
+                sched.add_request(H.make_request(f"s{i}", p + [1], max_tokens=2))
+            steps = 0
+            while sched.has_requests():
+                H.step(sched, worker)
+                steps += 1
+                assert steps < 40, "the engine stalled behind a frozen daemon"
+            stats = worker.connector.save_stats
+            assert stats.skipped_in_flight == 3 * 2, stats  # two saves held, two skipped
+            assert stats.saved == base, stats
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        worker.connector.flush_saves()
+        assert worker.connector.save_stats.saved == base + 3 * 2
+        # A fresh engine finds the first two prefixes (held, then stored),
+        # not the two skipped ones.
+        _, sched2, worker2 = instance(model_dir, extra)
+        found = []
+        for i, p in enumerate(prefixes):
+            sched2.add_request(H.make_request(f"f{i}", p + [2], max_tokens=1))
+            found.append(scheduled(H.step(sched2, worker2), f"f{i}")[0])
+            H.run_until_finished(sched2, worker2, [], max_steps=10)  # drained
+        assert sorted(found) == [0, 0, 48, 48], found
+    finally:
+        d.stop()
+
+
+def test_a_preempted_and_resumed_request_saves_and_loads_only_its_own_kv(model_dir, tmp_path):
+    """A KV cache too small for both requests: vLLM preempts one (its blocks
+    freed and reused by the other) and resumes it later (0.34: whole, in
+    scheduled_new_reqs; older: in scheduled_cached_reqs). Every block kvtier
+    saved is that request's own KV: a fresh engine loads each prompt back
+    byte for byte."""
+    extra = {"mode": "embedded", "host_capacity_bytes": 64 << 20, "salt": str(tmp_path), "load_mode": "sync"}
+    _, sched, worker = instance(model_dir, extra, num_gpu_blocks=12, max_num_batched_tokens=32, max_model_len=160)
+    prompts = {f"p{i}": [3000 + 100 * i + t for t in range(64)] for i in range(2)}
+    reqs = [H.make_request(r, p, max_tokens=60) for r, p in prompts.items()]
+    H.add_requests(sched, *reqs)
+    H.run_until_finished(sched, worker, list(prompts), max_steps=400)
+    assert sum(r.num_preemptions for r in reqs) > 0, "the test did not make vLLM preempt"
+    # Each prompt's 3 blocks that precede its last token were saved (the
+    # 4th holds the last prompt token vLLM must compute itself).
+    _, sched2, worker2 = instance(model_dir, extra)
+    for rid, p in prompts.items():
+        sched2.add_request(H.make_request(f"{rid}-again", p + [1], max_tokens=1))
+        res = H.step(sched2, worker2)
+        computed, block_ids = scheduled(res, f"{rid}-again")
+        assert computed == 64, (rid, computed)
+        for i, name in enumerate(worker2.layer_names):
+            got = H.read_kv(worker2.kv_caches[name], block_ids, 64)
+            assert torch.equal(got, H.expected_kv(i, p, range(64), 2, 64)), (rid, name)
+        H.run_until_finished(sched2, worker2, [], max_steps=10)
+    assert not any(
+        r.kv_connector_output.invalid_block_ids for r in worker2.history if r.kv_connector_output
+    ), "a load failed"

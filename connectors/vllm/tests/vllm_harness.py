@@ -83,14 +83,19 @@ from vllm.v1.attention.backends.utils import (  # noqa: E402
     resolve_kv_cache_layout,
 )
 from vllm.v1.core import kv_cache_utils  # noqa: E402
-from vllm.v1.core.kv_cache_planning import (  # noqa: E402
-    get_global_kv_cache_groups,
-    get_kv_cache_configs,
-)
+try:  # SCRATCH-COMPAT
+    from vllm.v1.core.kv_cache_planning import (  # noqa: E402
+        get_global_kv_cache_groups,
+        get_kv_cache_configs,
+    )
+    from vllm.v1.core.kv_cache_utils import resolve_cache_hit_alignment_tokens
+except ImportError:
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
+    get_global_kv_cache_groups = None
+    resolve_cache_hit_alignment_tokens = None
 from vllm.v1.core.kv_cache_utils import (  # noqa: E402
     generate_scheduler_kv_cache_config,
     get_request_block_hasher,
-    resolve_cache_hit_alignment_tokens,
     resolve_kv_cache_block_sizes,
 )
 from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
@@ -261,18 +266,22 @@ def make_kv_cache_config(vllm_config: VllmConfig) -> KVCacheConfig:
     # layout preference; an empty backend list yields vLLM's default order.
     supported = [layout.name for layout in get_supported_kv_cache_layouts([])]
     resolve_kv_cache_layout(vllm_config, [supported], specs.values())
-    groups = get_global_kv_cache_groups(vllm_config, [specs])
     num_blocks = vllm_config.cache_config.num_gpu_blocks_override
     assert num_blocks is not None, "make_vllm_config sets num_gpu_blocks_override"
     # Any memory figure works: the override decides the block count.
-    (kv_cache_config,) = get_kv_cache_configs(vllm_config, [specs], [1 << 40], groups)
+    if get_global_kv_cache_groups is None:  # SCRATCH-COMPAT 0.31
+        (kv_cache_config,) = get_kv_cache_configs(vllm_config, [specs], [1 << 40])
+    else:
+        groups = get_global_kv_cache_groups(vllm_config, [specs])
+        (kv_cache_config,) = get_kv_cache_configs(vllm_config, [specs], [1 << 40], groups)
     kv_cache_config.kv_cache_layout = vllm_config.cache_config.kv_cache_layout
     sched_cfg = generate_scheduler_kv_cache_config([kv_cache_config])
     vllm_config.cache_config.num_gpu_blocks = sched_cfg.num_blocks
     block_size, hash_block_size = resolve_kv_cache_block_sizes(sched_cfg, vllm_config)
-    alignment = resolve_cache_hit_alignment_tokens(sched_cfg, vllm_config, block_size, hash_block_size)
-    kv_cache_config.hash_block_size = hash_block_size
-    kv_cache_config.cache_hit_alignment_tokens = alignment
+    if resolve_cache_hit_alignment_tokens is not None:  # SCRATCH-COMPAT 0.31
+        alignment = resolve_cache_hit_alignment_tokens(sched_cfg, vllm_config, block_size, hash_block_size)
+        kv_cache_config.hash_block_size = hash_block_size
+        kv_cache_config.cache_hit_alignment_tokens = alignment
     return kv_cache_config
 
 
@@ -561,23 +570,25 @@ class FakeWorker:
                 t[copy.dst_block_id].copy_(t[copy.src_block_id])
         for new in so.scheduled_new_reqs:
             self.requests[new.req_id] = _WorkerRequest(
-                token_ids=list(new.prompt_token_ids or []),
+                token_ids=list(getattr(new, "prefill_token_ids", None) or new.prompt_token_ids or []),  # SCRATCH-COMPAT
                 block_ids=[list(g) for g in new.block_ids],
                 num_computed_tokens=new.num_computed_tokens,
             )
         cached = so.scheduled_cached_reqs
+        resumed_ids = getattr(cached, "resumed_req_ids", set())  # SCRATCH-COMPAT
+        all_tok = getattr(cached, "all_token_ids", {})  # SCRATCH-COMPAT
         for i, req_id in enumerate(cached.req_ids):
             state = self.requests.get(req_id)
             new_blocks = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids or state is None:
+            if req_id in resumed_ids or state is None:
                 assert new_blocks is not None, f"{req_id}: resumed without block ids"
-                tokens = cached.all_token_ids.get(req_id, state.token_ids if state else [])
+                tokens = all_tok.get(req_id, state.token_ids if state else [])
                 state = self.requests[req_id] = _WorkerRequest(list(tokens), [list(g) for g in new_blocks], 0)
             elif new_blocks is not None:
                 for group_blocks, added in zip(state.block_ids, new_blocks):
                     group_blocks.extend(added)
-            if req_id in cached.all_token_ids:
-                state.token_ids = list(cached.all_token_ids[req_id])
+            if req_id in all_tok:
+                state.token_ids = list(all_tok[req_id])
             state.num_computed_tokens = cached.num_computed_tokens[i]
 
     def _metadata(self, so: SchedulerOutput, record: WorkerStepRecord) -> dict[str, AttentionMetadata]:
@@ -740,9 +751,12 @@ def make_model_runner_output(
     if not scheduler_output.num_scheduled_tokens:
         return ModelRunnerOutput.with_kv_conn_output_only(kv_connector_output)
     req_ids = list(scheduler_output.num_scheduled_tokens)
+    extra = {}
+    if "req_id_to_index" in ModelRunnerOutput.__dataclass_fields__:  # SCRATCH-COMPAT
+        extra["req_id_to_index"] = {r: i for i, r in enumerate(req_ids)}
     return ModelRunnerOutput(
         req_ids=req_ids,
-        req_id_to_index={r: i for i, r in enumerate(req_ids)},
+        **extra,
         sampled_token_ids=[list(sampled.get(r, [])) for r in req_ids],
         kv_connector_output=kv_connector_output,
     )
@@ -822,11 +836,16 @@ def run_until_finished(
 ) -> list[StepResult]:
     """Step until every id in ``request_ids`` (default: all known) finished;
     with ``drain`` keep stepping until the scheduler holds nothing (pending
-    async sends included). Raises after ``max_steps``."""
+    async sends included). Raises after ``max_steps``. A connector that
+    stores off the step (``flush_saves``) has stored what these steps saved
+    when it returns, so a test reads it back deterministically."""
     pending = set(request_ids) if request_ids is not None else set(scheduler.requests)
     results: list[StepResult] = []
     for _ in range(max_steps):
         if not pending and not (drain and scheduler.has_requests()):
+            flush = getattr(getattr(worker, "connector", None), "flush_saves", None)
+            if flush is not None:
+                flush()
             return results
         res = step(scheduler, worker, **step_kwargs)
         results.append(res)

@@ -32,6 +32,9 @@ impl<T> Wire<T> for std::result::Result<T, Status> {
     }
 }
 
+/// How long [`Client::connect`] waits for the daemon at most.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Where and how to connect.
 #[derive(Debug, Clone, Default)]
 pub struct ClientConfig {
@@ -43,6 +46,10 @@ pub struct ClientConfig {
     pub ca_file: Option<PathBuf>,
     /// Name to verify in the server's certificate, if not the endpoint's host.
     pub tls_domain: Option<String>,
+    /// Bound on each call, answer included: a daemon that accepts but does
+    /// not answer (stopped, wedged) fails the call as Unavailable instead of
+    /// holding the caller. None: no bound.
+    pub request_timeout: Option<Duration>,
 }
 
 /// Adds the bearer token to every request.
@@ -92,7 +99,9 @@ impl Client {
     /// A daemon that cannot be reached is [`ErrorKind::Unavailable`]; a
     /// malformed endpoint, token or CA file is [`ErrorKind::Config`].
     pub async fn connect(cfg: &ClientConfig) -> Result<Self> {
-        let ep = Self::endpoint(cfg, Duration::from_secs(5))?;
+        // A bounded call is bounded when connecting too.
+        let connect = cfg.request_timeout.map_or(CONNECT_TIMEOUT, |t| t.min(CONNECT_TIMEOUT));
+        let ep = Self::endpoint(cfg, connect)?;
         let channel = ep.connect().await.map_err(|e| {
             Error::with_source(
                 ErrorKind::Unavailable,
@@ -118,6 +127,9 @@ impl Client {
             .initial_stream_window_size(Some(16 << 20))
             .initial_connection_window_size(Some(64 << 20))
             .connect_timeout(connect_timeout);
+        if let Some(t) = cfg.request_timeout {
+            ep = ep.timeout(t);
+        }
         if cfg.endpoint.starts_with("https://") || cfg.ca_file.is_some() {
             crate::install_crypto_provider();
             let mut tls = ClientTlsConfig::new().with_enabled_roots();

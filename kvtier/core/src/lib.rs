@@ -8,8 +8,10 @@
 //!   SSD); behind them [`tier::blob`] (Azure Blob, on `object_store`).
 //! - [`eviction`]: eviction policies for the host tier (LRU first).
 //! - [`manager`]: the [`BlockManager`]: prefix lookup across tiers, store and
-//!   load with leases, the host → disk → blob cascade, admission, SSD-only
-//!   mode, and the lazy writeback to blob ([`manager::writeback`]).
+//!   load with leases, in-place stores (reserve, fill, commit) and loads
+//!   that hand out blocks where they lie, the host → disk → blob cascade,
+//!   admission, SSD-only mode, and the lazy writeback to blob
+//!   ([`manager::writeback`]).
 //! - [`checkpoint`]: named checkpoints of files: content-addressed chunks
 //!   committed by a manifest, over any [`checkpoint::ChunkStore`].
 //! - [`replication`]: the replication core (rendezvous placement,
@@ -21,7 +23,8 @@
 //!   write/fsync/rename faults tests inject.
 //! - [`buf`]: page-aligned buffers for clients and the disk tier.
 //! - [`transfer`]: block copies between an engine's KV tensors and staging
-//!   (host memcpy, or CUDA async copies with the `cuda` feature).
+//!   or per-block buffers such as host-tier slots (host memcpy, or CUDA
+//!   async copies with the `cuda` feature).
 //!
 //! # Why
 //!

@@ -355,3 +355,30 @@ async fn full_disk_is_resource_exhausted_and_keeps_stored_blocks() {
     put(&c, ns, 100).await.unwrap();
     assert_block(&c, ns, 100).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_stops_answering_fails_calls_as_unavailable_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    let c = Client::connect(&kvtier_client::ClientConfig {
+        endpoint: d.endpoint(),
+        request_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ns = c.register(&namespace("frozen", BLOCK)).await.unwrap().0;
+    put(&c, ns, 0).await.unwrap();
+    // Frozen: it accepts nothing and answers nothing, the connection stays.
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(d.pid(), libc::SIGSTOP) };
+    let t = Instant::now();
+    let e = c.lookup(ns, &[key(ns, 0)]).await.unwrap_err();
+    let waited = t.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(d.pid(), libc::SIGCONT) };
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(waited < Duration::from_secs(5), "the call waited {waited:?}");
+    // Thawed, the same client answers.
+    assert_eq!(c.lookup(ns, &[key(ns, 0)]).await.unwrap().hit_blocks, 1);
+}

@@ -192,6 +192,7 @@ fn tls_config(d: &Daemon, ca: &Path, token: Option<&str>) -> ClientConfig {
         token: token.map(String::from),
         ca_file: Some(ca.to_path_buf()),
         tls_domain: Some("localhost".into()),
+        request_timeout: None,
     }
 }
 

@@ -1,13 +1,14 @@
 //! The read path: prefix lookups across the tiers, leases that pin the
-//! present prefix, and loads that copy it out, verify it and promote it.
+//! present prefix, and loads that copy it out (or hand it out where it
+//! lies, [`BlockManager::load_with`]), verify it and promote it.
 
 use serde::Serialize;
 
-use super::{BlockManager, add};
+use super::{BlockManager, Scratch, add};
 use crate::block::{BlockKey, NamespaceId};
 use crate::error::{Error, ErrorKind, Result};
 use crate::tier::blob::object::Expect;
-use crate::tier::{Pin, Tier, TierCounters, TierKind};
+use crate::tier::{Pin, PinnedBlock, Tier, TierCounters, TierKind};
 
 /// Where each block of a lookup's present prefix lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -166,38 +167,11 @@ impl BlockManager {
         let mut res = LoadOutcome::default();
         let chunks: Vec<&mut [u8]> = out.chunks_exact_mut(block).collect();
         let disk_blocks = lease.blocks.iter().filter(|b| b.1 == TierKind::Disk).count();
-        if disk_blocks >= 2 {
-            // Verify block i while block i+1 is read: the device is busy
-            // while the CPU hashes, instead of idle.
-            std::thread::scope(|s| {
-                let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, &mut [u8], Result<()>)>(1);
-                let blocks = &lease.blocks;
-                s.spawn(move || {
-                    for (i, ((_, _, pin), chunk)) in blocks.iter().zip(chunks).enumerate() {
-                        let r = pin.read_unverified(chunk);
-                        let failed = r.is_err();
-                        if tx.send((i, chunk, r)).is_err() || failed {
-                            break;
-                        }
-                    }
-                });
-                for (i, chunk, r) in rx {
-                    let (key, tier, pin) = &lease.blocks[i];
-                    let r = r.and_then(|()| pin.verify(chunk));
-                    if !self.finish_block(lease.ns, i, *key, *tier, chunk, r, &mut res) {
-                        // Dropping the receiver stops the reader.
-                        break;
-                    }
-                }
-            });
-        } else {
-            for (i, ((key, tier, pin), chunk)) in lease.blocks.iter().zip(chunks).enumerate() {
-                let r = pin.read_into(chunk);
-                if !self.finish_block(lease.ns, i, *key, *tier, chunk, r, &mut res) {
-                    break;
-                }
-            }
-        }
+        let pins: Vec<&dyn PinnedBlock> = lease.blocks.iter().map(|b| &*b.2).collect();
+        read_verified(&pins, chunks, disk_blocks >= 2, |i, chunk, r| {
+            let (key, tier, _) = &lease.blocks[i];
+            self.finish_block(lease.ns, i, *key, *tier, chunk, r, &mut res)
+        });
         add(&sh.counters.loaded_blocks, res.loaded as u64);
         Ok(res)
     }
@@ -287,27 +261,142 @@ impl BlockManager {
     /// misses; a present block that fails verification stops the load and is
     /// reported in [`LoadOutcome::failed`], never served.
     pub fn load(&self, ns: NamespaceId, keys: &[BlockKey], out: &mut [u8]) -> Result<LoadOutcome> {
-        self.load_with(ns, keys, out, true)
+        self.load_buf(ns, keys, out, true)
     }
 
     /// [`BlockManager::load`] from the host and disk tiers only (a cluster
     /// asks its peers before blob).
     pub fn load_local(&self, ns: NamespaceId, keys: &[BlockKey], out: &mut [u8]) -> Result<LoadOutcome> {
-        self.load_with(ns, keys, out, false)
+        self.load_buf(ns, keys, out, false)
     }
 
-    fn load_with(&self, ns: NamespaceId, keys: &[BlockKey], out: &mut [u8], use_blob: bool) -> Result<LoadOutcome> {
+    fn load_buf(&self, ns: NamespaceId, keys: &[BlockKey], out: &mut [u8], use_blob: bool) -> Result<LoadOutcome> {
         let block = self.check(ns, keys, out.len(), "load")?;
         let lease = self.lease_sized(ns, keys, Expect::Exact(block), use_blob)?;
         let n = lease.len();
         let res = self.load_leased(&lease, &mut out[..n * block])?;
-        let missed = (keys.len() - n) as u64;
-        add(&self.shared.counters.missed_blocks, missed);
+        self.count_missed(keys.len() - n);
+        Ok(res)
+    }
+
+    fn count_missed(&self, missed: usize) {
+        add(&self.shared.counters.missed_blocks, missed as u64);
         if missed > 0 {
             for t in self.tiers() {
                 TierCounters::add(&t.counters().misses, 1);
             }
         }
+    }
+
+    /// [`BlockManager::load`] without a buffer of the caller's: `sink`
+    /// gets the verified bytes of the leading present blocks where they
+    /// lie, to copy them to their destination itself (an engine's KV
+    /// tensors), in one copy.
+    ///
+    /// `sink(first, blocks)` is called with runs of consecutive blocks, in
+    /// order: `blocks[j]` is the bytes of block `first + j` of `keys`,
+    /// valid for the call only. Host blocks are handed out in the pool;
+    /// disk blocks are read and verified into a reused scratch buffer
+    /// first, so a run ends where that buffer is full. Verification is
+    /// `load`'s: a block that fails it is never handed out, the load stops
+    /// there and reports it in [`LoadOutcome::failed`]. An error from
+    /// `sink` ends the load and is returned; the blocks of that run were
+    /// not loaded.
+    pub fn load_with(
+        &self,
+        ns: NamespaceId,
+        keys: &[BlockKey],
+        sink: impl FnMut(usize, &[&[u8]]) -> Result<()>,
+    ) -> Result<LoadOutcome> {
+        let block = self.block_bytes(ns)? as usize;
+        let lease = self.lease_sized(ns, keys, Expect::Exact(block), true)?;
+        let res = self.load_leased_with(&lease, sink)?;
+        self.count_missed(keys.len() - lease.len());
+        Ok(res)
+    }
+
+    /// [`BlockManager::load_leased`] through a sink, as
+    /// [`BlockManager::load_with`] does.
+    pub fn load_leased_with(
+        &self,
+        lease: &Lease,
+        mut sink: impl FnMut(usize, &[&[u8]]) -> Result<()>,
+    ) -> Result<LoadOutcome> {
+        let block = self.block_bytes(lease.ns)? as usize;
+        let sh = &self.shared;
+        add(&sh.counters.loads, 1);
+        let mut res = LoadOutcome::default();
+        let room = self.scratch_blocks(block);
+        let mut scratch: Option<Scratch> = None;
+        let n = lease.blocks.len();
+        let mut start = 0;
+        while start < n {
+            // A run: blocks start..end, each in memory or read into scratch.
+            let mut in_memory: Vec<Option<&[u8]>> = Vec::new();
+            let mut read: Vec<usize> = Vec::new();
+            let mut failed: Option<(usize, Error)> = None;
+            let mut end = start;
+            while end < n {
+                let (key, _, pin) = &lease.blocks[end];
+                if pin.len() != block {
+                    let e = Error::new(
+                        ErrorKind::BlockSize,
+                        format!("block {key} is {} bytes, not a whole block of {block}", pin.len()),
+                    );
+                    failed = Some((end, e));
+                    break;
+                }
+                match pin.in_memory() {
+                    Some(bytes) => {
+                        if let Err(e) = pin.verify(bytes) {
+                            failed = Some((end, e));
+                            break;
+                        }
+                        in_memory.push(Some(bytes));
+                    }
+                    None if read.len() == room => break,
+                    None => {
+                        read.push(end);
+                        in_memory.push(None);
+                    }
+                }
+                end += 1;
+            }
+            if !read.is_empty() {
+                let buf = scratch.get_or_insert_with(|| self.scratch(block));
+                let chunks: Vec<&mut [u8]> = buf.chunks_exact_mut(block).take(read.len()).collect();
+                let pins: Vec<&dyn PinnedBlock> = read.iter().map(|&i| &*lease.blocks[i].2).collect();
+                let disk_blocks = read.iter().filter(|&&i| lease.blocks[i].1 == TierKind::Disk).count();
+                read_verified(&pins, chunks, disk_blocks >= 2, |j, _, r| match r {
+                    Ok(()) => true,
+                    Err(e) => {
+                        // Before any failure found above: those are at `end`.
+                        failed = Some((read[j], e));
+                        false
+                    }
+                });
+            }
+            let good = failed.as_ref().map_or(end, |f| f.0) - start;
+            let mut scratch_blocks = scratch.as_deref().unwrap_or_default().chunks_exact(block);
+            let blocks: Vec<&[u8]> = in_memory[..good]
+                .iter()
+                .map(|b| b.unwrap_or_else(|| scratch_blocks.next().expect("a read block is in scratch")))
+                .collect();
+            if !blocks.is_empty() {
+                sink(start, &blocks)?;
+            }
+            for (i, bytes) in (start..).zip(&blocks) {
+                let (key, tier, _) = &lease.blocks[i];
+                self.finish_block(lease.ns, i, *key, *tier, bytes, Ok(()), &mut res);
+            }
+            if let Some((i, e)) = failed {
+                let (key, tier, _) = &lease.blocks[i];
+                self.finish_block(lease.ns, i, *key, *tier, &[], Err(e), &mut res);
+                break;
+            }
+            start = end;
+        }
+        add(&sh.counters.loaded_blocks, res.loaded as u64);
         Ok(res)
     }
 
@@ -359,4 +448,45 @@ impl BlockManager {
         let f = res.failed.expect("a block that did not finish failed");
         Err(Error::new(f.kind, f.message))
     }
+}
+
+/// Reads each pinned block into its chunk and verifies it, in order,
+/// handing `each` the block's index, chunk and result; stops when `each`
+/// answers false. With `pipeline`, block i+1 is read on another thread
+/// while block i is verified: the device is busy while the CPU hashes,
+/// instead of idle.
+fn read_verified(
+    pins: &[&dyn PinnedBlock],
+    chunks: Vec<&mut [u8]>,
+    pipeline: bool,
+    mut each: impl FnMut(usize, &mut [u8], Result<()>) -> bool,
+) {
+    if !pipeline {
+        for (i, (pin, chunk)) in pins.iter().zip(chunks).enumerate() {
+            let r = pin.read_into(chunk);
+            if !each(i, chunk, r) {
+                break;
+            }
+        }
+        return;
+    }
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, &mut [u8], Result<()>)>(1);
+        s.spawn(move || {
+            for (i, (pin, chunk)) in pins.iter().zip(chunks).enumerate() {
+                let r = pin.read_unverified(chunk);
+                let failed = r.is_err();
+                if tx.send((i, chunk, r)).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        for (i, chunk, r) in rx {
+            let r = r.and_then(|()| pins[i].verify(chunk));
+            if !each(i, chunk, r) {
+                // Dropping the receiver stops the reader.
+                break;
+            }
+        }
+    });
 }

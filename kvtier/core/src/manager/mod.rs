@@ -5,9 +5,15 @@
 //! - `store` validates everything first (namespace, sizes), then writes to the
 //!   host tier, cascading to disk per [`Cascade`]; in [`Mode::SsdOnly`] it
 //!   writes straight to disk through the disk tier's bounded staging.
+//! - `reserve` hands out writable space for new blocks (slots in the host
+//!   pool, or staging bound for the disk in SSD-only mode); the caller
+//!   fills it in place and `commit`s it, with the guarantees of `store` (see
+//!   [`Reservation`]).
 //! - `lease` pins the leading present blocks so they cannot be evicted before
 //!   `load_leased` copies them out; `load` does both at once and promotes disk
-//!   hits into the host tier.
+//!   hits into the host tier. `load_with` hands a caller the verified bytes
+//!   where they lie (host blocks in the pool, disk blocks read into a
+//!   reused buffer) to copy them to their destination itself.
 //! - With a blob tier, `lookup` and `lease` go to blob for the part of a
 //!   prefix the local tiers miss, and loads promote what they read into the
 //!   first local tier. In writeback mode every block that reaches the disk
@@ -18,6 +24,7 @@
 mod admission;
 pub mod config;
 mod lookup;
+mod reserve;
 mod stats;
 mod store;
 pub mod writeback;
@@ -30,6 +37,7 @@ use std::sync::mpsc::{SyncSender, sync_channel};
 
 pub use self::config::{Cascade, ManagerConfig, Mode};
 pub use self::lookup::{Lease, LoadFailure, LoadOutcome, Lookup};
+pub use self::reserve::Reservation;
 pub use self::stats::ManagerStats;
 pub use self::store::StoreOutcome;
 
@@ -38,6 +46,7 @@ use self::stats::Counters;
 use self::store::{Job, Queue, demoter, offload_worker};
 use self::writeback::Writeback;
 use crate::block::{BlockKey, Namespace, NamespaceId};
+use crate::buf::{AlignedBuf, Recycled, Recycler};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsio::FileIo;
 use crate::tier::Tier;
@@ -61,6 +70,44 @@ struct Shared {
     admission: Arc<Admission>,
     counters: Arc<Counters>,
     queue: Arc<Queue>,
+    /// Buffers for blocks that pass through host memory outside the host
+    /// tier: disk blocks on their way to a `load_with` caller, and blocks
+    /// an SSD-only reservation stages for the disk.
+    scratch: Recycler,
+}
+
+/// Bytes of one scratch buffer: blocks at most this large share pooled
+/// buffers; a larger block gets one of its own per request.
+const SCRATCH_BYTES: usize = 8 << 20;
+/// Idle scratch buffers kept for reuse (a load and a save per engine
+/// thread at once, typically).
+const SCRATCH_KEEP: usize = 4;
+
+/// A scratch buffer: pooled, or one of its own for a block larger than
+/// the pool's buffers.
+#[derive(Debug)]
+enum Scratch {
+    Pooled(Recycled),
+    Own(AlignedBuf),
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Pooled(b) => b,
+            Self::Own(b) => b,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Self::Pooled(b) => b,
+            Self::Own(b) => b,
+        }
+    }
 }
 
 /// The block manager. See the module docs.
@@ -170,10 +217,25 @@ impl BlockManager {
                 admission,
                 counters,
                 queue,
+                scratch: Recycler::new(SCRATCH_BYTES, SCRATCH_KEEP),
             }),
             tx,
             workers,
         })
+    }
+
+    /// How many `block`-byte blocks one scratch buffer holds (at least one).
+    fn scratch_blocks(&self, block: usize) -> usize {
+        (self.shared.scratch.buf_bytes() / block.max(1)).max(1)
+    }
+
+    /// A scratch buffer for [`BlockManager::scratch_blocks`] blocks.
+    fn scratch(&self, block: usize) -> Scratch {
+        if block <= self.shared.scratch.buf_bytes() {
+            Scratch::Pooled(self.shared.scratch.take())
+        } else {
+            Scratch::Own(AlignedBuf::new(block))
+        }
     }
 
     /// Registers a namespace; registering the same one again is a no-op.

@@ -144,21 +144,14 @@ impl BlockManager {
         // Write-through: reserve queue room for every block first, so a full
         // queue throttles the request before anything changes.
         let through = match (&self.tx, &sh.disk) {
-            (Some(tx), Some(disk)) => {
+            (Some(_), Some(disk)) => {
                 let want: Vec<bool> = keys
                     .iter()
                     .map(|k| sh.admission.admits(k) && !host.contains(k) && !disk.contains(k))
                     .collect();
                 let n = want.iter().filter(|w| **w).count();
-                let mut q = sh.queue.queued.lock();
-                if *q + n > sh.queue.capacity {
-                    return Err(Error::throttled(format!(
-                        "write-through queue holds {} of {} blocks; {n} more do not fit",
-                        *q, sh.queue.capacity
-                    )));
-                }
-                *q += n;
-                Some((tx, want, n))
+                self.take_queue_room(n)?;
+                Some((want, n))
             }
             _ => None,
         };
@@ -178,24 +171,61 @@ impl BlockManager {
                     break;
                 }
             }
-            if let Some((tx, want, _)) = &through
+            if let Some((want, _)) = &through
                 && want[i]
-                && let Some(pin) = host.pin_host(k)
+                && self.write_through(host, ns, *k)
             {
-                *sh.queue.in_flight.lock().entry(*k).or_insert(0) += 1;
-                tx.send(Job { ns, key: *k, pin })
-                    .expect("the offload worker runs while the manager lives");
                 sent += 1;
             }
         }
-        if let Some((_, _, n)) = through
-            && sent < n
-        {
-            let mut q = sh.queue.queued.lock();
-            *q -= n - sent;
-            sh.queue.drained.notify_all();
+        if let Some((_, n)) = through {
+            self.release_queue_room(n - sent);
         }
         result
+    }
+
+    /// Queues a write-through job for a host block, on room the caller
+    /// took in the queue; false if the block is gone from the host tier
+    /// already (evicted again), and then the room is the caller's to give
+    /// back.
+    pub(super) fn write_through(&self, host: &HostTier, ns: NamespaceId, key: BlockKey) -> bool {
+        let Some(tx) = &self.tx else {
+            return false;
+        };
+        let Some(pin) = host.pin_host(&key) else {
+            return false;
+        };
+        *self.shared.queue.in_flight.lock().entry(key).or_insert(0) += 1;
+        tx.send(Job { ns, key, pin })
+            .expect("the offload worker runs while the manager lives");
+        true
+    }
+
+    /// Takes room for `n` jobs in the write-through queue, or answers
+    /// throttled and takes none.
+    pub(super) fn take_queue_room(&self, n: usize) -> Result<()> {
+        let q = &self.shared.queue;
+        let mut queued = q.queued.lock();
+        if *queued + n > q.capacity {
+            return Err(Error::throttled(format!(
+                "write-through queue holds {} of {} blocks; {n} more do not fit",
+                *queued, q.capacity
+            )));
+        }
+        *queued += n;
+        Ok(())
+    }
+
+    /// Gives back room for `n` jobs that will not be queued.
+    pub(super) fn release_queue_room(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let q = &self.shared.queue;
+        let mut queued = q.queued.lock();
+        assert!(*queued >= n, "released more write-through room than was taken");
+        *queued -= n;
+        q.drained.notify_all();
     }
 
     /// Removes `keys` from every tier; answers how many were present. In

@@ -4,7 +4,7 @@ use crate::block::{Dtype, KvKind, KvLayout, SequenceHasher};
 use crate::tier::conformance::content;
 use crate::tier::disk::DiskConfig;
 use crate::tier::host::HostConfig;
-use crate::tier::{Stored, TierKind};
+use crate::tier::{Stored, Tier, TierKind};
 use std::path::Path;
 
 const BLOCK: u64 = 64 * 1024;
@@ -446,4 +446,293 @@ fn a_lease_says_how_many_leading_blocks_are_whole() {
     assert_eq!(m.load_leased(&lease, &mut out).unwrap().loaded, 2);
     assert_eq!(m.load_one(id, ks[2]).unwrap().unwrap(), vec![3u8; 100]);
     assert_eq!(m.stats().load_failures, 0);
+}
+
+/// Fills every slot of a reservation with its key's content.
+fn fill(r: &mut Reservation<'_>) {
+    let keys = r.keys().to_vec();
+    for (slot, k) in r.slots_mut().into_iter().zip(keys) {
+        if let Some(b) = slot {
+            b.copy_from_slice(&content(k, BLOCK as usize));
+        }
+    }
+}
+
+/// Reserves, fills and commits `ks` a reservation at a time, as an engine
+/// saving straight from its tensors does; answers the coverage of each.
+fn reserve_all(m: &BlockManager, id: NamespaceId, ks: &[BlockKey]) -> (StoreOutcome, Vec<usize>) {
+    let (mut total, mut runs, mut done) = (StoreOutcome::default(), Vec::new(), 0);
+    while done < ks.len() {
+        let mut r = m.reserve(id, &ks[done..]).unwrap();
+        assert!(!r.is_empty(), "a reservation covers at least one key");
+        runs.push(r.len());
+        done += r.len();
+        fill(&mut r);
+        let o = r.commit().unwrap();
+        total.stored += o.stored;
+        total.present += o.present;
+        total.not_admitted += o.not_admitted;
+    }
+    (total, runs)
+}
+
+/// Loads through `load_with`, collecting the runs the sink saw.
+fn load_runs(m: &BlockManager, id: NamespaceId, ks: &[BlockKey]) -> (LoadOutcome, Vec<(usize, usize)>, Vec<u8>) {
+    let (mut runs, mut bytes) = (Vec::new(), Vec::new());
+    let r = m
+        .load_with(id, ks, |first, blocks| {
+            assert_eq!(first, bytes.len() / BLOCK as usize, "runs come in order");
+            runs.push((first, blocks.len()));
+            for b in blocks {
+                bytes.extend_from_slice(b);
+            }
+            Ok(())
+        })
+        .unwrap();
+    (r, runs, bytes)
+}
+
+#[test]
+fn a_reservation_is_invisible_until_commit() {
+    let m = ManagerConfig::host_only(HostConfig::with_capacity(16 * BLOCK))
+        .build()
+        .unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let ks = keys(&n, 4, 11);
+    let mut r = m.reserve(id, &ks[..3]).unwrap();
+    assert_eq!((r.len(), r.block_bytes()), (3, BLOCK as usize));
+    fill(&mut r);
+    assert_eq!(m.lookup(id, &ks).unwrap().hit_blocks(), 0);
+    assert_eq!(load_all(&m, id, &ks[..3]).0.loaded, 0);
+    assert_eq!(
+        m.remove(id, &ks[..3]).unwrap(),
+        0,
+        "a removal does not see reserved blocks"
+    );
+    assert_eq!(m.host().unwrap().usage().blocks, 0);
+    let out = r.commit().unwrap();
+    assert_eq!(
+        out,
+        StoreOutcome {
+            stored: 3,
+            present: 0,
+            not_admitted: 0
+        }
+    );
+    assert_eq!(m.lookup(id, &ks).unwrap().hit_blocks(), 3);
+    let (r, bytes) = load_all(&m, id, &ks[..3]);
+    assert_eq!((r.loaded, r.failed), (3, None));
+    assert!(bytes == data(&ks[..3]));
+    let s = m.stats();
+    assert_eq!((s.stores, s.stored_blocks), (1, 3));
+    // The same blocks again: present, nothing to fill.
+    let mut again = m.reserve(id, &ks[..3]).unwrap();
+    assert!(again.slots_mut().iter().all(Option::is_none));
+    assert_eq!(again.commit().unwrap().present, 3);
+}
+
+#[test]
+fn a_dropped_reservation_frees_its_space_and_leaves_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = ManagerConfig::tiered(Some(HostConfig::with_capacity(8 * BLOCK)), Some(disk_cfg(d.path())));
+    cfg.cascade = Cascade::WriteThrough;
+    cfg.offload_queue_blocks = 4;
+    let m = cfg.build().unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let ks = keys(&n, 3, 12);
+    let mut r = m.reserve(id, &ks).unwrap();
+    fill(&mut r);
+    assert_eq!(m.stats().offload_queue_depth, 3, "write-through room is held");
+    assert!(m.host().unwrap().usage().used_bytes > 0);
+    drop(r);
+    m.flush();
+    assert_eq!(m.stats().offload_queue_depth, 0);
+    assert_eq!(m.host().unwrap().usage().used_bytes, 0);
+    assert_eq!(m.lookup(id, &ks).unwrap().hit_blocks(), 0);
+    assert!(ks.iter().all(|k| !m.disk().unwrap().contains(k)));
+    assert_eq!(m.stats().stored_blocks, 0);
+    // The space is free for the next store.
+    assert_eq!(m.store(id, &ks, &data(&ks)).unwrap().stored, 3);
+}
+
+#[test]
+fn a_reservation_reports_present_keys_and_keeps_their_bytes() {
+    let m = ManagerConfig::host_only(HostConfig::with_capacity(16 * BLOCK))
+        .build()
+        .unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let ks = keys(&n, 4, 13);
+    m.store(id, &ks[0..1], &data(&ks[0..1])).unwrap();
+    m.store(id, &ks[2..3], &data(&ks[2..3])).unwrap();
+    let mut r = m.reserve(id, &ks).unwrap();
+    let free: Vec<bool> = r.slots_mut().iter().map(Option::is_some).collect();
+    assert_eq!(free, [false, true, false, true]);
+    // Scribble on the free slots only; a present block is never touched.
+    for b in r.slots_mut().into_iter().flatten() {
+        b.fill(0xee);
+    }
+    fill(&mut r);
+    let out = r.commit().unwrap();
+    assert_eq!((out.stored, out.present), (2, 2));
+    let (l, bytes) = load_all(&m, id, &ks);
+    assert_eq!(l.loaded, 4);
+    assert!(bytes == data(&ks));
+}
+
+#[test]
+fn reservations_evict_under_pressure_and_cascade() {
+    let d = tempfile::tempdir().unwrap();
+    let m = ManagerConfig::tiered(Some(HostConfig::with_capacity(4 * BLOCK)), Some(disk_cfg(d.path())))
+        .build()
+        .unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let ks = keys(&n, 10, 14);
+    // A pool of four blocks: a reservation covers what it holds, and the
+    // next one evicts the committed blocks to disk, as stores do.
+    let (out, runs) = reserve_all(&m, id, &ks);
+    assert_eq!(out.stored, 10);
+    assert_eq!(runs, [4, 4, 2]);
+    let l = m.lookup(id, &ks).unwrap();
+    assert_eq!(l.hit_blocks(), 10);
+    assert_eq!(l.tiers[0], TierKind::Disk, "the oldest blocks were demoted");
+    assert_eq!(l.tiers[9], TierKind::Host);
+    assert_eq!(m.stats().offloaded, 6);
+    let (r, bytes) = load_all(&m, id, &ks);
+    assert_eq!(r.loaded, 10);
+    assert!(bytes == data(&ks));
+    // Every host block leased: a reservation is throttled and changes nothing.
+    let lease = m.lease(id, &ks[6..]).unwrap();
+    assert_eq!(lease.tiers(), [TierKind::Host; 4]);
+    let extra = keys(&n, 1, 15);
+    let e = m.reserve(id, &extra).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Throttled, "{e}");
+    assert_eq!(m.stats().throttled, 1);
+    assert_eq!(m.lookup(id, &extra).unwrap().hit_blocks(), 0);
+    assert_eq!(m.host().unwrap().usage().blocks, 4);
+    drop(lease);
+    assert_eq!(reserve_all(&m, id, &extra).0.stored, 1);
+}
+
+#[test]
+fn write_through_reservations_hold_queue_room() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = ManagerConfig::tiered(Some(HostConfig::with_capacity(32 * BLOCK)), Some(disk_cfg(d.path())));
+    cfg.cascade = Cascade::WriteThrough;
+    cfg.offload_queue_blocks = 4;
+    let m = cfg.build().unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let ks = keys(&n, 6, 16);
+    let mut r = m.reserve(id, &ks).unwrap();
+    assert_eq!(r.len(), 4, "covers what the queue takes");
+    let e = m.reserve(id, &ks[4..]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Throttled, "{e}");
+    assert_eq!(m.lookup(id, &ks[4..]).unwrap().hit_blocks(), 0);
+    fill(&mut r);
+    assert_eq!(r.commit().unwrap().stored, 4);
+    m.flush();
+    assert_eq!(reserve_all(&m, id, &ks[4..]).0.stored, 2);
+    m.flush();
+    let disk = m.disk().unwrap();
+    assert!(ks.iter().all(|k| disk.contains(k)));
+    let s = m.stats();
+    assert_eq!((s.offloaded, s.offload_queue_depth, s.throttled), (6, 0, 1));
+}
+
+#[test]
+fn ssd_only_reservations_stage_for_the_disk() {
+    let d = tempfile::tempdir().unwrap();
+    let m = ManagerConfig::ssd_only(disk_cfg(d.path())).build().unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    // More blocks than one staging buffer holds (8 MiB of 64 KiB blocks).
+    let ks = keys(&n, 130, 17);
+    let (out, runs) = reserve_all(&m, id, &ks);
+    assert_eq!(out.stored, 130);
+    assert_eq!(runs, [128, 2]);
+    let l = m.lookup(id, &ks).unwrap();
+    assert_eq!(l.hit_blocks(), 130);
+    assert!(l.tiers.iter().all(|t| *t == TierKind::Disk));
+    // Disk blocks come out through scratch, a buffer's worth per run.
+    let (r, runs, bytes) = load_runs(&m, id, &ks);
+    assert_eq!((r.loaded, r.failed), (130, None));
+    assert_eq!(runs, [(0, 128), (128, 2)]);
+    assert!(bytes == data(&ks));
+    // Present keys need no staging room: a full run of them is covered.
+    let (out, runs) = reserve_all(&m, id, &ks);
+    assert_eq!((out.stored, out.present), (0, 130));
+    assert_eq!(runs, [130]);
+}
+
+#[test]
+fn ssd_only_reservations_respect_admission() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = ManagerConfig::ssd_only(disk_cfg(d.path()));
+    cfg.disk_admission_min_seen = 2;
+    let m = cfg.build().unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let ks = keys(&n, 3, 18);
+    let mut r = m.reserve(id, &ks).unwrap();
+    assert!(r.slots_mut().iter().all(Option::is_none), "nothing admitted yet");
+    let first = r.commit().unwrap();
+    assert_eq!((first.stored, first.not_admitted), (0, 3));
+    assert_eq!(m.lookup(id, &ks).unwrap().hit_blocks(), 0);
+    let (second, _) = reserve_all(&m, id, &ks);
+    assert_eq!(second.stored, 3);
+    let (r, bytes) = load_all(&m, id, &ks);
+    assert_eq!(r.loaded, 3);
+    assert!(bytes == data(&ks));
+    assert_eq!(m.stats().not_admitted, 3);
+}
+
+#[test]
+fn a_direct_load_hands_out_verified_bytes_and_stops_at_a_corrupt_block() {
+    let d = tempfile::tempdir().unwrap();
+    let m = ManagerConfig::tiered(Some(HostConfig::with_capacity(2 * BLOCK)), Some(disk_cfg(d.path())))
+        .build()
+        .unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let ks = keys(&n, 5, 19);
+    m.store(id, &ks, &data(&ks)).unwrap();
+    let l = m.lookup(id, &ks).unwrap();
+    assert_eq!(l.tiers[..3], [TierKind::Disk; 3]);
+    assert_eq!(l.tiers[3..], [TierKind::Host; 2]);
+    // Host and disk blocks in one run; a miss ends it.
+    let mut with_miss = ks.clone();
+    with_miss.extend(keys(&n, 1, 20));
+    let (r, runs, bytes) = load_runs(&m, id, &with_miss);
+    assert_eq!((r.loaded, r.failed), (5, None));
+    assert_eq!(runs, [(0, 5)]);
+    assert!(bytes == data(&ks));
+    assert_eq!(m.stats().missed_blocks, 1);
+    // Corrupt block 1's bytes on disk, behind the tier's back.
+    let seg = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .unwrap();
+    let raw = std::fs::read(&seg).unwrap();
+    let needle = &content(ks[1], BLOCK as usize)[..64];
+    let at = raw.windows(64).position(|w| w == needle).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[raw[at] ^ 1], at as u64).unwrap();
+    let (r, runs, bytes) = load_runs(&m, id, &ks);
+    assert_eq!(r.loaded, 1);
+    let f = r.failed.unwrap();
+    assert_eq!((f.index, f.kind), (1, ErrorKind::ChecksumMismatch));
+    assert_eq!(runs, [(0, 1)], "the corrupt block is never handed out");
+    assert!(bytes == data(&ks[..1]));
+    assert_eq!(m.stats().disk.unwrap().corrupt, 1);
+    assert_eq!(m.lookup(id, &ks).unwrap().hit_blocks(), 1);
+    // A sink that fails ends the load with its error.
+    let e = m
+        .load_with(id, &ks, |_, _| Err(Error::new(ErrorKind::Io, "copy failed")))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io);
 }

@@ -98,6 +98,16 @@ pub trait PinnedBlock: Send + Sync + std::fmt::Debug {
         self.read_unverified(out)?;
         self.verify(out)
     }
+
+    /// The block's bytes where they lie, when the tier holds them in
+    /// memory (the host pool, a downloaded blob): a caller copies them
+    /// straight to their destination instead of reading them into a buffer
+    /// first. Unverified, like [`PinnedBlock::read_unverified`]: pass them
+    /// to [`PinnedBlock::verify`] before use. The tier counts the read.
+    /// `None` (the default) for blocks that must be read, like a disk's.
+    fn in_memory(&self) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// A pinned block, boxed.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream, sys};
 
-use super::{Copier, Direction, Segment, check_staging};
+use super::{Copier, Direction, Move};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Async driver copies on a stream of their own.
@@ -35,18 +35,19 @@ impl CudaCopier {
 }
 
 impl Copier for CudaCopier {
-    unsafe fn copy(&self, dir: Direction, segments: &[Segment], staging: &mut [u8]) -> Result<()> {
-        check_staging(segments, staging)?;
+    unsafe fn copy_moves(&self, dir: Direction, moves: &[Move]) -> Result<()> {
         let cu = self.stream.cu_stream();
-        for s in segments {
-            let st = &mut staging[s.staging..s.staging + s.len];
+        for m in moves {
             // SAFETY: the caller guarantees the device range is a live
-            // allocation of this context nobody else uses meanwhile; `st`
-            // outlives the copy because we synchronise before returning.
+            // allocation of this context and the host range live memory,
+            // neither used by anyone else meanwhile; both outlive the copy
+            // because we synchronise before returning.
             let r = unsafe {
                 match dir {
-                    Direction::ToStaging => sys::cuMemcpyDtoHAsync_v2(st.as_mut_ptr().cast(), s.device, s.len, cu),
-                    Direction::FromStaging => sys::cuMemcpyHtoDAsync_v2(s.device, st.as_ptr().cast(), s.len, cu),
+                    Direction::ToStaging => sys::cuMemcpyDtoHAsync_v2(m.host.cast(), m.device, m.len, cu),
+                    Direction::FromStaging => {
+                        sys::cuMemcpyHtoDAsync_v2(m.device, m.host.cast_const().cast(), m.len, cu)
+                    }
                 }
             };
             if r != sys::CUresult::CUDA_SUCCESS {
@@ -54,7 +55,7 @@ impl Copier for CudaCopier {
                 let _ = self.stream.synchronize();
                 return Err(Error::new(
                     ErrorKind::Io,
-                    format!("CUDA copy of {} bytes: {r:?}", s.len),
+                    format!("CUDA copy of {} bytes: {r:?}", m.len),
                 ));
             }
         }

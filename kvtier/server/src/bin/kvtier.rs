@@ -379,6 +379,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         token: cli.token.clone(),
         ca_file: cli.ca_file.clone(),
         tls_domain: cli.tls_domain.clone(),
+        request_timeout: None,
     })
     .await?;
     match cli.cmd {

@@ -182,6 +182,8 @@ impl Cluster {
             token,
             ca_file: cfg.ca_file.clone(),
             tls_domain: cfg.tls_domain.clone(),
+            // Each peer call has its own bound (`timeout_for`).
+            request_timeout: None,
         };
         let peers = peers::Peers::new(template, tls, peer_timeout);
         // The members saved at the last change win over the config's list,

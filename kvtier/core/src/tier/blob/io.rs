@@ -335,4 +335,8 @@ impl PinnedBlock for BlobBlock {
         out.copy_from_slice(&self.data);
         Ok(())
     }
+
+    fn in_memory(&self) -> Option<&[u8]> {
+        Some(&self.data)
+    }
 }

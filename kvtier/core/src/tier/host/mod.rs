@@ -2,8 +2,11 @@
 //!
 //! One arena is mapped, touched and (with a CUDA driver) pinned at startup;
 //! blocks take extents of it and give them back, so no block ever allocates.
-//! A put copies into an extent outside the lock and publishes it after the
-//! copy, so readers never see a partial block. When the pool is full the
+//! A put reserves an extent, copies into it outside the lock and publishes
+//! it after the copy, so readers never see a partial block. The same steps
+//! are open to callers that fill a block in place ([`HostTier::reserve`],
+//! [`HostSlot`]): a block copied straight from an engine's KV tensors into
+//! the pool takes one copy, not two. When the pool is full the
 //! eviction policy picks unpinned victims; a [`Demoter`] (the block manager's
 //! cascade to disk) sees each victim's bytes before its extent is reused.
 
@@ -156,16 +159,53 @@ impl HostTier {
         })
     }
 
+    /// Reserves room for a new block of `len` bytes under `key`, evicting
+    /// as a put does; `Ok(None)` when the key is present or being written
+    /// (keys name their content: nothing to write).
+    ///
+    /// The block is invisible (to `contains`, `pin`, `remove`, `keys` and
+    /// eviction) until [`HostSlot::commit`]; a slot dropped uncommitted
+    /// frees its extent and leaves no trace. [`ErrorKind::NoSpace`] when
+    /// every block is pinned or reserved; a block larger than the pool is
+    /// invalid.
+    pub fn reserve(&self, ns: NamespaceId, key: BlockKey, len: usize) -> Result<Option<HostSlot>> {
+        let len = len as u64;
+        if len == 0 || extent::footprint(len) > self.inner.capacity_bytes {
+            return Err(Error::invalid(format!(
+                "host tier: a block of {len} bytes does not fit a pool of {} bytes",
+                self.inner.capacity_bytes
+            )));
+        }
+        let mut st = self.inner.state.lock();
+        if let Some(e) = st.map.get(&key) {
+            if e.ready {
+                st.policy.touch(&key);
+            }
+            return Ok(None);
+        }
+        Ok(self.allocate(st, key, ns, len)?.map(|off| HostSlot {
+            inner: self.inner.clone(),
+            key,
+            off,
+            len,
+            committed: false,
+        }))
+    }
+
     /// Frees room for `len` bytes by evicting; the lock is released around
-    /// each demotion. Returns the allocated offset.
+    /// each demotion. Returns the allocated offset, or `None` if another
+    /// writer took `key` while the lock was released.
     fn allocate<'a>(
         &'a self,
         mut st: parking_lot::MutexGuard<'a, State>,
         key: BlockKey,
         ns: NamespaceId,
         len: u64,
-    ) -> Result<u64> {
+    ) -> Result<Option<u64>> {
         loop {
+            if st.map.contains_key(&key) {
+                return Ok(None);
+            }
             if let Some(off) = st.extents.alloc(len) {
                 st.map.insert(
                     key,
@@ -177,7 +217,7 @@ impl HostTier {
                         ready: false,
                     },
                 );
-                return Ok(off);
+                return Ok(Some(off));
             }
             let State { map, policy, .. } = &mut *st;
             let Some(victim) = policy.victim(&|k| map.get(k).is_some_and(|e| e.pins > 0)) else {
@@ -219,6 +259,17 @@ impl Inner {
         // SAFETY: in bounds of the arena (allocator invariant); the caller
         // guarantees no concurrent writer.
         unsafe { std::slice::from_raw_parts(self.arena.base().add(off as usize), len as usize) }
+    }
+
+    /// # Safety
+    /// The extent must be allocated to a reservation the caller holds
+    /// uniquely (not ready, so nobody else reads or writes it).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut(&self, off: u64, len: u64) -> &mut [u8] {
+        debug_assert!(off + len <= self.arena.len() as u64);
+        // SAFETY: in bounds of the arena (allocator invariant); the caller
+        // guarantees the extent is its own.
+        unsafe { std::slice::from_raw_parts_mut(self.arena.base().add(off as usize), len as usize) }
     }
 
     /// Removes a ready entry; its extent is freed now or at its last unpin.
@@ -264,38 +315,11 @@ impl Tier for HostTier {
     }
 
     fn put(&self, ns: NamespaceId, key: BlockKey, data: &[u8]) -> Result<Stored> {
-        let len = data.len() as u64;
-        if len == 0 || extent::footprint(len) > self.inner.capacity_bytes {
-            return Err(Error::invalid(format!(
-                "host tier: a block of {len} bytes does not fit a pool of {} bytes",
-                self.inner.capacity_bytes
-            )));
-        }
-        let mut st = self.inner.state.lock();
-        if let Some(e) = st.map.get(&key) {
-            if e.ready {
-                st.policy.touch(&key);
-            }
+        let Some(mut slot) = self.reserve(ns, key, data.len())? else {
             return Ok(Stored::Present);
-        }
-        let off = self.allocate(st, key, ns, len)?;
-        // SAFETY: the extent was just allocated for this entry, which is not
-        // ready, so no reader or other writer can reach it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.inner.arena.base().add(off as usize), data.len());
-        }
-        let mut st = self.inner.state.lock();
-        let e = st.map.get_mut(&key).expect("an entry being written is never removed");
-        debug_assert_eq!(e.off, off);
-        e.ready = true;
-        st.policy.insert(key);
-        st.ready_blocks += 1;
-        assert!(
-            st.extents.used_bytes() <= self.inner.capacity_bytes,
-            "host used bytes exceed capacity"
-        );
-        drop(st);
-        TierCounters::add(&self.inner.counters.bytes_written, len);
+        };
+        slot.as_mut_slice().copy_from_slice(data);
+        slot.commit();
         Ok(Stored::Inserted)
     }
 
@@ -324,6 +348,74 @@ impl Tier for HostTier {
 
     fn counters(&self) -> &TierCounters {
         &self.inner.counters
+    }
+}
+
+/// Room for one new block in the pool, reserved by [`HostTier::reserve`]:
+/// fill it in place, then [`HostSlot::commit`] it. Nobody else reads or
+/// writes it meanwhile; dropped uncommitted, it frees its extent.
+pub struct HostSlot {
+    inner: Arc<Inner>,
+    key: BlockKey,
+    off: u64,
+    len: u64,
+    committed: bool,
+}
+
+impl std::fmt::Debug for HostSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostSlot")
+            .field("key", &self.key)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl HostSlot {
+    /// The key the block will have.
+    pub fn key(&self) -> BlockKey {
+        self.key
+    }
+
+    /// The block's bytes, to fill (page-aligned when the block is at least
+    /// a page). They start unspecified: the caller writes all of them.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the extent is allocated to this slot's entry, which is
+        // not ready: no reader can pin it and no other writer holds it, and
+        // `&mut self` makes this borrow the only one.
+        unsafe { self.inner.slice_mut(self.off, self.len) }
+    }
+
+    /// Publishes the block: from now on lookups, pins and eviction see it,
+    /// exactly as after a put.
+    pub fn commit(mut self) {
+        let mut st = self.inner.state.lock();
+        let e = st.map.get_mut(&self.key).expect("a reserved entry is never removed");
+        assert_eq!(e.off, self.off, "a reserved entry moved");
+        assert!(!e.ready, "a reserved entry was published twice");
+        e.ready = true;
+        st.policy.insert(self.key);
+        st.ready_blocks += 1;
+        assert!(
+            st.extents.used_bytes() <= self.inner.capacity_bytes,
+            "host used bytes exceed capacity"
+        );
+        drop(st);
+        TierCounters::add(&self.inner.counters.bytes_written, self.len);
+        self.committed = true;
+    }
+}
+
+impl Drop for HostSlot {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        let mut st = self.inner.state.lock();
+        let e = st.map.remove(&self.key).expect("a reserved entry is never removed");
+        assert!(!e.ready, "a dropped reservation was published");
+        assert_eq!(e.off, self.off, "a reserved entry moved");
+        st.extents.free(e.off, e.len);
     }
 }
 
@@ -374,6 +466,11 @@ impl PinnedBlock for HostPin {
         out.copy_from_slice(self.as_slice());
         TierCounters::add(&self.inner.counters.bytes_read, self.len);
         Ok(())
+    }
+
+    fn in_memory(&self) -> Option<&[u8]> {
+        TierCounters::add(&self.inner.counters.bytes_read, self.len);
+        Some(self.as_slice())
     }
 }
 
@@ -442,6 +539,41 @@ mod tests {
         assert_eq!(*seen.lock(), vec![BlockKey(1), BlockKey(2)]);
         let mut out = vec![0; 8192];
         assert_eq!(t.get(&BlockKey(5), &mut out).unwrap(), crate::tier::Fetched::Hit);
+    }
+
+    #[test]
+    fn a_reserved_block_is_invisible_until_committed_and_freed_when_dropped() {
+        let t = tier(2, 4096);
+        let ns = NamespaceId(1);
+        let (k1, k2, k3) = (BlockKey(1), BlockKey(2), BlockKey(3));
+        let mut slot = t.reserve(ns, k1, 4096).unwrap().unwrap();
+        slot.as_mut_slice().copy_from_slice(&content(k1, 4096));
+        assert!(!t.contains(&k1));
+        assert!(t.pin(&k1).is_none());
+        assert!(!t.remove(&k1).unwrap());
+        assert!(t.keys(ns).is_empty());
+        assert_eq!((t.usage().blocks, t.usage().used_bytes), (0, 4096));
+        // Being written: a second writer has nothing to do.
+        assert!(t.reserve(ns, k1, 4096).unwrap().is_none());
+        assert_eq!(t.put(ns, k1, &content(k1, 4096)).unwrap(), Stored::Present);
+        drop(slot);
+        assert!(!t.contains(&k1));
+        assert_eq!((t.usage().blocks, t.usage().used_bytes), (0, 0));
+        // Reserved space is not evictable: two reservations fill the pool.
+        let mut a = t.reserve(ns, k1, 4096).unwrap().unwrap();
+        let b = t.reserve(ns, k2, 4096).unwrap().unwrap();
+        let e = t.reserve(ns, k3, 4096).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+        a.as_mut_slice().copy_from_slice(&content(k1, 4096));
+        a.commit();
+        drop(b);
+        assert!(t.contains(&k1) && !t.contains(&k2));
+        let mut out = vec![0; 4096];
+        assert_eq!(t.get(&k1, &mut out).unwrap(), crate::tier::Fetched::Hit);
+        assert!(out == content(k1, 4096));
+        let p = t.pin_host(&k1).unwrap();
+        assert!(PinnedBlock::in_memory(&p) == Some(&content(k1, 4096)[..]));
+        assert_eq!((t.usage().blocks, t.usage().used_bytes), (1, 4096));
     }
 
     #[test]
