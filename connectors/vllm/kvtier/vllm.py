@@ -543,7 +543,7 @@ class KvTierConnector(KVConnectorBase_V1):
         """Detects the layout from the tensors and refuses one it does not
         understand, here, at startup, rather than misreading KV later.
 
-        Understood, per layer: vLLM 0.33's ``(num_blocks, kv_heads,
+        Understood, per layer: vLLM's (0.31 to 0.34) ``(num_blocks, kv_heads,
         block_size, 2 * head_dim)`` (K then V in the last dimension; often a
         strided view of one shared buffer). kvtier stores each layer's block
         token-major, ``(block_size, kv_heads, 2 * head_dim)``, whatever the

@@ -147,6 +147,24 @@ def test_bad_extra_config_names_the_key(model_dir):
         instance(model_dir, {"mode": "remote"})
 
 
+def test_unknown_block_hashes_are_refused_and_a_failing_policy_is_flagged(model_dir, monkeypatch, caplog):
+    """At startup: a prefix-caching hash kvtier does not know how to key is
+    refused (never keyed some other way), and kv_load_failure_policy 'fail'
+    (vLLM's default) is flagged, since a kvtier miss would fail requests."""
+    vc = H.make_vllm_config(model_dir, *CONNECTOR, {})
+    monkeypatch.setattr(vc.cache_config, "prefix_caching_hash_algo", "md5", raising=False)
+    with pytest.raises(ValueError, match="prefix_caching_hash_algo 'md5'"):
+        kv.check_hashing(vc)
+    with pytest.raises(TypeError, match=r"hashes\[1\]"):
+        kv.request_keys(bytes(16), [b"x" * 32, 12345])
+    caplog.clear()
+    instance(model_dir, {}, kv_load_failure_policy="fail")
+    assert any("kv_load_failure_policy is 'fail'" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    instance(model_dir, {}, kv_load_failure_policy="recompute")
+    assert not any("kv_load_failure_policy" in r.getMessage() for r in caplog.records)
+
+
 def test_an_unknown_layout_is_refused_at_registration(model_dir, tmp_path):
     vc = H.make_vllm_config(model_dir, *CONNECTOR, {"salt": str(tmp_path)})
     kcc = H.make_kv_cache_config(vc)
@@ -389,6 +407,8 @@ def test_a_throttled_daemon_keeps_the_connectors_client(model_dir, tmp_path, mon
         sched.add_request(H.make_request("q2", PREFIX + [2], max_tokens=2))
         H.run_until_finished(sched, worker, ["q2"], max_steps=10)
         assert real(daemon.endpoint).stats()["stored_blocks"] == 0
+        stats = worker.connector.save_stats
+        assert stats.skipped_store == 2 * 3 and stats.saved == 0, stats
         assert len(made) == clients, f"a throttled daemon made a connector reconnect: {made}"
     finally:
         daemon.stop()
