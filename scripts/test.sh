@@ -47,6 +47,10 @@ echo "demo: ok"
 echo "== python: wheel, clean-venv install, pytest"
 ./scripts/python-test.sh
 ./target/release/kvtier-bench python --smoke --json
+# The vLLM connector through vLLM's real scheduler, embedded and against
+# kvtierd: checks its invariants (bytes back as saved) and exits non-zero
+# naming a broken one.
+./target/release/kvtier-bench connector --smoke --json
 echo "== cargo test"
 # The core crate last, so the run closes on its summary.
 cargo test -p kvtier-proto -p kvtier-client -p kvtier-testkit --all-targets

@@ -5,6 +5,7 @@
 //! machines are noisy: the ratios are what carry over.
 
 mod blob;
+mod connector;
 mod daemon;
 mod demo;
 mod peers;
@@ -54,6 +55,10 @@ enum Cmd {
     Peers(peers::Args),
     /// The Python binding against Rust: put/get GB/s, same store, same run.
     Python(python::Args),
+    /// The vLLM connector through vLLM's real scheduler on CPU, embedded and
+    /// against kvtierd: the step's save stall and load/save GB/s against
+    /// memcpy of the same bytes, and the scheduler's prefix lookup latency.
+    Connector(connector::Args),
     /// GPU <-> pinned host block copies through kvtier's transfer path
     /// (needs an NVIDIA GPU; says so when there is none).
     Transfer(transfer::Args),
@@ -99,6 +104,7 @@ fn main() {
         Cmd::Replay(a) => replay::run(&a),
         Cmd::Peers(a) => peers::run(&a),
         Cmd::Python(a) => python::run(&a),
+        Cmd::Connector(a) => connector::run(&a),
         Cmd::Transfer(a) => transfer::run(&a),
         Cmd::Demo { dir, json } => demo::run(&dir, json),
     };

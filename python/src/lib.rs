@@ -613,8 +613,10 @@ impl Client {
         let buf = Buffer::get(data, false)?;
         let (p, len) = buf.ptr_len();
         // The request streams the bytes; tonic needs them owned for the call.
+        // Copied without the GIL: a put on a saver thread must not hold up
+        // the engine's step for the copy.
         // SAFETY: `buf` holds the buffer while they are copied.
-        let bytes = bytes::Bytes::copy_from_slice(unsafe { slice(p, len) });
+        let bytes = py.detach(|| bytes::Bytes::copy_from_slice(unsafe { slice(p, len) }));
         drop(buf);
         let r = self.run(py, self.inner.put(ns, &keys, bytes))?;
         put_result(py, r.stored.into(), r.present.into(), r.not_admitted.into())
