@@ -73,6 +73,35 @@ class Daemon:
             self.proc.wait(timeout=30)
 
 
+def throttling_manager_toml(blocks_dir, queue_blocks, table=""):
+    """A write-through manager with an offload queue of `queue_blocks`: a
+    put of more new blocks than the queue holds is refused whole as
+    throttled. `table`: "manager." for kvtierd's config file, "" for an
+    embedded Store."""
+    return (
+        (f"[{table[:-1]}]\n" if table else "")
+        + 'mode = "tiered"\n'
+        + 'cascade = "write-through"\n'
+        + f"offload_queue_blocks = {queue_blocks}\n"
+        + f"[{table}host]\n"
+        + f"capacity_bytes = {64 << 20}\n"
+        + "pin_memory = false\n"
+        + f"[{table}disk]\n"
+        + f'dir = "{blocks_dir}"\n'
+        + f"capacity_bytes = {256 << 20}\n"
+        + f"segment_bytes = {16 << 20}\n"
+    )
+
+
+def throttled_daemon(dir_, queue_blocks, env=None):
+    """A real kvtierd (data and blocks under `dir_`) whose write-through
+    queue holds `queue_blocks` blocks."""
+    dir_ = pathlib.Path(dir_)
+    cfg = dir_ / "kvtierd.toml"
+    cfg.write_text(throttling_manager_toml(dir_ / "blocks", queue_blocks, table="manager."))
+    return Daemon(dir_ / "data", env={"KVTIER_CONFIG": str(cfg), **(env or {})})
+
+
 @pytest.fixture
 def kvtierd():
     with tempfile.TemporaryDirectory() as d:

@@ -9,39 +9,19 @@ import numpy as np
 import pytest
 
 import kvtier
-from conftest import Daemon, namespace
+from kvtier_testkit import Daemon, namespace, throttled_daemon, throttling_manager_toml
 
 BLOCK_TOKENS = 16
 # conftest.namespace's layout: tokens x layers x K/V x kv heads x head dim x f16.
 BLOCK = BLOCK_TOKENS * 2 * 2 * 2 * 64 * 2
 
 
-def _manager_toml(dir_, queue_blocks):
-    # Write-through with a small offload queue: a put of more new blocks
-    # than the queue holds is refused whole as throttled.
-    return (
-        'mode = "tiered"\n'
-        'cascade = "write-through"\n'
-        f"offload_queue_blocks = {queue_blocks}\n"
-        "[host]\n"
-        f"capacity_bytes = {64 << 20}\n"
-        "pin_memory = false\n"
-        "[disk]\n"
-        f'dir = "{dir_}"\n'
-        f"capacity_bytes = {256 << 20}\n"
-        f"segment_bytes = {16 << 20}\n"
-    )
-
-
 @pytest.fixture
 def both():
     """An embedded Store and a Client of a kvtierd with the same manager."""
     with tempfile.TemporaryDirectory() as d:
-        store = kvtier.Store(toml=_manager_toml(os.path.join(d, "embedded"), 4))
-        cfg = os.path.join(d, "kvtierd.toml")
-        with open(cfg, "w") as f:
-            f.write("[manager]\n" + _manager_toml(os.path.join(d, "daemon"), 4).replace("[host]", "[manager.host]").replace("[disk]", "[manager.disk]"))
-        daemon = Daemon(os.path.join(d, "data"), env={"KVTIER_CONFIG": cfg, "KVTIER_MAX_REQUEST_BYTES": str(8 << 20)})
+        store = kvtier.Store(toml=throttling_manager_toml(os.path.join(d, "embedded"), 4))
+        daemon = throttled_daemon(d, 4, env={"KVTIER_MAX_REQUEST_BYTES": str(8 << 20)})
         try:
             yield store, kvtier.Client(daemon.endpoint)
         finally:

@@ -368,23 +368,9 @@ def test_a_throttled_daemon_keeps_the_connectors_client(model_dir, tmp_path, mon
     of 3 new blocks as throttled (ThrottledError, not UnavailableError): the
     save is skipped, the request is served, and neither connector reconnects;
     the same client answers the next lookup."""
-    from conftest import Daemon
+    from kvtier_testkit import throttled_daemon
 
-    cfg = tmp_path / "kvtierd.toml"
-    cfg.write_text(
-        "[manager]\n"
-        'mode = "tiered"\n'
-        'cascade = "write-through"\n'
-        "offload_queue_blocks = 2\n"
-        "[manager.host]\n"
-        f"capacity_bytes = {64 << 20}\n"
-        "pin_memory = false\n"
-        "[manager.disk]\n"
-        f'dir = "{tmp_path / "blocks"}"\n'
-        f"capacity_bytes = {256 << 20}\n"
-        f"segment_bytes = {16 << 20}\n"
-    )
-    daemon = Daemon(tmp_path / "data", env={"KVTIER_CONFIG": str(cfg)})
+    daemon = throttled_daemon(tmp_path, 2)
     made = []
     real = kvtier.Client
 

@@ -459,23 +459,9 @@ def test_a_throttled_daemon_fails_that_store_and_keeps_serving(tmp_path, engines
     """A real kvtierd whose write-through queue holds 2 blocks refuses a
     store of 3 as throttled: that job fails; the next store and a load from
     the same client work."""
-    from conftest import Daemon
+    from kvtier_testkit import throttled_daemon
 
-    cfg = tmp_path / "kvtierd.toml"
-    cfg.write_text(
-        "[manager]\n"
-        'mode = "tiered"\n'
-        'cascade = "write-through"\n'
-        "offload_queue_blocks = 2\n"
-        "[manager.host]\n"
-        f"capacity_bytes = {64 << 20}\n"
-        "pin_memory = false\n"
-        "[manager.disk]\n"
-        f'dir = "{tmp_path / "blocks"}"\n'
-        f"capacity_bytes = {256 << 20}\n"
-        f"segment_bytes = {16 << 20}\n"
-    )
-    daemon = Daemon(tmp_path / "data", env={"KVTIER_CONFIG": str(cfg)})
+    daemon = throttled_daemon(tmp_path, 2)
     try:
         tier = {"mode": "daemon", "endpoint": daemon.endpoint}
         a = engines(tier)
