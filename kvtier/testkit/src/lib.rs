@@ -356,13 +356,33 @@ pub fn sample(body: &str, series: &str) -> f64 {
 /// each other's addresses before they start (a cluster's member list).
 /// The ports are free when this returns; a daemon binds them soon after.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local address").port())
-        .collect()
+    // Below the kernel's ephemeral range (32768 and up on Linux), so no
+    // daemon or client binding port 0 can take one between this pick and
+    // the bind that uses it; a process-wide cursor keeps concurrent tests
+    // from picking the same one, and the start differs per process.
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 97) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..SPAN {
+        if out.len() == n {
+            break;
+        }
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        // Bindable now: nothing else on this machine holds it.
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            out.push(port);
+        }
+    }
+    assert_eq!(out.len(), n, "no {n} free ports in {FIRST}..{}", FIRST + SPAN);
+    out
 }
 
 /// Block size of the cluster tests' namespaces.
