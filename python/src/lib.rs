@@ -292,14 +292,7 @@ impl Store {
             )));
         }
         let block_bytes = self.inner.block_bytes(ns).map_err(err)?;
-        let layers: Vec<LayerBlocks> = layers
-            .into_iter()
-            .map(|(base, block_stride, num_blocks)| LayerBlocks {
-                base,
-                block_stride,
-                num_blocks,
-            })
-            .collect();
+        let layers = layer_blocks(layers);
         let plan = BlockPlan::new(&layers, layer_block_bytes, block_ids).map_err(err)?;
         if plan.block_bytes() as u64 != block_bytes {
             return Err(BlockSizeError::new_err(format!(
@@ -798,6 +791,19 @@ fn copier(device: &str) -> PyResult<Arc<dyn Copier>> {
     Ok(c)
 }
 
+/// The engine's layers as the copier plans them: (address of block 0,
+/// bytes between blocks, number of blocks), one per layer.
+fn layer_blocks(layers: Vec<(u64, u64, u64)>) -> Vec<LayerBlocks> {
+    layers
+        .into_iter()
+        .map(|(base, block_stride, num_blocks)| LayerBlocks {
+            base,
+            block_stride,
+            num_blocks,
+        })
+        .collect()
+}
+
 /// Copies blocks between an engine's KV tensors and a block-major staging
 /// buffer (each block: every layer's `layer_block_bytes`, in layer order).
 /// `layers`: (address of block 0, bytes between blocks, number of blocks),
@@ -825,14 +831,7 @@ fn _copy_blocks(
             )));
         }
     };
-    let layers: Vec<LayerBlocks> = layers
-        .into_iter()
-        .map(|(base, block_stride, num_blocks)| LayerBlocks {
-            base,
-            block_stride,
-            num_blocks,
-        })
-        .collect();
+    let layers = layer_blocks(layers);
     let segments = plan(&layers, layer_block_bytes, &block_ids).map_err(err)?;
     let copier = copier(device)?;
     let buf = Buffer::get(staging, true)?;
