@@ -67,10 +67,33 @@ class Daemon:
             self.proc.kill()
             raise RuntimeError("kvtierd did not start within 30 s")
 
+    def freeze(self):
+        """SIGSTOP, then wait until every thread is stopped: kill(2) returns
+        before a thread running on another core has stopped."""
+        self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        tasks = pathlib.Path(f"/proc/{self.proc.pid}/task")
+        while not all(_stopped(t) for t in tasks.iterdir()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("kvtierd did not stop within 10 s of SIGSTOP")
+            time.sleep(0.005)
+
+    def thaw(self):
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=30)
+
+
+def _stopped(task):
+    try:
+        stat = (task / "stat").read_text()
+    except OSError:
+        return True  # the thread exited
+    # The state follows the parenthesised command name.
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
 
 
 def throttling_manager_toml(blocks_dir, queue_blocks, table=""):

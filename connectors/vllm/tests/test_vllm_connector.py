@@ -405,8 +405,6 @@ def test_a_stalled_daemon_never_blocks_the_step(model_dir, tmp_path):
     hangs, yet the engine serves request after request; once the staging
     (2 slots here) is all in flight, further saves are skipped and counted.
     Thawed, what was copied out is stored and found by a fresh engine."""
-    import signal
-
     from conftest import Daemon
 
     d = Daemon(tmp_path / "data")
@@ -419,7 +417,7 @@ def test_a_stalled_daemon_never_blocks_the_step(model_dir, tmp_path):
         sched.add_request(H.make_request("warm", [7] * 20, max_tokens=1))
         H.run_until_finished(sched, worker, ["warm"], max_steps=10)
         base = worker.connector.save_stats.saved
-        d.proc.send_signal(signal.SIGSTOP)
+        d.freeze()
         try:
             prefixes = [[1000 * (i + 1) + t for t in range(48)] for i in range(4)]
             for i, p in enumerate(prefixes):
@@ -433,7 +431,7 @@ def test_a_stalled_daemon_never_blocks_the_step(model_dir, tmp_path):
             assert stats.skipped_in_flight == 3 * 2, stats  # two saves held, two skipped
             assert stats.saved == base, stats
         finally:
-            d.proc.send_signal(signal.SIGCONT)
+            d.thaw()
         worker.connector.flush_saves()
         assert worker.connector.save_stats.saved == base + 3 * 2
         # A fresh engine finds the first two prefixes (held, then stored),

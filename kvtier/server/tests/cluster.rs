@@ -870,8 +870,7 @@ async fn copies_that_fail_on_a_suspect_replica_are_marked_out_of_sync_and_repair
     assert_eq!(out_of_sync(&a, "c").await, 0);
 
     let c_pid = cl.nodes[2].daemon.as_ref().unwrap().pid();
-    // SAFETY: a plain kill(2) on our own child's pid.
-    unsafe { libc::kill(c_pid, libc::SIGSTOP) };
+    kvtier_testkit::freeze_pid(c_pid);
     eventually("a sees c suspect", 20, || async {
         liveness(&a, "c").await == "suspect"
     })

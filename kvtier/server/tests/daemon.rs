@@ -370,13 +370,11 @@ async fn a_daemon_that_stops_answering_fails_calls_as_unavailable_within_the_tim
     let ns = c.register(&namespace("frozen", BLOCK)).await.unwrap().0;
     put(&c, ns, 0).await.unwrap();
     // Frozen: it accepts nothing and answers nothing, the connection stays.
-    // SAFETY: plain kill(2) on our own child.
-    unsafe { libc::kill(d.pid(), libc::SIGSTOP) };
+    d.freeze();
     let t = Instant::now();
     let e = c.lookup(ns, &[key(ns, 0)]).await.unwrap_err();
     let waited = t.elapsed();
-    // SAFETY: as above.
-    unsafe { libc::kill(d.pid(), libc::SIGCONT) };
+    d.thaw();
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
     assert!(waited < Duration::from_secs(5), "the call waited {waited:?}");
     // Thawed, the same client answers.

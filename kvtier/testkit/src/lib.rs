@@ -174,6 +174,18 @@ impl Daemon {
         self.child.as_ref().expect("running").id() as i32
     }
 
+    /// SIGSTOP, then waits until every thread of the process is stopped:
+    /// kill(2) returns before a thread running on another core has
+    /// stopped, and such a thread could still answer one more call.
+    pub fn freeze(&self) {
+        freeze_pid(self.pid());
+    }
+
+    pub fn thaw(&self) {
+        // SAFETY: a plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid(), libc::SIGCONT) };
+    }
+
     pub async fn client(&self) -> Client {
         Client::connect(&ClientConfig {
             endpoint: self.endpoint(),
@@ -427,4 +439,35 @@ pub fn data(ns: NamespaceId, range: std::ops::Range<u64>) -> bytes::Bytes {
         b.extend_from_slice(&content(ns, i, CLUSTER_BLOCK));
     }
     bytes::Bytes::from(b)
+}
+
+/// SIGSTOPs `pid` and waits (up to 10 s) until /proc shows every one of its
+/// threads stopped.
+pub fn freeze_pid(pid: i32) {
+    // SAFETY: a plain kill(2) on a pid the caller owns.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if all_threads_stopped(pid) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} did not stop within 10 s of SIGSTOP"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            // The state follows the parenthesised command name.
+            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')))
+            .unwrap_or(true)
+    })
 }
