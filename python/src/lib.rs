@@ -217,6 +217,47 @@ fn namespace(obj: &Bound<'_, PyAny>) -> PyResult<Namespace> {
 }
 
 /// What a put did, as the dict both Store and Client return.
+/// A page of tier events as Python sees it: {"epoch", "cursor", "resync",
+/// "events": [(seq, "stored"|"removed", tier name, key bytes)]}.
+fn event_page<'py>(py: Python<'py>, p: &kvtier::events::EventPage) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("epoch", p.epoch)?;
+    d.set_item("cursor", p.cursor)?;
+    d.set_item("resync", p.resync)?;
+    let events = p
+        .events
+        .iter()
+        .map(|e| {
+            (
+                e.seq,
+                e.change.name(),
+                e.tier.name(),
+                PyBytes::new(py, &e.key.0.to_le_bytes()),
+            )
+        })
+        .collect::<Vec<_>>();
+    d.set_item("events", events)?;
+    Ok(d)
+}
+
+/// Checks an event read's `max` before it reaches the store.
+fn event_max(max: i64) -> PyResult<usize> {
+    usize::try_from(max)
+        .ok()
+        .filter(|m| (1..=kvtier::events::MAX_READ).contains(m))
+        .ok_or_else(|| {
+            InvalidArgumentError::new_err(format!(
+                "max {max}: an event read takes 1 to {} events",
+                kvtier::events::MAX_READ
+            ))
+        })
+}
+
+/// The tiers of each located key, by name.
+fn located(sets: Vec<kvtier::events::TierSet>) -> Vec<Vec<&'static str>> {
+    sets.into_iter().map(|s| s.iter().map(|t| t.name()).collect()).collect()
+}
+
 fn put_result(py: Python<'_>, stored: u64, present: u64, not_admitted: u64) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("stored", stored)?;
@@ -351,6 +392,32 @@ impl Store {
         let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
         let l = py.detach(|| self.inner.lookup(ns, &keys)).map_err(err)?;
         Ok((l.hit_blocks(), l.tiers.iter().map(|t| t.name()).collect()))
+    }
+
+    /// The tier events of namespace `ns` after cursor `after` (at most
+    /// `max`), for a reader whose last page had `epoch` (0 at first). A
+    /// first read, a reader that fell behind and one from another epoch get
+    /// "resync": True and the cursor to go on from; they re-read the keys
+    /// they care about with `locate`.
+    #[pyo3(signature = (ns, epoch = 0, after = 0, max = 4096))]
+    fn events<'py>(
+        &self,
+        py: Python<'py>,
+        ns: &[u8],
+        epoch: u64,
+        after: u64,
+        max: i64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (ns, max) = (ns_id(ns)?, event_max(max)?);
+        let p = py.detach(|| self.inner.events(ns, epoch, after, max)).map_err(err)?;
+        event_page(py, &p)
+    }
+
+    /// The tiers holding each of `keys` (each on its own, not a prefix):
+    /// a list of tier names per key, empty when none holds it.
+    fn locate(&self, py: Python<'_>, ns: &[u8], keys_: Vec<Vec<u8>>) -> PyResult<Vec<Vec<&'static str>>> {
+        let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
+        py.detach(|| self.inner.locate(ns, &keys)).map(located).map_err(err)
     }
 
     /// Stores `len(keys)` blocks laid out back to back in `data` (any
@@ -592,6 +659,27 @@ impl Client {
         let l = self.run(py, self.inner.lookup(ns, &keys))?;
         let tiers = l.tiers().map(kvtier_proto::convert::tier_name).collect();
         Ok((l.hit_blocks as usize, tiers))
+    }
+
+    /// The daemon's tier events of `ns`; see `Store.events`.
+    #[pyo3(signature = (ns, epoch = 0, after = 0, max = 4096))]
+    fn events<'py>(
+        &self,
+        py: Python<'py>,
+        ns: &[u8],
+        epoch: u64,
+        after: u64,
+        max: i64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (ns, max) = (ns_id(ns)?, event_max(max)?);
+        let p = self.run(py, self.inner.events(ns, epoch, after, max as u32))?;
+        event_page(py, &p)
+    }
+
+    /// Which of the daemon's tiers hold each of `keys`; see `Store.locate`.
+    fn locate(&self, py: Python<'_>, ns: &[u8], keys_: Vec<Vec<u8>>) -> PyResult<Vec<Vec<&'static str>>> {
+        let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
+        self.run(py, self.inner.locate(ns, &keys)).map(located)
     }
 
     /// Stores `len(keys)` blocks laid out back to back in `data`.

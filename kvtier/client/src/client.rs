@@ -1,6 +1,7 @@
 //! [`Client`]: one connection to a kvtierd, for the KvTier and Peer services.
 
 use bytes::{Bytes, BytesMut};
+use kvtier::events::{EventPage, TierSet};
 use kvtier::{BlockKey, Namespace, NamespaceId};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -234,6 +235,46 @@ impl Client {
             .await
             .wire()?
             .into_inner())
+    }
+
+    /// The tier events of `ns` after `after`, at most `max`; `epoch` is the
+    /// one of the last answer (0 at first). See `kvtier::events`.
+    pub async fn events(&self, ns: NamespaceId, epoch: u64, after: u64, max: u32) -> Result<EventPage> {
+        let r = self
+            .inner
+            .clone()
+            .events(proto::EventsRequest {
+                namespace_id: ns_bytes(ns),
+                epoch,
+                after,
+                max_events: max,
+            })
+            .await
+            .wire()?
+            .into_inner();
+        convert::event_page_from_wire(r).wire()
+    }
+
+    /// Which of the daemon's tiers hold each of `keys`.
+    pub async fn locate(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Vec<TierSet>> {
+        let r = self
+            .inner
+            .clone()
+            .locate(proto::LocateRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys.iter().map(key_bytes).collect(),
+            })
+            .await
+            .wire()?
+            .into_inner();
+        let located = convert::located_from_wire(r);
+        if located.len() != keys.len() {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!("locate answered {} keys for {}", located.len(), keys.len()),
+            ));
+        }
+        Ok(located)
     }
 
     /// Stores `keys.len()` blocks laid out back to back in `data`.

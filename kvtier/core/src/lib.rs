@@ -17,6 +17,9 @@
 //! - [`replication`]: the replication core (rendezvous placement,
 //!   membership with epochs, write plans with hinted stand-ins, the one
 //!   uploader per key), as plain functions without I/O.
+//! - [`events`]: tier events (a block stored in or removed from a tier),
+//!   per namespace, bounded, with sequence numbers and a resync signal:
+//!   what an engine tells a KV-aware router.
 //! - [`error`]: the one error type, with kinds callers match on.
 //! - [`fsio`]: the file-system boundary: one durable replace (write, fsync,
 //!   rename, fsync the directory) for every metadata file, and the
@@ -49,6 +52,7 @@ pub mod block;
 pub mod buf;
 pub mod checkpoint;
 pub mod error;
+pub mod events;
 pub mod eviction;
 pub mod fsio;
 pub mod manager;

@@ -2,6 +2,7 @@
 
 use kvtier::block::{Dtype, KvKind, KvLayout};
 use kvtier::checkpoint::validate_name;
+use kvtier::events::{Change, EventPage, TierEvent, TierSet};
 use kvtier::{BlockKey, Namespace, NamespaceId, TierKind};
 use tonic::Status;
 
@@ -57,6 +58,87 @@ pub fn tier(t: TierKind) -> proto::Tier {
         TierKind::Blob => proto::Tier::Blob,
         _ => proto::Tier::Unspecified,
     }
+}
+
+/// Core tier of a wire tier: `None` for one this node's tiers never are
+/// (unspecified, peer).
+pub fn tier_kind(t: proto::Tier) -> Option<TierKind> {
+    match t {
+        proto::Tier::Host => Some(TierKind::Host),
+        proto::Tier::Disk => Some(TierKind::Disk),
+        proto::Tier::Blob => Some(TierKind::Blob),
+        proto::Tier::Unspecified | proto::Tier::Peer => None,
+    }
+}
+
+/// A page of tier events on the wire.
+pub fn event_page(p: &EventPage) -> proto::EventsResponse {
+    proto::EventsResponse {
+        epoch: p.epoch,
+        cursor: p.cursor,
+        resync: p.resync,
+        events: p
+            .events
+            .iter()
+            .map(|e| proto::TierEvent {
+                seq: e.seq,
+                change: match e.change {
+                    Change::Stored => proto::EventChange::Stored,
+                    Change::Removed => proto::EventChange::Removed,
+                    _ => proto::EventChange::Unspecified,
+                } as i32,
+                tier: tier(e.tier) as i32,
+                key: key_bytes(&e.key),
+            })
+            .collect(),
+    }
+}
+
+/// A page of tier events from the wire, checked: a peer that sends an
+/// event this version cannot read is refused, not half-read.
+pub fn event_page_from_wire(r: proto::EventsResponse) -> Result<EventPage, Status> {
+    let events = r
+        .events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let change = match proto::EventChange::try_from(e.change) {
+                Ok(proto::EventChange::Stored) => Change::Stored,
+                Ok(proto::EventChange::Removed) => Change::Removed,
+                _ => return Err(invalid(format!("event {i}: unknown change {}", e.change))),
+            };
+            let tier = proto::Tier::try_from(e.tier)
+                .ok()
+                .and_then(tier_kind)
+                .ok_or_else(|| invalid(format!("event {i}: unknown tier {}", e.tier)))?;
+            let key = keys(std::slice::from_ref(&e.key), 1)?[0];
+            Ok(TierEvent {
+                seq: e.seq,
+                change,
+                tier,
+                key,
+            })
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    Ok(EventPage {
+        epoch: r.epoch,
+        cursor: r.cursor,
+        resync: r.resync,
+        events,
+    })
+}
+
+/// The tiers of each key of a Locate answer.
+pub fn located_from_wire(r: proto::LocateResponse) -> Vec<TierSet> {
+    r.keys
+        .into_iter()
+        .map(|k| {
+            k.tiers
+                .into_iter()
+                .filter_map(|t| proto::Tier::try_from(t).ok().and_then(tier_kind))
+                .collect()
+        })
+        .collect()
 }
 
 /// A core namespace from the wire, checked.

@@ -28,6 +28,8 @@ pub const RPCS: &[&str] = &[
     "Delete",
     "Stats",
     "Health",
+    "Events",
+    "Locate",
     "RegisterRegion",
     "UnregisterRegion",
     "PutRegion",

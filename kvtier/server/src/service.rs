@@ -106,6 +106,42 @@ impl proto::kv_tier_server::KvTier for KvTierService {
         r.map(Response::new)
     }
 
+    async fn events(&self, req: Request<proto::EventsRequest>) -> Reply<proto::EventsResponse> {
+        let t = Instant::now();
+        let r = (|| {
+            let req = req.into_inner();
+            let ns = convert::namespace_id(&req.namespace_id)?;
+            let page = self
+                .node
+                .manager
+                .events(ns, req.epoch, req.after, req.max_events as usize)
+                .map_err(|e| status(&e))?;
+            Ok(convert::event_page(&page))
+        })();
+        self.node.observe("Events", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn locate(&self, req: Request<proto::LocateRequest>) -> Reply<proto::LocateResponse> {
+        let t = Instant::now();
+        let r = (|| {
+            let req = req.into_inner();
+            let ns = convert::namespace_id(&req.namespace_id)?;
+            let keys = convert::keys(&req.keys, kvtier::events::MAX_READ)?;
+            let located = self.node.manager.locate(ns, &keys).map_err(|e| status(&e))?;
+            Ok(proto::LocateResponse {
+                keys: located
+                    .into_iter()
+                    .map(|s| proto::KeyTiers {
+                        tiers: s.iter().map(|t| convert::tier(t) as i32).collect(),
+                    })
+                    .collect(),
+            })
+        })();
+        self.node.observe("Locate", t, &r);
+        r.map(Response::new)
+    }
+
     async fn put(&self, req: Request<Streaming<proto::PutRequest>>) -> Reply<proto::PutResponse> {
         let t = Instant::now();
         let r = self.node.put_inner(req.into_inner()).await;

@@ -68,6 +68,10 @@ pub struct ManagerConfig {
     /// The Azure Blob tier behind the disk, if any.
     #[serde(default)]
     pub blob: Option<BlobConfig>,
+    /// Tier events kept per namespace that someone reads (see
+    /// [`crate::events`]); a reader that falls further behind resyncs.
+    #[serde(default = "default_event_capacity")]
+    pub event_capacity: usize,
 }
 
 fn one() -> u8 {
@@ -84,6 +88,9 @@ fn default_offload_queue() -> usize {
 }
 fn default_offload_workers() -> usize {
     2
+}
+fn default_event_capacity() -> usize {
+    crate::events::DEFAULT_CAPACITY
 }
 
 impl ManagerConfig {
@@ -113,6 +120,7 @@ impl ManagerConfig {
             offload_queue_blocks: default_offload_queue(),
             offload_workers: default_offload_workers(),
             blob: None,
+            event_capacity: default_event_capacity(),
         }
     }
 
@@ -135,6 +143,9 @@ impl ManagerConfig {
             _ if self.offload_queue_blocks == 0 => Err(Error::config("offload_queue_blocks must be > 0")),
             _ if !(1..=64).contains(&self.offload_workers) => {
                 Err(Error::config("offload_workers must be between 1 and 64"))
+            }
+            _ if !(1..=1 << 24).contains(&self.event_capacity) => {
+                Err(Error::config("event_capacity must be between 1 and 16777216"))
             }
             _ => match &self.blob {
                 Some(b) if b.mode == BlobMode::Writeback && self.disk.is_none() => Err(Error::config(

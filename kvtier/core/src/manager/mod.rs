@@ -48,11 +48,12 @@ use self::writeback::Writeback;
 use crate::block::{BlockKey, Namespace, NamespaceId};
 use crate::buf::{AlignedBuf, Recycled, Recycler};
 use crate::error::{Error, ErrorKind, Result};
+use crate::events::{EventLog, EventPage, TierSet};
 use crate::fsio::FileIo;
-use crate::tier::Tier;
 use crate::tier::blob::{BlobConfig, BlobMode, BlobTier};
 use crate::tier::disk::DiskTier;
 use crate::tier::host::HostTier;
+use crate::tier::{Tier, TierKind};
 
 #[derive(Debug)]
 struct NsInfo {
@@ -67,6 +68,8 @@ struct Shared {
     blob: Option<BlobTier>,
     wb: Option<Arc<Writeback>>,
     namespaces: RwLock<HashMap<NamespaceId, NsInfo>>,
+    /// What the tiers stored and dropped, per namespace (see [`crate::events`]).
+    events: Arc<EventLog>,
     admission: Arc<Admission>,
     counters: Arc<Counters>,
     queue: Arc<Queue>,
@@ -159,6 +162,10 @@ impl BlockManager {
             .as_ref()
             .map(|d| DiskTier::open_with(d, io.clone()))
             .transpose()?;
+        let events = Arc::new(EventLog::new(cfg.event_capacity));
+        if let Some(d) = &disk {
+            d.set_events(events.clone())?;
+        }
         let blob = cfg.blob.as_ref().map(BlobConfig::build).transpose()?;
         let wb = match (&blob, &disk) {
             (Some(b), Some(d)) if b.mode() == BlobMode::Writeback => {
@@ -168,8 +175,12 @@ impl BlockManager {
                 })?);
                 let keep = wb.clone();
                 d.set_retain(Arc::new(move |k| keep.retains(k)))?;
-                b.handle()
-                    .spawn(writeback::upload_loop(wb.clone(), d.clone(), b.client()));
+                b.handle().spawn(writeback::upload_loop(
+                    wb.clone(),
+                    d.clone(),
+                    b.client(),
+                    events.clone(),
+                ));
                 Some(wb)
             }
             _ => None,
@@ -181,6 +192,9 @@ impl BlockManager {
             _ => None,
         };
         let host = cfg.host.as_ref().map(|h| h.build(demoter)).transpose()?;
+        if let Some(h) = &host {
+            h.set_events(events.clone())?;
+        }
         let queue = Arc::new(Queue {
             capacity: cfg.offload_queue_blocks,
             queued: Mutex::new(0),
@@ -214,6 +228,7 @@ impl BlockManager {
                 blob,
                 wb,
                 namespaces: RwLock::new(HashMap::new()),
+                events,
                 admission,
                 counters,
                 queue,
@@ -321,6 +336,41 @@ impl BlockManager {
             keys.extend(h.keys(ns).into_iter().filter(|k| !on_disk.contains(k)));
         }
         keys
+    }
+
+    /// The tier events of namespace `ns` after sequence number `after` (at
+    /// most `max`), for a reader whose last page had `epoch` (0 at first).
+    /// See [`crate::events`]: a first read, a reader that fell behind and
+    /// one from before a restart get a resync signal instead of a gap.
+    pub fn events(&self, ns: NamespaceId, epoch: u64, after: u64, max: usize) -> Result<EventPage> {
+        self.block_bytes(ns)?;
+        self.shared.events.read(ns, epoch, after, max)
+    }
+
+    /// Which tiers hold each of `keys` (of namespace `ns`), each key on its
+    /// own: not a prefix walk. Blob counts when this node knows the block is
+    /// there (it uploaded or read it) without asking blob. What a reader
+    /// re-reads after a resync signal.
+    pub fn locate(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Vec<TierSet>> {
+        self.block_bytes(ns)?;
+        if keys.len() > crate::events::MAX_READ {
+            return Err(Error::invalid(format!(
+                "locate takes at most {} keys, got {}",
+                crate::events::MAX_READ,
+                keys.len()
+            )));
+        }
+        let blob = self.shared.blob.as_ref().map(BlobTier::client);
+        Ok(keys
+            .iter()
+            .map(|k| {
+                let mut s: TierSet = self.tiers().filter(|t| t.contains(k)).map(|t| t.kind()).collect();
+                if blob.as_ref().is_some_and(|b| b.known_present(k)) {
+                    s.insert(TierKind::Blob);
+                }
+                s
+            })
+            .collect())
     }
 
     /// Waits until every block logged for writeback is uploaded; false if

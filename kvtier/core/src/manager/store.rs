@@ -14,10 +14,11 @@ use super::writeback::Writeback;
 use super::{BlockManager, add};
 use crate::block::{BlockKey, NamespaceId};
 use crate::error::{Error, ErrorKind, Result};
+use crate::events::Change;
 use crate::tier::blob::BlobMode;
 use crate::tier::disk::DiskTier;
 use crate::tier::host::{Demoter, HostPin, HostTier};
-use crate::tier::{Stored, Tier};
+use crate::tier::{Stored, Tier, TierKind};
 
 /// What a store did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -245,8 +246,10 @@ impl BlockManager {
             }
             if let Some(blob) = &self.shared.blob
                 && blob.mode() == BlobMode::Writeback
+                && blob.delete(ns, *k)?
             {
-                any |= blob.delete(ns, *k)?;
+                self.shared.events.record(ns, Change::Removed, TierKind::Blob, &[*k]);
+                any = true;
             }
             n += usize::from(any);
         }

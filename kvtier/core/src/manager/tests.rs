@@ -5,6 +5,7 @@ use crate::tier::conformance::content;
 use crate::tier::disk::DiskConfig;
 use crate::tier::host::HostConfig;
 use crate::tier::{Stored, Tier, TierKind};
+use std::collections::HashMap;
 use std::path::Path;
 
 const BLOCK: u64 = 64 * 1024;
@@ -735,4 +736,159 @@ fn a_direct_load_hands_out_verified_bytes_and_stops_at_a_corrupt_block() {
         .load_with(id, &ks, |_, _| Err(Error::new(ErrorKind::Io, "copy failed")))
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Io);
+}
+
+/// Applies a page of tier events to a reader's view of where blocks are.
+fn apply_events(view: &mut HashMap<BlockKey, crate::events::TierSet>, page: &EventPage) {
+    use crate::events::Change;
+    for e in &page.events {
+        let mut s = view.get(&e.key).copied().unwrap_or_default();
+        match e.change {
+            Change::Stored => s.insert(e.tier),
+            Change::Removed => {
+                s = s.iter().filter(|t| *t != e.tier).collect();
+            }
+        }
+        if s.is_empty() {
+            view.remove(&e.key);
+        } else {
+            view.insert(e.key, s);
+        }
+    }
+}
+
+/// Reads every event since `page`, applying them to `view`.
+fn drain_events(
+    m: &BlockManager,
+    id: NamespaceId,
+    page: &mut EventPage,
+    view: &mut HashMap<BlockKey, crate::events::TierSet>,
+) {
+    loop {
+        let next = m.events(id, page.epoch, page.cursor, 7).unwrap();
+        assert!(!next.resync, "a reader that keeps up never resyncs");
+        let done = next.events.is_empty();
+        apply_events(view, &next);
+        *page = next;
+        if done {
+            return;
+        }
+    }
+}
+
+fn assert_view_matches(
+    m: &BlockManager,
+    id: NamespaceId,
+    all: &[BlockKey],
+    view: &HashMap<BlockKey, crate::events::TierSet>,
+) {
+    let located = m.locate(id, all).unwrap();
+    for (k, s) in all.iter().zip(located) {
+        assert_eq!(view.get(k).copied().unwrap_or_default(), s, "block {k}");
+    }
+}
+
+#[test]
+fn tier_events_follow_every_store_demotion_eviction_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = DiskConfig {
+        segment_bytes: 1 << 20,
+        ..DiskConfig::new(dir.path(), 4 << 20)
+    };
+    let m = ManagerConfig::tiered(Some(HostConfig::with_capacity(4 * BLOCK)), Some(disk))
+        .build()
+        .unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let mut page = m.events(id, 0, 0, 10).unwrap();
+    assert!(page.resync, "a first read resyncs");
+    let mut view = HashMap::new();
+    let ks = keys(&n, 120, 3);
+    // Ten blocks into a host tier of four: six are demoted to disk.
+    m.store(id, &ks[..10], &data(&ks[..10])).unwrap();
+    drain_events(&m, id, &mut page, &mut view);
+    assert_view_matches(&m, id, &ks, &view);
+    let on = |t| view.values().filter(|s| s.contains(t)).count();
+    assert_eq!((on(TierKind::Host), on(TierKind::Disk)), (4, 6));
+    // Deletes leave every tier.
+    m.remove(id, &ks[..3]).unwrap();
+    drain_events(&m, id, &mut page, &mut view);
+    assert_view_matches(&m, id, &ks, &view);
+    // A disk of four 1 MiB segments overflows: its oldest segments go.
+    for chunk in ks[10..].chunks(10) {
+        m.store(id, chunk, &data(chunk)).unwrap();
+        drain_events(&m, id, &mut page, &mut view);
+    }
+    assert_view_matches(&m, id, &ks, &view);
+    assert!(
+        m.disk()
+            .unwrap()
+            .counters()
+            .evictions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    assert!(view.len() < ks.len() - 3, "evicted blocks left the view");
+}
+
+#[test]
+fn a_reader_that_falls_behind_resyncs_and_locate_rebuilds_its_view() {
+    let cfg = ManagerConfig {
+        event_capacity: 4,
+        ..ManagerConfig::host_only(HostConfig::with_capacity(16 * BLOCK))
+    };
+    let m = cfg.build().unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    let page = m.events(id, 0, 0, 10).unwrap();
+    let ks = keys(&n, 10, 4);
+    m.store(id, &ks, &data(&ks)).unwrap();
+    let behind = m.events(id, page.epoch, page.cursor, 100).unwrap();
+    assert!(behind.resync, "ten events through a ring of four");
+    assert_eq!(behind.cursor, 10);
+    // Re-read the state, then go on from the cursor.
+    let mut view: HashMap<_, _> = ks
+        .iter()
+        .zip(m.locate(id, &ks).unwrap())
+        .filter(|(_, s)| !s.is_empty())
+        .map(|(k, s)| (*k, s))
+        .collect();
+    assert_eq!(view.len(), 10);
+    m.remove(id, &ks[..2]).unwrap();
+    let mut page = behind;
+    drain_events(&m, id, &mut page, &mut view);
+    assert_view_matches(&m, id, &ks, &view);
+    assert_eq!(view.len(), 8);
+}
+
+#[test]
+fn event_reads_and_locates_check_their_input() {
+    let m = ManagerConfig::host_only(HostConfig::with_capacity(16 * BLOCK))
+        .build()
+        .unwrap();
+    let e = m.events(NamespaceId(9), 0, 0, 10).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::UnknownNamespace);
+    let e = m.locate(NamespaceId(9), &[BlockKey(1)]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::UnknownNamespace);
+    let id = m.register_namespace(&ns("m")).unwrap();
+    let e = m
+        .locate(id, &vec![BlockKey(1); crate::events::MAX_READ + 1])
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert_eq!(m.events(id, 0, 0, 0).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert!(m.locate(id, &[BlockKey(1)]).unwrap()[0].is_empty());
+}
+
+#[test]
+fn a_namespace_nobody_reads_keeps_no_events() {
+    let m = ManagerConfig::host_only(HostConfig::with_capacity(16 * BLOCK))
+        .build()
+        .unwrap();
+    let n = ns("m");
+    let id = m.register_namespace(&n).unwrap();
+    for i in 0..20 {
+        let ks = keys(&n, 8, 100 + i);
+        m.store(id, &ks, &data(&ks)).unwrap();
+    }
+    assert!(m.shared.events.rings().is_empty());
 }

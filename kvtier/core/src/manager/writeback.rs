@@ -41,11 +41,12 @@ use std::time::Duration;
 
 use crate::block::{BlockKey, NamespaceId};
 use crate::error::{Error, Result};
+use crate::events::{Change, EventLog};
 use crate::fsio::FileIo;
-use crate::tier::Tier;
 use crate::tier::blob::BlobClient;
 use crate::tier::blob::object::OBJECT_OVERHEAD_BYTES;
 use crate::tier::disk::DiskTier;
+use crate::tier::{Tier, TierKind};
 
 /// Whether this node uploads `key` of a namespace (false: another replica
 /// does).
@@ -454,7 +455,7 @@ fn rewrite(io: &FileIo, path: &Path, st: &State) -> Result<File> {
 }
 
 /// Uploads pending blocks until [`Writeback::stop`].
-pub(crate) async fn upload_loop(wb: Arc<Writeback>, disk: DiskTier, blob: BlobClient) {
+pub(crate) async fn upload_loop(wb: Arc<Writeback>, disk: DiskTier, blob: BlobClient, events: Arc<EventLog>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(blob.upload_concurrency()));
     let (min_backoff, max_backoff) = blob.backoff();
     loop {
@@ -474,9 +475,10 @@ pub(crate) async fn upload_loop(wb: Arc<Writeback>, disk: DiskTier, blob: BlobCl
             // request needed.
             wb.uploaded.fetch_add(1, Relaxed);
             wb.finish(key);
+            events.record(ns, Change::Stored, TierKind::Blob, &[key]);
             continue;
         }
-        let (wb, disk, blob) = (wb.clone(), disk.clone(), blob.clone());
+        let (wb, disk, blob, events) = (wb.clone(), disk.clone(), blob.clone(), events.clone());
         tokio::spawn(async move {
             let backoff = |failures: u32| min_backoff.saturating_mul(1u32 << failures.min(16)).min(max_backoff);
             if !wb.mine(ns, &key) {
@@ -487,6 +489,7 @@ pub(crate) async fn upload_loop(wb: Arc<Writeback>, disk: DiskTier, blob: BlobCl
                     Ok(true) => {
                         wb.by_peers.fetch_add(1, Relaxed);
                         wb.finish(key);
+                        events.record(ns, Change::Stored, TierKind::Blob, &[key]);
                     }
                     Ok(false) | Err(_) => {
                         wb.checked(key);
@@ -514,6 +517,7 @@ pub(crate) async fn upload_loop(wb: Arc<Writeback>, disk: DiskTier, blob: BlobCl
                 Ok(_) => {
                     wb.uploaded.fetch_add(1, Relaxed);
                     wb.finish(key);
+                    events.record(ns, Change::Stored, TierKind::Blob, &[key]);
                     drop(permit);
                 }
                 Err(e) => {

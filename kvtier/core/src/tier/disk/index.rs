@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::record::{PAGE, RecordHeader};
 use crate::block::{BlockKey, KeyMap, NamespaceId};
+use crate::events::Change;
 
 /// A segment file. Readers hold it through an `Arc`, so an unlinked file
 /// stays readable until the last reader is done.
@@ -64,13 +65,21 @@ pub(super) fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.seg"))
 }
 
-/// Puts a scanned or written record into the index.
-pub(super) fn apply(index: &mut KeyMap<Loc>, used_bytes: &mut u64, meta: &mut SegMeta, off: u64, h: &RecordHeader) {
-    if let Some(old) = index.remove(&h.key) {
-        *used_bytes -= old.record_bytes();
-    }
+/// Puts a scanned or written record into the index; says how the key's
+/// presence changed (`None`: it did not).
+pub(super) fn apply(
+    index: &mut KeyMap<Loc>,
+    used_bytes: &mut u64,
+    meta: &mut SegMeta,
+    off: u64,
+    h: &RecordHeader,
+) -> Option<Change> {
+    let had = index
+        .remove(&h.key)
+        .inspect(|old| *used_bytes -= old.record_bytes())
+        .is_some();
     if h.is_tombstone() {
-        return;
+        return had.then_some(Change::Removed);
     }
     let loc = Loc {
         seg: meta.seg.id,
@@ -83,4 +92,5 @@ pub(super) fn apply(index: &mut KeyMap<Loc>, used_bytes: &mut u64, meta: &mut Se
     *used_bytes += loc.record_bytes();
     index.insert(h.key, loc);
     meta.keys.push(h.key);
+    (!had).then_some(Change::Stored)
 }

@@ -60,6 +60,7 @@ use self::write::header;
 use super::{Pin, Stored, Tier, TierCounters, TierKind, Usage};
 use crate::block::{BlockKey, NamespaceId};
 use crate::error::{Error, Result};
+use crate::events::EventLog;
 use crate::fsio::FileIo;
 
 /// The disk tier. Cheap to clone: clones share the directory.
@@ -95,6 +96,8 @@ struct Inner {
     recovery: Recovery,
     /// Blocks reclaim must keep (blocks not yet written back to blob).
     retain: std::sync::OnceLock<Retain>,
+    /// Where stores and removals are recorded (see [`crate::events`]).
+    events: std::sync::OnceLock<Arc<EventLog>>,
     _lock: File,
 }
 
@@ -151,6 +154,7 @@ impl DiskTier {
             batched_writes: AtomicU64::new(0),
             recovery: Recovery::default(),
             retain: std::sync::OnceLock::new(),
+            events: std::sync::OnceLock::new(),
             _lock: lock,
         };
         inner.recover()?;
@@ -170,6 +174,15 @@ impl DiskTier {
             .retain
             .set(retain)
             .map_err(|_| Error::config("the disk tier's retain hook is already set"))
+    }
+
+    /// From now on every block indexed or dropped is recorded in `log`
+    /// (see [`crate::events`]); what recovery found is not. Set once.
+    pub fn set_events(&self, log: Arc<EventLog>) -> Result<()> {
+        self.inner
+            .events
+            .set(log)
+            .map_err(|_| Error::config("the disk tier's event log is already set"))
     }
 
     /// What opening found.

@@ -10,7 +10,8 @@ use super::index::{Loc, Segment};
 use super::record::{self, PAGE};
 use crate::block::{BlockKey, NamespaceId};
 use crate::error::{Error, ErrorKind, Result};
-use crate::tier::{PinnedBlock, TierCounters};
+use crate::events::Change;
+use crate::tier::{PinnedBlock, TierCounters, TierKind};
 
 /// A pinned disk block: holds its segment file open.
 pub(super) struct DiskPin {
@@ -73,6 +74,9 @@ impl DiskPin {
             if st.index.get(&self.key) == Some(loc) {
                 st.index.remove(&self.key);
                 st.used_bytes -= loc.record_bytes();
+                if let Some(log) = self.inner.events.get() {
+                    log.record(loc.ns, Change::Removed, TierKind::Disk, &[self.key]);
+                }
             }
             tracing::warn!(key = %self.key, segment = self.seg.id, offset = loc.off, "checksum mismatch: block dropped");
             return Err(Error::new(

@@ -12,8 +12,9 @@ use super::file::{self, AlignedBuf};
 use super::index::{SegMeta, Segment, State, segment_path};
 use super::record::{self, PAGE, Seal};
 use crate::error::{Error, ErrorKind, Result};
+use crate::events::Change;
 use crate::fsio::FileIo;
-use crate::tier::TierCounters;
+use crate::tier::{TierCounters, TierKind};
 
 /// Why the oldest segment could not be reclaimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +80,9 @@ impl Inner {
         for key in &meta.keys {
             if let Some(loc) = st.index.get(key).filter(|l| l.seg == id) {
                 st.used_bytes -= loc.record_bytes();
+                if let Some(log) = self.events.get() {
+                    log.record(loc.ns, Change::Removed, TierKind::Disk, &[*key]);
+                }
                 st.index.remove(key);
                 evicted += 1;
             }

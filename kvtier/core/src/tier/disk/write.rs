@@ -14,7 +14,7 @@ use super::record::{self, HEADER_BYTES, PAGE, RecordHeader};
 use super::segments::seal_if_done;
 use crate::block::{BlockKey, NamespaceId};
 use crate::error::{Error, ErrorKind, Result};
-use crate::tier::TierCounters;
+use crate::tier::{TierCounters, TierKind};
 
 impl Inner {
     pub(super) fn staging_wait(&self) -> Duration {
@@ -72,7 +72,11 @@ impl Inner {
         m.records += recs.len() as u64;
         if written.is_ok() {
             for (off, h) in recs {
-                apply(index, used_bytes, m, *off, h);
+                if let Some(change) = apply(index, used_bytes, m, *off, h)
+                    && let Some(log) = self.events.get()
+                {
+                    log.record(h.ns, change, TierKind::Disk, &[h.key]);
+                }
             }
         } else {
             // As in `finish`: the region may be torn.

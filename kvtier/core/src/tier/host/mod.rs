@@ -18,13 +18,14 @@ pub use arena::Backing;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use self::arena::Arena;
 use self::extent::Extents;
 use super::{Pin, PinnedBlock, Stored, Tier, TierCounters, TierKind, Usage};
 use crate::block::{BlockKey, KeyMap, NamespaceId};
 use crate::error::{Error, ErrorKind, Result};
+use crate::events::{Change, EventLog};
 use crate::eviction::{EvictionKind, EvictionPolicy};
 
 /// Configuration of the host tier.
@@ -83,6 +84,7 @@ struct Inner {
     state: Mutex<State>,
     counters: TierCounters,
     demoter: Option<Demoter>,
+    events: OnceLock<Arc<EventLog>>,
 }
 
 struct State {
@@ -124,8 +126,18 @@ impl HostTier {
                 }),
                 counters: TierCounters::default(),
                 demoter,
+                events: OnceLock::new(),
             }),
         })
+    }
+
+    /// From now on every block published or dropped is recorded in `log`
+    /// (see [`crate::events`]). Set once.
+    pub fn set_events(&self, log: Arc<EventLog>) -> Result<()> {
+        self.inner
+            .events
+            .set(log)
+            .map_err(|_| Error::config("the host tier's event log is already set"))
     }
 
     /// How the pool's memory is backed.
@@ -276,6 +288,9 @@ impl Inner {
     fn drop_entry(&self, st: &mut State, key: &BlockKey) {
         let e = st.map.remove(key).expect("caller checked presence");
         debug_assert!(e.ready);
+        if let Some(log) = self.events.get() {
+            log.record(e.ns, Change::Removed, TierKind::Host, &[*key]);
+        }
         st.policy.remove(key);
         st.ready_blocks -= 1;
         if e.pins == 0 {
@@ -394,6 +409,10 @@ impl HostSlot {
         assert_eq!(e.off, self.off, "a reserved entry moved");
         assert!(!e.ready, "a reserved entry was published twice");
         e.ready = true;
+        let ns = e.ns;
+        if let Some(log) = self.inner.events.get() {
+            log.record(ns, Change::Stored, TierKind::Host, &[self.key]);
+        }
         st.policy.insert(self.key);
         st.ready_blocks += 1;
         assert!(
