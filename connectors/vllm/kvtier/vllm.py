@@ -80,6 +80,8 @@ EXTRA_KEYS = {
     "staging_bytes",
     "timeout_s",
     "transfer_timeout_s",
+    "tier_events",
+    "tier_events_max_blocks",
 }
 
 DTYPES = {
@@ -110,6 +112,12 @@ def parse_extra_config(extra: dict[str, Any] | None) -> dict[str, Any]:
         t = extra.setdefault(key, default)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
             raise ValueError(f"kv_connector_extra_config: {key} must be a positive number of seconds")
+    events = extra.setdefault("tier_events", "auto")
+    if events not in ("auto", True, False):
+        raise ValueError(f"kv_connector_extra_config: tier_events {events!r} must be 'auto', true or false")
+    n = extra.setdefault("tier_events_max_blocks", 1 << 18)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError("kv_connector_extra_config: tier_events_max_blocks must be a positive integer")
     if "store" in extra and not isinstance(extra["store"], dict):
         raise ValueError("kv_connector_extra_config: store must be a table of store settings")
     return extra
@@ -197,6 +205,14 @@ def open_store(extra: dict[str, Any], worker: bool = False):
         if key not in _STORES:
             _STORES[key] = kvtier.Store(cfg)
         return _STORES[key]
+
+
+def _events_wanted(vllm_config: VllmConfig, extra: dict[str, Any]) -> bool:
+    """Tier events: on when asked, or ("auto") when vLLM publishes KV events."""
+    if extra["tier_events"] != "auto":
+        return bool(extra["tier_events"])
+    ev = getattr(vllm_config, "kv_events_config", None)
+    return bool(ev is not None and getattr(ev, "enable_kv_cache_events", False))
 
 
 def model_namespace(vllm_config: VllmConfig, extra: dict[str, Any], layout: dict[str, Any]) -> dict[str, Any]:
@@ -414,6 +430,8 @@ class KvTierConnector(KVConnectorBase_V1):
         self._ns_id: bytes | None = None
         self._register_namespace()
         # Scheduler side.
+        self._events_on = role == KVConnectorRole.SCHEDULER and _events_wanted(vllm_config, self._extra)
+        self._events = None
         self._reqs: dict[str, _ReqState] = {}
         self._pending_loads: dict[str, LoadSpec] = {}
         # Worker side.
@@ -447,6 +465,30 @@ class KvTierConnector(KVConnectorBase_V1):
             # Registered on a later call: the step goes on without the cache.
             logger.warning("kvtier: daemon throttled, serving without the cache for now: %s", e)
             return False
+
+    def _remember(self, keys: list[bytes], request: Any, first: int) -> None:
+        """Tier events: blocks being saved or loaded, for the router."""
+        if not self._events_on or self._ns_id is None:
+            return
+        if self._events is None:
+            from kvtier.vllm_events import TierEvents
+
+            self._events = TierEvents(
+                self._store,
+                self._ns_id,
+                self._block_size,
+                self._extra["tier_events_max_blocks"],
+                namespace=self._namespace,
+            )
+        try:
+            self._events.remember(keys, request, first)
+        except Exception as e:  # noqa: BLE001 - events never stop serving
+            logger.warning("kvtier: tier events for %s skipped: %s", request.request_id, e)
+
+    def take_events(self):
+        """kvtier's tier events (see kvtier.vllm_events) for vLLM's KV event
+        publisher."""
+        return self._events.take() if self._events is not None else ()
 
     def _keys(self, request: Any, first: int, last: int) -> list[bytes]:
         assert self._ns_id is not None
@@ -490,6 +532,7 @@ class KvTierConnector(KVConnectorBase_V1):
             keys=self._keys(request, first, first + n),
             block_ids=block_ids[first : first + n],
         )
+        self._remember(self._pending_loads[request.request_id].keys, request, first)
         # Loaded blocks are in the store already: no need to save them again.
         state.saved_blocks = max(state.saved_blocks, first + n)
 
@@ -527,10 +570,10 @@ class KvTierConnector(KVConnectorBase_V1):
         if full <= state.saved_blocks:
             return
         first = state.saved_blocks
-        meta.saves.append(
-            SaveSpec(req.request_id, self._keys(req, first, full), list(state.block_ids[first:full]))
-        )
+        keys = self._keys(req, first, full)
+        meta.saves.append(SaveSpec(req.request_id, keys, list(state.block_ids[first:full])))
         state.saved_blocks = full
+        self._remember(keys, req, first)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Saves complete within wait_for_save: nothing holds the blocks after.
@@ -798,6 +841,9 @@ class KvTierConnector(KVConnectorBase_V1):
         return None, (done or None)
 
     def shutdown(self):
+        if self._events is not None:
+            self._events.close()
+            self._events = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         if self._saver is not None:

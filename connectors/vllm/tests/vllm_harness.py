@@ -181,6 +181,7 @@ def make_vllm_config(
     kv_load_failure_policy: str = "fail",
     kv_cache_layout: str | None = None,
     engine_id: str | None = None,
+    kv_events_config: Any = None,
 ) -> VllmConfig:
     """A CPU ``VllmConfig`` whose ``kv_transfer_config`` is
     ``KVTransferConfig(kv_connector=connector_name,
@@ -194,6 +195,8 @@ def make_vllm_config(
     by default and would pick ``AsyncScheduler``). ``kv_load_failure_policy``
     defaults to vLLM's own default, ``"fail"``. ``kv_cache_layout`` (e.g.
     ``"LBHNC"``) pre-sets the layout, which resolution then honours as is.
+    ``kv_events_config``: vLLM's ``KVEventsConfig`` (KV events published
+    by the scheduler), or None.
     """
     model_config = ModelConfig(
         model=model_dir,
@@ -228,12 +231,14 @@ def make_vllm_config(
             kv_buffer_device="cpu",
             engine_id=engine_id,
         )
+    events = {} if kv_events_config is None else {"kv_events_config": kv_events_config}
     return VllmConfig(
         model_config=model_config,
         scheduler_config=scheduler_config,
         cache_config=cache_config,
         kv_transfer_config=kv_transfer_config,
         device_config=DeviceConfig(device="cpu"),
+        **events,
     )
 
 
