@@ -7,6 +7,8 @@
 - ``key_from_hash`` / ``keys_from_hashes`` / ``keys_from_tokens``: 16-byte
   block keys (``keys_from_hashes``: a request's engine hashes in one call;
   only bytes-like hashes, anything else is a ``TypeError``).
+- ``dynamo_hashes``: NVIDIA Dynamo's KV-router block and sequence hashes of
+  a token sequence (with an optional LoRA adapter and cache namespace).
 
 ``put`` and ``get`` take any C-contiguous buffer (numpy arrays of any dtype,
 bytes, bytearray, memoryview, CPU tensors through ``.numpy()``) and read or
@@ -40,6 +42,7 @@ from ._kvtier import (
     UnavailableError,
     UnknownNamespaceError,
     __version__,
+    dynamo_hashes,
     key_from_hash,
     keys_from_hashes,
     keys_from_tokens,
@@ -61,6 +64,7 @@ __all__ = [
     "UnavailableError",
     "UnknownNamespaceError",
     "__version__",
+    "dynamo_hashes",
     "key_from_hash",
     "keys_from_hashes",
     "keys_from_tokens",

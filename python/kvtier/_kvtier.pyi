@@ -120,3 +120,10 @@ def keys_from_hashes(ns: bytes, hashes: Iterable[bytes | bytearray | memoryview]
     """`[key_from_hash(ns, h) for h in hashes]` in one call; a hash that is
     not bytes-like raises TypeError naming its index and type."""
 def keys_from_tokens(namespace_: Namespace, tokens: Sequence[int]) -> list[bytes]: ...
+def dynamo_hashes(
+    tokens: Iterable[int], block_size: int, lora_name: str | None = None, cache_namespace: str | None = None
+) -> tuple[list[int], list[int]]:
+    """(block hashes, sequence hashes) of every full block of `tokens`, as
+    NVIDIA Dynamo 1.6.1's KV router computes them (`compute_block_hash_for_seq`
+    gives the first list). An empty name counts as none. ValueError for a
+    block_size of 0 or a token id outside 0..=2**32-1."""

@@ -22,6 +22,7 @@
 //!   it; `load_blocks` copies verified blocks from the tier into the
 //!   tensors. One copy each way, where staging plus `put`/`get` take two.
 
+use kvtier::block::dynamo_seed;
 use kvtier::checkpoint::Checkpoints;
 use kvtier::checkpoint::manifest::Manifest;
 use kvtier::manager::StoreOutcome;
@@ -31,7 +32,7 @@ use kvtier_client::RemoteChunks;
 use kvtier_client::{Client as RpcClient, ClientConfig};
 use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMapping, PyMemoryView};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyInt, PyMapping, PyMemoryView};
 use std::sync::Arc;
 
 pyo3::create_exception!(
@@ -990,6 +991,59 @@ fn keys_from_tokens<'py>(
     Ok(hashes.iter().map(|h| PyBytes::new(py, &h.key.to_le_bytes())).collect())
 }
 
+/// `what` as a u32: an int out of range is a `ValueError` naming it, a
+/// value that is not an int a `TypeError`.
+fn u32_arg(v: &Bound<'_, PyAny>, what: &dyn Fn() -> String) -> PyResult<u32> {
+    if let Ok(x) = v.extract::<u32>() {
+        return Ok(x);
+    }
+    // numpy integers are not `int` subclasses but convert to i64.
+    if v.cast::<PyInt>().is_ok() || v.extract::<i64>().is_ok() {
+        return Err(PyValueError::new_err(format!(
+            "{} is {v}, not in 0..={}",
+            what(),
+            u32::MAX
+        )));
+    }
+    let t = v.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+    Err(PyTypeError::new_err(format!("{} must be an int, got {t}", what())))
+}
+
+/// NVIDIA Dynamo's KV-router hashes of every full block of `tokens`: the
+/// block hashes and the chained sequence hashes (`kvtier::block` documents
+/// the scheme). A partial tail is not a block.
+#[pyfunction]
+#[pyo3(signature = (tokens, block_size, lora_name = None, cache_namespace = None))]
+fn dynamo_hashes(
+    tokens: &Bound<'_, PyAny>,
+    block_size: &Bound<'_, PyAny>,
+    lora_name: Option<&str>,
+    cache_namespace: Option<&str>,
+) -> PyResult<(Vec<u64>, Vec<u64>)> {
+    let block = u32_arg(block_size, &|| "block_size".to_string())?;
+    if block == 0 {
+        return Err(PyValueError::new_err(
+            "block_size is 0, a block holds at least one token",
+        ));
+    }
+    let items = tokens.try_iter().map_err(|_| {
+        let t = tokens.get_type().name().map(|n| n.to_string()).unwrap_or_default();
+        PyTypeError::new_err(format!("tokens: an iterable of token ids, got {t}"))
+    })?;
+    let mut ids = Vec::with_capacity(tokens.len().unwrap_or(0));
+    for (i, t) in items.enumerate() {
+        ids.push(u32_arg(&t?, &|| format!("tokens[{i}]"))?);
+    }
+    let seed = dynamo_seed(lora_name, cache_namespace);
+    // The Dynamo form does not depend on the namespace or salt: only the
+    // kvtier keys, which this function does not return, do.
+    let hashes = SequenceHasher::new(NamespaceId(0), block, None, seed).hash_all(&ids);
+    Ok(hashes
+        .iter()
+        .map(|h| (h.dynamo_block_hash, h.dynamo_sequence_hash))
+        .unzip())
+}
+
 #[pymodule]
 fn _kvtier(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -998,6 +1052,7 @@ fn _kvtier(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(key_from_hash, m)?)?;
     m.add_function(wrap_pyfunction!(keys_from_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(keys_from_tokens, m)?)?;
+    m.add_function(wrap_pyfunction!(dynamo_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(_copy_blocks, m)?)?;
     m.add("KvTierError", py.get_type::<KvTierError>())?;
     m.add("InvalidArgumentError", py.get_type::<InvalidArgumentError>())?;

@@ -5,15 +5,15 @@
 //!   [`NamespaceId`] is the root of every key made in it, so a block of one
 //!   model can never be found under another.
 //! - [`SequenceHasher`] chains token blocks into 128-bit [`BlockKey`]s (each
-//!   key names its whole prefix) and, alongside, the 64-bit sequence hashes
-//!   that NVIDIA Dynamo computes, for interop.
+//!   key names its whole prefix) and, alongside, the 64-bit block and
+//!   sequence hashes that NVIDIA Dynamo's KV router computes, for interop.
 //! - [`BlockKey::from_opaque`] wraps hashes an engine brings itself (vLLM's
 //!   block hashes) inside a namespace.
 
 mod hash;
 mod namespace;
 
-pub use hash::{BlockHashes, SequenceHasher, dynamo_salt_hash};
+pub use hash::{BlockHashes, DYNAMO_BASE_SEED, SequenceHasher, dynamo_seed};
 pub use namespace::{Dtype, KvKind, KvLayout, Namespace, NamespaceId};
 
 use std::fmt;
