@@ -3,7 +3,10 @@
 # the connectors, installs it into the venv of each vLLM version under test
 # (scripts/python-env.sh, one venv per version, with the real vllm) and runs
 # the Python tests as a matrix: python/tests once, in the first version's
-# venv; each connector's tests once per version.
+# venv; each connector's tests once per version. Then connectors/dynamo/tests
+# once, in the venv of scripts/dynamo-env.sh (NVIDIA Dynamo 1.6.1 added to
+# the vLLM 0.31.0 venv), with the same wheel installed there whether or not
+# 0.31.0 is in the matrix.
 #
 # The versions: $KVTIER_VLLM_VERSIONS, default "0.34.0 0.31.0" (the newest
 # vLLM we test, and NVIDIA Dynamo 1.6.1's pin). One wheel serves every venv:
@@ -21,6 +24,7 @@ declare -A VENVS
 for version in "${VLLM_VERSIONS[@]}"; do
   VENVS[$version]=$(./scripts/python-env.sh "$version")
 done
+DYNAMO_VENV=$(./scripts/dynamo-env.sh)
 PY="${VENVS[${VLLM_VERSIONS[0]}]}/bin/python"   # builds the wheel, runs python/tests
 cargo build --release -q -p kvtier-server   # the tests start a real kvtierd
 wheel=$(KVTIER_PYTHON="$PY" ./scripts/build-wheel.sh --release)
@@ -45,18 +49,24 @@ assert installed.read_bytes() == source.read_bytes(), f"{installed} differs from
 print(f"clean venv: {name} from the wheel ({installed.name}, same bytes as {source})")
 PY
 done
-for version in "${VLLM_VERSIONS[@]}"; do
-  "${VENVS[$version]}/bin/python" -m pip install -q --force-reinstall --no-deps "$wheel"
+# Each venv once: with 0.31.0 in the matrix, the Dynamo venv is its venv.
+declare -A INSTALLED
+for venv in "${VENVS[@]}" "$DYNAMO_VENV"; do
+  [ -n "${INSTALLED[$venv]:-}" ] && continue
+  "$venv/bin/python" -m pip install -q --force-reinstall --no-deps "$wheel"
+  INSTALLED[$venv]=1
 done
 status=0
-run_pytest() { # tests-dir vllm-version
-  echo "== pytest $1 (vllm $2)"
-  (cd "$1" && "${VENVS[$2]}/bin/python" -m pytest -q -p no:cacheprovider .) || status=1
+run_pytest() { # tests-dir venv label
+  echo "== pytest $1 ($3)"
+  (cd "$1" && "$2/bin/python" -m pytest -q -p no:cacheprovider .) || status=1
 }
-run_pytest python/tests "${VLLM_VERSIONS[0]}"
+run_pytest python/tests "${VENVS[${VLLM_VERSIONS[0]}]}" "vllm ${VLLM_VERSIONS[0]}"
 for tests in connectors/*/tests; do
+  [ "$tests" = connectors/dynamo/tests ] && continue   # Dynamo's own venv, below
   for version in "${VLLM_VERSIONS[@]}"; do
-    run_pytest "$tests" "$version"
+    run_pytest "$tests" "${VENVS[$version]}" "vllm $version"
   done
 done
+run_pytest connectors/dynamo/tests "$DYNAMO_VENV" "dynamo 1.6.1, vllm 0.31.0"
 exit $status
