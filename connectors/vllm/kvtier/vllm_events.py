@@ -177,6 +177,23 @@ class TierEvents:
                 logger.warning("kvtier: could not register the namespace again: %s", e)
 
     def _poll(self) -> None:
+        # Blocks whose tiers changed in this poll, with their tiers before:
+        # announced together at the end, grouped by medium and in feed
+        # order (a demotion of many blocks is two events, not two per block).
+        changed: dict[bytes, tuple[_Block, frozenset]] = {}
+
+        def note(key: bytes, b: _Block) -> None:
+            if key not in changed:
+                changed[key] = (b, frozenset(b.tiers))
+
+        try:
+            self._read_feed(note)
+            self._locate_new(note)
+        finally:
+            with self._lock:
+                self._announce(changed.values())
+
+    def _read_feed(self, note) -> None:
         while True:
             page = self._store.events(self._ns, self._epoch, self._cursor, PAGE)
             if page["resync"]:
@@ -184,21 +201,22 @@ class TierEvents:
                 self._epoch, self._cursor = page["epoch"], page["cursor"]
                 with self._lock:
                     self._to_locate = list(self._blocks)
-                break
+                return
             self._epoch, self._cursor = page["epoch"], page["cursor"]
             with self._lock:
                 for _, change, tier, key in page["events"]:
                     b = self._blocks.get(key)
                     if b is None or tier not in MEDIA:
                         continue
-                    if change == "stored" and tier not in b.tiers:
+                    note(key, b)
+                    if change == "stored":
                         b.tiers.add(tier)
-                        self._stored(b, tier)
-                    elif change == "removed" and tier in b.tiers:
+                    elif change == "removed":
                         b.tiers.discard(tier)
-                        self._removed(b, {tier})
             if len(page["events"]) < PAGE:
-                break
+                return
+
+    def _locate_new(self, note) -> None:
         with self._lock:
             todo, self._to_locate = self._to_locate, []
         for i in range(0, len(todo), PAGE):
@@ -214,33 +232,61 @@ class TierEvents:
                     b = self._blocks.get(key)
                     if b is None:
                         continue
-                    now = {t for t in tiers if t in MEDIA}
-                    gone = b.tiers - now
-                    if gone:
-                        self._removed(b, gone)
-                    for t in sorted(now - b.tiers, key=list(MEDIA).index):
-                        self._stored(b, t)
-                    b.tiers = now
+                    note(key, b)
+                    b.tiers = {t for t in tiers if t in MEDIA}
+
+    def _announce(self, changed) -> None:
+        """Events for what changed: removals first, then stores (parents
+        before children, as the feed had them), by medium."""
+        changed = list(changed)
+        for tier in MEDIA:
+            for b, before in changed:
+                if tier in before and tier not in b.tiers:
+                    self._removed(b, {tier})
+        for tier in MEDIA:
+            for b, before in changed:
+                if tier in b.tiers and tier not in before:
+                    self._stored(b, tier)
 
     # Called with the lock held.
 
     def _stored(self, b: _Block, tier: str) -> None:
+        last = self._out[-1] if self._out else None
+        # A block that continues the last announced run (same tier, its
+        # parent is that run's last block) joins it: one event per run of
+        # a prompt, as vLLM announces its own.
+        if (
+            isinstance(last, self._BlockStored)
+            and last.medium == MEDIA[tier]
+            and last.block_hashes[-1] == b.parent
+            and last.lora_name == b.lora_name
+            and (last.extra_keys is None) == (b.extra_keys is None)
+        ):
+            last.block_hashes.append(b.block_hash)
+            last.token_ids.extend(b.token_ids)
+            if b.extra_keys is not None:
+                last.extra_keys.extend(b.extra_keys)
+            return
         self._out.append(
             self._BlockStored(
                 block_hashes=[b.block_hash],
                 parent_block_hash=b.parent,
-                token_ids=b.token_ids,
+                token_ids=list(b.token_ids),
                 block_size=self._block_size,
                 lora_id=b.lora_id,
                 medium=MEDIA[tier],
                 lora_name=b.lora_name,
-                extra_keys=b.extra_keys,
+                extra_keys=list(b.extra_keys) if b.extra_keys is not None else None,
             )
         )
 
     def _removed(self, b: _Block, tiers: set[str]) -> None:
         for t in sorted(tiers, key=list(MEDIA).index):
-            self._out.append(self._BlockRemoved(block_hashes=[b.block_hash], medium=MEDIA[t]))
+            last = self._out[-1] if self._out else None
+            if isinstance(last, self._BlockRemoved) and last.medium == MEDIA[t]:
+                last.block_hashes.append(b.block_hash)
+            else:
+                self._out.append(self._BlockRemoved(block_hashes=[b.block_hash], medium=MEDIA[t]))
 
 
 def _describe(request: Any, first: int, n: int, block_size: int) -> list[_Block]:

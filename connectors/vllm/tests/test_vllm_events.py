@@ -83,21 +83,29 @@ def test_saved_blocks_are_announced_per_tier_with_vllms_hashes_parents_and_token
     req = serve(sched, worker, "a", prompt(1, 3))
     events = drain(sched, worker)
     stored = [e for e in events if isinstance(e, BlockStored)]
-    assert [e.medium for e in stored] == ["CPU_PINNED"] * 3, events
+    # One chained run, as vLLM announces a prompt's blocks.
+    assert len(stored) == 1, events
+    (e,) = stored
     want = [maybe_convert_block_hash(h) for h in req.block_hashes[:3]]
-    assert [e.block_hashes[0] for e in stored] == want
-    assert [e.parent_block_hash for e in stored] == [None] + want[:2]
-    tokens = prompt(1, 3)
-    assert [e.token_ids for e in stored] == [tokens[i * BLOCK : (i + 1) * BLOCK] for i in range(3)]
-    assert all(e.block_size == BLOCK for e in stored)
+    assert e.medium == "CPU_PINNED"
+    assert e.block_hashes == want
+    assert e.parent_block_hash is None
+    assert e.token_ids == prompt(1, 3)[: 3 * BLOCK]
+    assert e.block_size == BLOCK
     assert not any(isinstance(e, BlockRemoved) for e in events)
+    # A run that continues a stored one names its parent.
+    serve(sched, worker, "a2", prompt(1, 3)[: 3 * BLOCK] + prompt(9, 1))
+    (e,) = [e for e in drain(sched, worker) if isinstance(e, BlockStored)]
+    assert e.parent_block_hash == want[-1]
+    assert len(e.block_hashes) == 1
 
-    # Three more blocks: the host tier holds four, so two are demoted.
+    # Three more blocks: the host tier holds four (all taken), so three
+    # are demoted.
     serve(sched, worker, "b", prompt(2, 3))
     events = drain(sched, worker)
     removed = by_medium(events, BlockRemoved)
     disk = by_medium(events, BlockStored).get("DISK", [])
-    assert len(removed.get("CPU_PINNED", [])) == 2, events
+    assert len(removed.get("CPU_PINNED", [])) == 3, events
     assert sorted(map(repr, disk)) == sorted(map(repr, removed["CPU_PINNED"])), "demoted, not lost"
     assert set(removed) == {"CPU_PINNED"}, "nothing left the SSD"
 
