@@ -270,7 +270,8 @@ async def run(mode: str, reqs: list[dict], args, workdir) -> dict:
         await e.register(loop)
     by_id = {e.id: e for e in engines}
     drt = DistributedRuntime(loop, "file", "tcp", event_plane="zmq")
-    router = KvRouter(drt.endpoint(component), args.block_tokens, KvRouterConfig())
+    cfg = KvRouterConfig(host_cache_hit_weight=args.host_weight, disk_cache_hit_weight=args.disk_weight)
+    router = KvRouter(drt.endpoint(component), args.block_tokens, cfg)
     end = time.monotonic() + 60
     while True:
         s = await router.get_overlap_scores([1] * args.block_tokens)
@@ -344,6 +345,9 @@ def main() -> None:
     ap.add_argument("--disk-blocks", type=int, default=65536)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-seconds", type=float, default=1200)
+    # Dynamo's defaults (--router-host-cache-hit-weight, --router-disk-cache-hit-weight).
+    ap.add_argument("--host-weight", type=float, default=0.75)
+    ap.add_argument("--disk-weight", type=float, default=0.25)
     ap.add_argument("--netns", action="store_true")
     args = ap.parse_args()
     if args.netns:
@@ -355,7 +359,8 @@ def main() -> None:
     try:
         out = {"workers": args.workers, "gpu_blocks": args.gpu_blocks, "host_blocks": args.host_blocks,
                "disk_blocks": args.disk_blocks, "block_tokens": args.block_tokens,
-               "concurrency": args.concurrency}
+               "concurrency": args.concurrency, "host_weight": args.host_weight,
+               "disk_weight": args.disk_weight}
         for mode in ("gpu_only", "tier_aware"):
             out[mode] = asyncio.run(run(mode, reqs, args, workdir))
         print(json.dumps(out), flush=True)

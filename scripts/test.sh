@@ -51,6 +51,11 @@ echo "== python: wheel, clean-venv install, pytest"
 # kvtierd: checks its invariants (bytes back as saved) and exits non-zero
 # naming a broken one.
 ./target/release/kvtier-bench connector --smoke --json
+# NVIDIA Dynamo's real KV router over simulated engines with kvtier's tiers,
+# GPU events only and with tier events, in a network namespace (only lo):
+# checks its invariants (no hit rate above one cache of every block seen,
+# tier events reach the router, kvtier serves hits).
+./target/release/kvtier-bench routing --smoke --json
 echo "== cargo test"
 # The core crate last, so the run closes on its summary.
 cargo test -p kvtier-proto -p kvtier-client -p kvtier-testkit --all-targets

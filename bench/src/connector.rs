@@ -157,7 +157,7 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
 
 /// Runs `cmd` to completion, killed after `limit`; its status, stdout and
 /// stderr (through files, so a chatty child never blocks on a full pipe).
-fn run_bounded(mut cmd: Command, limit: Duration) -> kvtier::Result<(ExitStatus, String, String)> {
+pub(crate) fn run_bounded(mut cmd: Command, limit: Duration) -> kvtier::Result<(ExitStatus, String, String)> {
     let io = |what: &str, e: std::io::Error| err(format!("{what}: {e}"));
     let (mut out, mut errs) = (
         tempfile::tempfile().map_err(|e| io("stdout file", e))?,

@@ -12,6 +12,7 @@ mod peers;
 mod python;
 mod replay;
 mod replication;
+mod routing;
 mod tiers;
 // Used by the replay and peers benches.
 mod trace;
@@ -59,6 +60,11 @@ enum Cmd {
     /// against kvtierd: the step's save stall and load/save GB/s against
     /// memcpy of the same bytes, and the scheduler's prefix lookup latency.
     Connector(connector::Args),
+    /// NVIDIA Dynamo's real KV router over simulated engines with kvtier's
+    /// host and SSD tiers, a trace replayed twice: the router seeing GPU
+    /// events only, then kvtier's tier events too (token hit rates, their
+    /// ratio, events per request; runs in a network namespace).
+    Routing(routing::Args),
     /// GPU <-> pinned host block copies through kvtier's transfer path
     /// (needs an NVIDIA GPU; says so when there is none).
     Transfer(transfer::Args),
@@ -105,6 +111,7 @@ fn main() {
         Cmd::Peers(a) => peers::run(&a),
         Cmd::Python(a) => python::run(&a),
         Cmd::Connector(a) => connector::run(&a),
+        Cmd::Routing(a) => routing::run(&a),
         Cmd::Transfer(a) => transfer::run(&a),
         Cmd::Demo { dir, json } => demo::run(&dir, json),
     };
