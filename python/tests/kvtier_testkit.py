@@ -96,6 +96,31 @@ def _stopped(task):
     return stat.rsplit(")", 1)[1].split()[0] == "T"
 
 
+def lo_up():
+    """Brings ``lo`` up in a fresh network namespace (``unshare --net``),
+    without needing ``ip``: where a test or bench runs a component that
+    binds the machine's own address (NVIDIA Dynamo's planes), so nothing
+    can leave 127.0.0.1."""
+    import fcntl
+    import socket
+    import struct
+
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sh", b"lo", 0)
+        flags = struct.unpack("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def throttling_manager_toml(blocks_dir, queue_blocks, table=""):
     """A write-through manager with an offload queue of `queue_blocks`: a
     put of more new blocks than the queue holds is refused whole as

@@ -29,20 +29,9 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 BLOCK = 16
+sys.path.insert(0, str(ROOT / "python" / "tests"))
+from kvtier_testkit import free_port, lo_up  # noqa: E402
 COMPONENT = "kvtier.worker.generate"
-
-
-def lo_up() -> None:
-    """Brings ``lo`` up in a fresh network namespace (no ``ip`` needed)."""
-    import fcntl
-    import socket
-    import struct
-
-    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        req = struct.pack("16sh", b"lo", 0)
-        flags = struct.unpack("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))
 
 
 def interfaces() -> list[str]:
@@ -207,14 +196,6 @@ class Worker:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def driver(args) -> None:
