@@ -19,6 +19,9 @@ Extra config (every key optional; an unknown key is an error at startup):
 - ``store``: a full embedded store config (the keys of deploy/kvtier.toml),
   instead of the two above.
 - ``salt``: a namespace salt (e.g. a cache salt shared by a tenant).
+- ``tier_events``: ``"auto"`` (default: on when vLLM publishes KV events),
+  true or false: tier-tagged KV events for a KV-aware router (see
+  ``kvtier.vllm_events``); ``tier_events_max_blocks`` bounds their table.
 - ``load_mode``: ``"async"`` (default: the request waits for its blocks
   while the scheduler runs others; loads run on worker threads) or
   ``"sync"`` (loads complete in ``start_load_kv`` before the forward pass).
