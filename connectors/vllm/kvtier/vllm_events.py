@@ -51,6 +51,8 @@ MEDIA = {"host": "CPU_PINNED", "disk": "DISK", "blob": "EXTERNAL"}
 DEFAULT_MAX_BLOCKS = 1 << 18
 # Events read or keys located per store call.
 PAGE = 4096
+# The longest wait between reads of a feed that fails.
+MAX_RETRY_S = 5.0
 
 
 @dataclass
@@ -143,6 +145,7 @@ class TierEvents:
     # ------------------------------------------------------ the feed thread
 
     def _run(self) -> None:
+        failing = 0  # polls failed in a row: the wait backs off, one warning
         while not self._stop.is_set():
             with self._lock:
                 flushes, self._flushes = self._flushes, []
@@ -150,15 +153,20 @@ class TierEvents:
             try:
                 self._poll()
                 ok = True
+                if failing:
+                    logger.info("kvtier: tier events flow again")
+                failing = 0
             except kvtier.UnknownNamespaceError:
                 self._store_forgot()
             except Exception as e:  # noqa: BLE001 - a feed failure must not stop the engine
                 self.failures += 1
-                logger.warning("kvtier: tier events unavailable for now: %s", e)
+                if not failing:
+                    logger.warning("kvtier: tier events unavailable for now (the engine serves on): %s", e)
+                failing += 1
             for f in flushes:
                 f.ok = ok
                 f.set()
-            self._wake.wait(self._interval_s)
+            self._wake.wait(min(self._interval_s * (1 << min(failing, 7)), MAX_RETRY_S))
             self._wake.clear()
 
     def _store_forgot(self) -> None:
