@@ -262,7 +262,7 @@ async def run(mode: str, reqs: list[dict], args, workdir) -> dict:
         assert time.monotonic() < end, f"the router saw {len(s['workers'])} of {len(engines)} engines"
         await asyncio.sleep(0.2)
     bt = args.block_tokens
-    hit = total = gpu_hit = tier_hit = 0
+    hit = total = gpu_hit = tier_hit = unsynced = 0
     running: collections.deque[str] = collections.deque()
     t0 = time.monotonic()
     for n, r in enumerate(reqs):
@@ -287,13 +287,16 @@ async def run(mode: str, reqs: list[dict], args, workdir) -> dict:
         if ids:
             probe = tokens
             want = min(full, args.gpu_blocks)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 30
             while True:
                 rows = {x["worker_id"]: x for x in (await router.get_overlap_scores(probe))["workers"]}
                 if rows.get(wid, {}).get("device_blocks", 0) >= want or full > args.gpu_blocks:
                     break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"router did not apply request {n}'s events: {rows.get(wid)}")
+                    # Counted and reported: the next decisions ran on a
+                    # router that lagged.
+                    unsynced += 1
+                    break
                 await asyncio.sleep(0.001)
         if time.monotonic() - t0 > args.max_seconds:
             break
@@ -306,6 +309,7 @@ async def run(mode: str, reqs: list[dict], args, workdir) -> dict:
         "tier_hit_tokens": tier_hit,
         "events": sum(e.published for e in engines),
         "requests_per_engine": [e.requests for e in engines],
+        "unsynced_requests": unsynced,
         "wall_s": time.monotonic() - t0,
     }
     for rid in running:

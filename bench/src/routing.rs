@@ -178,6 +178,7 @@ fn figures(raw: &Value, oracle: f64, trace: &Path, python: &Path) -> kvtier::Res
             "kvtier_token_share": round3(get(m, "tier_hit_tokens")? / input),
             "events_per_request": round3(per_request(m)?),
             "requests_per_engine": raw[m]["requests_per_engine"],
+            "unsynced_requests": raw[m]["unsynced_requests"],
             "wall_s": round3(get(m, "wall_s")?),
         }))
     };
@@ -219,6 +220,13 @@ fn check_smoke(v: &Value) -> kvtier::Result<()> {
             .as_array()
             .map_or(0, |e| e.iter().filter(|n| n.as_u64() > Some(0)).count());
         let workers = c.u("/workers")? as usize;
+        let (unsynced, served) = (
+            c.u(&format!("/{m}/unsynced_requests"))?,
+            c.u(&format!("/{m}/requests"))?,
+        );
+        c.ensure(unsynced * 100 <= served, || {
+            format!("{m}/unsynced_requests {unsynced} <= 1% of {served}: the router applied the events before the next decision")
+        })?;
         c.ensure(all == workers, || {
             format!("{m}: every engine served requests: {engines}")
         })?;
