@@ -25,6 +25,7 @@ for version in "${VLLM_VERSIONS[@]}"; do
   VENVS[$version]=$(./scripts/python-env.sh "$version")
 done
 DYNAMO_VENV=$(./scripts/dynamo-env.sh)
+LMCACHE_VENV=$(./scripts/lmcache-env.sh)
 PY="${VENVS[${VLLM_VERSIONS[0]}]}/bin/python"   # builds the wheel, runs python/tests
 cargo build --release -q -p kvtier-server   # the tests start a real kvtierd
 wheel=$(KVTIER_PYTHON="$PY" ./scripts/build-wheel.sh --release)
@@ -50,8 +51,9 @@ print(f"clean venv: {name} from the wheel ({installed.name}, same bytes as {sour
 PY
 done
 # Each venv once: with 0.31.0 in the matrix, the Dynamo venv is its venv.
+# LMCache has its own (it cannot share one with vLLM 0.34).
 declare -A INSTALLED
-for venv in "${VENVS[@]}" "$DYNAMO_VENV"; do
+for venv in "${VENVS[@]}" "$DYNAMO_VENV" "$LMCACHE_VENV"; do
   [ -n "${INSTALLED[$venv]:-}" ] && continue
   "$venv/bin/python" -m pip install -q --force-reinstall --no-deps "$wheel"
   INSTALLED[$venv]=1
@@ -64,9 +66,11 @@ run_pytest() { # tests-dir venv label
 run_pytest python/tests "${VENVS[${VLLM_VERSIONS[0]}]}" "vllm ${VLLM_VERSIONS[0]}"
 for tests in connectors/*/tests; do
   [ "$tests" = connectors/dynamo/tests ] && continue   # Dynamo's own venv, below
+  [ "$tests" = connectors/lmcache/tests ] && continue  # LMCache's own venv, below
   for version in "${VLLM_VERSIONS[@]}"; do
     run_pytest "$tests" "${VENVS[$version]}" "vllm $version"
   done
 done
 run_pytest connectors/dynamo/tests "$DYNAMO_VENV" "dynamo 1.6.1, vllm 0.31.0"
+run_pytest connectors/lmcache/tests "$LMCACHE_VENV" "lmcache 0.5.6"
 exit $status

@@ -58,7 +58,7 @@ echo "== python: wheel, clean-venv install, pytest"
 ./target/release/kvtier-bench routing --smoke --json
 echo "== cargo test"
 # The core crate last, so the run closes on its summary.
-cargo test -p kvtier-proto -p kvtier-client -p kvtier-testkit --all-targets
+cargo test -p kvtier-proto -p kvtier-client -p kvtier-testkit -p kvtier-python --all-targets
 cargo test -p kvtier-bench --all-targets
 cargo test -p kvtier-server --all-targets
 cargo test -p kvtier --all-targets

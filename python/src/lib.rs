@@ -35,6 +35,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyInt, PyMapping, PyMemoryView};
 use std::sync::Arc;
 
+mod l2;
+
 pyo3::create_exception!(
     _kvtier,
     KvTierError,
@@ -1049,6 +1051,7 @@ fn _kvtier(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<Store>()?;
     m.add_class::<Client>()?;
+    m.add_class::<l2::LmcacheL2>()?;
     m.add_function(wrap_pyfunction!(key_from_hash, m)?)?;
     m.add_function(wrap_pyfunction!(keys_from_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(keys_from_tokens, m)?)?;
