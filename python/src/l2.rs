@@ -218,6 +218,16 @@ impl Inner {
         Ok(id)
     }
 
+    /// The namespace and block key of an object key (a key that did not
+    /// parse is an invalid-argument error).
+    fn block_key(&self, b: &Backend, k: &Result<ObjectKey, String>) -> kvtier::Result<(NamespaceId, BlockKey)> {
+        let k = k
+            .as_ref()
+            .map_err(|e| kvtier::Error::new(kvtier::ErrorKind::InvalidArgument, e.clone()))?;
+        let ns = self.ns(b, k)?;
+        Ok((ns, BlockKey::from_opaque(ns, &k.hash)))
+    }
+
     fn signal(&self) {
         let one = 1u64.to_ne_bytes();
         // SAFETY: a plain write(2) of 8 bytes to our own eventfd.
@@ -324,13 +334,9 @@ impl Inner {
         let mut per_key = vec![false; keys.len()];
         let mut errors = Vec::new();
         for (i, k) in keys.iter().enumerate() {
-            let r = k
-                .clone()
-                .map_err(|e| kvtier::Error::new(kvtier::ErrorKind::InvalidArgument, e))
-                .and_then(|k| {
-                    let ns = self.ns(b, &k)?;
-                    b.load(ns, BlockKey::from_opaque(ns, &k.hash), self.block_bytes())
-                });
+            let r = self
+                .block_key(b, k)
+                .and_then(|(ns, key)| b.load(ns, key, self.block_bytes()));
             match r {
                 Ok(Some(block)) => {
                     let (p, len) = bufs[i].ptr_len();
@@ -366,12 +372,9 @@ impl Inner {
         // Keys of one scope in one call.
         let mut groups: HashMap<NamespaceId, Vec<(usize, BlockKey)>> = HashMap::new();
         for (i, k) in keys.iter().enumerate() {
-            match k.as_ref().map_err(|e| e.clone()).and_then(|k| {
-                let ns = self.ns(b, k).map_err(|e| e.to_string())?;
-                Ok((ns, BlockKey::from_opaque(ns, &k.hash)))
-            }) {
+            match self.block_key(b, k) {
                 Ok((ns, bk)) => groups.entry(ns).or_default().push((i, bk)),
-                Err(e) => errors.push(e),
+                Err(e) => errors.push(e.to_string()),
             }
         }
         for (ns, members) in groups {
@@ -394,13 +397,7 @@ impl Inner {
         let mut per_key = vec![false; keys.len()];
         let mut errors = Vec::new();
         for (i, k) in keys.iter().enumerate() {
-            let r = k
-                .clone()
-                .map_err(|e| kvtier::Error::new(kvtier::ErrorKind::InvalidArgument, e))
-                .and_then(|k| {
-                    let ns = self.ns(b, &k)?;
-                    b.delete(ns, BlockKey::from_opaque(ns, &k.hash))
-                });
+            let r = self.block_key(b, k).and_then(|(ns, key)| b.delete(ns, key));
             match r {
                 Ok(d) => per_key[i] = d,
                 Err(e) => errors.push(format!("object {i}: {e}")),
@@ -512,18 +509,13 @@ impl LmcacheL2 {
                         "timeout_s {timeout_s}: positive seconds"
                     )));
                 }
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                    .map_err(|e| KvTierError::new_err(format!("start the runtime: {e}")))?;
                 let cfg = ClientConfig {
                     endpoint,
                     token,
                     request_timeout: Some(std::time::Duration::from_secs_f64(timeout_s)),
                     ..Default::default()
                 };
-                let client = py.detach(|| rt.block_on(RpcClient::connect(&cfg))).map_err(err)?;
+                let (rt, client) = crate::connect(py, &cfg)?;
                 Backend::Daemon(Box::new((rt, client)))
             }
             (None, Some(c), None) => {

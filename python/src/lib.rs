@@ -575,6 +575,18 @@ impl Store {
     }
 }
 
+/// A kvtierd client on a runtime of its own (one worker thread): what the
+/// Python `Client` and the LMCache L2 call kvtierd through.
+fn connect(py: Python<'_>, cfg: &ClientConfig) -> PyResult<(tokio::runtime::Runtime, RpcClient)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| KvTierError::new_err(format!("start the runtime: {e}")))?;
+    let client = py.detach(|| rt.block_on(RpcClient::connect(cfg))).map_err(err)?;
+    Ok((rt, client))
+}
+
 /// A client of kvtierd.
 #[pyclass(module = "kvtier._kvtier", frozen)]
 struct Client {
@@ -629,11 +641,6 @@ impl Client {
                 )));
             }
         };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .map_err(|e| KvTierError::new_err(format!("start the runtime: {e}")))?;
         let cfg = ClientConfig {
             endpoint: endpoint.to_string(),
             token,
@@ -641,7 +648,7 @@ impl Client {
             tls_domain,
             request_timeout,
         };
-        let inner = py.detach(|| rt.block_on(RpcClient::connect(&cfg))).map_err(err)?;
+        let (rt, inner) = connect(py, &cfg)?;
         Ok(Self { rt, inner })
     }
 
