@@ -124,13 +124,23 @@ fn for_each_seed(what: &str, run: impl Fn(u64) + std::panic::RefUnwindSafe) {
 /// of the process holding `from` open leaves behind.
 fn crash_copy(from: &Path) -> tempfile::TempDir {
     let to = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
+    // The copy is not instantaneous: reclaimed segments are unlinked in the
+    // background meanwhile, strictly oldest first. Copying newest first
+    // gives a state a real crash could leave: a file unlinked before its
+    // turn came takes every older one with it. (Oldest first could copy a
+    // record and then miss the newer segment holding its tombstone.)
+    let mut files: Vec<_> = std::fs::read_dir(from)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| e.file_name())
+        .collect();
+    // Segment names are zero-padded hex ids: the byte order is the age.
+    files.sort_unstable_by(|a, b| b.cmp(a));
+    for name in files {
         // A segment unlinked between listing and copying is gone: as if
         // the crash came after the unlink.
-        if e.file_type().unwrap().is_file() {
-            let _ = std::fs::copy(e.path(), to.path().join(e.file_name()));
-        }
+        let _ = std::fs::copy(from.join(&name), to.path().join(&name));
     }
     to
 }

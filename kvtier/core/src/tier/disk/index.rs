@@ -59,6 +59,12 @@ pub(super) struct State {
     pub(super) active: Option<u64>,
     pub(super) next_id: u64,
     pub(super) used_bytes: u64,
+    /// Keys whose write failed, with the segment and namespace of the
+    /// record: the bytes may have reached the file whole, and the next
+    /// open would index them, so a removal writes a tombstone for these
+    /// too. Dropped with their segment, or once a later record (a stored
+    /// copy or a tombstone) of the key is written.
+    pub(super) stray: KeyMap<(u64, NamespaceId)>,
 }
 
 pub(super) fn segment_path(dir: &Path, id: u64) -> PathBuf {

@@ -39,6 +39,7 @@ mod pin;
 pub(crate) mod record;
 mod recovery;
 mod segments;
+mod unlink;
 mod write;
 
 use parking_lot::Mutex;
@@ -46,7 +47,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 pub use self::config::DiskConfig;
 pub use self::recovery::Recovery;
@@ -87,7 +88,8 @@ struct Inner {
     staging: BufPool,
     oversize_staging: AtomicU64,
     oversize_idle: Mutex<Vec<AlignedBuf>>,
-    background_unlinks: Arc<AtomicUsize>,
+    /// Reclaimed segment files, unlinked oldest first.
+    unlinks: Arc<unlink::Unlinker>,
     /// Every segment write, fsync and rename goes through it.
     io: FileIo,
     recycled: AtomicU64,
@@ -148,7 +150,7 @@ impl DiskTier {
             staging: BufPool::new(cfg.io_buffers.max(1), cfg.io_buffer_bytes as usize),
             oversize_staging: AtomicU64::new(0),
             oversize_idle: Mutex::new(Vec::new()),
-            background_unlinks: Arc::new(AtomicUsize::new(0)),
+            unlinks: Arc::default(),
             io,
             recycled: AtomicU64::new(0),
             batched_writes: AtomicU64::new(0),
@@ -301,6 +303,9 @@ impl Drop for Inner {
             m.sealed = true;
             seal_if_done(m, segment_bytes, sync, &io);
         }
+        // Reclaimed files go before the directory lock does: a tier opened
+        // next on this directory must not see them vanish under its scan.
+        self.unlinks.wait_all();
     }
 }
 
@@ -343,21 +348,28 @@ impl Tier for DiskTier {
     }
 
     fn remove(&self, key: &BlockKey) -> Result<bool> {
-        let Some(loc) = self.inner.state.lock().index.get(key).copied() else {
-            return Ok(false);
+        let (ns, present) = {
+            let st = self.inner.state.lock();
+            match (st.index.get(key), st.stray.get(key)) {
+                (Some(loc), _) => (loc.ns, true),
+                // Not held, but a failed write may have left its record
+                // whole on the file: shadow it all the same.
+                (None, Some(&(_, ns))) => (ns, false),
+                (None, None) => return Ok(false),
+            }
         };
         // The tombstone keeps the block from coming back on the next open.
         let mut h = RecordHeader {
             flags: record::FLAG_TOMBSTONE,
             data_offset: 0,
             key: *key,
-            ns: loc.ns,
+            ns,
             data_len: 0,
-            data_hash: record::data_hash(*key, loc.ns, &[]),
+            data_hash: record::data_hash(*key, ns, &[]),
             segment: 0,
         };
         self.inner.append(&mut h, &[])?;
-        Ok(true)
+        Ok(present)
     }
 
     fn usage(&self) -> Usage {

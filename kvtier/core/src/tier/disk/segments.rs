@@ -42,10 +42,6 @@ pub(super) struct Recycled {
     file: File,
 }
 
-/// Reclaimed segments being unlinked off the put path at most; past this,
-/// the put that reclaims waits for its own unlink (back-pressure).
-const MAX_BACKGROUND_UNLINKS: usize = 4;
-
 impl Inner {
     /// Drops the oldest segment, unless it has writes in flight or holds a
     /// retained block.
@@ -87,47 +83,27 @@ impl Inner {
                 evicted += 1;
             }
         }
+        st.stray.retain(|_, (seg, _)| *seg != id);
         TierCounters::add(&self.counters.evictions, evicted);
         let SegMeta { seg, path, .. } = meta;
         if how == Reclaim::Recycle {
             // Pins clone the segment only under the state lock, from the
             // list it just left: a count of one stays one.
             match Arc::try_unwrap(seg) {
-                Ok(s) => return Ok(Some(Recycled { path, file: s.file })),
-                Err(seg) => return Ok(self.unlink(path, seg, false)),
+                Ok(s) => {
+                    // Its file is renamed and rewritten next: every older
+                    // file must be gone first (see [`super::unlink`]).
+                    self.unlinks.wait_all();
+                    return Ok(Some(Recycled { path, file: s.file }));
+                }
+                Err(seg) => {
+                    self.unlinks.unlink(path, seg, false);
+                    return Ok(None);
+                }
             }
         }
-        Ok(self.unlink(path, seg, true))
-    }
-
-    /// Unlinks a reclaimed segment; readers holding it keep the file open.
-    pub(super) fn unlink(&self, path: PathBuf, seg: Arc<Segment>, now: bool) -> Option<Recycled> {
-        let unlink = move || {
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), "could not remove reclaimed segment: {e}");
-            }
-            drop(seg);
-        };
-        if now || self.background_unlinks.fetch_add(1, Relaxed) >= MAX_BACKGROUND_UNLINKS {
-            if !now {
-                self.background_unlinks.fetch_sub(1, Relaxed);
-            }
-            unlink();
-        } else {
-            let inflight = self.background_unlinks.clone();
-            let spawned = std::thread::Builder::new().name("kvtier-unlink".into()).spawn(move || {
-                unlink();
-                inflight.fetch_sub(1, Relaxed);
-            });
-            if let Err(e) = spawned {
-                // The closure went with the failed spawn, so the file stays
-                // until the next open, which indexes its (valid) blocks again
-                // and enforces the capacity there.
-                self.background_unlinks.fetch_sub(1, Relaxed);
-                tracing::warn!("could not start the unlink thread: {e}");
-            }
-        }
-        None
+        self.unlinks.unlink(path, seg, true);
+        Ok(None)
     }
 
     /// Makes a new active segment, reclaiming old ones for room.

@@ -804,3 +804,49 @@ fn a_failed_rename_while_recycling_makes_a_fresh_segment() {
     let t = cfg(d.path()).build().unwrap();
     assert_intact(&t, recent);
 }
+
+#[test]
+fn removing_a_block_whose_write_failed_keeps_it_from_coming_back() {
+    // An fsync fault fails the put after its bytes reached the file whole:
+    // the next open would index them. A removal the caller saw succeed
+    // elsewhere (the host tier held the block) must shadow that record.
+    let d = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let t = faulty(d.path(), true, &faults);
+    fill(&t, 0..3);
+    faults.fail_nth(FileOp::Fsync, 1);
+    assert!(t.put(NS, key(3), &content(key(3), BLOCK)).is_err());
+    assert!(!t.remove(&key(3)).unwrap(), "the tier did not hold it");
+    // A key never written gets no tombstone and no error.
+    assert!(!t.remove(&key(9)).unwrap());
+    let crashed = crash_copy(d.path());
+    drop(t);
+    let t = cfg(crashed.path()).build().unwrap();
+    let mut out = vec![0u8; BLOCK];
+    assert_eq!(
+        t.get(&key(3), &mut out).unwrap(),
+        Fetched::Miss,
+        "the removed block came back"
+    );
+    assert_intact(&t, 0..3);
+}
+
+#[test]
+fn a_failed_write_stops_shadowing_once_its_segment_is_reclaimed() {
+    let d = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let t = faulty(d.path(), true, &faults);
+    // The first put makes the segment (and syncs it): fault the record.
+    fill(&t, 0..1);
+    faults.fail_nth(FileOp::Fsync, 1);
+    assert!(t.put(NS, key(3), &content(key(3), BLOCK)).is_err());
+    assert_eq!(t.inner.state.lock().stray.len(), 1);
+    // Writing until the failed segment is reclaimed drops its entry.
+    let mut i = 100;
+    while t.inner.state.lock().stray.contains_key(&key(3)) {
+        fill(&t, i..i + 1);
+        i += 1;
+        assert!(i < 10_000, "the failed segment was never reclaimed");
+    }
+    assert!(t.inner.state.lock().stray.is_empty());
+}

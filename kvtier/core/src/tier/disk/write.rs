@@ -63,6 +63,7 @@ impl Inner {
             segments,
             active,
             used_bytes,
+            stray,
             ..
         } = &mut *st;
         let m = segments
@@ -72,6 +73,7 @@ impl Inner {
         m.records += recs.len() as u64;
         if written.is_ok() {
             for (off, h) in recs {
+                stray.remove(&h.key);
                 if let Some(change) = apply(index, used_bytes, m, *off, h)
                     && let Some(log) = self.events.get()
                 {
@@ -79,7 +81,11 @@ impl Inner {
                 }
             }
         } else {
-            // As in `finish`: the region may be torn.
+            // The region may be torn, or whole: a removal of these keys
+            // must shadow it with a tombstone.
+            for (_, h) in recs.iter().filter(|(_, h)| !h.is_tombstone()) {
+                stray.insert(h.key, (seg.id, h.ns));
+            }
             m.sealed = true;
             m.failed = true;
             if *active == Some(seg.id) {
