@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
 use kvtier::{BlockKey, BlockManager, ManagerConfig, Namespace, NamespaceId};
-use kvtier_client::{Client as RpcClient, ClientConfig};
+use kvtier_client::{Client as RpcClient, ClientConfig, SharedRegion};
 
 use crate::{Buffer, InvalidArgumentError, KvTierError, err, to_json};
 
@@ -42,43 +42,277 @@ const MAX_CALL_BYTES: usize = 64 << 20;
 enum Backend {
     Embedded(BlockManager),
     /// A kvtierd, through a client on its own runtime.
-    Daemon(Box<(tokio::runtime::Runtime, RpcClient)>),
+    Daemon(Box<Daemon>),
+}
+
+struct Daemon {
+    rt: tokio::runtime::Runtime,
+    client: RpcClient,
+    /// Shared-memory regions for the bytes, when kvtierd is on this host
+    /// and takes them; None: the bytes go over the socket.
+    regions: Option<RegionPool>,
+}
+
+/// Shared-memory regions registered with the local kvtierd, one in use per
+/// batch running: block bytes move through their pages (one copy each way,
+/// between LMCache's buffer and the region) and only keys cross the socket.
+struct RegionPool {
+    dir: std::path::PathBuf,
+    slot_bytes: usize,
+    max_slots: usize,
+    state: Mutex<Slots>,
+    freed: parking_lot::Condvar,
+    /// The daemon refused a region (another host, another shm_dir, regions
+    /// off): streams from then on.
+    refused: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct Slots {
+    free: Vec<Slot>,
+    made: usize,
+}
+
+struct Slot {
+    mem: SharedRegion,
+    /// Its id with the daemon, once registered. Region ids of a daemon
+    /// start at a random number, so an id from before a daemon restart
+    /// names no region of the new one (the request fails, and the region
+    /// is registered again) rather than another client's.
+    id: Option<u64>,
+}
+
+impl RegionPool {
+    /// A free region of at least `len` bytes; None when regions are off or
+    /// `len` does not fit one.
+    fn take(&self, len: usize) -> Option<Slot> {
+        if len > self.slot_bytes || self.refused.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut st = self.state.lock();
+        loop {
+            if let Some(s) = st.free.pop() {
+                return Some(s);
+            }
+            if st.made < self.max_slots {
+                st.made += 1;
+                drop(st);
+                match SharedRegion::create(&self.dir, self.slot_bytes) {
+                    Ok(mem) => return Some(Slot { mem, id: None }),
+                    Err(e) => {
+                        self.refuse(format!("could not create a region in {}: {e}", self.dir.display()));
+                        self.state.lock().made -= 1;
+                        return None;
+                    }
+                }
+            }
+            self.freed.wait(&mut st);
+        }
+    }
+
+    fn give(&self, slot: Slot) {
+        self.state.lock().free.push(slot);
+        self.freed.notify_one();
+    }
+
+    fn refuse(&self, why: String) {
+        if !self.refused.swap(true, Ordering::Relaxed) {
+            py_warn(&format!(
+                "kvtier L2: {why}; block bytes go over the socket instead of shared memory"
+            ));
+        }
+    }
+}
+
+/// A warning on Python's `logging` (logger `kvtier.lmcache`), where an
+/// LMCache operator looks.
+fn py_warn(msg: &str) {
+    Python::attach(|py| {
+        let r = py
+            .import("logging")
+            .and_then(|l| l.call_method1("getLogger", ("kvtier.lmcache",)))
+            .and_then(|l| l.call_method1("warning", (msg,)));
+        if r.is_err() {
+            eprintln!("{msg}");
+        }
+    });
+}
+
+/// A failure to register or use a region that streams would not have:
+/// the daemon cannot see or will not take the region. Transient faults
+/// (the daemon down, throttled) are the request's own error.
+fn region_refused(e: &kvtier::Error) -> bool {
+    !matches!(
+        e.kind(),
+        kvtier::ErrorKind::Unavailable | kvtier::ErrorKind::Throttled | kvtier::ErrorKind::Internal
+    )
+}
+
+impl Drop for Daemon {
+    /// Lets kvtierd unmap the regions (their files go with the `SharedRegion`s).
+    fn drop(&mut self) {
+        let Some(pool) = &self.regions else { return };
+        let ids: Vec<u64> = pool.state.lock().free.iter().filter_map(|s| s.id).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let client = &self.client;
+        let all = async {
+            for id in ids {
+                let _ = client.unregister_region(id).await;
+            }
+        };
+        // Best effort, bounded: a daemon that is gone has dropped them.
+        let _ = self
+            .rt
+            .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(2), all).await });
+    }
+}
+
+impl Daemon {
+    fn region_id(&self, slot: &mut Slot) -> kvtier::Result<u64> {
+        if let Some(id) = slot.id {
+            return Ok(id);
+        }
+        let id = self.rt.block_on(self.client.register_region(&slot.mem))?;
+        slot.id = Some(id);
+        Ok(id)
+    }
+
+    /// Runs `call` with the slot's region id; a region the daemon no longer
+    /// knows (it restarted) is registered again and the call retried once.
+    fn with_region<T>(
+        &self,
+        pool: &RegionPool,
+        slot: &mut Slot,
+        call: impl Fn(&Self, u64) -> kvtier::Result<T>,
+    ) -> kvtier::Result<Option<T>> {
+        for attempt in 0..2 {
+            let id = match self.region_id(slot) {
+                Ok(id) => id,
+                Err(e) if region_refused(&e) => {
+                    pool.refuse(format!("kvtierd refused a region: {e}"));
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
+            match call(self, id) {
+                Err(e) if e.kind() == kvtier::ErrorKind::NotFound && attempt == 0 => slot.id = None,
+                r => return r.map(Some),
+            }
+        }
+        unreachable!("the second attempt returns")
+    }
+
+    fn store(&self, ns: NamespaceId, keys: &[BlockKey], total: usize, fill: &dyn Fn(&mut [u8])) -> kvtier::Result<()> {
+        if let Some(pool) = &self.regions
+            && let Some(mut slot) = pool.take(total)
+        {
+            fill(&mut slot.mem.as_mut_slice()[..total]);
+            let r = self.with_region(pool, &mut slot, |d, id| {
+                d.rt.block_on(d.client.put_region(ns, keys, id, 0)).map(drop)
+            });
+            let bytes = match r {
+                Ok(Some(())) => None,
+                // Refused: the bytes are in the region already.
+                Ok(None) => Some(bytes::Bytes::copy_from_slice(&slot.mem.as_slice()[..total])),
+                Err(e) => {
+                    pool.give(slot);
+                    return Err(e);
+                }
+            };
+            pool.give(slot);
+            return match bytes {
+                None => Ok(()),
+                Some(b) => self.rt.block_on(self.client.put(ns, keys, b)).map(drop),
+            };
+        }
+        let mut data = vec![0u8; total];
+        fill(&mut data);
+        self.rt.block_on(self.client.put(ns, keys, data.into())).map(drop)
+    }
+
+    fn load(&self, ns: NamespaceId, key: BlockKey, block: usize, take: &mut dyn FnMut(&[u8])) -> kvtier::Result<bool> {
+        if let Some(pool) = &self.regions
+            && let Some(mut slot) = pool.take(block)
+        {
+            let r = self.with_region(pool, &mut slot, |d, id| {
+                d.rt.block_on(d.client.get_region(ns, &[key], id, 0))
+            });
+            let out = match r {
+                Ok(Some(h)) if h.loaded == 1 && h.block_bytes as usize == block => {
+                    take(&slot.mem.as_slice()[..block]);
+                    Ok(true)
+                }
+                Ok(Some(_)) => Ok(false),
+                Ok(None) => {
+                    pool.give(slot);
+                    return self.load_stream(ns, key, block, take);
+                }
+                Err(e) => Err(e),
+            };
+            pool.give(slot);
+            return out;
+        }
+        self.load_stream(ns, key, block, take)
+    }
+
+    fn load_stream(
+        &self,
+        ns: NamespaceId,
+        key: BlockKey,
+        block: usize,
+        take: &mut dyn FnMut(&[u8]),
+    ) -> kvtier::Result<bool> {
+        let g = self.rt.block_on(self.client.get(ns, &[key]))?;
+        if g.loaded == 1 && g.data.len() == block {
+            take(&g.data);
+            return Ok(true);
+        }
+        Ok(false)
+    }
 }
 
 impl Backend {
     fn register(&self, ns: &Namespace) -> kvtier::Result<NamespaceId> {
         match self {
             Self::Embedded(m) => m.register_namespace(ns),
-            Self::Daemon(d) => d.0.block_on(d.1.register(ns)).map(|(id, _)| id),
+            Self::Daemon(d) => d.rt.block_on(d.client.register(ns)).map(|(id, _)| id),
         }
     }
 
-    fn store(&self, ns: NamespaceId, keys: &[BlockKey], data: Vec<u8>) -> kvtier::Result<()> {
+    /// Stores `keys.len()` blocks, `total` bytes that `fill` lays out.
+    fn store(&self, ns: NamespaceId, keys: &[BlockKey], total: usize, fill: &dyn Fn(&mut [u8])) -> kvtier::Result<()> {
         match self {
-            Self::Embedded(m) => m.store(ns, keys, &data).map(drop),
-            Self::Daemon(d) => d.0.block_on(d.1.put(ns, keys, data.into())).map(drop),
+            Self::Embedded(m) => {
+                let mut data = vec![0u8; total];
+                fill(&mut data);
+                m.store(ns, keys, &data).map(drop)
+            }
+            Self::Daemon(d) => d.store(ns, keys, total, fill),
         }
     }
 
-    /// The block of `key`, if present and whole.
-    fn load(&self, ns: NamespaceId, key: BlockKey, block: usize) -> kvtier::Result<Option<Vec<u8>>> {
+    /// Hands the block of `key` to `take` if it is present and whole;
+    /// answers whether it did.
+    fn load(&self, ns: NamespaceId, key: BlockKey, block: usize, take: &mut dyn FnMut(&[u8])) -> kvtier::Result<bool> {
         match self {
             Self::Embedded(m) => {
                 let mut out = vec![0u8; block];
                 let r = m.load(ns, &[key], &mut out)?;
-                Ok((r.loaded == 1).then_some(out))
+                if r.loaded == 1 {
+                    take(&out);
+                }
+                Ok(r.loaded == 1)
             }
-            Self::Daemon(d) => {
-                let g = d.0.block_on(d.1.get(ns, &[key]))?;
-                Ok((g.loaded == 1).then(|| g.data.to_vec()))
-            }
+            Self::Daemon(d) => d.load(ns, key, block, take),
         }
     }
 
     fn exists(&self, ns: NamespaceId, keys: &[BlockKey]) -> kvtier::Result<Vec<bool>> {
         let located = match self {
             Self::Embedded(m) => m.locate(ns, keys)?,
-            Self::Daemon(d) => d.0.block_on(d.1.locate(ns, keys))?,
+            Self::Daemon(d) => d.rt.block_on(d.client.locate(ns, keys))?,
         };
         Ok(located.into_iter().map(|s| !s.is_empty()).collect())
     }
@@ -86,7 +320,7 @@ impl Backend {
     fn delete(&self, ns: NamespaceId, key: BlockKey) -> kvtier::Result<bool> {
         match self {
             Self::Embedded(m) => m.remove(ns, &[key]).map(|n| n > 0),
-            Self::Daemon(d) => d.0.block_on(d.1.delete(ns, &[key])).map(|n| n > 0),
+            Self::Daemon(d) => d.rt.block_on(d.client.delete(ns, &[key])).map(|n| n > 0),
         }
     }
 }
@@ -283,9 +517,8 @@ impl Inner {
                 }
             };
             // A run of keys of the same scope, up to the call size.
-            let mut run = Vec::new();
-            let mut data = Vec::new();
-            while i < keys.len() && data.len() + block <= MAX_CALL_BYTES.max(block) {
+            let mut run: Vec<(usize, BlockKey, usize, usize)> = Vec::new();
+            while i < keys.len() && (run.len() + 1) * block <= MAX_CALL_BYTES.max(block) {
                 let Ok(k2) = &keys[i] else { break };
                 if k2.scope != k.scope {
                     break;
@@ -299,24 +532,29 @@ impl Inner {
                     i += 1;
                     continue;
                 }
-                let at = data.len();
-                data.resize(at + block, 0);
-                data[at..at + 4].copy_from_slice(MAGIC);
-                data[at + 4..at + 8].copy_from_slice(&VERSION.to_le_bytes());
-                data[at + 8..at + 16].copy_from_slice(&(len as u64).to_le_bytes());
-                // SAFETY: LMCache keeps the objects alive and unchanged until
-                // this batch completes; the buffer is held by the job.
-                data[at + HEADER_BYTES..at + HEADER_BYTES + len].copy_from_slice(unsafe { crate::slice(p, len) });
-                run.push((i, BlockKey::from_opaque(ns, &k2.hash)));
+                run.push((i, BlockKey::from_opaque(ns, &k2.hash), p, len));
                 i += 1;
             }
             if run.is_empty() {
                 continue;
             }
-            let bkeys: Vec<BlockKey> = run.iter().map(|(_, k)| *k).collect();
-            match b.store(ns, &bkeys, data) {
+            let fill = |data: &mut [u8]| {
+                for (j, (_, _, p, len)) in run.iter().enumerate() {
+                    let b = &mut data[j * block..(j + 1) * block];
+                    b[..4].copy_from_slice(MAGIC);
+                    b[4..8].copy_from_slice(&VERSION.to_le_bytes());
+                    b[8..16].copy_from_slice(&(*len as u64).to_le_bytes());
+                    // SAFETY: LMCache keeps the objects alive and unchanged
+                    // until this batch completes; the buffer is held by the job.
+                    b[HEADER_BYTES..HEADER_BYTES + len].copy_from_slice(unsafe { crate::slice(*p, *len) });
+                    // The padding is zeros, whatever the memory held before.
+                    b[HEADER_BYTES + len..].fill(0);
+                }
+            };
+            let bkeys: Vec<BlockKey> = run.iter().map(|r| r.1).collect();
+            match b.store(ns, &bkeys, run.len() * block, &fill) {
                 Ok(()) => {
-                    for (j, _) in &run {
+                    for (j, ..) in &run {
                         per_key[*j] = true;
                     }
                     self.count(0, run.len());
@@ -334,30 +572,31 @@ impl Inner {
         let mut per_key = vec![false; keys.len()];
         let mut errors = Vec::new();
         for (i, k) in keys.iter().enumerate() {
+            let (p, len) = bufs[i].ptr_len();
+            // What the block held, checked before a byte reaches LMCache.
+            let mut checked = Ok(());
+            let mut take = |block: &[u8]| {
+                checked = check_header(block, len);
+                if checked.is_ok() {
+                    // SAFETY: the buffer was acquired writable and is held
+                    // by the job; LMCache reads it only after the completion.
+                    unsafe { crate::slice_mut(p, len) }.copy_from_slice(&block[HEADER_BYTES..HEADER_BYTES + len]);
+                }
+            };
             let r = self
                 .block_key(b, k)
-                .and_then(|(ns, key)| b.load(ns, key, self.block_bytes()));
-            match r {
-                Ok(Some(block)) => {
-                    let (p, len) = bufs[i].ptr_len();
-                    match check_header(&block, len) {
-                        Ok(()) => {
-                            // SAFETY: the buffer was acquired writable and is
-                            // held by the job; LMCache reads it only after the
-                            // completion.
-                            unsafe { crate::slice_mut(p, len) }
-                                .copy_from_slice(&block[HEADER_BYTES..HEADER_BYTES + len]);
-                            per_key[i] = true;
-                            self.count(1, 1);
-                        }
-                        Err(e) => {
-                            self.count(3, 1);
-                            errors.push(format!("object {i}: {e}"));
-                        }
-                    }
+                .and_then(|(ns, key)| b.load(ns, key, self.block_bytes(), &mut take));
+            match (r, checked) {
+                (Ok(true), Ok(())) => {
+                    per_key[i] = true;
+                    self.count(1, 1);
                 }
-                Ok(None) => self.count(2, 1),
-                Err(e) => {
+                (Ok(true), Err(e)) => {
+                    self.count(3, 1);
+                    errors.push(format!("object {i}: {e}"));
+                }
+                (Ok(false), _) => self.count(2, 1),
+                (Err(e), _) => {
                     self.count(3, 1);
                     errors.push(format!("object {i}: {e}"));
                 }
@@ -478,9 +717,12 @@ impl LmcacheL2 {
     /// token of KV); shorter chunks are stored padded. Blocks go to an
     /// embedded store (`store`: a config dict, the keys of deploy/kvtier.toml;
     /// or `disk_dir` and `disk_capacity_bytes` for SSD only) or, with
-    /// `endpoint`, to a kvtierd. `io_threads` run the batches.
+    /// `endpoint`, to a kvtierd: through shared-memory regions in `shm_dir`
+    /// (kvtierd's, /dev/shm by default) when it takes them, else over the
+    /// socket (`shm_dir=None` or `""` forces the socket). `io_threads` run
+    /// the batches.
     #[new]
-    #[pyo3(signature = (*, chunk_bytes, endpoint = None, token = None, timeout_s = 30.0, store = None, disk_dir = None, disk_capacity_bytes = 64u64 << 30, io_threads = 4))]
+    #[pyo3(signature = (*, chunk_bytes, endpoint = None, token = None, timeout_s = 30.0, shm_dir = Some("/dev/shm".to_string()), store = None, disk_dir = None, disk_capacity_bytes = 64u64 << 30, io_threads = 4))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -488,6 +730,7 @@ impl LmcacheL2 {
         endpoint: Option<String>,
         token: Option<String>,
         timeout_s: f64,
+        shm_dir: Option<String>,
         store: Option<&Bound<'_, PyAny>>,
         disk_dir: Option<String>,
         disk_capacity_bytes: u64,
@@ -516,7 +759,15 @@ impl LmcacheL2 {
                     ..Default::default()
                 };
                 let (rt, client) = crate::connect(py, &cfg)?;
-                Backend::Daemon(Box::new((rt, client)))
+                let regions = shm_dir.filter(|d| !d.is_empty()).map(|dir| RegionPool {
+                    dir: dir.into(),
+                    slot_bytes: MAX_CALL_BYTES.max(chunk_bytes + HEADER_BYTES).next_multiple_of(4096),
+                    max_slots: io_threads,
+                    state: Mutex::new(Slots::default()),
+                    freed: parking_lot::Condvar::new(),
+                    refused: std::sync::atomic::AtomicBool::new(false),
+                });
+                Backend::Daemon(Box::new(Daemon { rt, client, regions }))
             }
             (None, Some(c), None) => {
                 let cfg = serde_json::from_str::<ManagerConfig>(&to_json(c)?)
@@ -624,6 +875,19 @@ impl LmcacheL2 {
                 (c.id, c.ok, c.error, c.per_key)
             })
             .collect()
+    }
+
+    /// How the bytes travel: "embedded", "regions" (shared memory with a
+    /// local kvtierd), "socket" (kvtierd over gRPC), or "closed".
+    fn transport(&self) -> &'static str {
+        match self.inner.backend.read().as_ref() {
+            None => "closed",
+            Some(Backend::Embedded(_)) => "embedded",
+            Some(Backend::Daemon(d)) => match &d.regions {
+                Some(p) if !p.refused.load(Ordering::Relaxed) => "regions",
+                _ => "socket",
+            },
+        }
     }
 
     /// Objects stored, loaded, missed and failed since start.

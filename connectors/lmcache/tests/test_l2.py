@@ -204,9 +204,15 @@ def test_kvtierd_down_means_misses_then_it_comes_back(tmp_path):
         assert lookup(a, ks) == [False] * 3
         assert load(a, ks)[0] == [False] * 3
         d = Daemon(tmp_path / "data", env=env)
-        # Back at the same address: the same adapter reaches it again.
+        # Back at the same address: the same adapter reaches it again, and
+        # registers its shared-memory regions with the new daemon (the old
+        # ids name nothing there).
         assert lookup(a, ks) == [True] * 3
-        assert load(a, ks)[0] == [True] * 3
+        hit, dst = load(a, ks)
+        assert hit == [True] * 3
+        assert all(torch.equal(s.raw_data, t.raw_data) for s, t in zip(objects(3, seed=3), dst))
+        assert int(store(a, keys(1, tag=4), objects(1, seed=4))) == SIZE
+        assert a._client.transport() == "regions"
     finally:
         a.close()
         d.stop()
@@ -236,3 +242,48 @@ def test_a_corrupt_block_on_kvtiers_ssd_is_a_miss_never_wrong_bytes(tmp_path):
         assert not torch.equal(dst[0].raw_data, src[0].raw_data), "the corrupt object was not served"
     finally:
         b.close()
+
+
+def l2_of(a):
+    """The KvTierL2 inside LMCache's adapter."""
+    return a._client
+
+
+@pytest.mark.parametrize("shm", ["daemon's", "none", "other"])
+def test_bytes_go_through_shared_memory_when_kvtierd_takes_them(tmp_path, shm):
+    """With a local kvtierd the bytes move through regions in its shm_dir;
+    with regions off on our side, or a daemon that cannot see our region
+    (another shm_dir), they go over the socket, with the same results."""
+    env = {"KVTIER_LISTEN": f"127.0.0.1:{free_port()}", "KVTIER_SHM_DIR": str(tmp_path / "shm")}
+    (tmp_path / "shm").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    params = {
+        "daemon's": {"shm_dir": str(tmp_path / "shm")},
+        "none": {"shm_dir": None},
+        "other": {"shm_dir": str(tmp_path / "elsewhere")},
+    }[shm]
+    d = Daemon(tmp_path / "data", env=env)
+    a = adapter({"endpoint": d.endpoint, **params})
+    try:
+        ks, src = keys(40, tag=9), objects(40, seed=9)
+        assert int(store(a, ks, src)) == 40 * SIZE
+        assert lookup(a, ks) == [True] * 40
+        hit, dst = load(a, ks)
+        assert hit == [True] * 40
+        assert all(torch.equal(s.raw_data, t.raw_data) for s, t in zip(src, dst))
+        # A short chunk through the same path.
+        short_k, short = keys(1, tag=10), objects(1, seed=10, size=SIZE // 3)
+        assert int(store(a, short_k, short)) == SIZE // 3
+        hit, back = load(a, short_k, size=SIZE // 3)
+        assert hit == [True] and torch.equal(back[0].raw_data, short[0].raw_data)
+        want = {"daemon's": "regions", "none": "socket", "other": "socket"}[shm]
+        assert l2_of(a).transport() == want
+        regions = list((tmp_path / "shm").glob("kvtier-*"))
+        if want == "regions":
+            assert regions, "no region file in the daemon's shm_dir"
+    finally:
+        a.close()
+        d.stop()
+    # Closing let the regions go: their files are removed.
+    assert not list((tmp_path / "shm").glob("kvtier-*"))
+    assert not list((tmp_path / "elsewhere").glob("kvtier-*"))

@@ -97,6 +97,19 @@ impl Drop for Borrow {
     }
 }
 
+/// A random first region id (never 0), below 2^62 so ids never wrap.
+fn random_base() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    (h.finish() >> 2) | 1
+}
+
 /// The regions registered with this daemon.
 #[derive(Debug)]
 pub struct Regions {
@@ -112,7 +125,11 @@ impl Regions {
         Self {
             dir: dir.and_then(|d| d.canonicalize().ok()),
             max_regions,
-            next_id: AtomicU64::new(1),
+            // Ids start at a random number, different on every start: a
+            // client holding an id from before a restart gets "not
+            // registered" (and registers again), never another client's
+            // region.
+            next_id: AtomicU64::new(random_base()),
             map: Mutex::new(HashMap::new()),
         }
     }
@@ -244,6 +261,19 @@ mod tests {
         let p = dir.join(name);
         std::fs::File::create(&p).unwrap().set_len(len).unwrap();
         p.to_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn ids_of_a_restarted_daemon_do_not_repeat_the_old_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let path = region_file(d.path(), "kvtier-a", 4096);
+        let before = Regions::new(Some(d.path().into()), 2).register(&path, 4096).unwrap();
+        let after = Regions::new(Some(d.path().into()), 2);
+        let id = after.register(&path, 4096).unwrap();
+        assert_ne!(before, id, "a restart handed out the same region id");
+        // The old id names nothing in the new daemon.
+        let e = after.borrow(before, 0, 1, false).unwrap_err();
+        assert_eq!(kvtier_proto::error::carried_kind(&e), Some(ErrorKind::NotFound));
     }
 
     #[test]
