@@ -15,6 +15,13 @@
 //! `chunk_bytes` plus a 16-byte header (magic, version, the object's length):
 //! LMCache's last, shorter chunk of a prompt is padded, and read back only
 //! into a buffer of its own length.
+//!
+//! `remote` builds on this object for in-process LMCache's `RemoteConnector`
+//! plugin: keys it can list back, and loads of objects of unknown length.
+
+mod remote;
+
+pub(crate) use remote::LmcacheRemote;
 
 use parking_lot::Mutex;
 use pyo3::prelude::*;
@@ -335,6 +342,20 @@ struct ObjectKey {
     group: u64,
     salt: Option<String>,
     hash: Vec<u8>,
+    /// The hash is a chunk hash of in-process LMCache (see `remote`), and
+    /// the block key is derived from it reversibly.
+    listable: bool,
+}
+
+impl ObjectKey {
+    /// The block key of this object in namespace `ns`.
+    fn block_key(&self, ns: NamespaceId) -> BlockKey {
+        if self.listable {
+            remote::listable_key(ns, &self.hash)
+        } else {
+            BlockKey::from_opaque(ns, &self.hash)
+        }
+    }
 }
 
 fn parse_key(key: &str) -> Result<ObjectKey, String> {
@@ -378,14 +399,18 @@ fn parse_key(key: &str) -> Result<ObjectKey, String> {
         group,
         salt,
         hash,
+        listable: false,
     })
 }
+
+/// How the model ids of this object's namespaces begin.
+const NS_PREFIX: &str = "kvtier:lmcache:";
 
 /// The kvtier namespace of LMCache objects of one model, KV rank, group and
 /// salt, in blocks of `block_bytes`.
 fn namespace(k: &ObjectKey, block_bytes: u32) -> Namespace {
     let mut ns = Namespace::checkpoints("", block_bytes);
-    ns.model_id = format!("kvtier:lmcache:{}@{:08x}@{:x}", k.model, k.rank, k.group);
+    ns.model_id = format!("{NS_PREFIX}{}@{:08x}@{:x}", k.model, k.rank, k.group);
     ns.salt = k.salt.clone();
     ns
 }
@@ -418,6 +443,9 @@ enum Op {
     Get,
     Exists,
     Delete,
+    /// Get into buffers at least as long as the objects, the lengths into
+    /// one more buffer (see `remote`).
+    GetUpTo,
 }
 
 struct Job {
@@ -459,7 +487,7 @@ impl Inner {
             .as_ref()
             .map_err(|e| kvtier::Error::new(kvtier::ErrorKind::InvalidArgument, e.clone()))?;
         let ns = self.ns(b, k)?;
-        Ok((ns, BlockKey::from_opaque(ns, &k.hash)))
+        Ok((ns, k.block_key(ns)))
     }
 
     fn signal(&self) {
@@ -476,6 +504,7 @@ impl Inner {
             (Some(b), Op::Get) => self.get(b, &job.keys, &job.bufs),
             (Some(b), Op::Exists) => self.exists(b, &job.keys),
             (Some(b), Op::Delete) => self.delete(b, &job.keys),
+            (Some(b), Op::GetUpTo) => self.get_up_to(b, &job.keys, &job.bufs),
         };
         drop(backend);
         self.done.lock().push(Completion {
@@ -532,7 +561,7 @@ impl Inner {
                     i += 1;
                     continue;
                 }
-                run.push((i, BlockKey::from_opaque(ns, &k2.hash), p, len));
+                run.push((i, k2.block_key(ns), p, len));
                 i += 1;
             }
             if run.is_empty() {
@@ -673,8 +702,22 @@ pub(crate) struct LmcacheL2 {
 
 impl LmcacheL2 {
     fn submit(&self, py: Python<'_>, op: Op, keys: Vec<String>, bufs: Option<&Bound<'_, PyList>>) -> PyResult<u64> {
-        let writable = matches!(op, Op::Get);
-        let held = match bufs {
+        let keys = keys.iter().map(|k| parse_key(k)).collect();
+        self.submit_parsed(py, op, keys, bufs, None)
+    }
+
+    /// [`LmcacheL2::submit`] of keys parsed already; `extra`, a buffer the
+    /// op uses besides one per key, goes last in the job's buffers.
+    fn submit_parsed(
+        &self,
+        py: Python<'_>,
+        op: Op,
+        keys: Vec<Result<ObjectKey, String>>,
+        bufs: Option<&Bound<'_, PyList>>,
+        extra: Option<Held>,
+    ) -> PyResult<u64> {
+        let writable = matches!(op, Op::Get | Op::GetUpTo);
+        let mut held = match bufs {
             None => Vec::new(),
             Some(list) => {
                 if list.len() != keys.len() {
@@ -689,11 +732,12 @@ impl LmcacheL2 {
                     .collect::<PyResult<Vec<_>>>()?
             }
         };
+        held.extend(extra);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             id,
             op,
-            keys: keys.iter().map(|k| parse_key(k)).collect(),
+            keys,
             bufs: held,
         };
         let sent = match self.tx.lock().as_ref() {

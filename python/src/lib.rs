@@ -203,6 +203,25 @@ fn keys(raw: Vec<Vec<u8>>) -> PyResult<Vec<BlockKey>> {
         .collect()
 }
 
+/// The arguments of `list_keys`, checked the same way embedded and
+/// through kvtierd: a 16-byte cursor key or none, and a page size (its
+/// range is the manager's to check, so the error reads the same).
+fn list_args(ns: &[u8], after: Option<Vec<u8>>, max: i64) -> PyResult<(NamespaceId, Option<BlockKey>, u32)> {
+    let after = match after {
+        None => None,
+        Some(k) => Some(BlockKey::from_le_bytes(k[..].try_into().map_err(|_| {
+            InvalidArgumentError::new_err(format!("after is {} bytes, keys are 16", k.len()))
+        })?)),
+    };
+    let max = u32::try_from(max)
+        .map_err(|_| InvalidArgumentError::new_err(format!("list_keys takes 1 to 65536 keys a page, got {max}")))?;
+    Ok((ns_id(ns)?, after, max))
+}
+
+fn key_list<'py>(py: Python<'py>, keys: &[BlockKey]) -> Vec<Bound<'py, PyBytes>> {
+    keys.iter().map(|k| PyBytes::new(py, &k.to_le_bytes())).collect()
+}
+
 /// A Python object to JSON text, through the json module.
 fn to_json(obj: &Bound<'_, PyAny>) -> PyResult<String> {
     obj.py().import("json")?.call_method1("dumps", (obj,))?.extract()
@@ -421,6 +440,25 @@ impl Store {
     fn locate(&self, py: Python<'_>, ns: &[u8], keys_: Vec<Vec<u8>>) -> PyResult<Vec<Vec<&'static str>>> {
         let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
         py.detach(|| self.inner.locate(ns, &keys)).map(located).map_err(err)
+    }
+
+    /// A page of the keys of `ns` that a tier of this store holds, in
+    /// ascending order of their 128-bit value: those after `after` (a key;
+    /// None: from the start), at most `max` (1 to 65536). Returns
+    /// `(keys, more)`; pass the last key as `after` for the next page.
+    #[pyo3(signature = (ns, after = None, max = 4096))]
+    fn list_keys<'py>(
+        &self,
+        py: Python<'py>,
+        ns: &[u8],
+        after: Option<Vec<u8>>,
+        max: i64,
+    ) -> PyResult<(Vec<Bound<'py, PyBytes>>, bool)> {
+        let (ns, after, max) = list_args(ns, after, max)?;
+        let (keys, more) = py
+            .detach(|| self.inner.list_keys(ns, after, max as usize))
+            .map_err(err)?;
+        Ok((key_list(py, &keys), more))
     }
 
     /// Stores `len(keys)` blocks laid out back to back in `data` (any
@@ -690,6 +728,21 @@ impl Client {
     fn locate(&self, py: Python<'_>, ns: &[u8], keys_: Vec<Vec<u8>>) -> PyResult<Vec<Vec<&'static str>>> {
         let (ns, keys) = (ns_id(ns)?, keys(keys_)?);
         self.run(py, self.inner.locate(ns, &keys)).map(located)
+    }
+
+    /// A page of the keys of `ns` the daemon's own tiers hold; see
+    /// `Store.list_keys`.
+    #[pyo3(signature = (ns, after = None, max = 4096))]
+    fn list_keys<'py>(
+        &self,
+        py: Python<'py>,
+        ns: &[u8],
+        after: Option<Vec<u8>>,
+        max: i64,
+    ) -> PyResult<(Vec<Bound<'py, PyBytes>>, bool)> {
+        let (ns, after, max) = list_args(ns, after, max)?;
+        let (keys, more) = self.run(py, self.inner.list_keys(ns, after, max))?;
+        Ok((key_list(py, &keys), more))
     }
 
     /// Stores `len(keys)` blocks laid out back to back in `data`.
@@ -1059,6 +1112,7 @@ fn _kvtier(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Store>()?;
     m.add_class::<Client>()?;
     m.add_class::<l2::LmcacheL2>()?;
+    m.add_class::<l2::LmcacheRemote>()?;
     m.add_function(wrap_pyfunction!(key_from_hash, m)?)?;
     m.add_function(wrap_pyfunction!(keys_from_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(keys_from_tokens, m)?)?;

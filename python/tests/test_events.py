@@ -1,5 +1,5 @@
-"""Tier events and locate through the binding: the embedded store and a
-real kvtierd answer the same way."""
+"""Tier events, locate and list_keys through the binding: the embedded
+store and a real kvtierd answer the same way."""
 
 import pytest
 
@@ -57,3 +57,23 @@ def test_bad_event_reads_are_precise(store):
         store.locate(ns, [b"short"])
     with pytest.raises(kvtier.UnknownNamespaceError):
         store.events(bytes(16))
+
+
+def test_list_keys_pages_in_key_order(store):
+    ns = store.register_namespace(namespace())
+    assert store.list_keys(ns) == ([], False)
+    keys = keys_for(ns, 5, tag=b"list")
+    store.put(ns, keys, bytes(5 * BLOCK))
+    store.delete(ns, keys[2:3])
+    want = sorted((k for i, k in enumerate(keys) if i != 2), key=lambda k: int.from_bytes(k, "little"))
+    first, more = store.list_keys(ns, max=3)
+    assert (first, more) == (want[:3], True)
+    assert store.list_keys(ns, after=first[-1], max=3) == (want[3:], False)
+    with pytest.raises(kvtier.InvalidArgumentError, match="1 to 65536 keys"):
+        store.list_keys(ns, max=0)
+    with pytest.raises(kvtier.InvalidArgumentError, match="1 to 65536 keys"):
+        store.list_keys(ns, max=-1)
+    with pytest.raises(kvtier.InvalidArgumentError, match="after is 3 bytes"):
+        store.list_keys(ns, after=b"abc")
+    with pytest.raises(kvtier.UnknownNamespaceError):
+        store.list_keys(bytes(16))

@@ -277,6 +277,35 @@ impl Client {
         Ok(located)
     }
 
+    /// A page of the keys of `ns` that the daemon's own tiers hold: those
+    /// after `after` (from the start when `None`) in ascending order, at
+    /// most `max` (1 to 65536), and whether more follow.
+    pub async fn list_keys(&self, ns: NamespaceId, after: Option<BlockKey>, max: u32) -> Result<(Vec<BlockKey>, bool)> {
+        let r = self
+            .inner
+            .clone()
+            .list_keys(proto::ListKeysRequest {
+                namespace_id: ns_bytes(ns),
+                after: after.as_ref().map(key_bytes).unwrap_or_default(),
+                max_keys: max,
+            })
+            .await
+            .wire()?
+            .into_inner();
+        if r.keys.len() > max as usize {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!("list_keys answered {} keys for at most {max}", r.keys.len()),
+            ));
+        }
+        let keys = if r.keys.is_empty() {
+            Vec::new()
+        } else {
+            convert::keys(&r.keys, max as usize).wire()?
+        };
+        Ok((keys, r.more))
+    }
+
     /// Stores `keys.len()` blocks laid out back to back in `data`.
     pub async fn put(&self, ns: NamespaceId, keys: &[BlockKey], data: Bytes) -> Result<proto::PutResponse> {
         let header = proto::PutRequest {

@@ -30,6 +30,7 @@ pub const RPCS: &[&str] = &[
     "Health",
     "Events",
     "Locate",
+    "ListKeys",
     "RegisterRegion",
     "UnregisterRegion",
     "PutRegion",

@@ -142,6 +142,33 @@ impl proto::kv_tier_server::KvTier for KvTierService {
         r.map(Response::new)
     }
 
+    async fn list_keys(&self, req: Request<proto::ListKeysRequest>) -> Reply<proto::ListKeysResponse> {
+        let t = Instant::now();
+        let r = async {
+            let req = req.into_inner();
+            let ns = convert::namespace_id(&req.namespace_id)?;
+            let after = match &req.after[..] {
+                [] => None,
+                b => Some(kvtier::BlockKey::from_le_bytes(b.try_into().map_err(|_| {
+                    invalid(format!("after must be empty or a 16-byte key, got {} bytes", b.len()))
+                })?)),
+            };
+            let m = self.node.manager.clone();
+            // The page walks the namespace's whole index: off the runtime.
+            let (keys, more) = tokio::task::spawn_blocking(move || m.list_keys(ns, after, req.max_keys as usize))
+                .await
+                .map_err(|e| status_of(ErrorKind::Internal, format!("list task: {e}")))?
+                .map_err(|e| status(&e))?;
+            Ok(proto::ListKeysResponse {
+                keys: keys.iter().map(convert::key_bytes).collect(),
+                more,
+            })
+        }
+        .await;
+        self.node.observe("ListKeys", t, &r);
+        r.map(Response::new)
+    }
+
     async fn put(&self, req: Request<Streaming<proto::PutRequest>>) -> Reply<proto::PutResponse> {
         let t = Instant::now();
         let r = self.node.put_inner(req.into_inner()).await;

@@ -1,4 +1,5 @@
-//! The tier-event feed and Locate through a real kvtierd on 127.0.0.1.
+//! The tier-event feed, Locate and ListKeys through a real kvtierd on
+//! 127.0.0.1.
 
 use kvtier_testkit as common;
 
@@ -6,6 +7,8 @@ use common::{Daemon, data, keys, namespace};
 use kvtier::ErrorKind;
 use kvtier::TierKind;
 use kvtier::events::Change;
+use kvtier::{BlockKey, NamespaceId};
+use kvtier_client::Client;
 
 const BLOCK: usize = common::CLUSTER_BLOCK;
 
@@ -100,4 +103,52 @@ async fn a_reader_that_falls_behind_a_bounded_feed_is_told_to_resync() {
     assert!(!n.resync);
     assert_eq!(n.events.len(), 1);
     assert_eq!(n.events[0].change, Change::Removed);
+}
+
+/// Every key of `ns` through ListKeys, `page` at a time, and the page sizes.
+async fn list_all(c: &Client, ns: NamespaceId, page: u32) -> (Vec<BlockKey>, Vec<usize>) {
+    let (mut all, mut after, mut sizes) = (Vec::new(), None, Vec::new());
+    loop {
+        let (keys, more) = c.list_keys(ns, after, page).await.unwrap();
+        sizes.push(keys.len());
+        after = keys.last().copied();
+        all.extend(keys);
+        if !more {
+            return (all, sizes);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_keys_pages_what_the_tiers_hold_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path(), &[]);
+    let c = d.client().await;
+    let (ns, _) = c.register(&namespace("listed", BLOCK)).await.unwrap();
+    let (other, _) = c.register(&namespace("listed-other", BLOCK)).await.unwrap();
+    assert_eq!(c.list_keys(ns, None, 10).await.unwrap(), (vec![], false));
+    c.put(ns, &keys(ns, 0..7), data(ns, 0..7)).await.unwrap();
+    c.put(other, &keys(other, 0..2), data(other, 0..2)).await.unwrap();
+    c.delete(ns, &keys(ns, 3..4)).await.unwrap();
+    let mut want: Vec<BlockKey> = keys(ns, 0..7).into_iter().filter(|k| *k != keys(ns, 3..4)[0]).collect();
+    want.sort();
+    assert_eq!(list_all(&c, ns, 4).await, (want.clone(), vec![4, 2]));
+    assert_eq!(list_all(&c, ns, 6).await, (want.clone(), vec![6]));
+    assert_eq!(list_all(&c, other, 100).await.0.len(), 2);
+
+    // Malformed reads: precise errors.
+    for max in [0, 65537] {
+        let e = c.list_keys(ns, None, max).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(e.to_string().contains("1 to 65536 keys"), "{e}");
+    }
+    let e = c.list_keys(NamespaceId(42), None, 10).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::UnknownNamespace, "{e}");
+
+    // Restarted, the daemon lists what its SSD kept.
+    drop(c);
+    d.signal_and_wait(libc::SIGTERM);
+    let d = Daemon::start(dir.path(), &[]);
+    let c = d.client().await;
+    assert_eq!(list_all(&c, ns, 100).await.0, want);
 }

@@ -55,6 +55,9 @@ use crate::tier::disk::DiskTier;
 use crate::tier::host::HostTier;
 use crate::tier::{Tier, TierKind};
 
+/// The most keys one [`BlockManager::list_keys`] page holds.
+pub const MAX_LIST_KEYS: usize = 1 << 16;
+
 #[derive(Debug)]
 struct NsInfo {
     block_bytes: u64,
@@ -336,6 +339,32 @@ impl BlockManager {
             keys.extend(h.keys(ns).into_iter().filter(|k| !on_disk.contains(k)));
         }
         keys
+    }
+
+    /// A page of the keys of namespace `ns` that a local tier holds: those
+    /// after `after` (all when `None`) in ascending order of their 128-bit
+    /// value, at most `max` (1 to [`MAX_LIST_KEYS`]), and whether more
+    /// follow. What a client that names its keys reversibly lists them by.
+    ///
+    /// Each page walks the whole index of the namespace (and sorts what is
+    /// after the cursor), so listing is for occasional reads, not a hot path.
+    /// Blocks stored or dropped while a listing pages along may or may not
+    /// show.
+    pub fn list_keys(&self, ns: NamespaceId, after: Option<BlockKey>, max: usize) -> Result<(Vec<BlockKey>, bool)> {
+        self.block_bytes(ns)?;
+        if !(1..=MAX_LIST_KEYS).contains(&max) {
+            return Err(Error::invalid(format!(
+                "list_keys takes 1 to {MAX_LIST_KEYS} keys a page, got {max}"
+            )));
+        }
+        let mut keys = self.local_keys(ns);
+        if let Some(a) = after {
+            keys.retain(|k| *k > a);
+        }
+        keys.sort_unstable();
+        let more = keys.len() > max;
+        keys.truncate(max);
+        Ok((keys, more))
     }
 
     /// The tier events of namespace `ns` after sequence number `after` (at

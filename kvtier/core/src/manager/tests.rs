@@ -238,6 +238,62 @@ fn ssd_only_survives_restart() {
 }
 
 #[test]
+fn list_keys_pages_in_key_order_across_tiers_and_a_restart() {
+    let d = tempfile::tempdir().unwrap();
+    let n = ns("m");
+    let ks = keys(&n, 12, 7);
+    let mut sorted = ks.clone();
+    sorted.sort();
+    let pages = |m: &BlockManager, id: NamespaceId| {
+        let (mut all, mut after, mut sizes) = (Vec::new(), None, Vec::new());
+        loop {
+            let (page, more) = m.list_keys(id, after, 5).unwrap();
+            sizes.push(page.len());
+            after = page.last().copied();
+            all.extend(page);
+            if !more {
+                return (all, sizes);
+            }
+        }
+    };
+    let on_disk = {
+        // Host and disk: blocks in either tier are listed once.
+        let m = ManagerConfig::tiered(Some(HostConfig::with_capacity(4 * BLOCK)), Some(disk_cfg(d.path())))
+            .build()
+            .unwrap();
+        let id = m.register_namespace(&n).unwrap();
+        assert_eq!(m.list_keys(id, None, 5).unwrap(), (vec![], false));
+        m.store(id, &ks, &data(&ks)).unwrap();
+        let other = m.register_namespace(&ns("other")).unwrap();
+        assert_eq!(m.list_keys(other, None, 5).unwrap(), (vec![], false));
+        let (all, sizes) = pages(&m, id);
+        assert_eq!(all, sorted);
+        assert_eq!(sizes, [5, 5, 2]);
+        // Bad requests: precise errors.
+        for max in [0, MAX_LIST_KEYS + 1] {
+            let e = m.list_keys(id, None, max).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+            assert!(e.to_string().contains("1 to 65536 keys"), "{e}");
+        }
+        let e = m.list_keys(ns("never").id(), None, 5).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::UnknownNamespace, "{e}");
+        assert_eq!(m.list_keys(id, sorted.last().copied(), 5).unwrap(), (vec![], false));
+        m.locate(id, &sorted)
+            .unwrap()
+            .iter()
+            .zip(&sorted)
+            .filter(|(t, _)| t.contains(TierKind::Disk))
+            .map(|(_, k)| *k)
+            .collect::<Vec<_>>()
+    };
+    assert!(on_disk.len() >= 8, "the host tier holds 4 of the 12 blocks");
+    // Reopened, the disk's index lists what it kept.
+    let m = ManagerConfig::ssd_only(disk_cfg(d.path())).build().unwrap();
+    let id = m.register_namespace(&n).unwrap();
+    assert_eq!(pages(&m, id).0, on_disk);
+}
+
+#[test]
 fn admission_keeps_one_off_blocks_off_disk() {
     let d = tempfile::tempdir().unwrap();
     let mut cfg = ManagerConfig::ssd_only(disk_cfg(d.path()));
