@@ -77,6 +77,7 @@ OPTIONS = {
     "endpoint": (str, "a local kvtierd, http://host:port"),
     "token": (str, "kvtierd's bearer token"),
     "timeout_s": ((int, float), "bound on each kvtierd call (default 30)"),
+    "shm_dir": ((str, type(None)), "kvtierd's shm_dir for the shared-memory path (default /dev/shm; null: the socket)"),
     "disk_dir": (str, "instead of endpoint: an SSD-only store in this process"),
     "disk_capacity_bytes": (int, "that store's budget (default 64 GiB)"),
     "store": (dict, "instead: a full embedded store config (deploy/kvtier.toml's keys)"),
