@@ -56,6 +56,16 @@ echo "== python: wheel, clean-venv install, pytest"
 # checks its invariants (no hit rate above one cache of every block seen,
 # tier events reach the router, kvtier serves hits).
 ./target/release/kvtier-bench routing --smoke --json
+# kvtier as LMCache's L2 (SSD-only kvtierd) against LMCache's own disk L2
+# adapters, through LMCache 0.5.6's adapter machinery, in the LMCache venv
+# python-test.sh made and installed the wheel into: checks its invariants
+# (every chunk back as put, the page cache dropped before each get phase).
+lmcache_python=${KVTIER_LMCACHE_VENV:-$HOME/.cache/kvtier/venv-lmcache-0.5.6}/bin/python
+if [ -x "$lmcache_python" ]; then
+  ./target/release/kvtier-bench lmcache --smoke --json --python "$lmcache_python" --dir "$smoke_dir/lmcache"
+else
+  echo "lmcache smoke: SKIPPED: no LMCache venv at $lmcache_python (scripts/lmcache-env.sh makes it)"
+fi
 echo "== cargo test"
 # The core crate last, so the run closes on its summary.
 cargo test -p kvtier-proto -p kvtier-client -p kvtier-testkit -p kvtier-python --all-targets

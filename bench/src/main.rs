@@ -8,6 +8,7 @@ mod blob;
 mod connector;
 mod daemon;
 mod demo;
+mod lmcache;
 mod peers;
 mod python;
 mod replay;
@@ -65,6 +66,11 @@ enum Cmd {
     /// events only, then kvtier's tier events too (token hit rates, their
     /// ratio, events per request; runs in a network namespace).
     Routing(routing::Args),
+    /// kvtier as LMCache's L2 (SSD-only kvtierd) against LMCache's own disk
+    /// L2 adapters, through LMCache's own adapter machinery, same chunks,
+    /// same directory: put/get GB/s and p99 get latency, against raw
+    /// O_DIRECT I/O in the same run (needs the LMCache venv).
+    Lmcache(lmcache::Args),
     /// GPU <-> pinned host block copies through kvtier's transfer path
     /// (needs an NVIDIA GPU; says so when there is none).
     Transfer(transfer::Args),
@@ -112,6 +118,7 @@ fn main() {
         Cmd::Python(a) => python::run(&a),
         Cmd::Connector(a) => connector::run(&a),
         Cmd::Routing(a) => routing::run(&a),
+        Cmd::Lmcache(a) => lmcache::run(&a),
         Cmd::Transfer(a) => transfer::run(&a),
         Cmd::Demo { dir, json } => demo::run(&dir, json),
     };
