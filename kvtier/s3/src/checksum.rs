@@ -196,7 +196,7 @@ enum Expected {
 /// The checks one request body must pass, built from its headers.
 #[derive(Debug, Clone)]
 pub struct BodyChecks {
-    md5: md5::Md5,
+    md5: Option<md5::Md5>,
     size_bytes: u64,
     content_md5: Option<[u8; 16]>,
     content_sha256: Option<(sha2::Sha256, [u8; 32])>,
@@ -207,7 +207,8 @@ pub struct BodyChecks {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BodyDigests {
     /// The MD5 of the body: the ETag of a PutObject, and of an UploadPart.
-    pub md5: [u8; 16],
+    /// `None` only after [`BodyChecks::without_md5`].
+    pub md5: Option<[u8; 16]>,
     /// The verified checksum, if the request carried one: to store and to
     /// send back on GET/HEAD with `x-amz-checksum-mode: ENABLED`.
     pub checksum: Option<Checksum>,
@@ -215,9 +216,9 @@ pub struct BodyDigests {
 }
 
 impl BodyDigests {
-    /// The ETag, unquoted: the hex MD5.
-    pub fn etag(&self) -> String {
-        hex(&self.md5)
+    /// The ETag, unquoted: the hex MD5, if it was computed.
+    pub fn etag(&self) -> Option<String> {
+        self.md5.as_ref().map(|m| hex(m))
     }
 }
 
@@ -311,12 +312,22 @@ impl BodyChecks {
             }
         }
         Ok(BodyChecks {
-            md5: md5::Md5::new(),
+            md5: Some(md5::Md5::new()),
             size_bytes: 0,
             content_md5,
             content_sha256,
             checksum: declared.map(|(a, e)| (Hasher::new(a), e)),
         })
+    }
+
+    /// Skips the MD5 (unless `Content-MD5` asks for it): it is the slowest
+    /// hash here (about 1.5 ns a byte), and only S3's ETag convention needs
+    /// it; a server that makes its ETags otherwise can save it.
+    pub fn without_md5(mut self) -> BodyChecks {
+        if self.content_md5.is_none() {
+            self.md5 = None;
+        }
+        self
     }
 
     /// The algorithm of the request's checksum, if it has one.
@@ -327,7 +338,9 @@ impl BodyChecks {
     /// Feeds the next bytes of the decoded body.
     pub fn update(&mut self, data: &[u8]) {
         self.size_bytes += data.len() as u64;
-        self.md5.update(data);
+        if let Some(h) = &mut self.md5 {
+            h.update(data);
+        }
         if let Some((h, _)) = &mut self.content_sha256 {
             h.update(data);
         }
@@ -341,7 +354,7 @@ impl BodyChecks {
     /// checksum from the headers or `trailers` (else `BadDigest`; a trailer
     /// that is missing or unreadable is `InvalidRequest`).
     pub fn finish(self, trailers: Option<&Trailers>) -> Result<BodyDigests, S3Error> {
-        let md5: [u8; 16] = self.md5.finalize().into();
+        let md5: Option<[u8; 16]> = self.md5.map(|h| h.finalize().into());
         if let Some((h, want)) = self.content_sha256 {
             let got: [u8; 32] = h.finalize().into();
             if got != want {
@@ -350,7 +363,7 @@ impl BodyChecks {
                     .with_detail("S3ComputedContentSHA256", hex(&got)));
             }
         }
-        if let Some(want) = self.content_md5
+        if let (Some(want), Some(md5)) = (self.content_md5, md5)
             && want != md5
         {
             return Err(S3Error::new(
@@ -543,7 +556,17 @@ mod tests {
     #[test]
     fn a_plain_body_gets_its_md5_etag() {
         let d = run(&[], b"hello", None).unwrap();
-        assert_eq!(d.etag(), "5d41402abc4b2a76b9719d911017c592");
+        assert_eq!(d.etag().as_deref(), Some("5d41402abc4b2a76b9719d911017c592"));
+        let mut fast = BodyChecks::from_headers(&HeaderMap::new()).unwrap().without_md5();
+        fast.update(b"hello");
+        assert_eq!(fast.finish(None).unwrap().md5, None);
+        // Content-MD5 keeps the MD5 on.
+        let good = B64.encode(md5::Md5::digest(b"hello"));
+        let mut kept = BodyChecks::from_headers(&headers(&[("content-md5", &good)]))
+            .unwrap()
+            .without_md5();
+        kept.update(b"hellO");
+        assert_eq!(kept.finish(None).unwrap_err().code, Code::BadDigest);
         assert_eq!(d.size_bytes, 5);
         assert_eq!(d.checksum, None);
     }

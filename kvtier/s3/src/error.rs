@@ -60,6 +60,54 @@ pub enum Code {
 }
 
 impl Code {
+    /// Every code, for tables and for reading codes back.
+    pub const ALL: [Code; 44] = [
+        Code::AccessDenied,
+        Code::AuthorizationHeaderMalformed,
+        Code::AuthorizationQueryParametersError,
+        Code::BadDigest,
+        Code::BucketAlreadyExists,
+        Code::BucketAlreadyOwnedByYou,
+        Code::BucketNotEmpty,
+        Code::ConditionalRequestConflict,
+        Code::EntityTooLarge,
+        Code::EntityTooSmall,
+        Code::IncompleteBody,
+        Code::InternalError,
+        Code::InvalidAccessKeyId,
+        Code::InvalidArgument,
+        Code::InvalidBucketName,
+        Code::InvalidChunkSizeError,
+        Code::InvalidDigest,
+        Code::InvalidPart,
+        Code::InvalidPartOrder,
+        Code::InvalidRange,
+        Code::InvalidRequest,
+        Code::InvalidStorageClass,
+        Code::InvalidURI,
+        Code::KeyTooLongError,
+        Code::MalformedTrailerError,
+        Code::MalformedXML,
+        Code::MaxMessageLengthExceeded,
+        Code::MetadataTooLarge,
+        Code::MethodNotAllowed,
+        Code::MissingContentLength,
+        Code::MissingSecurityHeader,
+        Code::NoSuchBucket,
+        Code::NoSuchKey,
+        Code::NoSuchUpload,
+        Code::NotImplemented,
+        Code::NotModified,
+        Code::PreconditionFailed,
+        Code::RequestTimeout,
+        Code::RequestTimeTooSkewed,
+        Code::ServiceUnavailable,
+        Code::SignatureDoesNotMatch,
+        Code::SlowDown,
+        Code::TooManyBuckets,
+        Code::XAmzContentSHA256Mismatch,
+    ];
+
     /// The code as S3 writes it in `<Code>`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -108,6 +156,11 @@ impl Code {
             Code::TooManyBuckets => "TooManyBuckets",
             Code::XAmzContentSHA256Mismatch => "XAmzContentSHA256Mismatch",
         }
+    }
+
+    /// Reads a code as S3 writes it; `None` for codes kvtier does not know.
+    pub fn parse(text: &str) -> Option<Code> {
+        Code::ALL.into_iter().find(|c| c.as_str() == text)
     }
 
     /// The HTTP status S3 answers the code with.
@@ -272,8 +325,8 @@ impl S3Error {
         self.code.status()
     }
 
-    /// Whether the answer carries the XML body: a 304 and every answer to a
-    /// HEAD request carry none.
+    /// Whether the answer carries the XML body: a 304 carries none (and no
+    /// answer to a HEAD request carries one either).
     pub fn has_body(&self) -> bool {
         self.code != Code::NotModified
     }
@@ -307,6 +360,63 @@ impl S3Error {
         out
     }
 }
+
+impl S3Error {
+    /// Reads an `<Error>` body back, as a client does: `None` if it is not
+    /// one, or its code is not one kvtier knows. The request id is dropped,
+    /// every element other than `Code`, `Message`, `Resource` and `RequestId`
+    /// becomes a detail (those kvtier writes; others are skipped).
+    pub fn from_xml(body: &[u8]) -> Option<S3Error> {
+        let limits = crate::xml::reader::Limits {
+            max_bytes: 1 << 20,
+            max_depth: 2,
+            max_nodes: 64,
+        };
+        let root = crate::xml::reader::parse(body, limits).ok()?;
+        if root.name != "Error" {
+            return None;
+        }
+        let text = |name: &str| root.children.iter().find(|c| c.name == name).map(|c| c.text.clone());
+        let mut err = S3Error::new(Code::parse(text("Code")?.trim())?, text("Message").unwrap_or_default());
+        err.resource = text("Resource");
+        for child in &root.children {
+            if let Some(name) = KNOWN_DETAILS.iter().find(|n| **n == child.name) {
+                err.details.push((name, child.text.clone()));
+            }
+        }
+        Some(err)
+    }
+}
+
+/// The detail elements kvtier writes, which [`S3Error::from_xml`] reads back.
+const KNOWN_DETAILS: &[&str] = &[
+    "AWSAccessKeyId",
+    "ActualObjectSize",
+    "ArgumentName",
+    "ArgumentValue",
+    "BadChunkSize",
+    "BucketName",
+    "CalculatedDigest",
+    "CanonicalRequest",
+    "Chunk",
+    "ClientComputedContentSHA256",
+    "Condition",
+    "ExpectedDigest",
+    "Expires",
+    "Key",
+    "MaxAllowedSkewMilliseconds",
+    "MaxSizeAllowed",
+    "RangeRequested",
+    "RequestTime",
+    "S3ComputedContentSHA256",
+    "ServerTime",
+    "SignatureProvided",
+    "Size",
+    "StringToSign",
+    "UploadId",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+];
 
 impl From<Code> for S3Error {
     fn from(code: Code) -> Self {
@@ -360,6 +470,32 @@ mod tests {
         assert_eq!(err.detail("Key"), Some("a&b"));
         assert!(err.has_body());
         assert!(!S3Error::from_code(Code::NotModified).has_body());
+    }
+
+    #[test]
+    fn every_code_reads_back_and_has_an_error_status() {
+        for code in Code::ALL {
+            assert_eq!(Code::parse(code.as_str()), Some(code));
+            let status = code.status().as_u16();
+            assert!(status == 304 || (400..600).contains(&status), "{code}");
+        }
+        assert_eq!(Code::parse("NoSuchThing"), None);
+    }
+
+    #[test]
+    fn bodies_read_back() {
+        let err = S3Error::new(Code::SignatureDoesNotMatch, "a <b>")
+            .with_detail("StringToSign", "x\ny")
+            .with_detail("Unknown", "dropped")
+            .with_resource("/b/k");
+        let back = S3Error::from_xml(err.to_xml("r1").as_bytes()).unwrap();
+        assert_eq!(back.code, Code::SignatureDoesNotMatch);
+        assert_eq!(back.message, "a <b>");
+        assert_eq!(back.resource.as_deref(), Some("/b/k"));
+        assert_eq!(back.details, vec![("StringToSign", "x\ny".to_owned())]);
+        assert!(S3Error::from_xml(b"<Other/>").is_none());
+        assert!(S3Error::from_xml(b"<Error><Code>Nope</Code></Error>").is_none());
+        assert!(S3Error::from_xml(b"not xml").is_none());
     }
 
     #[test]
