@@ -25,6 +25,15 @@ pub const MAX_KEY_BYTES: usize = 1024;
 pub const MAX_PART_NUMBER: u32 = 10_000;
 /// The most keys (or uploads, or parts) one listing returns, as in S3.
 pub const MAX_LIST_KEYS: u32 = 1000;
+/// S3's size limits: one PutObject (`EntityTooLarge` above), one part (the
+/// same), and every part but the last (`EntityTooSmall` below, checked at
+/// CompleteMultipartUpload).
+pub const MAX_PUT_OBJECT_BYTES: u64 = 5 << 30;
+pub const MAX_PART_BYTES: u64 = 5 << 30;
+pub const MIN_PART_BYTES: u64 = 5 << 20;
+/// The most bytes of user metadata (`x-amz-meta-*` names without the
+/// prefix, and values), as in S3.
+pub const MAX_USER_METADATA_BYTES: usize = 2048;
 
 /// How buckets are addressed besides path style (`/{bucket}/{key}`): a
 /// request whose `Host` (port stripped) is `{bucket}.{domain}` for one of
@@ -143,7 +152,7 @@ pub enum Op {
         key: String,
     },
     /// `response_headers`: the `response-*` overrides, as the header to set
-    /// and its value.
+    /// and its value (S3 honours them on signed requests only).
     GetObject {
         bucket: String,
         key: String,
@@ -504,7 +513,29 @@ fn method_not_allowed() -> S3Error {
     S3Error::from_code(Code::MethodNotAllowed)
 }
 
+/// A sub-resource used with a method it has no operation for.
+fn check_subresource_methods(method: &Method, query: &Query, allowed: &[(&str, Method)]) -> Result<(), S3Error> {
+    for (name, only) in allowed {
+        if query.has(name) && method != only {
+            return Err(S3Error::new(
+                Code::MethodNotAllowed,
+                format!("?{name} does not take {method}."),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn bucket_op(method: &Method, bucket: String, query: &Query, headers: &HeaderMap) -> Result<Op, S3Error> {
+    check_subresource_methods(
+        method,
+        query,
+        &[
+            ("delete", Method::POST),
+            ("location", Method::GET),
+            ("uploads", Method::GET),
+        ],
+    )?;
     match *method {
         Method::PUT => {
             check_acl(headers)?;
@@ -537,6 +568,10 @@ fn object_op(method: &Method, bucket: String, key: String, query: &Query, header
         return Err(not_implemented("Object versions are not implemented."));
     }
     check_sse(headers)?;
+    check_subresource_methods(method, query, &[("uploads", Method::POST), ("delete", Method::POST)])?;
+    if *method == Method::POST && query.has("delete") {
+        return Err(S3Error::new(Code::MethodNotAllowed, "?delete is a bucket operation."));
+    }
     let upload_id = match query.get("uploadId") {
         Some("") => return Err(S3Error::from_code(Code::NoSuchUpload).with_detail("UploadId", "")),
         other => other.map(str::to_owned),
@@ -810,6 +845,32 @@ fn list_parts_params(query: &Query) -> Result<ListPartsParams, S3Error> {
         max_parts: parse_max(query, "max-parts", MAX_LIST_KEYS, false)?,
         part_number_marker,
     })
+}
+
+/// The user metadata of a PutObject or CreateMultipartUpload: the
+/// `x-amz-meta-*` headers, names without the prefix (lowercase, as HTTP
+/// carries them), in header order; `MetadataTooLarge` over 2 KB in all.
+pub fn user_metadata(headers: &HeaderMap) -> Result<Vec<(String, String)>, S3Error> {
+    let mut metadata = Vec::new();
+    let mut total_bytes = 0;
+    for (name, value) in headers {
+        let Some(short) = name.as_str().strip_prefix("x-amz-meta-") else {
+            continue;
+        };
+        let value = value
+            .to_str()
+            .map_err(|_| S3Error::new(Code::InvalidArgument, format!("The value of {name} is not ASCII.")))?;
+        total_bytes += short.len() + value.len();
+        if total_bytes > MAX_USER_METADATA_BYTES {
+            return Err(S3Error::new(
+                Code::MetadataTooLarge,
+                "Your metadata headers exceed the maximum allowed metadata size",
+            )
+            .with_detail("MaxSizeAllowed", MAX_USER_METADATA_BYTES.to_string()));
+        }
+        metadata.push((short.to_owned(), value.to_owned()));
+    }
+    Ok(metadata)
 }
 
 /// The V2 continuation token that resumes a listing after `key`: opaque to
@@ -1157,6 +1218,34 @@ mod tests {
         assert_eq!(op("GET", "/bkt?list-type=2").name(), "ListObjectsV2");
         assert_eq!(op("GET", "/bkt").name(), "ListObjects");
         assert_eq!(Op::ListBuckets.bucket(), None);
+    }
+
+    #[test]
+    fn subresources_take_their_methods_only() {
+        for (method, uri) in [
+            ("PUT", "/bkt?delete"),
+            ("GET", "/bkt?delete"),
+            ("PUT", "/bkt?location"),
+            ("DELETE", "/bkt?uploads"),
+            ("PUT", "/bkt/k?uploads"),
+            ("GET", "/bkt/k?uploads"),
+            ("POST", "/bkt/k?delete"),
+        ] {
+            assert_eq!(code(method, uri, &[]), Code::MethodNotAllowed, "{method} {uri}");
+        }
+    }
+
+    #[test]
+    fn user_metadata_is_collected_and_bounded() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-amz-meta-color", HeaderValue::from_static("blue"));
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        assert_eq!(
+            user_metadata(&headers).unwrap(),
+            vec![("color".to_owned(), "blue".to_owned())]
+        );
+        headers.insert("x-amz-meta-big", HeaderValue::from_str(&"x".repeat(2042)).unwrap());
+        assert_eq!(user_metadata(&headers).unwrap_err().code, Code::MetadataTooLarge);
     }
 
     #[test]
