@@ -1,6 +1,6 @@
 //! S3's XML bodies: the response documents kvtier writes ([`build`]) and the
 //! request documents it reads ([`input`]) through a small strict reader
-//! ([`reader`]).
+//! (`reader`).
 
 pub mod build;
 pub mod input;
