@@ -305,6 +305,36 @@ mod tests {
     }
 
     #[test]
+    fn reproduces_the_aws_streaming_trailer_seed_signature() {
+        // S3's trailing-header example: the same upload, a CRC32C trailer.
+        let signer = Signer::new(AKID, SECRET, "us-east-1");
+        let uri: Uri = "/examplebucket/chunkObject.txt".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        for (n, v) in [
+            ("host", "s3.amazonaws.com"),
+            ("x-amz-storage-class", "REDUCED_REDUNDANCY"),
+            ("content-encoding", "aws-chunked"),
+            ("x-amz-decoded-content-length", "66560"),
+            ("x-amz-trailer", "x-amz-checksum-crc32c"),
+        ] {
+            headers.insert(n, HeaderValue::from_static(v));
+        }
+        let signed = signer
+            .sign(
+                &Method::PUT,
+                &uri,
+                &mut headers,
+                crate::sigv4::STREAMING_PAYLOAD_TRAILER,
+                t(),
+            )
+            .unwrap();
+        assert_eq!(
+            signed.signature,
+            "106e2a8a18243abcf37539882f36619c00e2dfc72633413f02d3b74544bfeb8e"
+        );
+    }
+
+    #[test]
     fn signed_requests_round_trip_through_the_verifier() {
         let signer = Signer::new(AKID, SECRET, "kvtier");
         for (method, uri, payload) in [
