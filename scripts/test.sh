@@ -68,7 +68,7 @@ else
 fi
 echo "== cargo test"
 # The core crate last, so the run closes on its summary.
-cargo test -p kvtier-proto -p kvtier-client -p kvtier-testkit -p kvtier-python --all-targets
+cargo test -p kvtier-proto -p kvtier-client -p kvtier-testkit -p kvtier-python -p kvtier-s3 --all-targets
 cargo test -p kvtier-bench --all-targets
 cargo test -p kvtier-server --all-targets
 cargo test -p kvtier --all-targets

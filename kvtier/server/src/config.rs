@@ -84,6 +84,9 @@ pub struct DaemonConfig {
     /// A static cluster of kvtierd nodes; none runs this node alone.
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+    /// The S3-compatible listener; none (the default) serves no S3.
+    #[serde(default)]
+    pub s3: Option<crate::s3::config::S3Config>,
 }
 
 /// The `[cluster]` table: this node's id and the static member list.
@@ -264,6 +267,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("KVTIER_BLOB_PREFIX", "blob.prefix"),
     ("KVTIER_BLOB_MODE", "blob.mode"),
     ("KVTIER_CLUSTER_NODE_ID", "cluster.node_id"),
+    ("KVTIER_S3_LISTEN", "s3.listen"),
 ];
 
 /// The `KVTIER_BLOB_*` overrides found in the environment.
@@ -365,6 +369,7 @@ impl DaemonConfig {
         let (mut cert, mut key) = (None, None);
         let mut blob = BlobEnv::default();
         let mut node_id = None;
+        let mut s3_listen = None;
         for (k, v) in env {
             match k.as_str() {
                 "KVTIER_LISTEN" => c.listen = v,
@@ -417,6 +422,7 @@ impl DaemonConfig {
                     blob.set.push("KVTIER_BLOB_MODE");
                 }
                 "KVTIER_CLUSTER_NODE_ID" => node_id = Some(v),
+                "KVTIER_S3_LISTEN" => s3_listen = Some(v),
                 _ => {}
             }
         }
@@ -426,6 +432,15 @@ impl DaemonConfig {
             match &mut c.cluster {
                 Some(cl) => cl.node_id = id,
                 None => return Err("KVTIER_CLUSTER_NODE_ID set, but the configuration has no [cluster] table".into()),
+            }
+        }
+        if let Some(l) = s3_listen {
+            // Empty turns the listener off; an address turns it on (with
+            // the [s3] table's buckets, or none).
+            if l.is_empty() {
+                c.s3 = None;
+            } else {
+                c.s3.get_or_insert_with(Default::default).listen = l;
             }
         }
         match (cert, key) {
@@ -454,6 +469,9 @@ impl DaemonConfig {
         }
         if let Some(c) = &self.cluster {
             c.validate_text()?;
+        }
+        if let Some(s3) = &self.s3 {
+            s3.validate()?;
         }
         Ok(())
     }

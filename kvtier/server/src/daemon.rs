@@ -31,6 +31,8 @@ pub struct Bound {
     pub grpc: SocketAddr,
     /// The metrics address, if enabled.
     pub metrics: Option<SocketAddr>,
+    /// The S3 listener's address, if enabled.
+    pub s3: Option<SocketAddr>,
 }
 
 /// Serves until `stop` completes, then drains: in-flight requests get
@@ -101,6 +103,21 @@ pub async fn run(
         }
         None => node,
     });
+    let s3 = match &cfg.s3 {
+        Some(s3cfg) => Some(
+            crate::s3::start(
+                s3cfg.clone(),
+                cfg.tls.as_ref(),
+                manager.clone(),
+                node.registry().clone(),
+                cluster.clone(),
+                &cfg.data_dir,
+                Duration::from_secs(cfg.drain_timeout_s),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let peer = cluster.as_ref().map(|c| PeerService::new(node.clone(), c.clone()));
     let svc = KvTierService::new(node);
 
@@ -186,6 +203,7 @@ pub async fn run(
     on_bound(Bound {
         grpc,
         metrics: metrics_task.as_ref().map(|m| m.0),
+        s3: s3.as_ref().map(|s| s.addr),
     });
     if let Some(c) = &cluster {
         tracing::info!(node = %c.me(), members = c.size(), epoch = c.epoch(), "cluster member serving");
@@ -215,6 +233,11 @@ pub async fn run(
     };
     if let Some((_, t)) = metrics_task {
         t.abort();
+    }
+    // The S3 listener stops with the gRPC one: requests in flight finish
+    // (bounded by the drain), then its store lets the manager go.
+    if let Some(s) = s3 {
+        s.stop().await;
     }
     // The cluster's background tasks (heartbeats, hint delivery, resync,
     // rebalancing) hold the cluster and so the manager: stop them all,

@@ -17,6 +17,8 @@
 //! - [`metrics`]: Prometheus text on an HTTP port.
 //! - [`region`]: shared-memory regions, the same-host data path.
 //! - [`stats`]: the Stats reply from the manager's counters.
+//! - [`s3`]: the S3-compatible listener (buckets over namespaces, a
+//!   durable catalog of names per bucket).
 //! - [`daemon`]: binds, serves, and stops gracefully on SIGTERM/SIGINT.
 //!
 //! The wire types and codecs live in `kvtier-proto`, the client in
@@ -45,6 +47,7 @@ pub mod node;
 pub mod peer;
 pub mod region;
 pub mod registry;
+pub mod s3;
 pub mod service;
 pub mod stats;
 

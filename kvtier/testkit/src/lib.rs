@@ -46,6 +46,8 @@ pub struct Daemon {
     pub child: Option<Child>,
     pub grpc: String,
     pub metrics: Option<String>,
+    /// The S3 listener's address, when the configuration turns it on.
+    pub s3: Option<String>,
     pub data_dir: PathBuf,
     terminate_on_drop: bool,
 }
@@ -90,14 +92,16 @@ impl Daemon {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(60);
-        let (mut grpc, mut metrics) = (None, None);
+        let (mut grpc, mut metrics, mut s3) = (None, None, None);
         // Metrics are on unless the caller turned them off.
         let want_metrics = !env.iter().any(|(k, v)| *k == "KVTIER_METRICS_LISTEN" && v.is_empty());
         while grpc.is_none() || (want_metrics && metrics.is_none()) {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(l) => {
-                    if let Some(a) = l.strip_prefix("kvtierd listening on ") {
+                    if let Some(a) = l.strip_prefix("kvtierd s3 listening on ") {
+                        s3 = Some(a.to_string());
+                    } else if let Some(a) = l.strip_prefix("kvtierd listening on ") {
                         grpc = Some(a.to_string());
                     } else if let Some(a) = l.strip_prefix("kvtierd metrics on ") {
                         metrics = Some(a.to_string());
@@ -118,6 +122,7 @@ impl Daemon {
             child: Some(child),
             grpc: grpc.expect("set above"),
             metrics,
+            s3,
             data_dir: data_dir.to_path_buf(),
             terminate_on_drop: false,
         })

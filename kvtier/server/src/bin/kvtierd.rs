@@ -60,6 +60,10 @@ fn main() {
     let r = rt.block_on(kvtier_server::daemon::run(cfg, stop, |b| {
         // Scripts and tests read these lines to find the ports.
         let mut out = std::io::stdout().lock();
+        // Before the gRPC line, which readers wait for.
+        if let Some(a) = b.s3 {
+            let _ = writeln!(out, "kvtierd s3 listening on {a}");
+        }
         let _ = writeln!(out, "kvtierd listening on {}", b.grpc);
         if let Some(m) = b.metrics {
             let _ = writeln!(out, "kvtierd metrics on {m}");
