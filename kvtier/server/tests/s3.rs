@@ -364,3 +364,82 @@ fn a_kill_mid_upload_serves_nothing_or_the_whole_object_and_acknowledged_puts_su
     );
     assert!(r.header("etag").unwrap().ends_with("-2\""), "{:?}", r.header("etag"));
 }
+
+/// Three members, each with its S3 listener: an object written through one
+/// is read through the others (its chunks and record are replicated), a
+/// delete through another member removes it everywhere, and with the
+/// writer killed its objects are still served by the survivors.
+#[test]
+fn a_cluster_serves_objects_written_through_any_member() {
+    let root = tempfile::tempdir().unwrap();
+    let ports = kvtier_testkit::free_ports(3);
+    let ids = ["a", "b", "c"];
+    let members: Vec<String> = ids
+        .iter()
+        .zip(&ports)
+        .map(|(id, p)| format!("  {{ id = \"{id}\", addr = \"127.0.0.1:{p}\" }},"))
+        .collect();
+    let mut nodes = Vec::new();
+    for (id, p) in ids.iter().zip(&ports) {
+        let cfg = root.path().join(format!("{id}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "{CONFIG}\n[cluster]\nnode_id = \"{id}\"\nheartbeat_interval_ms = 100\npeer_timeout_ms = 1000\nmembers = [\n{}\n]\n",
+                members.join("\n")
+            ),
+        )
+        .unwrap();
+        let listen = format!("127.0.0.1:{p}");
+        let d = Daemon::start(
+            &root.path().join(id),
+            &[("KVTIER_CONFIG", cfg.to_str().unwrap()), ("KVTIER_LISTEN", &listen)],
+        );
+        nodes.push(Some(d));
+    }
+    let s3 = |i: usize, n: &[Option<Daemon>]| n[i].as_ref().unwrap().s3.clone().unwrap();
+    // Every member sees the others up before the writes (R = 3 needs them).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let objs: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("/open-objects/o{i}"), content(100 + i, 200_000)))
+        .collect();
+    loop {
+        let r = request(&s3(0, &nodes), "PUT", &objs[0].0, &[], &objs[0].1);
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cluster took no write: {}",
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (p, d) in &objs[1..] {
+        let r = request(&s3(0, &nodes), "PUT", p, &[], d);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    for i in 1..3 {
+        for (p, d) in &objs {
+            let r = request(&s3(i, &nodes), "GET", p, &[], &[]);
+            assert_eq!(r.status, 200, "{} through member {i}: {}", p, r.text());
+            assert_eq!(&r.body, d, "{p} through member {i}");
+        }
+    }
+    // A delete through b: gone through every member.
+    let r = request(&s3(1, &nodes), "DELETE", &objs[5].0, &[], &[]);
+    assert_eq!(r.status, 204);
+    for i in 0..3 {
+        let r = request(&s3(i, &nodes), "GET", &objs[5].0, &[], &[]);
+        assert_eq!(r.status, 404, "deleted through b, asked member {i}: {}", r.text());
+    }
+    // The writer dies: the survivors still serve its objects.
+    nodes[0].take().unwrap().signal_and_wait(libc::SIGKILL);
+    for i in 1..3 {
+        for (p, d) in &objs[..5] {
+            let r = request(&s3(i, &nodes), "GET", p, &[], &[]);
+            assert_eq!(r.status, 200, "{p} through member {i} with a dead: {}", r.text());
+            assert_eq!(&r.body, d);
+        }
+    }
+}

@@ -256,6 +256,21 @@ impl BlockManager {
         Ok(n)
     }
 
+    /// Waits until the write-through of `keys` (stored just before) is
+    /// done, and answers how many of them the disk tier holds: a caller
+    /// that acknowledges only durable writes (kvtierd's S3 listener) needs
+    /// every one. Without a disk tier, 0; in SSD-only mode a store is on
+    /// disk when it returns.
+    pub fn wait_on_disk(&self, keys: &[BlockKey]) -> usize {
+        let Some(disk) = self.disk() else {
+            return 0;
+        };
+        for k in keys {
+            self.shared.queue.wait_written(k);
+        }
+        keys.iter().filter(|k| disk.contains(k)).count()
+    }
+
     /// Waits until every queued write-through block is on disk.
     pub fn flush(&self) {
         let q = &self.shared.queue;

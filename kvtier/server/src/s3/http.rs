@@ -579,8 +579,9 @@ impl S3Service {
             ));
         }
         let check = write_check(h)?;
-        // Fail before the upload when the condition already fails.
-        let cur = b.head(key);
+        // Fail before the upload when the condition already fails (in a
+        // cluster, against the record other members published too).
+        let cur = self.store.find(b, key).await.map_err(|e| s3_err(&e))?;
         if header(h, "if-none-match").is_some() && cur.is_some() {
             return Err(S3Error::new(
                 Code::PreconditionFailed,
@@ -655,7 +656,7 @@ impl S3Service {
         head: bool,
     ) -> Result<Reply, S3Error> {
         let no_key = || S3Error::new(Code::NoSuchKey, "The specified key does not exist.").with_detail("Key", key);
-        let Some(meta) = b.head(key) else {
+        let Some(meta) = self.store.find(b, key).await.map_err(|e| s3_err(&e))? else {
             return Err(no_key());
         };
         Conditions::from_headers(h).check_read(&meta.etag, system_time(meta.modified_ms))?;

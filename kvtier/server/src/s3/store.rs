@@ -162,6 +162,16 @@ pub struct Store {
     graveyard: Mutex<Vec<(std::time::Instant, NamespaceId, Vec<BlockKey>)>>,
 }
 
+/// An object's record as a block of its bucket's namespace (clusters):
+/// the object, or a tombstone (`meta: None`) after a delete.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    name: String,
+    meta: Option<ObjectMeta>,
+    /// When it was written: the object's commit time, or the delete's.
+    at_ms: u64,
+}
+
 /// A bucket made by `CreateBucket`, persisted.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Created {
@@ -379,9 +389,122 @@ impl Store {
                 .map_err(kvtier_proto::error::from_status),
             None => {
                 let m = self.manager.clone();
-                blocking(move || m.store_one(ns, key, &data).map(|_| ())).await
+                blocking(move || {
+                    let out = m.store_one(ns, key, &data)?;
+                    if out.not_admitted > 0 {
+                        return Err(Error::new(
+                            ErrorKind::Unavailable,
+                            "the disk tier's admission filter kept an S3 chunk out (disk_admission_min_seen > 1)",
+                        ));
+                    }
+                    // Tiered: acknowledged only once the chunk is on disk,
+                    // so a killed daemon keeps every acknowledged object.
+                    if m.host().is_some() && m.disk().is_some() && m.wait_on_disk(&[key]) != 1 {
+                        return Err(Error::new(
+                            ErrorKind::Unavailable,
+                            "an S3 chunk did not reach the disk tier (write-through failed or the block was evicted)",
+                        ));
+                    }
+                    Ok(())
+                })
+                .await
             }
         }
+    }
+
+    /// The key of an object's record as a block: how a member of a cluster
+    /// finds an object written through another member.
+    fn meta_key(bucket: &Bucket, name: &str) -> BlockKey {
+        BlockKey::from_opaque(bucket.ns, &[b"s3meta\0".as_slice(), name.as_bytes()].concat())
+    }
+
+    /// In a cluster, replaces the record block of `name` with `meta`, or
+    /// with a tombstone after a delete (so a member whose own catalog still
+    /// names the object learns it is gone). Best effort: the catalog of the
+    /// member that took the write is its commit point.
+    async fn publish(&self, bucket: &Bucket, name: &str, meta: Option<&ObjectMeta>) {
+        let Some(c) = &self.cluster else { return };
+        let key = Self::meta_key(bucket, name);
+        let record = Record {
+            name: name.to_string(),
+            meta: meta.cloned(),
+            at_ms: meta.map_or_else(now_ms, |m| m.modified_ms),
+        };
+        let body = serde_json::to_vec(&record).expect("serializes");
+        if body.len() > bucket.chunk_bytes {
+            tracing::warn!(bucket = %bucket.name, name, bytes = body.len(), "S3: an object record too large for one block: other members will not find it");
+            return;
+        }
+        if let Err(e) = c.delete_everywhere(bucket.ns, &[key]).await {
+            tracing::debug!(bucket = %bucket.name, name, "S3: an old record block not removed everywhere: {}", e.message());
+        }
+        if let Err(e) = c.write(bucket.ns, &[key], Bytes::from(body), bucket.chunk_bytes).await {
+            tracing::warn!(bucket = %bucket.name, name, "S3: record block not replicated: {}", e.message());
+        }
+    }
+
+    /// The record block of `name` the cluster holds, if any.
+    async fn remote_record(&self, c: &Cluster, bucket: &Bucket, name: &str) -> Result<Option<Record>> {
+        let (ns, key) = (bucket.ns, Self::meta_key(bucket, name));
+        let m = self.manager.clone();
+        let local = blocking(move || m.load_chunk_local(ns, key)).await?;
+        let body = match local {
+            Some(b) => b,
+            None => match c.fetch_chunk(ns, key).await {
+                Some(b) => Bytes::from(b),
+                None => return Ok(None),
+            },
+        };
+        match serde_json::from_slice::<Record>(&body) {
+            Ok(r) if r.name == name => Ok(Some(r)),
+            Ok(r) => Err(Error::new(
+                ErrorKind::ChecksumMismatch,
+                format!(
+                    "bucket {}: the record block of {name:?} names {:?}",
+                    bucket.name, r.name
+                ),
+            )),
+            Err(e) => Err(Error::new(
+                ErrorKind::ChecksumMismatch,
+                format!(
+                    "bucket {}: the record block of {name:?} does not parse: {e}",
+                    bucket.name
+                ),
+            )),
+        }
+    }
+
+    /// The object named `name`: this member's catalog; in a cluster also
+    /// the record block its replicas hold, the newer of the two winning (a
+    /// tombstone newer than the catalog's object means it was deleted
+    /// through another member).
+    pub async fn find(&self, bucket: &Arc<Bucket>, name: &str) -> Result<Option<ObjectMeta>> {
+        let local = bucket.head(name);
+        let Some(c) = &self.cluster else { return Ok(local) };
+        let remote = self.remote_record(c, bucket, name).await?;
+        Ok(match (local, remote) {
+            (l, None) => l,
+            (None, Some(r)) => r.meta,
+            (Some(l), Some(Record { meta: Some(r), .. })) => Some(if r.modified_ms > l.modified_ms { r } else { l }),
+            (Some(l), Some(Record { meta: None, at_ms, .. })) => {
+                if at_ms >= l.modified_ms {
+                    let (b, n, v) = (bucket.clone(), name.to_string(), l.version.clone());
+                    let _ = blocking(move || {
+                        b.catalog.delete_if(&n, |cur| {
+                            if cur.version == v {
+                                Ok(())
+                            } else {
+                                Err(Error::new(ErrorKind::AlreadyExists, "replaced meanwhile"))
+                            }
+                        })
+                    })
+                    .await;
+                    None
+                } else {
+                    Some(l)
+                }
+            }
+        })
     }
 
     /// Reads one chunk of an object, checked against its record.
@@ -476,11 +599,13 @@ impl Store {
         let (b, n, m) = (bucket.clone(), name.to_string(), meta.clone());
         let r = blocking(move || b.catalog.put_if(&n, m, check)).await;
         match r {
-            Ok(Some(old)) => {
-                self.bury(bucket, &old.chunks, Some(&meta.chunks));
+            Ok(old) => {
+                self.publish(bucket, name, Some(&meta)).await;
+                if let Some(old) = old {
+                    self.bury(bucket, &old.chunks, Some(&meta.chunks));
+                }
                 Ok(())
             }
-            Ok(None) => Ok(()),
             Err(e) => {
                 self.discard(bucket, &meta.chunks).await;
                 Err(e)
@@ -497,7 +622,23 @@ impl Store {
         check: impl FnOnce(&ObjectMeta) -> Result<()> + Send + 'static,
     ) -> Result<bool> {
         let (b, n) = (bucket.clone(), name.to_string());
+        // In a cluster the object may have been written through another
+        // member: its record block says so.
+        let remote = match &self.cluster {
+            Some(c) if bucket.head(name).is_none() => self
+                .remote_record(c, bucket, name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|r| r.meta),
+            _ => None,
+        };
         let old = blocking(move || b.catalog.delete_if(&n, check)).await?;
+        let old = old.or(remote);
+        if self.cluster.is_some() {
+            // A tombstone, so members whose catalogs name it learn it is gone.
+            self.publish(bucket, name, None).await;
+        }
         match old {
             Some(old) => {
                 self.bury(bucket, &old.chunks, None);
@@ -899,6 +1040,7 @@ impl Store {
         }
         let (b, n, m) = (bucket.clone(), key.to_string(), meta.clone());
         let old = blocking(move || b.catalog.put_if(&n, m, check)).await?;
+        self.publish(bucket, key, Some(&meta)).await;
         // Committed: the upload is over. Parts left out of the object go.
         let unused: Vec<ChunkRef> = u
             .parts
