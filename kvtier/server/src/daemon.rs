@@ -113,6 +113,7 @@ pub async fn run(
                 cluster.clone(),
                 &cfg.data_dir,
                 Duration::from_secs(cfg.drain_timeout_s),
+                metrics.s3.get_or_init(Default::default).clone(),
             )
             .await?,
         ),

@@ -89,6 +89,8 @@ pub struct Metrics {
     /// The cluster this node is a member of, once it is set up. Weak: the
     /// cluster holds the block manager, which a stop must get back.
     pub cluster: std::sync::OnceLock<std::sync::Weak<crate::cluster::Cluster>>,
+    /// The S3 listener's counters, once it serves.
+    pub s3: std::sync::OnceLock<Arc<crate::s3::S3Metrics>>,
 }
 
 impl Metrics {
@@ -103,6 +105,9 @@ impl Metrics {
         let mut o = self.render_stats(&m.stats());
         if let Some(c) = self.cluster.get().and_then(std::sync::Weak::upgrade) {
             render_cluster(&mut o, &c.stats());
+        }
+        if let Some(s3) = self.s3.get() {
+            s3.render(&mut o);
         }
         o
     }

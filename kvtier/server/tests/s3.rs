@@ -169,6 +169,15 @@ fn put_get_head_delete_round_trip_through_both_bucket_kinds() {
     let r = request(&s3, "PUT", "/closed/x", &[], b"data");
     assert_eq!(r.status, 403);
     assert!(r.text().contains("<Code>AccessDenied</Code>"), "{}", r.text());
+    // The metrics endpoint counts them.
+    let (code, body) = kvtier_testkit::http_get(d.metrics.as_ref().unwrap(), "/metrics");
+    assert_eq!(code, 200);
+    let put_ok = kvtier_testkit::sample(&body, "kvtier_s3_requests_total{op=\"PutObject\",status=\"200\"}");
+    assert_eq!(put_ok, 2.0, "two PUTs answered 200");
+    let denied = kvtier_testkit::sample(&body, "kvtier_s3_requests_total{op=\"PutObject\",status=\"403\"}");
+    assert_eq!(denied, 1.0);
+    let received = kvtier_testkit::sample(&body, "kvtier_s3_received_bytes_total");
+    assert_eq!(received, 370_000.0, "both objects' bytes");
 }
 
 #[test]

@@ -43,6 +43,7 @@ pub struct S3Service {
     addressing: Addressing,
     verifier: Verifier,
     ids: RequestIds,
+    metrics: Arc<super::S3Metrics>,
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
@@ -257,7 +258,7 @@ impl BodyReader {
 
 impl S3Service {
     /// The service over `store`.
-    pub fn new(store: Arc<Store>, cfg: &S3Config) -> Result<Self, String> {
+    pub fn new(store: Arc<Store>, cfg: &S3Config, metrics: Arc<super::S3Metrics>) -> Result<Self, String> {
         let keys = cfg
             .load_credentials()?
             .into_iter()
@@ -273,6 +274,7 @@ impl S3Service {
                 max_skew: Duration::from_secs(cfg.max_clock_skew_s),
             },
             ids: RequestIds::default(),
+            metrics,
         })
     }
 
@@ -281,6 +283,8 @@ impl S3Service {
         let id = self.ids.next();
         let head_request = req.method() == Method::HEAD;
         let path = req.uri().path().to_string();
+        let op =
+            request::parse(req.method(), req.uri(), req.headers(), &self.addressing).map_or("Invalid", |o| o.name());
         let mut reply = match self.serve(req).await {
             Ok(r) => r,
             Err(e) => {
@@ -305,6 +309,7 @@ impl S3Service {
                 r
             }
         };
+        self.metrics.answered(op, reply.status().as_u16());
         let h = reply.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&id) {
             h.insert("x-amz-request-id", v.clone());
@@ -544,6 +549,9 @@ impl S3Service {
     /// Receives a body into `w`; answers the ETag and checksums.
     async fn receive(&self, r: &mut BodyReader, w: &mut ObjectWriter) -> Result<(), S3Error> {
         while let Some(d) = r.next().await? {
+            self.metrics
+                .received_bytes
+                .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
             w.write(&d).await.map_err(|e| s3_err(&e))?;
         }
         Ok(())
@@ -715,6 +723,9 @@ impl S3Service {
         if head || len == 0 {
             return Ok(reply);
         }
+        self.metrics
+            .sent_bytes
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         let pieces = chunks_in_range(&meta, start, end);
         // The first chunk is read before answering: a block evicted from a
         // cache bucket is then a clean 404.

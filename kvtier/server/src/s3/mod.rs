@@ -69,10 +69,12 @@ pub async fn start(
     cluster: Option<Arc<Cluster>>,
     data_dir: &Path,
     drain: Duration,
+    metrics: Arc<S3Metrics>,
 ) -> Result<Running> {
     let acceptor = tls.map(listen::tls_acceptor).transpose()?;
     let st = store::Store::open(cfg.clone(), manager, registry, cluster, data_dir).await?;
-    let svc = Arc::new(http::S3Service::new(st.clone(), &cfg).map_err(|e| Error::new(ErrorKind::Config, e))?);
+    let _ = metrics.buckets.set(Arc::downgrade(&st));
+    let svc = Arc::new(http::S3Service::new(st.clone(), &cfg, metrics).map_err(|e| Error::new(ErrorKind::Config, e))?);
     let listener = TcpListener::bind(&cfg.listen)
         .await
         .map_err(|e| Error::io(format!("bind s3 {}", cfg.listen), e))?;
@@ -109,5 +111,56 @@ impl Running {
         self.sweep.abort();
         let _ = self.sweep.await;
         self.store.flush_graveyard().await;
+    }
+}
+
+/// The S3 listener's counters, on the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct S3Metrics {
+    /// Answers by operation and HTTP status.
+    requests: parking_lot::Mutex<std::collections::BTreeMap<(&'static str, u16), u64>>,
+    /// Object bytes received (PUT, UploadPart).
+    pub received_bytes: std::sync::atomic::AtomicU64,
+    /// Object bytes sent (GET).
+    pub sent_bytes: std::sync::atomic::AtomicU64,
+    buckets: std::sync::OnceLock<std::sync::Weak<store::Store>>,
+}
+
+impl S3Metrics {
+    /// Counts one answer.
+    pub fn answered(&self, op: &'static str, status: u16) {
+        *self.requests.lock().entry((op, status)).or_insert(0) += 1;
+    }
+
+    /// Appends the exposition text.
+    pub fn render(&self, o: &mut String) {
+        use std::fmt::Write;
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = writeln!(
+            o,
+            "# HELP kvtier_s3_requests_total S3 requests answered, by operation and HTTP status.\n# TYPE kvtier_s3_requests_total counter"
+        );
+        for ((op, status), n) in self.requests.lock().iter() {
+            let _ = writeln!(o, "kvtier_s3_requests_total{{op=\"{op}\",status=\"{status}\"}} {n}");
+        }
+        let _ = writeln!(
+            o,
+            "# HELP kvtier_s3_received_bytes_total Object bytes received through S3.\n# TYPE kvtier_s3_received_bytes_total counter\nkvtier_s3_received_bytes_total {}",
+            self.received_bytes.load(Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP kvtier_s3_sent_bytes_total Object bytes sent through S3.\n# TYPE kvtier_s3_sent_bytes_total counter\nkvtier_s3_sent_bytes_total {}",
+            self.sent_bytes.load(Relaxed)
+        );
+        if let Some(st) = self.buckets.get().and_then(std::sync::Weak::upgrade) {
+            let _ = writeln!(
+                o,
+                "# HELP kvtier_s3_objects Objects in a bucket's catalog on this node.\n# TYPE kvtier_s3_objects gauge"
+            );
+            for b in st.buckets() {
+                let _ = writeln!(o, "kvtier_s3_objects{{bucket=\"{}\"}} {}", b.name, b.objects());
+            }
+        }
     }
 }

@@ -18,7 +18,7 @@
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -105,6 +105,11 @@ impl Bucket {
     /// Whether the bucket holds no objects and no uploads.
     pub fn is_empty(&self) -> bool {
         self.catalog.is_empty() && self.uploads.lock().is_empty()
+    }
+
+    /// Objects in this node's catalog.
+    pub fn objects(&self) -> usize {
+        self.catalog.len()
     }
 
     /// The chunk size writes cut bodies into.
@@ -1129,15 +1134,6 @@ impl RequestIds {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         format!("{:016X}", self.salt ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
-}
-
-/// Counts for the metrics endpoint.
-#[derive(Debug, Default)]
-pub struct S3Counters {
-    /// Requests by operation name.
-    pub requests: Mutex<HashMap<&'static str, u64>>,
-    /// Requests answered with an error, by S3 code.
-    pub errors: Mutex<HashMap<String, u64>>,
 }
 
 #[cfg(test)]
