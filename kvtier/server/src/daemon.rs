@@ -107,13 +107,15 @@ pub async fn run(
         Some(s3cfg) => Some(
             crate::s3::start(
                 s3cfg.clone(),
-                cfg.tls.as_ref(),
-                manager.clone(),
-                node.registry().clone(),
-                cluster.clone(),
-                &cfg.data_dir,
-                Duration::from_secs(cfg.drain_timeout_s),
-                metrics.s3.get_or_init(Default::default).clone(),
+                crate::s3::Context {
+                    tls: cfg.tls.as_ref(),
+                    manager: manager.clone(),
+                    registry: node.registry().clone(),
+                    cluster: cluster.clone(),
+                    data_dir: &cfg.data_dir,
+                    drain: Duration::from_secs(cfg.drain_timeout_s),
+                    metrics: metrics.s3.get_or_init(Default::default).clone(),
+                },
             )
             .await?,
         ),

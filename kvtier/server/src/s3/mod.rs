@@ -60,17 +60,36 @@ pub struct Running {
     store: Arc<store::Store>,
 }
 
+/// What the daemon provides the S3 listener.
+#[derive(Debug)]
+pub struct Context<'a> {
+    /// The daemon's certificate, if it serves TLS.
+    pub tls: Option<&'a TlsConfig>,
+    /// The block manager.
+    pub manager: Arc<BlockManager>,
+    /// The namespaces (each bucket registers one).
+    pub registry: Arc<Registry>,
+    /// The cluster, if this node is a member.
+    pub cluster: Option<Arc<Cluster>>,
+    /// The daemon's data directory (catalogs go under `s3/`).
+    pub data_dir: &'a Path,
+    /// How long a stop waits for requests in flight.
+    pub drain: Duration,
+    /// Counters for the metrics endpoint.
+    pub metrics: Arc<S3Metrics>,
+}
+
 /// Opens the buckets and binds the listener.
-pub async fn start(
-    cfg: config::S3Config,
-    tls: Option<&TlsConfig>,
-    manager: Arc<BlockManager>,
-    registry: Arc<Registry>,
-    cluster: Option<Arc<Cluster>>,
-    data_dir: &Path,
-    drain: Duration,
-    metrics: Arc<S3Metrics>,
-) -> Result<Running> {
+pub async fn start(cfg: config::S3Config, ctx: Context<'_>) -> Result<Running> {
+    let Context {
+        tls,
+        manager,
+        registry,
+        cluster,
+        data_dir,
+        drain,
+        metrics,
+    } = ctx;
     let acceptor = tls.map(listen::tls_acceptor).transpose()?;
     let st = store::Store::open(cfg.clone(), manager, registry, cluster, data_dir).await?;
     let _ = metrics.buckets.set(Arc::downgrade(&st));
