@@ -7,12 +7,12 @@ refused the config), every test errors: nothing is skipped.
 
 Developing against another server: KVTIER_S3_TEST_ENDPOINT=http://127.0.0.1:PORT
 uses an already running S3 server instead of starting kvtierd. It must
-hold the buckets of the config below and accept its credentials;
-KVTIER_S3_TEST_BUCKET_KV names the blocks bucket if it cannot be called
-"kv" (moto requires 3 characters). KVTIER_S3_TEST_SERVER=moto says that
-server is moto: the tests marked ``moto_differs`` (what moto does not
-implement, or does differently from S3 and kvtierd) are then expected to
-fail (xfail, reported as such), and only then. See connectors/s3/NOTES.md.
+hold the buckets of the config below and accept its credentials
+(KVTIER_S3_TEST_BUCKET_KV names its blocks bucket if not "kv-blocks").
+KVTIER_S3_TEST_SERVER=moto says that server is moto: the tests marked
+``moto_differs`` (what moto does not implement, or does differently from
+S3 and kvtierd) are then expected to fail (xfail, reported as such), and
+only then. See connectors/s3/NOTES.md.
 """
 
 import os
@@ -28,6 +28,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from kvtier_testkit import Daemon  # noqa: E402
 from s3kit import ACCESS_KEY, SECRET_KEY, VIRTUAL_DOMAIN, S3Server  # noqa: E402
 
+# The blocks bucket. The contract's example calls it "kv", but bucket names
+# have 3 to 63 characters (S3's rule; kvtierd enforces it too).
+BLOCKS_BUCKET = "kv-blocks"
+
 # The S3 side of kvtierd's config for these tests (the server contract).
 KVTIERD_S3_CONFIG = f"""
 [s3]
@@ -35,13 +39,16 @@ listen = "127.0.0.1:0"
 domains = ["{VIRTUAL_DOMAIN}"]
 max_clock_skew_s = 900
 create_buckets = "objects"
+# kvtierd holds a block in one tier record: the test daemon's 256 MiB disk
+# takes blocks up to about 32 MiB, under the 64 MiB default.
+max_block_object_bytes = {8 << 20}
 
 [[s3.credentials]]
 access_key_id = "{ACCESS_KEY}"
 secret_access_key = "{SECRET_KEY}"
 
 [[s3.buckets]]
-name = "kv"
+name = "{BLOCKS_BUCKET}"
 kind = "blocks"
 
 [[s3.buckets]]
@@ -97,14 +104,14 @@ def s3():
     if external:
         yield S3Server(
             endpoint=external.rstrip("/"),
-            kv=os.environ.get("KVTIER_S3_TEST_BUCKET_KV", "kv"),
+            kv=os.environ.get("KVTIER_S3_TEST_BUCKET_KV", BLOCKS_BUCKET),
             is_moto=MOTO,
         )
         return
     with tempfile.TemporaryDirectory() as d:
         daemon = start_kvtierd(d)
         try:
-            yield S3Server(endpoint=daemon.s3_endpoint, extra={"daemon": daemon})
+            yield S3Server(endpoint=daemon.s3_endpoint, kv=BLOCKS_BUCKET, extra={"daemon": daemon})
         finally:
             daemon.stop()
 
@@ -121,7 +128,7 @@ def own_kvtierd(tmp_path):
         d.mkdir()
         daemon = start_kvtierd(d, s3_config)
         daemons.append(daemon)
-        return S3Server(endpoint=daemon.s3_endpoint, extra={"daemon": daemon})
+        return S3Server(endpoint=daemon.s3_endpoint, kv=BLOCKS_BUCKET, extra={"daemon": daemon})
 
     yield start
     for daemon in daemons:

@@ -35,7 +35,7 @@ class S3Server:
     """The S3 endpoint under test and what it was configured with."""
 
     endpoint: str  # http://127.0.0.1:PORT
-    kv: str = "kv"  # kind = "blocks"
+    kv: str = "kv-blocks"  # kind = "blocks"
     ckpt: str = "ckpt"  # kind = "objects"
     public: str = "public"  # kind = "objects", anonymous = true
     is_moto: bool = False
