@@ -190,19 +190,32 @@ def trailer_checksums():
 
 @contextlib.contextmanager
 def signing_clock(offset):
-    """Sign as if the clock were `offset` (a timedelta) off: botocore's
+    """Sign as if the clock were `offset` (a timedelta) off. botocore's
     SigV4 signers (header and presigned) take the signing time from
-    ``get_current_datetime``, imported into botocore.auth."""
-    real = botocore.auth.get_current_datetime
+    ``get_current_datetime``: the Python ones in botocore.auth, and the
+    awscrt ones in botocore.crt.auth, which botocore uses instead whenever
+    awscrt is installed (as it is in the LMCache venv)."""
+    import botocore.compat
+
+    modules = [botocore.auth]
+    try:
+        import botocore.crt.auth
+
+        modules.append(botocore.crt.auth)
+    except ImportError:
+        pass
+    real = botocore.compat.get_current_datetime
 
     def shifted(*args, **kwargs):
         return real(*args, **kwargs) + offset
 
-    botocore.auth.get_current_datetime = shifted
+    for m in modules:
+        m.get_current_datetime = shifted
     try:
         yield
     finally:
-        botocore.auth.get_current_datetime = real
+        for m in modules:
+            m.get_current_datetime = real
 
 
 def quote_key(key):
