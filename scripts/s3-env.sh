@@ -22,7 +22,7 @@
 # `pip install --dry-run` and `pip check`): nixl-cu12 1.5.1 asks for any
 # torch and numpy, s3torchconnector 1.5.0 for torch>=2.3,!=2.5.0,
 # s3torchconnectorclient and boto3 for nothing the venv pins. The layer adds
-# about 0.4 GB instead of a second ~5 GB venv, and puts LMCache's own
+# about 0.3 GB instead of a second ~5 GB venv, and puts LMCache's own
 # `s3://` remote backend next to the clients. It is added once (the stamp
 # file), under the venv's lock (the one lmcache-env.sh takes), so two
 # callers never install at the same time.
@@ -36,9 +36,9 @@
 # triton. `pip check` then reports only what lmcache-env.sh names (triton,
 # and lmcache's GPU-only cupy-cuda13x and cufile-python).
 #
-# boto3 is pinned (BOTO3) because the tests assert what its botocore sends
-# by default (flexible checksums: aws-chunked bodies with a trailing
-# checksum since botocore 1.36); raise it deliberately.
+# boto3 is pinned (BOTO3) because the tests rely on what its botocore sends
+# by default (flexible checksums since botocore 1.36: CRC32 in a header over
+# HTTP, in an aws-chunked trailer over HTTPS); raise it deliberately.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LMCACHE_VERSION=0.5.6
