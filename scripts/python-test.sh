@@ -6,7 +6,10 @@
 # venv; each connector's tests once per version. Then connectors/dynamo/tests
 # once, in the venv of scripts/dynamo-env.sh (NVIDIA Dynamo 1.6.1 added to
 # the vLLM 0.31.0 venv), with the same wheel installed there whether or not
-# 0.31.0 is in the matrix.
+# 0.31.0 is in the matrix. connectors/lmcache/tests run in the LMCache venv,
+# and connectors/s3/tests (real S3 clients: boto3, NIXL's OBJ plugin,
+# s3torchconnector, against kvtierd's S3 listener) in the venv of
+# scripts/s3-env.sh, which is the LMCache venv with those clients added.
 #
 # The versions: $KVTIER_VLLM_VERSIONS, default "0.34.0 0.31.0" (the newest
 # vLLM we test, and NVIDIA Dynamo 1.6.1's pin). One wheel serves every venv:
@@ -26,6 +29,7 @@ for version in "${VLLM_VERSIONS[@]}"; do
 done
 DYNAMO_VENV=$(./scripts/dynamo-env.sh)
 LMCACHE_VENV=$(./scripts/lmcache-env.sh)
+S3_VENV=$(./scripts/s3-env.sh)
 PY="${VENVS[${VLLM_VERSIONS[0]}]}/bin/python"   # builds the wheel, runs python/tests
 cargo build --release -q -p kvtier-server   # the tests start a real kvtierd
 wheel=$(KVTIER_PYTHON="$PY" ./scripts/build-wheel.sh --release)
@@ -53,7 +57,7 @@ done
 # Each venv once: with 0.31.0 in the matrix, the Dynamo venv is its venv.
 # LMCache has its own (it cannot share one with vLLM 0.34).
 declare -A INSTALLED
-for venv in "${VENVS[@]}" "$DYNAMO_VENV" "$LMCACHE_VENV"; do
+for venv in "${VENVS[@]}" "$DYNAMO_VENV" "$LMCACHE_VENV" "$S3_VENV"; do
   [ -n "${INSTALLED[$venv]:-}" ] && continue
   "$venv/bin/python" -m pip install -q --force-reinstall --no-deps "$wheel"
   INSTALLED[$venv]=1
@@ -67,10 +71,12 @@ run_pytest python/tests "${VENVS[${VLLM_VERSIONS[0]}]}" "vllm ${VLLM_VERSIONS[0]
 for tests in connectors/*/tests; do
   [ "$tests" = connectors/dynamo/tests ] && continue   # Dynamo's own venv, below
   [ "$tests" = connectors/lmcache/tests ] && continue  # LMCache's own venv, below
+  [ "$tests" = connectors/s3/tests ] && continue       # the S3 clients' venv, below
   for version in "${VLLM_VERSIONS[@]}"; do
     run_pytest "$tests" "${VENVS[$version]}" "vllm $version"
   done
 done
 run_pytest connectors/dynamo/tests "$DYNAMO_VENV" "dynamo 1.6.1, vllm 0.31.0"
 run_pytest connectors/lmcache/tests "$LMCACHE_VENV" "lmcache 0.5.6"
+run_pytest connectors/s3/tests "$S3_VENV" "s3 clients"
 exit $status

@@ -40,7 +40,12 @@ def kvtierd_binary():
 
 
 class Daemon:
-    def __init__(self, data_dir, env=None):
+    """A kvtierd on 127.0.0.1. `config`: a TOML file passed as ``--config``.
+    With an ``[s3]`` table it starts kvtierd's S3 listener too, whose
+    address kvtierd prints before its gRPC one; it is kept as
+    ``s3_endpoint`` (None when kvtierd printed none)."""
+
+    def __init__(self, data_dir, env=None, config=None):
         os.makedirs(data_dir, exist_ok=True)
         e = dict(os.environ)
         e.update(
@@ -53,14 +58,20 @@ class Daemon:
             }
         )
         e.update(env or {})
-        self.proc = subprocess.Popen([str(kvtierd_binary())], env=e, stdout=subprocess.PIPE, text=True)
+        argv = [str(kvtierd_binary())]
+        if config is not None:
+            argv += ["--config", str(config)]
+        self.proc = subprocess.Popen(argv, env=e, stdout=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         self.endpoint = None
+        self.s3_endpoint = None
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
                 raise RuntimeError(f"kvtierd exited: {self.proc.wait()}")
-            if line.startswith("kvtierd listening on "):
+            if line.startswith("kvtierd s3 listening on "):
+                self.s3_endpoint = "http://" + line.split()[-1]
+            elif line.startswith("kvtierd listening on "):
                 self.endpoint = "http://" + line.split()[-1]
                 break
         if self.endpoint is None:
