@@ -65,7 +65,14 @@ done
 status=0
 run_pytest() { # tests-dir venv label
   echo "== pytest $1 ($3)"
-  (cd "$1" && "$2/bin/python" -m pytest -q -p no:cacheprovider .) || status=1
+  # Bounded: a suite that hangs fails CI here instead of holding it (each
+  # takes a minute or two).
+  local rc=0
+  (cd "$1" && timeout --kill-after=30 900 "$2/bin/python" -m pytest -q -p no:cacheprovider .) || rc=$?
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "pytest $1 ($3): timed out after 900 s" >&2
+  fi
+  [ "$rc" = 0 ] || status=1
 }
 run_pytest python/tests "${VENVS[${VLLM_VERSIONS[0]}]}" "vllm ${VLLM_VERSIONS[0]}"
 for tests in connectors/*/tests; do

@@ -177,6 +177,16 @@ pub enum Op {
         upload_id: String,
         part_number: u32,
     },
+    /// `PUT` with `x-amz-copy-source`: a copy of a whole object (in this
+    /// bucket or another); `replace_metadata` for
+    /// `x-amz-metadata-directive: REPLACE`.
+    CopyObject {
+        bucket: String,
+        key: String,
+        source_bucket: String,
+        source_key: String,
+        replace_metadata: bool,
+    },
     CompleteMultipartUpload {
         bucket: String,
         key: String,
@@ -216,6 +226,7 @@ impl Op {
             Op::DeleteObject { .. } => "DeleteObject",
             Op::CreateMultipartUpload { .. } => "CreateMultipartUpload",
             Op::UploadPart { .. } => "UploadPart",
+            Op::CopyObject { .. } => "CopyObject",
             Op::CompleteMultipartUpload { .. } => "CompleteMultipartUpload",
             Op::AbortMultipartUpload { .. } => "AbortMultipartUpload",
             Op::ListParts { .. } => "ListParts",
@@ -238,6 +249,7 @@ impl Op {
             | Op::DeleteObject { bucket, .. }
             | Op::CreateMultipartUpload { bucket, .. }
             | Op::UploadPart { bucket, .. }
+            | Op::CopyObject { bucket, .. }
             | Op::CompleteMultipartUpload { bucket, .. }
             | Op::AbortMultipartUpload { bucket, .. }
             | Op::ListParts { bucket, .. } => Some(bucket),
@@ -247,6 +259,7 @@ impl Op {
     pub fn key(&self) -> Option<&str> {
         match self {
             Op::PutObject { key, .. }
+            | Op::CopyObject { key, .. }
             | Op::GetObject { key, .. }
             | Op::HeadObject { key, .. }
             | Op::DeleteObject { key, .. }
@@ -440,6 +453,38 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
+/// `x-amz-copy-source`: `[/]bucket/key`, percent-encoded, with an optional
+/// `?versionId=null` (other versions are not implemented).
+fn parse_copy_source(v: &http::HeaderValue) -> Result<(String, String), S3Error> {
+    let bad = || {
+        S3Error::new(
+            Code::InvalidArgument,
+            "Copy Source must mention the source bucket and key: sourcebucket/sourcekey.",
+        )
+        .with_detail("ArgumentName", "x-amz-copy-source")
+    };
+    let text = v.to_str().map_err(|_| bad())?.trim();
+    let (path, query) = match text.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (text, None),
+    };
+    if let Some(q) = query {
+        match q.strip_prefix("versionId=") {
+            Some("null") => {}
+            _ => return Err(not_implemented("Copying an object version is not implemented.")),
+        }
+    }
+    let path = path.strip_prefix('/').unwrap_or(path);
+    let (bucket, key) = path.split_once('/').ok_or_else(bad)?;
+    let bucket = decode_path(bucket)?;
+    check_bucket_name(&bucket)?;
+    let key = decode_key(key)?;
+    if key.is_empty() {
+        return Err(bad());
+    }
+    Ok((bucket, key))
+}
+
 fn decode_path(raw: &str) -> Result<String, S3Error> {
     let bytes = percent_decode(raw).ok_or_else(bad_uri)?;
     String::from_utf8(bytes).map_err(|_| bad_uri())
@@ -578,8 +623,39 @@ fn object_op(method: &Method, bucket: String, key: String, query: &Query, header
     };
     match *method {
         Method::PUT => {
-            if headers.contains_key("x-amz-copy-source") {
-                return Err(not_implemented("CopyObject and UploadPartCopy are not implemented."));
+            if let Some(source) = headers.get("x-amz-copy-source") {
+                if upload_id.is_some() || query.has("partNumber") {
+                    return Err(not_implemented("UploadPartCopy is not implemented."));
+                }
+                let (source_bucket, source_key) = parse_copy_source(source)?;
+                let replace_metadata = match headers.get("x-amz-metadata-directive").map(|v| v.to_str()) {
+                    None => false,
+                    Some(Ok(d)) if d.eq_ignore_ascii_case("COPY") => false,
+                    Some(Ok(d)) if d.eq_ignore_ascii_case("REPLACE") => true,
+                    Some(_) => {
+                        return Err(S3Error::new(Code::InvalidArgument, "Unknown metadata directive.")
+                            .with_detail("ArgumentName", "x-amz-metadata-directive"));
+                    }
+                };
+                for h in [
+                    "x-amz-copy-source-if-match",
+                    "x-amz-copy-source-if-none-match",
+                    "x-amz-copy-source-if-modified-since",
+                    "x-amz-copy-source-if-unmodified-since",
+                    "x-amz-copy-source-range",
+                    "x-amz-tagging-directive",
+                ] {
+                    if headers.contains_key(h) {
+                        return Err(not_implemented(&format!("CopyObject with {h} is not implemented.")));
+                    }
+                }
+                return Ok(Op::CopyObject {
+                    bucket,
+                    key,
+                    source_bucket,
+                    source_key,
+                    replace_metadata,
+                });
             }
             match (upload_id, query.get("partNumber")) {
                 (Some(upload_id), Some(n)) => Ok(Op::UploadPart {
@@ -1156,10 +1232,51 @@ mod tests {
     }
 
     #[test]
+    fn copy_object_names_its_source() {
+        let op = |src: &str, extra: &[(&'static str, &str)]| {
+            let mut h = HeaderMap::new();
+            h.insert("x-amz-copy-source", http::HeaderValue::from_str(src).unwrap());
+            for (k, v) in extra {
+                h.insert(*k, http::HeaderValue::from_str(v).unwrap());
+            }
+            parse(&Method::PUT, &"/dst/a/b".parse().unwrap(), &h, &Addressing::default())
+        };
+        assert_eq!(
+            op("/src/dir/step%201/.metadata.tmp", &[]).unwrap(),
+            Op::CopyObject {
+                bucket: "dst".into(),
+                key: "a/b".into(),
+                source_bucket: "src".into(),
+                source_key: "dir/step 1/.metadata.tmp".into(),
+                replace_metadata: false,
+            }
+        );
+        assert!(matches!(
+            op("src/k?versionId=null", &[("x-amz-metadata-directive", "REPLACE")]).unwrap(),
+            Op::CopyObject { replace_metadata: true, ref source_key, .. } if source_key == "k"
+        ));
+        assert_eq!(op("/src", &[]).unwrap_err().code, Code::InvalidArgument);
+        assert_eq!(op("/src/", &[]).unwrap_err().code, Code::InvalidArgument);
+        assert_eq!(
+            op("/src/k", &[("x-amz-metadata-directive", "MOVE")]).unwrap_err().code,
+            Code::InvalidArgument
+        );
+        assert_eq!(op("/Bad_Bucket/k", &[]).unwrap_err().code, Code::InvalidBucketName);
+    }
+
+    #[test]
     fn what_is_not_implemented_says_so() {
         type Case<'a> = (&'a str, &'a str, &'a [(&'static str, &'a str)]);
         let cases: &[Case<'_>] = &[
-            ("PUT", "/bkt/k", &[("x-amz-copy-source", "/a/b")]),
+            ("PUT", "/bkt/k", &[("x-amz-copy-source", "/abc/b?versionId=3")]),
+            (
+                "PUT",
+                "/bkt/k",
+                &[
+                    ("x-amz-copy-source", "/abc/b"),
+                    ("x-amz-copy-source-range", "bytes=0-1"),
+                ],
+            ),
             (
                 "PUT",
                 "/bkt/k?partNumber=1&uploadId=u",

@@ -213,6 +213,14 @@ pub fn list_objects(bucket: &str, params: &ListObjectsParams, page: &ListPage, o
     d.finish("ListBucketResult")
 }
 
+/// `CopyObjectResult`, the answer to CopyObject.
+pub fn copy_object_result(etag: &str, last_modified: SystemTime) -> String {
+    let mut d = Doc::new("CopyObjectResult");
+    d.etag(etag);
+    d.time("LastModified", last_modified);
+    d.finish("CopyObjectResult")
+}
+
 /// `InitiateMultipartUploadResult`, the answer to CreateMultipartUpload.
 pub fn initiate_multipart_upload(bucket: &str, key: &str, upload_id: &str) -> String {
     let mut d = Doc::new("InitiateMultipartUploadResult");

@@ -8,8 +8,9 @@ pub(crate) mod reader;
 
 pub use build::{
     BucketEntry, CompleteResult, DeleteError, DeleteResult, ListPage, ListPartsPage, ListUploadsPage, ObjectEntry,
-    Owner, PartEntry, UploadEntry, complete_multipart_upload, delete_result, initiate_multipart_upload, list_buckets,
-    list_multipart_uploads, list_objects, list_parts, location_constraint, quote_etag,
+    Owner, PartEntry, UploadEntry, complete_multipart_upload, copy_object_result, delete_result,
+    initiate_multipart_upload, list_buckets, list_multipart_uploads, list_objects, list_parts, location_constraint,
+    quote_etag,
 };
 pub use input::{
     CompletePart, DeleteObjectsRequest, MAX_COMPLETE_BODY_BYTES, MAX_CREATE_BUCKET_BODY_BYTES, MAX_DELETE_BODY_BYTES,
