@@ -646,7 +646,7 @@ fn object_op(method: &Method, bucket: String, key: String, query: &Query, header
                     "x-amz-tagging-directive",
                 ] {
                     if headers.contains_key(h) {
-                        return Err(not_implemented(&format!("CopyObject with {h} is not implemented.")));
+                        return Err(not_implemented(format!("CopyObject with {h} is not implemented.")));
                     }
                 }
                 return Ok(Op::CopyObject {
