@@ -452,3 +452,53 @@ fn a_cluster_serves_objects_written_through_any_member() {
         }
     }
 }
+
+/// An upload nobody completes is aborted once `multipart_expiry_s` has
+/// passed: its parts go, and the upload id is unknown afterwards.
+#[test]
+fn abandoned_multipart_uploads_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kvtierd.toml"),
+        CONFIG.replace("chunk_bytes = 65536", "chunk_bytes = 65536\nmultipart_expiry_s = 1"),
+    )
+    .unwrap();
+    let d = start(dir.path());
+    let s3 = d.s3.clone().unwrap();
+    let r = request(&s3, "POST", "/open-objects/gone?uploads", &[], &[]);
+    let text = r.text();
+    let id = text
+        .split("<UploadId>")
+        .nth(1)
+        .unwrap()
+        .split('<')
+        .next()
+        .unwrap()
+        .to_string();
+    let r = request(
+        &s3,
+        "PUT",
+        &format!("/open-objects/gone?partNumber=1&uploadId={id}"),
+        &[],
+        &content(7, 1000),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = request(&s3, "GET", &format!("/open-objects/gone?uploadId={id}"), &[], &[]);
+    assert_eq!(r.status, 200, "listed while fresh: {}", r.text());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = request(&s3, "GET", &format!("/open-objects/gone?uploadId={id}"), &[], &[]);
+        if r.status == 404 {
+            assert!(r.text().contains("<Code>NoSuchUpload</Code>"), "{}", r.text());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload did not expire within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = request(&s3, "GET", "/open-objects?uploads", &[], &[]);
+    assert_eq!(r.status, 200);
+    assert!(!r.text().contains(&id), "no longer listed: {}", r.text());
+}
