@@ -502,3 +502,67 @@ fn abandoned_multipart_uploads_expire() {
     assert_eq!(r.status, 200);
     assert!(!r.text().contains(&id), "no longer listed: {}", r.text());
 }
+
+/// With `[tls]`, the S3 port speaks TLS with the daemon's certificate: a
+/// client that trusts it puts and gets; a plaintext request gets no answer.
+#[test]
+fn the_s3_port_serves_tls_with_the_daemons_certificate() {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    kvtier_server::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("kvtierd.toml"), CONFIG).unwrap();
+    let cfg = dir.path().join("kvtierd.toml");
+    let d = Daemon::start(
+        &dir.path().join("data"),
+        &[
+            ("KVTIER_CONFIG", cfg.to_str().unwrap()),
+            ("KVTIER_TLS_CERT_FILE", cert.to_str().unwrap()),
+            ("KVTIER_TLS_KEY_FILE", key.to_str().unwrap()),
+        ],
+    );
+    let s3 = d.s3.clone().unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(&cert).unwrap()).unwrap();
+    let client = std::sync::Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let tls_request = |method: &str, path: &str, body: &[u8]| -> (u16, Vec<u8>) {
+        let conn = rustls::ClientConnection::new(client.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, TcpStream::connect(&s3).unwrap());
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let end = out.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+        let status = String::from_utf8_lossy(&out[..end])
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        (status, out[end + 4..].to_vec())
+    };
+    let data = content(11, 100_000);
+    assert_eq!(tls_request("PUT", "/open-objects/tls", &data).0, 200);
+    let (status, body) = tls_request("GET", "/open-objects/tls", &[]);
+    assert_eq!(status, 200);
+    assert_eq!(body, data, "bytes back over TLS");
+    // Plaintext on the TLS port: no HTTP answer.
+    let mut s = TcpStream::connect(&s3).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /open-objects/tls HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(!out.starts_with(b"HTTP/1.1 200"), "plaintext served on the TLS port");
+}
