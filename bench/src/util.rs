@@ -146,6 +146,22 @@ pub(crate) fn memcpy_round(src: &[u8], dst: &mut [u8], block: usize) -> f64 {
     gbps(src.len(), secs)
 }
 
+/// CPU seconds (user and system, every thread) process `pid` has used so
+/// far, or this process with `None`, from `/proc/<pid>/stat`; `None` when
+/// it cannot be read.
+pub(crate) fn cpu_seconds(pid: Option<i32>) -> Option<f64> {
+    let path = pid.map_or_else(|| "/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name may hold spaces and parentheses: fields are counted
+    // from the last ')', which ends it; field 3 (state) comes first there.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let ticks = |field: usize| fields.get(field - 3)?.parse::<u64>().ok();
+    let (utime, stime) = (ticks(14)?, ticks(15)?);
+    // SAFETY: sysconf(3) only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| (utime + stime) as f64 / hz as f64)
+}
+
 /// `dir`, emptied (or made).
 pub(crate) fn fresh_dir(dir: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(dir);
@@ -237,6 +253,24 @@ mod tests {
         assert!(!is_filled(&b, 2));
         let u = XorShift::new(5).unit();
         assert!((0.0..1.0).contains(&u));
+    }
+
+    #[test]
+    fn cpu_seconds_grow_with_work() {
+        let before = cpu_seconds(None).expect("/proc/self/stat");
+        // Spin until the count moves: a loaded machine only delays it.
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        let mut x = 0u64;
+        let mut now = before;
+        while now < before + 0.02 && Instant::now() < deadline {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+            now = cpu_seconds(None).unwrap();
+        }
+        assert!(now >= before + 0.02, "{before} -> {now}");
+        assert!(cpu_seconds(Some(std::process::id() as i32)).unwrap() >= now);
+        assert_eq!(cpu_seconds(Some(i32::MAX)), None);
     }
 
     #[test]
