@@ -52,6 +52,24 @@ const MIN_PART_BYTES: usize = 5 << 20;
 /// Chunk size of the `objects` bucket (kvtierd's default `chunk_bytes`).
 const OBJECT_CHUNK_BYTES: usize = 8 << 20;
 
+/// Which kvtierd serves: the default SSD-only one, or host RAM holding the
+/// working set in front of the SSD (a diagnostic: the request path without
+/// the disk under it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Mode {
+    SsdOnly,
+    Tiered,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::SsdOnly => "ssd-only",
+            Mode::Tiered => "tiered",
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
     /// Directory for the daemons' data and the raw disk reference.
@@ -81,6 +99,10 @@ pub(crate) struct Args {
     /// Rounds; each figure is the median over rounds, references included.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// kvtierd's mode: ssd-only (the default: the goals are judged on it) or
+    /// tiered (host RAM holds the working set; the disk is out of the way).
+    #[arg(long, value_enum, default_value_t = Mode::SsdOnly)]
+    mode: Mode,
     /// Longest a phase (all the requests of one measurement) may take, in s.
     #[arg(long, default_value_t = 300)]
     phase_timeout_s: u64,
@@ -106,6 +128,7 @@ struct Plan {
     batch: usize,
     rounds: usize,
     phase_timeout: Duration,
+    mode: Mode,
 }
 
 impl Plan {
@@ -145,6 +168,7 @@ impl Plan {
             batch: a.region_batch,
             rounds,
             phase_timeout: Duration::from_secs(a.phase_timeout_s.max(1)),
+            mode: a.mode,
         })
     }
 
@@ -519,19 +543,20 @@ fn round(dir: &Path, p: &Plan, r: usize, m: &mut Memory, rt: &tokio::runtime::Ru
     let cfg = dir.join("kvtierd.toml");
     std::fs::write(&cfg, config_toml(p)).map_err(|e| err(format!("write {}: {e}", cfg.display())))?;
     let data = dir.join(format!("round-{r}"));
-    let d: Daemon = start_daemon(
-        &data,
-        &[
-            ("KVTIER_CONFIG", cfg.display().to_string()),
-            ("KVTIER_MODE", "ssd-only".into()),
-            ("KVTIER_DISK_CAPACITY_BYTES", p.disk_capacity_bytes().to_string()),
-            (
-                "KVTIER_MAX_REQUEST_BYTES",
-                ((p.batch * p.object_bytes) as u64).max(64 << 20).to_string(),
-            ),
-            ("KVTIER_SHM_DIR", m.shm_dir.display().to_string()),
-        ],
-    )?;
+    let mut env = vec![
+        ("KVTIER_CONFIG", cfg.display().to_string()),
+        ("KVTIER_MODE", p.mode.name().into()),
+        ("KVTIER_DISK_CAPACITY_BYTES", p.disk_capacity_bytes().to_string()),
+        (
+            "KVTIER_MAX_REQUEST_BYTES",
+            ((p.batch * p.object_bytes) as u64).max(64 << 20).to_string(),
+        ),
+        ("KVTIER_SHM_DIR", m.shm_dir.display().to_string()),
+    ];
+    if p.mode == Mode::Tiered {
+        env.push(("KVTIER_HOST_CAPACITY_BYTES", p.disk_capacity_bytes().to_string()));
+    }
+    let d: Daemon = start_daemon(&data, &env)?;
     let host = d.s3.clone().ok_or_else(|| err("kvtierd printed no S3 address"))?;
     let e = Endpoint {
         host,
@@ -766,6 +791,7 @@ fn figures(a: &Args, p: &Plan, rounds: &[Round]) -> Value {
     let mut out = json!({
         "bench": "s3",
         "smoke": a.smoke,
+        "mode": p.mode.name(),
         "rounds": p.rounds,
         "cores": cores,
         "object_bytes": p.object_bytes,
@@ -842,7 +868,8 @@ fn figures(a: &Args, p: &Plan, rounds: &[Round]) -> Value {
             "raw_disk_read_gbps": per(|r| r.raw_read),
         },
         "how": {
-            "daemon": "a fresh kvtierd per round, SSD-only (O_DIRECT log-structured segments, no host cache), S3 on \
+            "daemon": "a fresh kvtierd per round in `mode`: ssd-only (O_DIRECT log-structured segments, no host \
+                       cache; the goals are set for it) or tiered (host RAM holds the working set), S3 on \
                        127.0.0.1 over plain HTTP/1.1: a blocks bucket (one block per object) and an objects bucket \
                        (chunks of objects_chunk_bytes); its data directory removed and synced after the round",
             "client": "this bench's own HTTP/1.1 keep-alive client over std TCP (no SDK), in_flight connections with \
@@ -1060,6 +1087,7 @@ mod tests {
             heads: 10,
             region_batch: 8,
             rounds: 1,
+            mode: Mode::SsdOnly,
             phase_timeout_s: 10,
             json: true,
             smoke: false,
