@@ -354,8 +354,9 @@ mod tests {
     #[test]
     fn a_head_end_is_found_across_reads() {
         let b = b"HTTP/1.1 200 OK\r\nx: y\r\n\r\nbody";
-        assert_eq!(find_head_end(b, 0), Some(22));
-        assert_eq!(find_head_end(b, 20), Some(22));
+        assert_eq!(find_head_end(b, 0), Some(21));
+        assert_eq!(find_head_end(b, 19), Some(21));
+        assert_eq!(&b[21 + 4..], b"body");
         assert_eq!(find_head_end(b"HTTP/1.1 200 OK\r\n", 0), None);
         assert_eq!(find_head_end(b"ab", 5), None);
     }

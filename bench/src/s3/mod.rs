@@ -700,8 +700,8 @@ fn unmet(j: &Judged) -> Vec<String> {
         out.push(format!(
             "{what}: S3 {x:.3} GB/s is {:.3} of loopback TCP {:.3} GB/s (goal {GOAL_VS_LOOPBACK}); CPU s/GB kvtierd \
              {:.3} + client {:.3} = {both:.3} against {:.3} for loopback TCP (both ends): at that cost the {} cores \
-             allow at most {:.2} GB/s (loopback TCP {:.2}); the disk's raw O_DIRECT {raw_what} is {raw:.3} GB/s; the \
-             gRPC shared-region {what} of the same bytes {region:.3} GB/s",
+             allow at most {:.2} GB/s (loopback TCP {:.2}); the disk's raw O_DIRECT {raw_what} is {raw:.3} GB/s ({:.3} \
+             of loopback TCP); the gRPC shared-region {what} of the same bytes {region:.3} GB/s",
             x / j.loopback,
             j.loopback,
             cpu.0,
@@ -710,6 +710,7 @@ fn unmet(j: &Judged) -> Vec<String> {
             j.cores,
             cpu_ceiling_gbps(j.cores, both),
             cpu_ceiling_gbps(j.cores, j.loopback_cpu),
+            raw / j.loopback,
         ));
     }
     if j.multipart_put < GOAL_MULTIPART_VS_SINGLE * j.single_put {
@@ -1046,7 +1047,10 @@ mod tests {
             u[0].contains("at that cost the 2 cores allow at most 2.50 GB/s"),
             "{u:?}"
         );
-        assert!(u[0].contains("raw O_DIRECT read is 2.000 GB/s"), "{u:?}");
+        assert!(
+            u[0].contains("raw O_DIRECT read is 2.000 GB/s (0.500 of loopback TCP)"),
+            "{u:?}"
+        );
         assert!(
             u[1].starts_with("multipart: 0.700 GB/s is 0.700 of single PUTs"),
             "{u:?}"
@@ -1092,6 +1096,71 @@ mod tests {
             json: true,
             smoke: false,
         }
+    }
+
+    /// A round whose every phase moved 1 GB in 1 s and whose checks held.
+    fn good_round(p: &Plan) -> Round {
+        let ph = Phase {
+            bytes: 1_000_000_000,
+            secs: 1.0,
+            daemon_cpu_s: 0.5,
+            client_cpu_s: 0.2,
+        };
+        Round {
+            loopback: ph,
+            raw_write: 1.0,
+            raw_read: 1.0,
+            put: ph,
+            get: ph,
+            single_put: ph,
+            multipart_put: ph,
+            single_get: ph,
+            multipart_get: ph,
+            region_put: 1.0,
+            region_get: 1.0,
+            region: ph,
+            head_us: vec![50.0, 80.0],
+            part_ms: vec![10.0],
+            create_ms: 1.0,
+            complete_ms: 1.0,
+            multipart_first: false,
+            checks: Checks {
+                verified_objects: p.objects + 2,
+                verified_bytes: p.total() + 2 * p.big_bytes,
+                heads: 2,
+                missing_get: (404, "NoSuchKey".into()),
+                missing_head: 404,
+                delete: 204,
+                deleted_get: (404, "NoSuchKey".into()),
+                ..Checks::default()
+            },
+        }
+    }
+
+    #[test]
+    fn the_checks_pass_a_good_run_and_name_what_broke() {
+        let a = args();
+        let p = Plan::of(&a).unwrap();
+        assert!(check(&figures(&a, &p, &[good_round(&p)])).is_ok());
+        let mut r = good_round(&p);
+        r.checks.mismatched.push("/kv-blocks/r0/b000003: bytes".into());
+        let e = check(&figures(&a, &p, &[r])).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("round 0: mismatched is [\"/kv-blocks/r0/b000003: bytes\"]"),
+            "{e}"
+        );
+        let mut r = good_round(&p);
+        r.checks.deleted_get = (200, String::new());
+        let e = check(&figures(&a, &p, &[r])).unwrap_err();
+        assert!(e.to_string().contains("deleted_key/get_status is 200, not 404"), "{e}");
+        let mut r = good_round(&p);
+        r.checks.verified_objects -= 1;
+        assert!(check(&figures(&a, &p, &[r])).is_err(), "an object not compared");
+        let mut r = good_round(&p);
+        r.get.secs = 0.0;
+        let e = check(&figures(&a, &p, &[r])).unwrap_err();
+        assert!(e.to_string().contains("get_gbps is"), "{e}");
     }
 
     #[test]
