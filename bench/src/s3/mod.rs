@@ -1,6 +1,7 @@
 //! `kvtier-bench s3`: kvtierd's S3 listener against raw loopback TCP of the
 //! same bytes, and against kvtierd's own gRPC shared-memory region path,
-//! in one run, on one kind of daemon (SSD-only, fresh each round).
+//! in one run, on one kind of daemon (SSD-only unless `--mode tiered`, a
+//! fresh one each round).
 //!
 //! The S3 side is a client of its own ([`client`]): HTTP/1.1 keep-alive
 //! over std TCP, every request signed with `kvtier_s3::Signer`, several
@@ -36,7 +37,9 @@ use std::time::{Duration, Instant};
 use crate::daemon::{Daemon, loopback_round, region_round, session, start_daemon};
 use crate::lmcache::{load_avg_1m, remove_and_settle};
 use crate::tiers::raw_disk_round;
-use crate::util::{Invariants, cpu_seconds, fill, fresh_dir, io_err as err, median, percentile, ratio, report, round3};
+use crate::util::{
+    Invariants, cpu_seconds, fill, fresh_dir, io_err as err, median, minor_faults, percentile, ratio, report, round3,
+};
 use client::Conn;
 
 /// S3 put and get of block objects, against loopback TCP of the same bytes.
@@ -190,13 +193,14 @@ impl Plan {
 }
 
 /// One timed measurement: bytes, seconds, CPU seconds of kvtierd and of
-/// this process (the client) over it.
+/// this process (the client) over it, and kvtierd's minor page faults.
 #[derive(Debug, Clone, Copy, Default)]
 struct Phase {
     bytes: usize,
     secs: f64,
     daemon_cpu_s: f64,
     client_cpu_s: f64,
+    daemon_faults: u64,
 }
 
 impl Phase {
@@ -209,11 +213,12 @@ impl Phase {
 /// process's CPU time around it.
 fn timed<T>(pid: Option<i32>, bytes: usize, f: impl FnOnce() -> kvtier::Result<T>) -> kvtier::Result<(T, Phase)> {
     let cpu = |p| cpu_seconds(p).unwrap_or(f64::NAN);
-    let (d0, c0) = (pid.map_or(0.0, |p| cpu(Some(p))), cpu(None));
+    let faults = || pid.and_then(|p| minor_faults(Some(p))).unwrap_or(0);
+    let (d0, c0, f0) = (pid.map_or(0.0, |p| cpu(Some(p))), cpu(None), faults());
     let t = Instant::now();
     let v = f()?;
     let secs = t.elapsed().as_secs_f64();
-    let (d1, c1) = (pid.map_or(0.0, |p| cpu(Some(p))), cpu(None));
+    let (d1, c1, f1) = (pid.map_or(0.0, |p| cpu(Some(p))), cpu(None), faults());
     Ok((
         v,
         Phase {
@@ -221,6 +226,7 @@ fn timed<T>(pid: Option<i32>, bytes: usize, f: impl FnOnce() -> kvtier::Result<T
             secs,
             daemon_cpu_s: d1 - d0,
             client_cpu_s: c1 - c0,
+            daemon_faults: f1.saturating_sub(f0),
         },
     ))
 }
@@ -649,6 +655,12 @@ fn cpu_per_gb(rounds: &[Round], phase: fn(&Round) -> Phase) -> (f64, f64) {
     (d / gb, c / gb)
 }
 
+/// kvtierd's minor page faults per GB over every round's `phase`.
+fn faults_per_gb(rounds: &[Round], phase: fn(&Round) -> Phase) -> f64 {
+    let gb: f64 = rounds.iter().map(|r| phase(r).bytes as f64 / 1e9).sum();
+    rounds.iter().map(|r| phase(r).daemon_faults as f64).sum::<f64>() / gb
+}
+
 fn gbps_median(rounds: &[Round], phase: fn(&Round) -> Phase) -> f64 {
     median(rounds.iter().map(|r| phase(r).gbps()).collect())
 }
@@ -666,6 +678,9 @@ struct Judged {
     get: f64,
     put_cpu: (f64, f64),
     get_cpu: (f64, f64),
+    /// kvtierd's minor page faults per GB of put and of get.
+    put_faults: f64,
+    get_faults: f64,
     region_put: f64,
     region_get: f64,
     single_put: f64,
@@ -689,9 +704,17 @@ fn cpu_ceiling_gbps(cores: usize, cpu_s_per_gb: f64) -> f64 {
 /// The goals not met, each with the measurements that show why.
 fn unmet(j: &Judged) -> Vec<String> {
     let mut out = vec![];
-    for (what, x, cpu, raw, raw_what, region) in [
-        ("put", j.put, j.put_cpu, j.raw_write, "write", j.region_put),
-        ("get", j.get, j.get_cpu, j.raw_read, "read", j.region_get),
+    for (what, x, cpu, faults, raw, raw_what, region) in [
+        (
+            "put",
+            j.put,
+            j.put_cpu,
+            j.put_faults,
+            j.raw_write,
+            "write",
+            j.region_put,
+        ),
+        ("get", j.get, j.get_cpu, j.get_faults, j.raw_read, "read", j.region_get),
     ] {
         if x >= GOAL_VS_LOOPBACK * j.loopback {
             continue;
@@ -699,8 +722,8 @@ fn unmet(j: &Judged) -> Vec<String> {
         let both = cpu.0 + cpu.1;
         out.push(format!(
             "{what}: S3 {x:.3} GB/s is {:.3} of loopback TCP {:.3} GB/s (goal {GOAL_VS_LOOPBACK}); CPU s/GB kvtierd \
-             {:.3} + client {:.3} = {both:.3} against {:.3} for loopback TCP (both ends): at that cost the {} cores \
-             allow at most {:.2} GB/s (loopback TCP {:.2}); the disk's raw O_DIRECT {raw_what} is {raw:.3} GB/s ({:.3} \
+             {:.3} + client {:.3} = {both:.3} against {:.3} for loopback TCP (both ends), kvtierd taking {faults:.0} page \
+             faults per GB (pages it touched for the first time): at that cost the {} cores allow at most {:.2} GB/s (loopback TCP {:.2}); the disk's raw O_DIRECT {raw_what} is {raw:.3} GB/s ({:.3} \
              of loopback TCP); the gRPC shared-region {what} of the same bytes {region:.3} GB/s",
             x / j.loopback,
             j.loopback,
@@ -755,6 +778,8 @@ fn figures(a: &Args, p: &Plan, rounds: &[Round]) -> Value {
         get: gbps_median(rounds, |r| r.get),
         put_cpu: cpu_per_gb(rounds, |r| r.put),
         get_cpu: cpu_per_gb(rounds, |r| r.get),
+        put_faults: faults_per_gb(rounds, |r| r.put),
+        get_faults: faults_per_gb(rounds, |r| r.get),
         region_put: med(|r| r.region_put),
         region_get: med(|r| r.region_get),
         single_put: gbps_median(rounds, |r| r.single_put),
@@ -839,6 +864,15 @@ fn figures(a: &Args, p: &Plan, rounds: &[Round]) -> Value {
             "grpc_region_put_and_get": cpu(cpu_per_gb(rounds, |r| r.region)),
             "loopback_tcp_both_ends": round3(loopback_cpu),
         },
+        "kvtierd_minor_faults_per_gb": {
+            "put": faults_per_gb(rounds, |r| r.put).round(),
+            "get": faults_per_gb(rounds, |r| r.get).round(),
+            "single_put": faults_per_gb(rounds, |r| r.single_put).round(),
+            "multipart_put": faults_per_gb(rounds, |r| r.multipart_put).round(),
+            "single_get": faults_per_gb(rounds, |r| r.single_get).round(),
+            "multipart_get": faults_per_gb(rounds, |r| r.multipart_get).round(),
+            "grpc_region_put_and_get": faults_per_gb(rounds, |r| r.region).round(),
+        },
         "cpu_ceiling_gbps": {
             "put": round3(cpu_ceiling_gbps(cores, j.put_cpu.0 + j.put_cpu.1)),
             "get": round3(cpu_ceiling_gbps(cores, j.get_cpu.0 + j.get_cpu.1)),
@@ -906,6 +940,11 @@ fn figures(a: &Args, p: &Plan, rounds: &[Round]) -> Value {
             "cpu_s_per_gb": "CPU seconds (user + system, /proc/<pid>/stat) of kvtierd and of this process (the \
                              client's threads) over each phase, summed over the rounds, per GB moved; \
                              cpu_ceiling_gbps = cores / (kvtierd + client)",
+            "kvtierd_minor_faults_per_gb": "kvtierd's minor page faults (/proc/<pid>/stat field 10) over each phase \
+                                            per GB moved: pages kvtierd touched for the first time (fresh \
+                                            anonymous memory, zeroed by the kernel, or a shared region's pages \
+                                            mapped on first use); 1e9 / 4096 = 244,141 per GB means every byte \
+                                            went through such a page",
         },
     });
     for part in [more, detail] {
@@ -1014,6 +1053,8 @@ mod tests {
             get: 2.0,
             put_cpu: (0.5, 0.3),
             get_cpu: (0.5, 0.3),
+            put_faults: 10.0,
+            get_faults: 244_000.0,
             region_put: 3.0,
             region_get: 3.0,
             single_put: 1.0,
@@ -1105,6 +1146,7 @@ mod tests {
             secs: 1.0,
             daemon_cpu_s: 0.5,
             client_cpu_s: 0.2,
+            daemon_faults: 100,
         };
         Round {
             loopback: ph,
