@@ -24,12 +24,16 @@ cargo clippy --workspace --all-targets -- -D warnings
 # Azurite before the bench smokes: the blob smoke and the blob tests start it.
 KVTIER_AZURITE_BIN=$(./scripts/azurite.sh)
 export KVTIER_AZURITE_BIN
-echo "== bench smoke: kvtier-bench tiers --smoke, daemon --smoke, blob --smoke, replication --smoke, peers --smoke, replay, demo"
+echo "== bench smoke: kvtier-bench tiers --smoke, daemon --smoke, s3 --smoke, blob --smoke, replication --smoke, peers --smoke, replay, demo"
 cargo build --release -q -p kvtier-bench -p kvtier-server
 smoke_dir=$(mktemp -d "${TMPDIR:-/tmp}/kvtier-smoke.XXXXXX")
 trap 'rm -rf "$smoke_dir"' EXIT
 ./target/release/kvtier-bench tiers --smoke --json --dir "$smoke_dir/tiers"
 ./target/release/kvtier-bench daemon --smoke --json --dir "$smoke_dir/daemon"
+# kvtierd's S3 listener through a SigV4-signing HTTP/1.1 client: exits
+# non-zero naming a broken invariant (every byte back as put, HEAD sizes,
+# 404 NoSuchKey for a missing and a deleted key, finite figures).
+./target/release/kvtier-bench s3 --smoke --json --dir "$smoke_dir/s3"
 # Each smoke run checks its own invariants and exits non-zero, naming the
 # broken one; replay's --check does the same for the replay and the sweep.
 ./target/release/kvtier-bench blob --smoke --json --dir "$smoke_dir/blob"

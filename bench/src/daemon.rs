@@ -91,9 +91,9 @@ pub(crate) fn loopback_round(src: &[u8], block: usize) -> kvtier::Result<f64> {
     Ok(gbps(total, secs))
 }
 
-struct Round {
-    put: f64,
-    get: f64,
+pub(crate) struct Round {
+    pub(crate) put: f64,
+    pub(crate) get: f64,
 }
 
 /// Puts every block of `src` in requests of `batch` blocks, gets them back
@@ -136,7 +136,7 @@ async fn daemon_round(
 /// The same-host path: blocks go from one shared region and come back into
 /// another; only keys cross the socket.
 #[allow(clippy::too_many_arguments)]
-async fn region_round(
+pub(crate) async fn region_round(
     c: &Client,
     ns: NamespaceId,
     round: usize,
@@ -181,7 +181,7 @@ async fn region_round(
 }
 
 /// A client of `endpoint` with the bench namespace and both regions registered.
-async fn session(
+pub(crate) async fn session(
     endpoint: &str,
     block: usize,
     src: &SharedRegion,

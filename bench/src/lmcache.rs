@@ -454,14 +454,14 @@ fn lmcache_round(python: &Path, plan: &Plan, dir: &Path, v: Lmcache, round: usiz
 /// Removes `dir` and waits for the removal to reach the disk: on a
 /// `discard` mount each unlinked extent is trimmed when the journal commits,
 /// and trimming gigabytes would slow the next side's measurement.
-fn remove_and_settle(dir: &Path) {
+pub(crate) fn remove_and_settle(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
     // SAFETY: sync(2) takes no arguments and always succeeds.
     unsafe { libc::sync() };
 }
 
 /// The 1-minute load average from /proc/loadavg; -1 when unreadable.
-fn load_avg_1m() -> f64 {
+pub(crate) fn load_avg_1m() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())

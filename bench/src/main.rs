@@ -14,6 +14,7 @@ mod python;
 mod replay;
 mod replication;
 mod routing;
+mod s3;
 mod tiers;
 // Used by the replay and peers benches.
 mod trace;
@@ -61,6 +62,11 @@ enum Cmd {
     /// against kvtierd: the step's save stall and load/save GB/s against
     /// memcpy of the same bytes, and the scheduler's prefix lookup latency.
     Connector(connector::Args),
+    /// kvtierd's S3 listener (SigV4-signed HTTP/1.1, several connections):
+    /// put/get GB/s of 2 MiB block objects against raw loopback TCP of the
+    /// same bytes and against the gRPC shared-region path, multipart against
+    /// single PUTs of a 256 MiB object, HeadObject latency.
+    S3(s3::Args),
     /// NVIDIA Dynamo's real KV router over simulated engines with kvtier's
     /// host and SSD tiers, a trace replayed twice: the router seeing GPU
     /// events only, then kvtier's tier events too (token hit rates, their
@@ -118,6 +124,7 @@ fn main() {
         Cmd::Python(a) => python::run(&a),
         Cmd::Connector(a) => connector::run(&a),
         Cmd::Routing(a) => routing::run(&a),
+        Cmd::S3(a) => s3::run(&a),
         Cmd::Lmcache(a) => lmcache::run(&a),
         Cmd::Transfer(a) => transfer::run(&a),
         Cmd::Demo { dir, json } => demo::run(&dir, json),

@@ -146,6 +146,43 @@ pub(crate) fn memcpy_round(src: &[u8], dst: &mut [u8], block: usize) -> f64 {
     gbps(src.len(), secs)
 }
 
+/// The fields of `/proc/<pid>/stat` (or `/proc/self/stat` with `None`)
+/// from field 3 (state) on; `None` when it cannot be read.
+fn proc_stat(pid: Option<i32>) -> Option<Vec<String>> {
+    let path = pid.map_or_else(|| "/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name may hold spaces and parentheses: fields are counted
+    // from the last ')', which ends it.
+    Some(
+        stat[stat.rfind(')')? + 1..]
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// Field `n` (1-based, as proc(5) numbers them, 3 or more) of a process's stat.
+fn stat_field(fields: &[String], n: usize) -> Option<u64> {
+    fields.get(n - 3)?.parse().ok()
+}
+
+/// CPU seconds (user and system, every thread) process `pid` has used so
+/// far, or this process with `None`; `None` when it cannot be read.
+pub(crate) fn cpu_seconds(pid: Option<i32>) -> Option<f64> {
+    let f = proc_stat(pid)?;
+    let (utime, stime) = (stat_field(&f, 14)?, stat_field(&f, 15)?);
+    // SAFETY: sysconf(3) only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| (utime + stime) as f64 / hz as f64)
+}
+
+/// Minor page faults (every thread) process `pid` has taken so far, or
+/// this process with `None`: each is a page touched for the first time
+/// (fresh memory), so their count shows buffers that are not reused.
+pub(crate) fn minor_faults(pid: Option<i32>) -> Option<u64> {
+    stat_field(&proc_stat(pid)?, 10)
+}
+
 /// `dir`, emptied (or made).
 pub(crate) fn fresh_dir(dir: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(dir);
@@ -237,6 +274,54 @@ mod tests {
         assert!(!is_filled(&b, 2));
         let u = XorShift::new(5).unit();
         assert!((0.0..1.0).contains(&u));
+    }
+
+    #[test]
+    fn cpu_seconds_grow_with_work() {
+        let before = cpu_seconds(None).expect("/proc/self/stat");
+        // Spin until the count moves: a loaded machine only delays it.
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        let mut x = 0u64;
+        let mut now = before;
+        while now < before + 0.02 && Instant::now() < deadline {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+            now = cpu_seconds(None).unwrap();
+        }
+        assert!(now >= before + 0.02, "{before} -> {now}");
+        assert!(cpu_seconds(Some(std::process::id() as i32)).unwrap() >= now);
+        assert_eq!(cpu_seconds(Some(i32::MAX)), None);
+    }
+
+    #[test]
+    fn minor_faults_count_fresh_pages() {
+        let before = minor_faults(None).expect("/proc/self/stat");
+        // 64 MiB of fresh pages, each touched once: a fault per page at
+        // least (fewer with huge pages, so only some are asked for).
+        let len = 64 << 20;
+        // SAFETY: an anonymous private mapping, checked before use and
+        // unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        for off in (0..len).step_by(4096) {
+            // SAFETY: off < len, inside the mapping.
+            unsafe { p.cast::<u8>().add(off).write_volatile(1) };
+        }
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(p, len) };
+        let after = minor_faults(None).unwrap();
+        assert!(after >= before + 16, "{before} -> {after}");
+        assert_eq!(minor_faults(Some(i32::MAX)), None);
     }
 
     #[test]
