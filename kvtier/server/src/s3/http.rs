@@ -24,8 +24,8 @@ type Reply = hyper::Response<Body>;
 /// Bytes of XML request bodies accepted (CompleteMultipartUpload of
 /// 10,000 parts, DeleteObjects of 1,000 keys).
 const MAX_XML_BYTES: usize = 2 << 20;
-/// Chunks a GET reads ahead of the socket.
-const READ_AHEAD: usize = 2;
+/// Chunks a GET reads ahead of the socket (in flight at once).
+const READ_AHEAD: usize = 4;
 /// Headers kept with an object and answered on GET and HEAD.
 const KEPT_HEADERS: [&str; 5] = [
     "cache-control",
@@ -139,6 +139,17 @@ fn template(h: &HeaderMap) -> Result<ObjectMeta, S3Error> {
     })
 }
 
+/// An ETag (32 hex digits) from the chunks' lengths and xxh3-64s: a
+/// function of the bytes, made without another pass over them.
+fn etag_of(chunks: &[super::catalog::ChunkRef]) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::default();
+    for c in chunks {
+        h.update(&c.len.to_le_bytes());
+        h.update(&c.xxh.to_le_bytes());
+    }
+    format!("{:032x}", h.digest128())
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -149,9 +160,6 @@ struct BodyReader {
     body: Incoming,
     chunked: Option<ChunkedDecoder>,
     checks: BodyChecks,
-    /// The ETag's hash when the client sent no `Content-MD5` (MD5 is the
-    /// slowest hash here, and S3 ETags are opaque).
-    xxh: Option<Box<xxhash_rust::xxh3::Xxh3>>,
     expected: u64,
     got: u64,
     out: Vec<Bytes>,
@@ -177,7 +185,6 @@ impl BodyReader {
             body,
             chunked,
             checks,
-            xxh: (!md5).then(Box::default),
             expected,
             got: 0,
             out: Vec::new(),
@@ -202,9 +209,6 @@ impl BodyReader {
                     ));
                 }
                 self.checks.update(&data);
-                if let Some(x) = &mut self.xxh {
-                    x.update(&data);
-                }
                 return Ok(Some(data));
             }
             let frame = match self.body.frame().await {
@@ -227,7 +231,8 @@ impl BodyReader {
     }
 
     /// Checks the end: length, payload hash, trailers and checksums.
-    /// Answers the ETag and the verified checksums (header name, base64).
+    /// Answers the MD5 ETag (empty without `Content-MD5`) and the verified
+    /// checksums (header name, base64).
     fn finish(self) -> Result<(String, Vec<(String, String)>), S3Error> {
         if self.got != self.expected {
             return Err(S3Error::new(
@@ -243,11 +248,9 @@ impl BodyReader {
             None => None,
         };
         let digests = self.checks.finish(trailers.as_ref())?;
-        let etag = match (digests.etag(), self.xxh) {
-            (Some(md5), _) => md5,
-            (None, Some(x)) => format!("{:032x}", x.digest128()),
-            (None, None) => return Err(S3Error::new(Code::InternalError, "no ETag was computed")),
-        };
+        // Without Content-MD5 the ETag comes from the chunks' hashes
+        // (`etag_of`): MD5 is the slowest hash here, and S3 ETags are opaque.
+        let etag = digests.etag().unwrap_or_default();
         let sums = digests
             .checksum
             .map(|c| vec![(c.algorithm.header_name().to_string(), c.to_base64())])
@@ -606,7 +609,12 @@ impl S3Service {
         let check = write_check(h)?;
         // Fail before the upload when the condition already fails (in a
         // cluster, against the record other members published too).
-        let cur = self.store.find(b, key).await.map_err(|e| s3_err(&e))?;
+        let conditional = h.contains_key("if-none-match") || h.contains_key("if-match");
+        let cur = if conditional {
+            self.store.find(b, key).await.map_err(|e| s3_err(&e))?
+        } else {
+            None
+        };
         if header(h, "if-none-match").is_some() && cur.is_some() {
             return Err(S3Error::new(
                 Code::PreconditionFailed,
@@ -649,6 +657,7 @@ impl S3Service {
                 return Err(s3_err(&e));
             }
         };
+        let etag = if etag.is_empty() { etag_of(&chunks) } else { etag };
         meta.version = w.version();
         meta.size = size;
         meta.etag = etag.clone();
@@ -697,7 +706,6 @@ impl S3Service {
             m
         };
         let mut w = self.store.writer(dst, Some(source.size));
-        let mut etag = xxhash_rust::xxh3::Xxh3::default();
         for c in &source.chunks {
             let d = match self.store.read_chunk(src, c).await {
                 Ok(ChunkRead::Data(d)) => d,
@@ -711,7 +719,6 @@ impl S3Service {
                     return Err(s3_err(&e));
                 }
             };
-            etag.update(&d);
             if let Err(e) = w.write(&d).await {
                 w.abort().await;
                 return Err(s3_err(&e));
@@ -729,7 +736,7 @@ impl S3Service {
         // The source's ETag when it is a plain one (same bytes, same tag);
         // a multipart source's copy is one part: a fresh tag.
         meta.etag = if source.etag.contains('-') {
-            format!("{:032x}", etag.digest128())
+            etag_of(&chunks)
         } else {
             source.etag.clone()
         };
@@ -842,21 +849,34 @@ impl S3Service {
             if tx.send(Ok(Frame::data(first.slice(*a..*z)))).await.is_err() {
                 return;
             }
-            for (c, a, z) in pieces.iter().skip(1) {
-                let r = store.read_chunk(&bucket, c).await;
-                let item = match r {
-                    Ok(ChunkRead::Data(d)) => Ok(Frame::data(d.slice(*a..*z))),
-                    Ok(ChunkRead::Missing) => {
+            // Up to READ_AHEAD chunk reads in flight, sent in order.
+            let mut reads = std::collections::VecDeque::new();
+            let mut next = pieces.iter().skip(1);
+            loop {
+                while reads.len() < READ_AHEAD {
+                    let Some((c, a, z)) = next.next() else { break };
+                    let (st, b, c) = (store.clone(), bucket.clone(), c.clone());
+                    let read = tokio::spawn(async move { st.read_chunk(&b, &c).await.map(|r| (r, c)) });
+                    reads.push_back((read, *a, *z));
+                }
+                let Some((read, a, z)) = reads.pop_front() else { break };
+                let item = match read.await {
+                    Ok(Ok((ChunkRead::Data(d), _))) => Ok(Frame::data(d.slice(a..z))),
+                    Ok(Ok((ChunkRead::Missing, c))) => {
                         tracing::warn!(bucket = %bucket.name, key = %name, chunk = %c.key, "S3 GET: a chunk is gone mid-object: the connection is cut");
                         Err(std::io::Error::other("a chunk of the object is gone"))
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         tracing::warn!(bucket = %bucket.name, key = %name, "S3 GET: {e}: the connection is cut");
                         Err(std::io::Error::other(e.to_string()))
                     }
+                    Err(e) => Err(std::io::Error::other(format!("read task: {e}"))),
                 };
                 let stop = item.is_err();
                 if tx.send(item).await.is_err() || stop {
+                    for (r, _, _) in reads {
+                        r.abort();
+                    }
                     return;
                 }
             }
@@ -963,6 +983,7 @@ impl S3Service {
                 return Err(s3_err(&e));
             }
         };
+        let etag = if etag.is_empty() { etag_of(&chunks) } else { etag };
         let part = Part {
             etag: etag.clone(),
             size,

@@ -772,19 +772,42 @@ fn read_uploads(dir: &Path) -> Result<BTreeMap<String, Upload>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(Error::io(format!("read {}", dir.display()), e)),
     };
+    let read = |p: &Path| std::fs::read(p).map_err(|e| Error::io(format!("read {}", p.display()), e));
     for e in rd {
         let e = e.map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
-        let p = e.path();
-        if p.extension().is_none_or(|x| x != "json") {
-            continue; // a temporary file of an interrupted replace
+        let udir = e.path();
+        let head = udir.join("upload.json");
+        if !head.exists() {
+            // Created but never recorded (a crash in between): nothing
+            // was acknowledged for it.
+            let _ = std::fs::remove_dir_all(&udir);
+            continue;
         }
-        let b = std::fs::read(&p).map_err(|e| Error::io(format!("read {}", p.display()), e))?;
-        match serde_json::from_slice::<Upload>(&b) {
-            Ok(u) => {
-                out.insert(u.id.clone(), u);
+        let mut u = match serde_json::from_slice::<Upload>(&read(&head)?) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(path = %head.display(), "S3: an unreadable upload record is skipped: {e}");
+                continue;
             }
-            Err(e) => tracing::warn!(path = %p.display(), "S3: an unreadable upload record is skipped: {e}"),
+        };
+        for p in std::fs::read_dir(&udir).map_err(|e| Error::io(format!("read {}", udir.display()), e))? {
+            let p = p.map_err(|e| Error::io(format!("read {}", udir.display()), e))?.path();
+            let Some(n) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("part-")?.strip_suffix(".json"))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue; // upload.json, or a temporary file of an interrupted replace
+            };
+            match serde_json::from_slice::<Part>(&read(&p)?) {
+                Ok(part) => {
+                    u.parts.insert(n, part);
+                }
+                Err(e) => tracing::warn!(path = %p.display(), "S3: an unreadable part record is skipped: {e}"),
+            }
         }
+        out.insert(u.id.clone(), u);
     }
     Ok(out)
 }
@@ -936,15 +959,33 @@ impl Store {
         Ok(id)
     }
 
+    /// Records a new upload: `uploads/<id>/upload.json` (the upload
+    /// without its parts; each part has a record of its own beside it, so
+    /// recording a part writes that part only).
     async fn save_upload(&self, bucket: &Bucket, u: &Upload) -> Result<()> {
-        let dir = bucket.uploads_dir.clone();
-        let p = dir.join(format!("{}.json", u.id));
-        let text = serde_json::to_vec(u).expect("serializes");
+        let root = bucket.uploads_dir.clone();
+        let dir = root.join(&u.id);
+        let head = Upload {
+            parts: BTreeMap::new(),
+            ..u.clone()
+        };
+        let text = serde_json::to_vec(&head).expect("serializes");
         blocking(move || {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-            replace_durably(&p, &text)
+            // The new directory's entry, durably.
+            std::fs::File::open(&root)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io(format!("sync {}", root.display()), e))?;
+            replace_durably(&dir.join("upload.json"), &text)
         })
         .await
+    }
+
+    /// Records part `number` of upload `id`, durably.
+    async fn save_part(&self, bucket: &Bucket, id: &str, number: u32, part: &Part) -> Result<()> {
+        let p = bucket.uploads_dir.join(id).join(format!("part-{number:05}.json"));
+        let text = serde_json::to_vec(part).expect("serializes");
+        blocking(move || replace_durably(&p, &text)).await
     }
 
     /// The upload `id` of `key`.
@@ -975,11 +1016,11 @@ impl Store {
                 (u.clone(), old)
             })
         };
-        let Some((u, old)) = found else {
+        let Some((_, old)) = found else {
             self.discard(bucket, &part.chunks).await;
             return Err(no_upload(id));
         };
-        if let Err(e) = self.save_upload(bucket, &u).await {
+        if let Err(e) = self.save_part(bucket, id, number, &part).await {
             // Back to the state on disk.
             if let Some(cur) = bucket.uploads.lock().get_mut(id) {
                 match &old {
@@ -1064,8 +1105,8 @@ impl Store {
     async fn end_upload(&self, bucket: &Bucket, id: &str) {
         let _io = bucket.upload_io.lock().await;
         bucket.uploads.lock().remove(id);
-        let p = bucket.uploads_dir.join(format!("{id}.json"));
-        let r = blocking(move || match std::fs::remove_file(&p) {
+        let p = bucket.uploads_dir.join(id);
+        let r = blocking(move || match std::fs::remove_dir_all(&p) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(format!("remove {}", p.display()), e)),
