@@ -103,7 +103,9 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// kvtierd's mode: ssd-only (the default: the goals are judged on it) or
-    /// tiered (host RAM holds the working set; the disk is out of the way).
+    /// tiered (host RAM in front; S3 objects still go straight to the SSD,
+    /// as kvtierd acknowledges them only durably: the gRPC region
+    /// reference then runs from host RAM).
     #[arg(long, value_enum, default_value_t = Mode::SsdOnly)]
     mode: Mode,
     /// Longest a phase (all the requests of one measurement) may take, in s.
@@ -904,7 +906,8 @@ fn figures(a: &Args, p: &Plan, rounds: &[Round]) -> Value {
         },
         "how": {
             "daemon": "a fresh kvtierd per round in `mode`: ssd-only (O_DIRECT log-structured segments, no host \
-                       cache; the goals are set for it) or tiered (host RAM holds the working set), S3 on \
+                       cache; the goals are set for it) or tiered (host RAM in front; S3 objects still written to the SSD, \
+                       acknowledged only durably), S3 on \
                        127.0.0.1 over plain HTTP/1.1: a blocks bucket (one block per object) and an objects bucket \
                        (chunks of objects_chunk_bytes); its data directory removed and synced after the round",
             "client": "this bench's own HTTP/1.1 keep-alive client over std TCP (no SDK), in_flight connections with \

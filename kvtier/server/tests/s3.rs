@@ -35,13 +35,19 @@ kind = "objects"
 "#;
 
 fn start(dir: &Path) -> Daemon {
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &Path, env: &[(&str, &str)]) -> Daemon {
     let cfg = dir.join("kvtierd.toml");
     if !cfg.exists() {
         std::fs::write(&cfg, CONFIG).unwrap();
     }
     let data = dir.join("data");
     let cfg = cfg.to_str().unwrap().to_string();
-    let d = Daemon::start(&data, &[("KVTIER_CONFIG", &cfg)]);
+    let mut all = vec![("KVTIER_CONFIG", cfg.as_str())];
+    all.extend_from_slice(env);
+    let d = Daemon::start(&data, &all);
     assert!(d.s3.is_some(), "kvtierd printed its S3 address");
     d
 }
@@ -565,4 +571,27 @@ fn the_s3_port_serves_tls_with_the_daemons_certificate() {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     assert!(!out.starts_with(b"HTTP/1.1 200"), "plaintext served on the TLS port");
+}
+
+/// In `tiered` mode (host RAM in front of the SSD, blocks cascading to the
+/// SSD only on eviction) an acknowledged object is on the SSD already: it
+/// survives `kill -9`.
+#[test]
+fn tiered_mode_acknowledges_objects_only_once_they_are_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiered = [("KVTIER_MODE", "tiered"), ("KVTIER_HOST_CAPACITY_BYTES", "268435456")];
+    let mut d = start_with(dir.path(), &tiered);
+    let s3 = d.s3.clone().unwrap();
+    let (a, b) = (content(21, 300_000), content(22, 70_000));
+    assert_eq!(request(&s3, "PUT", "/open-objects/a", &[], &a).status, 200);
+    assert_eq!(request(&s3, "PUT", "/open-blocks/b", &[], &b).status, 200);
+    d.signal_and_wait(libc::SIGKILL);
+    let d = start_with(dir.path(), &tiered);
+    let s3 = d.s3.clone().unwrap();
+    let r = request(&s3, "GET", "/open-objects/a", &[], &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, a);
+    let r = request(&s3, "GET", "/open-blocks/b", &[], &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, b);
 }

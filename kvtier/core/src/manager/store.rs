@@ -90,6 +90,35 @@ impl BlockManager {
         self.store_checked(ns, &[key], data, data.len())
     }
 
+    /// [`BlockManager::store_one`] straight into the disk tier when there
+    /// is one (the host tier is skipped; reads promote as usual): a write
+    /// its caller acknowledges as durable (kvtierd's S3 objects), which in
+    /// `tiered` mode must not live in host RAM only. Without a disk tier,
+    /// as `store_one`.
+    pub fn store_one_durable(&self, ns: NamespaceId, key: BlockKey, data: &[u8]) -> Result<StoreOutcome> {
+        let max = self.block_bytes(ns)? as usize;
+        if data.is_empty() || data.len() > max {
+            return Err(Error::new(
+                ErrorKind::BlockSize,
+                format!(
+                    "a block of {} bytes; namespace {ns} holds blocks of 1 to {max} bytes",
+                    data.len()
+                ),
+            ));
+        }
+        if self.shared.disk.is_none() {
+            return self.store_checked(ns, &[key], data, data.len());
+        }
+        let sh = &self.shared;
+        sh.admission.record(&[key]);
+        add(&sh.counters.stores, 1);
+        let mut out = StoreOutcome::default();
+        let r = self.store_disk(ns, &[key], data, data.len(), &mut out);
+        add(&sh.counters.stored_blocks, out.stored as u64);
+        add(&sh.counters.present_blocks, out.present as u64);
+        r.map(|()| out)
+    }
+
     fn store_checked(&self, ns: NamespaceId, keys: &[BlockKey], data: &[u8], block: usize) -> Result<StoreOutcome> {
         let sh = &self.shared;
         sh.admission.record(keys);
@@ -254,21 +283,6 @@ impl BlockManager {
             n += usize::from(any);
         }
         Ok(n)
-    }
-
-    /// Waits until the write-through of `keys` (stored just before) is
-    /// done, and answers how many of them the disk tier holds: a caller
-    /// that acknowledges only durable writes (kvtierd's S3 listener) needs
-    /// every one. Without a disk tier, 0; in SSD-only mode a store is on
-    /// disk when it returns.
-    pub fn wait_on_disk(&self, keys: &[BlockKey]) -> usize {
-        let Some(disk) = self.disk() else {
-            return 0;
-        };
-        for k in keys {
-            self.shared.queue.wait_written(k);
-        }
-        keys.iter().filter(|k| disk.contains(k)).count()
     }
 
     /// Waits until every queued write-through block is on disk.

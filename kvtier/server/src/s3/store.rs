@@ -395,19 +395,13 @@ impl Store {
             None => {
                 let m = self.manager.clone();
                 blocking(move || {
-                    let out = m.store_one(ns, key, &data)?;
+                    // Straight to the disk tier (also in `tiered` mode), so a
+                    // killed daemon keeps every acknowledged object.
+                    let out = m.store_one_durable(ns, key, &data)?;
                     if out.not_admitted > 0 {
                         return Err(Error::new(
                             ErrorKind::Unavailable,
                             "the disk tier's admission filter kept an S3 chunk out (disk_admission_min_seen > 1)",
-                        ));
-                    }
-                    // Tiered: acknowledged only once the chunk is on disk,
-                    // so a killed daemon keeps every acknowledged object.
-                    if m.host().is_some() && m.disk().is_some() && m.wait_on_disk(&[key]) != 1 {
-                        return Err(Error::new(
-                            ErrorKind::Unavailable,
-                            "an S3 chunk did not reach the disk tier (write-through failed or the block was evicted)",
                         ));
                     }
                     Ok(())
