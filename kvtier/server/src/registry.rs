@@ -90,6 +90,12 @@ impl Registry {
         self.reps.read().get(&ns).copied().unwrap_or(Replication::strong(1))
     }
 
+    /// Whether `ns` holds files (checkpoint chunks, S3 objects): see
+    /// [`Namespace::holds_files`].
+    pub fn holds_files(&self, ns: NamespaceId) -> bool {
+        self.manager.holds_files(ns)
+    }
+
     /// Every namespace with its replication.
     pub fn all(&self) -> Vec<(NamespaceId, Namespace, Replication)> {
         self.manager

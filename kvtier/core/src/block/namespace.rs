@@ -223,6 +223,14 @@ impl Namespace {
         }
     }
 
+    /// Whether blocks of this namespace are files, not KV: checkpoint
+    /// chunks and kvtierd's S3 objects, whose writes are acknowledged only
+    /// once on disk (`BlockManager::store_one_durable`), while KV blocks
+    /// are a cache.
+    pub fn holds_files(&self) -> bool {
+        self.model_id.starts_with("kvtier:checkpoints:") || self.model_id.starts_with("kvtier:s3:")
+    }
+
     /// Checks the fields a block manager relies on.
     pub fn validate(&self) -> Result<()> {
         if self.model_id.is_empty() {

@@ -684,7 +684,8 @@ impl LocalChunks {
 
 impl ChunkStore for LocalChunks {
     fn put_chunk(&self, key: BlockKey, data: Bytes) -> Result<bool> {
-        Ok(self.manager.store_one(self.ns, key, &data)?.stored == 1)
+        // On disk before it counts as stored (host RAM alone is not durable).
+        Ok(self.manager.store_one_durable(self.ns, key, &data)?.stored == 1)
     }
 
     fn get_chunk(&self, key: BlockKey) -> Result<Option<Bytes>> {

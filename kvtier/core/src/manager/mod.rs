@@ -287,6 +287,16 @@ impl BlockManager {
         v
     }
 
+    /// Whether namespace `ns` is registered and holds files (see
+    /// [`Namespace::holds_files`]).
+    pub fn holds_files(&self, ns: NamespaceId) -> bool {
+        self.shared
+            .namespaces
+            .read()
+            .get(&ns)
+            .is_some_and(|i| i.ns.holds_files())
+    }
+
     /// The mode running.
     pub fn mode(&self) -> Mode {
         self.shared.cfg.mode

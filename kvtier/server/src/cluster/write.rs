@@ -20,7 +20,11 @@ impl Cluster {
                 .manager
                 .block_bytes(ns)
                 .is_ok_and(|b| b as usize * keys.len() == data.len());
-            let out = if keys.len() == 1 && !whole {
+            let out = if keys.len() == 1 && this.registry.holds_files(ns) {
+                // A checkpoint chunk or an S3 object's: on disk before it
+                // counts as a copy.
+                this.manager.store_one_durable(ns, keys[0], &data)
+            } else if keys.len() == 1 && !whole {
                 // One variable-length block: a checkpoint chunk.
                 this.manager.store_one(ns, keys[0], &data)
             } else {
