@@ -15,7 +15,7 @@ use kvtier_s3::{BodyChecks, ChunkedDecoder, Code, Conditions, S3Error, Verified,
 
 use super::catalog::ObjectMeta;
 use super::config::{BucketKind, S3Config};
-use super::store::{Bucket, ChunkRead, MAX_PARTS, ObjectWriter, Part, RequestIds, Store, chunks_in_range, now_ms};
+use super::store::{Bucket, ChunkRead, MAX_PARTS, Part, RequestIds, Store, chunks_in_range, now_ms};
 
 /// The body type of every answer.
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -137,6 +137,17 @@ fn template(h: &HeaderMap) -> Result<ObjectMeta, S3Error> {
         chunks: Vec::new(),
         parts: Vec::new(),
     })
+}
+
+/// A body received as a new version's chunks.
+struct Received {
+    version: String,
+    /// The MD5 (with `Content-MD5`) or [`etag_of`] the chunks.
+    etag: String,
+    /// Verified checksums: header name, base64.
+    sums: Vec<(String, String)>,
+    chunks: Vec<super::catalog::ChunkRef>,
+    size: u64,
 }
 
 /// An ETag (32 hex digits) from the chunks' lengths and xxh3-64s: a
@@ -566,15 +577,44 @@ impl S3Service {
         ))
     }
 
-    /// Receives a body into `w`; answers the ETag and checksums.
-    async fn receive(&self, r: &mut BodyReader, w: &mut ObjectWriter) -> Result<(), S3Error> {
-        while let Some(d) = r.next().await? {
-            self.metrics
-                .received_bytes
-                .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            w.write(&d).await.map_err(|e| s3_err(&e))?;
+    /// Receives a request body as a new version of `b`'s object (or part):
+    /// its chunks stored, its checksums verified. On any failure what was
+    /// stored goes again.
+    async fn receive(
+        &self,
+        b: &Arc<Bucket>,
+        h: &HeaderMap,
+        body: Incoming,
+        v: Option<&Verified>,
+    ) -> Result<Received, S3Error> {
+        let mut r = BodyReader::new(h, body, v)?;
+        Self::check_size(b, r.expected())?;
+        let mut w = self.store.writer(b, Some(r.expected()));
+        let stored = async {
+            while let Some(d) = r.next().await? {
+                self.metrics
+                    .received_bytes
+                    .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                w.write(&d).await.map_err(|e| s3_err(&e))?;
+            }
+            let (etag, sums) = r.finish()?;
+            let (chunks, size) = w.finish().await.map_err(|e| s3_err(&e))?;
+            Ok::<_, S3Error>((etag, sums, chunks, size))
         }
-        Ok(())
+        .await;
+        match stored {
+            Ok((etag, sums, chunks, size)) => Ok(Received {
+                version: w.version(),
+                etag: if etag.is_empty() { etag_of(&chunks) } else { etag },
+                sums,
+                chunks,
+                size,
+            }),
+            Err(e) => {
+                w.abort().await;
+                Err(e)
+            }
+        }
     }
 
     fn check_size(b: &Bucket, size: u64) -> Result<(), S3Error> {
@@ -636,29 +676,14 @@ impl S3Service {
             }
         }
         let mut meta = template(h)?;
-        let mut r = BodyReader::new(h, body, v.as_ref())?;
-        Self::check_size(b, r.expected())?;
-        let mut w = self.store.writer(b, Some(r.expected()));
-        if let Err(e) = self.receive(&mut r, &mut w).await {
-            w.abort().await;
-            return Err(e);
-        }
-        let (etag, sums) = match r.finish() {
-            Ok(x) => x,
-            Err(e) => {
-                w.abort().await;
-                return Err(e);
-            }
-        };
-        let (chunks, size) = match w.finish().await {
-            Ok(x) => x,
-            Err(e) => {
-                w.abort().await;
-                return Err(s3_err(&e));
-            }
-        };
-        let etag = if etag.is_empty() { etag_of(&chunks) } else { etag };
-        meta.version = w.version();
+        let Received {
+            version,
+            etag,
+            sums,
+            chunks,
+            size,
+        } = self.receive(b, h, body, v.as_ref()).await?;
+        meta.version = version;
         meta.size = size;
         meta.etag = etag.clone();
         meta.modified_ms = now_ms();
@@ -962,28 +987,13 @@ impl S3Service {
             ));
         }
         self.store.upload(b, upload_id, key).map_err(|_| no_upload(upload_id))?;
-        let mut r = BodyReader::new(h, body, v.as_ref())?;
-        Self::check_size(b, r.expected())?;
-        let mut w = self.store.writer(b, Some(r.expected()));
-        if let Err(e) = self.receive(&mut r, &mut w).await {
-            w.abort().await;
-            return Err(e);
-        }
-        let (etag, sums) = match r.finish() {
-            Ok(x) => x,
-            Err(e) => {
-                w.abort().await;
-                return Err(e);
-            }
-        };
-        let (chunks, size) = match w.finish().await {
-            Ok(x) => x,
-            Err(e) => {
-                w.abort().await;
-                return Err(s3_err(&e));
-            }
-        };
-        let etag = if etag.is_empty() { etag_of(&chunks) } else { etag };
+        let Received {
+            etag,
+            sums,
+            chunks,
+            size,
+            ..
+        } = self.receive(b, h, body, v.as_ref()).await?;
         let part = Part {
             etag: etag.clone(),
             size,

@@ -102,19 +102,9 @@ impl Bucket {
         self.catalog.list(prefix, after, max)
     }
 
-    /// Whether the bucket holds no objects and no uploads.
-    pub fn is_empty(&self) -> bool {
-        self.catalog.is_empty() && self.uploads.lock().is_empty()
-    }
-
     /// Objects in this node's catalog.
     pub fn objects(&self) -> usize {
         self.catalog.len()
-    }
-
-    /// The chunk size writes cut bodies into.
-    pub fn chunk_bytes(&self) -> usize {
-        self.chunk_bytes
     }
 }
 
@@ -232,11 +222,6 @@ impl Store {
             store.open_bucket(&b, Some(c.created_ms)).await?;
         }
         Ok(store)
-    }
-
-    /// The configuration.
-    pub fn config(&self) -> &S3Config {
-        &self.cfg
     }
 
     fn created_path(&self) -> PathBuf {
@@ -826,11 +811,6 @@ impl ObjectWriter {
     /// The version this writer makes.
     pub fn version(&self) -> String {
         format!("{:032x}", self.version)
-    }
-
-    /// Bytes written so far.
-    pub fn size(&self) -> u64 {
-        self.size
     }
 
     fn chunk_key(&self, index: usize) -> BlockKey {
