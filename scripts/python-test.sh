@@ -66,9 +66,10 @@ status=0
 run_pytest() { # tests-dir venv label
   echo "== pytest $1 ($3)"
   # Bounded: a suite that hangs fails CI here instead of holding it (each
-  # takes a minute or two).
+  # takes a minute or two); a test that hangs dumps every thread's stack
+  # first (faulthandler_timeout), so the log says where.
   local rc=0
-  (cd "$1" && timeout --kill-after=30 900 "$2/bin/python" -m pytest -q -p no:cacheprovider .) || rc=$?
+  (cd "$1" && timeout --kill-after=30 900 "$2/bin/python" -m pytest -q -p no:cacheprovider -o faulthandler_timeout=600 .) || rc=$?
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     echo "pytest $1 ($3): timed out after 900 s" >&2
   fi

@@ -9,6 +9,7 @@ import concurrent.futures
 import datetime
 import hashlib
 import random
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -258,7 +259,7 @@ def test_if_none_match_race(s3):
     clients = [s3.client() for _ in range(writers)]
     for round_ in range(5):
         key = unique("race")
-        barrier = threading.Barrier(writers)
+        barrier = threading.Barrier(writers, timeout=60)
 
         def attempt(i):
             body = b"writer %d round %d" % (i, round_)
@@ -278,6 +279,55 @@ def test_if_none_match_race(s3):
             assert err in ((412, "PreconditionFailed"), (409, "ConditionalRequestConflict")), results
         got = clients[0].get_object(Bucket=s3.kv, Key=key)["Body"].read()
         assert got == b"writer %d round %d" % (winners[0], round_)
+
+
+def read_response(sock):
+    """One HTTP/1.1 response from `sock`: (status, lowercased headers, body)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        got = sock.recv(65536)
+        assert got, f"the connection closed before a whole response head: {buf!r}"
+        buf += got
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    want = int(headers.get("content-length", "0"))
+    while len(rest) < want:
+        got = sock.recv(65536)
+        assert got, "the connection closed inside a response body"
+        rest += got
+    return status, headers, rest[:want]
+
+
+def test_error_before_the_body_leaves_the_connection_usable_or_closed(s3):
+    """A failed condition is answered before the request's body is read.
+    The client may still send that body, then its next request on the
+    same connection (as urllib3 and aws-sdk do when nothing said the
+    connection closes). The answer must say `Connection: close`, or the
+    next request must be answered as itself, never a bare 400 from bytes
+    of the old body read as a request."""
+    c = s3.client()
+    key = unique("early")
+    c.put_object(Bucket=s3.kv, Key=key, Body=b"held")
+    body = b"x" * 5000
+    path = f"/{s3.kv}/{key}"
+    put = signed_headers(s3, "PUT", path, body=body, headers={"If-None-Match": "*"})
+    put["Content-Length"] = str(len(body))
+    get = signed_headers(s3, "GET", path)
+    for _ in range(3):
+        with socket.create_connection((s3.host, s3.port), timeout=10) as sock:
+            head = f"PUT {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in put.items()) + "\r\n"
+            sock.sendall(head.encode())
+            status, headers, _ = read_response(sock)
+            assert status == 412, (status, headers)
+            if headers.get("connection", "").lower() == "close":
+                continue
+            # Kept alive: the body, then a GET on the same connection.
+            sock.sendall(body)
+            sock.sendall(f"GET {path} HTTP/1.1\r\n".encode() + "".join(f"{k}: {v}\r\n" for k, v in get.items()).encode() + b"\r\n")
+            status, headers, got = read_response(sock)
+            assert (status, got) == (200, b"held"), (status, headers, got[:200])
 
 
 # ------------------------------------------------------------------- reads

@@ -240,7 +240,7 @@ def test_expired_lock_takeover_is_atomic(s3):
         assert stale.try_acquire_lock(h)
         b = KvbmObjectTier(s3, s3.kv, "instance-b")
         c = KvbmObjectTier(s3, s3.kv, "instance-c")
-        both_read = threading.Barrier(2)
+        both_read = threading.Barrier(2, timeout=60)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             won = list(pool.map(lambda t: t.try_acquire_lock(h, between_read_and_write=both_read.wait), (b, c)))
         assert sorted(won) == [False, True], won

@@ -297,6 +297,9 @@ impl S3Service {
         let id = self.ids.next();
         let head_request = req.method() == Method::HEAD;
         let path = req.uri().path().to_string();
+        // A request that carries a body the answer may not have read.
+        let has_body = req.headers().contains_key(http::header::TRANSFER_ENCODING)
+            || header(req.headers(), "content-length").is_some_and(|v| v.trim() != "0");
         let op =
             request::parse(req.method(), req.uri(), req.headers(), &self.addressing).map_or("Invalid", |o| o.name());
         let mut reply = match self.serve(req).await {
@@ -319,6 +322,16 @@ impl S3Service {
                     && let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}"))
                 {
                     r.headers_mut().insert("content-range", v);
+                }
+                // An error may be answered before the body was read (a
+                // failed condition, a bad signature). hyper then closes the
+                // connection after the answer; saying so keeps a client
+                // from sending its next request on a closing connection
+                // (a reset, which a client without retries reports as a
+                // failure).
+                if has_body {
+                    r.headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
                 }
                 r
             }
