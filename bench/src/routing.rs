@@ -179,6 +179,7 @@ fn figures(raw: &Value, oracle: f64, trace: &Path, python: &Path) -> kvtier::Res
             "events_per_request": round3(per_request(m)?),
             "requests_per_engine": raw[m]["requests_per_engine"],
             "unsynced_requests": raw[m]["unsynced_requests"],
+            "warmup_resends": raw[m]["warmup_resends"],
             "wall_s": round3(get(m, "wall_s")?),
         }))
     };
