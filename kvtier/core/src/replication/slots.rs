@@ -685,9 +685,8 @@ mod tests {
             let t = -(1.0 - x).ln() / weights[j];
             dist.fill(0.0);
             dist[0] = 1.0;
-            for (i, w) in weights.iter().enumerate().filter(|(i, _)| *i != j) {
+            for (_, w) in weights.iter().enumerate().filter(|(i, _)| *i != j) {
                 let p = 1.0 - (-w * t).exp();
-                let _ = i;
                 for c in (0..r).rev() {
                     dist[c] = dist[c] * (1.0 - p) + if c > 0 { dist[c - 1] * p } else { 0.0 };
                 }
@@ -729,7 +728,7 @@ mod tests {
         );
         for (slot, mv) in joined.iter() {
             assert_eq!(mv.gained, vec![all[n - 1].id.clone()], "slot {slot}");
-            assert_eq!(mv.lost.len(), usize::from(n - 1 >= r), "slot {slot}");
+            assert_eq!(mv.lost.len(), usize::from(n > r), "slot {slot}");
         }
 
         let rest = &all[1..];
@@ -746,7 +745,7 @@ mod tests {
         );
         for (slot, mv) in left.iter() {
             assert_eq!(mv.lost, vec![all[0].id.clone()], "slot {slot}");
-            assert_eq!(mv.gained.len(), usize::from(n - 1 >= r), "slot {slot}");
+            assert_eq!(mv.gained.len(), usize::from(n > r), "slot {slot}");
         }
     }
 
