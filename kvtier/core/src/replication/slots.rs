@@ -395,7 +395,7 @@ impl SlotTable {
     }
 
     /// Adds `m` (checked, not a member yet).
-    fn join(&mut self, m: Member) {
+    fn insert(&mut self, m: Member) {
         let pos = self.members.partition_point(|x| x.id < m.id);
         let p = Param::of(&m);
         self.members.insert(pos, m);
@@ -432,7 +432,7 @@ impl SlotTable {
     }
 
     /// Removes the member at `pos`, leaving at least one.
-    fn leave(&mut self, pos: usize) {
+    fn remove(&mut self, pos: usize) {
         self.members.remove(pos);
         self.params.remove(pos);
         assert!(!self.members.is_empty(), "a leave keeps a member");
@@ -464,6 +464,40 @@ impl SlotTable {
         self.update_with(after, true)
     }
 
+    /// Adds one member: [`SlotTable::update`] without comparing whole
+    /// lists (`slots` evaluations, whatever the cluster size).
+    pub fn join(&mut self, m: Member) -> Result<(), SlotError> {
+        checked(std::slice::from_ref(&m))?;
+        if self.position(&m.id).is_ok() {
+            return Err(SlotError::DuplicateMember(m.id));
+        }
+        if u32::try_from(self.members.len() + 1).is_err() {
+            return Err(SlotError::TooManyMembers {
+                count: self.members.len() + 1,
+            });
+        }
+        self.insert(m);
+        Ok(())
+    }
+
+    /// Removes member `id`, if it is one (`false` when not): about
+    /// `slots × max_r` evaluations, whatever the cluster size. The last
+    /// member cannot leave.
+    pub fn leave(&mut self, id: &NodeId) -> Result<bool, SlotError> {
+        let Ok(pos) = self.position(id) else {
+            return Ok(false);
+        };
+        if self.members.len() == 1 {
+            return Err(SlotError::NoMembers);
+        }
+        self.remove(pos);
+        Ok(true)
+    }
+
+    fn position(&self, id: &NodeId) -> Result<usize, usize> {
+        self.members.binary_search_by(|x| x.id.cmp(id))
+    }
+
     /// [`SlotTable::update`] on a copy: the new table, this one kept for
     /// [`moves`].
     pub fn updated(&self, after: &[Member]) -> Result<Self, SlotError> {
@@ -476,6 +510,7 @@ impl SlotTable {
     /// rebuild is cheaper (tests compare the two).
     fn update_with(&mut self, after: &[Member], rebuild: bool) -> Result<(), SlotError> {
         let after = checked(after)?;
+        // Both lists are sorted: searches cost N log N against the slots' S.
         let find = |list: &[Member], id: &NodeId| list.binary_search_by(|x| x.id.cmp(id));
         let (mut leaves, mut joins, mut moved) = (Vec::new(), Vec::new(), Vec::new());
         for m in &self.members {
@@ -501,10 +536,10 @@ impl SlotTable {
         }
         for id in &leaves {
             let i = find(&self.members, id).expect("a member");
-            self.leave(i);
+            self.remove(i);
         }
         for m in joins {
-            self.join(m);
+            self.insert(m);
         }
         debug_assert_eq!(self.members, after);
         Ok(())
@@ -880,6 +915,24 @@ mod tests {
     }
 
     #[test]
+    fn join_and_leave_equal_a_rebuild() {
+        let ms = weighted(&[1.0, 2.0, 3.0, 1.0, 1.0, 0.5, 4.0, 1.0, 2.0, 1.0]);
+        let mut t = SlotTable::new(&ms[..9], 1024, 3).unwrap();
+        t.join(ms[9].clone()).unwrap();
+        assert!(t == SlotTable::new(&ms, 1024, 3).unwrap());
+        assert_eq!(t.join(ms[2].clone()), Err(SlotError::DuplicateMember("node-2".into())));
+        let mut bad = member(11, 0.0);
+        assert!(matches!(t.join(bad.clone()), Err(SlotError::BadWeight { .. })));
+        bad.weight = 1.0;
+        assert_eq!(t.leave(&bad.id), Ok(false), "not a member: nothing to do");
+        assert_eq!(t.leave(&ms[3].id), Ok(true));
+        let rest: Vec<Member> = ms.iter().filter(|m| m.id != ms[3].id).cloned().collect();
+        assert!(t == SlotTable::new(&rest, 1024, 3).unwrap());
+        let mut one = SlotTable::new(&ms[..1], 8, 1).unwrap();
+        assert_eq!(one.leave(&ms[0].id), Err(SlotError::NoMembers), "the last member stays");
+    }
+
+    #[test]
     fn small_clusters_keep_every_member_and_grow_past_max_r() {
         let mut t = SlotTable::new(&weighted(&[1.0, 1.0]), 64, 4).unwrap();
         assert_eq!(t.rank_prefix(&key(0)).len(), 2);
@@ -1003,6 +1056,14 @@ mod tests {
             let start = Instant::now();
             let left = joined.updated(&all[1..]).unwrap();
             let leave_ms = start.elapsed().as_secs_f64() * 1e3;
+            let mut direct = t.clone();
+            let start = Instant::now();
+            direct.join(all[n - 1].clone()).unwrap();
+            let join_direct_ms = start.elapsed().as_secs_f64() * 1e3;
+            let start = Instant::now();
+            direct.leave(&all[0].id).unwrap();
+            let leave_direct_ms = start.elapsed().as_secs_f64() * 1e3;
+            assert!(direct == left);
             let start = Instant::now();
             let clone = joined.clone();
             let clone_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -1032,7 +1093,8 @@ mod tests {
             println!(
                 "members {n} slots {slots} max_r {max_r} r {r}: placement_ns_per_key {lookup_ns:.1} \
                  (ids cloned {alloc_ns:.1}; per-key rendezvous {hrw_ns:.0}, {:.0}x) build_s {build_s:.2} \
-                 join_ms {join_ms:.1} leave_ms {leave_ms:.1} (each includes a {clone_ms:.1} ms clone) \
+                 join_ms {join_ms:.1} leave_ms {leave_ms:.1} (whole lists; each includes a {clone_ms:.1} ms clone) \
+                 join_direct_ms {join_direct_ms:.1} leave_direct_ms {leave_direct_ms:.1} \
                  moves_ms {moves_ms:.1} leave_moved {:.5} (r/n {:.5}) threads {} [{sink}]",
                 hrw_ns / lookup_ns,
                 mv.fraction(),
