@@ -54,6 +54,13 @@
 //! A join and a leave cost the same at 10 or 100,000 members. An update
 //! that changes more than N / (W + 1) members rebuilds instead, which is
 //! then cheaper; both give the same table.
+//!
+//! Measured (release, 2 shared cores, 65,536 slots, `max_r` 8, R 3, the
+//! ignored test `slot_placement_cost`): a lookup 11 ns at 10,000 members
+//! and 19 ns at 100,000 (per-key rendezvous: 0.34 ms and 4.0 ms); a build
+//! 0.7 s and 6.2 s; [`SlotTable::join`] 1.1 and 4.0 ms, [`SlotTable::leave`]
+//! 1.6 and 2.6 ms; an [`SlotTable::updated`] of whole lists 10 and 70 ms
+//! (sorting and comparing the lists, and the clone).
 
 use std::collections::BTreeMap;
 use std::fmt;
