@@ -2,6 +2,9 @@
 //!
 //! - [`placement`]: weighted rendezvous hashing: each key's ordered replica
 //!   list, from the member list alone.
+//! - [`slots`]: the same placement per slot of a fixed slot count,
+//!   computed once per member list and updated on a change; a key's
+//!   replicas are then a lookup, whatever the cluster size.
 //! - [`membership`]: members, liveness from heartbeats, and an epoch.
 //! - [`rebalance`]: after a membership change or a node's return, which
 //!   keys this node pushes where, and which it may drop once confirmed.
@@ -20,6 +23,7 @@ pub mod membership;
 pub mod placement;
 pub mod read;
 pub mod rebalance;
+pub mod slots;
 #[cfg(test)]
 mod testkit;
 pub mod write;

@@ -58,10 +58,25 @@ impl Member {
 
 /// The score of `node` for `key`; higher wins.
 fn score(node: &NodeId, weight: f64, key: &BlockKey) -> f64 {
-    let seed = xxhash_rust::xxh3::xxh3_64(node.0.as_bytes());
-    let h = xxhash_rust::xxh3::xxh3_64_with_seed(&key.to_le_bytes(), seed);
+    score_of_bits(weight, key_bits(node_seed(node), key))
+}
+
+/// The hash seed of `node`'s scores (a slot table computes it once per
+/// member).
+pub(super) fn node_seed(node: &NodeId) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(node.0.as_bytes())
+}
+
+/// The 53 random bits of the node with `seed` for `key`.
+pub(super) fn key_bits(seed: u64, key: &BlockKey) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(&key.to_le_bytes(), seed) >> 11
+}
+
+/// The score of a node of `weight` whose random bits for a key are `bits`
+/// (below 2^53).
+pub(super) fn score_of_bits(weight: f64, bits: u64) -> f64 {
     // 53 random bits mapped into (0, 1), never 0 or 1.
-    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let u = (bits as f64 + 0.5) / (1u64 << 53) as f64;
     -weight / u.ln()
 }
 
