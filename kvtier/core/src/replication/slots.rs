@@ -24,14 +24,19 @@
 //!   from the member list alone (sorted by id, so the list's order does not
 //!   matter), and a join or leave changes only the slots whose first R the
 //!   member enters or leaves: about R/N of the slots, hence of the keys.
-//! - **65,536 slots by default.** A member's share of slots is a binomial
-//!   count, with a relative spread of about `sqrt(N / (S * R))` for S slots:
-//!   ±12% at 1,000 members and R = 1, ±4% at 100 members. More slots give a
-//!   finer balance for more memory (12 bytes per stored entry: 6 MiB at
-//!   65,536 slots and `max_r` 8) and a slower build. Past about `S / 100`
-//!   members the spread exceeds ±10%: raise `slots` with the cluster
-//!   (at most [`MAX_SLOTS`]). The count is fixed cluster-wide: a key's slot
-//!   depends on it.
+//! - **65,536 slots by default** (kvtierd's `cluster.slots`). A member's
+//!   share of slots is a binomial count, with a relative spread (one
+//!   standard deviation) of about `sqrt(N / (S * R))` for S slots, N
+//!   members and R replicas: at R = 1, ±4% at 100 members and ±12% at
+//!   1,000. Fewer slots balance worse (4,096: ±16% at 100 members, ±49% at
+//!   1,000; 16,384: ±8% and ±25%) and save little: a table costs 12 bytes
+//!   per stored entry, 12 MiB at 65,536 slots and `max_r` 16, and a lookup
+//!   costs the same at any slot count. More slots balance larger clusters
+//!   for more memory and a slower build (`S × N` evaluations): past about
+//!   `S × R / 100` members the spread exceeds ±10%, so a cluster meant for
+//!   10,000 members or more should choose a larger count (at most
+//!   [`MAX_SLOTS`]) when it is set up. The count is fixed cluster-wide: a
+//!   key's slot depends on it, so changing it moves nearly every key.
 //! - **`max_r` above R.** The stored prefix is also where a write finds a
 //!   stand-in for a down replica, so a table keeps a few members past R.
 //!
@@ -570,6 +575,11 @@ impl SlotTable {
     /// The members, sorted by id.
     pub fn members(&self) -> &[Member] {
         &self.members
+    }
+
+    /// Member `id`, if it is one.
+    pub fn member(&self, id: &NodeId) -> Option<&Member> {
+        self.position(id).ok().map(|i| &self.members[i])
     }
 
     /// `key`'s stored replica order: its first `min(max_r, members)`
