@@ -645,12 +645,12 @@ mod tests {
         let mut bad = Member::new("e", "e:1");
         bad.weight = f64::NAN;
         let (e, d) = (m.epoch(), m.digest());
-        assert!(matches!(m.join(bad), Err(ListError::Slots(SlotError::BadWeight { .. }))));
+        assert!(matches!(
+            m.join(bad),
+            Err(ListError::Slots(SlotError::BadWeight { .. }))
+        ));
         let mut one = view("a", &["a"]);
-        assert_eq!(
-            one.leave(&"a".into()),
-            Err(ListError::Slots(SlotError::NoMembers))
-        );
+        assert_eq!(one.leave(&"a".into()), Err(ListError::Slots(SlotError::NoMembers)));
         assert_eq!((m.epoch(), m.digest()), (e, d));
         assert_eq!(one.len(), 1);
     }
@@ -670,7 +670,11 @@ mod tests {
         let other = Arc::new(SlotTable::new(&m.members(), SLOTS, MAX_R).unwrap());
         assert!(matches!(
             m.commit(join.clone(), other),
-            Err(ListError::WrongTable { members: 4, table_members: 3, .. })
+            Err(ListError::WrongTable {
+                members: 4,
+                table_members: 3,
+                ..
+            })
         ));
         let other_slots = Arc::new(SlotTable::new(join.members(), SLOTS * 2, MAX_R).unwrap());
         assert!(matches!(

@@ -120,7 +120,7 @@ pub enum Layout {
     /// By per-key rendezvous over a member list, as kvtier placed keys
     /// before slots. Costs O(members) per key: it is only read while a
     /// node upgraded from such a build moves its keys once.
-    Rendezvous(Vec<Member>),
+    Rendezvous(Arc<[Member]>),
 }
 
 impl Layout {

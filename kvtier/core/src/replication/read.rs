@@ -140,7 +140,7 @@ mod tests {
             // Keys placed by slots, or by per-key rendezvous (a node upgraded
             // from a build before slots).
             let old_members = members(before.iter().copied());
-            let old_layout = if legacy { Layout::Rendezvous(old_members) } else { layout(&old_members) };
+            let old_layout = if legacy { Layout::Rendezvous(old_members.into()) } else { layout(&old_members) };
             let mv = Move { before: Some(old_layout.clone()), departed: departed.clone() };
             // Out of sync: the members that do not hold the key, as a hint
             // log would say for some of them.

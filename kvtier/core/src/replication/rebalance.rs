@@ -50,7 +50,12 @@ pub fn plan_rebalance(
     let mut out = Vec::new();
     for key in keys {
         let old = before.replicas(&key, r);
-        let new = view.table().rank_prefix(&key).take(r).map(|m| m.id.clone()).collect::<Vec<_>>();
+        let new = view
+            .table()
+            .rank_prefix(&key)
+            .take(r)
+            .map(|m| m.id.clone())
+            .collect::<Vec<_>>();
         if old == new {
             continue;
         }
@@ -199,7 +204,9 @@ mod tests {
     }
 
     fn view_in(l: &Layout, me: &NodeId) -> Membership {
-        let Layout::Slots(t) = l else { unreachable!("a slot layout") };
+        let Layout::Slots(t) = l else {
+            unreachable!("a slot layout")
+        };
         Membership::new(me.clone(), t.clone(), Detector::default())
     }
 
@@ -252,7 +259,7 @@ mod tests {
         // Per-key rendezvous (a build before slots), and another slot
         // count: nearly every key moves, each copy pushed once.
         for r in [1, 2, 3] {
-            let frac = check_scale(&Layout::Rendezvous(members(4)), 4, r);
+            let frac = check_scale(&Layout::Rendezvous(members(4).into()), 4, r);
             assert!(frac > 0.5, "r {r}: moved {frac}");
             let other = Layout::Slots(Arc::new(SlotTable::new(&members(4), 4096, MAX_R).unwrap()));
             check_scale(&other, 4, r);
