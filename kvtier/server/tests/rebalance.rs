@@ -5,7 +5,7 @@
 use kvtier_testkit as common;
 
 use common::{Daemon, cluster_stats, content, data, eventually, free_ports, key, keys, liveness};
-use kvtier::replication::placement::{Member, NodeId};
+use kvtier::replication::placement::{self, Member, NodeId};
 use kvtier::replication::slots::{DEFAULT_SLOTS, MAX_R, SlotTable, moves};
 use kvtier::{BlockKey, NamespaceId};
 use kvtier_client::Client;
@@ -625,4 +625,191 @@ async fn sigterm_stops_a_running_rebalance_promptly() {
     // b still runs its own pass, and serves.
     let b = cl.client(1).await;
     assert_eq!(cluster_stats(&b).await.rebalance_state, "running");
+}
+
+/// Nodes `ids` that list all of them, with `slots` lines for some nodes in
+/// their `[cluster]` table (`(index, count)`), started.
+fn start_with_slots(ids: &[&str], extra: &str, slots: &[(usize, u32)]) -> Nodes {
+    let ports = free_ports(ids.len());
+    let mut n = Nodes {
+        root: tempfile::tempdir().unwrap(),
+        nodes: Vec::new(),
+        extra: extra.into(),
+    };
+    let members: Vec<Member> = ids
+        .iter()
+        .zip(&ports)
+        .map(|(id, p)| Member::new(*id, format!("127.0.0.1:{p}")))
+        .collect();
+    for (id, p) in ids.iter().zip(&ports) {
+        n.add(id, *p, &members);
+    }
+    for (i, count) in slots {
+        set_slots(&n, *i, Some(*count));
+    }
+    for i in 0..ids.len() {
+        n.start_node(i);
+    }
+    n
+}
+
+/// Sets (or, with `None`, removes) `slots` in node `i`'s config.
+fn set_slots(cl: &Nodes, i: usize, slots: Option<u32>) {
+    let f = &cl.nodes[i].config;
+    let text = std::fs::read_to_string(f).unwrap();
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.starts_with("slots = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let text = match slots {
+        Some(s) => kept.replacen("[cluster]\n", &format!("[cluster]\nslots = {s}\n"), 1),
+        None => kept,
+    };
+    std::fs::write(f, text).unwrap();
+}
+
+/// A node configured with another slot count places keys elsewhere: the
+/// others refuse its pings and count its answers as missed, and it does
+/// the same, so no copy goes between them; writes meant for it wait in
+/// hints. Once it places keys as they do, it is up again and gets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_slot_count_is_refused_until_it_agrees() {
+    let mut cl = start_with_slots(&["a", "b", "c"], "", &[(2, 4096)]);
+    let (a, b, c) = (cl.client(0).await, cl.client(1).await, cl.client(2).await);
+    for (x, who) in [(&a, "c"), (&b, "c"), (&c, "a"), (&c, "b")] {
+        eventually(&format!("{who} is seen down"), 20, || async {
+            liveness(x, who).await == "down"
+        })
+        .await;
+    }
+    eventually("a and b see each other up", 20, || async {
+        liveness(&a, "b").await == "up" && liveness(&b, "a").await == "up"
+    })
+    .await;
+    let (sa, sc) = (cluster_stats(&a).await, cluster_stats(&c).await);
+    assert_eq!((sa.placement_slots, sc.placement_slots), (65_536, 4096));
+    assert!(
+        sa.placement_mismatches > 0 && sc.placement_mismatches > 0,
+        "{sa:?} {sc:?}"
+    );
+    // Its member list is refused too: offered to a, and to c.
+    let e = a.members(Some(c.members(None).await.unwrap())).await.unwrap_err();
+    assert_eq!(e.kind(), kvtier::ErrorKind::Config, "{e}");
+    assert!(e.to_string().contains("places keys in 4096 slots"), "{e}");
+
+    // Writes through a are acknowledged (c's copies go to a stand-in with
+    // a hint); none reaches c.
+    let ns = replicated(&a, "mismatch", 2).await;
+    let n = 100u64;
+    a.put(ns, &keys(ns, 0..n), data(ns, 0..n)).await.unwrap();
+    assert_eq!(cluster_stats(&c).await.replica_blocks_received, 0);
+    let pending = cluster_stats(&a).await.hints_pending + cluster_stats(&b).await.hints_pending;
+    let all = placement(&cl.members());
+    let on_c: Vec<u64> = (0..n)
+        .filter(|i| all.replicas(&key(ns, *i), 2).unwrap().contains(&"c".into()))
+        .collect();
+    assert!(!on_c.is_empty(), "c is a replica of some of {n} keys");
+    assert_eq!(pending, on_c.len() as u64, "one hint per copy meant for c");
+
+    // c back with the cluster's slot count: up everywhere, and it gets
+    // every copy meant for it.
+    cl.stop(2);
+    set_slots(&cl, 2, None);
+    cl.start_node(2);
+    cl.all_up().await;
+    let c = cl.client(2).await;
+    eventually("hints delivered to c", 30, || async {
+        cluster_stats(&a).await.hints_pending + cluster_stats(&b).await.hints_pending == 0
+    })
+    .await;
+    let held_c = held(&c, ns, 0..n).await;
+    for i in &on_c {
+        assert!(held_c[*i as usize], "block {i} on its replica c");
+    }
+    assert_eq!(cluster_stats(&c).await.placement_slots, 65_536);
+}
+
+/// A cluster whose keys were placed by a build before slots (per-key
+/// rendezvous: no `placement.json` in the data dirs, which hold data)
+/// moves each key once to its slot replicas when the new build starts,
+/// and reads never miss during the move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_placed_before_slots_move_once_and_reads_never_miss() {
+    // 64 KiB/s: the move lasts seconds, so the reader reads during it.
+    let mut cl = Nodes::start(&["a", "b", "c"], "rebalance_bytes_per_s = 65536\n");
+    cl.all_up().await;
+    let members = cl.members();
+    let a = cl.client(0).await;
+    let (ns, n) = (replicated(&a, "before-slots-r1", 1).await, 300u64);
+    let (ns2, n2) = (replicated(&a, "before-slots-r2", 2).await, 150u64);
+    // Every copy where per-key rendezvous put it, written to each node's
+    // own tiers.
+    let clients = cl.clients().await;
+    for (ns, n, r) in [(ns, n, 1), (ns2, n2, 2)] {
+        for (x, m) in members.iter().enumerate() {
+            let mine: Vec<u64> = (0..n)
+                .filter(|i| placement::replicas(&key(ns, *i), &members, r).contains(&m.id))
+                .collect();
+            for i in &mine {
+                let k = key(ns, *i);
+                let d = bytes::Bytes::from(content(ns, *i, BLOCK));
+                clients[x].replica_put(ns, &[k], d, None, None, None).await.unwrap();
+            }
+        }
+    }
+    for i in 0..3 {
+        cl.stop(i);
+        let marker = cl.nodes[i].dir.join("placement.json");
+        let saved = std::fs::read_to_string(&marker).unwrap();
+        assert!(saved.contains("65536"), "{saved}");
+        // As a build before slots left it.
+        std::fs::remove_file(marker).unwrap();
+    }
+    for i in 0..3 {
+        cl.start_node(i);
+    }
+    let a = cl.client(0).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = reader(a.clone(), ns, 0..n, stop.clone(), 200_000);
+    settled(&cl, 3, &[0, 1, 2]).await;
+    let reads = no_misses(stop, reads).await;
+
+    let slots = placement(&members);
+    let (mut gained, mut gained_by_a) = (0, 0);
+    let mut moved_keys = 0;
+    for (ns, n, r) in [(ns, n, 1), (ns2, n2, 2)] {
+        let held = layout(&cl, ns, n).await;
+        for i in 0..n {
+            let k = key(ns, i);
+            let old = placement::replicas(&k, &members, r);
+            let new = slots.replicas(&k, r).unwrap();
+            gained += new.iter().filter(|x| !old.contains(x)).count() as u64;
+            gained_by_a += u64::from(r == 1 && new[0] == members[0].id && old != new);
+            moved_keys += u64::from(r == 1 && old != new);
+            for (x, h) in held.iter().enumerate() {
+                let replica = new.contains(&members[x].id);
+                // a, which served the reads, may keep copies it promoted.
+                if replica || x != 0 {
+                    assert_eq!(h[i as usize], replica, "R = {r} block {i} on {}", members[x].id);
+                }
+            }
+        }
+    }
+    let mut moved = 0;
+    for (i, c) in cl.clients().await.iter().enumerate() {
+        moved += cluster_stats(c).await.rebalance_keys_moved;
+        let saved = std::fs::read_to_string(cl.nodes[i].dir.join("placement.json")).unwrap();
+        assert!(saved.contains("65536"), "the move is recorded as done: {saved}");
+    }
+    // Each gained copy was pushed once, unless a read through a had
+    // already brought it to a, its new replica.
+    assert!(
+        moved <= gained && moved + gained_by_a >= gained,
+        "moved {moved} copies, gained {gained}, {gained_by_a} of them by a"
+    );
+    eprintln!(
+        "placement change: {moved_keys} of {n} R = 1 keys moved, {gained} copies in all; {reads} reads during the move, 0 misses"
+    );
+    assert!(moved_keys > n / 2, "about 2/3 of the keys move: {moved_keys} of {n}");
 }

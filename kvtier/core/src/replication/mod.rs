@@ -224,6 +224,42 @@ mod tests {
     }
 
     #[test]
+    fn a_large_cluster_writes_and_reads_within_the_keys_stored_order() {
+        let mut v = view(40, 0);
+        let rep = Replication::strong(3);
+        let prefix = |v: &Membership, key: &BlockKey| -> Vec<NodeId> {
+            v.table().rank_prefix(key).map(|m| m.id.clone()).collect()
+        };
+        for k in 0..200u128 {
+            let key = BlockKey(k);
+            let p = prefix(&v, &key);
+            assert_eq!(p.len(), slots::MAX_R);
+            let plan: Vec<NodeId> = plan_write(&key, &v, rep).targets.into_iter().map(|t| t.node).collect();
+            assert_eq!(plan, p[..3]);
+            assert_eq!(read_order(&key, &v, rep), p, "the stored order, not all 40");
+            assert_eq!(uploader(&key, &v, rep).as_ref(), Some(&p[0]));
+        }
+        // Stand-ins come from the stored order: with the first replica and
+        // every stand-in but the last down, the last takes the copy; with
+        // it down too, the plan is short of its quorum.
+        let key = (0..1000u128)
+            .map(BlockKey)
+            .find(|k| !prefix(&v, k).contains(v.me()))
+            .unwrap();
+        let p = prefix(&v, &key);
+        down(&mut v, &p[0]);
+        for n in &p[3..slots::MAX_R - 1] {
+            down(&mut v, n);
+        }
+        let plan = plan_write(&key, &v, rep);
+        assert_eq!(plan.targets.len(), 3);
+        assert_eq!(plan.targets[0].node, p[slots::MAX_R - 1]);
+        assert_eq!(plan.targets[0].hint_for.as_ref(), Some(&p[0]));
+        down(&mut v, &p[slots::MAX_R - 1]);
+        assert!(plan_write(&key, &v, rep).targets.len() < rep.w());
+    }
+
+    #[test]
     fn out_of_sync_members_are_read_last() {
         let v = view(4, 0);
         let key = BlockKey(7);
