@@ -55,7 +55,7 @@
 //! the clock.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::cmp::Ordering;
 use std::sync::Arc;
 
 use super::placement::{Member, NodeId};
@@ -159,8 +159,11 @@ pub struct Membership {
     /// The member list's clock: see "Catching up on the member list".
     list_epoch: u64,
     detector: Detector,
-    /// Liveness per member: exactly the ids of `table`'s members.
-    states: BTreeMap<NodeId, State>,
+    /// Liveness per member, beside `table`'s members (same index): placing
+    /// a key reads its replicas' liveness without a search.
+    states: Vec<State>,
+    /// This node's index in `table`'s members, while it is one.
+    me_at: Option<usize>,
     table: Arc<SlotTable>,
 }
 
@@ -280,13 +283,15 @@ impl Membership {
     /// unless it left), all up, epoch 1. Tables of [`MAX_R`] members per
     /// slot leave writes the most stand-ins.
     pub fn new(me: NodeId, table: Arc<SlotTable>, detector: Detector) -> Self {
-        let states = table.members().iter().map(|m| (m.id.clone(), State::UP)).collect();
+        let states = vec![State::UP; table.members().len()];
+        let me_at = table.index_of(&me);
         Self {
             me,
             epoch: 1,
             list_epoch: 0,
             detector,
             states,
+            me_at,
             table,
         }
     }
@@ -412,17 +417,19 @@ impl Membership {
                 .filter(|m| find(before, &m.id).map_or(true, |i| before[i] != **m))
                 .map(|m| Change::Joined(m.id.clone())),
         );
-        for c in &out {
-            match c {
-                Change::Left(id) => {
-                    self.states.remove(id);
-                }
-                Change::Joined(id) => {
-                    self.states.entry(id.clone()).or_insert(State::UP);
-                }
-                Change::Liveness { .. } => unreachable!("a list change"),
-            }
+        // Both lists are in id order: one merge walk carries each kept
+        // member's state over, new members start up.
+        let mut states = Vec::with_capacity(table.members().len());
+        let mut old = before.iter().zip(&self.states).peekable();
+        for m in table.members() {
+            while old.next_if(|(o, _)| o.id < m.id).is_some() {}
+            states.push(match old.peek() {
+                Some((o, s)) if o.id.cmp(&m.id) == Ordering::Equal => **s,
+                _ => State::UP,
+            });
         }
+        self.states = states;
+        self.me_at = table.index_of(&self.me);
         let n = out.len() as u64;
         self.epoch += n;
         self.list_epoch = match change.clock {
@@ -432,7 +439,7 @@ impl Membership {
             ListClock::Take(e) => self.list_epoch.max(e),
         };
         self.table = table;
-        debug_assert!(self.table.members().iter().map(|m| &m.id).eq(self.states.keys()));
+        debug_assert_eq!(self.states.len(), self.table.members().len());
         Ok(out)
     }
 
@@ -500,6 +507,20 @@ impl Membership {
         self.states.len()
     }
 
+    /// The liveness of the member at `index` in the table's members (this
+    /// node is always up). Panics past the members.
+    pub fn liveness_at(&self, index: usize) -> Liveness {
+        if self.me_at == Some(index) {
+            return Liveness::Up;
+        }
+        self.states[index].liveness
+    }
+
+    /// Whether writes go to the member at `index` in the table's members.
+    pub fn is_writable_at(&self, index: usize) -> bool {
+        matches!(self.liveness_at(index), Liveness::Up | Liveness::Suspect)
+    }
+
     /// Whether the placement set is empty (never, for a view: a table has
     /// a member).
     pub fn is_empty(&self) -> bool {
@@ -513,10 +534,7 @@ impl Membership {
 
     /// A member's liveness (`None`: not a member).
     pub fn liveness(&self, id: &NodeId) -> Option<Liveness> {
-        if *id == self.me {
-            return self.states.get(id).map(|_| Liveness::Up);
-        }
-        self.states.get(id).map(|s| s.liveness)
+        self.table.index_of(id).map(|i| self.liveness_at(i))
     }
 
     /// Whether writes go to `id` (up or suspect).
@@ -525,7 +543,7 @@ impl Membership {
     }
 
     fn set(&mut self, id: &NodeId, to: Liveness, misses: u32) -> Option<Change> {
-        let s = self.states.get_mut(id)?;
+        let s = &mut self.states[self.table.index_of(id)?];
         s.misses = misses;
         if s.liveness == to {
             return None;
@@ -549,7 +567,7 @@ impl Membership {
         if *id == self.me {
             return None;
         }
-        let misses = self.states.get(id)?.misses.saturating_add(1);
+        let misses = self.states[self.table.index_of(id)?].misses.saturating_add(1);
         let to = if misses >= self.detector.down_after {
             Liveness::Down
         } else if misses >= self.detector.suspect_after {
@@ -618,6 +636,10 @@ mod tests {
     fn join_and_leave_change_the_placement_set_and_the_epoch() {
         let mut m = three();
         let e0 = m.epoch();
+        for _ in 0..3 {
+            m.heartbeat_failed(&"c".into());
+        }
+        let e0 = e0 + 2;
         assert_eq!(m.join(Member::new("d", "d:1")), Ok(Some(Change::Joined("d".into()))));
         assert_eq!(m.join(Member::new("d", "d:1")), Ok(None), "joining twice is a no-op");
         assert_eq!(m.members().len(), 4);
@@ -628,6 +650,10 @@ mod tests {
         assert_eq!(m.epoch(), e0 + 2);
         assert_eq!(m.liveness(&"b".into()), None);
         assert!(m.member(&"b".into()).is_none());
+        // Members before and after the changed ones keep their liveness.
+        assert_eq!(m.liveness(&"c".into()), Some(Liveness::Down));
+        assert_eq!(m.liveness(&"d".into()), Some(Liveness::Up));
+        assert_eq!(m.liveness(&"a".into()), Some(Liveness::Up));
         // The table is the list's, as a rebuild makes it.
         let want = SlotTable::new(&m.members(), SLOTS, MAX_R).unwrap();
         assert!(**m.table() == want);

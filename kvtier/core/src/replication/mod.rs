@@ -110,10 +110,13 @@ pub struct WritePlan {
     pub quorum: usize,
 }
 
-/// `key`'s stored replica order in `view`: its first R replicas, then the
-/// members that stand in for them (the slot's first [`slots::MAX_R`]).
-fn order<'a>(key: &BlockKey, view: &'a Membership) -> impl Iterator<Item = &'a NodeId> + 'a {
-    view.table().rank_prefix(key).map(|m| &m.id)
+/// `key`'s stored replica order in `view`, each member with whether writes
+/// go to it: its first R replicas, then the members that stand in for them
+/// (the slot's first [`slots::MAX_R`]).
+fn order<'a>(key: &BlockKey, view: &'a Membership) -> impl Iterator<Item = (&'a NodeId, bool)> + 'a {
+    view.table()
+        .rank_prefix_indexed(key)
+        .map(|(i, m)| (&m.id, view.is_writable_at(i)))
 }
 
 /// Plans a write of `key`: its first `r` replicas in placement order, each
@@ -121,20 +124,19 @@ fn order<'a>(key: &BlockKey, view: &'a Membership) -> impl Iterator<Item = &'a N
 /// key's stored order, with a hint. Fewer targets than `quorum` means the
 /// write must fail (not enough nodes up).
 pub fn plan_write(key: &BlockKey, view: &Membership, rep: Replication) -> WritePlan {
-    let order: Vec<&NodeId> = order(key, view).collect();
-    let r = rep.replicas.min(order.len());
-    let mut spares = order[r..].iter().filter(|n| view.is_writable(n));
+    let r = rep.replicas;
+    let mut spares = order(key, view).skip(r).filter(|(_, up)| *up);
     let mut targets = Vec::with_capacity(r);
-    for n in &order[..r] {
-        if view.is_writable(n) {
+    for (n, up) in order(key, view).take(r) {
+        if up {
             targets.push(Target {
-                node: (*n).clone(),
+                node: n.clone(),
                 hint_for: None,
             });
-        } else if let Some(s) = spares.next() {
+        } else if let Some((s, _)) = spares.next() {
             targets.push(Target {
-                node: (*s).clone(),
-                hint_for: Some((*n).clone()),
+                node: s.clone(),
+                hint_for: Some(n.clone()),
             });
         }
     }
@@ -161,8 +163,8 @@ pub fn read_order_with(
     out_of_sync: impl Fn(&NodeId) -> bool,
 ) -> Vec<NodeId> {
     let (fresh, stale): (Vec<NodeId>, Vec<NodeId>) = order(key, view)
-        .filter(|n| view.is_writable(n))
-        .cloned()
+        .filter(|(_, up)| *up)
+        .map(|(n, _)| n.clone())
         .partition(|n| !out_of_sync(n));
     fresh.into_iter().chain(stale).collect()
 }
@@ -174,8 +176,8 @@ pub fn read_order_with(
 pub fn uploader(key: &BlockKey, view: &Membership, rep: Replication) -> Option<NodeId> {
     order(key, view)
         .take(rep.replicas)
-        .find(|n| view.is_writable(n))
-        .cloned()
+        .find(|(_, up)| *up)
+        .map(|(n, _)| n.clone())
 }
 
 #[cfg(test)]

@@ -40,6 +40,14 @@ fn first_writable<'a>(order: &'a [NodeId], view: &Membership) -> Option<&'a Node
 
 /// This node's share of the moves from the layout `before` to `view`'s,
 /// for `keys` it holds, each with `r` replicas.
+///
+/// After a change of the placement itself (`before` in another slot
+/// count, or by per-key rendezvous), copies may also sit where the old
+/// placement does not put them: a node's keys from before it was a
+/// cluster member, a stand-in's copies. A holder that is a replica under
+/// neither placement then pushes its copy itself, since no old replica may
+/// hold it. (After a change of the member list alone, such a copy is a
+/// read's or a stand-in's, and the old replicas push.)
 pub fn plan_rebalance(
     keys: impl IntoIterator<Item = BlockKey>,
     before: &Layout,
@@ -47,6 +55,10 @@ pub fn plan_rebalance(
     r: usize,
 ) -> Vec<Transfer> {
     let me = view.me();
+    let placement_changed = match before {
+        Layout::Slots(t) => t.slots() != view.slots(),
+        _ => true,
+    };
     let mut out = Vec::new();
     for key in keys {
         let old = before.replicas(&key, r);
@@ -56,12 +68,18 @@ pub fn plan_rebalance(
             .take(r)
             .map(|m| m.id.clone())
             .collect::<Vec<_>>();
-        if old == new {
+        let stray = placement_changed && !old.contains(me) && !new.contains(me);
+        if old == new && !stray {
             continue;
         }
-        let gained: Vec<NodeId> = new.iter().filter(|n| !old.contains(n)).cloned().collect();
+        // A stray copy's holder asks every new replica: none may hold it.
+        let gained: Vec<NodeId> = new.iter().filter(|n| stray || !old.contains(n)).cloned().collect();
         // Old replicas push; if none is left (all gone), any holder does.
-        let pusher = first_writable(&old, view).or_else(|| (!new.contains(me)).then_some(me));
+        let pusher = if stray {
+            Some(me)
+        } else {
+            first_writable(&old, view).or_else(|| (!new.contains(me)).then_some(me))
+        };
         let push_to = if pusher == Some(me) { gained } else { Vec::new() };
         let drop_after_confirm = if new.contains(me) { Vec::new() } else { new };
         if !push_to.is_empty() || !drop_after_confirm.is_empty() {
@@ -263,6 +281,41 @@ mod tests {
             assert!(frac > 0.5, "r {r}: moved {frac}");
             let other = Layout::Slots(Arc::new(SlotTable::new(&members(4), 4096, MAX_R).unwrap()));
             check_scale(&other, 4, r);
+        }
+    }
+
+    #[test]
+    fn after_a_placement_change_a_copy_outside_both_placements_is_pushed_by_its_holder() {
+        let ms = members(4);
+        let now = layout(&ms);
+        for before in [
+            Layout::Rendezvous(ms.clone().into()),
+            Layout::Slots(Arc::new(SlotTable::new(&ms, 4096, MAX_R).unwrap())),
+            layout(&ms[..3]),
+        ] {
+            let changed = !matches!(&before, Layout::Slots(t) if t.slots() == DEFAULT_SLOTS);
+            for me in &ms {
+                let view = view_in(&now, &me.id);
+                // Keys this node holds that neither placement puts here.
+                let strays: Vec<BlockKey> = (0..400)
+                    .map(key)
+                    .filter(|k| !before.replicas(k, 1).contains(&me.id) && !now.replicas(k, 1).contains(&me.id))
+                    .collect();
+                assert!(!strays.is_empty());
+                let plan = plan_rebalance(strays.clone(), &before, &view, 1);
+                // After a member-list change, a stray copy of a key whose
+                // replicas did not change is left alone.
+                let moved = strays
+                    .iter()
+                    .filter(|k| changed || before.replicas(k, 1) != now.replicas(k, 1));
+                assert_eq!(plan.len(), moved.count());
+                for t in &plan {
+                    let new = now.replicas(&t.key, 1);
+                    assert_eq!(t.drop_after_confirm, new);
+                    let want = if changed { new } else { Vec::new() };
+                    assert_eq!(t.push_to, want, "placement changed: {changed}");
+                }
+            }
         }
     }
 

@@ -579,7 +579,12 @@ impl SlotTable {
 
     /// Member `id`, if it is one.
     pub fn member(&self, id: &NodeId) -> Option<&Member> {
-        self.position(id).ok().map(|i| &self.members[i])
+        self.index_of(id).map(|i| &self.members[i])
+    }
+
+    /// Member `id`'s index in [`SlotTable::members`], if it is one.
+    pub fn index_of(&self, id: &NodeId) -> Option<usize> {
+        self.position(id).ok()
     }
 
     /// `key`'s stored replica order: its first `min(max_r, members)`
@@ -602,6 +607,16 @@ impl SlotTable {
 
     fn prefix(&self, slot: u32) -> impl ExactSizeIterator<Item = &Member> + '_ {
         self.order[self.range(slot)].iter().map(|i| &self.members[*i as usize])
+    }
+
+    /// [`SlotTable::rank_prefix`], each member with its index in
+    /// [`SlotTable::members`] (so that state kept per member in a list
+    /// beside the table is found without a search).
+    pub fn rank_prefix_indexed(&self, key: &BlockKey) -> impl ExactSizeIterator<Item = (usize, &Member)> + '_ {
+        let slot = self.slot_of(key);
+        self.order[self.range(slot)]
+            .iter()
+            .map(|i| (*i as usize, &self.members[*i as usize]))
     }
 
     /// The members holding `key`'s first `r` replicas (fewer when the

@@ -84,7 +84,9 @@
 //! that placement ([`Layout`]) over the member list, exactly as after a
 //! membership change: each key is pushed to its new replicas and dropped
 //! here only once they confirm it, and reads during the move also ask the
-//! key's replicas under the old placement. `placement.json` is written
+//! key's replicas under the old placement. A copy the old placement does
+//! not explain (kept from before the node was a cluster member, or a
+//! stand-in's) is pushed by the node that holds it. `placement.json` is written
 //! once a pass has succeeded (at once on a node without data), so a node
 //! stopped halfway resumes the move at its next start. Nodes of one cluster
 //! must place keys alike: the others refuse a node whose slot count differs
