@@ -38,7 +38,10 @@
 //!   [`MAX_SLOTS`]) when it is set up. The count is fixed cluster-wide: a
 //!   key's slot depends on it, so changing it moves nearly every key.
 //! - **`max_r` above R.** The stored prefix is also where a write finds a
-//!   stand-in for a down replica, so a table keeps a few members past R.
+//!   stand-in for a down replica, and where a read during a move finds
+//!   copies placed by the last few member lists, so a table keeps members
+//!   past R: a cluster's view keeps [`MAX_R`] (16), and a namespace has at
+//!   most that many replicas.
 //!
 //! # Cost
 //!

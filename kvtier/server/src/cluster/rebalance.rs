@@ -54,11 +54,12 @@
 //! A key's new replica may not have it yet. While a move may be under way
 //! (this node's pass pending or running, or less than [`SETTLE`] since the
 //! last change it saw, which covers the other nodes' passes), reads ask,
-//! after the key's replicas, its replicas under the member list before the
-//! move, every other writable member and the members that left recently
-//! (they serve until they are stopped): a key is found wherever a copy is
-//! (the core's [`read_order_moving`]). Outside a move, reads ask the
-//! replicas only.
+//! after the key's replicas, its replicas under the layout before the move,
+//! the other writable members of its slot order (its first 16 members,
+//! where stand-ins and copies placed by the last few member lists sit) and
+//! the members that left recently (they serve until they are stopped): a
+//! key is found wherever a copy is (the core's [`read_order_moving`]).
+//! Outside a move, reads ask the replicas only.
 //!
 //! # Clients before the view, the table off the runtime
 //!
