@@ -24,7 +24,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 # Azurite before the bench smokes: the blob smoke and the blob tests start it.
 KVTIER_AZURITE_BIN=$(./scripts/azurite.sh)
 export KVTIER_AZURITE_BIN
-echo "== bench smoke: kvtier-bench tiers --smoke, daemon --smoke, s3 --smoke, blob --smoke, replication --smoke, peers --smoke, replay, demo"
+echo "== bench smoke: kvtier-bench tiers --smoke, daemon --smoke, s3 --smoke, blob --smoke, replication --smoke, placement --smoke, peers --smoke, replay, demo"
 cargo build --release -q -p kvtier-bench -p kvtier-server
 smoke_dir=$(mktemp -d "${TMPDIR:-/tmp}/kvtier-smoke.XXXXXX")
 trap 'rm -rf "$smoke_dir"' EXIT
@@ -38,6 +38,7 @@ trap 'rm -rf "$smoke_dir"' EXIT
 # broken one; replay's --check does the same for the replay and the sweep.
 ./target/release/kvtier-bench blob --smoke --json --dir "$smoke_dir/blob"
 ./target/release/kvtier-bench replication --smoke --json --dir "$smoke_dir/replication"
+./target/release/kvtier-bench placement --smoke --json
 ./target/release/kvtier-bench peers --smoke --json --dir "$smoke_dir/peers"
 # The trace replay: real BlockManager, real bytes; LRU must reproduce the
 # reference simulation computed in the same run.

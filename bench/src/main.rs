@@ -10,6 +10,7 @@ mod daemon;
 mod demo;
 mod lmcache;
 mod peers;
+mod placement;
 mod python;
 mod replay;
 mod replication;
@@ -48,6 +49,11 @@ enum Cmd {
     /// per logical byte, a checkpoint's time to safety and restore against
     /// local files copied to blob, and blob requests per node per second.
     Replication(replication::Args),
+    /// Placement by slots at 10,000 and 100,000 members: nanoseconds per
+    /// key against hashing the key (and against per-key rendezvous, the
+    /// placement before slots), the table's build, and the share of keys a
+    /// join moves against 1 / N.
+    Placement(placement::Args),
     /// A request trace through the real BlockManager with real bytes: token
     /// hit rate of an eviction policy against LRU and the offline optimum
     /// computed in the same run; `--sweep` draws the curves and runs the
@@ -119,6 +125,7 @@ fn main() {
         Cmd::Daemon(a) => daemon::run(&a),
         Cmd::Blob(a) => blob::run(&a),
         Cmd::Replication(a) => replication::run(&a),
+        Cmd::Placement(a) => placement::run(&a),
         Cmd::Replay(a) => replay::run(&a),
         Cmd::Peers(a) => peers::run(&a),
         Cmd::Python(a) => python::run(&a),

@@ -10,9 +10,9 @@
 //!   bytes Put through node `a` in large blocks, one request after another.
 //!   `fanout_gbps_rN` is logical bytes acknowledged (all R copies written)
 //!   per second. The coordinator is not always a replica (placement is
-//!   rendezvous hashing over all members), so the replica bytes moved over
-//!   the network are computed from placement for every key and must equal
-//!   the cluster's own `replica_blocks_received` counters.
+//!   by slots, rendezvous over all members per slot), so the replica bytes
+//!   moved over the network are computed from placement for every key and
+//!   must equal the cluster's own `replica_blocks_received` counters.
 //! - `bytes_to_blob_ratio` for every R: after each namespace's writeback
 //!   drains on every node, the object bytes uploaded across the nodes, less
 //!   the 64-byte object header of each PUT, over the logical bytes: 1.0
@@ -38,6 +38,7 @@
 use bytes::Bytes;
 use kvtier::checkpoint::Checkpoints;
 use kvtier::replication::placement::{self, Member};
+use kvtier::replication::slots::{DEFAULT_SLOTS, MAX_R, SlotTable};
 use kvtier::tier::blob::azurite::{self, Azurite};
 use kvtier::tier::blob::container::{SharedKey, create_container};
 use kvtier::{AlignedBuf, BlockKey, ErrorKind, Result};
@@ -353,36 +354,18 @@ async fn all_up(clients: &[Client]) -> Result<()> {
     .await
 }
 
+/// The placement of `members` as the nodes compute it (default slots).
+fn placed(members: &[Member]) -> SlotTable {
+    SlotTable::new(members, DEFAULT_SLOTS, MAX_R).expect("a valid member list")
+}
+
 /// Copies of `keys` with `r` replicas that placement sends to a node other
 /// than the coordinator `me`: the replica blocks that cross the network.
 fn peer_blocks(keys: &[BlockKey], members: &[Member], r: usize, me: &placement::NodeId) -> u64 {
+    let table = placed(members);
     keys.iter()
-        .map(|k| placement::replicas(k, members, r).iter().filter(|n| *n != me).count() as u64)
+        .map(|k| table.rank_prefix(k).take(r).filter(|m| m.id != *me).count() as u64)
         .sum()
-}
-
-/// Microseconds placement takes to pick 3 replicas of a key among
-/// `members` synthetic members (median of 3 passes over `keys` keys): what a
-/// node computes per key on every write and read, at the cluster sizes the
-/// README extrapolates to.
-fn placement_us_per_key(members: usize, keys: usize) -> f64 {
-    let ms: Vec<Member> = (0..members)
-        .map(|i| Member::new(format!("node-{i}"), format!("10.0.{}.{}:50051", i / 256, i % 256)))
-        .collect();
-    let ns = namespace("placement", 4096).id();
-    let ks: Vec<BlockKey> = (0..keys).map(|i| key(ns, 0, i)).collect();
-    let passes: Vec<f64> = (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            let mut n = 0;
-            for k in &ks {
-                n += std::hint::black_box(placement::replicas(k, &ms, 3)).len();
-            }
-            assert_eq!(n, 3 * keys, "3 replicas per key among at least 3 members");
-            t.elapsed().as_secs_f64() * 1e6 / keys as f64
-        })
-        .collect();
-    median(passes)
 }
 
 /// One replica count's fan-out.
@@ -495,10 +478,11 @@ async fn put_done(set: &mut tokio::task::JoinSet<PutTask>, r: usize) -> Result<(
 /// own tiers (no peer or blob reads).
 async fn verify_replicas(clients: &[Client], members: &[Member], s: &Sizes, r: usize, src: &[u8]) -> Result<u64> {
     let ns = namespace(&format!("bench-replication-r{r}"), s.block).id();
+    let table = placed(members);
     let mut checked = 0;
     for i in 0..s.blocks() {
         let k = key(ns, r, i);
-        for n in placement::replicas(&k, members, r) {
+        for n in table.replicas(&k, r).map_err(|e| e.into_error())? {
             let at = NODES.iter().position(|id| *id == n.0).expect("a member");
             let g = clients[at]
                 .replica_get(ns, &[k])
@@ -810,25 +794,21 @@ fn measure(a: &Args) -> Result<Value> {
         );
     }
     let per = |n: u64| round3(n as f64 / NODES.len() as f64 / workload_s);
-    let placement: Vec<(usize, f64)> = [(3, 2000), (10_000, 20), (100_000, 4)]
-        .into_iter()
-        .map(|(m, k)| (m, placement_us_per_key(m, if a.smoke { k.min(2) } else { k })))
-        .collect();
-    let place_ref = placement[0].1;
-    let placement_json: serde_json::Map<String, Value> = placement
-        .iter()
-        .map(|(m, us)| {
-            (
-                m.to_string(),
-                json!({ "us_per_key": round3(*us), "ratio_to_3_members": ratio(*us, place_ref) }),
-            )
-        })
-        .collect();
+    // Placement at the cluster sizes the README extrapolates to (see
+    // `kvtier-bench placement`, which measures only this).
+    let sizes: &[(usize, usize)] = if a.smoke {
+        &[(1_000, 10_000), (10_000, 10_000)]
+    } else {
+        &[(10_000, 1_000_000), (100_000, 1_000_000)]
+    };
+    let mut placement_json = serde_json::Map::new();
+    for (m, k) in sizes {
+        placement_json.insert(m.to_string(), crate::placement::figures(*m, DEFAULT_SLOTS, *k)?);
+    }
     out.insert(
         "placement_by_members".into(),
         json!({
-            "replicas": 3,
-            "what": "placement::replicas per key (scores and ranks every member), synthetic members",
+            "what": "slot placement per key (kvtier-bench placement): plan_write at R = 3, the table's build, the moved fraction on a join",
             "members": placement_json,
         }),
     );

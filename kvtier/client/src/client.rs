@@ -558,14 +558,17 @@ impl Client {
     // The Peer service: what kvtierd nodes ask each other. Tests and tools
     // use it to read one node's own tiers.
 
-    /// A heartbeat from node `from` at membership `epoch`.
-    pub async fn ping(&self, from: &str, epoch: u64) -> Result<proto::PingResponse> {
+    /// A heartbeat from node `from` at membership `epoch`, placing keys in
+    /// `placement_slots` slots (a node placing them otherwise refuses it
+    /// with [`ErrorKind::Config`](kvtier::ErrorKind::Config)).
+    pub async fn ping(&self, from: &str, epoch: u64, placement_slots: u32) -> Result<proto::PingResponse> {
         Ok(self
             .peer
             .clone()
             .ping(proto::PingRequest {
                 from: from.into(),
                 epoch,
+                placement_slots,
             })
             .await
             .wire()?

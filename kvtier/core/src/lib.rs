@@ -14,7 +14,7 @@
 //!   ([`manager::writeback`]).
 //! - [`checkpoint`]: named checkpoints of files: content-addressed chunks
 //!   committed by a manifest, over any [`checkpoint::ChunkStore`].
-//! - [`replication`]: the replication core (rendezvous placement,
+//! - [`replication`]: the replication core (placement by slots,
 //!   membership with epochs, write plans with hinted stand-ins, the one
 //!   uploader per key), as plain functions without I/O.
 //! - [`events`]: tier events (a block stored in or removed from a tier),

@@ -10,6 +10,7 @@
 use kvtier::manager::{ManagerConfig, Mode};
 use kvtier::replication::membership::Detector;
 use kvtier::replication::placement::Member;
+use kvtier::replication::slots::{DEFAULT_SLOTS, MAX_SLOTS, MAX_WEIGHT};
 use kvtier::tier::blob::{BlobConfig, BlobMode};
 use kvtier::tier::disk::DiskConfig;
 use kvtier::tier::host::HostConfig;
@@ -123,6 +124,19 @@ pub struct ClusterConfig {
     /// most; 0 for no limit.
     #[serde(default = "default_rebalance_bytes_per_s")]
     pub rebalance_bytes_per_s: u64,
+    /// The slots keys hash into (placement: each slot's replicas are
+    /// computed once per member list). The same on every member: a node
+    /// with another count is refused by the others. Changing it moves
+    /// nearly every key once (see the README's upgrade notes). 65,536 by
+    /// default, which balances keys within about ±12% per member up to
+    /// 1,000 members at R = 1; larger clusters choose more when they are
+    /// set up (see `kvtier::replication::slots`).
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+}
+
+fn default_slots() -> u32 {
+    DEFAULT_SLOTS
 }
 
 fn default_rebalance_bytes_per_s() -> u64 {
@@ -167,9 +181,9 @@ impl ClusterConfig {
             if !seen.insert(&m.id) {
                 return Err(format!("cluster.members: duplicate id {:?}", m.id.0));
             }
-            if !(m.weight.is_finite() && m.weight > 0.0) {
+            if !(m.weight.is_finite() && m.weight > 0.0 && m.weight <= MAX_WEIGHT) {
                 return Err(format!(
-                    "cluster.members[{i}] ({}): weight {} must be a positive number",
+                    "cluster.members[{i}] ({}): weight {} must be a positive number, at most {MAX_WEIGHT:e}",
                     m.id, m.weight
                 ));
             }
@@ -193,6 +207,12 @@ impl ClusterConfig {
         }
         if self.heartbeat_interval_ms == 0 || self.peer_timeout_ms == 0 {
             return Err("cluster.heartbeat_interval_ms and cluster.peer_timeout_ms must be > 0".into());
+        }
+        if self.slots == 0 || self.slots > MAX_SLOTS {
+            return Err(format!(
+                "cluster.slots {} must be between 1 and {MAX_SLOTS}",
+                self.slots
+            ));
         }
         if self.suspect_after == 0 || self.down_after < self.suspect_after {
             return Err(format!(
@@ -808,6 +828,7 @@ mod tests {
         assert_eq!(cl.members.len(), 2);
         assert_eq!((cl.members[0].weight, cl.members[1].weight), (1.0, 2.0));
         assert_eq!((cl.heartbeat_interval_ms, cl.suspect_after, cl.down_after), (500, 1, 3));
+        assert_eq!(cl.slots, 65_536);
         let printed = toml::to_string_pretty(&c).unwrap();
         assert_eq!(toml::from_str::<DaemonConfig>(&printed).unwrap(), c, "{printed}");
         let c = DaemonConfig::load(Some(&f), env(&[("KVTIER_CLUSTER_NODE_ID", "b")])).unwrap();
@@ -855,6 +876,18 @@ mod tests {
         assert!(e.contains("must be host:port"), "{e}");
         let e = load(&format!("node_id = \"a\"\ndown_after = 0\n{two}"));
         assert!(e.contains("cluster.down_after (0)"), "{e}");
+        for slots in [0, MAX_SLOTS + 1] {
+            let e = load(&format!("node_id = \"a\"\nslots = {slots}\n{two}"));
+            assert!(
+                e.contains(&format!("cluster.slots {slots} must be between 1 and")),
+                "{e}"
+            );
+        }
+        let e = load("node_id = \"a\"\nmembers = [{ id = \"a\", addr = \"h:1\", weight = 2e12 }]\n");
+        assert!(
+            e.contains("weight 2000000000000 must be a positive number, at most 1e12"),
+            "{e}"
+        );
         let e = load(&format!("node_id = \"a\"\nport = 1\n{two}"));
         assert!(e.contains("unknown field `port`"), "{e}");
     }

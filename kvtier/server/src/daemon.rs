@@ -76,16 +76,23 @@ pub async fn run(
         cfg.max_request_bytes,
         cfg.max_inflight_bytes,
     )?;
-    let cluster = match &cfg.cluster {
-        Some(cc) => Some(Arc::new(Cluster::new(
-            cc,
-            cfg.tls.is_some(),
-            token.clone(),
-            manager.clone(),
-            node.registry().clone(),
-            &cfg.data_dir,
-            cfg.max_request_bytes,
-        )?)),
+    let cluster = match cfg.cluster.clone() {
+        Some(cc) => {
+            let (tls, token, manager, registry) = (
+                cfg.tls.is_some(),
+                token.clone(),
+                manager.clone(),
+                node.registry().clone(),
+            );
+            let (dir, max_request_bytes) = (cfg.data_dir.clone(), cfg.max_request_bytes);
+            // The placement of a large member list takes seconds to compute:
+            // off the runtime's threads.
+            let open = move || Cluster::new(&cc, tls, token, manager, registry, &dir, max_request_bytes);
+            let c = tokio::task::spawn_blocking(open)
+                .await
+                .map_err(|e| join_error("open the cluster", e))??;
+            Some(Arc::new(c))
+        }
         None => None,
     };
     let checkpoint_registry = node.registry().clone();

@@ -490,7 +490,12 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
         "# HELP kvtier_cluster_members_epoch The member list's epoch: equal on nodes that saw the same joins and leaves (cluster only).\n# TYPE kvtier_cluster_members_epoch gauge\nkvtier_cluster_members_epoch {}",
         c.members_epoch
     );
-    let counters: [(&str, &str, u64); 12] = [
+    let _ = writeln!(
+        o,
+        "# HELP kvtier_cluster_placement_slots The slot count keys are placed in (cluster.slots; cluster only).\n# TYPE kvtier_cluster_placement_slots gauge\nkvtier_cluster_placement_slots {}",
+        c.placement_slots
+    );
+    let counters: [(&str, &str, u64); 13] = [
         (
             "cluster_hints_delivered_total",
             "Hinted blocks handed back to their replica.",
@@ -550,6 +555,11 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
             "cluster_member_lists_adopted_total",
             "Newer member lists adopted from a peer.",
             c.member_lists_adopted,
+        ),
+        (
+            "cluster_placement_mismatches_total",
+            "Pings refused and answers counted as missed: the peer places keys in another slot count.",
+            c.placement_mismatches,
         ),
     ];
     for (name, help, v) in counters {

@@ -101,13 +101,16 @@ impl PeerService {
 impl proto::peer_server::Peer for PeerService {
     async fn ping(&self, req: Request<proto::PingRequest>) -> Reply<proto::PingResponse> {
         let t = Instant::now();
-        self.cluster.heard_from(&req.into_inner().from);
-        let (members_epoch, members_digest) = self.cluster.list_clock();
-        let r = Ok(proto::PingResponse {
-            node_id: self.cluster.me().0.clone(),
-            epoch: self.cluster.epoch(),
-            members_epoch,
-            members_digest,
+        let req = req.into_inner();
+        let r = self.cluster.heard_from(&req.from, req.placement_slots).map(|()| {
+            let (members_epoch, members_digest) = self.cluster.list_clock();
+            proto::PingResponse {
+                node_id: self.cluster.me().0.clone(),
+                epoch: self.cluster.epoch(),
+                members_epoch,
+                members_digest,
+                placement_slots: self.cluster.slots(),
+            }
         });
         self.node.observe("Ping", t, &r);
         r.map(Response::new)
@@ -258,7 +261,7 @@ impl proto::peer_server::Peer for PeerService {
     async fn members(&self, req: Request<proto::MembersRequest>) -> Reply<proto::MemberList> {
         let t = Instant::now();
         let r = match req.into_inner().offer {
-            Some(offer) => self.cluster.adopt_list(offer, "an offer").map(|_| ()),
+            Some(offer) => self.cluster.adopt_list(offer, "an offer").await.map(|_| ()),
             None => Ok(()),
         }
         .map(|()| self.cluster.member_list());

@@ -6,7 +6,8 @@ use kvtier_testkit as common;
 
 use common::{Daemon, cluster_stats, content, data, eventually, free_ports, key, keys, liveness, namespace};
 use kvtier::ErrorKind;
-use kvtier::replication::placement::{self, Member, NodeId};
+use kvtier::replication::placement::{Member, NodeId};
+use kvtier::replication::slots::{DEFAULT_SLOTS, MAX_R, SlotTable};
 use kvtier::{BlockKey, NamespaceId};
 use kvtier_client::{Client, SharedRegion};
 use kvtier_proto::proto;
@@ -30,7 +31,8 @@ struct Cluster {
     _root: tempfile::TempDir,
     config: PathBuf,
     nodes: Vec<Node>,
-    members: Vec<Member>,
+    /// The placement of the member list, as the nodes compute it.
+    placement: SlotTable,
     /// Environment every node gets, and per node (by index) on top.
     env: Vec<(usize, String, String)>,
 }
@@ -94,7 +96,7 @@ impl Cluster {
             _root: root,
             config,
             nodes,
-            members,
+            placement: SlotTable::new(&members, DEFAULT_SLOTS, MAX_R).unwrap(),
             env: env.iter().map(|(i, k, v)| (*i, k.to_string(), v.to_string())).collect(),
         };
         for i in 0..n {
@@ -157,7 +159,7 @@ impl Cluster {
 
     /// The replicas of `k` by placement over the whole member list.
     fn replicas(&self, k: &BlockKey, r: usize) -> Vec<NodeId> {
-        placement::replicas(k, &self.members, r)
+        self.placement.replicas(k, r).unwrap()
     }
 
     fn index(&self, id: &NodeId) -> usize {

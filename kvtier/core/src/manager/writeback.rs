@@ -23,7 +23,7 @@
 //!
 //! In a cluster every replica of a key logs it, but only one uploads it: an
 //! [`UploadFilter`] says whether this node is the key's uploader (the first
-//! live replica in rendezvous order, [`crate::replication::uploader`]). The
+//! live replica in placement order, [`crate::replication::uploader`]). The
 //! others keep the key pending and check blob (one HEAD) after a backoff:
 //! present means the uploader did its job; absent, they ask the filter
 //! again, which answers yes once the uploader is down. So a key goes to blob

@@ -8,7 +8,6 @@
 //! tried again at the next heartbeat.
 
 use super::membership::{Liveness, Membership};
-use super::placement::replicas;
 use crate::block::BlockKey;
 
 /// What to do with the hints for one home now.
@@ -69,10 +68,9 @@ pub fn settle_delivery(
     if !confirmed {
         return Settlement::default();
     }
-    let members = view.members();
     let drop = present
         .iter()
-        .filter(|k| !replicas(k, &members, r).contains(view.me()))
+        .filter(|k| !view.table().rank_prefix(k).take(r).any(|m| m.id == *view.me()))
         .copied()
         .collect();
     Settlement {
@@ -117,7 +115,7 @@ mod tests {
             prop_assert_eq!(s.delivered, present.len());
             prop_assert_eq!(s.given_up, missing.len());
             for k in present {
-                let mine = replicas(k, &view.members(), rep.replicas).contains(view.me());
+                let mine = view.table().replicas(k, rep.replicas).unwrap().contains(view.me());
                 prop_assert_eq!(s.drop.contains(k), !mine, "key {:?}: a replica here keeps it", k);
             }
             for k in &s.drop {

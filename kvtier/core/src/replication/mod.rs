@@ -1,8 +1,13 @@
 //! The replication core, shared by the KV cluster and checkpoint fan-out.
 //!
-//! - [`placement`]: weighted rendezvous hashing: each key's ordered replica
-//!   list, from the member list alone.
-//! - [`membership`]: members, liveness from heartbeats, and an epoch.
+//! - [`placement`]: weighted rendezvous hashing: a key's ordered replica
+//!   list from the member list alone, O(members) per key; and
+//!   [`Layout`](placement::Layout), how a set of keys was placed.
+//! - [`slots`]: the placement kvtier uses: keys hash into a fixed number of
+//!   slots, each slot ordered by rendezvous once per member list; a key's
+//!   replicas are a lookup, whatever the cluster size.
+//! - [`membership`]: members (as their slot table), liveness from
+//!   heartbeats, and an epoch.
 //! - [`rebalance`]: after a membership change or a node's return, which
 //!   keys this node pushes where, and which it may drop once confirmed.
 //! - [`write`]: a write's requests (its keys grouped by target), the tally
@@ -20,6 +25,7 @@ pub mod membership;
 pub mod placement;
 pub mod read;
 pub mod rebalance;
+pub mod slots;
 #[cfg(test)]
 mod testkit;
 pub mod write;
@@ -27,7 +33,7 @@ pub mod write;
 use serde::{Deserialize, Serialize};
 
 use self::membership::Membership;
-use self::placement::{NodeId, rank};
+use self::placement::NodeId;
 use crate::block::BlockKey;
 
 /// How many copies a write makes and waits for.
@@ -74,6 +80,13 @@ impl Replication {
                 self.replicas
             ));
         }
+        if self.replicas > slots::MAX_R {
+            return Err(format!(
+                "replicas {} exceeds {}, the most members placement keeps per key",
+                self.replicas,
+                slots::MAX_R
+            ));
+        }
         Ok(())
     }
 }
@@ -97,23 +110,30 @@ pub struct WritePlan {
     pub quorum: usize,
 }
 
-/// Plans a write of `key`: its first `r` replicas in rendezvous order, each
-/// down one replaced by the next writable member past the first `r`, with a
-/// hint. Fewer targets than `quorum` means the write must fail (not enough
-/// nodes up).
+/// `key`'s stored replica order in `view`, each member with whether writes
+/// go to it: its first R replicas, then the members that stand in for them
+/// (the slot's first [`slots::MAX_R`]).
+fn order<'a>(key: &BlockKey, view: &'a Membership) -> impl Iterator<Item = (&'a NodeId, bool)> + 'a {
+    view.table()
+        .rank_prefix_indexed(key)
+        .map(|(i, m)| (&m.id, view.is_writable_at(i)))
+}
+
+/// Plans a write of `key`: its first `r` replicas in placement order, each
+/// down one replaced by the next writable member past the first `r` in the
+/// key's stored order, with a hint. Fewer targets than `quorum` means the
+/// write must fail (not enough nodes up).
 pub fn plan_write(key: &BlockKey, view: &Membership, rep: Replication) -> WritePlan {
-    let members = view.members();
-    let order: Vec<NodeId> = rank(key, &members).into_iter().map(|i| members[i].id.clone()).collect();
-    let r = rep.replicas.min(order.len());
-    let mut spares = order[r..].iter().filter(|n| view.is_writable(n));
+    let r = rep.replicas;
+    let mut spares = order(key, view).skip(r).filter(|(_, up)| *up);
     let mut targets = Vec::with_capacity(r);
-    for n in &order[..r] {
-        if view.is_writable(n) {
+    for (n, up) in order(key, view).take(r) {
+        if up {
             targets.push(Target {
                 node: n.clone(),
                 hint_for: None,
             });
-        } else if let Some(s) = spares.next() {
+        } else if let Some((s, _)) = spares.next() {
             targets.push(Target {
                 node: s.clone(),
                 hint_for: Some(n.clone()),
@@ -127,7 +147,8 @@ pub fn plan_write(key: &BlockKey, view: &Membership, rep: Replication) -> WriteP
 }
 
 /// Where a read tries, in order: the replicas that are up, then the rest
-/// of the writable members (a stand-in may hold a hinted copy).
+/// of the writable members of the key's stored order (a stand-in may hold
+/// a hinted copy).
 pub fn read_order(key: &BlockKey, view: &Membership, rep: Replication) -> Vec<NodeId> {
     read_order_with(key, view, rep, |_| false)
 }
@@ -138,33 +159,25 @@ pub fn read_order(key: &BlockKey, view: &Membership, rep: Replication) -> Vec<No
 pub fn read_order_with(
     key: &BlockKey,
     view: &Membership,
-    rep: Replication,
+    _rep: Replication,
     out_of_sync: impl Fn(&NodeId) -> bool,
 ) -> Vec<NodeId> {
-    let members = view.members();
-    let order: Vec<NodeId> = rank(key, &members).into_iter().map(|i| members[i].id.clone()).collect();
-    let r = rep.replicas.min(order.len());
-    let (first, rest) = order.split_at(r);
-    let (fresh, stale): (Vec<NodeId>, Vec<NodeId>) = first
-        .iter()
-        .chain(rest)
-        .filter(|n| view.is_writable(n))
-        .cloned()
+    let (fresh, stale): (Vec<NodeId>, Vec<NodeId>) = order(key, view)
+        .filter(|(_, up)| *up)
+        .map(|(n, _)| n.clone())
         .partition(|n| !out_of_sync(n));
     fresh.into_iter().chain(stale).collect()
 }
 
 /// The one node that uploads `key` to blob: the first writable replica in
-/// rendezvous order. Every node computes the same answer, so a key is
+/// placement order. Every node computes the same answer, so a key is
 /// uploaded once whatever R is; when that node is down, the next one takes
 /// over.
 pub fn uploader(key: &BlockKey, view: &Membership, rep: Replication) -> Option<NodeId> {
-    let members = view.members();
-    rank(key, &members)
-        .into_iter()
+    order(key, view)
         .take(rep.replicas)
-        .map(|i| members[i].id.clone())
-        .find(|n| view.is_writable(n))
+        .find(|(_, up)| *up)
+        .map(|(n, _)| n.clone())
 }
 
 #[cfg(test)]
@@ -174,8 +187,8 @@ mod tests {
     use super::*;
 
     fn view(n: usize, me: usize) -> Membership {
-        let ms = (0..n).map(|i| Member::new(format!("n{i}"), format!("h:{i}"))).collect();
-        Membership::new(NodeId(format!("n{me}")), ms, Detector::default())
+        let ms: Vec<Member> = (0..n).map(|i| Member::new(format!("n{i}"), format!("h:{i}"))).collect();
+        Membership::with_members(NodeId(format!("n{me}")), &ms, 256, Detector::default()).unwrap()
     }
 
     fn down(v: &mut Membership, id: &NodeId) {
@@ -210,6 +223,42 @@ mod tests {
         let reads = read_order(&key, &v, rep);
         assert!(!reads.contains(&victim));
         assert!(reads[..3].contains(&p.targets[1].node));
+    }
+
+    #[test]
+    fn a_large_cluster_writes_and_reads_within_the_keys_stored_order() {
+        let mut v = view(40, 0);
+        let rep = Replication::strong(3);
+        let prefix = |v: &Membership, key: &BlockKey| -> Vec<NodeId> {
+            v.table().rank_prefix(key).map(|m| m.id.clone()).collect()
+        };
+        for k in 0..200u128 {
+            let key = BlockKey(k);
+            let p = prefix(&v, &key);
+            assert_eq!(p.len(), slots::MAX_R);
+            let plan: Vec<NodeId> = plan_write(&key, &v, rep).targets.into_iter().map(|t| t.node).collect();
+            assert_eq!(plan, p[..3]);
+            assert_eq!(read_order(&key, &v, rep), p, "the stored order, not all 40");
+            assert_eq!(uploader(&key, &v, rep).as_ref(), Some(&p[0]));
+        }
+        // Stand-ins come from the stored order: with the first replica and
+        // every stand-in but the last down, the last takes the copy; with
+        // it down too, the plan is short of its quorum.
+        let key = (0..1000u128)
+            .map(BlockKey)
+            .find(|k| !prefix(&v, k).contains(v.me()))
+            .unwrap();
+        let p = prefix(&v, &key);
+        down(&mut v, &p[0]);
+        for n in &p[3..slots::MAX_R - 1] {
+            down(&mut v, n);
+        }
+        let plan = plan_write(&key, &v, rep);
+        assert_eq!(plan.targets.len(), 3);
+        assert_eq!(plan.targets[0].node, p[slots::MAX_R - 1]);
+        assert_eq!(plan.targets[0].hint_for.as_ref(), Some(&p[0]));
+        down(&mut v, &p[slots::MAX_R - 1]);
+        assert!(plan_write(&key, &v, rep).targets.len() < rep.w());
     }
 
     #[test]
@@ -263,7 +312,7 @@ mod tests {
         down(&mut v, &u);
         let next = uploader(&k, &v, rep).unwrap();
         assert_ne!(next, u);
-        assert!(placement::replicas(&k, &v.members(), 2).contains(&next));
+        assert!(v.table().replicas(&k, 2).unwrap().contains(&next));
     }
 
     #[test]
@@ -276,5 +325,7 @@ mod tests {
         };
         assert!(bad.validate(3).unwrap_err().contains("write_quorum"));
         assert!(Replication::strong(3).validate(3).is_ok());
+        assert!(Replication::strong(17).validate(20).unwrap_err().contains("exceeds 16"));
+        assert!(Replication::strong(16).validate(20).is_ok());
     }
 }

@@ -6,9 +6,18 @@
 //! computes the same order from the member list alone, so there is no
 //! metadata service, and adding or removing a node moves only the keys
 //! whose top `r` it enters or leaves (about `r / n` of them).
+//!
+//! Scoring every member costs O(n) per key, so kvtier places keys by
+//! [slots](super::slots): a slot's order is this order of the slot's id,
+//! computed once per member list. Per-key rendezvous is kept as the
+//! definition of a slot's order, and as the [`Layout`] that builds before
+//! slots placed keys by, which a node upgraded from one moves its keys
+//! from.
 
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
+use super::slots::SlotTable;
 use crate::block::BlockKey;
 
 /// A node's stable name (not its address, which may change).
@@ -58,10 +67,25 @@ impl Member {
 
 /// The score of `node` for `key`; higher wins.
 fn score(node: &NodeId, weight: f64, key: &BlockKey) -> f64 {
-    let seed = xxhash_rust::xxh3::xxh3_64(node.0.as_bytes());
-    let h = xxhash_rust::xxh3::xxh3_64_with_seed(&key.to_le_bytes(), seed);
+    score_of_bits(weight, key_bits(node_seed(node), key))
+}
+
+/// The hash seed of `node`'s scores (a slot table computes it once per
+/// member).
+pub(super) fn node_seed(node: &NodeId) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(node.0.as_bytes())
+}
+
+/// The 53 random bits of the node with `seed` for `key`.
+pub(super) fn key_bits(seed: u64, key: &BlockKey) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(&key.to_le_bytes(), seed) >> 11
+}
+
+/// The score of a node of `weight` whose random bits for a key are `bits`
+/// (below 2^53).
+pub(super) fn score_of_bits(weight: f64, bits: u64) -> f64 {
     // 53 random bits mapped into (0, 1), never 0 or 1.
-    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let u = (bits as f64 + 0.5) / (1u64 << 53) as f64;
     -weight / u.ln()
 }
 
@@ -84,6 +108,38 @@ pub fn replicas(key: &BlockKey, members: &[Member], r: usize) -> Vec<NodeId> {
         .take(r)
         .map(|i| members[i].id.clone())
         .collect()
+}
+
+/// How a set of keys was placed: what a move after a change of the member
+/// list (or of the placement itself) starts from.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Layout {
+    /// By a slot table: kvtier's placement.
+    Slots(Arc<SlotTable>),
+    /// By per-key rendezvous over a member list, as kvtier placed keys
+    /// before slots. Costs O(members) per key: it is only read while a
+    /// node upgraded from such a build moves its keys once.
+    Rendezvous(Arc<[Member]>),
+}
+
+impl Layout {
+    /// `key`'s first `r` replicas under this layout (all members when
+    /// fewer; for a slot table, at most its `max_r`).
+    pub fn replicas(&self, key: &BlockKey, r: usize) -> Vec<NodeId> {
+        match self {
+            Self::Slots(t) => t.rank_prefix(key).take(r).map(|m| m.id.clone()).collect(),
+            Self::Rendezvous(members) => replicas(key, members, r),
+        }
+    }
+
+    /// The member list the keys were placed by, in id order for a table.
+    pub fn members(&self) -> &[Member] {
+        match self {
+            Self::Slots(t) => t.members(),
+            Self::Rendezvous(members) => members,
+        }
+    }
 }
 
 /// Which replicas a membership change gives and takes for `key`.

@@ -5,21 +5,28 @@
 //! join or leave a key's new replica may not have it yet: it sits on its
 //! old replicas until their rebalancing pass pushed it, and a member that
 //! left serves its keys until it is stopped. So during a move a read asks
-//! the new replicas, then the old ones, then every other writable member,
-//! then the members that left: wherever a live copy is, the read reaches
-//! it, and where nothing moved yet, it reaches it within the first two
-//! replica sets.
+//! the new replicas, then the old ones, then the other writable members of
+//! the key's stored order, then the members that left: wherever a live
+//! copy is, the read reaches it, and where nothing moved yet, it reaches it
+//! within the first two replica sets.
+//!
+//! The stored order is a slot's first [`MAX_R`](super::slots::MAX_R)
+//! members (every member in a cluster of at most that many), not the whole
+//! cluster: a read costs the same at 100,000 members. A join or leave
+//! moves a member at most one place in a slot's order, so copies placed by
+//! the few lists between the move's start and now sit within it, and the
+//! old layout's replicas are asked by name.
 
 use super::membership::Membership;
-use super::placement::{Member, NodeId, replicas};
+use super::placement::{Layout, NodeId};
 use super::{Replication, read_order_with};
 use crate::block::BlockKey;
 
 /// Keys may be on their way between nodes.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Move {
-    /// The member list keys were placed by before the move, when known.
-    pub before: Option<Vec<Member>>,
+    /// How keys were placed before the move, when known.
+    pub before: Option<Layout>,
     /// Members that left recently: they serve reads until they stop.
     pub departed: Vec<NodeId>,
 }
@@ -30,9 +37,9 @@ pub struct Move {
 /// Without a move: the key's first `replicas` in [`read_order_with`]
 /// order, those `out_of_sync` names (known to lack the key) last. During
 /// `moving`: the same first ones, then the key's replicas under the old
-/// member list that are writable or departed and not out of sync, then
-/// every other writable member in read order, then the departed members;
-/// no node twice.
+/// layout that are writable or departed and not out of sync, then the
+/// other writable members of the key's stored order in read order, then
+/// the departed members; no node twice.
 pub fn read_order_moving(
     key: &BlockKey,
     view: &Membership,
@@ -52,7 +59,7 @@ pub fn read_order_moving(
         }
     };
     if let Some(before) = &mv.before {
-        for n in replicas(key, before, rep.replicas) {
+        for n in before.replicas(key, rep.replicas) {
             let reachable = view.is_writable(&n) || (view.member(&n).is_none() && mv.departed.contains(&n));
             if reachable && !out_of_sync(&n) {
                 add(&n, &mut out);
@@ -70,8 +77,7 @@ pub fn read_order_moving(
 
 #[cfg(test)]
 mod tests {
-    use super::super::membership::Detector;
-    use super::super::testkit::{members, node, set_liveness};
+    use super::super::testkit::{layout, members, node, set_liveness, view_of};
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
@@ -100,7 +106,7 @@ mod tests {
     }
 
     fn view_after(after: &[usize], live: &[u8]) -> Membership {
-        let mut v = Membership::new(node(0), members(after.iter().copied()), Detector::default());
+        let mut v = view_of(node(0), &members(after.iter().copied()));
         for &i in after {
             set_liveness(&mut v, &node(i), live[i]);
         }
@@ -113,7 +119,7 @@ mod tests {
         let rep = Replication::strong(2);
         let key = BlockKey(11);
         let order = read_order_moving(&key, &v, rep, None, |_| false);
-        assert_eq!(order, replicas(&key, &v.members(), 2));
+        assert_eq!(order, v.table().replicas(&key, 2).unwrap());
         let moving = read_order_moving(&key, &v, rep, Some(&Move::default()), |_| false);
         assert_eq!(moving.len(), 5, "during a move: every member");
         assert_eq!(moving[..2], order[..]);
@@ -124,13 +130,18 @@ mod tests {
         fn a_read_during_a_move_reaches_a_live_holder(
             (before, after, live, r, holders) in arb_move(),
             k in any::<u128>(),
+            legacy in any::<bool>(),
         ) {
             let key = BlockKey(k);
             let view = view_after(&after, &live);
             let r = r.min(after.len());
             let rep = Replication::strong(r);
             let departed: Vec<NodeId> = before.iter().filter(|i| !after.contains(i)).map(|i| node(*i)).collect();
-            let mv = Move { before: Some(members(before.iter().copied())), departed: departed.clone() };
+            // Keys placed by slots, or by per-key rendezvous (a node upgraded
+            // from a build before slots).
+            let old_members = members(before.iter().copied());
+            let old_layout = if legacy { Layout::Rendezvous(old_members.into()) } else { layout(&old_members) };
+            let mv = Move { before: Some(old_layout.clone()), departed: departed.clone() };
             // Out of sync: the members that do not hold the key, as a hint
             // log would say for some of them.
             let lacks = |n: &NodeId| after.iter().any(|i| node(*i) == *n && !holders.contains(i) && live[*i] == 1);
@@ -152,7 +163,7 @@ mod tests {
             }
             // Nothing moved yet: a live old replica is asked within the
             // first two replica sets.
-            let old = replicas(&key, &members(before.iter().copied()), r);
+            let old = old_layout.replicas(&key, r);
             let first = order.iter().take(2 * r).collect::<Vec<_>>();
             for n in old.iter().filter(|n| view.is_writable(n) && !lacks(n)) {
                 prop_assert!(first.contains(&n), "old replica {} not among {:?}", n, first);

@@ -8,13 +8,16 @@
 //!
 //! - **Scale-out or scale-in** ([`plan_rebalance`]): the placement set
 //!   changed; keys whose replica set changed get copied to the gainers.
+//!   The same plan moves keys placed by another [`Layout`] of the same
+//!   members: another slot count, or per-key rendezvous (a node upgraded
+//!   from a build before slots).
 //! - **Resync** ([`plan_resync`]): a replica came back after missing writes;
 //!   the keys it should hold are offered to it (it answers which it lacks).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::membership::Membership;
-use super::placement::{Member, NodeId, rank, replicas};
+use super::placement::{Layout, NodeId};
 use crate::block::BlockKey;
 
 /// One key's transfer work on this node.
@@ -35,26 +38,48 @@ fn first_writable<'a>(order: &'a [NodeId], view: &Membership) -> Option<&'a Node
     order.iter().find(|n| view.is_writable(n))
 }
 
-/// This node's share of the moves from `before` to the members of `view`,
+/// This node's share of the moves from the layout `before` to `view`'s,
 /// for `keys` it holds, each with `r` replicas.
+///
+/// After a change of the placement itself (`before` in another slot
+/// count, or by per-key rendezvous), copies may also sit where the old
+/// placement does not put them: a node's keys from before it was a
+/// cluster member, a stand-in's copies. A holder that is a replica under
+/// neither placement then pushes its copy itself, since no old replica may
+/// hold it. (After a change of the member list alone, such a copy is a
+/// read's or a stand-in's, and the old replicas push.)
 pub fn plan_rebalance(
     keys: impl IntoIterator<Item = BlockKey>,
-    before: &[Member],
+    before: &Layout,
     view: &Membership,
     r: usize,
 ) -> Vec<Transfer> {
-    let after = view.members();
     let me = view.me();
+    let placement_changed = match before {
+        Layout::Slots(t) => t.slots() != view.slots(),
+        _ => true,
+    };
     let mut out = Vec::new();
     for key in keys {
-        let old = replicas(&key, before, r);
-        let new = replicas(&key, &after, r);
-        if old == new {
+        let old = before.replicas(&key, r);
+        let new = view
+            .table()
+            .rank_prefix(&key)
+            .take(r)
+            .map(|m| m.id.clone())
+            .collect::<Vec<_>>();
+        let stray = placement_changed && !old.contains(me) && !new.contains(me);
+        if old == new && !stray {
             continue;
         }
-        let gained: Vec<NodeId> = new.iter().filter(|n| !old.contains(n)).cloned().collect();
+        // A stray copy's holder asks every new replica: none may hold it.
+        let gained: Vec<NodeId> = new.iter().filter(|n| stray || !old.contains(n)).cloned().collect();
         // Old replicas push; if none is left (all gone), any holder does.
-        let pusher = first_writable(&old, view).or_else(|| (!new.contains(me)).then_some(me));
+        let pusher = if stray {
+            Some(me)
+        } else {
+            first_writable(&old, view).or_else(|| (!new.contains(me)).then_some(me))
+        };
         let push_to = if pusher == Some(me) { gained } else { Vec::new() };
         let drop_after_confirm = if new.contains(me) { Vec::new() } else { new };
         if !push_to.is_empty() || !drop_after_confirm.is_empty() {
@@ -166,16 +191,11 @@ pub fn plan_resync(
     view: &Membership,
     r: usize,
 ) -> Vec<BlockKey> {
-    let members = view.members();
     let me = view.me();
     keys.into_iter()
         .filter(|key| {
-            let order: Vec<NodeId> = rank(key, &members)
-                .into_iter()
-                .take(r)
-                .map(|i| members[i].id.clone())
-                .collect();
-            order.contains(returned) && order.iter().find(|n| *n != returned && view.is_writable(n)) == Some(me)
+            let order: Vec<&NodeId> = view.table().rank_prefix(key).take(r).map(|m| &m.id).collect();
+            order.contains(&returned) && order.iter().find(|n| **n != returned && view.is_writable(n)) == Some(&me)
         })
         .collect()
 }
@@ -183,16 +203,29 @@ pub fn plan_resync(
 #[cfg(test)]
 mod tests {
     use super::super::membership::Detector;
+    use super::super::placement::Member;
+    use super::super::slots::{DEFAULT_SLOTS, MAX_R, SlotTable};
+    use super::super::testkit;
     use super::*;
     use proptest::prelude::*;
     use std::collections::HashMap;
+    use std::sync::Arc;
 
     fn members(n: usize) -> Vec<Member> {
         (0..n).map(|i| Member::new(format!("n{i}"), format!("h:{i}"))).collect()
     }
 
-    fn view_of(ms: &[Member], me: usize) -> Membership {
-        Membership::new(ms[me].id.clone(), ms.to_vec(), Detector::default())
+    /// The slot layout of `ms`, with enough slots that a moved fraction is
+    /// close to its expectation.
+    fn layout(ms: &[Member]) -> Layout {
+        Layout::Slots(Arc::new(SlotTable::new(ms, DEFAULT_SLOTS, MAX_R).unwrap()))
+    }
+
+    fn view_in(l: &Layout, me: &NodeId) -> Membership {
+        let Layout::Slots(t) = l else {
+            unreachable!("a slot layout")
+        };
+        Membership::new(me.clone(), t.clone(), Detector::default())
     }
 
     fn key(i: u64) -> BlockKey {
@@ -200,20 +233,19 @@ mod tests {
     }
 
     /// Runs every node's plan over a placement where each node holds its
-    /// replicas of `n` keys, then checks that the pushes give every key
-    /// exactly its new replicas, each copy pushed once.
-    fn check_scale(before_n: usize, after_n: usize, r: usize) -> f64 {
-        let before = members(before_n);
-        let after = members(after_n);
+    /// replicas (by `before`) of `n` keys, then checks that the pushes give
+    /// every key exactly its new replicas, each copy pushed once. Answers
+    /// the fraction of keys whose replicas changed.
+    fn check_scale(before: &Layout, after_n: usize, r: usize) -> f64 {
+        let after_members = members(after_n);
+        let after = layout(&after_members);
         let n = 4000;
         let mut pushes: HashMap<(BlockKey, NodeId), usize> = HashMap::new();
         let mut moved = 0;
-        for me in 0..before_n.min(after_n) {
-            let view = view_of(&after, me);
-            let held = (0..n)
-                .map(key)
-                .filter(|k| replicas(k, &before, r).contains(&after[me].id));
-            for t in plan_rebalance(held, &before, &view, r) {
+        for me in before.members().iter().filter(|m| after_members.contains(m)) {
+            let view = view_in(&after, &me.id);
+            let held = (0..n).map(key).filter(|k| before.replicas(k, r).contains(&me.id));
+            for t in plan_rebalance(held, before, &view, r) {
                 for to in &t.push_to {
                     *pushes.entry((t.key, to.clone())).or_default() += 1;
                 }
@@ -221,8 +253,8 @@ mod tests {
         }
         for i in 0..n {
             let k = key(i);
-            let old = replicas(&k, &before, r);
-            let new = replicas(&k, &after, r);
+            let old = before.replicas(&k, r);
+            let new = after.replicas(&k, r);
             let gained: Vec<_> = new.iter().filter(|x| !old.contains(x)).collect();
             moved += usize::from(!gained.is_empty());
             for g in gained {
@@ -234,23 +266,71 @@ mod tests {
 
     #[test]
     fn scale_out_pushes_each_new_copy_once_and_moves_about_one_in_n() {
-        let frac = check_scale(3, 4, 1);
+        let frac = check_scale(&layout(&members(3)), 4, 1);
         assert!((frac - 0.25).abs() < 0.025, "moved {frac}");
-        check_scale(3, 4, 3);
-        check_scale(4, 5, 2);
+        check_scale(&layout(&members(3)), 4, 3);
+        check_scale(&layout(&members(4)), 5, 2);
+    }
+
+    #[test]
+    fn keys_placed_by_another_layout_of_the_same_members_move_to_their_slots() {
+        // Per-key rendezvous (a build before slots), and another slot
+        // count: nearly every key moves, each copy pushed once.
+        for r in [1, 2, 3] {
+            let frac = check_scale(&Layout::Rendezvous(members(4).into()), 4, r);
+            assert!(frac > 0.5, "r {r}: moved {frac}");
+            let other = Layout::Slots(Arc::new(SlotTable::new(&members(4), 4096, MAX_R).unwrap()));
+            check_scale(&other, 4, r);
+        }
+    }
+
+    #[test]
+    fn after_a_placement_change_a_copy_outside_both_placements_is_pushed_by_its_holder() {
+        let ms = members(4);
+        let now = layout(&ms);
+        for before in [
+            Layout::Rendezvous(ms.clone().into()),
+            Layout::Slots(Arc::new(SlotTable::new(&ms, 4096, MAX_R).unwrap())),
+            layout(&ms[..3]),
+        ] {
+            let changed = !matches!(&before, Layout::Slots(t) if t.slots() == DEFAULT_SLOTS);
+            for me in &ms {
+                let view = view_in(&now, &me.id);
+                // Keys this node holds that neither placement puts here.
+                let strays: Vec<BlockKey> = (0..400)
+                    .map(key)
+                    .filter(|k| !before.replicas(k, 1).contains(&me.id) && !now.replicas(k, 1).contains(&me.id))
+                    .collect();
+                assert!(!strays.is_empty());
+                let plan = plan_rebalance(strays.clone(), &before, &view, 1);
+                // After a member-list change, a stray copy of a key whose
+                // replicas did not change is left alone.
+                let moved = strays
+                    .iter()
+                    .filter(|k| changed || before.replicas(k, 1) != now.replicas(k, 1));
+                assert_eq!(plan.len(), moved.count());
+                for t in &plan {
+                    let new = now.replicas(&t.key, 1);
+                    assert_eq!(t.drop_after_confirm, new);
+                    let want = if changed { new } else { Vec::new() };
+                    assert_eq!(t.push_to, want, "placement changed: {changed}");
+                }
+            }
+        }
     }
 
     #[test]
     fn a_leaver_hands_its_keys_over_and_drops_them_after() {
-        let before = members(4);
-        let mut after = before.clone();
-        after.remove(3);
+        let before_members = members(4);
+        let before = layout(&before_members);
+        let after = layout(&before_members[..3]);
         // n3 is leaving: it still runs the plan, as a non-member of `after`.
-        let mut view = view_of(&before, 3);
-        view.leave(&"n3".into());
+        let mut view = view_in(&before, &"n3".into());
+        view.leave(&"n3".into()).unwrap();
+        assert!(view.table().members() == after.members());
         let held: Vec<BlockKey> = (0..500)
             .map(key)
-            .filter(|k| replicas(k, &before, 2).contains(&before[3].id))
+            .filter(|k| before.replicas(k, 2).contains(&"n3".into()))
             .collect();
         let plan = plan_rebalance(held.clone(), &before, &view, 2);
         assert_eq!(plan.len(), held.len());
@@ -259,7 +339,7 @@ mod tests {
             "every key leaves n3"
         );
         for t in &plan {
-            assert_eq!(t.drop_after_confirm, replicas(&t.key, &after, 2));
+            assert_eq!(t.drop_after_confirm, after.replicas(&t.key, 2));
             assert!(!t.push_to.contains(&"n3".into()));
         }
         // With R = 2 another old replica pushes; with R = 1 the leaver is
@@ -267,12 +347,12 @@ mod tests {
         assert!(plan.iter().all(|t| t.push_to.is_empty()));
         let only: Vec<BlockKey> = (0..500)
             .map(key)
-            .filter(|k| replicas(k, &before, 1)[0].0 == "n3")
+            .filter(|k| before.replicas(k, 1)[0].0 == "n3")
             .collect();
         let plan = plan_rebalance(only.clone(), &before, &view, 1);
         assert_eq!(plan.len(), only.len());
         for t in &plan {
-            assert_eq!(t.push_to, replicas(&t.key, &after, 1));
+            assert_eq!(t.push_to, after.replicas(&t.key, 1));
         }
     }
 
@@ -285,12 +365,13 @@ mod tests {
             answers in prop::collection::vec(any::<bool>(), 64),
         ) {
             let gone = gone % before_n;
-            let before = members(before_n);
+            let before = testkit::layout(&members(before_n));
             let r = r.min(before_n - 1);
-            let mut view = view_of(&before, gone);
-            let me = before[gone].id.clone();
-            view.leave(&me);
-            let held: Vec<BlockKey> = (0..200).map(key).filter(|k| replicas(k, &before, r).contains(&me)).collect();
+            let me = before.members()[gone].id.clone();
+            let Layout::Slots(t) = &before else { unreachable!() };
+            let mut view = Membership::new(me.clone(), t.clone(), Detector::default());
+            view.leave(&me).unwrap();
+            let held: Vec<BlockKey> = (0..200).map(key).filter(|k| before.replicas(k, r).contains(&me)).collect();
             let plan = plan_rebalance(held.clone(), &before, &view, r);
             let pushes = pushes_by_node(&plan);
             let pairs: usize = pushes.values().map(Vec::len).sum();
@@ -314,7 +395,7 @@ mod tests {
             let drops = tally.finish();
             prop_assert_eq!(drops.drop.len() + drops.unconfirmed, held.len(), "a leaver stops holding every key");
             for k in &drops.drop {
-                for n in replicas(k, &view.members(), r) {
+                for n in view.table().replicas(k, r).unwrap() {
                     prop_assert!(said.contains(&(n.clone(), *k)), "{:?} dropped before {} confirmed", k, n);
                 }
             }
@@ -324,19 +405,20 @@ mod tests {
     #[test]
     fn resync_offers_each_missed_key_from_exactly_one_node() {
         let ms = members(4);
+        let l = layout(&ms);
         let r = 3;
         let returned: NodeId = "n2".into();
         let mut offered: HashMap<BlockKey, usize> = HashMap::new();
         for me in [0, 1, 3] {
-            let view = view_of(&ms, me);
-            let held = (0..2000).map(key).filter(|k| replicas(k, &ms, r).contains(&ms[me].id));
+            let view = view_in(&l, &ms[me].id);
+            let held = (0..2000).map(key).filter(|k| l.replicas(k, r).contains(&ms[me].id));
             for k in plan_resync(held, &returned, &view, r) {
                 *offered.entry(k).or_default() += 1;
             }
         }
         for i in 0..2000 {
             let k = key(i);
-            let expect = usize::from(replicas(&k, &ms, r).contains(&returned));
+            let expect = usize::from(l.replicas(&k, r).contains(&returned));
             assert_eq!(offered.get(&k).copied().unwrap_or(0), expect, "key {i}");
         }
     }

@@ -1,10 +1,26 @@
 //! Views for the replication tests: members with random liveness.
 
 use proptest::prelude::*;
+use std::sync::Arc;
 
 use super::Replication;
 use super::membership::{Detector, Membership};
-use super::placement::{Member, NodeId};
+use super::placement::{Layout, Member, NodeId};
+use super::slots::{MAX_R, SlotTable};
+
+/// The slot count of the tests' views: enough for placement to spread,
+/// few enough for a property test to build hundreds of views.
+pub(crate) const SLOTS: u32 = 1024;
+
+/// A view from `me` of `members`, all up, in [`SLOTS`] slots.
+pub(crate) fn view_of(me: NodeId, members: &[Member]) -> Membership {
+    Membership::with_members(me, members, SLOTS, Detector::default()).unwrap()
+}
+
+/// The slot layout of `members` in [`SLOTS`] slots.
+pub(crate) fn layout(members: &[Member]) -> Layout {
+    Layout::Slots(Arc::new(SlotTable::new(members, SLOTS, MAX_R).unwrap()))
+}
 
 /// Member `i`'s id.
 pub(crate) fn node(i: usize) -> NodeId {
@@ -38,7 +54,7 @@ pub(crate) fn arb_view() -> impl Strategy<Value = (Membership, Replication)> {
         .prop_flat_map(|n| (prop::collection::vec(0u8..3, n), 1..=n))
         .prop_flat_map(|(live, r)| (Just(live), Just(r), 1..=r))
         .prop_map(|(live, r, w)| {
-            let mut view = Membership::new(node(0), members(0..live.len()), Detector::default());
+            let mut view = view_of(node(0), &members(0..live.len()));
             for (i, l) in live.iter().enumerate() {
                 set_liveness(&mut view, &node(i), *l);
             }

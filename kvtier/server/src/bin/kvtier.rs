@@ -436,6 +436,8 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                     "node_id": c.node_id,
                     "epoch": c.epoch,
                     "members_epoch": c.members_epoch,
+                    "placement_slots": c.placement_slots,
+                    "placement_mismatches": c.placement_mismatches,
                     "members": members,
                     "hints_pending": c.hints_pending,
                     "hints_delivered": c.hints_delivered,

@@ -48,22 +48,27 @@ impl Cluster {
     /// Pings every peer each heartbeat interval, feeds the membership,
     /// fetches a newer member list from a peer that has one, sends
     /// namespaces to peers that may lack them and hands hints back to
-    /// replicas that are up. Runs until aborted.
+    /// replicas that are up. An answer from a peer that places keys in
+    /// another slot count counts as missed. Runs until aborted.
     pub async fn heartbeats(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let epoch = self.epoch();
+            let (epoch, slots) = {
+                let v = self.view.read();
+                (v.epoch(), v.slots())
+            };
             let mut set = JoinSet::new();
             for (id, c) in &self.peers {
                 let (id, c, me, t) = (id.clone(), c.clone(), self.me.0.clone(), self.peer_timeout);
                 set.spawn(async move {
-                    let r = tokio::time::timeout(t, c.ping(&me, epoch)).await;
+                    let r = tokio::time::timeout(t, c.ping(&me, epoch, slots)).await;
                     (id, r.ok().and_then(Result::ok))
                 });
             }
             while let Some(Ok((id, answer))) = set.join_next().await {
+                let answer = answer.filter(|p| self.placement_agrees(&id, p.placement_slots).is_ok());
                 let ok = answer.is_some();
                 if let Some(p) = answer {
                     self.maybe_catch_up(&id, p.members_epoch, p.members_digest);

@@ -49,6 +49,20 @@
 //!   finds a member in the view finds its client. Should one still be
 //!   missing, the copy or read to it fails like an unreachable node would:
 //!   counted, and for a write hinted.
+//! - **Placement by slots, one table per member list.** The view holds the
+//!   member list as its slot table ([`kvtier::replication::slots`]): a
+//!   key's replicas are a lookup, whatever the cluster size. A change of
+//!   the list computes the next table on a blocking thread (seconds at
+//!   100,000 members) while the view keeps serving on the current one, and
+//!   publishes list and table together (see `rebalance`); liveness changes
+//!   never touch the table.
+//! - **One slot count per cluster, checked on every heartbeat.** A ping
+//!   carries the sender's slot count; a node refuses pings from a node that
+//!   places keys otherwise (another `cluster.slots`, or a build before
+//!   slots, which sends none) and counts such a node's answers as missed,
+//!   so the two see each other down: no write or read goes between them,
+//!   writes meant for it wait in hints, and the mismatch is logged as an
+//!   error once per peer and counted (`placement_mismatches`).
 
 mod deliver;
 mod heartbeat;
@@ -111,6 +125,9 @@ pub struct Counters {
     pub out_of_sync_marked: AtomicU64,
     /// Member lists adopted from a peer with a newer one.
     pub member_lists_adopted: AtomicU64,
+    /// Pings refused and answers counted as missed because the peer places
+    /// keys in another slot count.
+    pub placement_mismatches: AtomicU64,
     /// Keys this node offered to members back from down.
     pub resync_keys_offered: AtomicU64,
     /// Those they lacked, sent.
@@ -132,6 +149,9 @@ pub struct Cluster {
     /// Peers that may lack a namespace registered here: each gets all of
     /// them at its next answered heartbeat (every peer at startup).
     unsynced: Mutex<BTreeSet<NodeId>>,
+    /// Peers seen placing keys in another slot count (logged once each,
+    /// until they agree again).
+    mismatched: Mutex<BTreeSet<NodeId>>,
     delivering: AtomicBool,
     max_request_bytes: u64,
     resync: resync::Resync,
@@ -195,12 +215,26 @@ impl Cluster {
             peers.insert(m)?;
         }
         let hints = HintLog::open(&data_dir.join("hints.log")).map_err(|e| e.to_string())?;
+        let view = Membership::with_members(me.clone(), &members, cfg.slots, cfg.detector())
+            .map_err(|e| format!("placement of the member list: {e}"))?
+            .with_list_epoch(list_epoch);
+        // Keys this node holds may follow another placement (a build
+        // before slots, another slot count): they move once (see
+        // `rebalance`, "Changing the placement").
+        let placement_file = data_dir.join("placement.json");
+        let has_data = !registry.all().is_empty() || hints.pending() > 0;
+        let earlier = rebalance::Rebalance::earlier_layout(&placement_file, &members, cfg.slots, has_data)?;
+        let rebalance = rebalance::Rebalance::new(cfg.rebalance_bytes_per_s, members_file, placement_file, cfg.slots);
+        if let Some(layout) = earlier {
+            rebalance.migrate_from(layout);
+        }
         Ok(Self {
             unsynced: Mutex::new(peers.keys().cloned().collect()),
+            mismatched: Mutex::new(BTreeSet::new()),
             me: me.clone(),
             heartbeat: Duration::from_millis(cfg.heartbeat_interval_ms),
             peer_timeout,
-            view: RwLock::new(Membership::new(me, members, cfg.detector()).with_list_epoch(list_epoch)),
+            view: RwLock::new(view),
             peers,
             manager,
             registry,
@@ -209,7 +243,7 @@ impl Cluster {
             delivering: AtomicBool::new(false),
             max_request_bytes,
             resync: resync::Resync::new(cfg.rebalance_bytes_per_s),
-            rebalance: rebalance::Rebalance::new(cfg.rebalance_bytes_per_s, members_file),
+            rebalance,
             tasks: Mutex::new((false, Vec::new())),
         })
     }
@@ -255,7 +289,12 @@ impl Cluster {
 
     /// Members, this node included.
     pub fn size(&self) -> usize {
-        self.view.read().members().len()
+        self.view.read().len()
+    }
+
+    /// The slot count this node places keys in.
+    pub fn slots(&self) -> u32 {
+        self.view.read().slots()
     }
 
     /// The membership epoch.
@@ -279,14 +318,48 @@ impl Cluster {
         })
     }
 
-    /// Peer `from` sent a heartbeat: it is up.
-    pub fn heard_from(&self, from: &str) {
+    /// Peer `from` sent a heartbeat, placing keys in `slots` slots: it is
+    /// up, unless it places keys otherwise than this node; then the ping is
+    /// refused (a [`ErrorKind::Config`] error) and it stays as it was.
+    pub fn heard_from(&self, from: &str, slots: u32) -> Result<(), Status> {
         let id = NodeId(from.to_string());
+        if let Err(why) = self.placement_agrees(&id, slots) {
+            return Err(status_of(ErrorKind::Config, why));
+        }
         if id == self.me || !self.peers.contains_key(&id) {
-            return;
+            return Ok(());
         }
         let change = self.view.write().heartbeat_ok(&id);
         self.log_change(change);
+        Ok(())
+    }
+
+    /// Whether `peer`, which places keys in `slots` slots (0: by per-key
+    /// rendezvous, a build before slots), places them as this node does.
+    /// A mismatch is counted, and logged as an error once until the peer
+    /// agrees again.
+    fn placement_agrees(&self, peer: &NodeId, slots: u32) -> Result<(), String> {
+        let mine = self.slots();
+        if slots == mine {
+            if self.mismatched.lock().remove(peer) {
+                tracing::info!(member = %peer, slots, "cluster member places keys as this node again");
+            }
+            return Ok(());
+        }
+        self.counters.placement_mismatches.fetch_add(1, Relaxed);
+        let theirs = if slots == 0 {
+            "by per-key rendezvous (a kvtierd before slot placement)".to_string()
+        } else {
+            format!("in {slots} slots")
+        };
+        let why = format!(
+            "node {peer} places keys {theirs}, node {} in {mine} slots: they refuse each other until every node has the same cluster.slots and version",
+            self.me
+        );
+        if self.mismatched.lock().insert(peer.clone()) {
+            tracing::error!(member = %peer, slots, mine, "cluster member refused: {why}");
+        }
+        Err(why)
     }
 
     fn log_change(&self, change: Option<Change>) {
@@ -337,6 +410,7 @@ impl Cluster {
         let out_of_sync = self.hints.counts();
         let v = self.view.read();
         let c = &self.counters;
+        let placement_slots = v.slots();
         let mut s = proto::ClusterStats {
             node_id: self.me.0.clone(),
             epoch: v.epoch(),
@@ -366,6 +440,8 @@ impl Cluster {
             members_epoch: v.list_epoch(),
             out_of_sync_marked: c.out_of_sync_marked.load(Relaxed),
             member_lists_adopted: c.member_lists_adopted.load(Relaxed),
+            placement_slots,
+            placement_mismatches: c.placement_mismatches.load(Relaxed),
             ..Default::default()
         };
         self.rebalance_stats(&mut s);
@@ -450,7 +526,7 @@ mod tests {
             .unwrap(),
         );
         let b: NodeId = "b".into();
-        cluster.view.write().join(Member::new("b", "127.0.0.1:1"));
+        cluster.view.write().join(Member::new("b", "127.0.0.1:1")).unwrap();
         assert!(cluster.peer(&b).is_none());
         let ns = registry
             .register(&namespace(), Some(Replication::strong(2)), false)

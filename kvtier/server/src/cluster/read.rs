@@ -7,7 +7,7 @@ impl Cluster {
     /// The peers a read of `key` of `ns` asks, in order: the key's writable
     /// replicas (stand-ins included), this node left out, those known to
     /// lack it (out of sync) last; while keys move, the old replicas and
-    /// every other member after them (see `rebalance`).
+    /// the rest of the key's slot order after them (see `rebalance`).
     pub(super) fn read_peers(&self, ns: NamespaceId, key: &BlockKey, rep: Replication) -> Vec<NodeId> {
         let moving = self.rebalance.movement();
         let v = self.view.read();

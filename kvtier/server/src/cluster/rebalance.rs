@@ -54,29 +54,58 @@
 //! A key's new replica may not have it yet. While a move may be under way
 //! (this node's pass pending or running, or less than [`SETTLE`] since the
 //! last change it saw, which covers the other nodes' passes), reads ask,
-//! after the key's replicas, its replicas under the member list before the
-//! move, every other writable member and the members that left recently
-//! (they serve until they are stopped): a key is found wherever a copy is
-//! (the core's [`read_order_moving`]). Outside a move, reads ask the
-//! replicas only.
+//! after the key's replicas, its replicas under the layout before the move,
+//! the other writable members of its slot order (its first 16 members,
+//! where stand-ins and copies placed by the last few member lists sit) and
+//! the members that left recently (they serve until they are stopped): a
+//! key is found wherever a copy is (the core's [`read_order_moving`]).
+//! Outside a move, reads ask the replicas only.
 //!
-//! # Clients before the view
+//! # Clients before the view, the table off the runtime
 //!
-//! A change is applied to a copy of the view; the clients of the members
-//! it names are registered, and only then is the copy published. So no
-//! task ever finds a member in the view without its client, and a change
-//! naming an address no client can be built for changes nothing.
+//! A change is computed from the view (the core's [`ListChange`]); the
+//! clients of the members it names are registered; the slot table of the
+//! new list is computed on a blocking thread (a join or leave takes
+//! milliseconds, a larger change a rebuild of seconds at 100,000 members),
+//! while the view keeps serving on the current table; only then are list
+//! and table published together. So no task ever finds a member in the view
+//! without its client, keys are always placed by the table of the list the
+//! view shows, and a change naming an address no client can be built for,
+//! or a list no table can be made of, changes nothing. One list change runs
+//! at a time; liveness changes go on meanwhile and are kept.
+//!
+//! # Changing the placement
+//!
+//! A key's replicas depend on the slot count, and builds before slots
+//! placed keys by per-key rendezvous: a node whose keys may follow another
+//! placement moves them once. `placement.json` in the data dir records the
+//! slot count this node's keys are placed by. At startup, when it names
+//! another count, or is missing while the node holds data (namespaces or
+//! hints from an earlier run), the node schedules a rebalancing pass from
+//! that placement ([`Layout`]) over the member list, exactly as after a
+//! membership change: each key is pushed to its new replicas and dropped
+//! here only once they confirm it, and reads during the move also ask the
+//! key's replicas under the old placement. A copy the old placement does
+//! not explain (kept from before the node was a cluster member, or a
+//! stand-in's) is pushed by the node that holds it. `placement.json` is written
+//! once a pass has succeeded (at once on a node without data), so a node
+//! stopped halfway resumes the move at its next start. Nodes of one cluster
+//! must place keys alike: the others refuse a node whose slot count differs
+//! (see the cluster module), so the placement changes for a whole cluster
+//! at once: stop every node, change `cluster.slots` or the version, start
+//! them (the README's upgrade notes).
 
-use kvtier::replication::membership::{self, CatchUp, Change, Liveness, Membership};
-use kvtier::replication::placement::{Member, NodeId};
+use kvtier::replication::membership::{self, CatchUp, Change, ListChange, Liveness, Membership};
+use kvtier::replication::placement::{Layout, Member, NodeId};
 use kvtier::replication::read::Move;
 #[cfg(doc)]
 use kvtier::replication::read::read_order_moving;
 use kvtier::replication::rebalance::{DropTally, Drops, plan_rebalance, pushes_by_node};
+use kvtier::replication::slots::{MAX_R, SlotTable};
 use kvtier::{BlockKey, NamespaceId};
 use parking_lot::Mutex;
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -95,19 +124,27 @@ pub const SETTLE: Duration = Duration::from_secs(60);
 /// The rebalancer's state and counters.
 #[derive(Debug)]
 pub(super) struct Rebalance {
-    /// The member list the keys were placed by, when a pass is due.
-    pending: Mutex<Option<Vec<Member>>>,
+    /// How the keys were placed, when a pass is due.
+    pending: Mutex<Option<Layout>>,
     running: AtomicBool,
     /// Whether a member list is being fetched from a peer.
     fetching: AtomicBool,
     /// When the last change was seen, and the members that left recently.
     last_change: Mutex<Option<Instant>>,
     departed: Mutex<BTreeSet<NodeId>>,
-    /// The member list keys were placed by when the current move began:
-    /// reads during the move ask those replicas early.
-    placed_by: Mutex<Option<Vec<Member>>>,
+    /// How keys were placed when the current move began: reads during the
+    /// move ask those replicas early.
+    placed_by: Mutex<Option<Layout>>,
+    /// Held while a member-list change is computed and published: one at
+    /// a time.
+    changing: tokio::sync::Mutex<()>,
     bytes_per_s: u64,
     members_file: PathBuf,
+    /// `placement.json`, and the slot count it is to record once every key
+    /// here follows it; whether it records it already.
+    placement_file: PathBuf,
+    slots: u32,
+    placement_saved: AtomicBool,
     done: AtomicU64,
     keys_moved: AtomicU64,
     bytes_moved: AtomicU64,
@@ -115,7 +152,7 @@ pub(super) struct Rebalance {
 }
 
 impl Rebalance {
-    pub(super) fn new(bytes_per_s: u64, members_file: PathBuf) -> Self {
+    pub(super) fn new(bytes_per_s: u64, members_file: PathBuf, placement_file: PathBuf, slots: u32) -> Self {
         Self {
             pending: Mutex::new(None),
             running: AtomicBool::new(false),
@@ -123,8 +160,12 @@ impl Rebalance {
             last_change: Mutex::new(None),
             departed: Mutex::new(BTreeSet::new()),
             placed_by: Mutex::new(None),
+            changing: tokio::sync::Mutex::new(()),
             bytes_per_s,
             members_file,
+            placement_file,
+            slots,
+            placement_saved: AtomicBool::new(true),
             done: AtomicU64::new(0),
             keys_moved: AtomicU64::new(0),
             bytes_moved: AtomicU64::new(0),
@@ -178,6 +219,70 @@ impl Rebalance {
         }
     }
 
+    /// How the keys in this node's data dir were placed, when not by
+    /// `slots` slots over `members`: by the slot count `placement.json`
+    /// names, or, when it is missing on a node with data (`has_data`), by
+    /// per-key rendezvous (a build before slots). A node without data
+    /// records `slots` at once.
+    pub(super) fn earlier_layout(
+        file: &Path,
+        members: &[Member],
+        slots: u32,
+        has_data: bool,
+    ) -> Result<Option<Layout>, String> {
+        let at = |e: &dyn std::fmt::Display| format!("{}: {e}", file.display());
+        match std::fs::read(file) {
+            Ok(b) => {
+                let p: Placed = serde_json::from_slice(&b).map_err(|e| at(&e))?;
+                if p.slots == slots {
+                    return Ok(None);
+                }
+                let t = SlotTable::new(members, p.slots, MAX_R).map_err(|e| at(&e))?;
+                Ok(Some(Layout::Slots(Arc::new(t))))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if has_data {
+                    return Ok(Some(Layout::Rendezvous(members.into())));
+                }
+                save_placement(file, slots)?;
+                Ok(None)
+            }
+            Err(e) => Err(at(&e)),
+        }
+    }
+
+    /// Schedules the move of this node's keys from `earlier` to the
+    /// configured placement; reads ask the earlier replicas meanwhile.
+    pub(super) fn migrate_from(&self, earlier: Layout) {
+        let from = match &earlier {
+            Layout::Slots(t) => format!("{} slots", t.slots()),
+            _ => "per-key rendezvous (a kvtierd before slot placement)".into(),
+        };
+        tracing::warn!(
+            slots = self.slots,
+            "keys here may be placed by {from}: moving them once to their replicas in {} slots",
+            self.slots
+        );
+        *self.placed_by.lock() = Some(earlier.clone());
+        *self.pending.lock() = Some(earlier);
+        *self.last_change.lock() = Some(Instant::now());
+        self.placement_saved.store(false, Relaxed);
+    }
+
+    /// A pass succeeded: every key here follows the configured placement.
+    fn placement_settled(&self) {
+        if self.placement_saved.load(Relaxed) {
+            return;
+        }
+        match save_placement(&self.placement_file, self.slots) {
+            Ok(()) => {
+                self.placement_saved.store(true, Relaxed);
+                tracing::info!(slots = self.slots, "every key here is placed by slots");
+            }
+            Err(e) => tracing::warn!("{e}: saved at the next pass"),
+        }
+    }
+
     fn save_members(&self, members: &[Member], epoch: u64) -> Result<(), String> {
         let saved = SavedMembers::WithEpoch {
             epoch,
@@ -190,6 +295,18 @@ impl Rebalance {
     }
 }
 
+/// `placement.json`: the slot count this node's keys are placed by.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Placed {
+    slots: u32,
+}
+
+fn save_placement(file: &Path, slots: u32) -> Result<(), String> {
+    let text = serde_json::to_vec_pretty(&Placed { slots }).map_err(|e| e.to_string())?;
+    kvtier::fsio::replace_durably(file, &text).map_err(|e| format!("{}: {e}", file.display()))
+}
+
 /// `members.json`: the list with its epoch, or (older versions) the bare
 /// list.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -200,27 +317,40 @@ enum SavedMembers {
 }
 
 impl Cluster {
-    /// Applies `f` to the view; on a change, persists the member list and
-    /// schedules a rebalancing pass from the list before it.
-    /// Every member the changed view names has a client before the view is
-    /// published (see "Clients before the view").
-    fn change_members(self: &Arc<Self>, f: impl FnOnce(&mut Membership) -> Vec<Change>) -> Result<bool, Status> {
+    /// Applies the list change `propose` answers for the view (none: no
+    /// change), with its table computed off the runtime; then persists the
+    /// member list and schedules a rebalancing pass from the layout before
+    /// it. Every member the changed view names has a client before the view
+    /// is published (see "Clients before the view, the table off the
+    /// runtime"). One change at a time.
+    async fn change_members(
+        self: &Arc<Self>,
+        propose: impl FnOnce(&Membership) -> Option<ListChange>,
+    ) -> Result<bool, Status> {
+        let _one = self.rebalance.changing.lock().await;
+        let (change, table) = {
+            let v = self.view.read();
+            match propose(&v) {
+                Some(c) => (c, v.table().clone()),
+                None => return Ok(false),
+            }
+        };
+        for m in change.members().iter().filter(|m| m.id != self.me) {
+            self.peers.insert(m).map_err(Status::invalid_argument)?;
+        }
+        let computing = change.clone();
+        let next = tokio::task::spawn_blocking(move || computing.table(&table))
+            .await
+            .map_err(|e| status_of(ErrorKind::Internal, format!("slot table task: {e}")))?
+            .map_err(|e| status_of(e.kind(), format!("member list refused: {e}")))?;
         let was_moving = self.rebalance.moving();
         let (before, changes, after, epoch) = {
             let mut v = self.view.write();
-            let before = v.members();
-            let mut next = v.clone();
-            let changes = f(&mut next);
-            if changes.is_empty() {
-                return Ok(false);
-            }
-            let after = next.members();
-            for m in after.iter().filter(|m| m.id != self.me) {
-                self.peers.insert(m).map_err(Status::invalid_argument)?;
-            }
-            let epoch = next.list_epoch();
-            *v = next;
-            (before, changes, after, epoch)
+            let before = Layout::Slots(v.table().clone());
+            let changes = v
+                .commit(change, Arc::new(next))
+                .map_err(|e| status_of(e.kind(), format!("member list change: {e}")))?;
+            (before, changes, v.members(), v.list_epoch())
         };
         {
             // A change during a move keeps the older layout: keys the
@@ -258,7 +388,7 @@ impl Cluster {
         if !(m.weight.is_finite() && m.weight > 0.0) {
             return Err(invalid(format!("member weight {} must be a positive number", m.weight)));
         }
-        self.change_members(|v| v.join(m.clone()).into_iter().collect())?;
+        self.change_members(|v| v.propose_join(m.clone())).await?;
         let req = proto::JoinRequest {
             id: m.id.0.clone(),
             addr: m.addr.clone(),
@@ -300,12 +430,13 @@ impl Cluster {
         (v.list_epoch(), v.digest())
     }
 
-    /// This node's member list, with its epoch and digest.
+    /// This node's member list, with its epoch, digest and slot count.
     pub fn member_list(&self) -> proto::MemberList {
         let v = self.view.read();
         proto::MemberList {
             members_epoch: v.list_epoch(),
             members_digest: v.digest(),
+            placement_slots: v.slots(),
             members: v
                 .members()
                 .into_iter()
@@ -321,8 +452,19 @@ impl Cluster {
 
     /// Adopts `list` (a peer's, offered or fetched) when it is newer than
     /// this node's and differs; takes its epoch when only the epoch is
-    /// newer. Answers whether the member list changed.
-    pub fn adopt_list(self: &Arc<Self>, list: proto::MemberList, from: &str) -> Result<bool, Status> {
+    /// newer. Answers whether the member list changed. A list from a node
+    /// that places keys in another slot count is refused.
+    pub async fn adopt_list(self: &Arc<Self>, list: proto::MemberList, from: &str) -> Result<bool, Status> {
+        let slots = self.slots();
+        if list.placement_slots != slots {
+            return Err(status_of(
+                ErrorKind::Config,
+                format!(
+                    "member list from {from} places keys in {} slots (0: a kvtierd before slot placement), this node in {slots}: refused",
+                    list.placement_slots
+                ),
+            ));
+        }
         let mut members = Vec::with_capacity(list.members.len());
         for m in list.members {
             if m.id.is_empty() || m.addr.is_empty() || !(m.weight.is_finite() && m.weight > 0.0) {
@@ -341,7 +483,7 @@ impl Cluster {
         if members.windows(2).any(|w| w[0].id == w[1].id) {
             return Err(invalid(format!("member list from {from}: duplicate ids")));
         }
-        if membership::digest(&members) != list.members_digest {
+        if membership::digest(&members, slots) != list.members_digest {
             return Err(invalid(format!(
                 "member list from {from}: its digest does not match its members"
             )));
@@ -362,15 +504,16 @@ impl Cluster {
                 Ok(false)
             }
             CatchUp::Fetch => {
-                let changed = self.change_members(|v| {
-                    // Checked again under the write lock: a change may have
-                    // come in since.
-                    if v.catch_up(epoch, digest) == CatchUp::Fetch {
-                        v.adopt(members, epoch)
-                    } else {
-                        Vec::new()
-                    }
-                })?;
+                let changed = self
+                    .change_members(|v| {
+                        // Checked again: a change may have come in since.
+                        if v.catch_up(epoch, digest) == CatchUp::Fetch {
+                            v.propose_adopt(members, epoch)
+                        } else {
+                            None
+                        }
+                    })
+                    .await?;
                 if changed {
                     self.counters.member_lists_adopted.fetch_add(1, Relaxed);
                     tracing::info!(from, members_epoch = epoch, "adopted a newer member list");
@@ -398,7 +541,7 @@ impl Cluster {
         self.spawn(async move {
             match call(this.peer_timeout, c.members(None)).await {
                 Ok(list) => {
-                    if let Err(e) = this.adopt_list(list, &peer.0) {
+                    if let Err(e) = this.adopt_list(list, &peer.0).await {
                         tracing::warn!(member = %peer, "member list not adopted: {}", e.message());
                     }
                 }
@@ -420,7 +563,7 @@ impl Cluster {
                 dead.insert(id.clone());
             }
             if v.member(&id).is_some() {
-                let left = v.members().len() - 1;
+                let left = v.len() - 1;
                 if let Some((ns, _, rep)) = self.registry.all().into_iter().find(|(_, _, r)| r.replicas > left) {
                     return Err(status_of(
                         ErrorKind::Config,
@@ -432,7 +575,7 @@ impl Cluster {
                 }
             }
         }
-        self.change_members(|v| v.leave(&id).into_iter().collect())?;
+        self.change_members(|v| v.propose_leave(&id)).await?;
         let (not_reached, down) = if forwarded {
             (Vec::new(), Vec::new())
         } else {
@@ -453,7 +596,7 @@ impl Cluster {
         let v = self.view.read();
         proto::MembershipResponse {
             epoch: v.epoch(),
-            members: v.members().len() as u32,
+            members: v.len() as u32,
             not_reached,
             down,
         }
@@ -467,7 +610,14 @@ impl Cluster {
         F: Fn(kvtier_client::Client) -> Fut,
         Fut: Future<Output = kvtier::Result<proto::MembershipResponse>> + Send + 'static,
     {
-        let mut to: BTreeSet<NodeId> = self.view.read().members().into_iter().map(|m| m.id).collect();
+        let mut to: BTreeSet<NodeId> = self
+            .view
+            .read()
+            .table()
+            .members()
+            .iter()
+            .map(|m| m.id.clone())
+            .collect();
         to.extend(extra);
         to.remove(&self.me);
         let mut set = JoinSet::new();
@@ -507,6 +657,7 @@ impl Cluster {
             match this.rebalance_pass(&before).await {
                 Ok(()) => {
                     this.rebalance.done.fetch_add(1, Relaxed);
+                    this.rebalance.placement_settled();
                 }
                 Err(e) => {
                     tracing::info!("rebalancing stopped, retried next heartbeat: {e}");
@@ -521,7 +672,7 @@ impl Cluster {
 
     /// One pass over every namespace: push gained copies, drop confirmed
     /// ones.
-    async fn rebalance_pass(self: &Arc<Self>, before: &[Member]) -> Result<(), String> {
+    async fn rebalance_pass(self: &Arc<Self>, before: &Layout) -> Result<(), String> {
         let mut pacer = Pacer::new(self.rebalance.bytes_per_s);
         let mut unconfirmed = 0;
         for (ns, _, rep) in self.registry.all() {

@@ -68,16 +68,10 @@ impl Cluster {
         );
         let chunk_len = chunk.then_some(data.len() as u64);
         let rep = self.registry.replication(ns);
-        let (mut tally, down) = {
+        let mut tally = {
             let v = self.view.read();
             let plans: Vec<_> = keys.iter().map(|k| plan_write(k, &v, rep)).collect();
-            let down: Vec<NodeId> = v
-                .members()
-                .into_iter()
-                .map(|m| m.id)
-                .filter(|id| !v.is_writable(id))
-                .collect();
-            (WriteTally::new(self.me.clone(), &plans), down)
+            WriteTally::new(self.me.clone(), &plans)
         };
         let spec = self.spec(ns);
         let mut set = JoinSet::new();
@@ -178,6 +172,12 @@ impl Cluster {
             }),
             Verdict::Failed(short) => {
                 let mut why: Vec<String> = failed.iter().map(|(n, e)| format!("{n} failed ({e})")).collect();
+                // Looked up on failure only: it walks the whole member list.
+                let down: Vec<NodeId> = {
+                    let v = self.view.read();
+                    let ids = v.table().members().iter().map(|m| &m.id);
+                    ids.filter(|id| !v.is_writable(id)).cloned().collect()
+                };
                 if !down.is_empty() {
                     let d: Vec<&str> = down.iter().map(|n| n.0.as_str()).collect();
                     why.push(format!("down: {}", d.join(", ")));
