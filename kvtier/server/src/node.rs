@@ -359,9 +359,14 @@ impl Node {
                 break;
             };
             let known: Vec<(Holder, Answer)> = pending.take().map(|r| r.answers().to_vec()).unwrap_or_default();
+            // After a copy here failed verification, the peers are asked
+            // for that one block: the blocks after it may be here, and a
+            // copy here that is bad too must be found (and rewritten) by
+            // reading it, not hidden behind a peer's run.
+            let end = if known.is_empty() { keys.len() } else { loaded + 1 };
             let bytes = buf(&mut owner);
             let got = c
-                .fetch(ns, &keys[loaded..], &mut bytes[loaded * b..total], b, &known)
+                .fetch(ns, &keys[loaded..end], &mut bytes[loaded * b..end * b], b, &known)
                 .await;
             self.repair
                 .counters

@@ -32,9 +32,10 @@
 use bytes::Bytes;
 use kvtier::replication::repair::{Answer, CopyRead, Holder, ReadOutcome, ScrubPace};
 use kvtier::tier::Tier;
-use kvtier::tier::disk::DiskPlace;
-use kvtier::{BlockKey, BlockManager, ErrorKind, NamespaceId};
+use kvtier::tier::disk::{DiskPlace, DiskTier, PlacedBlock};
+use kvtier::{AlignedBuf, BlockKey, BlockManager, ErrorKind, NamespaceId};
 use parking_lot::Mutex;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -43,13 +44,44 @@ use crate::cluster::Cluster;
 use crate::config::ScrubConfig;
 use crate::proto;
 
-/// Blocks one scrub batch looks at (its tick verifies those its budget
-/// allows).
-const SCRUB_BATCH: usize = 256;
+/// Blocks the scrub takes from the disk's index at once; the ticks verify
+/// them as their budget allows.
+const SCRUB_BATCH: usize = 1024;
 /// How often the scrub wakes: each tick verifies `bytes_per_s` × this.
 const SCRUB_TICK: Duration = Duration::from_millis(100);
 /// The longest wait before the first scrub pass.
 const SCRUB_FIRST_PASS_MAX: Duration = Duration::from_secs(60);
+/// The scrub's reused read buffer; a larger block gets one of its own.
+const SCRUB_BUF_BYTES: usize = 8 << 20;
+/// Scrub finds whose repair waits for a holder that did not answer, kept
+/// to try again at the next pass, at most.
+const SCRUB_RETRY_MAX: usize = 1024;
+
+/// Reads and verifies each of `blocks` that `disk` still holds, through
+/// `buf` (one of its own for a block larger); answers those that failed
+/// verification, which the disk tier dropped.
+fn verify(disk: &DiskTier, blocks: &[PlacedBlock], buf: &mut AlignedBuf) -> Vec<(NamespaceId, BlockKey)> {
+    let mut corrupt = Vec::new();
+    for p in blocks {
+        // Gone since the batch was taken (evicted, removed), or stored
+        // again elsewhere: then this reads the newer copy.
+        let Some(pin) = disk.pin(&p.key) else { continue };
+        let len = pin.len();
+        let mut own;
+        let out = if len <= buf.len() {
+            &mut buf[..len]
+        } else {
+            own = AlignedBuf::new(len);
+            &mut own[..]
+        };
+        match pin.read_into(out) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::ChecksumMismatch => corrupt.push((p.ns, p.key)),
+            Err(e) => tracing::warn!(key = %p.key, "scrub: block not read: {e}"),
+        }
+    }
+    corrupt
+}
 
 /// Read repair's and the scrub's counters.
 #[derive(Debug, Default)]
@@ -83,6 +115,10 @@ pub struct Repair {
     /// The counters, for Stats and the metrics.
     pub counters: Counters,
     scrub_enabled: AtomicBool,
+    /// Scrub finds not repaired because a holder did not answer: tried
+    /// again at the next pass (the copy here is dropped, so the walk no
+    /// longer sees it).
+    scrub_retry: Mutex<Vec<(NamespaceId, BlockKey)>>,
     /// Rewrites and the scrub, and whether [`Repair::shutdown`] stopped
     /// them.
     tasks: Mutex<(bool, Vec<tokio::task::JoinHandle<()>>)>,
@@ -102,6 +138,7 @@ impl Repair {
             cluster,
             counters: Counters::default(),
             scrub_enabled: AtomicBool::new(false),
+            scrub_retry: Mutex::new(Vec::new()),
             tasks: Mutex::new((false, Vec::new())),
         }
     }
@@ -358,6 +395,10 @@ impl Repair {
         let mut pace = ScrubPace::new(cfg.bytes_per_s, SCRUB_TICK);
         loop {
             let start = Instant::now();
+            let retry = std::mem::take(&mut *self.scrub_retry.lock());
+            for (ns, key) in retry {
+                self.repair_found(ns, key).await;
+            }
             self.scrub_pass(&mut pace).await;
             self.counters.scrub_passes.fetch_add(1, Relaxed);
             tokio::time::sleep(interval.saturating_sub(start.elapsed())).await;
@@ -370,54 +411,47 @@ impl Repair {
         let Some(disk) = self.manager.disk().cloned() else {
             return;
         };
+        // The next blocks in disk order, taken a batch at a time: each
+        // batch costs a look at a segment's index.
+        let mut queue: VecDeque<PlacedBlock> = VecDeque::new();
         let mut after: Option<DiskPlace> = None;
-        let mut buf: Vec<u8> = Vec::new();
+        let mut buf = Some(AlignedBuf::new(SCRUB_BUF_BYTES));
         loop {
-            let d = disk.clone();
-            let Ok(batch) = tokio::task::spawn_blocking(move || d.blocks_after(after, SCRUB_BATCH)).await else {
-                return;
-            };
-            if batch.is_empty() {
-                return;
+            if queue.is_empty() {
+                let d = disk.clone();
+                let Ok(batch) = tokio::task::spawn_blocking(move || d.blocks_after(after, SCRUB_BATCH)).await else {
+                    return;
+                };
+                if batch.is_empty() {
+                    return;
+                }
+                after = batch.last().map(|b| b.place);
+                queue.extend(batch);
             }
-            let lens: Vec<u64> = batch.iter().map(|b| b.len).collect();
+            let lens: Vec<u64> = queue.iter().map(|b| b.len).collect();
             let n = pace.take(&lens);
             if n > 0 {
-                let todo = batch[..n].to_vec();
+                let todo: Vec<PlacedBlock> = queue.drain(..n).collect();
+                let bytes: u64 = lens[..n].iter().sum();
                 let d = disk.clone();
+                let mut b = buf.take().expect("the buffer is back after each tick");
                 let Ok((b, corrupt)) = tokio::task::spawn_blocking(move || {
-                    let mut corrupt = Vec::new();
-                    for p in &todo {
-                        // Gone or moved since the batch was taken: a newer
-                        // copy, verified by the read that wrote it.
-                        let Some(pin) = d.pin(&p.key) else { continue };
-                        if buf.len() < pin.len() {
-                            buf.resize(pin.len(), 0);
-                        }
-                        if let Err(e) = pin.read_into(&mut buf[..pin.len()]) {
-                            if e.kind() == ErrorKind::ChecksumMismatch {
-                                corrupt.push((p.ns, p.key));
-                            } else {
-                                tracing::warn!(key = %p.key, "scrub: block not read: {e}");
-                            }
-                        }
-                    }
-                    (buf, corrupt)
+                    let corrupt = verify(&d, &todo, &mut b);
+                    (b, corrupt)
                 })
                 .await
                 else {
                     return;
                 };
-                buf = b;
+                buf = Some(b);
                 let c = &self.counters;
                 c.scrub_blocks.fetch_add(n as u64, Relaxed);
-                c.scrub_bytes.fetch_add(lens[..n].iter().sum(), Relaxed);
+                c.scrub_bytes.fetch_add(bytes, Relaxed);
                 for (ns, key) in corrupt {
                     self.found_corrupt(&Holder::Here, true);
                     tracing::warn!(%key, namespace = %ns, "scrub: corrupt copy found (dropped); repairing it");
                     self.repair_found(ns, key).await;
                 }
-                after = Some(batch[n - 1].place);
             }
             tokio::time::sleep(SCRUB_TICK).await;
         }
@@ -445,6 +479,14 @@ impl Repair {
         }
         match (read.outcome(), got) {
             (ReadOutcome::Served { repair, .. }, Some(data)) => self.rewrite(ns, key, data, repair),
+            (ReadOutcome::NoGoodCopy(e), _) if e.kind().is_retryable() => {
+                // A good copy may be on a holder that did not answer.
+                let mut retry = self.scrub_retry.lock();
+                if retry.len() < SCRUB_RETRY_MAX {
+                    retry.push((ns, key));
+                }
+                tracing::info!(%key, namespace = %ns, "scrub: {e}; tried again at the next pass");
+            }
             _ => {
                 let _ = self.no_good_copy(&read, "scrub: block");
             }
