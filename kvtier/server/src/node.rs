@@ -27,6 +27,9 @@ use kvtier_proto::chunk::pieces;
 
 /// Keys one request may carry.
 pub const MAX_KEYS: usize = 65_536;
+/// Blocks a load asks the local tiers for at once after a copy here
+/// failed verification (see [`Node::load_across`]).
+const REPAIR_WINDOW: usize = 256;
 /// Idle request buffers kept for reuse.
 const POOLED_BUFFERS: usize = 16;
 /// Permits of the in-flight semaphore are pages of request bytes.
@@ -283,7 +286,6 @@ impl Node {
         buf: fn(&mut B) -> &mut [u8],
         peers: bool,
     ) -> Result<(kvtier::manager::LoadOutcome, B), Status> {
-        let total = keys.len() * b;
         let (mut loaded, mut failed) = (0usize, None);
         let in_cluster = self.cluster.is_some();
         let has_blob = self.manager.blob().is_some();
@@ -291,15 +293,28 @@ impl Node {
         // The read of keys[loaded] across its holders, once a copy of it
         // failed verification (here, or on every peer asked).
         let mut pending: Option<CopyRead> = None;
+        // Blocks one local load asks for: all of them, until a copy here
+        // fails verification; then a window, so that a run of bad copies
+        // costs each load a window of pins, not the whole rest again.
+        let mut window = keys.len();
         loop {
             let (m, ks, at) = (self.manager.clone(), keys.clone(), loaded);
             let local_only = in_cluster && !blob_pass;
+            // While a block's read is pending, this load asks for that one
+            // block: a blob (or peer) run past it would hide the copies
+            // here after it, bad ones included, which must be read to be
+            // found and rewritten.
+            let end = if pending.is_some() {
+                at + 1
+            } else {
+                keys.len().min(at + window)
+            };
             let (r, o) = tokio::task::spawn_blocking(move || {
-                let out = &mut buf(&mut owner)[at * b..total];
+                let out = &mut buf(&mut owner)[at * b..end * b];
                 let r = if local_only {
-                    m.load_local(ns, &ks[at..], out)
+                    m.load_local(ns, &ks[at..end], out)
                 } else {
-                    m.load(ns, &ks[at..], out)
+                    m.load(ns, &ks[at..end], out)
                 };
                 (r, owner)
             })
@@ -318,6 +333,8 @@ impl Node {
                     let good = Bytes::copy_from_slice(&buf(&mut owner)[at * b..(at + 1) * b]);
                     self.repair.rewrite(ns, keys[at], good, repair);
                 }
+                // The blocks after it: here first again, then peers.
+                blob_pass = false;
             }
             loaded += out.loaded;
             if let Some(mut f) = out.failed {
@@ -325,6 +342,7 @@ impl Node {
                 let corrupt = Answer::of_error(f.kind) == Answer::Corrupt;
                 if corrupt {
                     self.repair.found_corrupt(&Holder::Here, false);
+                    window = REPAIR_WINDOW;
                 }
                 if corrupt && pending.is_none() && (peers || !in_cluster) {
                     // Its tier dropped the copy: the next load misses it
@@ -345,6 +363,10 @@ impl Node {
             }
             if loaded == keys.len() {
                 break;
+            }
+            if end < keys.len() && out.loaded > 0 {
+                // The one block is in: the next ones are asked here first.
+                continue;
             }
             let peer_pass = in_cluster && peers && !blob_pass;
             let Some(c) = self.cluster.as_ref().filter(|_| peer_pass) else {

@@ -329,3 +329,71 @@ async fn the_scrub_finds_and_repairs_copies_nobody_reads() {
     let g = c.get(ns, &[key(ns, 0)]).await.unwrap();
     assert!(g.data[..] == content(ns, 0, BLOCK)[..]);
 }
+
+/// A node alone with a blob tier (writeback, Azurite): bytes flipped in
+/// every block and chunk on its SSD while it was stopped; reads serve the
+/// good copies from blob and rewrite the local ones, so with blob gone the
+/// node serves everything from its SSD again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_node_serves_and_repairs_its_corrupt_copies_from_blob() {
+    use kvtier::tier::blob::BlobMode;
+    use kvtier::tier::blob::azurite::Azurite;
+    let mut az = Azurite::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = kvtier_server::config::DaemonConfig {
+        blob: Some(az.config("kvtierd-repair", BlobMode::Writeback)),
+        ..Default::default()
+    };
+    let file = dir.path().join("kvtierd.toml");
+    std::fs::write(&file, toml::to_string(&cfg).unwrap()).unwrap();
+    let env = [("KVTIER_CONFIG", s(&file)), ("KVTIER_SCRUB_BYTES_PER_S", "0")];
+    let data_dir = dir.path().join("data");
+    let mut d = common::Daemon::start(&data_dir, &env);
+    let c = d.client().await;
+    let (ns, _) = c.register(&common::namespace("lone", BLOCK)).await.unwrap();
+    c.put(ns, &keys(ns, 0..N), data(ns, 0..N)).await.unwrap();
+    let src = dir.path().join("src");
+    let files = write_tree(&src);
+    let g = ["--group", "job", "--chunk-mib", CHUNK_MIB];
+    let put = kvtier(
+        &d.endpoint(),
+        &[],
+        &[&["checkpoint", "put", "step-3", s(&src)][..], &g[..]].concat(),
+    )
+    .expect(0)
+    .json();
+    let chunks = put["chunks"].as_u64().unwrap();
+    eventually("every block and chunk is in blob", 60, || async {
+        let w = c.stats_reply().await.unwrap().writeback.unwrap();
+        w.pending_blocks == 0 && w.uploaded_blocks > N + chunks
+    })
+    .await;
+
+    d.signal_and_wait(libc::SIGTERM);
+    let flipped = corrupt_records(&data_dir.join("blocks"), |_| true);
+    assert!(flipped.len() as u64 > N + chunks, "{}", flipped.len());
+    let d = common::Daemon::start(&data_dir, &env);
+    let c = d.client().await;
+    read_all(&c, ns, "the lone node").await;
+    let dest = dir.path().join("restore");
+    checkpoint_get(&d.endpoint(), "job", "step-3", &dest, 0);
+    assert_restored(&dest, &files);
+    eventually("the local copies are rewritten", 30, || async {
+        repair_stats(&c).await.repaired_local > N + chunks
+    })
+    .await;
+    let r = repair_stats(&c).await;
+    assert!(r.corrupt_found_local_read > N + chunks, "{r:?}");
+    assert_eq!((r.repair_failures, r.no_good_copy, r.repaired_peer), (0, 0, 0), "{r:?}");
+
+    // Blob gone: the SSD alone serves it all.
+    az.stop();
+    read_all(&c, ns, "the lone node without blob").await;
+    let dest = dir.path().join("restore-ssd");
+    checkpoint_get(&d.endpoint(), "job", "step-3", &dest, 0);
+    assert_restored(&dest, &files);
+    assert_eq!(
+        repair_stats(&c).await.corrupt_found_local_read,
+        r.corrupt_found_local_read
+    );
+}
