@@ -29,6 +29,23 @@ async fn repair_stats(c: &Client) -> RepairStats {
         .expect("every node reports repair")
 }
 
+/// Polls `c`'s repair counters every 20 ms until `done` holds, for at most
+/// 60 s; a timeout shows the last ones.
+async fn until(what: &str, c: &Client, done: impl Fn(&RepairStats) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = repair_stats(c).await;
+        if done(&r) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}: {r:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Registers namespace `name` (blocks of BLOCK) with 3 replicas, through `a`.
 async fn replicated(a: &Client, name: &str) -> NamespaceId {
     let reg = a
@@ -190,7 +207,28 @@ async fn corrupt_copies_are_read_from_good_replicas_and_rewritten() {
     let (a, b, c) = (cl.client(0).await, cl.client(1).await, cl.client(2).await);
 
     // Through c first: each of its copies fails, the blocks b is asked for
-    // first fail on b too, a's copy is served. Then through b and a.
+    // first fail on b too, a's copy is served. Then through b and a. The
+    // first blocks as an operator would read them, with the CLI.
+    let out = root.path().join("get-c");
+    let first: Vec<String> = keys(ns, 0..4).iter().map(BlockKey::to_string).collect();
+    kvtier(
+        &cl.endpoint(2),
+        &[],
+        &[
+            "get",
+            "--ns",
+            &ns.to_string(),
+            "--key",
+            &first.join(","),
+            "--out",
+            s(&out),
+        ],
+    )
+    .expect(0);
+    assert!(
+        std::fs::read(&out).unwrap() == data(ns, 0..4),
+        "whole blocks through the CLI"
+    );
     read_all(&c, ns, "c").await;
     read_all(&b, ns, "b").await;
     read_all(&a, ns, "a").await;
@@ -210,6 +248,26 @@ async fn corrupt_copies_are_read_from_good_replicas_and_rewritten() {
     assert!(
         why.contains("no good copy: 3 copies tried, all corrupt or missing: 3 corrupt (here, "),
         "{why}"
+    );
+    let out = root.path().join("get-doomed");
+    let run = kvtier(
+        &cl.endpoint(1),
+        &[],
+        &[
+            "get",
+            "--ns",
+            &doomed.to_string(),
+            "--key",
+            &key(doomed, 1).to_string(),
+            "--out",
+            s(&out),
+        ],
+    )
+    .expect(7);
+    assert!(run.stderr.contains("no good copy: 3 copies tried"), "{run:?}");
+    assert!(
+        std::fs::read(&out).unwrap_or_default().is_empty(),
+        "no byte of a corrupt block is written"
     );
     let dest = root.path().join("restore-gone");
     let run = checkpoint_get(&cl.endpoint(1), "gone", "step-3", &dest, 7);
@@ -232,8 +290,7 @@ async fn corrupt_copies_are_read_from_good_replicas_and_rewritten() {
     })
     .await;
     let want_local = N + chunks;
-    eventually("c's rewrites are counted", 30, || async {
-        let r = repair_stats(&c).await;
+    until("c's rewrites are counted", &c, |r| {
         r.repaired_local >= want_local && r.repaired_peer >= b_first.len() as u64
     })
     .await;
@@ -310,8 +367,7 @@ async fn the_scrub_finds_and_repairs_copies_nobody_reads() {
     cl.start_node(2);
     let c = cl.client(2).await;
 
-    eventually("c's scrub finds and rewrites every bad copy", 60, || async {
-        let r = repair_stats(&c).await;
+    until("c's scrub finds and rewrites every bad copy", &c, |r| {
         r.corrupt_found_scrub >= N && r.repaired_local >= N
     })
     .await;
@@ -378,10 +434,7 @@ async fn a_lone_node_serves_and_repairs_its_corrupt_copies_from_blob() {
     let dest = dir.path().join("restore");
     checkpoint_get(&d.endpoint(), "job", "step-3", &dest, 0);
     assert_restored(&dest, &files);
-    eventually("the local copies are rewritten", 30, || async {
-        repair_stats(&c).await.repaired_local > N + chunks
-    })
-    .await;
+    until("the local copies are rewritten", &c, |r| r.repaired_local > N + chunks).await;
     let r = repair_stats(&c).await;
     assert!(r.corrupt_found_local_read > N + chunks, "{r:?}");
     assert_eq!((r.repair_failures, r.no_good_copy, r.repaired_peer), (0, 0, 0), "{r:?}");

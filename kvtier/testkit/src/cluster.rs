@@ -205,6 +205,10 @@ pub fn segment_records(dir: &Path) -> Vec<(PathBuf, SegmentRecord)> {
 /// disk tier (in `dir`) that `pick` selects, as bit rot would: the header
 /// stays whole, so the record is still indexed and fails verification
 /// when read. Answers the records flipped.
+///
+/// Each segment flipped must be sealed (the node stopped cleanly): an
+/// unsealed one is verified in full on the next open, which skips a bad
+/// record instead of indexing it.
 pub fn corrupt_records(dir: &Path, pick: impl Fn(&SegmentRecord) -> bool) -> Vec<SegmentRecord> {
     use std::os::unix::fs::FileExt;
     let mut flipped = Vec::new();
@@ -217,6 +221,17 @@ pub fn corrupt_records(dir: &Path, pick: impl Fn(&SegmentRecord) -> bool) -> Vec
             .write(true)
             .open(&path)
             .expect("open a segment file");
+        let len = f.metadata().expect("stat a segment file").len();
+        let mut seal = [0u8; 8];
+        let sealed = len.is_multiple_of(PAGE)
+            && len >= PAGE
+            && f.read_exact_at(&mut seal, len - PAGE).is_ok()
+            && &seal == b"KVTSEAL1";
+        assert!(
+            sealed,
+            "segment {} is not sealed: was its node stopped cleanly?",
+            path.display()
+        );
         for off in [r.data_at, r.data_at + r.data_len / 2, r.data_at + r.data_len - 1] {
             let mut b = [0u8];
             f.read_exact_at(&mut b, off).expect("read a byte");

@@ -274,6 +274,21 @@ impl DiskTier {
         st.index.iter().filter(|(_, l)| l.ns == ns).map(|(k, _)| *k).collect()
     }
 
+    /// Seals the active segment now, as closing the tier does, so the next
+    /// open indexes it from its headers: what a clean stop calls when
+    /// clones of the tier (a background uploader) may outlive the stop and
+    /// the process may exit before the last one drops. A later write
+    /// starts a new segment.
+    pub fn seal_active(&self) {
+        let (segment_bytes, sync) = (self.inner.cfg.segment_bytes, self.inner.cfg.sync_writes);
+        let mut guard = self.inner.state.lock();
+        let st = &mut *guard;
+        if let Some(m) = st.active.take().and_then(|id| st.segments.get_mut(&id)) {
+            m.sealed = true;
+            seal_if_done(m, segment_bytes, sync, &self.inner.io);
+        }
+    }
+
     /// At most `max` live blocks placed after `after` (all when `None`), in
     /// the order they lie on the disk (segment, then offset): the walk of a
     /// scrub, which reads the disk front to back and carries the last

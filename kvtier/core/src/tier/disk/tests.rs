@@ -899,3 +899,26 @@ fn blocks_after_walks_the_disk_in_order_and_pages() {
     assert_eq!(seen, all.iter().map(|b| b.key).collect::<Vec<_>>());
     assert!(t.blocks_after(all.last().map(|b| b.place), 10).is_empty());
 }
+
+#[test]
+fn seal_active_seals_while_a_clone_lives_and_later_writes_roll() {
+    let d = tempfile::tempdir().unwrap();
+    let t = cfg(d.path()).build().unwrap();
+    fill(&t, 0..3);
+    let keep = t.clone();
+    t.seal_active();
+    let path = segment_files(d.path())[0].clone();
+    let f = std::fs::File::open(&path).unwrap();
+    let mut page = vec![0u8; PAGE as usize];
+    f.read_exact_at(&mut page, (1u64 << 20) - PAGE).unwrap();
+    let seal = record::Seal::decode(&page).expect("the active segment is sealed");
+    assert_eq!(seal.records, 3);
+    // A write after it goes to a new segment; everything reads back.
+    fill(&keep, 3..4);
+    assert_eq!(segment_files(d.path()).len(), 2);
+    assert_intact(&keep, 0..4);
+    drop((t, keep));
+    let t = cfg(d.path()).build().unwrap();
+    assert_eq!(t.recovery().unsealed_segments, 0, "{:?}", t.recovery());
+    assert_intact(&t, 0..4);
+}
