@@ -403,6 +403,13 @@ impl Node {
             // A read with a corrupt copy and no good one among the peers:
             // the next pass asks this node, or blob, for it.
             pending = got.stopped.filter(CopyRead::found_corrupt);
+            if n == 0
+                && let Some(read) = &mut pending
+            {
+                // It stopped at keys[loaded], which the load before missed
+                // here (unless its copy here failed: that answer stands).
+                read.record(Holder::Here, Answer::Missing);
+            }
             if n == 0 {
                 // Every replica missed: blob, if this node has one.
                 if has_blob {

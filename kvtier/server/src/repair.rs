@@ -23,8 +23,9 @@
 //!
 //! A read has what it came for once a good copy verified; a rewrite to a
 //! slow or failing peer must not hold it up. Rewrites are rare (a copy
-//! found corrupt) and each is one block, so there is no queue to bound: a
-//! task per found copy, stopped with [`Repair::shutdown`]. A rewrite that
+//! found corrupt) and each is one block: a task per found copy, stopped
+//! with [`Repair::shutdown`], with at most 256 MiB of good copies held for
+//! them at once (past that a bad copy stays dropped, counted). A rewrite that
 //! fails leaves the bad copy dropped from its holder's index all the
 //! same; it is counted and logged, and found again (by a read or the
 //! scrub) once its holder restarts and indexes the record again.
@@ -51,6 +52,10 @@ const SCRUB_BATCH: usize = 1024;
 const SCRUB_TICK: Duration = Duration::from_millis(100);
 /// The longest wait before the first scrub pass.
 const SCRUB_FIRST_PASS_MAX: Duration = Duration::from_secs(60);
+/// Bytes of good copies held for rewrites in flight, at most.
+const REWRITE_BUDGET_BYTES: usize = 256 << 20;
+/// The unit of [`REWRITE_BUDGET_BYTES`].
+const PAGE: usize = 4096;
 /// The scrub's reused read buffer; a larger block gets one of its own.
 const SCRUB_BUF_BYTES: usize = 8 << 20;
 /// Scrub finds whose repair waits for a holder that did not answer, kept
@@ -119,6 +124,8 @@ pub struct Repair {
     /// again at the next pass (the copy here is dropped, so the walk no
     /// longer sees it).
     scrub_retry: Mutex<Vec<(NamespaceId, BlockKey)>>,
+    /// Room for the good copies that rewrites in flight hold.
+    rewrite_room: Arc<tokio::sync::Semaphore>,
     /// Rewrites and the scrub, and whether [`Repair::shutdown`] stopped
     /// them.
     tasks: Mutex<(bool, Vec<tokio::task::JoinHandle<()>>)>,
@@ -139,6 +146,7 @@ impl Repair {
             counters: Counters::default(),
             scrub_enabled: AtomicBool::new(false),
             scrub_retry: Mutex::new(Vec::new()),
+            rewrite_room: Arc::new(tokio::sync::Semaphore::new(REWRITE_BUDGET_BYTES / PAGE)),
             tasks: Mutex::new((false, Vec::new())),
         }
     }
@@ -301,8 +309,18 @@ impl Repair {
     /// Rewrites the copies of `key` of `ns` at `holders` (which failed
     /// verification) from `data`, a copy that verified; in the background.
     pub fn rewrite(self: &Arc<Self>, ns: NamespaceId, key: BlockKey, data: Bytes, holders: Vec<Holder>) {
+        let pages = data.len().div_ceil(PAGE).clamp(1, REWRITE_BUDGET_BYTES / PAGE) as u32;
+        let Ok(room) = self.rewrite_room.clone().try_acquire_many_owned(pages) else {
+            // A bound on the copies held for rewrites: past it, the bad
+            // copies stay dropped (found again after their holder
+            // restarts), and the read is served all the same.
+            self.counters.repair_failures.fetch_add(holders.len() as u64, Relaxed);
+            tracing::warn!(%key, namespace = %ns, "read repair: {REWRITE_BUDGET_BYTES} bytes of rewrites in flight; {} bad copies not rewritten", holders.len());
+            return;
+        };
         let this = self.clone();
         self.spawn(async move {
+            let _room = room;
             for h in holders {
                 let r = match &h {
                     Holder::Here => this.store_here(ns, key, data.clone()).await,
