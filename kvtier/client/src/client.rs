@@ -86,6 +86,10 @@ pub struct Got {
     pub failed_index: Option<usize>,
     /// Why it failed.
     pub failed_reason: String,
+    /// The kind of that failure ([`ErrorKind::ChecksumMismatch`] for a
+    /// block with no good copy); `None` when none failed, or for a kind
+    /// this build does not know.
+    pub failed_kind: Option<ErrorKind>,
     /// The loaded blocks back to back.
     pub data: Bytes,
 }
@@ -419,6 +423,7 @@ impl Client {
             block_bytes: h.block_bytes,
             failed_index: h.failed_index.map(|i| i as usize),
             failed_reason: h.failed_reason,
+            failed_kind: ErrorKind::from_name(&h.failed_kind),
             data,
         })
     }

@@ -11,7 +11,9 @@
 //! In a cluster, a group's namespace is replicated on min(3, members)
 //! nodes (strong writes): chunks and manifests go to their replicas
 //! through the cluster's write path (stand-ins with hints for replicas
-//! that are down), reads try this node, then the replicas, and a delete
+//! that are down), reads try this node, then the replicas, then blob (a
+//! copy that fails verification is skipped and rewritten from the good
+//! one: [`crate::repair`]), and a delete
 //! reaches every member. The catalog of names is kept on every member (a
 //! name is added everywhere that answers) and listed as the union of the
 //! members that answer.
@@ -30,6 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::checkpoint_proto as pb;
 use crate::cluster::Cluster;
 use crate::registry::Registry;
+use crate::repair::Repair;
 use crate::{invalid, status, status_of};
 use kvtier::replication::Replication;
 
@@ -49,6 +52,7 @@ pub struct CheckpointService {
     manager: Arc<BlockManager>,
     registry: Arc<Registry>,
     cluster: Option<Arc<Cluster>>,
+    repair: Arc<Repair>,
     dir: PathBuf,
     groups: Mutex<HashMap<(String, u32), Arc<LocalChunks>>>,
     /// Aligned buffers for incoming chunks, by chunk size.
@@ -57,17 +61,20 @@ pub struct CheckpointService {
 
 impl CheckpointService {
     /// Chunks in `manager` (namespaces registered through `registry`),
-    /// catalogs under `data_dir/checkpoints`, replicated over `cluster`.
+    /// catalogs under `data_dir/checkpoints`, replicated over `cluster`,
+    /// read through `repair`.
     pub fn new(
         manager: Arc<BlockManager>,
         registry: Arc<Registry>,
         cluster: Option<Arc<Cluster>>,
+        repair: Arc<Repair>,
         data_dir: &std::path::Path,
     ) -> Self {
         Self {
             manager,
             registry,
             cluster,
+            repair,
             dir: data_dir.join("checkpoints"),
             groups: Mutex::new(HashMap::new()),
             buffers: Mutex::new(HashMap::new()),
@@ -215,22 +222,16 @@ impl pb::checkpoints_server::Checkpoints for CheckpointService {
 
     async fn get_chunk(&self, req: Request<pb::ChunkRef>) -> Result<Response<PieceStream>, Status> {
         let r = req.into_inner();
-        let (ns, store) = self.group(r.group.as_ref()).await?;
+        let (ns, _) = self.group(r.group.as_ref()).await?;
         let k = key(&r.key)?;
-        // Local tiers, then (in a cluster) the replicas, then blob.
-        let got = match self.fan_out(r.group.as_ref()) {
-            None => Self::blocking(move || store.get_chunk(k)).await?,
-            Some(c) => {
-                let m = self.manager.clone();
-                match Self::blocking(move || m.load_chunk_local(ns, k)).await? {
-                    Some(d) => Some(d),
-                    None => match c.fetch_chunk(ns, k).await {
-                        Some(d) => Some(Bytes::from(d)),
-                        None => Self::blocking(move || store.get_chunk(k)).await?,
-                    },
-                }
-            }
-        };
+        // Local tiers, then (in a cluster) the replicas, then blob; a copy
+        // that fails verification is skipped and rewritten (read repair).
+        let peers = self.fan_out(r.group.as_ref()).is_some();
+        let got = self
+            .repair
+            .read_chunk(ns, k, peers, true)
+            .await
+            .map_err(|e| status(&e))?;
         let pieces: Vec<Result<pb::ChunkPiece, Status>> = match got {
             None => vec![Ok(pb::ChunkPiece {
                 found: false,

@@ -110,6 +110,8 @@ pub async fn run(
         }
         None => node,
     });
+    let repair = node.repair().clone();
+    let _ = metrics.repair.set(Arc::downgrade(&repair));
     let s3 = match &cfg.s3 {
         Some(s3cfg) => Some(
             crate::s3::start(
@@ -119,6 +121,7 @@ pub async fn run(
                     manager: manager.clone(),
                     registry: node.registry().clone(),
                     cluster: cluster.clone(),
+                    repair: repair.clone(),
                     data_dir: &cfg.data_dir,
                     drain: Duration::from_secs(cfg.drain_timeout_s),
                     metrics: metrics.s3.get_or_init(Default::default).clone(),
@@ -195,6 +198,7 @@ pub async fn run(
                 manager.clone(),
                 checkpoint_registry,
                 cluster.clone(),
+                repair.clone(),
                 &cfg.data_dir,
             ),
         )
@@ -219,6 +223,7 @@ pub async fn run(
         tracing::info!(node = %c.me(), members = c.size(), epoch = c.epoch(), "cluster member serving");
         c.start();
     }
+    repair.start_scrub(&cfg.scrub);
 
     // Stop accepting when told; give in-flight requests a bounded time.
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
@@ -252,6 +257,10 @@ pub async fn run(
     // The cluster's background tasks (heartbeats, hint delivery, resync,
     // rebalancing) hold the cluster and so the manager: stop them all,
     // then let it go.
+    // The scrub and read repair's rewrites hold the cluster and the
+    // manager too.
+    repair.shutdown().await;
+    drop(repair);
     if let Some(c) = &cluster {
         c.shutdown().await;
     }

@@ -12,6 +12,8 @@
 //! - [`cluster`]: kvtierd nodes together: membership, replica fan-out,
 //!   peer reads, hints and rebalancing (the decisions are the core's
 //!   `kvtier::replication`; this module carries them out).
+//! - [`repair`]: read repair (a copy that fails verification is read from
+//!   another holder and rewritten from it) and the background scrub.
 //! - [`config`]: the daemon's TOML configuration with `KVTIER_*` overrides.
 //! - [`registry`]: the namespaces and their replication, persisted.
 //! - [`metrics`]: Prometheus text on an HTTP port.
@@ -47,6 +49,7 @@ pub mod node;
 pub mod peer;
 pub mod region;
 pub mod registry;
+pub mod repair;
 pub mod s3;
 pub mod service;
 pub mod stats;

@@ -91,6 +91,9 @@ pub struct Metrics {
     pub cluster: std::sync::OnceLock<std::sync::Weak<crate::cluster::Cluster>>,
     /// The S3 listener's counters, once it serves.
     pub s3: std::sync::OnceLock<Arc<crate::s3::S3Metrics>>,
+    /// Read repair and the scrub, once the node is set up. Weak, as the
+    /// cluster is.
+    pub repair: std::sync::OnceLock<std::sync::Weak<crate::repair::Repair>>,
 }
 
 impl Metrics {
@@ -105,6 +108,9 @@ impl Metrics {
         let mut o = self.render_stats(&m.stats());
         if let Some(c) = self.cluster.get().and_then(std::sync::Weak::upgrade) {
             render_cluster(&mut o, &c.stats());
+        }
+        if let Some(r) = self.repair.get().and_then(std::sync::Weak::upgrade) {
+            render_repair(&mut o, &r.stats());
         }
         if let Some(s3) = self.s3.get() {
             s3.render(&mut o);
@@ -450,6 +456,62 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, manager: Arc<Bl
     }
 }
 
+/// Read repair's and the scrub's series.
+fn render_repair(o: &mut String, r: &crate::proto::RepairStats) {
+    let mut labeled = |name: &str, help: &str, label: &str, values: &[(&str, u64)]| {
+        let _ = writeln!(o, "# HELP kvtier_{name} {help}\n# TYPE kvtier_{name} counter");
+        for (l, v) in values {
+            let _ = writeln!(o, "kvtier_{name}{{{label}=\"{l}\"}} {v}");
+        }
+    };
+    labeled(
+        "corrupt_copies_found_total",
+        "Copies that failed verification (never served), by who found them: a read of this node's copy, a peer's answer to a read here, the scrub.",
+        "found_by",
+        &[
+            ("local_read", r.corrupt_found_local_read),
+            ("peer_read", r.corrupt_found_peer_read),
+            ("scrub", r.corrupt_found_scrub),
+        ],
+    );
+    labeled(
+        "read_repairs_total",
+        "Corrupt copies rewritten from a good one, here or on a peer.",
+        "copy",
+        &[("local", r.repaired_local), ("peer", r.repaired_peer)],
+    );
+    let counters: [(&str, &str, u64); 5] = [
+        (
+            "read_repair_failures_total",
+            "Rewrites of a corrupt copy that failed (the copy stays dropped).",
+            r.repair_failures,
+        ),
+        (
+            "no_good_copy_total",
+            "Keys found corrupt with no good copy on any holder: failed reads and scrub finds nothing could repair.",
+            r.no_good_copy,
+        ),
+        (
+            "scrub_passes_total",
+            "Scrub passes over the whole disk finished.",
+            r.scrub_passes,
+        ),
+        ("scrub_blocks_total", "Blocks the scrub verified.", r.scrub_blocks),
+        ("scrub_bytes_total", "Bytes the scrub verified.", r.scrub_bytes),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(
+            o,
+            "# HELP kvtier_{name} {help}\n# TYPE kvtier_{name} counter\nkvtier_{name} {v}"
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP kvtier_scrub_enabled Whether the disk scrub runs.\n# TYPE kvtier_scrub_enabled gauge\nkvtier_scrub_enabled {}",
+        u8::from(r.scrub_enabled)
+    );
+}
+
 /// The `kvtier_cluster_*` series (cluster members only).
 fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
     let _ = writeln!(
@@ -595,6 +657,44 @@ mod tests {
                     "sample {l:?} outside its family ({last_type})"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn repair_series_carry_the_counters() {
+        let mut body = Metrics::default().render_stats(&local_stats());
+        render_repair(
+            &mut body,
+            &crate::proto::RepairStats {
+                corrupt_found_local_read: 1,
+                corrupt_found_peer_read: 2,
+                corrupt_found_scrub: 3,
+                repaired_local: 4,
+                repaired_peer: 5,
+                repair_failures: 6,
+                no_good_copy: 7,
+                scrub_enabled: true,
+                scrub_passes: 8,
+                scrub_blocks: 9,
+                scrub_bytes: 10,
+            },
+        );
+        assert_well_formed(&body);
+        let want = [
+            (r#"kvtier_corrupt_copies_found_total{found_by="local_read"}"#, 1.0),
+            (r#"kvtier_corrupt_copies_found_total{found_by="peer_read"}"#, 2.0),
+            (r#"kvtier_corrupt_copies_found_total{found_by="scrub"}"#, 3.0),
+            (r#"kvtier_read_repairs_total{copy="local"}"#, 4.0),
+            (r#"kvtier_read_repairs_total{copy="peer"}"#, 5.0),
+            ("kvtier_read_repair_failures_total", 6.0),
+            ("kvtier_no_good_copy_total", 7.0),
+            ("kvtier_scrub_passes_total", 8.0),
+            ("kvtier_scrub_blocks_total", 9.0),
+            ("kvtier_scrub_bytes_total", 10.0),
+            ("kvtier_scrub_enabled", 1.0),
+        ];
+        for (series, v) in want {
+            assert_eq!(sample(&body, series), v, "{series}");
         }
     }
 

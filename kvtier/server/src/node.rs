@@ -18,12 +18,18 @@ use crate::metrics::Metrics;
 use crate::proto::{self, get_response, put_request};
 use crate::region::Regions;
 use crate::registry::Registry;
+use crate::repair::Repair;
 use crate::{invalid, status, status_of};
 use kvtier::ErrorKind;
+use kvtier::manager::LoadFailure;
+use kvtier::replication::repair::{Answer, CopyRead, Holder, ReadOutcome};
 use kvtier_proto::chunk::pieces;
 
 /// Keys one request may carry.
 pub const MAX_KEYS: usize = 65_536;
+/// Blocks a load asks the local tiers for at once after a copy here
+/// failed verification (see [`Node::load_across`]).
+const REPAIR_WINDOW: usize = 256;
 /// Idle request buffers kept for reuse.
 const POOLED_BUFFERS: usize = 16;
 /// Permits of the in-flight semaphore are pages of request bytes.
@@ -90,6 +96,8 @@ pub struct Node {
     max_request_bytes: u64,
     pub(crate) started: Instant,
     pub(crate) cluster: Option<Arc<Cluster>>,
+    /// Read repair and the scrub, over the same tiers and cluster.
+    pub(crate) repair: Arc<Repair>,
 }
 
 impl std::fmt::Debug for Node {
@@ -112,6 +120,7 @@ impl Node {
         let registry = Registry::open(registry_path, manager.clone())?;
         let permits = (max_inflight_bytes / PERMIT_BYTES).min(u64::from(u32::MAX >> 3)) as usize;
         Ok(Self {
+            repair: Arc::new(Repair::new(manager.clone(), None)),
             manager,
             metrics,
             pool: Arc::new(BufPool {
@@ -129,8 +138,14 @@ impl Node {
     /// The same node in `cluster`: Puts fan out to replicas, reads that
     /// miss here ask peers, and registrations reach every member.
     pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Self {
+        self.repair = Arc::new(Repair::new(self.manager.clone(), Some(cluster.clone())));
         self.cluster = Some(cluster);
         self
+    }
+
+    /// Read repair and the scrub of this node.
+    pub fn repair(&self) -> &Arc<Repair> {
+        &self.repair
     }
 
     /// The namespaces and their replication.
@@ -255,6 +270,13 @@ impl Node {
     /// misses here, then local again, since with R < N consecutive blocks
     /// live on different nodes. In a cluster blob comes last, after every
     /// replica missed. Blocks from peers are promoted into the local tiers.
+    ///
+    /// A copy that fails verification here is a miss on that copy only
+    /// (read repair, see [`crate::repair`]): its tier drops it, the load
+    /// goes on to the peers (unless `peers` is off: a peer's read of this
+    /// node's own copy reports it instead) and blob, serves the first good
+    /// copy, and rewrites the bad ones from it. A block fails the load
+    /// only when no holder has a good copy, and its failure says so.
     pub(crate) async fn load_across<B: Send + 'static>(
         &self,
         ns: NamespaceId,
@@ -264,19 +286,35 @@ impl Node {
         buf: fn(&mut B) -> &mut [u8],
         peers: bool,
     ) -> Result<(kvtier::manager::LoadOutcome, B), Status> {
-        let total = keys.len() * b;
         let (mut loaded, mut failed) = (0usize, None);
         let in_cluster = self.cluster.is_some();
+        let has_blob = self.manager.blob().is_some();
         let mut blob_pass = false;
+        // The read of keys[loaded] across its holders, once a copy of it
+        // failed verification (here, or on every peer asked).
+        let mut pending: Option<CopyRead> = None;
+        // Blocks one local load asks for: all of them, until a copy here
+        // fails verification; then a window, so that a run of bad copies
+        // costs each load a window of pins, not the whole rest again.
+        let mut window = keys.len();
         loop {
             let (m, ks, at) = (self.manager.clone(), keys.clone(), loaded);
             let local_only = in_cluster && !blob_pass;
+            // While a block's read is pending, this load asks for that one
+            // block: a blob (or peer) run past it would hide the copies
+            // here after it, bad ones included, which must be read to be
+            // found and rewritten.
+            let end = if pending.is_some() {
+                at + 1
+            } else {
+                keys.len().min(at + window)
+            };
             let (r, o) = tokio::task::spawn_blocking(move || {
-                let out = &mut buf(&mut owner)[at * b..total];
+                let out = &mut buf(&mut owner)[at * b..end * b];
                 let r = if local_only {
-                    m.load_local(ns, &ks[at..], out)
+                    m.load_local(ns, &ks[at..end], out)
                 } else {
-                    m.load(ns, &ks[at..], out)
+                    m.load(ns, &ks[at..end], out)
                 };
                 (r, owner)
             })
@@ -284,27 +322,104 @@ impl Node {
             .map_err(|e| status_of(ErrorKind::Internal, format!("load task: {e}")))?;
             owner = o;
             let out = r.map_err(|e| status(&e))?;
+            if out.loaded > 0
+                && let Some(mut read) = pending.take()
+            {
+                // Its copy here was dropped: this load found it in blob
+                // (or a store put a good copy here meanwhile).
+                let from = if local_only { Holder::Here } else { Holder::Blob };
+                read.record(from, Answer::Good);
+                if let ReadOutcome::Served { repair, .. } = read.outcome() {
+                    let good = Bytes::copy_from_slice(&buf(&mut owner)[at * b..(at + 1) * b]);
+                    self.repair.rewrite(ns, keys[at], good, repair);
+                }
+                // The blocks after it: here first again, then peers.
+                blob_pass = false;
+            }
             loaded += out.loaded;
             if let Some(mut f) = out.failed {
                 f.index += at;
-                failed = Some(f);
-                break;
-            }
-            if blob_pass || loaded == keys.len() {
-                break;
-            }
-            let Some(c) = self.cluster.as_ref().filter(|_| peers) else {
-                break;
-            };
-            let bytes = buf(&mut owner);
-            let n = c.fetch(ns, &keys[loaded..], &mut bytes[loaded * b..total], b).await;
-            if n == 0 {
-                // Every replica missed: blob, if this node has one.
-                if self.manager.blob().is_none() {
+                let corrupt = Answer::of_error(f.kind) == Answer::Corrupt;
+                if corrupt {
+                    self.repair.found_corrupt(&Holder::Here, false);
+                    window = REPAIR_WINDOW;
+                }
+                if corrupt && pending.is_none() && (peers || !in_cluster) {
+                    // Its tier dropped the copy: the next load misses it
+                    // here and the read goes on to the other holders.
+                    let mut read = self.repair.read_of(ns, keys[loaded], true, peers);
+                    read.record(Holder::Here, Answer::Corrupt);
+                    if read.next().is_some() {
+                        pending = Some(read);
+                        // Peers before blob, for this key too.
+                        blob_pass = false;
+                        continue;
+                    }
+                    pending = Some(read);
+                } else {
+                    failed = Some(f);
                     break;
                 }
-                blob_pass = true;
+            }
+            if loaded == keys.len() {
+                break;
+            }
+            if end < keys.len() && out.loaded > 0 {
+                // The one block is in: the next ones are asked here first.
                 continue;
+            }
+            let peer_pass = in_cluster && peers && !blob_pass;
+            let Some(c) = self.cluster.as_ref().filter(|_| peer_pass) else {
+                // Nothing more anywhere for keys[loaded]: blob (if any)
+                // was asked by this load.
+                if let Some(mut read) = pending.take() {
+                    if !local_only && has_blob {
+                        read.record(Holder::Blob, Answer::Missing);
+                    }
+                    failed = self.no_good_copy(&read, loaded);
+                }
+                break;
+            };
+            let known: Vec<(Holder, Answer)> = pending.take().map(|r| r.answers().to_vec()).unwrap_or_default();
+            // After a copy here failed verification, the peers are asked
+            // for that one block: the blocks after it may be here, and a
+            // copy here that is bad too must be found (and rewritten) by
+            // reading it, not hidden behind a peer's run.
+            let end = if known.is_empty() { keys.len() } else { loaded + 1 };
+            let bytes = buf(&mut owner);
+            let got = c
+                .fetch(ns, &keys[loaded..end], &mut bytes[loaded * b..end * b], b, &known)
+                .await;
+            self.repair
+                .counters
+                .corrupt_found_peer_read
+                .fetch_add(got.corrupt_answers, Relaxed);
+            for (i, holders) in got.repairs {
+                let at = loaded + i;
+                let good = Bytes::copy_from_slice(&bytes[at * b..(at + 1) * b]);
+                self.repair.rewrite(ns, keys[at], good, holders);
+            }
+            let n = got.loaded;
+            // A read with a corrupt copy and no good one among the peers:
+            // the next pass asks this node, or blob, for it.
+            pending = got.stopped.filter(CopyRead::found_corrupt);
+            if n == 0
+                && let Some(read) = &mut pending
+            {
+                // It stopped at keys[loaded], which the load before missed
+                // here (unless its copy here failed: that answer stands).
+                read.record(Holder::Here, Answer::Missing);
+            }
+            if n == 0 {
+                // Every replica missed: blob, if this node has one.
+                if has_blob {
+                    blob_pass = true;
+                    continue;
+                }
+                if let Some(read) = pending.take() {
+                    failed = self.no_good_copy(&read, loaded);
+                }
+                break;
             }
             // Promote: the next load of these blocks is local.
             let promoted = Bytes::copy_from_slice(&bytes[loaded * b..(loaded + n) * b]);
@@ -318,6 +433,17 @@ impl Node {
             loaded += n;
         }
         Ok((kvtier::manager::LoadOutcome { loaded, failed }, owner))
+    }
+
+    /// The failure of block `index`, whose read found a corrupt copy and
+    /// no good one; `None` for a plain miss.
+    fn no_good_copy(&self, read: &CopyRead, index: usize) -> Option<LoadFailure> {
+        let e = self.repair.no_good_copy(read, "block")?;
+        Some(LoadFailure {
+            index,
+            kind: e.kind(),
+            message: e.to_string(),
+        })
     }
 
     /// Loads the leading present blocks: from the local tiers, then (with
@@ -339,12 +465,7 @@ impl Node {
                 peers,
             )
             .await?;
-        let header = proto::GetHeader {
-            loaded: out.loaded as u32,
-            block_bytes: block,
-            failed_index: out.failed.as_ref().map(|f| f.index as u32),
-            failed_reason: out.failed.map(|f| f.message).unwrap_or_default(),
-        };
+        let header = get_header(&out, block);
         let bytes = Bytes::from_owner(loan).slice(..out.loaded * block as usize);
         let header = Ok(proto::GetResponse {
             msg: Some(get_response::Msg::Header(header)),
@@ -434,6 +555,22 @@ pub(crate) struct RegionJob {
     pub(crate) keys: Vec<kvtier::BlockKey>,
     pub(crate) block: u64,
     pub(crate) borrow: crate::region::Borrow,
+}
+
+/// The header of a Get (or GetRegion) that did `out` with blocks of
+/// `block` bytes: the failure's kind travels by name.
+pub(crate) fn get_header(out: &kvtier::manager::LoadOutcome, block: u64) -> proto::GetHeader {
+    proto::GetHeader {
+        loaded: out.loaded as u32,
+        block_bytes: block,
+        failed_index: out.failed.as_ref().map(|f| f.index as u32),
+        failed_reason: out.failed.as_ref().map(|f| f.message.clone()).unwrap_or_default(),
+        failed_kind: out
+            .failed
+            .as_ref()
+            .map(|f| f.kind.name().to_string())
+            .unwrap_or_default(),
+    }
 }
 
 /// The stream a Get answers with.

@@ -3,6 +3,7 @@
 
 use kvtier::replication::Replication;
 use kvtier::replication::placement::NodeId;
+use kvtier::replication::repair::Holder;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -172,7 +173,13 @@ impl proto::peer_server::Peer for PeerService {
             let got = tokio::task::spawn_blocking(move || m.load_one_local(ns, key))
                 .await
                 .map_err(|e| status_of(ErrorKind::Internal, format!("load task: {e}")))?
-                .map_err(|e| status(&e))?;
+                .map_err(|e| {
+                    // Dropped here; the reader rewrites it from a good copy.
+                    if e.kind() == ErrorKind::ChecksumMismatch {
+                        self.node.repair.found_corrupt(&Holder::Here, false);
+                    }
+                    status(&e)
+                })?;
             let pieces: Vec<Result<proto::ReplicaChunkPiece, Status>> = match got {
                 None => vec![Ok(proto::ReplicaChunkPiece {
                     found: false,

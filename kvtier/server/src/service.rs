@@ -212,9 +212,10 @@ impl proto::kv_tier_server::KvTier for KvTierService {
     async fn stats(&self, _req: Request<proto::StatsRequest>) -> Reply<proto::StatsResponse> {
         let t = Instant::now();
         let r = crate::stats::reply(&self.node.manager.stats())
-            .map(|mut s| {
+            .and_then(|mut s| {
                 s.cluster = self.node.cluster.as_ref().map(|c| c.stats());
-                s
+                crate::stats::add_repair(&mut s, self.node.repair.stats())?;
+                Ok(s)
             })
             .map_err(|e| status_of(ErrorKind::Internal, format!("stats: {e}")));
         self.node.observe("Stats", t, &r);
@@ -287,12 +288,7 @@ impl proto::kv_tier_server::KvTier for KvTierService {
                 .node
                 .load_across(job.ns, keys, b, job, |j| j.borrow.bytes_mut(), true)
                 .await?;
-            Ok(proto::GetHeader {
-                loaded: out.loaded as u32,
-                block_bytes: block,
-                failed_index: out.failed.as_ref().map(|f| f.index as u32),
-                failed_reason: out.failed.map(|f| f.message).unwrap_or_default(),
-            })
+            Ok(crate::node::get_header(&out, block))
         }
         .await;
         self.node.observe("GetRegion", t, &r);

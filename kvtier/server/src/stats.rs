@@ -19,7 +19,35 @@ pub fn reply(s: &ManagerStats) -> Result<proto::StatsResponse, serde_json::Error
         blob_promotions: s.blob_promotions,
         throughput_reduction: s.throughput_reduction,
         cluster: None,
+        repair: None,
     })
+}
+
+/// Adds read repair's and the scrub's counters to a Stats reply: typed,
+/// and in the JSON under `repair`.
+pub fn add_repair(reply: &mut proto::StatsResponse, r: proto::RepairStats) -> Result<(), serde_json::Error> {
+    let mut json: serde_json::Value = serde_json::from_str(&reply.json)?;
+    if let Some(o) = json.as_object_mut() {
+        o.insert(
+            "repair".into(),
+            serde_json::json!({
+                "corrupt_found_local_read": r.corrupt_found_local_read,
+                "corrupt_found_peer_read": r.corrupt_found_peer_read,
+                "corrupt_found_scrub": r.corrupt_found_scrub,
+                "repaired_local": r.repaired_local,
+                "repaired_peer": r.repaired_peer,
+                "repair_failures": r.repair_failures,
+                "no_good_copy": r.no_good_copy,
+                "scrub_enabled": r.scrub_enabled,
+                "scrub_passes": r.scrub_passes,
+                "scrub_blocks": r.scrub_blocks,
+                "scrub_bytes": r.scrub_bytes,
+            }),
+        );
+    }
+    reply.json = serde_json::to_string(&json)?;
+    reply.repair = Some(r);
+    Ok(())
 }
 
 fn blob_stats(b: &BlobStats) -> proto::BlobStats {
@@ -155,5 +183,30 @@ pub(crate) mod tests {
         assert_eq!(json["writeback"]["pending_blocks"], 21);
         assert_eq!(json["throughput_reduction"], 0.75);
         assert_eq!(BlobMode::CacheOnly.name(), "cache-only");
+    }
+
+    #[test]
+    fn repair_counters_go_in_typed_and_as_json() {
+        let mut r = reply(&local_stats()).unwrap();
+        let rs = proto::RepairStats {
+            corrupt_found_local_read: 1,
+            corrupt_found_peer_read: 2,
+            corrupt_found_scrub: 3,
+            repaired_local: 4,
+            repaired_peer: 5,
+            repair_failures: 6,
+            no_good_copy: 7,
+            scrub_enabled: true,
+            scrub_passes: 8,
+            scrub_blocks: 9,
+            scrub_bytes: 10,
+        };
+        add_repair(&mut r, rs).unwrap();
+        assert_eq!(r.repair, Some(rs));
+        let json: serde_json::Value = serde_json::from_str(&r.json).unwrap();
+        assert_eq!(json["repair"]["repaired_peer"], 5);
+        assert_eq!(json["repair"]["scrub_enabled"], true);
+        assert_eq!(json["repair"]["scrub_bytes"], 10);
+        assert!(json["lookups"].is_u64(), "the manager's counters stay: {json}");
     }
 }

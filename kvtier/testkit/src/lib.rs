@@ -1,7 +1,8 @@
 //! kvtier's test kit, shared by the server's process tests and the
 //! benchmarks: real kvtierd processes on 127.0.0.1 with free ports and
 //! temporary directories, the `kvtier` CLI as a process, namespaces, keys
-//! and deterministic block contents, and polling helpers.
+//! and deterministic block contents, and polling helpers; [`cluster`]: a
+//! cluster of them, and faults on a stopped node's segment files.
 //!
 //! The binaries are found next to the running executable (a test binary in
 //! `target/<profile>/deps/`, or the bench in `target/<profile>/`), so build
@@ -9,6 +10,8 @@
 //! `cargo build --release -p kvtier-server`. `KVTIER_BIN_DIR` overrides the
 //! directory.
 #![allow(missing_docs, clippy::missing_panics_doc)]
+
+pub mod cluster;
 
 use kvtier::block::{Dtype, KvKind, KvLayout};
 use kvtier::{BlockKey, Namespace, NamespaceId};

@@ -457,6 +457,14 @@ impl Drop for BlockManager {
                 tracing::error!("an offload worker panicked");
             }
         }
+        // Seal now: the uploader holds the disk tier until its runtime
+        // winds down in the background, which a process exiting after
+        // this drop does not wait for. An unsealed segment loses nothing
+        // (the next open verifies it in full), but skips a bad record
+        // there instead of indexing it for read repair to find.
+        if let Some(d) = &self.shared.disk {
+            d.seal_active();
+        }
     }
 }
 

@@ -16,6 +16,9 @@
 //! - [`read`]: where a read goes while keys move after a membership change.
 //! - [`hints`]: when a hint goes back to its replica, and which copies a
 //!   stand-in drops after.
+//! - [`repair`]: read repair and scrub: which holder a read asks after a
+//!   copy fails verification, which copies are rewritten from a good one,
+//!   what a read with no good copy says, and the scrub's pacing.
 //! - This module: where a write goes, where a read goes, who uploads, as
 //!   plain functions. None of these modules does I/O: kvtierd's cluster
 //!   module drives them (DESIGN.md: "the replication logic does no I/O").
@@ -25,6 +28,7 @@ pub mod membership;
 pub mod placement;
 pub mod read;
 pub mod rebalance;
+pub mod repair;
 pub mod slots;
 #[cfg(test)]
 mod testkit;

@@ -494,7 +494,10 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             let g = client.get(ns, &keys).await?;
             write_output(&out, &g.data)?;
             if let Some(i) = g.failed_index {
-                return Err(Fail(7, format!("block {i} failed verification: {}", g.failed_reason)));
+                // A block with no good copy anywhere is 7; one whose good
+                // copy may be on a holder that did not answer is 4 (retry).
+                let code = g.failed_kind.map_or(7, exit_code);
+                return Err(Fail(code, format!("block {i} failed: {}", g.failed_reason)));
             }
             if g.loaded < keys.len() {
                 return Err(Fail(3, format!("{} of {} blocks present", g.loaded, keys.len())));

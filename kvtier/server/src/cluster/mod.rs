@@ -8,6 +8,9 @@
 //! - `write`: the fan-out of replicated writes and the copies kept for
 //!   replicas that missed one.
 //! - `read`: reads, lookups and deletes across members.
+//! - `repair`: peer reads that tell a corrupt copy from a missing one, and
+//!   the rewrite of a peer's corrupt copy (read repair, see
+//!   [`crate::repair`]).
 //! - `deliver`: hint delivery to members that answer again.
 //! - [`hints`]: the durable log of blocks held for a replica that lacks
 //!   them (down, or a write to it failed): the per-member out-of-sync view.
@@ -70,6 +73,7 @@ pub mod hints;
 pub mod peers;
 mod read;
 pub mod rebalance;
+pub mod repair;
 pub mod resync;
 mod write;
 
@@ -548,7 +552,14 @@ mod tests {
         assert!(cluster.hints.contains(&b, ns, key), "and a hint");
 
         let mut out = vec![0u8; block];
-        assert_eq!(cluster.fetch(ns, &[BlockKey(2)], &mut out, block).await, 0);
+        let got = cluster.fetch(ns, &[BlockKey(2)], &mut out, block, &[]).await;
+        assert_eq!(got.loaded, 0);
+        let stopped = got.stopped.expect("the read stopped at the first key");
+        assert_eq!(
+            stopped.answer(&kvtier::replication::repair::Holder::Peer(b.clone())),
+            Some(kvtier::replication::repair::Answer::Failed(ErrorKind::Unavailable)),
+            "b has no client: it did not answer"
+        );
         assert_eq!(c.peer_read_failures.load(Relaxed), 1, "the read to b failed");
         let e = cluster.delete_everywhere(ns, &[key]).await.unwrap_err();
         assert!(e.message().contains("b: no client"), "{e:?}");

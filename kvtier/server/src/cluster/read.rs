@@ -1,5 +1,6 @@
 //! Reads and deletes across members: the peers to ask, in the core's read
-//! order, for blocks, lookups and checkpoint chunks.
+//! order, for blocks, lookups and checkpoint chunks (the reads themselves
+//! are in `repair`, which tells a corrupt copy from a missing one).
 
 use super::*;
 
@@ -28,35 +29,6 @@ impl Cluster {
         c
     }
 
-    /// Loads `keys` of `ns` from peers into `out` (`block` bytes per key),
-    /// as far as they hold a leading run; answers the blocks loaded.
-    pub async fn fetch(&self, ns: NamespaceId, keys: &[BlockKey], out: &mut [u8], block: usize) -> usize {
-        let rep = self.registry.replication(ns);
-        let mut at = 0;
-        'keys: while at < keys.len() {
-            for peer in self.read_peers(ns, &keys[at], rep) {
-                let Some(c) = self.read_client(&peer) else { continue };
-                let t = self.timeout_for((keys.len() - at) * block);
-                match tokio::time::timeout(t, c.replica_get(ns, &keys[at..])).await {
-                    Ok(Ok(g)) if g.loaded > 0 && g.block_bytes as usize == block => {
-                        let n = g.loaded.min(keys.len() - at);
-                        out[at * block..(at + n) * block].copy_from_slice(&g.data[..n * block]);
-                        self.counters.peer_read_blocks.fetch_add(n as u64, Relaxed);
-                        at += n;
-                        continue 'keys;
-                    }
-                    Ok(Ok(_)) => {}
-                    r => {
-                        tracing::debug!(member = %peer, ?r, "peer read failed");
-                        self.counters.peer_read_failures.fetch_add(1, Relaxed);
-                    }
-                }
-            }
-            break;
-        }
-        at
-    }
-
     /// How many leading `keys` of `ns` peers hold.
     pub async fn lookup(&self, ns: NamespaceId, keys: &[BlockKey]) -> usize {
         let rep = self.registry.replication(ns);
@@ -79,28 +51,6 @@ impl Cluster {
             break;
         }
         at
-    }
-
-    /// Loads one variable-length block (a checkpoint chunk) from the peers
-    /// that may hold it, in read order.
-    pub async fn fetch_chunk(&self, ns: NamespaceId, key: BlockKey) -> Option<Vec<u8>> {
-        let rep = self.registry.replication(ns);
-        for peer in self.read_peers(ns, &key, rep) {
-            let Some(c) = self.read_client(&peer) else { continue };
-            let t = self.timeout_for(self.manager.block_bytes(ns).unwrap_or(0) as usize);
-            match tokio::time::timeout(t, c.replica_get_chunk(ns, key)).await {
-                Ok(Ok(Some(d))) => {
-                    self.counters.peer_read_blocks.fetch_add(1, Relaxed);
-                    return Some(d);
-                }
-                Ok(Ok(None)) => {}
-                r => {
-                    tracing::debug!(member = %peer, ?r, "peer chunk read failed");
-                    self.counters.peer_read_failures.fetch_add(1, Relaxed);
-                }
-            }
-        }
-        None
     }
 
     /// Removes `keys` of `ns` here and on every writable member; answers

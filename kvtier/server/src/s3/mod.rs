@@ -71,6 +71,8 @@ pub struct Context<'a> {
     pub registry: Arc<Registry>,
     /// The cluster, if this node is a member.
     pub cluster: Option<Arc<Cluster>>,
+    /// Read repair: chunks are read through it.
+    pub repair: Arc<crate::repair::Repair>,
     /// The daemon's data directory (catalogs go under `s3/`).
     pub data_dir: &'a Path,
     /// How long a stop waits for requests in flight.
@@ -86,12 +88,13 @@ pub async fn start(cfg: config::S3Config, ctx: Context<'_>) -> Result<Running> {
         manager,
         registry,
         cluster,
+        repair,
         data_dir,
         drain,
         metrics,
     } = ctx;
     let acceptor = tls.map(listen::tls_acceptor).transpose()?;
-    let st = store::Store::open(cfg.clone(), manager, registry, cluster, data_dir).await?;
+    let st = store::Store::open(cfg.clone(), manager, registry, cluster, repair, data_dir).await?;
     let _ = metrics.buckets.set(Arc::downgrade(&st));
     let svc = Arc::new(http::S3Service::new(st.clone(), &cfg, metrics).map_err(|e| Error::new(ErrorKind::Config, e))?);
     let listener = TcpListener::bind(&cfg.listen)

@@ -31,6 +31,7 @@ use super::catalog::{Catalog, ChunkRef, ObjectMeta};
 use super::config::{BucketConfig, BucketKind, CreateBuckets, S3Config, valid_bucket_name};
 use crate::cluster::Cluster;
 use crate::registry::Registry;
+use crate::repair::Repair;
 
 /// Chunks one writer has in flight to the store at once.
 const CHUNKS_IN_FLIGHT: usize = 4;
@@ -148,6 +149,7 @@ pub struct Store {
     manager: Arc<BlockManager>,
     registry: Arc<Registry>,
     cluster: Option<Arc<Cluster>>,
+    repair: Arc<Repair>,
     dir: PathBuf,
     cfg: S3Config,
     buckets: RwLock<BTreeMap<String, Arc<Bucket>>>,
@@ -192,6 +194,7 @@ impl Store {
         manager: Arc<BlockManager>,
         registry: Arc<Registry>,
         cluster: Option<Arc<Cluster>>,
+        repair: Arc<Repair>,
         data_dir: &Path,
     ) -> Result<Arc<Self>> {
         let dir = data_dir.join("s3");
@@ -200,6 +203,7 @@ impl Store {
             manager,
             registry,
             cluster,
+            repair,
             dir,
             cfg,
             buckets: RwLock::new(BTreeMap::new()),
@@ -428,16 +432,12 @@ impl Store {
     }
 
     /// The record block of `name` the cluster holds, if any.
-    async fn remote_record(&self, c: &Cluster, bucket: &Bucket, name: &str) -> Result<Option<Record>> {
+    async fn remote_record(&self, bucket: &Bucket, name: &str) -> Result<Option<Record>> {
         let (ns, key) = (bucket.ns, Self::meta_key(bucket, name));
-        let m = self.manager.clone();
-        let local = blocking(move || m.load_chunk_local(ns, key)).await?;
-        let body = match local {
-            Some(b) => b,
-            None => match c.fetch_chunk(ns, key).await {
-                Some(b) => Bytes::from(b),
-                None => return Ok(None),
-            },
+        // Records are not asked of blob: a missing one is the common case
+        // (a name never written), and each would cost a request.
+        let Some(body) = self.repair.read_chunk(ns, key, true, false).await? else {
+            return Ok(None);
         };
         match serde_json::from_slice::<Record>(&body) {
             Ok(r) if r.name == name => Ok(Some(r)),
@@ -464,8 +464,10 @@ impl Store {
     /// through another member).
     pub async fn find(&self, bucket: &Arc<Bucket>, name: &str) -> Result<Option<ObjectMeta>> {
         let local = bucket.head(name);
-        let Some(c) = &self.cluster else { return Ok(local) };
-        let remote = self.remote_record(c, bucket, name).await?;
+        if self.cluster.is_none() {
+            return Ok(local);
+        }
+        let remote = self.remote_record(bucket, name).await?;
         Ok(match (local, remote) {
             (l, None) => l,
             (None, Some(r)) => r.meta,
@@ -494,26 +496,9 @@ impl Store {
     /// Reads one chunk of an object, checked against its record.
     pub async fn read_chunk(&self, bucket: &Bucket, c: &ChunkRef) -> Result<ChunkRead> {
         let key = parse_key(&c.key)?;
-        let ns = bucket.ns;
-        let m = self.manager.clone();
-        let local = blocking(move || m.load_chunk_local(ns, key)).await?;
-        let got = match local {
-            Some(d) => Some(d),
-            None => {
-                let peer = match &self.cluster {
-                    Some(cl) => cl.fetch_chunk(ns, key).await.map(Bytes::from),
-                    None => None,
-                };
-                match peer {
-                    Some(d) => Some(d),
-                    None if self.manager.blob().is_some() => {
-                        let m = self.manager.clone();
-                        blocking(move || m.load_chunk(ns, key)).await?
-                    }
-                    None => None,
-                }
-            }
-        };
+        // This node, the replicas, blob; a copy that fails verification is
+        // skipped and rewritten from the good one (read repair).
+        let got = self.repair.read_chunk(bucket.ns, key, true, true).await?;
         let Some(d) = got else {
             return Ok(ChunkRead::Missing);
         };
@@ -609,8 +594,8 @@ impl Store {
         // In a cluster the object may have been written through another
         // member: its record block says so.
         let remote = match &self.cluster {
-            Some(c) if bucket.head(name).is_none() => self
-                .remote_record(c, bucket, name)
+            Some(_) if bucket.head(name).is_none() => self
+                .remote_record(bucket, name)
                 .await
                 .ok()
                 .flatten()

@@ -273,6 +273,82 @@ impl DiskTier {
         let st = self.inner.state.lock();
         st.index.iter().filter(|(_, l)| l.ns == ns).map(|(k, _)| *k).collect()
     }
+
+    /// Seals the active segment now, as closing the tier does, so the next
+    /// open indexes it from its headers: what a clean stop calls when
+    /// clones of the tier (a background uploader) may outlive the stop and
+    /// the process may exit before the last one drops. A later write
+    /// starts a new segment.
+    pub fn seal_active(&self) {
+        let (segment_bytes, sync) = (self.inner.cfg.segment_bytes, self.inner.cfg.sync_writes);
+        let mut guard = self.inner.state.lock();
+        let st = &mut *guard;
+        if let Some(m) = st.active.take().and_then(|id| st.segments.get_mut(&id)) {
+            m.sealed = true;
+            seal_if_done(m, segment_bytes, sync, &self.inner.io);
+        }
+    }
+
+    /// At most `max` live blocks placed after `after` (all when `None`), in
+    /// the order they lie on the disk (segment, then offset): the walk of a
+    /// scrub, which reads the disk front to back and carries the last
+    /// place it verified to its next batch. Each call looks at the
+    /// segments from `after` on, not the whole index; blocks stored or
+    /// dropped meanwhile may or may not show.
+    pub fn blocks_after(&self, after: Option<DiskPlace>, max: usize) -> Vec<PlacedBlock> {
+        let st = self.inner.state.lock();
+        let from = after.map_or(0, |p| p.segment);
+        let mut out = Vec::new();
+        for (&id, meta) in st.segments.range(from..) {
+            let mut here: Vec<PlacedBlock> = meta
+                .keys
+                .iter()
+                .filter_map(|k| {
+                    let l = st.index.get(k).filter(|l| l.seg == id)?;
+                    Some(PlacedBlock {
+                        ns: l.ns,
+                        key: *k,
+                        place: DiskPlace {
+                            segment: id,
+                            offset: l.off,
+                        },
+                        len: l.len,
+                    })
+                })
+                .filter(|b| after.is_none_or(|a| b.place > a))
+                .collect();
+            here.sort_unstable_by_key(|b| b.place);
+            here.dedup_by_key(|b| b.place);
+            out.extend(here.into_iter().take(max - out.len()));
+            if out.len() == max {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// Where a block's record lies: its segment and its offset in it, ordered
+/// as the disk is (see [`DiskTier::blocks_after`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DiskPlace {
+    /// The segment's id (segments are written in id order).
+    pub segment: u64,
+    /// The record's offset in the segment.
+    pub offset: u64,
+}
+
+/// A live block and where it lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlacedBlock {
+    /// Its namespace.
+    pub ns: NamespaceId,
+    /// Its key.
+    pub key: BlockKey,
+    /// Where its record lies.
+    pub place: DiskPlace,
+    /// Its length in bytes.
+    pub len: u64,
 }
 
 fn lock_dir(dir: &Path) -> Result<File> {
