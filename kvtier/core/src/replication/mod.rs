@@ -11,11 +11,15 @@
 //! - [`read`]: where a read goes while keys move after a membership change.
 //! - [`hints`]: when a hint goes back to its replica, and which copies a
 //!   stand-in drops after.
+//! - [`landed`]: who hears that a key reached blob (batched per peer), who
+//!   uploads a key its uploader gave up, and when a replica that heard
+//!   nothing checks blob itself.
 //! - This module: where a write goes, where a read goes, who uploads, as
 //!   plain functions. None of these modules does I/O: kvtierd's cluster
 //!   module drives them (DESIGN.md: "the replication logic does no I/O").
 
 pub mod hints;
+pub mod landed;
 pub mod membership;
 pub mod placement;
 pub mod read;
