@@ -8,7 +8,7 @@
 
 use super::*;
 use kvtier::replication::landed::{self, Notice};
-use kvtier::replication::placement::{Member, replicas};
+use kvtier::replication::placement::replicas;
 use kvtier_proto::convert::key_bytes;
 
 /// Keys one message carries at most (the receiver's limit).
@@ -29,9 +29,12 @@ impl Cluster {
         }
     }
 
-    /// The replicas of `key` of `ns` in placement order, over `members`.
-    fn replicas_of(&self, ns: NamespaceId, key: &BlockKey, members: &[Member]) -> Vec<NodeId> {
-        replicas(key, members, self.registry.replication(ns).replicas)
+    /// The replica count of each namespace of `ns`, read before the view
+    /// is locked.
+    fn replica_counts(&self, ns: impl IntoIterator<Item = NamespaceId>) -> BTreeMap<NamespaceId, usize> {
+        ns.into_iter()
+            .map(|n| (n, self.registry.replication(n).replicas))
+            .collect()
     }
 
     /// Sends what the writeback settled since the last round to the keys'
@@ -43,13 +46,14 @@ impl Cluster {
         if notices.is_empty() {
             return 0;
         }
+        let r = self.replica_counts(notices.iter().map(|n| n.ns));
         let messages = {
             let v = self.view.read();
             let members = v.members();
             landed::route(
                 &notices,
                 |n: &Notice| {
-                    let rs = self.replicas_of(n.ns, &n.key, &members);
+                    let rs = replicas(&n.key, &members, r[&n.ns]);
                     landed::recipients(&rs, &self.me, |id| v.is_writable(id))
                 },
                 MAX_NOTICE_KEYS,
@@ -119,13 +123,14 @@ impl Cluster {
             if gave_up.is_empty() {
                 continue;
             }
+            let r = self.replica_counts([*ns])[ns];
             let mine: Vec<BlockKey> = {
                 let v = self.view.read();
                 let members = v.members();
                 gave_up
                     .iter()
                     .filter(|k| {
-                        let rs = self.replicas_of(*ns, k, &members);
+                        let rs = replicas(k, &members, r);
                         landed::takes_over(&rs, from, &self.me, |id| v.is_writable(id))
                     })
                     .copied()
