@@ -709,6 +709,12 @@ impl Client {
         })
     }
 
+    /// Tells this node what the caller's uploads to blob settled: keys
+    /// landed, or given up (the `BlobNotices` peer call).
+    pub async fn blob_notices(&self, req: proto::BlobNoticesRequest) -> Result<proto::BlobNoticesResponse> {
+        Ok(self.peer.clone().blob_notices(req).await.wire()?.into_inner())
+    }
+
     /// Adds a member to the cluster (sent to any node; it forwards it).
     pub async fn join(&self, req: proto::JoinRequest) -> Result<proto::MembershipResponse> {
         Ok(self.peer.clone().join(req).await.wire()?.into_inner())

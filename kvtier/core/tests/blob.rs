@@ -433,9 +433,14 @@ fn replicas_upload_each_key_once_and_take_over_from_a_lost_uploader() {
     let ns = register(&a);
     register(&b);
     // Two replicas of every key: a uploads the even keys, b the odd ones.
+    // No notices pass between them here: each checks blob for the other's
+    // keys after a short bound.
     let even = |k: &BlockKey| k.0.is_multiple_of(2);
     a.set_upload_filter(Arc::new(move |_, k| even(k)));
     b.set_upload_filter(Arc::new(move |_, k| !even(k)));
+    for m in [&a, &b] {
+        m.set_peer_check_after(Duration::from_millis(200));
+    }
     let ks = keys(&namespace(), 16, 60);
     let n_even = ks.iter().filter(|k| even(k)).count() as u64;
     assert!(n_even > 0 && n_even < 16, "the keys split");
@@ -469,6 +474,9 @@ fn replicas_upload_each_key_once_and_take_over_from_a_lost_uploader() {
         },
     );
     b_down.store(true, Ordering::Relaxed);
+    // Told the membership changed, a checks b's keys at once (a key whose
+    // check is in flight now is uploaded when the check answers absent).
+    assert!(a.reconsider_uploads() as u64 <= odd);
     assert!(a.flush_writeback(Duration::from_secs(30)), "{:?}", a.stats().writeback);
     assert_eq!(a.stats().blob.unwrap().put_requests, n_even + 8);
     // Every key of both requests reads back from blob on a fresh node.
@@ -480,6 +488,67 @@ fn replicas_upload_each_key_once_and_take_over_from_a_lost_uploader() {
         assert_eq!(r.loaded, k.len());
         assert!(out == data(k));
     }
+}
+
+/// Carries the blob notices of `from` to `to` (what kvtierd's cluster does
+/// over gRPC); answers how many.
+fn carry_notices(from: &BlockManager, to: &BlockManager) -> usize {
+    use kvtier::replication::landed::Outcome;
+    let n = from.take_blob_notices(usize::MAX);
+    for x in &n {
+        assert_eq!(x.outcome, Outcome::Landed);
+        to.blob_landed(x.ns, &[x.key]);
+    }
+    n.len()
+}
+
+#[test]
+fn replicas_told_that_a_key_landed_never_ask_blob() {
+    use std::sync::Arc;
+    let az = Azurite::start();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg = az.config("kvtier-notices", BlobMode::Writeback);
+    let a = ssd_with_blob(da.path(), cfg.clone());
+    let b = ssd_with_blob(db.path(), cfg);
+    let ns = register(&a);
+    register(&b);
+    let even = |k: &BlockKey| k.0.is_multiple_of(2);
+    a.set_upload_filter(Arc::new(move |_, k| even(k)));
+    b.set_upload_filter(Arc::new(move |_, k| !even(k)));
+    for m in [&a, &b] {
+        // Far beyond this test: any check of blob would be a notice lost.
+        m.set_peer_check_after(Duration::from_secs(600));
+        m.collect_blob_notices();
+    }
+    let ks = keys(&namespace(), 24, 62);
+    let n_even = ks.iter().filter(|k| even(k)).count() as u64;
+    assert!(n_even > 0 && n_even < 24, "the keys split");
+    a.store(ns, &ks, &data(&ks)).unwrap();
+    b.store(ns, &ks, &data(&ks)).unwrap();
+    let mut carried = 0;
+    wait_for(
+        "both writebacks to drain on notices alone",
+        Duration::from_secs(30),
+        || {
+            carried += carry_notices(&a, &b) + carry_notices(&b, &a);
+            a.stats().writeback.unwrap().pending_blocks == 0 && b.stats().writeback.unwrap().pending_blocks == 0
+        },
+    );
+    assert_eq!(carried, 24, "one notice per key, from its uploader");
+    let (sa, sb) = (a.stats(), b.stats());
+    let (ba, bb) = (sa.blob.unwrap(), sb.blob.unwrap());
+    assert_eq!((ba.put_requests, bb.put_requests), (n_even, 24 - n_even));
+    assert_eq!((ba.head_requests, bb.head_requests), (0, 0), "no check of blob");
+    let (wa, wb) = (sa.writeback.unwrap(), sb.writeback.unwrap());
+    assert_eq!((wa.confirmed_by_peers, wb.confirmed_by_peers), (24 - n_even, n_even));
+    assert_eq!((wa.peer_checks, wb.peer_checks), (0, 0));
+    // And every key is in blob.
+    let dc = tempfile::tempdir().unwrap();
+    let c = ssd_with_blob(dc.path(), az.config("kvtier-notices", BlobMode::CacheOnly));
+    register(&c);
+    let (r, out) = load(&c, ns, &ks);
+    assert_eq!(r.loaded, 24);
+    assert!(out == data(&ks));
 }
 
 #[test]

@@ -192,10 +192,29 @@ pub struct ClusterConfig {
     /// set up (see `kvtier::replication::slots`).
     #[serde(default = "default_slots")]
     pub slots: u32,
+    /// In blob writeback mode: milliseconds between the messages that tell
+    /// the other replicas which keys this node's uploads landed in blob
+    /// (one message per peer per interval, many keys each); 0 sends none,
+    /// and the other replicas check blob themselves after
+    /// `blob_check_after_ms`.
+    #[serde(default = "default_blob_notice_interval_ms")]
+    pub blob_notice_interval_ms: u64,
+    /// In blob writeback mode: how long a replica that does not upload a
+    /// key waits to hear that it landed before it checks blob itself (one
+    /// HEAD); twice as long after each check that finds it absent.
+    #[serde(default = "default_blob_check_after_ms")]
+    pub blob_check_after_ms: u64,
 }
 
 fn default_slots() -> u32 {
     DEFAULT_SLOTS
+}
+
+fn default_blob_notice_interval_ms() -> u64 {
+    100
+}
+fn default_blob_check_after_ms() -> u64 {
+    kvtier::manager::writeback::DEFAULT_CHECK_AFTER.as_millis() as u64
 }
 
 fn default_rebalance_bytes_per_s() -> u64 {
@@ -277,6 +296,12 @@ impl ClusterConfig {
             return Err(format!(
                 "cluster.down_after ({}) must be at least cluster.suspect_after ({}), which must be > 0",
                 self.down_after, self.suspect_after
+            ));
+        }
+        if self.blob_check_after_ms <= self.blob_notice_interval_ms {
+            return Err(format!(
+                "cluster.blob_check_after_ms ({}) must exceed cluster.blob_notice_interval_ms ({}): replicas would check blob before the notices could come",
+                self.blob_check_after_ms, self.blob_notice_interval_ms
             ));
         }
         Ok(())
@@ -915,6 +940,7 @@ mod tests {
         assert_eq!((cl.members[0].weight, cl.members[1].weight), (1.0, 2.0));
         assert_eq!((cl.heartbeat_interval_ms, cl.suspect_after, cl.down_after), (500, 1, 3));
         assert_eq!(cl.slots, 65_536);
+        assert_eq!((cl.blob_notice_interval_ms, cl.blob_check_after_ms), (100, 10_000));
         let printed = toml::to_string_pretty(&c).unwrap();
         assert_eq!(toml::from_str::<DaemonConfig>(&printed).unwrap(), c, "{printed}");
         let c = DaemonConfig::load(Some(&f), env(&[("KVTIER_CLUSTER_NODE_ID", "b")])).unwrap();
@@ -972,6 +998,11 @@ mod tests {
         let e = load("node_id = \"a\"\nmembers = [{ id = \"a\", addr = \"h:1\", weight = 2e12 }]\n");
         assert!(
             e.contains("weight 2000000000000 must be a positive number, at most 1e12"),
+            "{e}"
+        );
+        let e = load(&format!("node_id = \"a\"\nblob_check_after_ms = 100\n{two}"));
+        assert!(
+            e.contains("cluster.blob_check_after_ms (100) must exceed cluster.blob_notice_interval_ms (100)"),
             "{e}"
         );
         let e = load(&format!("node_id = \"a\"\nport = 1\n{two}"));

@@ -46,6 +46,7 @@ pub const RPCS: &[&str] = &[
     "Join",
     "Leave",
     "Members",
+    "BlobNotices",
 ];
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -371,7 +372,7 @@ fn render_blob(o: &mut String, s: &ManagerStats) {
         "# HELP kvtier_writeback_pending_blocks Blocks logged for upload and not yet in blob (writeback mode only).\n# TYPE kvtier_writeback_pending_blocks gauge\nkvtier_writeback_pending_blocks {}",
         w.pending_blocks
     );
-    let counters: [(&str, &str, u64); 5] = [
+    let counters: [(&str, &str, u64); 9] = [
         (
             "writeback_uploaded_blocks_total",
             "Blocks uploaded, or found in blob already (writeback mode only).",
@@ -396,6 +397,26 @@ fn render_blob(o: &mut String, s: &ManagerStats) {
             "writeback_log_errors_total",
             "Dirty-log appends that failed (writeback mode only).",
             w.log_errors,
+        ),
+        (
+            "writeback_peer_confirmed_blocks_total",
+            "Pending blocks dropped because their uploader said they landed in blob, without a request (writeback mode in a cluster).",
+            w.confirmed_by_peers,
+        ),
+        (
+            "writeback_peer_checks_total",
+            "Checks of blob (HEADs) for blocks another replica uploads, made when no notice came within the bound (writeback mode in a cluster).",
+            w.peer_checks,
+        ),
+        (
+            "writeback_peer_found_blocks_total",
+            "Pending blocks another replica uploaded, found in blob by a check (writeback mode in a cluster).",
+            w.uploaded_by_peers,
+        ),
+        (
+            "writeback_taken_over_blocks_total",
+            "Blocks this node uploads because their uploader gave them up (writeback mode in a cluster).",
+            w.taken_over,
         ),
     ];
     for (name, help, v) in counters {
@@ -557,7 +578,7 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
         "# HELP kvtier_cluster_placement_slots The slot count keys are placed in (cluster.slots; cluster only).\n# TYPE kvtier_cluster_placement_slots gauge\nkvtier_cluster_placement_slots {}",
         c.placement_slots
     );
-    let counters: [(&str, &str, u64); 13] = [
+    let counters: [(&str, &str, u64); 17] = [
         (
             "cluster_hints_delivered_total",
             "Hinted blocks handed back to their replica.",
@@ -622,6 +643,26 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
             "cluster_placement_mismatches_total",
             "Pings refused and answers counted as missed: the peer places keys in another slot count.",
             c.placement_mismatches,
+        ),
+        (
+            "cluster_blob_notices_sent_total",
+            "Messages telling peers which keys this node's uploads landed in blob.",
+            c.blob_notices_sent,
+        ),
+        (
+            "cluster_blob_notice_keys_sent_total",
+            "Keys those messages carried.",
+            c.blob_notice_keys_sent,
+        ),
+        (
+            "cluster_blob_notices_failed_total",
+            "Blob notice messages that failed; their keys cost the peer one check of blob.",
+            c.blob_notices_failed,
+        ),
+        (
+            "cluster_blob_notice_keys_received_total",
+            "Keys peers said their uploads settled.",
+            c.blob_notice_keys_received,
         ),
     ];
     for (name, help, v) in counters {
@@ -737,6 +778,10 @@ mod tests {
             ("kvtier_writeback_resumed_blocks_total", 24.0),
             ("kvtier_writeback_dropped_blocks_total", 25.0),
             ("kvtier_writeback_log_errors_total", 26.0),
+            ("kvtier_writeback_peer_found_blocks_total", 27.0),
+            ("kvtier_writeback_peer_checks_total", 28.0),
+            ("kvtier_writeback_peer_confirmed_blocks_total", 29.0),
+            ("kvtier_writeback_taken_over_blocks_total", 30.0),
             (r#"kvtier_served_bytes_total{from="local"}"#, 300.0),
             (r#"kvtier_served_bytes_total{from="blob"}"#, 100.0),
             ("kvtier_blob_promotions_total", 31.0),

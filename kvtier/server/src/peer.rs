@@ -265,6 +265,19 @@ impl proto::peer_server::Peer for PeerService {
         r.map(Response::new)
     }
 
+    async fn blob_notices(&self, req: Request<proto::BlobNoticesRequest>) -> Reply<proto::BlobNoticesResponse> {
+        let t = Instant::now();
+        let r = blob_notices(&req.into_inner()).map(|(from, groups)| {
+            let (settled, taken_over) = self.cluster.blob_notices_received(&from, &groups);
+            proto::BlobNoticesResponse {
+                settled: settled as u32,
+                taken_over: taken_over as u32,
+            }
+        });
+        self.node.observe("BlobNotices", t, &r);
+        r.map(Response::new)
+    }
+
     async fn members(&self, req: Request<proto::MembersRequest>) -> Reply<proto::MemberList> {
         let t = Instant::now();
         let r = match req.into_inner().offer {
@@ -274,5 +287,77 @@ impl proto::peer_server::Peer for PeerService {
         .map(|()| self.cluster.member_list());
         self.node.observe("Members", t, &r);
         r.map(Response::new)
+    }
+}
+
+/// A blob notice request, checked whole before any of it is acted on: the
+/// sender, and per namespace the landed and given-up keys.
+type Groups = Vec<(kvtier::NamespaceId, Vec<kvtier::BlockKey>, Vec<kvtier::BlockKey>)>;
+
+fn blob_notices(req: &proto::BlobNoticesRequest) -> Result<(NodeId, Groups), Status> {
+    if req.from.is_empty() {
+        return Err(invalid("blob notices need the sender's id in `from`"));
+    }
+    let total: usize = req.groups.iter().map(|g| g.landed.len() + g.gave_up.len()).sum();
+    if total > crate::cluster::MAX_NOTICE_KEYS {
+        return Err(invalid(format!(
+            "{total} keys in blob notices exceed the limit of {} per message",
+            crate::cluster::MAX_NOTICE_KEYS
+        )));
+    }
+    let keys = |raw: &[bytes::Bytes]| {
+        if raw.is_empty() {
+            Ok(Vec::new())
+        } else {
+            convert::keys(raw, crate::cluster::MAX_NOTICE_KEYS)
+        }
+    };
+    let groups = req
+        .groups
+        .iter()
+        .map(|g| {
+            Ok((
+                convert::namespace_id(&g.namespace_id)?,
+                keys(&g.landed)?,
+                keys(&g.gave_up)?,
+            ))
+        })
+        .collect::<Result<Groups, Status>>()?;
+    Ok((NodeId(req.from.clone()), groups))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_blob_notices_are_refused_whole_and_precisely() {
+        let k = |b: u8| bytes::Bytes::from(vec![b; 16]);
+        let group = |ns: bytes::Bytes, landed: Vec<bytes::Bytes>| proto::BlobNoticeGroup {
+            namespace_id: ns,
+            landed,
+            gave_up: vec![k(9)],
+        };
+        let good = proto::BlobNoticesRequest {
+            from: "a".into(),
+            groups: vec![group(k(1), vec![k(2), k(3)]), group(k(4), vec![])],
+        };
+        let (from, groups) = blob_notices(&good).unwrap();
+        assert_eq!(from, NodeId("a".into()));
+        assert_eq!(groups.len(), 2);
+        assert_eq!((groups[0].1.len(), groups[0].2.len(), groups[1].1.len()), (2, 1, 0));
+        let msg = |r: proto::BlobNoticesRequest| blob_notices(&r).unwrap_err().message().to_string();
+        let mut bad = good.clone();
+        bad.from.clear();
+        assert!(msg(bad).contains("sender's id"));
+        let mut bad = good.clone();
+        bad.groups[1].landed.push(bytes::Bytes::from_static(b"short"));
+        assert!(msg(bad).contains("key 0 must be 16 bytes, got 5"));
+        let mut bad = good.clone();
+        bad.groups[0].namespace_id = bytes::Bytes::new();
+        assert!(msg(bad).contains("namespace_id must be 16 bytes"));
+        let mut bad = good;
+        bad.groups[0].landed = vec![k(2); crate::cluster::MAX_NOTICE_KEYS];
+        assert!(msg(bad).contains("exceed the limit"));
     }
 }

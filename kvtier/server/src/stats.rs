@@ -78,6 +78,10 @@ fn writeback_stats(w: &WritebackStats) -> proto::WritebackStats {
         resumed_blocks: w.resumed_blocks,
         dropped_blocks: w.dropped_blocks,
         log_errors: w.log_errors,
+        uploaded_by_peers: w.uploaded_by_peers,
+        peer_checks: w.peer_checks,
+        confirmed_by_peers: w.confirmed_by_peers,
+        taken_over: w.taken_over,
     }
 }
 
@@ -125,6 +129,10 @@ pub(crate) mod tests {
             resumed_blocks: 24,
             dropped_blocks: 25,
             log_errors: 26,
+            uploaded_by_peers: 27,
+            peer_checks: 28,
+            confirmed_by_peers: 29,
+            taken_over: 30,
             ..Default::default()
         });
         s.served_local_bytes = 300;
@@ -168,9 +176,13 @@ pub(crate) mod tests {
                 w.upload_failures,
                 w.resumed_blocks,
                 w.dropped_blocks,
-                w.log_errors
+                w.log_errors,
+                w.uploaded_by_peers,
+                w.peer_checks,
+                w.confirmed_by_peers,
+                w.taken_over,
             ],
-            [21, 22, 23, 24, 25, 26]
+            [21, 22, 23, 24, 25, 26, 27, 28, 29, 30]
         );
         assert_eq!(
             (r.served_local_bytes, r.served_blob_bytes, r.blob_promotions),

@@ -958,3 +958,205 @@ async fn copies_that_fail_on_a_suspect_replica_are_marked_out_of_sync_and_repair
         }
     }
 }
+
+/// Azurite with `container` made, and the environment that puts nodes
+/// `0..n` in blob writeback mode on it.
+async fn writeback_azurite(
+    container: &str,
+    n: usize,
+) -> (kvtier::tier::blob::azurite::Azurite, Vec<(usize, &'static str, String)>) {
+    use kvtier::tier::blob::azurite::{self, Azurite};
+    let az = Azurite::start();
+    let cred = kvtier::tier::blob::container::SharedKey {
+        account: azurite::ACCOUNT.into(),
+        key: azurite::KEY.into(),
+    };
+    kvtier::tier::blob::container::create_container(&az.endpoint(), &cred, container)
+        .await
+        .unwrap();
+    let mut env = Vec::new();
+    for i in 0..n {
+        env.push((i, "KVTIER_BLOB_ACCOUNT", azurite::ACCOUNT.to_string()));
+        env.push((i, "KVTIER_BLOB_CONTAINER", container.to_string()));
+        env.push((i, "KVTIER_BLOB_ENDPOINT", az.endpoint()));
+        env.push((i, "KVTIER_BLOB_MODE", "writeback".to_string()));
+        env.push((i, "AZURE_STORAGE_ACCOUNT_KEY", azurite::KEY.to_string()));
+    }
+    (az, env)
+}
+
+fn env_refs<'a>(env: &'a [(usize, &'static str, String)]) -> Vec<(usize, &'static str, &'a str)> {
+    env.iter().map(|(i, k, v)| (*i, *k, v.as_str())).collect()
+}
+
+/// Blob requests of `kind` node `i` sent, from its metrics endpoint.
+async fn blob_requests(c: &Cluster, i: usize, kind: &str) -> u64 {
+    let addr = c.nodes[i].daemon.as_ref().unwrap().metrics.clone().expect("metrics on");
+    let (status, body) = tokio::task::spawn_blocking(move || common::http_get(&addr, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    common::sample(&body, &format!("kvtier_blob_requests_total{{kind=\"{kind}\"}}")) as u64
+}
+
+/// Node `i`'s writeback counters, from Stats.
+async fn writeback(c: &Cluster, i: usize) -> proto::WritebackStats {
+    c.client(i)
+        .await
+        .stats_reply()
+        .await
+        .unwrap()
+        .writeback
+        .expect("writeback mode")
+}
+
+/// Waits (at most `secs`) until every key of `range` is in blob, read and
+/// verified by a reader of its own (whose requests no node counts), and
+/// the writeback of every node in `nodes` has nothing pending.
+async fn wait_all_in_blob(
+    c: &Cluster,
+    az: &kvtier::tier::blob::azurite::Azurite,
+    container: &str,
+    ns: NamespaceId,
+    range: std::ops::Range<u64>,
+    nodes: &[usize],
+    secs: u64,
+) {
+    use kvtier::tier::blob::BlobMode;
+    let reader = az.config(container, BlobMode::CacheOnly).build().unwrap();
+    let ks = keys(ns, range.clone());
+    let want = data(ns, range.clone());
+    eventually("every key in blob and nothing pending", secs, || async {
+        for &i in nodes {
+            if writeback(c, i).await.pending_blocks > 0 {
+                return false;
+            }
+        }
+        let (r, want_keys) = (reader.clone(), ks.clone());
+        let got = tokio::task::spawn_blocking(move || r.fetch_prefix(ns, &want_keys, BLOCK))
+            .await
+            .unwrap();
+        got.len() == ks.len() && got.iter().zip(want.chunks(BLOCK)).all(|(b, w)| b.bytes() == w)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writeback_replicas_hear_that_each_key_landed_instead_of_asking_blob() {
+    const CONTAINER: &str = "kvtier-notices";
+    const N: u64 = 240;
+    let (az, env) = writeback_azurite(CONTAINER, 3).await;
+    let c = Cluster::start_with(3, &env_refs(&env));
+    c.all_up().await;
+    let a = c.client(0).await;
+    let n3 = namespace("notices", BLOCK);
+    a.register_replicated(&n3, Some(3), None).await.unwrap();
+    let ns = n3.id();
+    for start in (0..N).step_by(60) {
+        let r = start..start + 60;
+        a.put(ns, &keys(ns, r.clone()), data(ns, r)).await.unwrap();
+    }
+    wait_all_in_blob(&c, &az, CONTAINER, ns, 0..N, &[0, 1, 2], 60).await;
+    let (mut puts, mut heads, mut confirmed, mut found) = (0, 0, 0, 0);
+    for i in 0..3 {
+        puts += blob_requests(&c, i, "put").await;
+        heads += blob_requests(&c, i, "head").await;
+        let w = writeback(&c, i).await;
+        confirmed += w.confirmed_by_peers;
+        found += w.uploaded_by_peers;
+        let s = c.client(i).await.stats_reply().await.unwrap().blob.unwrap();
+        assert_eq!((s.already_present, s.request_errors), (0, 0), "node {i}: {s:?}");
+    }
+    // Each key PUT once, by one of its three replicas.
+    assert_eq!(puts, N, "PUTs across the cluster");
+    // The two others dropped it on the uploader's notice, not by asking
+    // blob: a HEAD only where a notice was late (none expected here).
+    assert_eq!(confirmed + found, 2 * N, "every other replica settled each key");
+    assert!(heads * 10 <= puts, "{heads} HEADs for {puts} PUTs");
+    assert!(
+        confirmed >= 2 * N - N / 10,
+        "{confirmed} of {} settled by a notice",
+        2 * N
+    );
+    let notices = cluster_stats(&a).await;
+    assert!(notices.blob_notices_sent > 0, "{notices:?}");
+    assert_eq!(notices.blob_notices_failed, 0, "{notices:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_notices_replicas_check_blob_once_the_bound_passes() {
+    const CONTAINER: &str = "kvtier-no-notices";
+    const N: u64 = 60;
+    let (az, env) = writeback_azurite(CONTAINER, 3).await;
+    // Notices off: the lost-notice case for every key.
+    let c = Cluster::start_full(
+        tempfile::tempdir().unwrap(),
+        3,
+        &env_refs(&env),
+        "blob_notice_interval_ms = 0\nblob_check_after_ms = 300\n",
+    );
+    c.all_up().await;
+    let a = c.client(0).await;
+    let n3 = namespace("no-notices", BLOCK);
+    a.register_replicated(&n3, Some(3), None).await.unwrap();
+    let ns = n3.id();
+    a.put(ns, &keys(ns, 0..N), data(ns, 0..N)).await.unwrap();
+    wait_all_in_blob(&c, &az, CONTAINER, ns, 0..N, &[0, 1, 2], 60).await;
+    let (mut puts, mut heads, mut confirmed, mut found) = (0, 0, 0, 0);
+    for i in 0..3 {
+        puts += blob_requests(&c, i, "put").await;
+        heads += blob_requests(&c, i, "head").await;
+        let w = writeback(&c, i).await;
+        confirmed += w.confirmed_by_peers;
+        found += w.uploaded_by_peers;
+    }
+    assert_eq!(puts, N);
+    assert_eq!(confirmed, 0, "no notice was sent");
+    // Every other replica found each key by a check of its own.
+    assert_eq!(found, 2 * N);
+    assert!(heads >= 2 * N, "{heads} HEADs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_whose_uploader_is_killed_before_uploading_land_from_another_replica() {
+    const CONTAINER: &str = "kvtier-takeover";
+    const N: u64 = 90;
+    let (mut az, env) = writeback_azurite(CONTAINER, 3).await;
+    let mut c = Cluster::start_with(3, &env_refs(&env));
+    c.all_up().await;
+    let a = c.client(0).await;
+    let n3 = namespace("takeover", BLOCK);
+    a.register_replicated(&n3, Some(3), None).await.unwrap();
+    let ns = n3.id();
+    // Blob is down: every write is acknowledged (three copies on SSDs) and
+    // no upload can finish.
+    az.stop();
+    a.put(ns, &keys(ns, 0..N), data(ns, 0..N)).await.unwrap();
+    // The uploader of a key is its first replica; kill -9 the one (other
+    // than a) that uploads the most.
+    let uploader = |i: u64| c.replicas(&key(ns, i), 3)[0].clone();
+    let victim = [1, 2]
+        .into_iter()
+        .max_by_key(|v| (0..N).filter(|i| c.index(&uploader(*i)) == *v).count())
+        .unwrap();
+    let share = (0..N).filter(|i| c.index(&uploader(*i)) == victim).count() as u64;
+    assert!(share > 0, "the victim uploads some keys");
+    assert!(writeback(&c, victim).await.pending_blocks == N, "nothing uploaded yet");
+    c.kill(victim);
+    let id = IDS[victim];
+    eventually("a sees the victim down", 20, || async {
+        liveness(&a, id).await == "down"
+    })
+    .await;
+    az.start_again();
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    wait_all_in_blob(&c, &az, CONTAINER, ns, 0..N, &survivors, 60).await;
+    // The survivors uploaded all of it, the victim's share included: the
+    // next replica of each of its keys took over.
+    let mut taken = 0;
+    for &i in &survivors {
+        let w = writeback(&c, i).await;
+        taken += w.uploaded_blocks;
+    }
+    assert_eq!(taken, N, "every key uploaded once by a survivor");
+}

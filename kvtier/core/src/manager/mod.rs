@@ -178,12 +178,10 @@ impl BlockManager {
                 })?);
                 let keep = wb.clone();
                 d.set_retain(Arc::new(move |k| keep.retains(k)))?;
-                b.handle().spawn(writeback::upload_loop(
-                    wb.clone(),
-                    d.clone(),
-                    b.client(),
-                    events.clone(),
-                ));
+                wb.set_events(events.clone());
+                b.handle()
+                    .spawn(writeback::upload_loop(wb.clone(), d.clone(), b.client()));
+                b.handle().spawn(writeback::check_loop(wb.clone(), b.client()));
                 Some(wb)
             }
             _ => None,
@@ -426,6 +424,52 @@ impl BlockManager {
         if let Some(wb) = &self.shared.wb {
             wb.set_filter(filter);
         }
+    }
+
+    /// In a cluster: how long a key another replica uploads stays pending
+    /// here, unheard of, before this node checks blob for it (one HEAD);
+    /// each check that finds it absent doubles the wait (see
+    /// [`crate::replication::landed`]). Default
+    /// [`writeback::DEFAULT_CHECK_AFTER`]. No-op without writeback.
+    pub fn set_peer_check_after(&self, after: std::time::Duration) {
+        if let Some(wb) = &self.shared.wb {
+            wb.set_check_after(after);
+        }
+    }
+
+    /// In a cluster: keeps what this node's uploads settle (landed in blob,
+    /// or given up) for [`BlockManager::take_blob_notices`], which the
+    /// server sends to the keys' other replicas. No-op without writeback.
+    pub fn collect_blob_notices(&self) {
+        if let Some(wb) = &self.shared.wb {
+            wb.collect_notices();
+        }
+    }
+
+    /// Up to `max` notices of what this node's uploads settled, oldest
+    /// first (none unless [`BlockManager::collect_blob_notices`]).
+    pub fn take_blob_notices(&self, max: usize) -> Vec<crate::replication::landed::Notice> {
+        self.shared.wb.as_ref().map_or_else(Vec::new, |wb| wb.take_notices(max))
+    }
+
+    /// Another replica uploaded `keys` of `ns` to blob: they are no longer
+    /// pending here (no request made). Answers how many were dropped now.
+    pub fn blob_landed(&self, ns: NamespaceId, keys: &[BlockKey]) -> usize {
+        self.shared.wb.as_ref().map_or(0, |wb| wb.landed_by_peer(ns, keys))
+    }
+
+    /// Their uploader gave up `keys` of `ns` and this node uploads them
+    /// instead (the caller decided: [`crate::replication::landed::takes_over`]).
+    /// Answers how many were pending here.
+    pub fn take_over_uploads(&self, ns: NamespaceId, keys: &[BlockKey]) -> usize {
+        self.shared.wb.as_ref().map_or(0, |wb| wb.take_over(ns, keys))
+    }
+
+    /// The membership changed: keys waiting for another replica's upload
+    /// that the filter now gives this node (their uploader went down) are
+    /// checked for at once. Answers how many.
+    pub fn reconsider_uploads(&self) -> usize {
+        self.shared.wb.as_ref().map_or(0, |wb| wb.reconsider())
     }
 
     /// The blob tier, if configured.

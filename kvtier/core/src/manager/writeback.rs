@@ -24,9 +24,18 @@
 //! In a cluster every replica of a key logs it, but only one uploads it: an
 //! [`UploadFilter`] says whether this node is the key's uploader (the first
 //! live replica in placement order, [`crate::replication::uploader`]). The
-//! others keep the key pending and check blob (one HEAD) after a backoff:
-//! present means the uploader did its job; absent, they ask the filter
-//! again, which answers yes once the uploader is down. So a key goes to blob
+//! others keep the key pending until they hear that it landed
+//! ([`crate::replication::landed`]): the uploader reports each key it
+//! settles ([`Writeback::take_notices`]), the server tells the other
+//! replicas, and theirs drop the key without a request
+//! ([`Writeback::landed_by_peer`]). A replica that hears nothing within a
+//! bound (`check_after`) checks blob itself, once (one HEAD), and again
+//! only after twice as long each time: present means the uploader did its
+//! job; absent, it asks the filter again, which answers yes once the
+//! uploader is down ([`Writeback::reconsider`] asks at once when a member
+//! goes down). An uploader that gives up a key (its copy is gone) says so,
+//! and the next replica uploads it ([`Writeback::take_over`]). A key is
+//! dropped here only once it is known to be in blob, so it goes to blob
 //! once whatever R is, and is not lost with its uploader.
 
 use parking_lot::{Condvar, Mutex};
@@ -37,12 +46,13 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::block::{BlockKey, NamespaceId};
 use crate::error::{Error, Result};
 use crate::events::{Change, EventLog};
 use crate::fsio::FileIo;
+use crate::replication::landed::{Notice, Outcome, Waits};
 use crate::tier::blob::BlobClient;
 use crate::tier::blob::object::OBJECT_OVERHEAD_BYTES;
 use crate::tier::disk::DiskTier;
@@ -51,6 +61,17 @@ use crate::tier::{Tier, TierKind};
 /// Whether this node uploads `key` of a namespace (false: another replica
 /// does).
 pub type UploadFilter = Arc<dyn Fn(NamespaceId, &BlockKey) -> bool + Send + Sync>;
+
+/// How long a replica that does not upload a key waits to hear that it
+/// landed before it checks blob, unless set otherwise.
+pub const DEFAULT_CHECK_AFTER: Duration = Duration::from_secs(10);
+
+/// Notices kept for the server at most; more are dropped (and counted):
+/// the other replicas then check blob after their bound.
+const MAX_NOTICES: usize = 1 << 16;
+
+/// Checks of blob for peers' keys in flight at most.
+const CHECKS_IN_FLIGHT: usize = 16;
 
 /// The dirty log's file name in the disk directory.
 pub const LOG_FILE: &str = "blob-writeback.log";
@@ -100,24 +121,54 @@ pub struct WritebackStats {
     pub dropped_blocks: u64,
     /// Log appends that failed (a store that hit one failed too).
     pub log_errors: u64,
-    /// Pending blocks another replica uploaded (found in blob).
+    /// Pending blocks another replica uploaded, found in blob by a check.
     pub uploaded_by_peers: u64,
-    /// Checks of blob for blocks another replica uploads.
+    /// Checks of blob (HEADs) for blocks another replica uploads: made only
+    /// when no notice came within the bound.
     pub peer_checks: u64,
+    /// Pending blocks dropped because their uploader said they landed in
+    /// blob: no request made.
+    pub confirmed_by_peers: u64,
+    /// Blocks this node uploads because their uploader gave them up.
+    pub taken_over: u64,
+    /// Notices for other replicas dropped because too many were waiting
+    /// for the server (those replicas check blob after their bound).
+    pub notices_dropped: u64,
 }
 
 #[derive(Debug)]
 struct Entry {
     ns: NamespaceId,
-    /// On disk and queued (or uploading).
+    /// On disk and queued (or uploading, or waiting for its uploader).
     ready: bool,
     failures: u32,
+    /// Checks of blob that found it absent, while another replica uploads.
+    checks: u32,
+    /// Its uploader said it landed before it was on disk here.
+    landed: bool,
+    /// Its uploader gave it up: this node uploads it whatever the filter.
+    take_over: bool,
+}
+
+impl Entry {
+    fn new(ns: NamespaceId, ready: bool) -> Self {
+        Self {
+            ns,
+            ready,
+            failures: 0,
+            checks: 0,
+            landed: false,
+            take_over: false,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct State {
     pending: HashMap<BlockKey, Entry>,
     queue: VecDeque<BlockKey>,
+    /// Ready keys another replica uploads, until they are heard of.
+    waits: Waits,
 }
 
 #[derive(Debug)]
@@ -145,6 +196,18 @@ pub(crate) struct Writeback {
     filter: parking_lot::RwLock<Option<UploadFilter>>,
     by_peers: AtomicU64,
     peer_checks: AtomicU64,
+    /// Milliseconds a replica waits to hear of a key before checking blob.
+    check_after_ms: AtomicU64,
+    /// Wakes the check loop when a check falls due earlier.
+    check_wake: tokio::sync::Notify,
+    /// What this node's uploads settled, for the server to tell the other
+    /// replicas (collected only once the server asks for them).
+    notices: Mutex<Vec<Notice>>,
+    collect_notices: AtomicBool,
+    notices_dropped: AtomicU64,
+    confirmed: AtomicU64,
+    taken_over: AtomicU64,
+    events: std::sync::OnceLock<Arc<EventLog>>,
 }
 
 impl std::fmt::Debug for Writeback {
@@ -205,14 +268,7 @@ impl Writeback {
         for key in order {
             let Some(&ns) = pending.get(&key) else { continue };
             if on_disk(&key) {
-                state.pending.insert(
-                    key,
-                    Entry {
-                        ns,
-                        ready: true,
-                        failures: 0,
-                    },
-                );
+                state.pending.insert(key, Entry::new(ns, true));
                 state.queue.push_back(key);
             } else {
                 dropped += 1;
@@ -246,6 +302,14 @@ impl Writeback {
             filter: parking_lot::RwLock::new(None),
             by_peers: AtomicU64::new(0),
             peer_checks: AtomicU64::new(0),
+            check_after_ms: AtomicU64::new(DEFAULT_CHECK_AFTER.as_millis() as u64),
+            check_wake: tokio::sync::Notify::new(),
+            notices: Mutex::new(Vec::new()),
+            collect_notices: AtomicBool::new(false),
+            notices_dropped: AtomicU64::new(0),
+            confirmed: AtomicU64::new(0),
+            taken_over: AtomicU64::new(0),
+            events: std::sync::OnceLock::new(),
         })
     }
 
@@ -277,14 +341,7 @@ impl Writeback {
             return Ok(());
         }
         self.append(&mut self.log.lock(), &encode(OP_DIRTY, ns, key))?;
-        st.pending.insert(
-            key,
-            Entry {
-                ns,
-                ready: false,
-                failures: 0,
-            },
-        );
+        st.pending.insert(key, Entry::new(ns, false));
         Ok(())
     }
 
@@ -292,19 +349,18 @@ impl Writeback {
     /// pending (a concurrent store of the same key gave up on it).
     pub(crate) fn ready(&self, ns: NamespaceId, key: BlockKey) -> Result<()> {
         let mut st = self.state.lock();
-        match st.pending.get_mut(&key) {
-            Some(e) if e.ready => return Ok(()),
-            Some(e) => e.ready = true,
+        match st.pending.get(&key).map(|e| (e.ready, e.landed)) {
+            Some((true, _)) => return Ok(()),
+            Some((false, true)) => {
+                // Its uploader said it landed while it was on its way here.
+                drop(st);
+                self.settled_by_peer(ns, key);
+                return Ok(());
+            }
+            Some((false, false)) => st.pending.get_mut(&key).expect("present").ready = true,
             None => {
                 self.append(&mut self.log.lock(), &encode(OP_DIRTY, ns, key))?;
-                st.pending.insert(
-                    key,
-                    Entry {
-                        ns,
-                        ready: true,
-                        failures: 0,
-                    },
-                );
+                st.pending.insert(key, Entry::new(ns, true));
             }
         }
         st.queue.push_back(key);
@@ -330,10 +386,21 @@ impl Writeback {
 
     /// Takes `key` off the pending set and logs it done.
     fn finish(&self, key: BlockKey) -> bool {
+        self.finish_counted(key, None)
+    }
+
+    /// [`Writeback::finish`], adding one to `counter` if `key` was pending,
+    /// before anyone waiting for the pending set to drain is woken (so
+    /// they see it counted).
+    fn finish_counted(&self, key: BlockKey, counter: Option<&AtomicU64>) -> bool {
         let mut st = self.state.lock();
         let Some(e) = st.pending.remove(&key) else {
             return false;
         };
+        if let Some(c) = counter {
+            c.fetch_add(1, Relaxed);
+        }
+        st.waits.remove(&key);
         // A failed append is harmless: the block is uploaded again after a
         // restart, and the conditional create finds it present.
         let mut log = self.log.lock();
@@ -359,11 +426,15 @@ impl Writeback {
         self.state.lock().pending.contains_key(key)
     }
 
-    fn pop(&self) -> Option<(BlockKey, NamespaceId, u32)> {
+    /// The next key to upload: its namespace, failed uploads, and whether
+    /// this node took it over from an uploader that gave it up.
+    fn pop(&self) -> Option<(BlockKey, NamespaceId, u32, bool)> {
         let mut st = self.state.lock();
         while let Some(k) = st.queue.pop_front() {
-            if let Some(e) = st.pending.get(&k) {
-                return Some((k, e.ns, e.failures));
+            if let Some(e) = st.pending.get(&k)
+                && !st.waits.contains(&k)
+            {
+                return Some((k, e.ns, e.failures, e.take_over));
             }
         }
         None
@@ -379,10 +450,195 @@ impl Writeback {
     fn requeue(&self, key: BlockKey) {
         let mut st = self.state.lock();
         if st.pending.contains_key(&key) {
+            st.waits.remove(&key);
             st.queue.push_back(key);
             drop(st);
             self.wake.notify_one();
         }
+    }
+
+    /// Waits for another replica to upload `key`: its check of blob falls
+    /// due `check_after` from now, doubled per check made (`checks`).
+    fn wait_for_peer(&self, key: BlockKey, checks: Option<u32>) {
+        let first = self.check_after();
+        let mut st = self.state.lock();
+        let Some(e) = st.pending.get_mut(&key) else { return };
+        if let Some(c) = checks {
+            e.checks = c;
+        }
+        let c = e.checks;
+        st.waits.wait(key, Instant::now(), first, c);
+        drop(st);
+        // The check loop sleeps until the earliest due time, which this
+        // wait may precede (the others may be long-delayed ones).
+        self.check_wake.notify_one();
+    }
+
+    /// Up to `max` keys whose check of blob is due, with their namespace
+    /// and the checks made so far.
+    fn take_due(&self, max: usize) -> Vec<(BlockKey, NamespaceId, u32)> {
+        let mut st = self.state.lock();
+        let due = st.waits.take_due(Instant::now(), max);
+        due.into_iter()
+            .filter_map(|(k, c)| st.pending.get(&k).map(|e| (k, e.ns, c)))
+            .collect()
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.state.lock().waits.next_due()
+    }
+
+    fn taken_over(&self, key: &BlockKey) -> bool {
+        self.state.lock().pending.get(key).is_some_and(|e| e.take_over)
+    }
+
+    /// `key` is in blob (uploaded or found): takes it off the pending set,
+    /// records the event, and reports it for the other replicas. Answers
+    /// whether it was pending.
+    fn landed(&self, ns: NamespaceId, key: BlockKey, counter: Option<&AtomicU64>) -> bool {
+        let was = self.finish_counted(key, counter);
+        if was && let Some(ev) = self.events.get() {
+            ev.record(ns, Change::Stored, TierKind::Blob, &[key]);
+        }
+        self.notice(ns, key, Outcome::Landed);
+        was
+    }
+
+    /// Takes a key that another replica said landed off the pending set.
+    fn settled_by_peer(&self, ns: NamespaceId, key: BlockKey) -> bool {
+        let was = self.finish_counted(key, Some(&self.confirmed));
+        if was && let Some(ev) = self.events.get() {
+            ev.record(ns, Change::Stored, TierKind::Blob, &[key]);
+        }
+        was
+    }
+
+    /// Reports `key`'s outcome for the other replicas, if the server
+    /// collects them.
+    fn notice(&self, ns: NamespaceId, key: BlockKey, outcome: Outcome) {
+        if !self.collect_notices.load(Relaxed) {
+            return;
+        }
+        let mut n = self.notices.lock();
+        if n.len() >= MAX_NOTICES {
+            self.notices_dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        n.push(Notice { ns, key, outcome });
+    }
+
+    /// Starts collecting notices of what this node's uploads settled, for
+    /// [`Writeback::take_notices`]. Without it none are kept.
+    pub(crate) fn collect_notices(&self) {
+        self.collect_notices.store(true, Relaxed);
+    }
+
+    /// Takes up to `max` notices, oldest first.
+    pub(crate) fn take_notices(&self, max: usize) -> Vec<Notice> {
+        let mut n = self.notices.lock();
+        let k = n.len().min(max);
+        n.drain(..k).collect()
+    }
+
+    /// Another replica says `keys` of `ns` landed in blob: each pending here
+    /// is dropped (once on disk: one still being written is dropped when
+    /// it gets there). Answers how many were dropped now.
+    pub(crate) fn landed_by_peer(&self, ns: NamespaceId, keys: &[BlockKey]) -> usize {
+        let mut n = 0;
+        for &key in keys {
+            let ready = {
+                let mut st = self.state.lock();
+                match st.pending.get_mut(&key) {
+                    Some(e) if e.ns == ns && !e.ready => {
+                        e.landed = true;
+                        false
+                    }
+                    Some(e) => e.ns == ns,
+                    None => false,
+                }
+            };
+            if ready && self.settled_by_peer(ns, key) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Their uploader gave up `keys` of `ns`, and this node uploads them
+    /// (the server decided, [`crate::replication::landed::takes_over`]):
+    /// they go to the upload queue whatever the filter says. Answers how
+    /// many were pending here.
+    pub(crate) fn take_over(&self, ns: NamespaceId, keys: &[BlockKey]) -> usize {
+        let mut st = self.state.lock();
+        let mut n = 0;
+        for &key in keys {
+            let Some(e) = st.pending.get_mut(&key) else { continue };
+            if e.ns != ns || e.take_over {
+                continue;
+            }
+            e.take_over = true;
+            n += 1;
+            if st.waits.remove(&key).is_some() {
+                st.queue.push_back(key);
+            }
+        }
+        drop(st);
+        self.taken_over.fetch_add(n as u64, Relaxed);
+        if n > 0 {
+            self.wake.notify_one();
+        }
+        n
+    }
+
+    /// Asks the filter again for every key waiting for another replica:
+    /// those this node uploads now (their uploader went down) are checked
+    /// at once rather than at their due time. Answers how many.
+    pub(crate) fn reconsider(&self) -> usize {
+        let waiting: Vec<(BlockKey, NamespaceId)> = {
+            let st = self.state.lock();
+            st.waits
+                .keys()
+                .filter_map(|k| st.pending.get(k).map(|e| (*k, e.ns)))
+                .collect()
+        };
+        // The filter takes the cluster's locks: not under the state lock.
+        let mine: Vec<BlockKey> = waiting
+            .into_iter()
+            .filter(|(k, ns)| self.mine(*ns, k))
+            .map(|(k, _)| k)
+            .collect();
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        let mut n = 0;
+        for k in mine {
+            let Some(checks) = st.pending.get(&k).map(|e| e.checks) else {
+                continue;
+            };
+            if st.waits.contains(&k) {
+                st.waits.due_at(k, now, checks);
+                n += 1;
+            }
+        }
+        drop(st);
+        if n > 0 {
+            self.check_wake.notify_one();
+        }
+        n
+    }
+
+    /// Sets how long a replica waits to hear of a key before checking blob.
+    pub(crate) fn set_check_after(&self, d: Duration) {
+        self.check_after_ms.store(d.as_millis().max(1) as u64, Relaxed);
+    }
+
+    fn check_after(&self) -> Duration {
+        Duration::from_millis(self.check_after_ms.load(Relaxed))
+    }
+
+    /// Where landings found here (not through [`Writeback::landed_by_peer`]'s
+    /// caller) are recorded.
+    pub(crate) fn set_events(&self, events: Arc<EventLog>) {
+        let _ = self.events.set(events);
     }
 
     /// Waits until nothing is pending; false if `timeout` passed first.
@@ -407,6 +663,9 @@ impl Writeback {
             log_errors: self.log_errors.load(Relaxed),
             uploaded_by_peers: self.by_peers.load(Relaxed),
             peer_checks: self.peer_checks.load(Relaxed),
+            confirmed_by_peers: self.confirmed.load(Relaxed),
+            taken_over: self.taken_over.load(Relaxed),
+            notices_dropped: self.notices_dropped.load(Relaxed),
         }
     }
 
@@ -419,19 +678,13 @@ impl Writeback {
         self.filter.read().as_ref().is_none_or(|f| f(ns, key))
     }
 
-    /// Counts a check of blob for a key another replica uploads.
-    fn checked(&self, key: BlockKey) {
-        self.peer_checks.fetch_add(1, Relaxed);
-        if let Some(e) = self.state.lock().pending.get_mut(&key) {
-            e.failures = e.failures.saturating_add(1);
-        }
-    }
-
-    /// Stops the uploader (pending blocks stay in the log).
+    /// Stops the uploader and the checks (pending blocks stay in the log).
     pub(crate) fn stop(&self) {
         self.stopped.store(true, Relaxed);
         self.wake.notify_waiters();
         self.wake.notify_one();
+        self.check_wake.notify_waiters();
+        self.check_wake.notify_one();
     }
 }
 
@@ -454,8 +707,9 @@ fn rewrite(io: &FileIo, path: &Path, st: &State) -> Result<File> {
         .map_err(|e| Error::io(format!("open {}", path.display()), e))
 }
 
-/// Uploads pending blocks until [`Writeback::stop`].
-pub(crate) async fn upload_loop(wb: Arc<Writeback>, disk: DiskTier, blob: BlobClient, events: Arc<EventLog>) {
+/// Uploads pending blocks until [`Writeback::stop`]. Keys another replica
+/// uploads wait for [`check_loop`] (or a notice) instead.
+pub(crate) async fn upload_loop(wb: Arc<Writeback>, disk: DiskTier, blob: BlobClient) {
     let slots = Arc::new(tokio::sync::Semaphore::new(blob.upload_concurrency()));
     let (min_backoff, max_backoff) = blob.backoff();
     loop {
@@ -465,45 +719,36 @@ pub(crate) async fn upload_loop(wb: Arc<Writeback>, disk: DiskTier, blob: BlobCl
         if wb.stopped.load(Relaxed) {
             return;
         }
-        let Some((key, ns, failures)) = wb.pop() else {
+        let Some((key, ns, failures, taken_over)) = wb.pop() else {
             notified.await;
             continue;
         };
-        let permit = slots.clone().acquire_owned().await.expect("never closed");
         if blob.known_present(&key) {
             // Read from blob earlier (a promoted block demoted again): no
             // request needed.
             wb.uploaded.fetch_add(1, Relaxed);
-            wb.finish(key);
-            events.record(ns, Change::Stored, TierKind::Blob, &[key]);
+            wb.landed(ns, key, None);
             continue;
         }
-        let (wb, disk, blob, events) = (wb.clone(), disk.clone(), blob.clone(), events.clone());
+        if !taken_over && !wb.mine(ns, &key) {
+            // Another replica uploads it: wait to hear that it landed.
+            wb.wait_for_peer(key, None);
+            continue;
+        }
+        let permit = slots.clone().acquire_owned().await.expect("never closed");
+        let (wb, disk, blob) = (wb.clone(), disk.clone(), blob.clone());
         tokio::spawn(async move {
             let backoff = |failures: u32| min_backoff.saturating_mul(1u32 << failures.min(16)).min(max_backoff);
-            if !wb.mine(ns, &key) {
-                // Another replica uploads it: wait, then look for it.
-                drop(permit);
-                tokio::time::sleep(backoff(failures)).await;
-                match blob.exists(ns, key).await {
-                    Ok(true) => {
-                        wb.by_peers.fetch_add(1, Relaxed);
-                        wb.finish(key);
-                        events.record(ns, Change::Stored, TierKind::Blob, &[key]);
-                    }
-                    Ok(false) | Err(_) => {
-                        wb.checked(key);
-                        wb.requeue(key);
-                    }
-                }
-                return;
-            }
             let read = tokio::task::spawn_blocking(move || read_block(&disk, ns, key)).await;
             let body = match read {
                 Ok(Ok(b)) => b,
                 Ok(Err(why)) => {
                     tracing::warn!(%key, "pending blob upload dropped: {why}");
-                    wb.cancel(key);
+                    if wb.cancel(key) {
+                        // The other replicas still hold it: the next one
+                        // uploads it.
+                        wb.notice(ns, key, Outcome::GaveUp);
+                    }
                     return;
                 }
                 Err(e) => {
@@ -516,8 +761,7 @@ pub(crate) async fn upload_loop(wb: Arc<Writeback>, disk: DiskTier, blob: BlobCl
             match blob.put(ns, key, body).await {
                 Ok(_) => {
                     wb.uploaded.fetch_add(1, Relaxed);
-                    wb.finish(key);
-                    events.record(ns, Change::Stored, TierKind::Blob, &[key]);
+                    wb.landed(ns, key, None);
                     drop(permit);
                 }
                 Err(e) => {
@@ -530,6 +774,59 @@ pub(crate) async fn upload_loop(wb: Arc<Writeback>, disk: DiskTier, blob: BlobCl
                 }
             }
         });
+    }
+}
+
+/// Checks blob for keys another replica uploads once no notice came within
+/// their bound, until [`Writeback::stop`]. Present: the key is done here
+/// (and the others hear of it). Absent: this node uploads it if the filter
+/// says so now (its uploader is down), else it waits twice as long.
+pub(crate) async fn check_loop(wb: Arc<Writeback>, blob: BlobClient) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CHECKS_IN_FLIGHT));
+    loop {
+        let notified = wb.check_wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if wb.stopped.load(Relaxed) {
+            return;
+        }
+        let due = wb.take_due(CHECKS_IN_FLIGHT);
+        if due.is_empty() {
+            match wb.next_due() {
+                Some(t) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(t.into()) => {}
+                        () = notified => {}
+                    }
+                }
+                None => notified.await,
+            }
+            continue;
+        }
+        for (key, ns, checks) in due {
+            let permit = slots.clone().acquire_owned().await.expect("never closed");
+            let (wb, blob) = (wb.clone(), blob.clone());
+            tokio::spawn(async move {
+                wb.peer_checks.fetch_add(1, Relaxed);
+                let found = blob.exists(ns, key).await;
+                drop(permit);
+                match found {
+                    Ok(true) => {
+                        wb.landed(ns, key, Some(&wb.by_peers));
+                    }
+                    Ok(false) | Err(_) => {
+                        if wb.taken_over(&key) || wb.mine(ns, &key) {
+                            // Its uploader is gone (or gave it up): upload
+                            // it (a conditional create, harmless if it
+                            // landed meanwhile).
+                            wb.requeue(key);
+                        } else {
+                            wb.wait_for_peer(key, Some(checks.saturating_add(1)));
+                        }
+                    }
+                }
+            });
+        }
     }
 }
 
@@ -574,7 +871,7 @@ mod tests {
         drop(f);
         let wb = Writeback::open(dir.path(), false, |_| true).unwrap();
         let mut got = Vec::new();
-        while let Some((k, n, _)) = wb.pop() {
+        while let Some((k, n, _, _)) = wb.pop() {
             assert_eq!(n, ns);
             got.push(k.0);
         }
@@ -664,5 +961,130 @@ mod tests {
         let wb = Writeback::open(dir.path(), false, |_| true).unwrap();
         assert_eq!(wb.stats().pending_blocks, 50);
         assert!(!wb.wait_idle(Duration::from_millis(1)));
+    }
+
+    /// A writeback whose filter gives this node no key (another replica
+    /// uploads every one), with keys 1..=n ready and waiting for it as the
+    /// upload loop leaves them.
+    fn waiting(dir: &Path, n: u128, mine: Arc<AtomicBool>) -> Writeback {
+        let wb = Writeback::open(dir, false, |_| true).unwrap();
+        wb.set_filter(Arc::new(move |_, _| mine.load(Relaxed)));
+        wb.collect_notices();
+        for k in 1..=n {
+            wb.begin(NS, BlockKey(k)).unwrap();
+            wb.ready(NS, BlockKey(k)).unwrap();
+        }
+        while let Some((k, ns, _, taken)) = wb.pop() {
+            assert!(!taken && !wb.mine(ns, &k));
+            wb.wait_for_peer(k, None);
+        }
+        wb
+    }
+
+    const NS: NamespaceId = NamespaceId(5);
+
+    #[test]
+    fn a_key_another_replica_uploads_waits_until_a_notice_drops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let wb = waiting(dir.path(), 3, Arc::new(AtomicBool::new(false)));
+        assert_eq!(wb.stats().pending_blocks, 3);
+        assert!(wb.next_due().unwrap() > Instant::now() + DEFAULT_CHECK_AFTER / 2);
+        assert!(wb.take_due(10).is_empty(), "no check of blob before the bound");
+        // A notice for another namespace changes nothing.
+        assert_eq!(wb.landed_by_peer(NamespaceId(6), &[BlockKey(1)]), 0);
+        assert_eq!(wb.landed_by_peer(NS, &[BlockKey(1), BlockKey(2), BlockKey(9)]), 2);
+        assert_eq!(wb.landed_by_peer(NS, &[BlockKey(1)]), 0, "once");
+        let s = wb.stats();
+        assert_eq!((s.pending_blocks, s.confirmed_by_peers, s.peer_checks), (1, 2, 0));
+        assert!(!wb.retains(&BlockKey(1)) && wb.retains(&BlockKey(3)));
+        // Only the unheard-of key comes due, and only after the bound.
+        wb.set_check_after(Duration::from_millis(1));
+        wb.wait_for_peer(BlockKey(3), None);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(wb.take_due(10), vec![(BlockKey(3), NS, 0)]);
+        // A non-uploader reports nothing: only landings it finds itself.
+        assert!(wb.take_notices(10).is_empty());
+        assert!(wb.landed(NS, BlockKey(3), None));
+        assert_eq!(
+            wb.take_notices(10),
+            vec![Notice {
+                ns: NS,
+                key: BlockKey(3),
+                outcome: Outcome::Landed
+            }]
+        );
+        assert!(wb.wait_idle(Duration::from_millis(1)));
+        // The dirty log replays nothing.
+        drop(wb);
+        let wb = Writeback::open(dir.path(), false, |_| true).unwrap();
+        assert_eq!(wb.stats().resumed_blocks, 0);
+    }
+
+    #[test]
+    fn a_notice_that_beats_the_disk_write_drops_the_key_once_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let wb = Writeback::open(dir.path(), false, |_| true).unwrap();
+        wb.begin(NS, BlockKey(1)).unwrap();
+        assert_eq!(wb.landed_by_peer(NS, &[BlockKey(1)]), 0, "not on disk yet");
+        assert!(wb.retains(&BlockKey(1)), "still pending: its write may fail");
+        wb.ready(NS, BlockKey(1)).unwrap();
+        assert!(!wb.retains(&BlockKey(1)));
+        assert_eq!(wb.pop(), None, "never queued");
+        assert_eq!(wb.stats().confirmed_by_peers, 1);
+        // A notice for a key never logged here is ignored.
+        assert_eq!(wb.landed_by_peer(NS, &[BlockKey(2)]), 0);
+        wb.begin(NS, BlockKey(2)).unwrap();
+        wb.ready(NS, BlockKey(2)).unwrap();
+        assert_eq!(wb.pop().map(|p| p.0), Some(BlockKey(2)));
+    }
+
+    #[test]
+    fn a_key_its_uploader_gave_up_is_uploaded_here_whatever_the_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let wb = waiting(dir.path(), 2, Arc::new(AtomicBool::new(false)));
+        assert_eq!(wb.take_over(NamespaceId(6), &[BlockKey(1)]), 0, "other namespace");
+        assert_eq!(wb.take_over(NS, &[BlockKey(1), BlockKey(7)]), 1);
+        assert_eq!(wb.take_over(NS, &[BlockKey(1)]), 0, "once");
+        assert_eq!(wb.pop(), Some((BlockKey(1), NS, 0, true)));
+        assert_eq!(wb.pop(), None, "key 2 still waits");
+        assert!(wb.taken_over(&BlockKey(1)));
+        // Giving up a key this node uploads reports it for the others.
+        assert!(wb.cancel(BlockKey(1)));
+        wb.notice(NS, BlockKey(1), Outcome::GaveUp);
+        assert_eq!(wb.take_notices(10)[0].outcome, Outcome::GaveUp);
+        assert_eq!(wb.stats().taken_over, 1);
+    }
+
+    #[test]
+    fn keys_whose_uploader_went_down_are_checked_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mine = Arc::new(AtomicBool::new(false));
+        let wb = waiting(dir.path(), 3, mine.clone());
+        assert_eq!(wb.reconsider(), 0, "the uploader is up");
+        assert!(wb.take_due(10).is_empty());
+        mine.store(true, Relaxed);
+        assert_eq!(wb.reconsider(), 3);
+        let mut due = wb.take_due(10);
+        due.sort_by_key(|d| d.0.0);
+        assert_eq!(due.len(), 3, "checked now, not at the bound");
+        assert_eq!(due[0], (BlockKey(1), NS, 0));
+    }
+
+    #[test]
+    fn notices_are_kept_only_when_collected_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let wb = Writeback::open(dir.path(), false, |_| true).unwrap();
+        wb.notice(NS, BlockKey(1), Outcome::Landed);
+        assert!(wb.take_notices(10).is_empty(), "not collected");
+        wb.collect_notices();
+        for k in 0..MAX_NOTICES as u128 + 5 {
+            wb.notice(NS, BlockKey(k), Outcome::Landed);
+        }
+        assert_eq!(wb.stats().notices_dropped, 5);
+        assert_eq!(
+            wb.take_notices(3).iter().map(|n| n.key.0).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        assert_eq!(wb.take_notices(usize::MAX).len(), MAX_NOTICES - 3);
     }
 }

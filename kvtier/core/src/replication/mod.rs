@@ -19,11 +19,15 @@
 //! - [`repair`]: read repair and scrub: which holder a read asks after a
 //!   copy fails verification, which copies are rewritten from a good one,
 //!   what a read with no good copy says, and the scrub's pacing.
+//! - [`landed`]: who hears that a key reached blob (batched per peer), who
+//!   uploads a key its uploader gave up, and when a replica that heard
+//!   nothing checks blob itself.
 //! - This module: where a write goes, where a read goes, who uploads, as
 //!   plain functions. None of these modules does I/O: kvtierd's cluster
 //!   module drives them (DESIGN.md: "the replication logic does no I/O").
 
 pub mod hints;
+pub mod landed;
 pub mod membership;
 pub mod placement;
 pub mod read;

@@ -12,6 +12,9 @@
 //!   the rewrite of a peer's corrupt copy (read repair, see
 //!   [`crate::repair`]).
 //! - `deliver`: hint delivery to members that answer again.
+//! - `landed`: blob notices, telling a key's other replicas that this
+//!   node's upload of it landed in blob (writeback mode), and acting on
+//!   theirs.
 //! - [`hints`]: the durable log of blocks held for a replica that lacks
 //!   them (down, or a write to it failed): the per-member out-of-sync view.
 //! - The `Peer` gRPC service the other nodes call is [`crate::peer`].
@@ -70,6 +73,8 @@
 mod deliver;
 mod heartbeat;
 pub mod hints;
+mod landed;
+pub use self::landed::MAX_NOTICE_KEYS;
 pub mod peers;
 mod read;
 pub mod rebalance;
@@ -136,6 +141,14 @@ pub struct Counters {
     pub resync_keys_offered: AtomicU64,
     /// Those they lacked, sent.
     pub resync_blocks_sent: AtomicU64,
+    /// Blob notice messages delivered to peers.
+    pub blob_notices_sent: AtomicU64,
+    /// Keys they carried.
+    pub blob_notice_keys_sent: AtomicU64,
+    /// Blob notice messages that failed (or had no client).
+    pub blob_notices_failed: AtomicU64,
+    /// Keys peers' notices named.
+    pub blob_notice_keys_received: AtomicU64,
 }
 
 /// This node's part in a static cluster.
@@ -158,6 +171,8 @@ pub struct Cluster {
     mismatched: Mutex<BTreeSet<NodeId>>,
     delivering: AtomicBool,
     max_request_bytes: u64,
+    /// Between two rounds of blob notices; zero sends none.
+    notice_interval: Duration,
     resync: resync::Resync,
     rebalance: rebalance::Rebalance,
     /// The background tasks (heartbeats, deliveries, resync, rebalancing,
@@ -232,6 +247,7 @@ impl Cluster {
         if let Some(layout) = earlier {
             rebalance.migrate_from(layout);
         }
+        manager.set_peer_check_after(Duration::from_millis(cfg.blob_check_after_ms));
         Ok(Self {
             unsynced: Mutex::new(peers.keys().cloned().collect()),
             mismatched: Mutex::new(BTreeSet::new()),
@@ -246,15 +262,21 @@ impl Cluster {
             counters: Counters::default(),
             delivering: AtomicBool::new(false),
             max_request_bytes,
+            notice_interval: Duration::from_millis(cfg.blob_notice_interval_ms),
             resync: resync::Resync::new(cfg.rebalance_bytes_per_s),
             rebalance,
             tasks: Mutex::new((false, Vec::new())),
         })
     }
 
-    /// Starts the heartbeats, which start every other background task.
+    /// Starts the heartbeats, which start every other background task,
+    /// and the blob notices.
     pub fn start(self: &Arc<Self>) {
         self.spawn(self.clone().heartbeats());
+        if !self.notice_interval.is_zero() {
+            self.manager.collect_blob_notices();
+            self.spawn(self.clone().blob_notices());
+        }
     }
 
     /// Runs `f` in the background until it ends or [`Cluster::shutdown`];
@@ -369,6 +391,14 @@ impl Cluster {
     fn log_change(&self, change: Option<Change>) {
         let Some(c) = change else { return };
         let epoch = self.epoch();
+        if !matches!(&c, Change::Liveness { to, .. } if *to != Liveness::Down) {
+            // A member down, joining or leaving may make this node the
+            // uploader of keys it waits for: check those at once.
+            let n = self.manager.reconsider_uploads();
+            if n > 0 {
+                tracing::info!(keys = n, epoch, "uploads this node takes over, checked in blob now");
+            }
+        }
         match c {
             Change::Liveness { id, from, to } => {
                 if to == Liveness::Down {
@@ -446,6 +476,10 @@ impl Cluster {
             member_lists_adopted: c.member_lists_adopted.load(Relaxed),
             placement_slots,
             placement_mismatches: c.placement_mismatches.load(Relaxed),
+            blob_notices_sent: c.blob_notices_sent.load(Relaxed),
+            blob_notice_keys_sent: c.blob_notice_keys_sent.load(Relaxed),
+            blob_notices_failed: c.blob_notices_failed.load(Relaxed),
+            blob_notice_keys_received: c.blob_notice_keys_received.load(Relaxed),
             ..Default::default()
         };
         self.rebalance_stats(&mut s);
