@@ -280,6 +280,16 @@ impl Membership {
         self.set(id, to, misses)
     }
 
+    /// Sets `id`'s liveness as a failure detector that reports states (SWIM,
+    /// see [`super::swim`]) rather than missed heartbeats saw it. This node
+    /// is always up in its own view.
+    pub fn set_liveness(&mut self, id: &NodeId, to: Liveness) -> Option<Change> {
+        if *id == self.me {
+            return None;
+        }
+        self.set(id, to, 0)
+    }
+
     /// Adds (or re-addresses) a member.
     pub fn join(&mut self, m: Member) -> Option<Change> {
         let id = m.id.clone();

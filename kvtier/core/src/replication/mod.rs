@@ -2,7 +2,11 @@
 //!
 //! - [`placement`]: weighted rendezvous hashing: each key's ordered replica
 //!   list, from the member list alone.
-//! - [`membership`]: members, liveness from heartbeats, and an epoch.
+//! - [`membership`]: members, liveness, and an epoch.
+//! - [`swim`]: gossip membership (SWIM, on foca): failure detection with
+//!   suspicion and indirect probes, joins from seeds, graceful leaves; its
+//!   changes feed [`membership`]. [`swim::sim`] runs thousands of members
+//!   in one process on simulated time and network.
 //! - [`rebalance`]: after a membership change or a node's return, which
 //!   keys this node pushes where, and which it may drop once confirmed.
 //! - [`write`]: a write's requests (its keys grouped by target), the tally
@@ -20,6 +24,7 @@ pub mod membership;
 pub mod placement;
 pub mod read;
 pub mod rebalance;
+pub mod swim;
 #[cfg(test)]
 mod testkit;
 pub mod write;
