@@ -16,6 +16,8 @@
 //! - [`rebalance`]: members joining and leaving at run time, and the keys
 //!   that move after.
 //! - [`peers`]: the clients of the members, a set that grows.
+//! - [`gossip`]: the SWIM gossip driver over UDP and TCP (not wired in
+//!   yet; heartbeats still feed the view).
 //!
 //! The decisions (which nodes hold a key, which stand in for a down one,
 //! how a write's keys are grouped and when it is acknowledged, which failed
@@ -51,6 +53,7 @@
 //!   counted, and for a write hinted.
 
 mod deliver;
+pub mod gossip;
 mod heartbeat;
 pub mod hints;
 pub mod peers;
