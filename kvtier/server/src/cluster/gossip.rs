@@ -21,9 +21,9 @@
 //! config.
 
 use kvtier::replication::membership::Membership;
-use kvtier::replication::swim::{Channel, Directory, MemberChange, Peer, Ready, Swim, SwimConfig, SwimTimer};
 #[cfg(doc)]
 use kvtier::replication::swim::apply_change;
+use kvtier::replication::swim::{Channel, Directory, MemberChange, Peer, Ready, Swim, SwimConfig, SwimTimer};
 use kvtier::{Error, ErrorKind, Result};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -124,7 +124,10 @@ async fn bind_both(listen: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
             Err(e) => return Err(io("gossip TCP listener", e)),
         }
     }
-    Err(Error::new(ErrorKind::Unavailable, format!("no free port on {} for both UDP and TCP", listen.ip())))
+    Err(Error::new(
+        ErrorKind::Unavailable,
+        format!("no free port on {} for both UDP and TCP", listen.ip()),
+    ))
 }
 
 /// Every address the seeds name; a seed that does not resolve is skipped.
@@ -341,7 +344,9 @@ mod tests {
     async fn node(i: usize, seeds: Vec<String>) -> (Gossip, mpsc::UnboundedReceiver<MemberChange>, Membership) {
         let m = Member::new(format!("g{i}"), format!("127.0.0.1:{}", 60000 + i));
         let view = Membership::new(m.id.clone(), vec![m.clone()], Detector::default());
-        let (g, rx) = Gossip::start(m, "127.0.0.1:0".parse().unwrap(), 1, fast(), seeds).await.unwrap();
+        let (g, rx) = Gossip::start(m, "127.0.0.1:0".parse().unwrap(), 1, fast(), seeds)
+            .await
+            .unwrap();
         (g, rx, view)
     }
 
@@ -378,7 +383,10 @@ mod tests {
         })
         .await;
         let digest = nodes[0].2.digest();
-        until(&mut nodes, "the lists agree", |vs| vs.iter().all(|v| v.digest() == digest)).await;
+        until(&mut nodes, "the lists agree", |vs| {
+            vs.iter().all(|v| v.digest() == digest)
+        })
+        .await;
         let gone = nodes.pop().unwrap();
         gone.0.leave().await.unwrap();
         let id = NodeId::from("g3");
@@ -387,7 +395,9 @@ mod tests {
         })
         .await;
         assert!(
-            nodes.iter().all(|n| n.2.liveness(&NodeId::from("g1")) == Some(Liveness::Up)),
+            nodes
+                .iter()
+                .all(|n| n.2.liveness(&NodeId::from("g1")) == Some(Liveness::Up)),
             "the others are up"
         );
     }
