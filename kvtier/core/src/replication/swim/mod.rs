@@ -144,6 +144,9 @@ pub struct SwimConfig {
     /// probe periods (n: live members) unless it refutes: time for the
     /// suspicion to reach it and its refutation to come back.
     pub suspicion_mult: f64,
+    /// A fixed suspicion timeout instead (0: scale with the cluster as
+    /// above); at least one probe period.
+    pub suspect_timeout_ms: u64,
     /// Each update is sent `retransmit_mult × ceil(log10(n + 1))` times
     /// (memberlist's rule): each member then misses all copies with a
     /// probability of about e^-(that), and anti-entropy repairs the rare
@@ -181,6 +184,7 @@ impl Default for SwimConfig {
             probe_rtt_ms: 400,
             indirect_probes: 3,
             suspicion_mult: 2.0,
+            suspect_timeout_ms: 0,
             retransmit_mult: 4.0,
             gossip_interval_ms: 200,
             gossip_fanout: 3,
@@ -214,6 +218,12 @@ impl SwimConfig {
                 return Err(format!("{name} {v} must be above 0 and at most 100"));
             }
         }
+        if self.suspect_timeout_ms > 0 && self.suspect_timeout_ms < self.probe_period_ms {
+            return Err(format!(
+                "suspect_timeout_ms {} must be 0 (scaled) or at least probe_period_ms ({})",
+                self.suspect_timeout_ms, self.probe_period_ms
+            ));
+        }
         if self.gossip_interval_ms > 0 && self.gossip_fanout == 0 {
             return Err("gossip_fanout must be at least 1 when gossip_interval_ms is set".into());
         }
@@ -241,6 +251,9 @@ impl SwimConfig {
 
     /// How long a suspect has to refute with `n` live members.
     pub fn suspect_timeout(&self, n: usize) -> Duration {
+        if self.suspect_timeout_ms > 0 {
+            return Duration::from_millis(self.suspect_timeout_ms);
+        }
         let scale = (n.max(1) as f64).log10().max(1.0);
         self.period().mul_f64(self.suspicion_mult * scale)
     }

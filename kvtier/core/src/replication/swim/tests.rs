@@ -364,6 +364,16 @@ fn config_is_validated_and_scales_with_the_cluster() {
         ..SwimConfig::default()
     };
     assert!(bad.validate().unwrap_err().contains("probe_rtt_ms"));
+    let fixed = SwimConfig {
+        suspect_timeout_ms: 5000,
+        ..SwimConfig::default()
+    };
+    assert_eq!(fixed.suspect_timeout(10_000), Duration::from_secs(5));
+    let bad = SwimConfig {
+        suspect_timeout_ms: 10,
+        ..SwimConfig::default()
+    };
+    assert!(bad.validate().unwrap_err().contains("suspect_timeout_ms"));
     let bad = SwimConfig {
         max_packet_bytes: 100,
         ..SwimConfig::default()
