@@ -24,7 +24,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 # Azurite before the bench smokes: the blob smoke and the blob tests start it.
 KVTIER_AZURITE_BIN=$(./scripts/azurite.sh)
 export KVTIER_AZURITE_BIN
-echo "== bench smoke: kvtier-bench tiers --smoke, daemon --smoke, s3 --smoke, blob --smoke, replication --smoke, placement --smoke, peers --smoke, replay, demo"
+echo "== bench smoke: kvtier-bench tiers --smoke, daemon --smoke, s3 --smoke, blob --smoke, replication --smoke, placement --smoke, cluster-sim --smoke, peers --smoke, replay, demo"
 cargo build --release -q -p kvtier-bench -p kvtier-server
 smoke_dir=$(mktemp -d "${TMPDIR:-/tmp}/kvtier-smoke.XXXXXX")
 trap 'rm -rf "$smoke_dir"' EXIT
@@ -39,6 +39,10 @@ trap 'rm -rf "$smoke_dir"' EXIT
 ./target/release/kvtier-bench blob --smoke --json --dir "$smoke_dir/blob"
 ./target/release/kvtier-bench replication --smoke --json --dir "$smoke_dir/replication"
 ./target/release/kvtier-bench placement --smoke --json
+# Gossip membership at 200 simulated members (simulated time and network, a
+# fraction of a second): a crash held down everywhere, a join and a leave
+# seen everywhere, no live member declared down, every member list equal.
+./target/release/kvtier-bench cluster-sim --smoke --json
 ./target/release/kvtier-bench peers --smoke --json --dir "$smoke_dir/peers"
 # The trace replay: real BlockManager, real bytes; LRU must reproduce the
 # reference simulation computed in the same run.

@@ -5,6 +5,7 @@
 //! machines are noisy: the ratios are what carry over.
 
 mod blob;
+mod cluster_sim;
 mod connector;
 mod daemon;
 mod demo;
@@ -34,6 +35,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Gossip membership (SWIM) at 1,000-10,000 members on simulated time
+    /// and network: messages per node per second against all-to-all
+    /// heartbeats, crash detection time, false suspicions under loss, and
+    /// convergence after a join and a leave.
+    ClusterSim(cluster_sim::Args),
     /// Host and disk tier throughput against memcpy and raw O_DIRECT I/O,
     /// and prefix-lookup rate over a large index.
     Tiers(tiers::Args),
@@ -121,6 +127,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
+        Cmd::ClusterSim(a) => cluster_sim::run(&a),
         Cmd::Tiers(a) => tiers::run(&a),
         Cmd::Daemon(a) => daemon::run(&a),
         Cmd::Blob(a) => blob::run(&a),

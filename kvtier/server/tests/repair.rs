@@ -9,7 +9,7 @@ use kvtier_testkit as common;
 
 use common::cluster::{Nodes, corrupt_records};
 use common::{content, data, eventually, key, keys, kvtier};
-use kvtier::replication::placement;
+use kvtier::replication::slots::{DEFAULT_SLOTS, MAX_R, SlotTable};
 use kvtier::{BlockKey, ErrorKind, Namespace, NamespaceId};
 use kvtier_client::Client;
 use kvtier_proto::proto::RepairStats;
@@ -168,11 +168,12 @@ async fn corrupt_copies_are_read_from_good_replicas_and_rewritten() {
     let gone = Namespace::checkpoints("gone", 1 << 20).id();
 
     // The blocks that c (and a) ask b for before a: b's copy of those goes bad too.
-    let members = cl.members();
+    // kvtierd's placement: the slot table of the member list.
+    let table = SlotTable::new(&cl.members(), DEFAULT_SLOTS, MAX_R).unwrap();
     let b_first: BTreeSet<BlockKey> = keys(ns, 0..N)
         .into_iter()
         .filter(|k| {
-            let order = placement::replicas(k, &members, 3);
+            let order = table.replicas(k, 3).unwrap();
             let at = |id: &str| order.iter().position(|n| n.0 == id).unwrap();
             at("b") < at("a")
         })

@@ -218,7 +218,6 @@ impl Waits {
 mod tests {
     use super::*;
     use crate::replication::membership::Membership;
-    use crate::replication::placement::replicas;
     use crate::replication::testkit::{members, node, set_liveness};
     use crate::replication::{Replication, uploader};
     use proptest::prelude::*;
@@ -353,11 +352,11 @@ mod tests {
         let all = members(0..5);
         let rep = Replication::strong(3);
         let views: Vec<Membership> = (0..5)
-            .map(|i| Membership::new(node(i), all.clone(), Default::default()))
+            .map(|i| Membership::with_members(node(i), &all, 256, Default::default()).unwrap())
             .collect();
         for k in 0..200u128 {
             let key = BlockKey(k);
-            let rs = replicas(&key, &all, 3);
+            let rs = views[0].table().replicas(&key, 3).unwrap();
             let u = uploader(&key, &views[0], rep).unwrap();
             assert_eq!(u, rs[0]);
             let msgs = route(&[landed(k)], |_| recipients(&rs, &u, |n| views[0].is_writable(n)), 10);

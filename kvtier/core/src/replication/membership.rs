@@ -577,6 +577,16 @@ impl Membership {
         };
         self.set(id, to, misses)
     }
+
+    /// Sets `id`'s liveness as a failure detector that reports states (SWIM,
+    /// see [`super::swim`]) rather than missed heartbeats saw it. This node
+    /// is always up in its own view.
+    pub fn set_liveness(&mut self, id: &NodeId, to: Liveness) -> Option<Change> {
+        if *id == self.me {
+            return None;
+        }
+        self.set(id, to, 0)
+    }
 }
 
 #[cfg(test)]

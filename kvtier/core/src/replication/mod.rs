@@ -8,6 +8,10 @@
 //!   replicas are a lookup, whatever the cluster size.
 //! - [`membership`]: members (as their slot table), liveness from
 //!   heartbeats, and an epoch.
+//! - [`swim`]: gossip membership (SWIM, on foca): failure detection with
+//!   suspicion and indirect probes, joins from seeds, graceful leaves; its
+//!   changes feed [`membership`]. [`swim::sim`] runs thousands of members
+//!   in one process on simulated time and network.
 //! - [`rebalance`]: after a membership change or a node's return, which
 //!   keys this node pushes where, and which it may drop once confirmed.
 //! - [`write`]: a write's requests (its keys grouped by target), the tally
@@ -34,6 +38,7 @@ pub mod read;
 pub mod rebalance;
 pub mod repair;
 pub mod slots;
+pub mod swim;
 #[cfg(test)]
 mod testkit;
 pub mod write;

@@ -22,6 +22,8 @@
 //! - [`rebalance`]: members joining and leaving at run time, and the keys
 //!   that move after.
 //! - [`peers`]: the clients of the members, a set that grows.
+//! - [`gossip`]: the SWIM gossip driver over UDP and TCP (not wired in
+//!   yet; heartbeats still feed the view).
 //!
 //! The decisions (which nodes hold a key, which stand in for a down one,
 //! how a write's keys are grouped and when it is acknowledged, which failed
@@ -71,6 +73,7 @@
 //!   error once per peer and counted (`placement_mismatches`).
 
 mod deliver;
+pub mod gossip;
 mod heartbeat;
 pub mod hints;
 mod landed;

@@ -1,0 +1,406 @@
+//! The gossip driver: the core's SWIM state machine
+//! ([`kvtier::replication::swim`]) over real sockets. Not wired into
+//! kvtierd yet: the cluster still runs its heartbeats. Wiring it means
+//! starting a [`Gossip`] next to the cluster, applying each
+//! [`MemberChange`] it reports to the view with [`apply_change`] (through
+//! the same path as today's joins and leaves: clients first, then the
+//! view, then a rebalancing pass when the list changed), and retiring the
+//! heartbeats and the list catch-up they carry.
+//!
+//! One port serves both transports: UDP for SWIM's datagrams (probes,
+//! acks, gossip; lost ones are SWIM's business) and TCP for syncs (a
+//! joiner's whole member table, anti-entropy), each a frame of a u32
+//! length and the message. One task owns the state machine: it reads the
+//! socket, fires timers, and carries out what the machine asks
+//! ([`kvtier::replication::swim::Ready`]). Seeds are names or addresses;
+//! a name (a Kubernetes headless service) is resolved to all its
+//! addresses at each join attempt, here, since resolving is I/O.
+//!
+//! Not done yet: gossip is neither authenticated nor encrypted (the
+//! cluster's token should sign each message), and the port is not in the
+//! config.
+
+use kvtier::replication::membership::Membership;
+#[cfg(doc)]
+use kvtier::replication::swim::apply_change;
+use kvtier::replication::swim::{Channel, Directory, MemberChange, Peer, Ready, Swim, SwimConfig, SwimTimer};
+use kvtier::{Error, ErrorKind, Result};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// How long a sync stream may take to connect, or to send or receive a
+/// frame.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a node that has not joined resolves its seeds and tries
+/// again, once a join's attempts are spent.
+const REJOIN_EVERY: Duration = Duration::from_secs(30);
+
+/// A running gossip member.
+#[derive(Debug)]
+pub struct Gossip {
+    local: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<()>>,
+}
+
+fn io(context: &str, e: std::io::Error) -> Error {
+    Error::io(context.to_string(), e)
+}
+
+impl Gossip {
+    /// Binds UDP and TCP on `listen` (a concrete address: it is what the
+    /// others are told; port 0 picks a free one for both), then joins
+    /// through `seeds` (`host:port`, names resolved to every address).
+    /// Member changes, this node's joining first, go to the receiver.
+    pub async fn start(
+        member: kvtier::replication::placement::Member,
+        listen: SocketAddr,
+        generation: u32,
+        config: SwimConfig,
+        seeds: Vec<String>,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<MemberChange>)> {
+        let (udp, tcp) = bind_both(listen).await?;
+        let local = udp.local_addr().map_err(|e| io("gossip socket", e))?;
+        let seed: u64 = {
+            let mut b = [0u8; 8];
+            getrandom::fill(&mut b).map_err(|e| Error::new(ErrorKind::Internal, format!("random seed: {e}")))?;
+            u64::from_le_bytes(b)
+        };
+        let swim = Swim::new(Peer::new(member, local), generation, config, seed, Directory::new())?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(run(swim, Arc::new(udp), tcp, seeds, tx, stopped));
+        Ok((
+            Self {
+                local,
+                stop: Some(stop),
+                task,
+            },
+            rx,
+        ))
+    }
+
+    /// The gossip address (UDP and TCP).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Leaves the cluster gracefully and stops.
+    pub async fn leave(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(Error::new(ErrorKind::Internal, format!("gossip task: {e}"))),
+        }
+    }
+}
+
+impl Drop for Gossip {
+    fn drop(&mut self) {
+        if self.stop.is_some() {
+            self.task.abort();
+        }
+    }
+}
+
+/// UDP and TCP on the same port (the UDP one picked first when 0).
+async fn bind_both(listen: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
+    for _ in 0..16 {
+        let udp = UdpSocket::bind(listen).await.map_err(|e| io("gossip UDP socket", e))?;
+        let at = udp.local_addr().map_err(|e| io("gossip UDP socket", e))?;
+        match TcpListener::bind(at).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            // The port UDP got may be taken for TCP: try another.
+            Err(_) if listen.port() == 0 => continue,
+            Err(e) => return Err(io("gossip TCP listener", e)),
+        }
+    }
+    Err(Error::new(
+        ErrorKind::Unavailable,
+        format!("no free port on {} for both UDP and TCP", listen.ip()),
+    ))
+}
+
+/// Every address the seeds name; a seed that does not resolve is skipped.
+async fn resolve(seeds: &[String]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for s in seeds {
+        match tokio::net::lookup_host(s.as_str()).await {
+            Ok(addrs) => out.extend(addrs),
+            Err(e) => tracing::warn!(seed = %s, "gossip seed does not resolve: {e}"),
+        }
+    }
+    out
+}
+
+/// Timers by deadline (a sequence number breaks ties).
+#[derive(Default)]
+struct Timers {
+    at: BTreeMap<(Instant, u64), SwimTimer>,
+    seq: u64,
+}
+
+impl Timers {
+    fn set(&mut self, after: Duration, t: SwimTimer) {
+        self.seq += 1;
+        self.at.insert((Instant::now() + after, self.seq), t);
+    }
+
+    fn next(&self) -> Instant {
+        self.at
+            .first_key_value()
+            .map(|(k, _)| k.0)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+    }
+
+    fn due(&mut self) -> Vec<SwimTimer> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        while let Some(e) = self.at.first_entry() {
+            if e.key().0 > now {
+                break;
+            }
+            out.push(e.remove());
+        }
+        out
+    }
+}
+
+async fn run(
+    mut swim: Swim,
+    udp: Arc<UdpSocket>,
+    tcp: TcpListener,
+    seeds: Vec<String>,
+    changes: mpsc::UnboundedSender<MemberChange>,
+    mut stop: oneshot::Receiver<()>,
+) -> Result<()> {
+    let max_frame = swim.config().max_sync_bytes;
+    let (frames_tx, mut frames) = mpsc::channel::<Vec<u8>>(64);
+    let mut timers = Timers::default();
+    let mut buf = vec![0u8; swim.config().max_packet_bytes + 64];
+    swim.join(&resolve(&seeds).await);
+    let mut rejoin = tokio::time::interval(REJOIN_EVERY);
+    rejoin.tick().await;
+    loop {
+        carry_out(swim.take_ready(), &udp, &mut timers, &changes, max_frame);
+        tokio::select! {
+            _ = &mut stop => {
+                let r = swim.leave();
+                carry_out(swim.take_ready(), &udp, &mut timers, &changes, max_frame);
+                // The datagrams above are on their way; give them a moment.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return r;
+            }
+            r = udp.recv_from(&mut buf) => match r {
+                Ok((n, from)) => {
+                    if let Err(e) = swim.handle_message(&buf[..n]) {
+                        tracing::debug!(%from, "gossip datagram refused: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!("gossip receive: {e}"),
+            },
+            r = tcp.accept() => {
+                if let Ok((s, from)) = r {
+                    tokio::spawn(read_frames(s, from, max_frame, frames_tx.clone()));
+                }
+            }
+            Some(frame) = frames.recv() => {
+                if let Err(e) = swim.handle_message(&frame) {
+                    tracing::debug!("gossip sync refused: {e}");
+                }
+            }
+            _ = tokio::time::sleep_until(timers.next()) => {
+                for t in timers.due() {
+                    if let Err(e) = swim.handle_timer(t) {
+                        tracing::warn!("gossip timer: {e}");
+                    }
+                }
+            }
+            _ = rejoin.tick() => {
+                if !swim.joined() {
+                    swim.join(&resolve(&seeds).await);
+                }
+            }
+        }
+    }
+}
+
+/// Sends, sets timers, and reports changes, as `ready` asks.
+fn carry_out(
+    ready: Ready,
+    udp: &Arc<UdpSocket>,
+    timers: &mut Timers,
+    changes: &mpsc::UnboundedSender<MemberChange>,
+    max_frame: usize,
+) {
+    for c in ready.changes {
+        let _ = changes.send(c);
+    }
+    for id in &ready.suspected {
+        tracing::debug!(member = %id, "probe failed: suspected");
+    }
+    for (after, t) in ready.timers {
+        timers.set(after, t);
+    }
+    for out in ready.sends {
+        match out.channel {
+            Channel::Datagram => {
+                // A full socket buffer loses the datagram, as the network
+                // may: SWIM does not count on any single one.
+                if let Err(e) = udp.try_send_to(&out.bytes, out.to) {
+                    tracing::debug!(to = %out.to, "gossip datagram not sent: {e}");
+                }
+            }
+            Channel::Stream => {
+                if out.bytes.len() > max_frame {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let r = tokio::time::timeout(STREAM_TIMEOUT, async {
+                        let mut s = TcpStream::connect(out.to).await?;
+                        s.write_all(&(out.bytes.len() as u32).to_be_bytes()).await?;
+                        s.write_all(&out.bytes).await?;
+                        s.shutdown().await
+                    })
+                    .await;
+                    if !matches!(r, Ok(Ok(()))) {
+                        tracing::debug!(to = %out.to, ?r, "gossip sync not sent");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Reads length-prefixed frames from a sync stream until it ends; a frame
+/// over `max` bytes ends it.
+async fn read_frames(mut s: TcpStream, from: SocketAddr, max: usize, to: mpsc::Sender<Vec<u8>>) {
+    loop {
+        let frame = tokio::time::timeout(STREAM_TIMEOUT, async {
+            let n = s.read_u32().await? as usize;
+            if n > max {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("frame of {n} bytes (max_sync_bytes is {max})"),
+                ));
+            }
+            let mut b = vec![0u8; n];
+            s.read_exact(&mut b).await?;
+            Ok(b)
+        })
+        .await;
+        match frame {
+            Ok(Ok(b)) => {
+                if to.send(b).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
+            r => {
+                tracing::debug!(%from, ?r, "gossip stream ended");
+                return;
+            }
+        }
+    }
+}
+
+/// Applies every change waiting in `rx` to `view`; answers how many there
+/// were.
+pub fn apply_pending(view: &mut Membership, rx: &mut mpsc::UnboundedReceiver<MemberChange>) -> usize {
+    let mut n = 0;
+    while let Ok(c) = rx.try_recv() {
+        if let Err(e) = kvtier::replication::swim::apply_change(view, &c) {
+            tracing::warn!(?c, "gossip: a member change left the view unchanged: {e}");
+        }
+        n += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvtier::replication::membership::{Detector, Liveness};
+    use kvtier::replication::placement::{Member, NodeId};
+
+    fn fast() -> SwimConfig {
+        SwimConfig {
+            probe_period_ms: 100,
+            probe_rtt_ms: 40,
+            gossip_interval_ms: 50,
+            sync_interval_ms: 1000,
+            join_retry_ms: 300,
+            ..SwimConfig::default()
+        }
+    }
+
+    async fn node(i: usize, seeds: Vec<String>) -> (Gossip, mpsc::UnboundedReceiver<MemberChange>, Membership) {
+        let m = Member::new(format!("g{i}"), format!("127.0.0.1:{}", 60000 + i));
+        let view = Membership::with_members(m.id.clone(), std::slice::from_ref(&m), 64, Detector::default()).unwrap();
+        let (g, rx) = Gossip::start(m, "127.0.0.1:0".parse().unwrap(), 1, fast(), seeds)
+            .await
+            .unwrap();
+        (g, rx, view)
+    }
+
+    /// Polls `f` over the views every 20 ms for at most 10 s.
+    async fn until(
+        nodes: &mut [(Gossip, mpsc::UnboundedReceiver<MemberChange>, Membership)],
+        what: &str,
+        f: impl Fn(&[&Membership]) -> bool,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            for (_, rx, v) in nodes.iter_mut() {
+                apply_pending(v, rx);
+            }
+            let views: Vec<&Membership> = nodes.iter().map(|n| &n.2).collect();
+            if f(&views) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "not within 10 s: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn members_find_each_other_through_a_seed_and_see_a_leave_over_real_sockets() {
+        let first = node(0, vec![]).await;
+        let seed = first.0.local_addr().to_string();
+        let mut nodes = vec![first];
+        for i in 1..4 {
+            nodes.push(node(i, vec![seed.clone(), "no-such-host.invalid:1".into()]).await);
+        }
+        until(&mut nodes, "every list has 4 members", |vs| {
+            vs.iter().all(|v| v.members().len() == 4)
+        })
+        .await;
+        let digest = nodes[0].2.digest();
+        until(&mut nodes, "the lists agree", |vs| {
+            vs.iter().all(|v| v.digest() == digest)
+        })
+        .await;
+        let gone = nodes.pop().unwrap();
+        gone.0.leave().await.unwrap();
+        let id = NodeId::from("g3");
+        until(&mut nodes, "the leaver is out of every list", |vs| {
+            vs.iter().all(|v| v.liveness(&id).is_none() && v.members().len() == 3)
+        })
+        .await;
+        assert!(
+            nodes
+                .iter()
+                .all(|n| n.2.liveness(&NodeId::from("g1")) == Some(Liveness::Up)),
+            "the others are up"
+        );
+    }
+}
