@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::tiers::raw_disk_round;
-use crate::util::{fill, gbps, io_err as err, key, median, namespace, percentile, ratio, round3};
+use crate::util::{cpu_seconds, fill, gbps, io_err as err, key, median, namespace, percentile, ratio, round3};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
@@ -99,27 +99,45 @@ pub(crate) struct Round {
     pub(crate) get: f64,
 }
 
+/// CPU seconds this process and kvtierd `pid` have used so far (NaN when
+/// /proc cannot tell): with the bytes moved, CPU seconds per GB, a figure a
+/// machine shared with other work does not skew the way it skews GB/s.
+fn cpu_now(pid: i32) -> f64 {
+    cpu_seconds(None).unwrap_or(f64::NAN) + cpu_seconds(Some(pid)).unwrap_or(f64::NAN)
+}
+
+/// A streamed round's GB/s and CPU seconds per GB (both processes).
+struct StreamRound {
+    gbps: Round,
+    put_cpu_s_per_gb: f64,
+    get_cpu_s_per_gb: f64,
+}
+
 /// Puts every block of `src` in requests of `batch` blocks, gets them back
-/// into `dst`, checks them, and deletes them.
+/// into `dst`, checks them, and deletes them; `pid` is kvtierd's.
+#[allow(clippy::too_many_arguments)]
 async fn daemon_round(
     c: &Client,
+    pid: i32,
     ns: NamespaceId,
     round: usize,
     src: &Bytes,
     dst: &mut [u8],
     block: usize,
     batch: usize,
-) -> kvtier::Result<Round> {
+) -> kvtier::Result<StreamRound> {
     let n = src.len() / block;
     let keys: Vec<BlockKey> = (0..n).map(|i| key(ns, 1000 + round, i)).collect();
     let step = batch * block;
-    let t = Instant::now();
+    let gb = src.len() as f64 / 1e9;
+    let (cpu, t) = (cpu_now(pid), Instant::now());
     for (i, ks) in keys.chunks(batch).enumerate() {
         let data = src.slice(i * step..i * step + ks.len() * block);
         c.put(ns, ks, data).await.map_err(|s| err(format!("put: {s}")))?;
     }
     let put = gbps(src.len(), t.elapsed().as_secs_f64());
-    let t = Instant::now();
+    let put_cpu_s_per_gb = (cpu_now(pid) - cpu) / gb;
+    let (cpu, t) = (cpu_now(pid), Instant::now());
     for (i, (ks, out)) in keys.chunks(batch).zip(dst.chunks_mut(step)).enumerate() {
         let h = c.get_into(ns, ks, out).await.map_err(|s| err(format!("get: {s}")))?;
         if h.loaded as usize != ks.len() {
@@ -127,13 +145,18 @@ async fn daemon_round(
         }
     }
     let get = gbps(src.len(), t.elapsed().as_secs_f64());
+    let get_cpu_s_per_gb = (cpu_now(pid) - cpu) / gb;
     if src[..] != dst[..src.len()] {
         return Err(err("blocks came back altered"));
     }
     for ks in keys.chunks(4096) {
         c.delete(ns, ks).await.map_err(|s| err(format!("delete: {s}")))?;
     }
-    Ok(Round { put, get })
+    Ok(StreamRound {
+        gbps: Round { put, get },
+        put_cpu_s_per_gb,
+        get_cpu_s_per_gb,
+    })
 }
 
 /// The same-host path: blocks go from one shared region and come back into
@@ -341,10 +364,32 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
     let (mut tcp, mut put, mut get, mut rput, mut rget, mut sput, mut sget) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut stream_put, mut stream_get, mut ssd_stream_put, mut ssd_stream_get) = (vec![], vec![], vec![], vec![]);
+    let (mut tcp_cpu, mut stream_put_cpu, mut stream_get_cpu) = (vec![], vec![], vec![]);
+    let pid = tiered.pid();
+    if std::env::var_os("KVX_STREAM_ONLY").is_some() {
+        // KVX temporary experiment.
+        let v = rt.block_on(async {
+            let (c, ns, _, _) = session(&tiered.endpoint(), block, &src_region, &dst_region).await?;
+            let mut out = vec![];
+            for r in 0..rounds {
+                let cpu = cpu_seconds(None).unwrap_or(f64::NAN);
+                let t = loopback_round(&src, block)?;
+                let tc = (cpu_seconds(None).unwrap_or(f64::NAN) - cpu) / (src.len() as f64 / 1e9);
+                let d = daemon_round(&c, pid, ns, r, &src, &mut dst, block, batch).await?;
+                out.push(json!({"tcp": t, "tcp_cpu": tc, "put": d.gbps.put, "get": d.gbps.get, "put_cpu": d.put_cpu_s_per_gb, "get_cpu": d.get_cpu_s_per_gb}));
+            }
+            let one = one_block_latency(&c, lookups).await?;
+            Ok::<_, kvtier::Error>(json!({"rounds": out, "one_get_p50": one.get_p50_us, "one_get_p99": one.get_p99_us, "one_put_p99": one.put_p99_us}))
+        })?;
+        println!("{v}");
+        return Ok(());
+    }
     let ((p50, p99), one) = rt.block_on(async {
         let (c, ns, src_id, dst_id) = session(&tiered.endpoint(), block, &src_region, &dst_region).await?;
         for r in 0..rounds {
+            let cpu = cpu_seconds(None).unwrap_or(f64::NAN);
             tcp.push(loopback_round(&src, block)?);
+            tcp_cpu.push((cpu_seconds(None).unwrap_or(f64::NAN) - cpu) / (src.len() as f64 / 1e9));
             let d = region_round(
                 &c,
                 ns,
@@ -358,9 +403,11 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
             .await?;
             put.push(d.put);
             get.push(d.get);
-            let d = daemon_round(&c, ns, r, &src, &mut dst, block, batch).await?;
-            stream_put.push(d.put);
-            stream_get.push(d.get);
+            let d = daemon_round(&c, pid, ns, r, &src, &mut dst, block, batch).await?;
+            stream_put.push(d.gbps.put);
+            stream_get.push(d.gbps.get);
+            stream_put_cpu.push(d.put_cpu_s_per_gb);
+            stream_get_cpu.push(d.get_cpu_s_per_gb);
         }
         let l = lookup_latency(&c, lookups).await?;
         Ok::<_, kvtier::Error>((l, one_block_latency(&c, lookups).await?))
@@ -383,6 +430,7 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
             shm_env.clone(),
         ],
     )?;
+    let pid = ssd.pid();
     rt.block_on(async {
         let (c, ns, src_id, dst_id) = session(&ssd.endpoint(), block, &src_region, &dst_region).await?;
         for r in 0..rounds {
@@ -402,9 +450,9 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
             .await?;
             sput.push(d.put);
             sget.push(d.get);
-            let d = daemon_round(&c, ns, r, &src, &mut dst, block, batch).await?;
-            ssd_stream_put.push(d.put);
-            ssd_stream_get.push(d.get);
+            let d = daemon_round(&c, pid, ns, r, &src, &mut dst, block, batch).await?;
+            ssd_stream_put.push(d.gbps.put);
+            ssd_stream_get.push(d.gbps.get);
         }
         Ok::<_, kvtier::Error>(())
     })?;
@@ -462,7 +510,16 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
         "lookup_p99_us": round3(p99),
         "goals": goals,
     });
+    let (tcp_cpu_m, put_cpu_m, get_cpu_m) = (median(tcp_cpu), median(stream_put_cpu), median(stream_get_cpu));
     let more = json!({
+        "cpu_s_per_gb": {
+            "what": "CPU seconds (user and system) per GB moved: the loopback copy's two threads; the bench client and kvtierd together for the streamed gRPC path",
+            "loopback_tcp": round3(tcp_cpu_m),
+            "grpc_stream_put": round3(put_cpu_m),
+            "grpc_stream_get": round3(get_cpu_m),
+            "grpc_stream_put_ratio_to_loopback_tcp": ratio(put_cpu_m, tcp_cpu_m),
+            "grpc_stream_get_ratio_to_loopback_tcp": ratio(get_cpu_m, tcp_cpu_m),
+        },
         "one_block_bytes": ONE_BLOCK_BYTES,
         "one_block_calls": lookups,
         "grpc_put_one_block_p50_us": round3(one.put_p50_us),

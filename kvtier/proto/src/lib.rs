@@ -11,6 +11,8 @@
 //! - [`convert`]: wire ↔ core types (namespaces, keys, tiers, stats).
 //! - [`chunk`]: block bytes streamed as messages of at most [`CHUNK_BYTES`],
 //!   and the presence bitmap.
+//! - [`wire`]: gRPC messages framed by hand for the methods that carry
+//!   block bytes, so that those bytes are not copied on the way.
 //!
 //! # Why
 //!
@@ -28,6 +30,7 @@
 pub mod chunk;
 pub mod convert;
 pub mod error;
+pub mod wire;
 
 /// Generated from `proto/kvtier/v1/kvtier.proto`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

@@ -9,6 +9,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 
+use crate::bulk::{Bulk, WithBulk};
 use crate::cluster::Cluster;
 use crate::config::DaemonConfig;
 use crate::metrics::Metrics;
@@ -148,6 +149,19 @@ pub async fn run(
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(64 << 20))
         .max_frame_size(Some((1 << 20) - 1));
+    let knob = |n: &str| std::env::var(n).ok().and_then(|v| v.parse::<u32>().ok());
+    if let Some(f) = knob("KVX_SFRAME") {
+        builder = builder.max_frame_size(Some(f));
+    }
+    if let Some(a) = knob("KVX_SADAPT") {
+        builder = builder.http2_adaptive_window(Some(a == 1));
+    }
+    if let Some(w) = knob("KVX_SSWIN") {
+        builder = builder.initial_stream_window_size(Some(w));
+    }
+    if let Some(w) = knob("KVX_SCWIN") {
+        builder = builder.initial_connection_window_size(Some(w));
+    }
     if let Some(tls) = &cfg.tls {
         let cert =
             std::fs::read(&tls.cert_file).map_err(|e| Error::io(format!("read {}", tls.cert_file.display()), e))?;
@@ -178,9 +192,12 @@ pub async fn run(
     };
     let peer_api = peer.map(|p| {
         tonic::service::interceptor::InterceptedService::new(
-            PeerServer::new(p)
-                .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(crate::MAX_MESSAGE_BYTES),
+            WithBulk::new(
+                PeerServer::new(p.clone())
+                    .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(crate::MAX_MESSAGE_BYTES),
+                Bulk::Peer(p),
+            ),
             auth.clone(),
         )
     });
@@ -198,9 +215,12 @@ pub async fn run(
         auth.clone(),
     );
     let api = tonic::service::interceptor::InterceptedService::new(
-        KvTierServer::new(svc)
-            .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(crate::MAX_MESSAGE_BYTES),
+        WithBulk::new(
+            KvTierServer::new(svc.clone())
+                .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(crate::MAX_MESSAGE_BYTES),
+            Bulk::KvTier(svc),
+        ),
         auth,
     );
 
