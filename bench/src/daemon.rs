@@ -366,24 +366,6 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
     let (mut stream_put, mut stream_get, mut ssd_stream_put, mut ssd_stream_get) = (vec![], vec![], vec![], vec![]);
     let (mut tcp_cpu, mut stream_put_cpu, mut stream_get_cpu) = (vec![], vec![], vec![]);
     let pid = tiered.pid();
-    if std::env::var_os("KVX_STREAM_ONLY").is_some() {
-        // KVX temporary experiment.
-        let v = rt.block_on(async {
-            let (c, ns, _, _) = session(&tiered.endpoint(), block, &src_region, &dst_region).await?;
-            let mut out = vec![];
-            for r in 0..rounds {
-                let cpu = cpu_seconds(None).unwrap_or(f64::NAN);
-                let t = loopback_round(&src, block)?;
-                let tc = (cpu_seconds(None).unwrap_or(f64::NAN) - cpu) / (src.len() as f64 / 1e9);
-                let d = daemon_round(&c, pid, ns, r, &src, &mut dst, block, batch).await?;
-                out.push(json!({"tcp": t, "tcp_cpu": tc, "put": d.gbps.put, "get": d.gbps.get, "put_cpu": d.put_cpu_s_per_gb, "get_cpu": d.get_cpu_s_per_gb}));
-            }
-            let one = one_block_latency(&c, lookups).await?;
-            Ok::<_, kvtier::Error>(json!({"rounds": out, "one_get_p50": one.get_p50_us, "one_get_p99": one.get_p99_us, "one_put_p99": one.put_p99_us}))
-        })?;
-        println!("{v}");
-        return Ok(());
-    }
     let ((p50, p99), one) = rt.block_on(async {
         let (c, ns, src_id, dst_id) = session(&tiered.endpoint(), block, &src_region, &dst_region).await?;
         for r in 0..rounds {

@@ -13,7 +13,6 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
 use kvtier::{Error, ErrorKind, Result};
-use kvtier_proto::MAX_MESSAGE_BYTES;
 use kvtier_proto::chunk::{from_bitmap, piece_count, pieces};
 use kvtier_proto::convert::{self, key_bytes};
 use kvtier_proto::error::from_status;
@@ -21,6 +20,7 @@ use kvtier_proto::proto::kv_tier_client::KvTierClient;
 use kvtier_proto::proto::peer_client::PeerClient;
 use kvtier_proto::proto::{self, get_response, put_request, replica_put_request};
 use kvtier_proto::wire::{self, Message, MessageReader};
+use kvtier_proto::{H2_CONNECTION_WINDOW_BYTES, H2_MAX_FRAME_BYTES, H2_STREAM_WINDOW_BYTES, MAX_MESSAGE_BYTES};
 
 use crate::SharedRegion;
 
@@ -128,23 +128,12 @@ impl Client {
         let mut ep = Endpoint::from_shared(cfg.endpoint.clone())
             .map_err(|e| Error::with_source(ErrorKind::Config, format!("endpoint {:?}: {e}", cfg.endpoint), e))?
             .tcp_nodelay(true)
-            .initial_stream_window_size(Some(16 << 20))
-            .initial_connection_window_size(Some(64 << 20))
+            .initial_stream_window_size(Some(H2_STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(H2_CONNECTION_WINDOW_BYTES))
+            // What the daemon may send in one DATA frame: with h2's default
+            // (16 KiB) a Get's bytes cost a third more CPU to receive.
+            .max_frame_size(Some(H2_MAX_FRAME_BYTES))
             .connect_timeout(connect_timeout);
-        // KVX experiment knobs (temporary).
-        let knob = |n: &str| std::env::var(n).ok().and_then(|v| v.parse::<u32>().ok());
-        if let Some(f) = knob("KVX_FRAME") {
-            ep = ep.max_frame_size(Some(f));
-        }
-        if let Some(a) = knob("KVX_ADAPT") {
-            ep = ep.http2_adaptive_window(a == 1);
-        }
-        if let Some(w) = knob("KVX_SWIN") {
-            ep = ep.initial_stream_window_size(Some(w));
-        }
-        if let Some(w) = knob("KVX_CWIN") {
-            ep = ep.initial_connection_window_size(Some(w));
-        }
         if let Some(t) = cfg.request_timeout {
             ep = ep.timeout(t);
         }

@@ -146,22 +146,9 @@ pub async fn run(
     // TCP_NODELAY is set by `incoming`: tonic ignores `tcp_nodelay` here
     // for an incoming stream.
     let mut builder = Server::builder()
-        .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(64 << 20))
-        .max_frame_size(Some((1 << 20) - 1));
-    let knob = |n: &str| std::env::var(n).ok().and_then(|v| v.parse::<u32>().ok());
-    if let Some(f) = knob("KVX_SFRAME") {
-        builder = builder.max_frame_size(Some(f));
-    }
-    if let Some(a) = knob("KVX_SADAPT") {
-        builder = builder.http2_adaptive_window(Some(a == 1));
-    }
-    if let Some(w) = knob("KVX_SSWIN") {
-        builder = builder.initial_stream_window_size(Some(w));
-    }
-    if let Some(w) = knob("KVX_SCWIN") {
-        builder = builder.initial_connection_window_size(Some(w));
-    }
+        .initial_stream_window_size(Some(kvtier_proto::H2_STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(kvtier_proto::H2_CONNECTION_WINDOW_BYTES))
+        .max_frame_size(Some(kvtier_proto::H2_MAX_FRAME_BYTES));
     if let Some(tls) = &cfg.tls {
         let cert =
             std::fs::read(&tls.cert_file).map_err(|e| Error::io(format!("read {}", tls.cert_file.display()), e))?;
