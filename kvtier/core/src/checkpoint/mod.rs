@@ -209,7 +209,26 @@ impl<S: ChunkStore> Checkpoints<S> {
                 ));
             }
         };
-        let mut entries = self.put_files(paths, open)?;
+        // The chunks this put stored first: collected again if it fails.
+        let stored = Mutex::new(Vec::new());
+        let r = self.commit_sources(name, paths, open, half_committed, &stored);
+        if r.is_err() {
+            self.collect_unreferenced(name, stored.into_inner());
+        }
+        r
+    }
+
+    /// [`Self::put_sources`] once the name is checked: stores the chunks
+    /// (recording in `stored` those no copy existed of) and commits.
+    fn commit_sources<'s>(
+        &self,
+        name: &str,
+        paths: &[&str],
+        open: impl FnMut(usize) -> Result<(Box<dyn Read + 's>, String)>,
+        half_committed: Option<Manifest>,
+        stored: &Mutex<Vec<BlockKey>>,
+    ) -> Result<Manifest> {
+        let mut entries = self.put_files(paths, open, stored)?;
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         let m = Manifest {
             name: name.to_string(),
@@ -262,6 +281,60 @@ impl<S: ChunkStore> Checkpoints<S> {
         Ok(m)
     }
 
+    /// Removes the chunks of `keys` (stored by a put of `name` that failed)
+    /// that no committed checkpoint uses, so a failed put leaves no chunks
+    /// behind. Best effort: a chunk that cannot be removed now (a member
+    /// down) is logged and left. Answers the chunks removed.
+    ///
+    /// A chunk only this put stored may meanwhile be used by a concurrent
+    /// put of another name into the same group that has not committed yet
+    /// (content-addressed chunks are shared): that put's restore would then
+    /// miss it and fail whole, never serving wrong bytes. Puts into one
+    /// group are expected to come from one writer at a time.
+    fn collect_unreferenced(&self, name: &str, keys: Vec<BlockKey>) -> usize {
+        if keys.is_empty() {
+            return 0;
+        }
+        let used = match self.chunks_in_use() {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(
+                    "checkpoint {name:?}: the failed put's {} chunks are left in place (the committed checkpoints could not be read: {e})",
+                    keys.len()
+                );
+                return 0;
+            }
+        };
+        let (mut removed, mut left) = (0, 0);
+        for k in keys {
+            if used.contains(&k.0) {
+                continue;
+            }
+            match self.store.remove_chunk(k) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    left += 1;
+                    tracing::debug!(key = %k, "checkpoint {name:?}: a chunk of the failed put was not removed: {e}");
+                }
+            }
+        }
+        if left > 0 {
+            tracing::warn!("checkpoint {name:?}: {left} chunks of the failed put could not be removed (left in place)");
+        }
+        removed
+    }
+
+    /// Every chunk key a committed checkpoint uses.
+    fn chunks_in_use(&self) -> Result<std::collections::HashSet<u128>> {
+        let mut used = std::collections::HashSet::new();
+        for other in self.store.names()? {
+            if let Some(o) = self.manifest(&other)? {
+                used.extend(o.files.iter().flat_map(|f| f.chunks.iter().map(|c| c.key)));
+            }
+        }
+        Ok(used)
+    }
+
     /// Writes checkpoint `name` from every regular file under `dir`.
     pub fn put_dir(&self, name: &str, dir: &Path) -> Result<Manifest> {
         let mut files = Vec::new();
@@ -273,21 +346,28 @@ impl<S: ChunkStore> Checkpoints<S> {
     /// Stores one file's chunks (see [`Checkpoints::put_files`]).
     #[cfg(test)]
     fn put_file(&self, path: &str, src: &Path) -> Result<FileEntry> {
-        let mut e = self.put_files(&[path], |_| {
-            let f = File::open(src).map_err(|e| Error::io(format!("open {}", src.display()), e))?;
-            Ok((Box::new(f) as Box<dyn Read>, src.display().to_string()))
-        })?;
+        let stored = Mutex::new(Vec::new());
+        let mut e = self.put_files(
+            &[path],
+            |_| {
+                let f = File::open(src).map_err(|e| Error::io(format!("open {}", src.display()), e))?;
+                Ok((Box::new(f) as Box<dyn Read>, src.display().to_string()))
+            },
+            &stored,
+        )?;
         Ok(e.remove(0))
     }
 
-    /// Stores the chunks of `files`, in order: this thread reads and
-    /// hashes, [`CHUNKS_IN_FLIGHT`] workers store, so reading, hashing and
+    /// Stores the chunks of `files`, in order, recording in `stored` each
+    /// chunk this put may have made a copy of (stored first here, or
+    /// failed); this thread reads and hashes, [`CHUNKS_IN_FLIGHT`] workers store, so reading, hashing and
     /// the store's round trips overlap, across files too. Read buffers are
     /// reused, and handed to the store without a copy.
     fn put_files<'s>(
         &self,
         paths: &[&str],
         mut open: impl FnMut(usize) -> Result<(Box<dyn Read + 's>, String)>,
+        stored: &Mutex<Vec<BlockKey>>,
     ) -> Result<Vec<FileEntry>> {
         let chunk = self.chunk_bytes as usize;
         let pool = Recycler::new(chunk, 2 * CHUNKS_IN_FLIGHT + 2);
@@ -305,8 +385,15 @@ impl<S: ChunkStore> Checkpoints<S> {
                             if failure.lock().is_some() {
                                 continue;
                             }
-                            if let Err(e) = self.store.put_chunk(key, data) {
-                                failure.lock().get_or_insert(e);
+                            match self.store.put_chunk(key, data) {
+                                Ok(true) => stored.lock().push(key),
+                                Ok(false) => {}
+                                Err(e) => {
+                                    // Some copies may exist (a replica
+                                    // took it, another did not).
+                                    stored.lock().push(key);
+                                    failure.lock().get_or_insert(e);
+                                }
                             }
                         }
                     })
@@ -502,12 +589,7 @@ impl<S: ChunkStore> Checkpoints<S> {
         };
         self.store.remove_chunk(manifest_key(self.ns, name))?;
         self.store.remove_name(name)?;
-        let mut shared = std::collections::HashSet::new();
-        for other in self.store.names()? {
-            if let Some(o) = self.manifest(&other)? {
-                shared.extend(o.files.iter().flat_map(|f| f.chunks.iter().map(|c| c.key)));
-            }
-        }
+        let mut shared = self.chunks_in_use()?;
         for c in m.files.iter().flat_map(|f| &f.chunks) {
             if shared.insert(c.key) {
                 self.store.remove_chunk(BlockKey(c.key))?;

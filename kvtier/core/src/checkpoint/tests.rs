@@ -201,19 +201,59 @@ impl ChunkStore for Faulty {
     }
 }
 
+/// The chunk keys of `data` as a put cuts it.
+fn keys_of(ns: NamespaceId, data: &[u8]) -> Vec<BlockKey> {
+    data.chunks(CHUNK as usize).map(|c| chunk_key(ns, c)).collect()
+}
+
+/// Whether the store holds chunk `k`.
+fn holds<S: ChunkStore>(c: &Checkpoints<S>, k: BlockKey) -> bool {
+    c.store().get_chunk(k).unwrap().is_some()
+}
+
 #[test]
 fn a_chunk_that_cannot_be_stored_fails_the_put_and_commits_nothing() {
+    use std::sync::atomic::Ordering::SeqCst;
     let d = tempfile::tempdir().unwrap();
     let Checkpoints { store, ns, chunk_bytes } = setup(d.path());
-    let faulty = Faulty::new(store);
-    faulty.ok.store(3, std::sync::atomic::Ordering::SeqCst);
-    let c = Checkpoints::new(faulty, ns, chunk_bytes);
+    let c = Checkpoints::new(Faulty::new(store), ns, chunk_bytes);
     let src = d.path().join("src");
-    tree(&src);
+    let files = tree(&src);
+    // A committed checkpoint shares shard-0's chunks with the failing put.
+    let shard0 = &files.iter().find(|f| f.0 == "model/shard-0.bin").unwrap().1;
+    c.put_bytes("kept", &[("w.bin".to_string(), &shard0[..])]).unwrap();
+    // Five chunk puts go through (config, shard-0's two, already there,
+    // shard-1's two), the next fails.
+    c.store().ok.store(5, SeqCst);
     let e = c.put_dir("s", &src).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
     assert!(c.manifest("s").unwrap().is_none());
-    assert!(c.list().unwrap().is_empty());
+    assert_eq!(c.list().unwrap().len(), 1);
+    c.store().ok.store(usize::MAX, SeqCst);
+    // Collected: every chunk the failed put stored; kept: the shared ones.
+    for (p, b) in &files {
+        for k in keys_of(ns, b) {
+            let shared = p == "model/shard-0.bin";
+            assert_eq!(holds(&c, k), shared, "{p}: chunk {k} kept only if committed elsewhere");
+        }
+    }
+    let out = d.path().join("kept");
+    c.get("kept", &out).unwrap();
+    assert!(std::fs::read(out.join("w.bin")).unwrap() == *shard0);
+    // A source that fails midway (a read error) is collected the same way.
+    let good = bytes(9, 3 * CHUNK as usize);
+    let open = |i: usize| -> Result<(Box<dyn Read>, String)> {
+        if i == 0 {
+            Ok((Box::new(std::io::Cursor::new(good.clone())), "good".into()))
+        } else {
+            Err(Error::io("open broken", std::io::Error::other("injected: unreadable")))
+        }
+    };
+    let e = c.put_sources("u", &["a", "b"], open).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    for k in keys_of(ns, &good) {
+        assert!(!holds(&c, k), "chunk {k} of the failed put collected");
+    }
 }
 
 #[test]
@@ -282,9 +322,15 @@ fn a_failed_commit_is_rolled_back_or_finished_by_the_next_put() {
     let c = Checkpoints::new(faulty, ns, chunk_bytes);
     let src = d.path().join("src");
     let files = tree(&src);
-    // Rolled back: no manifest is left, and a retry commits.
+    // Rolled back: no manifest is left, no chunk (none is committed
+    // elsewhere), and a retry commits.
     assert_eq!(c.put_dir("s", &src).unwrap_err().kind(), ErrorKind::Throttled);
     assert!(c.manifest("s").unwrap().is_none());
+    for (p, b) in &files {
+        for k in keys_of(ns, b) {
+            assert!(!holds(&c, k), "{p}: chunk {k} collected");
+        }
+    }
     // Not rolled back (a member was down): the manifest stays, unnamed.
     c.store().refuse_removes.store(true, SeqCst);
     assert_eq!(c.put_dir("t", &src).unwrap_err().kind(), ErrorKind::Throttled);
