@@ -17,11 +17,25 @@
 //! reaches every member. The catalog of names is kept on every member (a
 //! name is added everywhere that answers) and listed as the union of the
 //! members that answer.
+//!
+//! **Abandoned puts.** A put whose writer dies leaves chunks that no
+//! manifest names. Each node collects its own copies of such chunks
+//! ([`CheckpointService::start_collection`], `[checkpoints]` in the
+//! config): a pass lists the chunks this node holds in each group it has a
+//! catalog of, and the chunks the group's committed checkpoints use (their
+//! manifests, read as a restore reads them); a chunk seen unused by every
+//! pass for `collect_after_s` is removed here. A pass that cannot see the
+//! whole picture changes nothing: in a cluster it needs every member up and
+//! answering (a name may be known to one member only) and no hints pending
+//! here (a hinted copy is not yet where it belongs), and every manifest
+//! read. Chunks only blob holds are not collected.
 
 use parking_lot::Mutex;
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvtier::checkpoint::{ChunkStore, LocalChunks, validate_name};
@@ -57,6 +71,52 @@ pub struct CheckpointService {
     groups: Mutex<HashMap<(String, u32), Arc<LocalChunks>>>,
     /// Aligned buffers for incoming chunks, by chunk size.
     buffers: Mutex<HashMap<usize, Recycler>>,
+    /// The collection of abandoned chunks.
+    collect: Collect,
+}
+
+/// What the collection of abandoned chunks knows between passes.
+#[derive(Debug, Default)]
+struct Collect {
+    /// Chunks held here that no committed checkpoint used, with the pass
+    /// that first saw them so (cleared for a chunk any pass sees in use).
+    unused_since: Mutex<HashMap<(NamespaceId, BlockKey), Instant>>,
+    passes: AtomicU64,
+    /// Passes that changed nothing because they could not see everything.
+    passes_skipped: AtomicU64,
+    chunks_collected: AtomicU64,
+}
+
+/// The collection's counters, for stats and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CollectStats {
+    /// Passes run.
+    pub passes: u64,
+    /// Passes that changed nothing (a member down, a manifest unread, hints pending).
+    pub passes_skipped: u64,
+    /// Abandoned chunks removed here.
+    pub chunks_collected: u64,
+    /// Chunks held here now seen unused, not yet old enough.
+    pub chunks_unused: u64,
+}
+
+/// The groups with a catalog in `dir`: `(group, chunk_bytes)` from file
+/// names `{group}-{chunk_bytes}.names`.
+fn catalogs(dir: &Path) -> Vec<(String, u32)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, u32)> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let stem = name.strip_suffix(".names")?;
+            let (group, bytes) = stem.rsplit_once('-')?;
+            Some((group.to_string(), bytes.parse().ok()?))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 impl CheckpointService {
@@ -78,7 +138,151 @@ impl CheckpointService {
             dir: data_dir.join("checkpoints"),
             groups: Mutex::new(HashMap::new()),
             buffers: Mutex::new(HashMap::new()),
+            collect: Collect::default(),
         }
+    }
+
+    /// Starts the collection of abandoned chunks (a pass every
+    /// `collect_interval_s`), unless the config turns it off.
+    pub fn start_collection(self: &Arc<Self>, cfg: &crate::config::CheckpointsConfig) {
+        if !cfg.collects() {
+            return;
+        }
+        let (after, every) = (
+            Duration::from_secs(cfg.collect_after_s),
+            Duration::from_secs(cfg.collect_interval_s),
+        );
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(s) = me.upgrade() else { return };
+                match s.collect_pass(after).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(chunks = n, "checkpoints: chunks of abandoned puts collected"),
+                    Err(why) => {
+                        s.collect.passes_skipped.fetch_add(1, Relaxed);
+                        tracing::debug!("checkpoints: collection pass skipped: {why}");
+                    }
+                }
+            }
+        });
+    }
+
+    /// The collection's counters.
+    pub fn collect_stats(&self) -> CollectStats {
+        let c = &self.collect;
+        CollectStats {
+            passes: c.passes.load(Relaxed),
+            passes_skipped: c.passes_skipped.load(Relaxed),
+            chunks_collected: c.chunks_collected.load(Relaxed),
+            chunks_unused: c.unused_since.lock().len() as u64,
+        }
+    }
+
+    /// One pass over every group with a catalog here: chunks held here
+    /// that no committed checkpoint uses are noted, and removed once
+    /// unused for `after`. Answers the chunks removed, or why the pass
+    /// changed nothing.
+    async fn collect_pass(&self, after: Duration) -> Result<usize, String> {
+        self.collect.passes.fetch_add(1, Relaxed);
+        let mut held = Vec::new();
+        for (group, chunk_bytes) in catalogs(&self.dir) {
+            let g = pb::Group {
+                group: group.clone(),
+                chunk_bytes,
+                local: false,
+            };
+            let (ns, store) = self.group(Some(&g)).await.map_err(|e| e.message().to_string())?;
+            let used = self.chunks_in_use(&g, ns, store).await?;
+            held.extend(
+                self.manager
+                    .local_keys(ns)
+                    .into_iter()
+                    .filter(|k| !used.contains(k))
+                    .map(|k| (ns, k)),
+            );
+        }
+        let now = Instant::now();
+        let old: Vec<(NamespaceId, BlockKey)> = {
+            let mut since = self.collect.unused_since.lock();
+            let held: HashSet<_> = held.into_iter().collect();
+            since.retain(|k, _| held.contains(k));
+            for k in held {
+                since.entry(k).or_insert(now);
+            }
+            since
+                .iter()
+                .filter(|(_, t)| now.duration_since(**t) >= after)
+                .map(|(k, _)| *k)
+                .collect()
+        };
+        let mut removed = 0;
+        for (ns, k) in old {
+            let m = self.manager.clone();
+            match Self::blocking(move || m.remove(ns, &[k])).await {
+                Ok(n) => {
+                    removed += n;
+                    self.collect.unused_since.lock().remove(&(ns, k));
+                }
+                Err(e) => tracing::warn!(%k, "checkpoints: an abandoned chunk was not removed: {}", e.message()),
+            }
+        }
+        self.collect.chunks_collected.fetch_add(removed as u64, Relaxed);
+        Ok(removed)
+    }
+
+    /// Every key a committed checkpoint of group `g` uses (manifests and
+    /// chunks), from every member's catalog; an error unless every member
+    /// answered and every manifest was read.
+    async fn chunks_in_use(
+        &self,
+        g: &pb::Group,
+        ns: NamespaceId,
+        store: Arc<LocalChunks>,
+    ) -> Result<HashSet<BlockKey>, String> {
+        let mut names = Self::blocking(move || store.names())
+            .await
+            .map_err(|e| e.message().to_string())?;
+        if let Some(c) = &self.cluster {
+            if c.hints_pending() > 0 {
+                return Err(format!("{} hints pending here", c.hints_pending()));
+            }
+            let writable: HashSet<_> = c.writable_peers().into_iter().collect();
+            let local = pb::Group {
+                local: true,
+                ..g.clone()
+            };
+            for peer in c.all_peers() {
+                if !writable.contains(&peer) {
+                    return Err(format!("member {peer} is not up"));
+                }
+                let pc = c.peer(&peer).ok_or_else(|| format!("no client of member {peer} yet"))?;
+                let r = pc.checkpoints().names(local.clone()).await;
+                names.extend(
+                    r.map_err(|e| format!("member {peer} did not list its names: {}", e.message()))?
+                        .into_inner()
+                        .names,
+                );
+            }
+        }
+        names.sort();
+        names.dedup();
+        let mut used = HashSet::new();
+        for name in names {
+            let mk = kvtier::checkpoint::manifest_key(ns, &name);
+            used.insert(mk);
+            let bytes = self
+                .repair
+                .read_chunk(ns, mk, self.cluster.is_some(), true)
+                .await
+                .map_err(|e| format!("manifest of {name:?}: {e}"))?
+                .ok_or_else(|| format!("manifest of {name:?}: not found"))?;
+            let m = kvtier::checkpoint::manifest::Manifest::decode(&bytes)
+                .map_err(|e| format!("manifest of {name:?}: {e}"))?;
+            used.extend(m.files.iter().flat_map(|f| f.chunks.iter().map(|c| BlockKey(c.key))));
+        }
+        Ok(used)
     }
 
     /// Buffers for chunks of at most `chunk_bytes`: as many kept idle as a

@@ -91,6 +91,62 @@ pub struct DaemonConfig {
     /// The background scrub of the disk tier: on by default, slowly.
     #[serde(default)]
     pub scrub: ScrubConfig,
+    /// Checkpoint groups: collection of the chunks abandoned puts left.
+    #[serde(default)]
+    pub checkpoints: CheckpointsConfig,
+}
+
+/// The `[checkpoints]` table: the collection of chunks that no committed
+/// checkpoint uses, which a put whose writer died (killed, its host lost)
+/// leaves behind. A put that fails with an error collects its own chunks;
+/// a dead writer cannot, so each node looks for its own such copies and
+/// removes those unused for `collect_after_s`. A put must commit within
+/// that time: a longer one may find chunks of its own removed, and then
+/// its restore fails whole (never with wrong bytes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointsConfig {
+    /// Seconds a chunk must stay unused by any committed checkpoint, seen
+    /// so by this node's passes, before it is removed; 0 turns the
+    /// collection off.
+    #[serde(default = "default_collect_after_s")]
+    pub collect_after_s: u64,
+    /// Seconds between two passes.
+    #[serde(default = "default_collect_interval_s")]
+    pub collect_interval_s: u64,
+}
+
+fn default_collect_after_s() -> u64 {
+    24 * 3600
+}
+fn default_collect_interval_s() -> u64 {
+    600
+}
+
+impl Default for CheckpointsConfig {
+    fn default() -> Self {
+        Self {
+            collect_after_s: default_collect_after_s(),
+            collect_interval_s: default_collect_interval_s(),
+        }
+    }
+}
+
+impl CheckpointsConfig {
+    /// Whether abandoned chunks are collected.
+    pub fn collects(&self) -> bool {
+        self.collect_after_s > 0
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.collects() && self.collect_interval_s == 0 {
+            return Err(
+                "checkpoints.collect_interval_s must be > 0 (set checkpoints.collect_after_s = 0 to turn the collection off)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The `[scrub]` table: a background walk over the disk tier that verifies
@@ -374,6 +430,11 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("KVTIER_S3_LISTEN", "s3.listen"),
     ("KVTIER_SCRUB_BYTES_PER_S", "scrub.bytes_per_s"),
     ("KVTIER_SCRUB_INTERVAL_S", "scrub.interval_s"),
+    ("KVTIER_CHECKPOINTS_COLLECT_AFTER_S", "checkpoints.collect_after_s"),
+    (
+        "KVTIER_CHECKPOINTS_COLLECT_INTERVAL_S",
+        "checkpoints.collect_interval_s",
+    ),
 ];
 
 /// The `KVTIER_BLOB_*` overrides found in the environment.
@@ -531,6 +592,8 @@ impl DaemonConfig {
                 "KVTIER_S3_LISTEN" => s3_listen = Some(v),
                 "KVTIER_SCRUB_BYTES_PER_S" => c.scrub.bytes_per_s = parse(&k, &v)?,
                 "KVTIER_SCRUB_INTERVAL_S" => c.scrub.interval_s = parse(&k, &v)?,
+                "KVTIER_CHECKPOINTS_COLLECT_AFTER_S" => c.checkpoints.collect_after_s = parse(&k, &v)?,
+                "KVTIER_CHECKPOINTS_COLLECT_INTERVAL_S" => c.checkpoints.collect_interval_s = parse(&k, &v)?,
                 _ => {}
             }
         }
@@ -582,6 +645,7 @@ impl DaemonConfig {
             s3.validate()?;
         }
         self.scrub.validate()?;
+        self.checkpoints.validate()?;
         Ok(())
     }
 
@@ -714,6 +778,33 @@ mod tests {
             .to_string();
         assert!(e.contains("scrub.interval_s must be > 0"), "{e}");
         std::fs::write(&f, "[scrub]\nrate = 1\n").unwrap();
+        let e = DaemonConfig::load(Some(&f), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn abandoned_chunks_are_collected_after_a_day_by_default() {
+        let c = DaemonConfig::load(None, env(&[])).unwrap();
+        assert!(c.checkpoints.collects());
+        assert_eq!(
+            (c.checkpoints.collect_after_s, c.checkpoints.collect_interval_s),
+            (86_400, 600)
+        );
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("k.toml");
+        std::fs::write(&f, "[checkpoints]\ncollect_after_s = 60\n").unwrap();
+        let c = DaemonConfig::load(Some(&f), env(&[("KVTIER_CHECKPOINTS_COLLECT_INTERVAL_S", "5")])).unwrap();
+        assert_eq!(
+            (c.checkpoints.collect_after_s, c.checkpoints.collect_interval_s),
+            (60, 5)
+        );
+        let off = DaemonConfig::load(None, env(&[("KVTIER_CHECKPOINTS_COLLECT_AFTER_S", "0")])).unwrap();
+        assert!(!off.checkpoints.collects());
+        let e = DaemonConfig::load(None, env(&[("KVTIER_CHECKPOINTS_COLLECT_INTERVAL_S", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("checkpoints.collect_interval_s must be > 0"), "{e}");
+        std::fs::write(&f, "[checkpoints]\nafter = 1\n").unwrap();
         let e = DaemonConfig::load(Some(&f), env(&[])).unwrap_err().to_string();
         assert!(e.contains("unknown field"), "{e}");
     }

@@ -198,18 +198,17 @@ pub async fn run(
             auth.clone(),
         )
     });
+    let checkpoint_service = Arc::new(crate::checkpoints::CheckpointService::new(
+        manager.clone(),
+        checkpoint_registry,
+        cluster.clone(),
+        repair.clone(),
+        &cfg.data_dir,
+    ));
     let checkpoints = tonic::service::interceptor::InterceptedService::new(
-        crate::checkpoint_proto::checkpoints_server::CheckpointsServer::new(
-            crate::checkpoints::CheckpointService::new(
-                manager.clone(),
-                checkpoint_registry,
-                cluster.clone(),
-                repair.clone(),
-                &cfg.data_dir,
-            ),
-        )
-        .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(crate::MAX_MESSAGE_BYTES),
+        crate::checkpoint_proto::checkpoints_server::CheckpointsServer::from_arc(checkpoint_service.clone())
+            .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::MAX_MESSAGE_BYTES),
         auth.clone(),
     );
     let api = tonic::service::interceptor::InterceptedService::new(
@@ -233,6 +232,7 @@ pub async fn run(
         c.start();
     }
     repair.start_scrub(&cfg.scrub);
+    checkpoint_service.start_collection(&cfg.checkpoints);
 
     // Stop accepting when told; give in-flight requests a bounded time.
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();

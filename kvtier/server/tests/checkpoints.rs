@@ -170,3 +170,85 @@ fn a_chunk_that_breaks_its_announced_length_is_refused() {
         assert!(ok.into_inner().stored);
     });
 }
+
+/// A writer that dies before its manifest leaves chunks no checkpoint
+/// names: kvtierd collects them once they stayed unused for
+/// `checkpoints.collect_after_s` (2 s here), and keeps every chunk of the
+/// committed checkpoint, which restores whole afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_of_an_abandoned_put_are_collected_and_committed_ones_kept() {
+    use kvtier::BlockKey;
+    use kvtier::checkpoint::ChunkStore;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        &dir.path().join("data"),
+        &[
+            ("KVTIER_CHECKPOINTS_COLLECT_AFTER_S", "2"),
+            ("KVTIER_CHECKPOINTS_COLLECT_INTERVAL_S", "1"),
+        ],
+    );
+    let ep = d.endpoint();
+    let src = dir.path().join("src");
+    let files = write_tree(&src);
+    let g = ["--group", "job-2", "--chunk-mib", "1"];
+    let put = |name: &'static str| {
+        let (ep, src) = (ep.clone(), src.clone());
+        tokio::task::spawn_blocking(move || {
+            kvtier(&ep, &[], &[&["checkpoint", "put", name, s(&src)][..], &g[..]].concat()).expect(0)
+        })
+    };
+    put("kept").await.unwrap();
+    // What a writer killed midway leaves: chunks stored, no manifest.
+    let client = d.client().await;
+    let chunks = client.checkpoint_chunks("job-2", 1 << 20, tokio::runtime::Handle::current());
+    let ns = chunks.namespace();
+    let orphans: Vec<BlockKey> = (0..3u8).map(|i| BlockKey::from_opaque(ns, &[b'o', i])).collect();
+    let chunks = std::sync::Arc::new(chunks);
+    let c = chunks.clone();
+    let o = orphans.clone();
+    tokio::task::spawn_blocking(move || {
+        for (i, k) in o.iter().enumerate() {
+            assert!(c.put_chunk(*k, bytes::Bytes::from(vec![i as u8; 4096 + i])).unwrap());
+        }
+    })
+    .await
+    .unwrap();
+    let present = |k: BlockKey| {
+        let c = chunks.clone();
+        async move {
+            tokio::task::spawn_blocking(move || c.get_chunk(k).unwrap().is_some())
+                .await
+                .unwrap()
+        }
+    };
+    assert!(present(orphans[0]).await, "stored before the collection's bound");
+    common::eventually("the abandoned chunks collected", 30, || {
+        let orphans = orphans.clone();
+        let present = &present;
+        async move {
+            for k in orphans {
+                if present(k).await {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+    // The committed checkpoint lost nothing.
+    let out = dir.path().join("restore");
+    let (ep2, out2) = (ep.clone(), out.clone());
+    tokio::task::spawn_blocking(move || {
+        kvtier(
+            &ep2,
+            &[],
+            &[&["checkpoint", "get", "kept", s(&out2)][..], &g[..]].concat(),
+        )
+        .expect(0)
+    })
+    .await
+    .unwrap();
+    for (p, b) in &files {
+        assert_eq!(&std::fs::read(out.join(p)).unwrap(), b, "{p}");
+    }
+}

@@ -114,7 +114,8 @@ pub fn validate_path(path: &str) -> Result<()> {
     }
 }
 
-fn manifest_key(ns: NamespaceId, name: &str) -> BlockKey {
+/// The key checkpoint `name`'s manifest is stored under in group `ns`.
+pub fn manifest_key(ns: NamespaceId, name: &str) -> BlockKey {
     BlockKey::from_opaque(ns, &[b"manifest\0".as_slice(), name.as_bytes()].concat())
 }
 

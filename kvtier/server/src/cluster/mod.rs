@@ -437,6 +437,16 @@ impl Cluster {
         self.peers.keys().filter(|id| v.is_writable(id)).cloned().collect()
     }
 
+    /// Every member other than this node, up or not.
+    pub fn all_peers(&self) -> Vec<NodeId> {
+        self.peers.keys().cloned().collect()
+    }
+
+    /// Hints this node holds for members that lack a copy.
+    pub fn hints_pending(&self) -> usize {
+        self.hints.pending()
+    }
+
     /// The client of member `id`, if it is a peer.
     pub fn peer(&self, id: &NodeId) -> Option<&'static Client> {
         self.peers.get(id)
