@@ -239,6 +239,13 @@ pub struct ClusterConfig {
     /// most; 0 for no limit.
     #[serde(default = "default_rebalance_bytes_per_s")]
     pub rebalance_bytes_per_s: u64,
+    /// Milliseconds a rebalancing pass keeps failing on copies whose new
+    /// replicas have not confirmed them before this node pushes those
+    /// copies itself (normally the key's first old replica pushes; a write
+    /// that reached the old replicas after their passes, from a
+    /// coordinator that had not seen the change yet, has no other pusher).
+    #[serde(default = "default_rebalance_push_waiting_after_ms")]
+    pub rebalance_push_waiting_after_ms: u64,
     /// The slots keys hash into (placement: each slot's replicas are
     /// computed once per member list). The same on every member: a node
     /// with another count is refused by the others. Changing it moves
@@ -273,6 +280,9 @@ fn default_blob_check_after_ms() -> u64 {
     kvtier::manager::writeback::DEFAULT_CHECK_AFTER.as_millis() as u64
 }
 
+fn default_rebalance_push_waiting_after_ms() -> u64 {
+    30_000
+}
 fn default_rebalance_bytes_per_s() -> u64 {
     256 << 20
 }

@@ -233,6 +233,9 @@ pub async fn run(
     }
     repair.start_scrub(&cfg.scrub);
     checkpoint_service.start_collection(&cfg.checkpoints);
+    // The server holds the service from here; this reference would keep
+    // the block manager from closing at shutdown.
+    drop(checkpoint_service);
 
     // Stop accepting when told; give in-flight requests a bounded time.
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();

@@ -470,6 +470,86 @@ async fn a_graceful_leave_hands_every_key_over_and_reads_never_miss() {
     assert!(b.rebalance_keys_dropped > 0, "the leaver dropped its copies: {b:?}");
 }
 
+/// A leave while a client keeps writing new keys through another node:
+/// every write acknowledged before, during or after the leave is readable
+/// through every remaining node, byte for byte, and sits on both of its
+/// replicas among the remaining members once the cluster settles (none is
+/// left only on the leaver, nor under-replicated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_during_writes_loses_no_acknowledged_write() {
+    let cl = Nodes::start(
+        &["a", "b", "c", "d"],
+        "rebalance_bytes_per_s = 262144\nrebalance_push_waiting_after_ms = 2000\n",
+    );
+    cl.all_up().await;
+    let a = cl.client(0).await;
+    let ns = replicated(&a, "leave-writes", 2).await;
+    let first = 200u64;
+    a.put(ns, &keys(ns, 0..first), data(ns, 0..first)).await.unwrap();
+
+    // The writer: one key per Put, at most 600 keys or 60 s, until told.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (w, st) = (a.clone(), stop.clone());
+    let writer = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (mut acked, mut failed) = (Vec::new(), 0u32);
+        let mut i = first;
+        while !st.load(Relaxed) && i < first + 600 && Instant::now() < deadline {
+            match w.put(ns, &keys(ns, i..i + 1), data(ns, i..i + 1)).await {
+                Ok(r) if r.stored == 1 => acked.push(i),
+                Ok(r) => panic!("key {i}: stored {} of 1 without an error", r.stored),
+                Err(_) => failed += 1,
+            }
+            i += 1;
+        }
+        (acked, failed)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c_end = cl.nodes[2].daemon.as_ref().unwrap().endpoint();
+    let run = tokio::task::spawn_blocking(move || common::kvtier(&c_end, &[], &["cluster", "leave", "--id", "b"]))
+        .await
+        .unwrap()
+        .expect(0);
+    assert_eq!(run.json()["members"], 3);
+    // Writes go on for a while after the leave, then stop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Relaxed);
+    let (acked, failed) = writer.await.unwrap();
+    assert!(
+        acked.len() >= 20,
+        "writes were acknowledged during the leave: {} ({failed} failed)",
+        acked.len()
+    );
+    settled(&cl, 3, &[1]).await;
+
+    let after: Vec<Member> = cl.members().into_iter().filter(|m| m.id.0 != "b").collect();
+    let table = placement(&after);
+    let all: Vec<u64> = (0..first).chain(acked.iter().copied()).collect();
+    for x in [0usize, 2, 3] {
+        let c = cl.client(x).await;
+        for &i in &all {
+            let g = c.get(ns, &[key(ns, i)]).await.unwrap();
+            assert_eq!(g.loaded, 1, "block {i} readable through {}", cl.nodes[x].id);
+            assert_eq!(
+                &g.data[..],
+                &content(ns, i, BLOCK)[..],
+                "block {i} through {}",
+                cl.nodes[x].id
+            );
+        }
+    }
+    for x in [2usize, 3] {
+        let id = NodeId(cl.nodes[x].id.clone());
+        let c = cl.client(x).await;
+        for &i in &all {
+            if table.replicas(&key(ns, i), 2).unwrap().contains(&id) {
+                let g = c.replica_get(ns, &[key(ns, i)]).await.unwrap();
+                assert_eq!(g.loaded, 1, "block {i} on its replica {id}");
+            }
+        }
+    }
+}
+
 /// `kvtier` with `args` against node `i`, off the runtime's threads.
 async fn cli(cl: &Nodes, i: usize, args: &[&str]) -> common::Run {
     let end = cl.endpoint(i);

@@ -246,7 +246,9 @@ impl Cluster {
         let placement_file = data_dir.join("placement.json");
         let has_data = !registry.all().is_empty() || hints.pending() > 0;
         let earlier = rebalance::Rebalance::earlier_layout(&placement_file, &members, cfg.slots, has_data)?;
-        let rebalance = rebalance::Rebalance::new(cfg.rebalance_bytes_per_s, members_file, placement_file, cfg.slots);
+        let mut rebalance =
+            rebalance::Rebalance::new(cfg.rebalance_bytes_per_s, members_file, placement_file, cfg.slots);
+        rebalance.push_waiting_after = Duration::from_millis(cfg.rebalance_push_waiting_after_ms);
         if let Some(layout) = earlier {
             rebalance.migrate_from(layout);
         }

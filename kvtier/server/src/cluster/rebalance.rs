@@ -127,6 +127,11 @@ pub(super) struct Rebalance {
     /// How the keys were placed, when a pass is due.
     pending: Mutex<Option<Layout>>,
     running: AtomicBool,
+    /// Since when passes have failed (none finished since): once
+    /// `push_waiting_after` passed, a retry also pushes the copies it waits
+    /// on (see `rebalance_pass`).
+    failing_since: Mutex<Option<Instant>>,
+    pub(super) push_waiting_after: Duration,
     /// Whether a member list is being fetched from a peer.
     fetching: AtomicBool,
     /// When the last change was seen, and the members that left recently.
@@ -156,6 +161,8 @@ impl Rebalance {
         Self {
             pending: Mutex::new(None),
             running: AtomicBool::new(false),
+            failing_since: Mutex::new(None),
+            push_waiting_after: Duration::from_secs(30),
             fetching: AtomicBool::new(false),
             last_change: Mutex::new(None),
             departed: Mutex::new(BTreeSet::new()),
@@ -657,9 +664,11 @@ impl Cluster {
             match this.rebalance_pass(&before).await {
                 Ok(()) => {
                     this.rebalance.done.fetch_add(1, Relaxed);
+                    *this.rebalance.failing_since.lock() = None;
                     this.rebalance.placement_settled();
                 }
                 Err(e) => {
+                    this.rebalance.failing_since.lock().get_or_insert_with(Instant::now);
                     tracing::info!("rebalancing stopped, retried next heartbeat: {e}");
                     // An older layout than a change seen meanwhile wins:
                     // keys still sit where it put them.
@@ -675,14 +684,36 @@ impl Cluster {
     async fn rebalance_pass(self: &Arc<Self>, before: &Layout) -> Result<(), String> {
         let mut pacer = Pacer::new(self.rebalance.bytes_per_s);
         let mut unconfirmed = 0;
+        let retry = self
+            .rebalance
+            .failing_since
+            .lock()
+            .is_some_and(|t| t.elapsed() >= self.rebalance.push_waiting_after);
         for (ns, _, rep) in self.registry.all() {
             let m = self.manager.clone();
             let keys = tokio::task::spawn_blocking(move || m.local_keys(ns))
                 .await
                 .map_err(|e| format!("key listing task: {e}"))?;
-            let plan = plan_rebalance(keys, before, &self.view.read(), rep.replicas);
+            let mut plan = plan_rebalance(keys, before, &self.view.read(), rep.replicas);
             if plan.is_empty() {
                 continue;
+            }
+            if retry {
+                // The copies still waiting for their new replicas: the old
+                // replica that should push them may have taken them after
+                // its own pass (a write from a coordinator that had not
+                // seen the change yet), so this node pushes them itself.
+                // The push asks first: a copy already there is not sent.
+                for t in &mut plan {
+                    if t.push_to.is_empty() && !t.drop_after_confirm.is_empty() {
+                        t.push_to = t
+                            .drop_after_confirm
+                            .iter()
+                            .filter(|n| **n != self.me)
+                            .cloned()
+                            .collect();
+                    }
+                }
             }
             for (node, keys) in pushes_by_node(&plan) {
                 self.push_missing(&node, ns, &keys, &mut pacer).await?;
