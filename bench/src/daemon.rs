@@ -1,7 +1,9 @@
 //! `kvtier-bench daemon`: a real kvtierd process measured against raw
 //! loopback TCP (its own plain socket copy of the same bytes) and, in
 //! SSD-only mode, against raw O_DIRECT I/O in the same directory; plus the
-//! latency of a 64-block prefix lookup.
+//! latency of a 64-block prefix lookup, and of a one-block put and get of
+//! 128 KiB over the streamed gRPC path on a warm connection (what a remote
+//! client or a peer waits for one block).
 
 use bytes::Bytes;
 use kvtier::{AlignedBuf, BlockKey, NamespaceId};
@@ -14,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::tiers::raw_disk_round;
-use crate::util::{fill, gbps, io_err as err, key, median, namespace, round3};
+use crate::util::{cpu_seconds, fill, gbps, io_err as err, key, median, namespace, percentile, ratio, round3};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
@@ -33,7 +35,8 @@ pub(crate) struct Args {
     /// Rounds; each figure is the median over rounds, references included.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Lookups timed for the latency percentiles.
+    /// Lookups timed for the latency percentiles; also the number of
+    /// one-block puts and gets timed.
     #[arg(long, default_value_t = 2000)]
     lookups: usize,
     /// Print one JSON object.
@@ -96,27 +99,45 @@ pub(crate) struct Round {
     pub(crate) get: f64,
 }
 
+/// CPU seconds this process and kvtierd `pid` have used so far (NaN when
+/// /proc cannot tell): with the bytes moved, CPU seconds per GB, a figure a
+/// machine shared with other work does not skew the way it skews GB/s.
+fn cpu_now(pid: i32) -> f64 {
+    cpu_seconds(None).unwrap_or(f64::NAN) + cpu_seconds(Some(pid)).unwrap_or(f64::NAN)
+}
+
+/// A streamed round's GB/s and CPU seconds per GB (both processes).
+struct StreamRound {
+    gbps: Round,
+    put_cpu_s_per_gb: f64,
+    get_cpu_s_per_gb: f64,
+}
+
 /// Puts every block of `src` in requests of `batch` blocks, gets them back
-/// into `dst`, checks them, and deletes them.
+/// into `dst`, checks them, and deletes them; `pid` is kvtierd's.
+#[allow(clippy::too_many_arguments)]
 async fn daemon_round(
     c: &Client,
+    pid: i32,
     ns: NamespaceId,
     round: usize,
     src: &Bytes,
     dst: &mut [u8],
     block: usize,
     batch: usize,
-) -> kvtier::Result<Round> {
+) -> kvtier::Result<StreamRound> {
     let n = src.len() / block;
     let keys: Vec<BlockKey> = (0..n).map(|i| key(ns, 1000 + round, i)).collect();
     let step = batch * block;
-    let t = Instant::now();
+    let gb = src.len() as f64 / 1e9;
+    let (cpu, t) = (cpu_now(pid), Instant::now());
     for (i, ks) in keys.chunks(batch).enumerate() {
         let data = src.slice(i * step..i * step + ks.len() * block);
         c.put(ns, ks, data).await.map_err(|s| err(format!("put: {s}")))?;
     }
     let put = gbps(src.len(), t.elapsed().as_secs_f64());
-    let t = Instant::now();
+    let put_cpu_s_per_gb = (cpu_now(pid) - cpu) / gb;
+    let (cpu, t) = (cpu_now(pid), Instant::now());
     for (i, (ks, out)) in keys.chunks(batch).zip(dst.chunks_mut(step)).enumerate() {
         let h = c.get_into(ns, ks, out).await.map_err(|s| err(format!("get: {s}")))?;
         if h.loaded as usize != ks.len() {
@@ -124,13 +145,18 @@ async fn daemon_round(
         }
     }
     let get = gbps(src.len(), t.elapsed().as_secs_f64());
+    let get_cpu_s_per_gb = (cpu_now(pid) - cpu) / gb;
     if src[..] != dst[..src.len()] {
         return Err(err("blocks came back altered"));
     }
     for ks in keys.chunks(4096) {
         c.delete(ns, ks).await.map_err(|s| err(format!("delete: {s}")))?;
     }
-    Ok(Round { put, get })
+    Ok(StreamRound {
+        gbps: Round { put, get },
+        put_cpu_s_per_gb,
+        get_cpu_s_per_gb,
+    })
 }
 
 /// The same-host path: blocks go from one shared region and come back into
@@ -227,6 +253,62 @@ async fn lookup_latency(c: &Client, n: usize) -> kvtier::Result<(f64, f64)> {
     Ok((pct(0.50), pct(0.99)))
 }
 
+/// The block size of the one-block latency figures.
+const ONE_BLOCK_BYTES: usize = 128 << 10;
+
+/// Latency percentiles (p50, p99) in µs of `n` one-block Puts, then `n`
+/// one-block Gets of one 128 KiB block over the streamed gRPC path, on the
+/// client's warm connection: the round trip a remote client (`kvtier get`)
+/// or a peer waits for one block. Every Get is checked byte for byte.
+async fn one_block_latency(c: &Client, n: usize) -> kvtier::Result<OneBlock> {
+    let (ns, _) = c
+        .register(&namespace("bench-one-block", ONE_BLOCK_BYTES))
+        .await
+        .map_err(|s| err(s.to_string()))?;
+    let k = key(ns, 998, 0);
+    let mut b = AlignedBuf::new(ONE_BLOCK_BYTES);
+    fill(&mut b, 23);
+    let data = Bytes::from_owner(b);
+    let (mut put_us, mut get_us) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    // A few untimed calls first: the connection and both sides' buffers warm.
+    for i in 0..n + 8 {
+        let t = Instant::now();
+        c.put(ns, &[k], data.clone())
+            .await
+            .map_err(|s| err(format!("put: {s}")))?;
+        if i >= 8 {
+            put_us.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    for i in 0..n + 8 {
+        let t = Instant::now();
+        let g = c.get(ns, &[k]).await.map_err(|s| err(format!("get: {s}")))?;
+        if i >= 8 {
+            get_us.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        if g.loaded != 1 || g.data != data {
+            return Err(err(format!(
+                "one-block get {i}: the block came back altered or missing"
+            )));
+        }
+    }
+    c.delete(ns, &[k]).await.map_err(|s| err(format!("delete: {s}")))?;
+    Ok(OneBlock {
+        put_p50_us: percentile(&mut put_us, 50.0),
+        put_p99_us: percentile(&mut put_us, 99.0),
+        get_p50_us: percentile(&mut get_us, 50.0),
+        get_p99_us: percentile(&mut get_us, 99.0),
+    })
+}
+
+/// [`one_block_latency`]'s percentiles.
+struct OneBlock {
+    put_p50_us: f64,
+    put_p99_us: f64,
+    get_p50_us: f64,
+    get_p99_us: f64,
+}
+
 pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
     let (total, rounds, lookups) = if a.smoke {
         (32usize << 20, 1, 200)
@@ -282,10 +364,14 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
     let (mut tcp, mut put, mut get, mut rput, mut rget, mut sput, mut sget) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut stream_put, mut stream_get, mut ssd_stream_put, mut ssd_stream_get) = (vec![], vec![], vec![], vec![]);
-    let (p50, p99) = rt.block_on(async {
+    let (mut tcp_cpu, mut stream_put_cpu, mut stream_get_cpu) = (vec![], vec![], vec![]);
+    let pid = tiered.pid();
+    let ((p50, p99), one) = rt.block_on(async {
         let (c, ns, src_id, dst_id) = session(&tiered.endpoint(), block, &src_region, &dst_region).await?;
         for r in 0..rounds {
+            let cpu = cpu_seconds(None).unwrap_or(f64::NAN);
             tcp.push(loopback_round(&src, block)?);
+            tcp_cpu.push((cpu_seconds(None).unwrap_or(f64::NAN) - cpu) / (src.len() as f64 / 1e9));
             let d = region_round(
                 &c,
                 ns,
@@ -299,11 +385,14 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
             .await?;
             put.push(d.put);
             get.push(d.get);
-            let d = daemon_round(&c, ns, r, &src, &mut dst, block, batch).await?;
-            stream_put.push(d.put);
-            stream_get.push(d.get);
+            let d = daemon_round(&c, pid, ns, r, &src, &mut dst, block, batch).await?;
+            stream_put.push(d.gbps.put);
+            stream_get.push(d.gbps.get);
+            stream_put_cpu.push(d.put_cpu_s_per_gb);
+            stream_get_cpu.push(d.get_cpu_s_per_gb);
         }
-        lookup_latency(&c, lookups).await
+        let l = lookup_latency(&c, lookups).await?;
+        Ok::<_, kvtier::Error>((l, one_block_latency(&c, lookups).await?))
     })?;
     drop(tiered);
 
@@ -323,6 +412,7 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
             shm_env.clone(),
         ],
     )?;
+    let pid = ssd.pid();
     rt.block_on(async {
         let (c, ns, src_id, dst_id) = session(&ssd.endpoint(), block, &src_region, &dst_region).await?;
         for r in 0..rounds {
@@ -342,9 +432,9 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
             .await?;
             sput.push(d.put);
             sget.push(d.get);
-            let d = daemon_round(&c, ns, r, &src, &mut dst, block, batch).await?;
-            ssd_stream_put.push(d.put);
-            ssd_stream_get.push(d.get);
+            let d = daemon_round(&c, pid, ns, r, &src, &mut dst, block, batch).await?;
+            ssd_stream_put.push(d.gbps.put);
+            ssd_stream_get.push(d.gbps.get);
         }
         Ok::<_, kvtier::Error>(())
     })?;
@@ -358,6 +448,19 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
         median(sput.clone()),
         median(sget.clone()),
     );
+    let (gsp, gsg) = (median(stream_put.clone()), median(stream_get.clone()));
+    let stream_met = gsp / tcp_m >= 0.6 && gsg / tcp_m >= 0.6;
+    let goals = json!({
+        "request_path_ratio_min": 0.6,
+        "ssd_only_ratio_min": 0.8,
+        "lookup_p99_us_max": 500,
+        "grpc_stream_ratio_min": 0.6,
+        "grpc_stream_met": stream_met,
+        "grpc_get_one_block_p99_us_max": 2000,
+        "grpc_get_one_block_met": one.get_p99_us <= 2000.0,
+        "met": put_m / tcp_m >= 0.6 && get_m / tcp_m >= 0.6 && sp / rw >= 0.8 && sg / rr >= 0.8 && p99 < 500.0
+            && stream_met && one.get_p99_us <= 2000.0,
+    });
     let out = json!({
         "bench": "daemon",
         "smoke": a.smoke,
@@ -377,26 +480,45 @@ pub(crate) fn run(a: &Args) -> kvtier::Result<()> {
         "ssd_only_put_ratio": round3(sp / rw),
         "ssd_only_get_ratio": round3(sg / rr),
         "data_path": "shared-memory regions (same-host client); grpc_stream_* send the bytes over the socket",
-        "grpc_stream_put_gbps": round3(median(stream_put.clone())),
-        "grpc_stream_get_gbps": round3(median(stream_get.clone())),
+        "grpc_stream_put_gbps": round3(gsp),
+        "grpc_stream_get_gbps": round3(gsg),
+        "grpc_stream_put_ratio": ratio(gsp, tcp_m),
+        "grpc_stream_get_ratio": ratio(gsg, tcp_m),
         "ssd_only_grpc_stream_put_gbps": round3(median(ssd_stream_put.clone())),
         "ssd_only_grpc_stream_get_gbps": round3(median(ssd_stream_get.clone())),
         "lookup_keys": 64,
         "lookups": lookups,
         "lookup_p50_us": round3(p50),
         "lookup_p99_us": round3(p99),
-        "goals": {
-            "request_path_ratio_min": 0.6,
-            "ssd_only_ratio_min": 0.8,
-            "lookup_p99_us_max": 500,
-            "met": put_m / tcp_m >= 0.6 && get_m / tcp_m >= 0.6 && sp / rw >= 0.8 && sg / rr >= 0.8 && p99 < 500.0,
+        "goals": goals,
+    });
+    let (tcp_cpu_m, put_cpu_m, get_cpu_m) = (median(tcp_cpu), median(stream_put_cpu), median(stream_get_cpu));
+    let more = json!({
+        "cpu_s_per_gb": {
+            "what": "CPU seconds (user and system) per GB moved: the loopback copy's two threads; the bench client and kvtierd together for the streamed gRPC path",
+            "loopback_tcp": round3(tcp_cpu_m),
+            "grpc_stream_put": round3(put_cpu_m),
+            "grpc_stream_get": round3(get_cpu_m),
+            "grpc_stream_put_ratio_to_loopback_tcp": ratio(put_cpu_m, tcp_cpu_m),
+            "grpc_stream_get_ratio_to_loopback_tcp": ratio(get_cpu_m, tcp_cpu_m),
         },
+        "one_block_bytes": ONE_BLOCK_BYTES,
+        "one_block_calls": lookups,
+        "grpc_put_one_block_p50_us": round3(one.put_p50_us),
+        "grpc_put_one_block_p99_us": round3(one.put_p99_us),
+        "grpc_get_one_block_p50_us": round3(one.get_p50_us),
+        "grpc_get_one_block_p99_us": round3(one.get_p99_us),
         "per_round": {
             "loopback_tcp_gbps": tcp, "put_gbps": put, "get_gbps": get,
             "raw_disk_write_gbps": rput, "raw_disk_read_gbps": rget,
             "ssd_only_put_gbps": sput, "ssd_only_get_gbps": sget,
+            "grpc_stream_put_gbps": stream_put, "grpc_stream_get_gbps": stream_get,
         },
     });
+    let mut out = out;
+    if let (Some(o), serde_json::Value::Object(m)) = (out.as_object_mut(), more) {
+        o.extend(m);
+    }
     crate::print_json(&out, a.json);
     Ok(())
 }

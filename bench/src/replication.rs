@@ -805,6 +805,18 @@ fn measure(a: &Args) -> Result<Value> {
             }),
         );
     }
+    // What fan-out at R = 3 could reach on this machine: two copies leave
+    // the coordinator over loopback, and three land on this one disk.
+    let bound_r3 = (loopback_gbps / 2.0).min(raw_disk_gbps / 3.0);
+    let r3 = fanouts.iter().find(|f| f.r == 3).expect("R = 3 is measured");
+    let fanout_r3 = gbps(s.fanout_bytes, r3.ack_s);
+    let fanout_r3_met = fanout_r3 >= 0.6 * bound_r3;
+    out.insert("fanout_bound_gbps_r3".into(), json!(round3(bound_r3)));
+    out.insert("fanout_r3_ratio_to_bound".into(), ratio(fanout_r3, bound_r3));
+    out.insert(
+        "fanout_bound_r3".into(),
+        json!("min(loopback_tcp_gbps / 2, raw_disk_write_gbps / 3): two copies leave the coordinator, three land on this one disk"),
+    );
     let per = |n: u64| round3(n as f64 / NODES.len() as f64 / workload_s);
     // Placement at the cluster sizes the README extrapolates to (see
     // `kvtier-bench placement`, which measures only this).
@@ -929,7 +941,9 @@ fn measure(a: &Args) -> Result<Value> {
             "restore_met": faster_restore,
             "head_to_put_ratio": "at most 0.1 (HEADs = 0.1 × PUTs)",
             "head_to_put_met": heads_ok,
-            "met": ratios_ok && safer && faster_restore && heads_ok,
+            "fanout_r3_ratio_to_bound_min": 0.6,
+            "fanout_r3_met": fanout_r3_met,
+            "met": ratios_ok && safer && faster_restore && heads_ok && fanout_r3_met,
         }),
     );
     out.insert(
@@ -1003,6 +1017,8 @@ fn check_smoke(v: &Value) -> Result<()> {
         let g = c.f(&format!("/fanout_gbps_r{r}"))?;
         c.ensure(g > 0.0, || format!("fanout_gbps_r{r} {g} > 0"))?;
     }
+    let bound = c.f("/fanout_bound_gbps_r3")?;
+    c.ensure(bound > 0.0, || format!("fanout_bound_gbps_r3 {bound} > 0"))?;
     // R = 3 on 3 nodes: two copies leave the coordinator whatever the placement.
     let moved = c.u("/fanout/r3/replica_bytes_moved")?;
     c.ensure(moved == 2 * logical, || {

@@ -3,21 +3,24 @@
 use bytes::{Bytes, BytesMut};
 use kvtier::events::{EventPage, TierSet};
 use kvtier::{BlockKey, Namespace, NamespaceId};
+use prost::Message as _;
 use std::path::PathBuf;
 use std::time::Duration;
+use tonic::codegen::Service;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
 use kvtier::{Error, ErrorKind, Result};
-use kvtier_proto::MAX_MESSAGE_BYTES;
-use kvtier_proto::chunk::{from_bitmap, pieces};
+use kvtier_proto::chunk::{from_bitmap, piece_count, pieces};
 use kvtier_proto::convert::{self, key_bytes};
 use kvtier_proto::error::from_status;
 use kvtier_proto::proto::kv_tier_client::KvTierClient;
 use kvtier_proto::proto::peer_client::PeerClient;
 use kvtier_proto::proto::{self, get_response, put_request, replica_put_request};
+use kvtier_proto::wire::{self, Message, MessageReader};
+use kvtier_proto::{H2_CONNECTION_WINDOW_BYTES, H2_MAX_FRAME_BYTES, H2_STREAM_WINDOW_BYTES, MAX_MESSAGE_BYTES};
 
 use crate::SharedRegion;
 
@@ -129,8 +132,11 @@ impl Client {
         let mut ep = Endpoint::from_shared(cfg.endpoint.clone())
             .map_err(|e| Error::with_source(ErrorKind::Config, format!("endpoint {:?}: {e}", cfg.endpoint), e))?
             .tcp_nodelay(true)
-            .initial_stream_window_size(Some(16 << 20))
-            .initial_connection_window_size(Some(64 << 20))
+            .initial_stream_window_size(Some(H2_STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(H2_CONNECTION_WINDOW_BYTES))
+            // What the daemon may send in one DATA frame: with h2's default
+            // (16 KiB) a Get's bytes cost a third more CPU to receive.
+            .max_frame_size(Some(H2_MAX_FRAME_BYTES))
             .connect_timeout(connect_timeout);
         if let Some(t) = cfg.request_timeout {
             ep = ep.timeout(t);
@@ -318,97 +324,138 @@ impl Client {
                 keys: keys.iter().map(key_bytes).collect(),
             })),
         };
-        let data = pieces(&data).map(|d| proto::PutRequest {
-            msg: Some(put_request::Msg::Data(d)),
-        });
-        let msgs: Vec<_> = std::iter::once(header).chain(data).collect();
-        Ok(self
-            .inner
-            .clone()
-            .put(tokio_stream::iter(msgs))
-            .await
-            .wire()?
-            .into_inner())
+        let frames = with_data(wire::message(&header), &data);
+        self.unary(PUT, frames).await
     }
 
-    /// Starts a Get: its header, and the stream of its data messages.
+    /// Sends a call of `path` framed by hand (`kvtier_proto::wire`), the
+    /// request body being `frames`; answers the reader of its answer.
+    async fn call(&self, path: &'static str, frames: Vec<Bytes>) -> Result<MessageReader> {
+        let mut svc = InterceptedService::new(self.channel.0.clone(), self.channel.1.clone());
+        let transport = |e: tonic::codegen::StdError| from_status(Status::from_error(e));
+        std::future::poll_fn(|cx| svc.poll_ready(cx))
+            .await
+            .map_err(|e| transport(e.into()))?;
+        let mut req = http::Request::new(wire::body(frames, None));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = http::Uri::from_static(path);
+        *req.version_mut() = http::Version::HTTP_2;
+        let h = req.headers_mut();
+        h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        let resp = svc.call(req).await.map_err(|e| transport(e.into()))?;
+        // A status in the headers: an answer without messages (an error).
+        if let Some(s) = Status::from_header_map(resp.headers())
+            && s.code() != tonic::Code::Ok
+        {
+            return Err(from_status(s));
+        }
+        if resp.status() != http::StatusCode::OK {
+            let kind = match resp.status().as_u16() {
+                502..=504 => ErrorKind::Unavailable,
+                _ => ErrorKind::Internal,
+            };
+            return Err(Error::new(kind, format!("{path} answered HTTP {}", resp.status())));
+        }
+        let body = tonic::body::Body::new(resp.into_body());
+        Ok(MessageReader::new(body, MAX_MESSAGE_BYTES, ErrorKind::Internal))
+    }
+
+    /// A call of `path` with one answer message `M`.
+    async fn unary<M: prost::Message + Default>(&self, path: &'static str, frames: Vec<Bytes>) -> Result<M> {
+        let mut r = self.call(path, frames).await?;
+        let m = r.decode::<M>().await.wire()?;
+        r.finish().await.wire()?;
+        m.ok_or_else(|| Error::new(ErrorKind::Internal, format!("{path} answered no message")))
+    }
+
+    /// Starts a Get (or a ReplicaGet, by `path`): its header, and the
+    /// reader of its data messages.
     async fn start_get(
         &self,
+        path: &'static str,
         ns: NamespaceId,
         keys: &[BlockKey],
-    ) -> Result<(proto::GetHeader, tonic::Streaming<proto::GetResponse>)> {
-        let s = self
-            .inner
-            .clone()
-            .get(proto::GetRequest {
-                namespace_id: ns_bytes(ns),
-                keys: keys.iter().map(key_bytes).collect(),
-            })
-            .await
-            .wire()?
-            .into_inner();
-        Self::header(s).await
-    }
-
-    /// The next data message of a Get, checked against the `want` bytes its
-    /// header announced, `at` of which arrived already.
-    async fn next_data(s: &mut tonic::Streaming<proto::GetResponse>, at: usize, want: usize) -> Result<Option<Bytes>> {
-        let Some(m) = s.message().await.wire()? else {
-            return if at == want {
-                Ok(None)
-            } else {
-                Err(Error::new(
-                    ErrorKind::ChecksumMismatch,
-                    format!("the Get stream carried {at} of {want} bytes"),
-                ))
-            };
+    ) -> Result<(proto::GetHeader, MessageReader)> {
+        let req = proto::GetRequest {
+            namespace_id: ns_bytes(ns),
+            keys: keys.iter().map(key_bytes).collect(),
         };
-        let Some(get_response::Msg::Data(d)) = m.msg else {
-            return Err(Error::new(
-                ErrorKind::Internal,
-                "a Get header in the middle of the data",
-            ));
-        };
-        if at + d.len() > want {
-            return Err(Error::new(
-                ErrorKind::ChecksumMismatch,
-                "the Get stream carried more bytes than its header said",
-            ));
-        }
-        Ok(Some(d))
-    }
-
-    /// Loads the leading present blocks of `keys`.
-    pub async fn get(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Got> {
-        let (h, s) = self.start_get(ns, keys).await?;
-        Self::gather(h, s).await
-    }
-
-    /// The header of a Get stream, and the stream of its data messages.
-    async fn header(
-        mut s: tonic::Streaming<proto::GetResponse>,
-    ) -> Result<(proto::GetHeader, tonic::Streaming<proto::GetResponse>)> {
-        match s.message().await.wire()? {
-            Some(proto::GetResponse {
-                msg: Some(get_response::Msg::Header(h)),
-            }) => Ok((h, s)),
-            _ => Err(Error::new(
+        let mut r = self.call(path, vec![wire::message(&req)]).await?;
+        match r.next(wire::DATA_FIELD).await.wire()? {
+            Some(Message::Whole(b)) => match proto::GetResponse::decode(b) {
+                Ok(proto::GetResponse {
+                    msg: Some(get_response::Msg::Header(h)),
+                }) => Ok((h, r)),
+                _ => Err(Error::new(
+                    ErrorKind::Internal,
+                    "the Get stream did not start with a header",
+                )),
+            },
+            // No message: the status says why.
+            None => Err(r.finish().await.err().map_or_else(
+                || Error::new(ErrorKind::Internal, "the Get stream did not start with a header"),
+                from_status,
+            )),
+            Some(Message::Bytes(_)) => Err(Error::new(
                 ErrorKind::Internal,
                 "the Get stream did not start with a header",
             )),
         }
     }
 
-    /// The data a Get's header announced, gathered.
-    async fn gather(h: proto::GetHeader, mut s: tonic::Streaming<proto::GetResponse>) -> Result<Got> {
-        let want = h.loaded as usize * h.block_bytes as usize;
-        // One message is handed on as it is; more are gathered.
-        let mut parts = Vec::new();
+    /// Hands the data of a Get, whose header announced `want` bytes, to
+    /// `f` slice by slice (each at the offset it goes at), then checks the
+    /// call's status.
+    async fn receive_get(r: &mut MessageReader, want: usize, mut f: impl FnMut(usize, Bytes)) -> Result<()> {
         let mut at = 0;
-        while let Some(d) = Self::next_data(&mut s, at, want).await? {
-            at += d.len();
-            parts.push(d);
+        while let Some(m) = r.next(wire::DATA_FIELD).await.wire()? {
+            let Message::Bytes(n) = m else {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    "a Get header in the middle of the data",
+                ));
+            };
+            if at + n > want {
+                return Err(Error::new(
+                    ErrorKind::ChecksumMismatch,
+                    "the Get stream carried more bytes than its header said",
+                ));
+            }
+            r.payload(|s| {
+                let l = s.len();
+                f(at, s);
+                at += l;
+                Ok(())
+            })
+            .await
+            .wire()?;
         }
+        r.finish().await.wire()?;
+        if at != want {
+            return Err(Error::new(
+                ErrorKind::ChecksumMismatch,
+                format!("the Get stream carried {at} of {want} bytes"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Loads the leading present blocks of `keys`.
+    pub async fn get(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Got> {
+        let (h, r) = self.start_get(GET, ns, keys).await?;
+        Self::gather(h, r).await
+    }
+
+    /// The data a Get's header announced, gathered: one slice is handed on
+    /// as it is, more are copied into one buffer.
+    async fn gather(h: proto::GetHeader, mut r: MessageReader) -> Result<Got> {
+        let want = h.loaded as usize * h.block_bytes as usize;
+        let mut parts = Vec::new();
+        Self::receive_get(&mut r, want, |_, s| parts.push(s)).await?;
         let data = match parts.len() {
             0 => Bytes::new(),
             1 => parts.pop().expect("one part"),
@@ -431,9 +478,10 @@ impl Client {
     /// Loads the leading present blocks of `keys` into `out` (at least
     /// `keys.len()` blocks long), with no allocation: engines and the bench
     /// reuse their (pinned, touched) buffers. Answers the header; the
-    /// leading `loaded` blocks of `out` hold the data.
+    /// leading `loaded` blocks of `out` hold the data. The bytes are copied
+    /// once, from the frames they arrived in.
     pub async fn get_into(&self, ns: NamespaceId, keys: &[BlockKey], out: &mut [u8]) -> Result<proto::GetHeader> {
-        let (h, mut s) = self.start_get(ns, keys).await?;
+        let (h, mut r) = self.start_get(GET, ns, keys).await?;
         let want = h.loaded as usize * h.block_bytes as usize;
         if want > out.len() {
             return Err(Error::new(
@@ -446,11 +494,7 @@ impl Client {
                 ),
             ));
         }
-        let mut at = 0;
-        while let Some(d) = Self::next_data(&mut s, at, want).await? {
-            out[at..at + d.len()].copy_from_slice(&d);
-            at += d.len();
-        }
+        Self::receive_get(&mut r, want, |at, s| out[at..at + s.len()].copy_from_slice(&s)).await?;
         Ok(h)
     }
 
@@ -606,17 +650,8 @@ impl Client {
                 chunk_len,
             })),
         };
-        let data = pieces(&data).map(|d| proto::ReplicaPutRequest {
-            msg: Some(replica_put_request::Msg::Data(d)),
-        });
-        let msgs: Vec<_> = std::iter::once(header).chain(data).collect();
-        Ok(self
-            .peer
-            .clone()
-            .replica_put(tokio_stream::iter(msgs))
-            .await
-            .wire()?
-            .into_inner())
+        let frames = with_data(wire::message(&header), &data);
+        self.unary(REPLICA_PUT, frames).await
     }
 
     /// One variable-length block from the peer's own tiers; `None` on a miss.
@@ -658,18 +693,8 @@ impl Client {
 
     /// Loads the leading blocks of `keys` present in this node's own tiers.
     pub async fn replica_get(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Got> {
-        let s = self
-            .peer
-            .clone()
-            .replica_get(proto::GetRequest {
-                namespace_id: ns_bytes(ns),
-                keys: keys.iter().map(key_bytes).collect(),
-            })
-            .await
-            .wire()?
-            .into_inner();
-        let (h, s) = Self::header(s).await?;
-        Self::gather(h, s).await
+        let (h, r) = self.start_get(REPLICA_GET, ns, keys).await?;
+        Self::gather(h, r).await
     }
 
     /// The longest prefix of `keys` present in this node's own tiers.
@@ -736,6 +761,25 @@ impl Client {
             .wire()?
             .into_inner())
     }
+}
+
+/// The methods this client frames by hand (`kvtier_proto::wire`): the
+/// ones that carry block bytes.
+const PUT: &str = "/kvtier.v1.KvTier/Put";
+const GET: &str = "/kvtier.v1.KvTier/Get";
+const REPLICA_PUT: &str = "/kvtier.v1.Peer/ReplicaPut";
+const REPLICA_GET: &str = "/kvtier.v1.Peer/ReplicaGet";
+
+/// The request frames of a Put or ReplicaPut: its `header` message, then
+/// `data` in data messages of at most `CHUNK_BYTES`, each sent from where
+/// it lies.
+fn with_data(header: Bytes, data: &Bytes) -> Vec<Bytes> {
+    let mut frames = Vec::with_capacity(1 + 2 * piece_count(data.len()));
+    frames.push(header);
+    for d in pieces(data) {
+        frames.extend(wire::bytes_message(wire::DATA_FIELD, d));
+    }
+    frames
 }
 
 /// The text of an error and its sources, each said once: tonic's transport

@@ -59,13 +59,23 @@ async fn every_kind_crosses_the_wire_as_itself() {
         })
         .await
         .unwrap();
-        let e = c.lookup(ns, &[BlockKey(1)]).await.unwrap_err();
-        assert_eq!(e.kind(), kind, "{e}");
-        assert_eq!(
-            e.message(),
-            format!("refused as {} ({})", kind.name(), kind.name()),
-            "{kind:?}"
-        );
+        // A call tonic frames, and the two this client frames by hand (a
+        // Put refused before its bytes are read, and a Get).
+        let errors = [
+            c.lookup(ns, &[BlockKey(1)]).await.unwrap_err(),
+            c.put(ns, &[BlockKey(1)], bytes::Bytes::from(vec![3u8; 1 << 20]))
+                .await
+                .unwrap_err(),
+            c.get(ns, &[BlockKey(1)]).await.unwrap_err(),
+        ];
+        for e in errors {
+            assert_eq!(e.kind(), kind, "{e}");
+            assert_eq!(
+                e.message(),
+                format!("refused as {} ({})", kind.name(), kind.name()),
+                "{kind:?}"
+            );
+        }
     }
     server.abort();
 }

@@ -11,6 +11,8 @@
 //! - [`convert`]: wire ↔ core types (namespaces, keys, tiers, stats).
 //! - [`chunk`]: block bytes streamed as messages of at most [`CHUNK_BYTES`],
 //!   and the presence bitmap.
+//! - [`wire`]: gRPC messages framed by hand for the methods that carry
+//!   block bytes, so that those bytes are not copied on the way.
 //!
 //! # Why
 //!
@@ -28,6 +30,7 @@
 pub mod chunk;
 pub mod convert;
 pub mod error;
+pub mod wire;
 
 /// Generated from `proto/kvtier/v1/kvtier.proto`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
@@ -48,6 +51,16 @@ pub const CHUNK_BYTES: usize = 4 << 20;
 /// The message size limit both sides set on their gRPC stubs: one data
 /// message plus its framing, with room to spare.
 pub const MAX_MESSAGE_BYTES: usize = 2 * CHUNK_BYTES;
+
+/// The HTTP/2 settings both sides set, so that block bytes stream without
+/// waiting for window updates or paying per-frame costs: a DATA frame of up
+/// to 1 MiB (h2's default is 16 KiB), and a stream window that holds a
+/// request of several data messages.
+pub const H2_MAX_FRAME_BYTES: u32 = (1 << 20) - 1;
+/// See [`H2_MAX_FRAME_BYTES`].
+pub const H2_STREAM_WINDOW_BYTES: u32 = 16 << 20;
+/// See [`H2_MAX_FRAME_BYTES`].
+pub const H2_CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 
 /// The file-name prefix of a shared-memory region: the daemon registers
 /// only files named so, directly in its region directory.

@@ -7,6 +7,8 @@
 //!   over it.
 //! - [`service`]: the client-facing `KvTier` gRPC service.
 //! - [`peer`]: the `Peer` gRPC service other kvtierd nodes call.
+//! - `bulk`: the methods of both that carry block bytes, framed by hand
+//!   in front of the generated services (no copy in the gRPC stack).
 //! - [`checkpoints`]: the `Checkpoints` service (chunks and the catalog of
 //!   names).
 //! - [`cluster`]: kvtierd nodes together: membership, replica fan-out,
@@ -40,6 +42,7 @@
 //!   it into a status in one place (`kvtier_proto::error::status`), so its
 //!   kind reaches the client unchanged.
 
+mod bulk;
 pub mod checkpoints;
 pub mod cluster;
 pub mod config;

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use crate::cluster::Cluster;
 use crate::convert;
@@ -23,7 +23,8 @@ use crate::{invalid, status, status_of};
 use kvtier::ErrorKind;
 use kvtier::manager::LoadFailure;
 use kvtier::replication::repair::{Answer, CopyRead, Holder, ReadOutcome};
-use kvtier_proto::chunk::pieces;
+use kvtier_proto::chunk::{piece_count, pieces};
+use kvtier_proto::wire::{self, Message, MessageReader};
 
 /// Keys one request may carry.
 pub const MAX_KEYS: usize = 65_536;
@@ -194,11 +195,12 @@ impl Node {
     }
 
     /// Receives the data messages of a `what` of `blocks` blocks into a
-    /// pooled buffer; `data` picks the bytes out of a message (`None`: not
-    /// a data message).
-    pub(crate) async fn receive<M>(
+    /// pooled buffer, each payload copied once, from the frames it arrived
+    /// in; a message of another shape is decoded as `M` and `data` picks
+    /// its bytes out (`None`: not a data message).
+    pub(crate) async fn receive<M: prost::Message + Default>(
         &self,
-        s: &mut Streaming<M>,
+        s: &mut MessageReader,
         what: &str,
         blocks: usize,
         block: u64,
@@ -208,18 +210,37 @@ impl Node {
         let mut loan = self.admit(what, blocks, block).await?;
         let buf = loan.buf.as_mut().expect("fresh loan");
         let mut got = 0usize;
-        while let Some(m) = s.message().await? {
-            let Some(d) = data(m) else {
-                return Err(invalid(format!("only data messages may follow the {what} header")));
-            };
-            if got + d.len() > total {
-                return Err(status_of(
-                    ErrorKind::BlockSize,
-                    format!("{what} carries more than {blocks} blocks of {block} bytes ({total} bytes)"),
-                ));
+        let too_much = || {
+            status_of(
+                ErrorKind::BlockSize,
+                format!("{what} carries more than {blocks} blocks of {block} bytes ({total} bytes)"),
+            )
+        };
+        while let Some(m) = s.next(wire::DATA_FIELD).await? {
+            match m {
+                Message::Bytes(n) => {
+                    if got + n > total {
+                        return Err(too_much());
+                    }
+                    s.payload(|d| {
+                        buf[got..got + d.len()].copy_from_slice(&d);
+                        got += d.len();
+                        Ok(())
+                    })
+                    .await?;
+                }
+                Message::Whole(b) => {
+                    let m = M::decode(b).map_err(|e| invalid(format!("a {what} message that does not decode: {e}")))?;
+                    let Some(d) = data(m) else {
+                        return Err(invalid(format!("only data messages may follow the {what} header")));
+                    };
+                    if got + d.len() > total {
+                        return Err(too_much());
+                    }
+                    buf[got..got + d.len()].copy_from_slice(&d);
+                    got += d.len();
+                }
             }
-            buf[got..got + d.len()].copy_from_slice(&d);
-            got += d.len();
         }
         if got != total {
             // The same kind as a wrong buffer size in the embedded store.
@@ -231,8 +252,8 @@ impl Node {
         Ok(Bytes::from_owner(loan).slice(..total))
     }
 
-    pub(crate) async fn put_inner(&self, mut s: Streaming<proto::PutRequest>) -> Result<proto::PutResponse, Status> {
-        let header = match s.message().await? {
+    pub(crate) async fn put_inner(&self, mut s: MessageReader) -> Result<proto::PutResponse, Status> {
+        let header = match s.decode::<proto::PutRequest>().await? {
             Some(proto::PutRequest {
                 msg: Some(put_request::Msg::Header(h)),
             }) => h,
@@ -242,7 +263,7 @@ impl Node {
         let block = self.block_bytes(ns)?;
         let keys = convert::keys(&header.keys, MAX_KEYS)?;
         let data = self
-            .receive(&mut s, "put", keys.len(), block, |m| match m.msg {
+            .receive(&mut s, "put", keys.len(), block, |m: proto::PutRequest| match m.msg {
                 Some(put_request::Msg::Data(d)) => Some(d),
                 _ => None,
             })
@@ -448,8 +469,17 @@ impl Node {
 
     /// Loads the leading present blocks: from the local tiers, then (with
     /// `peers`, in a cluster) from peers, promoting what they send into the
-    /// local tiers. Answers the stream and the blocks it carries.
-    pub(crate) async fn get_inner(&self, req: proto::GetRequest, peers: bool) -> Result<(GetStream, usize), Status> {
+    /// local tiers. Answers the frames of the Get's answer (a header, then
+    /// the bytes in data messages of at most `CHUNK_BYTES`, each a slice of
+    /// the buffer they were loaded into) and the blocks they carry.
+    pub(crate) async fn get_inner(&self, mut s: MessageReader, peers: bool) -> Result<(Vec<Bytes>, usize), Status> {
+        let req = s
+            .decode::<proto::GetRequest>()
+            .await?
+            .ok_or_else(|| invalid("a Get without a request message"))?;
+        if s.next(wire::DATA_FIELD).await?.is_some() {
+            return Err(invalid("a Get takes one request message"));
+        }
         let ns = convert::namespace_id(&req.namespace_id)?;
         let block = self.block_bytes(ns)?;
         let keys = convert::keys(&req.keys, MAX_KEYS)?;
@@ -467,16 +497,14 @@ impl Node {
             .await?;
         let header = get_header(&out, block);
         let bytes = Bytes::from_owner(loan).slice(..out.loaded * block as usize);
-        let header = Ok(proto::GetResponse {
+        let mut frames = Vec::with_capacity(1 + 2 * piece_count(bytes.len()));
+        frames.push(wire::message(&proto::GetResponse {
             msg: Some(get_response::Msg::Header(header)),
-        });
-        let data = pieces(&bytes).map(|d| {
-            Ok(proto::GetResponse {
-                msg: Some(get_response::Msg::Data(d)),
-            })
-        });
-        let msgs: Vec<_> = std::iter::once(header).chain(data).collect();
-        Ok((Box::pin(tokio_stream::iter(msgs)), out.loaded))
+        }));
+        for d in pieces(&bytes) {
+            frames.extend(wire::bytes_message(wire::DATA_FIELD, d));
+        }
+        Ok((frames, out.loaded))
     }
 
     /// The longest present prefix: local tiers, then (with `peers`, in a

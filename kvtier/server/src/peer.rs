@@ -15,6 +15,7 @@ use crate::node::{GetStream, MAX_KEYS, Node};
 use crate::proto::{self, replica_put_request};
 use crate::{invalid, status, status_of};
 use kvtier::ErrorKind;
+use kvtier_proto::wire::MessageReader;
 
 /// The service, over the same block manager as the client API.
 #[derive(Debug, Clone)]
@@ -54,11 +55,8 @@ impl PeerService {
         Ok(())
     }
 
-    async fn replica_put_inner(
-        &self,
-        mut s: Streaming<proto::ReplicaPutRequest>,
-    ) -> Result<proto::PutResponse, Status> {
-        let header = match s.message().await? {
+    async fn replica_put_inner(&self, mut s: MessageReader) -> Result<proto::PutResponse, Status> {
+        let header = match s.decode::<proto::ReplicaPutRequest>().await? {
             Some(proto::ReplicaPutRequest {
                 msg: Some(replica_put_request::Msg::Header(h)),
             }) => h,
@@ -83,10 +81,16 @@ impl PeerService {
         };
         let data = self
             .node
-            .receive(&mut s, "replica put", keys.len(), block, |m| match m.msg {
-                Some(replica_put_request::Msg::Data(d)) => Some(d),
-                _ => None,
-            })
+            .receive(
+                &mut s,
+                "replica put",
+                keys.len(),
+                block,
+                |m: proto::ReplicaPutRequest| match m.msg {
+                    Some(replica_put_request::Msg::Data(d)) => Some(d),
+                    _ => None,
+                },
+            )
             .await?;
         let n = keys.len() as u64;
         let out = self
@@ -95,6 +99,30 @@ impl PeerService {
             .await?;
         self.cluster.counters.replica_blocks_received.fetch_add(n, Relaxed);
         Ok(out)
+    }
+}
+
+/// The methods that carry block bytes, served by `crate::bulk`.
+impl PeerService {
+    pub(crate) async fn replica_put_bulk(&self, s: MessageReader) -> Result<proto::PutResponse, Status> {
+        let t = Instant::now();
+        let r = self.replica_put_inner(s).await;
+        self.node.observe("ReplicaPut", t, &r);
+        r
+    }
+
+    pub(crate) async fn replica_get_bulk(&self, s: MessageReader) -> Result<Vec<bytes::Bytes>, Status> {
+        let t = Instant::now();
+        let r = self.node.get_inner(s, false).await;
+        if let Ok((_, n)) = &r {
+            self.cluster
+                .counters
+                .replica_blocks_served
+                .fetch_add(*n as u64, Relaxed);
+        }
+        let r = r.map(|(frames, _)| frames);
+        self.node.observe("ReplicaGet", t, &r);
+        r
     }
 }
 
@@ -137,27 +165,14 @@ impl proto::peer_server::Peer for PeerService {
         r.map(Response::new)
     }
 
-    async fn replica_put(&self, req: Request<Streaming<proto::ReplicaPutRequest>>) -> Reply<proto::PutResponse> {
-        let t = Instant::now();
-        let r = self.replica_put_inner(req.into_inner()).await;
-        self.node.observe("ReplicaPut", t, &r);
-        r.map(Response::new)
+    async fn replica_put(&self, _req: Request<Streaming<proto::ReplicaPutRequest>>) -> Reply<proto::PutResponse> {
+        Err(crate::bulk::not_here("ReplicaPut"))
     }
 
     type ReplicaGetStream = GetStream;
 
-    async fn replica_get(&self, req: Request<proto::GetRequest>) -> Reply<GetStream> {
-        let t = Instant::now();
-        let r = self.node.get_inner(req.into_inner(), false).await;
-        if let Ok((_, n)) = &r {
-            self.cluster
-                .counters
-                .replica_blocks_served
-                .fetch_add(*n as u64, Relaxed);
-        }
-        let r = r.map(|(s, _)| s);
-        self.node.observe("ReplicaGet", t, &r);
-        r.map(Response::new)
+    async fn replica_get(&self, _req: Request<proto::GetRequest>) -> Reply<GetStream> {
+        Err(crate::bulk::not_here("ReplicaGet"))
     }
 
     type ReplicaGetChunkStream =

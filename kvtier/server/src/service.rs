@@ -11,6 +11,7 @@ use crate::node::{GetStream, MAX_KEYS, Node};
 use crate::proto;
 use crate::{invalid, status, status_of};
 use kvtier::ErrorKind;
+use kvtier_proto::wire::MessageReader;
 
 /// The service. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -26,6 +27,23 @@ impl KvTierService {
 }
 
 type Reply<T> = Result<Response<T>, Status>;
+
+/// The methods that carry block bytes, served by `crate::bulk`.
+impl KvTierService {
+    pub(crate) async fn put_bulk(&self, s: MessageReader) -> Result<proto::PutResponse, Status> {
+        let t = Instant::now();
+        let r = self.node.put_inner(s).await;
+        self.node.observe("Put", t, &r);
+        r
+    }
+
+    pub(crate) async fn get_bulk(&self, s: MessageReader) -> Result<Vec<Bytes>, Status> {
+        let t = Instant::now();
+        let r = self.node.get_inner(s, true).await.map(|(frames, _)| frames);
+        self.node.observe("Get", t, &r);
+        r
+    }
+}
 
 #[tonic::async_trait]
 impl proto::kv_tier_server::KvTier for KvTierService {
@@ -169,20 +187,14 @@ impl proto::kv_tier_server::KvTier for KvTierService {
         r.map(Response::new)
     }
 
-    async fn put(&self, req: Request<Streaming<proto::PutRequest>>) -> Reply<proto::PutResponse> {
-        let t = Instant::now();
-        let r = self.node.put_inner(req.into_inner()).await;
-        self.node.observe("Put", t, &r);
-        r.map(Response::new)
+    async fn put(&self, _req: Request<Streaming<proto::PutRequest>>) -> Reply<proto::PutResponse> {
+        Err(crate::bulk::not_here("Put"))
     }
 
     type GetStream = GetStream;
 
-    async fn get(&self, req: Request<proto::GetRequest>) -> Reply<GetStream> {
-        let t = Instant::now();
-        let r = self.node.get_inner(req.into_inner(), true).await.map(|(s, _)| s);
-        self.node.observe("Get", t, &r);
-        r.map(Response::new)
+    async fn get(&self, _req: Request<proto::GetRequest>) -> Reply<GetStream> {
+        Err(crate::bulk::not_here("Get"))
     }
 
     async fn delete(&self, req: Request<proto::DeleteRequest>) -> Reply<proto::DeleteResponse> {

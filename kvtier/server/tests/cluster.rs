@@ -1159,4 +1159,56 @@ async fn keys_whose_uploader_is_killed_before_uploading_land_from_another_replic
         taken += w.uploaded_blocks;
     }
     assert_eq!(taken, N, "every key uploaded once by a survivor");
+
+/// A Put larger than one replica piece reaches each peer as several
+/// pipelined ReplicaPuts: every replica holds every block byte for byte,
+/// with R = 3 (each peer's copy the whole request) and R = 2 (each peer's
+/// copy the blocks placement gives it, gathered, then cut into pieces).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_of_many_pieces_reaches_every_replica_byte_for_byte() {
+    let block = 1 << 20;
+    let cl = Cluster::start(3);
+    cl.all_up().await;
+    let clients = [cl.client(0).await, cl.client(1).await, cl.client(2).await];
+    let a = &clients[0];
+    for r in [3usize, 2] {
+        let def = namespace(&format!("pieces-r{r}"), block);
+        a.register_replicated(&def, Some(r as u32), None).await.unwrap();
+        let ns = def.id();
+        // 13 blocks of 1 MiB: pieces of 4 blocks and a last one of 1.
+        let n = 13u64;
+        let bytes: Vec<u8> = (0..n).flat_map(|i| content(ns, i, block)).collect();
+        let before: Vec<u64> = {
+            let mut v = Vec::new();
+            for c in &clients {
+                v.push(cluster_stats(c).await.replica_blocks_received);
+            }
+            v
+        };
+        let put = a.put(ns, &keys(ns, 0..n), bytes::Bytes::from(bytes)).await.unwrap();
+        assert_eq!(put.stored, n as u32, "R = {r}");
+        let mut expect = [0u64; 3];
+        for i in 0..n {
+            let on = cl.replicas(&key(ns, i), r);
+            for (j, c) in clients.iter().enumerate() {
+                let g = c.replica_get(ns, &[key(ns, i)]).await.unwrap();
+                let holds = on.iter().any(|id| id.0 == IDS[j]);
+                assert_eq!(g.loaded == 1, holds, "R = {r}: block {i} on {}", IDS[j]);
+                if holds {
+                    assert!(
+                        g.data[..] == content(ns, i, block)[..],
+                        "R = {r}: block {i} differs on {}",
+                        IDS[j]
+                    );
+                    if j != 0 {
+                        expect[j] += 1;
+                    }
+                }
+            }
+        }
+        for j in 1..3 {
+            let got = cluster_stats(&clients[j]).await.replica_blocks_received - before[j];
+            assert_eq!(got, expect[j], "R = {r}: blocks {} received", IDS[j]);
+        }
+    }
 }

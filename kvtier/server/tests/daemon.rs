@@ -142,7 +142,11 @@ async fn many_concurrent_clients_lose_nothing() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &[("KVTIER_DISK_CAPACITY_BYTES", &(2u64 << 30).to_string())]);
+    let capacity = 2u64 << 30;
+    // Within the disk's capacity, so that nothing is evicted: a fast enough
+    // daemon fills any capacity in time, and an evicted block is not lost.
+    let per_client = (capacity * 3 / 4 / (clients * 64 * 1024)).min(2000);
+    let d = Daemon::start(dir.path(), &[("KVTIER_DISK_CAPACITY_BYTES", &capacity.to_string())]);
     let first = d.client().await;
     let (ns, _) = first.register(&namespace("many", 64 * 1024)).await.unwrap();
     let mut tasks = Vec::new();
@@ -154,7 +158,7 @@ async fn many_concurrent_clients_lose_nothing() {
             let mut stored = Vec::new();
             let mut i = 0u64;
             // Bounded in count as well as time.
-            while Instant::now() < deadline && i < 2000 {
+            while Instant::now() < deadline && i < per_client {
                 let id = w * 1_000_000 + i;
                 let k = key(ns, id);
                 let data = kvtier::tier::conformance::content(k, 64 * 1024);
@@ -382,4 +386,90 @@ async fn a_daemon_that_stops_answering_fails_calls_as_unavailable_within_the_tim
     assert!(waited < Duration::from_secs(5), "the call waited {waited:?}");
     // Thawed, the same client answers.
     assert_eq!(c.lookup(ns, &[key(ns, 0)]).await.unwrap().hit_blocks, 1);
+}
+
+/// Block bytes cross the streamed path byte for byte: blocks larger than
+/// one data message (so blocks straddle messages), a request of many
+/// messages, and every mix of this client (which frames the bytes by hand)
+/// with tonic's generated one (a generic gRPC client) on either side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_blocks_round_trip_byte_for_byte_with_any_grpc_client() {
+    use kvtier_proto::proto::{self, kv_tier_client::KvTierClient};
+    let block = 3 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            ("KVTIER_MODE", "tiered"),
+            ("KVTIER_HOST_CAPACITY_BYTES", &(128u64 << 20).to_string()),
+            ("KVTIER_MAX_REQUEST_BYTES", &(64u64 << 20).to_string()),
+        ],
+    );
+    let c = d.client().await;
+    let (ns, _) = c.register(&namespace("large", block)).await.unwrap();
+    let ns_id = bytes::Bytes::copy_from_slice(&ns.0.to_le_bytes());
+    let key_bytes = |i: u64| bytes::Bytes::copy_from_slice(&key(ns, i).to_le_bytes());
+    let mut generic = KvTierClient::connect(d.endpoint())
+        .await
+        .unwrap()
+        .max_decoding_message_size(kvtier_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(kvtier_proto::MAX_MESSAGE_BYTES);
+    // 5 blocks of 3 MiB in one request: 15 MiB in 4 data messages.
+    let first: Vec<u64> = (0..5).collect();
+    let data: Vec<u8> = first.iter().flat_map(|i| content(ns, *i, block)).collect();
+    let keys: Vec<_> = first.iter().map(|i| key(ns, *i)).collect();
+    assert_eq!(c.put(ns, &keys, Bytes::from(data.clone())).await.unwrap().stored, 5);
+    // The same blocks back through both clients.
+    let g = c.get(ns, &keys).await.unwrap();
+    assert_eq!(g.loaded, 5);
+    assert!(g.data[..] == data[..], "this client's get altered the bytes");
+    let mut out = vec![0u8; data.len()];
+    assert_eq!(c.get_into(ns, &keys, &mut out).await.unwrap().loaded, 5);
+    assert!(out == data, "get_into altered the bytes");
+    let mut s = generic
+        .get(proto::GetRequest {
+            namespace_id: ns_id.clone(),
+            keys: first.iter().map(|i| key_bytes(*i)).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut back = Vec::new();
+    let mut messages = 0;
+    while let Some(m) = s.message().await.unwrap() {
+        messages += 1;
+        match m.msg {
+            Some(proto::get_response::Msg::Header(h)) => assert_eq!((messages, h.loaded), (1, 5)),
+            Some(proto::get_response::Msg::Data(d)) => back.extend_from_slice(&d),
+            None => panic!("an empty message"),
+        }
+    }
+    assert_eq!(messages, 1 + data.len().div_ceil(kvtier_proto::CHUNK_BYTES));
+    assert!(back == data, "a generic client's get altered the bytes");
+    // Blocks a generic client puts (in pieces of its own size, 1 MiB)
+    // come back whole through this client.
+    let second: Vec<u64> = (10..13).collect();
+    let data: Vec<u8> = second.iter().flat_map(|i| content(ns, *i, block)).collect();
+    let mut msgs = vec![proto::PutRequest {
+        msg: Some(proto::put_request::Msg::Header(proto::PutHeader {
+            namespace_id: ns_id.clone(),
+            keys: second.iter().map(|i| key_bytes(*i)).collect(),
+        })),
+    }];
+    msgs.extend(data.chunks(1 << 20).map(|d| proto::PutRequest {
+        msg: Some(proto::put_request::Msg::Data(bytes::Bytes::copy_from_slice(d))),
+    }));
+    let r = generic.put(tokio_stream::iter(msgs)).await.unwrap().into_inner();
+    assert_eq!(r.stored, 3);
+    let keys: Vec<_> = second.iter().map(|i| key(ns, *i)).collect();
+    let g = c.get(ns, &keys).await.unwrap();
+    assert_eq!(g.loaded, 3);
+    assert!(g.data[..] == data[..], "blocks a generic client put came back altered");
+    // A request whose bytes are one block short is refused and stores
+    // nothing, whichever client sends it.
+    let short = Bytes::from(data[..2 * block].to_vec());
+    let fresh: Vec<_> = (20..23).map(|i| key(ns, i)).collect();
+    let e = c.put(ns, &fresh, short).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::BlockSize, "{e}");
+    assert_eq!(c.lookup(ns, &fresh).await.unwrap().hit_blocks, 0);
 }

@@ -10,15 +10,24 @@ use kvtier::replication::placement::{Member, NodeId};
 use parking_lot::RwLock;
 use std::collections::BTreeMap;
 use std::time::Duration;
+use tokio::sync::Semaphore;
 
 use kvtier_client::{Client, ClientConfig};
 
-/// One peer: its id, endpoint and client.
+/// Replica writes in flight to one peer at most, across all of this
+/// node's writes: enough to keep the peer storing one piece while the next
+/// ones are on the wire, few enough that a slow peer holds a bounded
+/// amount of this node's memory.
+pub const REPLICA_WRITES_IN_FLIGHT: usize = 8;
+
+/// One peer: its id, endpoint and client, and the slots of its replica
+/// writes in flight.
 #[derive(Debug)]
 struct Entry {
     id: NodeId,
     endpoint: String,
     client: Client,
+    slots: Semaphore,
 }
 
 /// Peer clients by member id.
@@ -58,6 +67,7 @@ impl Peers {
             id: m.id.clone(),
             endpoint,
             client,
+            slots: Semaphore::new(REPLICA_WRITES_IN_FLIGHT),
         }));
         self.map.write().insert(m.id.clone(), entry);
         Ok(())
@@ -67,6 +77,12 @@ impl Peers {
     /// callers treat as an unreachable one.
     pub fn get(&self, id: &NodeId) -> Option<&'static Client> {
         self.map.read().get(id).map(|e| &e.client)
+    }
+
+    /// The client of `id` with the slots of its replica writes in flight
+    /// (at most [`REPLICA_WRITES_IN_FLIGHT`] taken at once).
+    pub fn with_slots(&self, id: &NodeId) -> Option<(&'static Client, &'static Semaphore)> {
+        self.map.read().get(id).map(|e| (&e.client, &e.slots))
     }
 
     /// Whether `id` has a client.

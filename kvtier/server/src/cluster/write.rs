@@ -1,8 +1,27 @@
 //! Replicated writes: the fan-out to the targets the core's placement
 //! picks, the tally the core keeps, and the copies kept here (with hints)
 //! for replicas that missed them.
+//!
+//! The copies go to every target at once, and each peer's copy is
+//! pipelined: sent as pieces of at most one data message, several in
+//! flight per peer (bounded across all writes), so the peer stores the
+//! first piece while the next ones are on the wire.
 
 use super::*;
+use tokio::sync::Semaphore;
+
+/// The most bytes one ReplicaPut of a fan-out carries: a write of more is
+/// sent as several, pipelined (see `Cluster::replicate`). One data message.
+pub(super) const REPLICA_PIECE_BYTES: usize = kvtier_proto::CHUNK_BYTES;
+
+/// What every ReplicaPut of one copy carries besides its blocks.
+#[derive(Debug, Clone)]
+struct ReplicaCopy {
+    ns: NamespaceId,
+    spec: Option<proto::ReplicaRegisterRequest>,
+    hint_for: Option<String>,
+    chunk_len: Option<u64>,
+}
 
 impl Cluster {
     /// Stores a copy here: `keys` of `ns`, back to back in `data`; with
@@ -101,22 +120,19 @@ impl Cluster {
                         .map_err(kvtier_proto::error::from_status)
                 } else {
                     this.counters.replica_writes_sent.fetch_add(1, Relaxed);
-                    let r = match this.peers.get(&node) {
+                    let r = match this.peers.with_slots(&node) {
                         None => Err(kvtier::Error::new(
                             ErrorKind::Unavailable,
                             format!("member {node} has no client yet"),
                         )),
-                        Some(c) => {
-                            let t = this.timeout_for(gdata.len());
-                            let hint = hint_for.as_ref().map(|h| h.0.clone());
-                            let put = c.replica_put(ns, &gkeys, gdata, spec, hint, chunk_len);
-                            match tokio::time::timeout(t, put).await {
-                                Ok(r) => r,
-                                Err(_) => Err(kvtier::Error::new(
-                                    ErrorKind::Unavailable,
-                                    format!("no answer within {t:?}"),
-                                )),
-                            }
+                        Some(peer) => {
+                            let copy = ReplicaCopy {
+                                ns,
+                                spec,
+                                hint_for: hint_for.as_ref().map(|h| h.0.clone()),
+                                chunk_len,
+                            };
+                            this.replicate(peer, copy, gkeys, gdata, block).await
                         }
                     };
                     if r.is_err() {
@@ -197,6 +213,54 @@ impl Cluster {
                 format!("a write verdict this build does not know: {other:?}"),
             )),
         }
+    }
+
+    /// Copies `keys` (`block` bytes each, back to back in `data`) to one
+    /// peer as ReplicaPuts of at most [`REPLICA_PIECE_BYTES`], sent at once
+    /// but holding one of the peer's slots each (so at most
+    /// [`super::peers::REPLICA_WRITES_IN_FLIGHT`] to that peer across all
+    /// writes): the peer
+    /// stores the first pieces while the next are on the wire. Each piece
+    /// has its own time bound, counted once it holds a slot. Answers the
+    /// counts summed, or the first failure (the other pieces are dropped;
+    /// the caller keeps the whole group's copy for the peer).
+    async fn replicate(
+        &self,
+        (c, slots): (&'static Client, &'static Semaphore),
+        copy: ReplicaCopy,
+        keys: Vec<BlockKey>,
+        data: Bytes,
+        block: usize,
+    ) -> kvtier::Result<proto::PutResponse> {
+        let per = (REPLICA_PIECE_BYTES / block).max(1);
+        let mut set = JoinSet::new();
+        for (i, ks) in keys.chunks(per).enumerate() {
+            // A chunk (one key, shorter than a block) is one piece.
+            let d = if keys.len() <= per {
+                data.clone()
+            } else {
+                data.slice(i * per * block..(i * per + ks.len()) * block)
+            };
+            let (ks, copy, t) = (ks.to_vec(), copy.clone(), self.timeout_for(d.len()));
+            set.spawn(async move {
+                let _slot = slots.acquire().await.expect("the slots are never closed");
+                let put = c.replica_put(copy.ns, &ks, d, copy.spec, copy.hint_for, copy.chunk_len);
+                tokio::time::timeout(t, put).await.unwrap_or_else(|_| {
+                    Err(kvtier::Error::new(
+                        ErrorKind::Unavailable,
+                        format!("no answer within {t:?}"),
+                    ))
+                })
+            });
+        }
+        let mut sum = proto::PutResponse::default();
+        while let Some(j) = set.join_next().await {
+            let p = j.map_err(|e| kvtier::Error::new(ErrorKind::Internal, format!("replica piece task: {e}")))??;
+            sum.stored += p.stored;
+            sum.present += p.present;
+            sum.not_admitted += p.not_admitted;
+        }
+        Ok(sum)
     }
 
     /// Marks the copies of `keys` of `ns` (bytes `data`) that a write
