@@ -1159,6 +1159,7 @@ async fn keys_whose_uploader_is_killed_before_uploading_land_from_another_replic
         taken += w.uploaded_blocks;
     }
     assert_eq!(taken, N, "every key uploaded once by a survivor");
+}
 
 /// A Put larger than one replica piece reaches each peer as several
 /// pipelined ReplicaPuts: every replica holds every block byte for byte,
