@@ -1,11 +1,8 @@
-//! The gossip driver: the core's SWIM state machine
-//! ([`kvtier::replication::swim`]) over real sockets. Not wired into
-//! kvtierd yet: the cluster still runs its heartbeats. Wiring it means
-//! starting a [`Gossip`] next to the cluster, applying each
-//! [`MemberChange`] it reports to the view with [`apply_change`] (through
-//! the same path as today's joins and leaves: clients first, then the
-//! view, then a rebalancing pass when the list changed), and retiring the
-//! heartbeats and the list catch-up they carry.
+//! Gossip membership: the core's SWIM state machine
+//! ([`kvtier::replication::swim`]) over real sockets ([`Gossip`]), and
+//! kvtierd's cluster fed by it when `cluster.membership = "gossip"`.
+//!
+//! # The driver
 //!
 //! One port serves both transports: UDP for SWIM's datagrams (probes,
 //! acks, gossip; lost ones are SWIM's business) and TCP for syncs (a
@@ -16,9 +13,42 @@
 //! a name (a Kubernetes headless service) is resolved to all its
 //! addresses at each join attempt, here, since resolving is I/O.
 //!
-//! Not done yet: gossip is neither authenticated nor encrypted (the
-//! cluster's token should sign each message), and the port is not in the
-//! config.
+//! # In kvtierd
+//!
+//! [`Cluster::start_gossip`] binds `cluster.gossip_port` (default: the
+//! port after this node's gRPC `addr`) before the daemon announces its
+//! address, so a port that cannot be bound fails the start. It takes this
+//! start's generation from `data_dir/gossip.json` (one more than the last,
+//! at least the seconds since 2024; saved durably before use, and saved
+//! again when a refuted "down" raises it), so a restarted node is a newer
+//! identity that wins over its old "down" everywhere. The members the view
+//! already lists (the saved list, or the config's) are handed to the state
+//! machine as known at generation 0, so probes find one that never comes
+//! back down, as missed heartbeats would. Then it joins through
+//! `cluster.seeds` (default: the other members' gossip addresses).
+//!
+//! Each [`MemberChange`] is applied in order, through the paths the
+//! heartbeats used: a liveness change to the view's
+//! [`Membership::set_liveness`] (and so the same logging, resync of a
+//! member back from down, upload takeover); a join or leave through the
+//! member-list change (clients first, then the view with its slot table
+//! computed off the runtime, then a rebalancing pass; `members.json`
+//! saved). A join of a member already listed as it is (a restart, a
+//! refutation) changes nothing. The heartbeat loop keeps running without
+//! pings and without the list catch-up: it only starts hint deliveries,
+//! resyncs, rebalancing and namespace registrations to members up again.
+//!
+//! A leave (`kvtier cluster leave`) of this node tells gossip (the others
+//! see "left", not a failure), stops gossiping, and hands the keys over by
+//! a non-member's rebalancing pass; a leave of another live member is sent
+//! to it; a leave of a member that is down declares it left for good
+//! ([`Swim::remove`]). `kvtier cluster join` is refused: a node joins by
+//! starting with seeds. A stop (SIGTERM) is not a leave: the node is down
+//! until it restarts.
+//!
+//! Not done: gossip is neither authenticated nor encrypted (the cluster's
+//! token should sign each message), and a node that places keys in
+//! another slot count is not refused as the heartbeats' pings refuse it.
 
 use super::Cluster;
 use crate::config::{ClusterConfig, MembershipMode};
@@ -26,8 +56,6 @@ use crate::{proto, status_of};
 use kvtier::replication::membership::{Liveness, Membership};
 use kvtier::replication::placement::NodeId;
 use kvtier::replication::swim::MAX_GENERATION;
-#[cfg(doc)]
-use kvtier::replication::swim::apply_change;
 use kvtier::replication::swim::{
     Channel, Directory, MemberChange, Peer, Ready, Swim, SwimConfig, SwimStats, SwimTimer,
 };
