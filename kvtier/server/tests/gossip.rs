@@ -18,9 +18,9 @@ use std::sync::Mutex;
 
 const BLOCK: usize = common::CLUSTER_BLOCK;
 
-/// SWIM fast enough for tests: a probe every 200 ms, a suspect down after
-/// 600 ms, syncs every second.
-const FAST: &str = "swim = { probe_period_ms = 200, probe_rtt_ms = 80, suspect_timeout_ms = 600, gossip_interval_ms = 50, sync_interval_ms = 1000, join_retry_ms = 300, announce_interval_ms = 1000 }\n";
+/// SWIM fast enough for tests: a probe every 250 ms, a suspect down after
+/// 1.5 s (time to refute on a loaded machine), syncs every second.
+const FAST: &str = "swim = { probe_period_ms = 250, probe_rtt_ms = 100, suspect_timeout_ms = 1500, gossip_interval_ms = 50, sync_interval_ms = 1000, join_retry_ms = 300, announce_interval_ms = 1000 }\n";
 
 /// Clients of the running nodes.
 async fn clients(cl: &Nodes) -> Vec<Client> {
@@ -95,12 +95,19 @@ async fn reads_back(cl: &Nodes, ids: &[&str], ns: NamespaceId, n: u64) {
     }
 }
 
-/// Waits until node `i` holds every block `0..n` of `ns` itself (a
-/// replica of all of them at R = 3 on 3 nodes): what it missed came back.
-async fn holds_all(cl: &Nodes, i: usize, ns: NamespaceId, n: u64) {
+/// Waits until node `i` holds every block of `ns` in `0..n` that it is a
+/// replica of at R = `r`: what it missed came back.
+async fn holds_its_own(cl: &Nodes, i: usize, ns: NamespaceId, n: u64, r: usize) {
+    let placement = table(&cl.members());
+    let me = NodeId(cl.nodes[i].id.clone());
+    let own: Vec<_> = (0..n)
+        .map(|b| key(ns, b))
+        .filter(|k| placement.replicas(k, r).unwrap().contains(&me))
+        .collect();
+    assert!(!own.is_empty(), "{me} is a replica of some keys");
     let c = cl.client(i).await;
-    eventually(&format!("{} holds every block again", cl.nodes[i].id), 30, || async {
-        c.replica_has(ns, &keys(ns, 0..n)).await.unwrap().iter().all(|h| *h)
+    eventually(&format!("{me} holds its {} blocks again", own.len()), 30, || async {
+        c.replica_has(ns, &own).await.unwrap().iter().all(|h| *h)
     })
     .await;
 }
@@ -112,26 +119,37 @@ async fn r3(a: &Client, name: &str) -> NamespaceId {
     def.id()
 }
 
+/// 4 nodes, R = 3 with strong writes: while c is down its copies go to
+/// the stand-in with a hint, and come back to it when it restarts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_node_is_seen_down_writes_go_on_and_it_comes_back_with_all_of_them() {
-    let mut cl = Nodes::start_gossip(&["a", "b", "c"], FAST, &[]);
-    let first = converged(&cl, &["a", "b", "c"]).await;
+async fn a_killed_node_is_seen_down_writes_go_on_hinted_and_it_comes_back_with_all_of_them() {
+    let all = ["a", "b", "c", "d"];
+    let mut cl = Nodes::start_gossip(&all, FAST, &[]);
+    let first = converged(&cl, &all).await;
     let a = cl.client(0).await;
-    let ns = r3(&a, "gossip-kill").await;
+    let def = namespace("gossip-kill", BLOCK);
+    a.register_replicated(&def, Some(3), None).await.unwrap();
+    let ns = def.id();
     a.put(ns, &keys(ns, 0..20), data(ns, 0..20)).await.unwrap();
 
     cl.kill(2);
-    let b = cl.client(1).await;
-    eventually("a and b see c down", 20, || async {
-        liveness(&a, "c").await == "down" && liveness(&b, "c").await == "down"
+    let (b, d) = (cl.client(1).await, cl.client(3).await);
+    eventually("a, b and d see c down", 20, || async {
+        liveness(&a, "c").await == "down" && liveness(&b, "c").await == "down" && liveness(&d, "c").await == "down"
     })
     .await;
-    // Acknowledged by a and b while c is down.
-    let n = 60;
+    // Acknowledged by three copies each while c is down: c's copies went
+    // to a stand-in, with hints.
+    let n = 100;
     a.put(ns, &keys(ns, 20..n), data(ns, 20..n)).await.unwrap();
+    let mut pending = 0;
+    for c in [&a, &b, &d] {
+        pending += cluster_stats(c).await.hints_pending;
+    }
+    assert!(pending > 0, "hints held for c");
 
     cl.start_node(2);
-    let after = converged(&cl, &["a", "b", "c"]).await;
+    let after = converged(&cl, &all).await;
     assert_eq!(
         after[0].members_digest, first[0].members_digest,
         "a restart moves no key"
@@ -142,8 +160,22 @@ async fn a_killed_node_is_seen_down_writes_go_on_and_it_comes_back_with_all_of_t
         first[2].gossip_generation,
         after[2].gossip_generation
     );
-    holds_all(&cl, 2, ns, n).await;
-    reads_back(&cl, &["a", "b", "c"], ns, n).await;
+    holds_its_own(&cl, 2, ns, n, 3).await;
+    let cs = clients(&cl).await;
+    eventually("every hint delivered", 30, || async {
+        let mut left = 0;
+        for c in &cs {
+            left += cluster_stats(c).await.hints_pending;
+        }
+        left == 0
+    })
+    .await;
+    let mut delivered = 0;
+    for c in &cs {
+        delivered += cluster_stats(c).await.hints_delivered;
+    }
+    assert!(delivered > 0, "c got its copies back by hints");
+    reads_back(&cl, &all, ns, n).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,7 +213,7 @@ async fn a_paused_node_is_suspected_then_refutes_and_loses_no_write() {
         after[2].gossip_generation
     );
     eprintln!("a saw c: {seen:?}");
-    holds_all(&cl, 2, ns, n).await;
+    holds_its_own(&cl, 2, ns, n, 3).await;
     reads_back(&cl, &["a", "b", "c"], ns, n).await;
 }
 
@@ -310,4 +342,45 @@ async fn a_graceful_leave_hands_every_key_over() {
     let changed = placed_by(&cl, ns, n, &old, &new).await;
     assert!(changed > 0, "d held keys");
     reads_back(&cl, &["a", "b", "c"], ns, n).await;
+}
+
+/// A bad gossip setting is a configuration error (exit 2) naming the key;
+/// a gossip port that is taken fails the start before kvtierd serves.
+#[test]
+fn bad_gossip_settings_and_a_taken_gossip_port_fail_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port_pairs(1)[0];
+    let config = |extra: &str| {
+        let f = dir.path().join("a.toml");
+        std::fs::write(
+            &f,
+            format!(
+                "[cluster]\nnode_id = \"a\"\nmembership = \"gossip\"\n{extra}members = [{{ id = \"a\", addr = \"127.0.0.1:{port}\" }}]\n"
+            ),
+        )
+        .unwrap();
+        f
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let start = |f: &std::path::Path| {
+        common::Daemon::start_fails(
+            &dir.path().join("data"),
+            &[("KVTIER_CONFIG", f.to_str().unwrap()), ("KVTIER_LISTEN", &listen)],
+        )
+    };
+    let e = start(&config("seeds = [\"no-port\"]\n"));
+    assert_eq!(e.status.code(), Some(2), "{e:?}");
+    assert!(
+        e.stderr.contains("cluster.seeds[0] \"no-port\" must be host:port"),
+        "{e:?}"
+    );
+    let e = start(&config("swim = { probe_period_ms = 100, probe_rtt_ms = 100 }\n"));
+    assert_eq!(e.status.code(), Some(2), "{e:?}");
+    assert!(e.stderr.contains("cluster.swim.probe_rtt_ms (100)"), "{e:?}");
+
+    // Someone else holds the gossip port (the gRPC port plus 1).
+    let _taken = std::net::UdpSocket::bind(("127.0.0.1", port + 1)).unwrap();
+    let e = start(&config(""));
+    assert_ne!(e.status.code(), Some(0), "{e:?}");
+    assert!(e.stderr.contains("gossip UDP socket"), "{e:?}");
 }

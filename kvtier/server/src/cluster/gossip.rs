@@ -498,6 +498,12 @@ impl GossipState {
         Ok(next)
     }
 
+    /// Takes the running member out (dropping it stops it without a
+    /// leave).
+    pub(super) fn stop(&self) -> Option<Gossip> {
+        self.running.lock().take()
+    }
+
     fn save(&self, generation: u32) -> Result<()> {
         let text = serde_json::to_vec_pretty(&SavedGeneration { generation })
             .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;

@@ -313,6 +313,8 @@ impl Cluster {
             t.0 = true;
             std::mem::take(&mut t.1)
         };
+        // Gossip stops answering probes: the others find this node down.
+        drop(self.gossip.stop());
         for h in &tasks {
             h.abort();
         }
@@ -361,6 +363,17 @@ impl Cluster {
     /// up, unless it places keys otherwise than this node; then the ping is
     /// refused (a [`ErrorKind::Config`] error) and it stays as it was.
     pub fn heard_from(&self, from: &str, slots: u32) -> Result<(), Status> {
+        if self.gossiping() {
+            // Liveness here is gossip's: a node still on heartbeats is
+            // misconfigured, and sees this one down until it gossips too.
+            return Err(status_of(
+                ErrorKind::Config,
+                format!(
+                    "node {} runs cluster.membership = \"gossip\": heartbeats from {from} refused",
+                    self.me
+                ),
+            ));
+        }
         let id = NodeId(from.to_string());
         if let Err(why) = self.placement_agrees(&id, slots) {
             return Err(status_of(ErrorKind::Config, why));
