@@ -14,7 +14,9 @@ use kvtier::replication::placement::{Member, NodeId};
 use kvtier::replication::slots::{DEFAULT_SLOTS, MAX_R, SlotTable, moves};
 use kvtier_client::Client;
 use kvtier_proto::proto;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const BLOCK: usize = common::CLUSTER_BLOCK;
 
@@ -304,7 +306,7 @@ async fn a_fourth_node_joins_through_a_seed_and_the_keys_move_as_the_slot_table_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_graceful_leave_hands_every_key_over() {
+async fn a_graceful_leave_during_writes_hands_every_key_over_and_loses_no_write() {
     let cl = Nodes::start_gossip(&["a", "b", "c", "d"], FAST, &[]);
     converged(&cl, &["a", "b", "c", "d"]).await;
     let a = cl.client(0).await;
@@ -312,6 +314,26 @@ async fn a_graceful_leave_hands_every_key_over() {
     let n = 400u64;
     a.put(ns, &keys(ns, 0..n), data(ns, 0..n)).await.unwrap();
     let before = cl.members();
+    // Writes go on through b during the leave: batches of 4 blocks, at
+    // most 500 batches or 20 s, until told to stop.
+    let (ns2, _) = a.register(&namespace("gossip-leave-writes", BLOCK)).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (b, stop) = (cl.client(1).await, stop.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut acked = Vec::new();
+            let mut lo = 0u64;
+            while !stop.load(Relaxed) && lo < 2000 && Instant::now() < deadline {
+                if b.put(ns2, &keys(ns2, lo..lo + 4), data(ns2, lo..lo + 4)).await.is_ok() {
+                    acked.extend(lo..lo + 4);
+                }
+                lo += 4;
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
 
     // Asked of a, which asks d to leave: d gossips its leave and hands
     // its keys over.
@@ -335,6 +357,14 @@ async fn a_graceful_leave_hands_every_key_over() {
         stats[0].members_digest,
         "d agrees"
     );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Relaxed);
+    let acked = writer.await.unwrap();
+    assert!(
+        acked.len() >= 8,
+        "writes went on during the leave: {} blocks",
+        acked.len()
+    );
     settled(&cl, &[3]).await;
 
     let after: Vec<Member> = before.into_iter().filter(|m| m.id.0 != "d").collect();
@@ -342,6 +372,24 @@ async fn a_graceful_leave_hands_every_key_over() {
     let changed = placed_by(&cl, ns, n, &old, &new).await;
     assert!(changed > 0, "d held keys");
     reads_back(&cl, &["a", "b", "c"], ns, n).await;
+    // Every write acknowledged during the leave is on its replica among
+    // a, b and c, and nowhere else (d kept none).
+    let cs = clients(&cl).await;
+    let ks: Vec<_> = acked.iter().map(|i| key(ns2, *i)).collect();
+    let mut held = Vec::new();
+    for c in &cs {
+        held.push(c.replica_has(ns2, &ks).await.unwrap());
+    }
+    for (j, k) in ks.iter().enumerate() {
+        let on = new.replicas(k, 1).unwrap();
+        for (x, h) in held.iter().enumerate() {
+            let replica = on.contains(&NodeId(cl.nodes[x].id.clone()));
+            assert_eq!(h[j], replica, "written block {} on {}", acked[j], cl.nodes[x].id);
+        }
+    }
+    let got = a.get(ns2, &ks).await.unwrap();
+    assert_eq!(got.loaded, ks.len(), "every acknowledged write reads back");
+    eprintln!("{} blocks written during the leave", acked.len());
 }
 
 /// A bad gossip setting is a configuration error (exit 2) naming the key;
