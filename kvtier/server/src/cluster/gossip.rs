@@ -27,14 +27,15 @@
 //! back down, as missed heartbeats would. Then it joins through
 //! `cluster.seeds` (default: the other members' gossip addresses).
 //!
-//! Each [`MemberChange`] is applied in order, through the paths the
-//! heartbeats used: a liveness change to the view's
-//! [`Membership::set_liveness`] (and so the same logging, resync of a
-//! member back from down, upload takeover); a join or leave through the
+//! The [`MemberChange`]s go through the paths the heartbeats used, in
+//! batches of what has arrived: the joins and leaves of a batch as one
 //! member-list change (clients first, then the view with its slot table
 //! computed off the runtime, then a rebalancing pass; `members.json`
-//! saved). A join of a member already listed as it is (a restart, a
-//! refutation) changes nothing. The heartbeat loop keeps running without
+//! saved), so a node joining 10,000 members computes one table, not
+//! 10,000; then each liveness change, in order, to the view's
+//! [`Membership::set_liveness`] (and so the same logging, resync of a
+//! member back from down, upload takeover). A join of a member already
+//! listed as it is (a restart, a refutation) changes nothing. The heartbeat loop keeps running without
 //! pings and without the list catch-up: it only starts hint deliveries,
 //! resyncs, rebalancing and namespace registrations to members up again.
 //!
@@ -54,7 +55,7 @@ use super::Cluster;
 use crate::config::{ClusterConfig, MembershipMode};
 use crate::{proto, status_of};
 use kvtier::replication::membership::{Liveness, Membership};
-use kvtier::replication::placement::NodeId;
+use kvtier::replication::placement::{Member, NodeId};
 use kvtier::replication::swim::MAX_GENERATION;
 use kvtier::replication::swim::{
     Channel, Directory, MemberChange, Peer, Ready, Swim, SwimConfig, SwimStats, SwimTimer,
@@ -450,6 +451,9 @@ struct SavedGeneration {
     generation: u32,
 }
 
+/// Member changes applied together at most.
+const BATCH_CHANGES: usize = 100_000;
+
 /// Seconds from 1970 to 2024-01-01: generations count seconds from there,
 /// so one taken from the clock stays below [`MAX_GENERATION`] until 2092.
 const GENERATION_EPOCH_S: u64 = 1_704_067_200;
@@ -577,35 +581,66 @@ impl Cluster {
         Ok(())
     }
 
-    /// Applies what gossip reports, in order, until it stops.
+    /// Applies what gossip reports, in batches of what has arrived, until
+    /// it stops.
     async fn follow_gossip(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<MemberChange>) {
         while let Some(c) = rx.recv().await {
-            self.gossip_change(c).await;
+            let mut batch = vec![c];
+            while batch.len() < BATCH_CHANGES
+                && let Ok(c) = rx.try_recv()
+            {
+                batch.push(c);
+            }
+            self.gossip_changes(batch).await;
         }
     }
 
-    /// One member change from gossip, through the same paths as the
+    /// Member changes from gossip, through the same paths as the
     /// heartbeats' (liveness) and the member-list changes' (clients
     /// first, then the view, then a rebalancing pass, the list saved).
-    async fn gossip_change(self: &Arc<Self>, c: MemberChange) {
-        match c {
-            MemberChange::Liveness { id, to, .. } => {
+    /// The joins and leaves of a batch make one list change, so a node
+    /// joining a large cluster computes one slot table, not one per
+    /// member; the liveness changes follow, in order (a member's joining
+    /// comes before its liveness, which needs it in the list).
+    async fn gossip_changes(self: &Arc<Self>, batch: Vec<MemberChange>) {
+        let list: Vec<&MemberChange> = batch
+            .iter()
+            .filter(|c| !matches!(c, MemberChange::Liveness { .. }))
+            .collect();
+        if !list.is_empty() {
+            let r = self
+                .change_members(|v| {
+                    let mut members: BTreeMap<NodeId, Member> =
+                        v.members().into_iter().map(|m| (m.id.clone(), m)).collect();
+                    for c in &list {
+                        match c {
+                            MemberChange::Joined { member, .. } => {
+                                members.insert(member.id.clone(), member.clone());
+                            }
+                            MemberChange::Left { id, .. } => {
+                                members.remove(id);
+                            }
+                            MemberChange::Liveness { .. } => {}
+                        }
+                    }
+                    // The list's clock moves by one per batch: in gossip
+                    // mode it is this node's own (the digest is what
+                    // nodes compare).
+                    v.propose_adopt(members.into_values().collect(), v.list_epoch() + 1)
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(
+                    changes = list.len(),
+                    "gossip: member changes left the list unchanged: {}",
+                    e.message()
+                );
+            }
+        }
+        for c in batch {
+            if let MemberChange::Liveness { id, to, .. } = c {
                 let change = self.view.write().set_liveness(&id, to);
                 self.log_change(change);
-            }
-            MemberChange::Joined { member, generation } => {
-                if member.id == self.me {
-                    return;
-                }
-                let id = member.id.clone();
-                if let Err(e) = self.change_members(|v| v.propose_join(member)).await {
-                    tracing::warn!(member = %id, generation, "gossip: a join left the member list unchanged: {}", e.message());
-                }
-            }
-            MemberChange::Left { id, generation } => {
-                if let Err(e) = self.change_members(|v| v.propose_leave(&id)).await {
-                    tracing::warn!(member = %id, generation, "gossip: a leave left the member list unchanged: {}", e.message());
-                }
             }
         }
     }
@@ -714,8 +749,7 @@ pub fn apply_pending(view: &mut Membership, rx: &mut mpsc::UnboundedReceiver<Mem
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvtier::replication::membership::{Detector, Liveness};
-    use kvtier::replication::placement::Member;
+    use kvtier::replication::membership::Detector;
 
     fn fast() -> SwimConfig {
         SwimConfig {
