@@ -76,6 +76,7 @@ async fn converged(cl: &Nodes, ids: &[&str]) -> Vec<proto::ClusterStats> {
     let last = last_seen.into_inner().unwrap();
     for s in &last {
         assert!(s.gossip_generation > 0, "{s:?}");
+        assert!(s.gossip_messages_in > 0, "{s:?}");
         assert!(!s.gossip_addr.is_empty(), "{s:?}");
     }
     last
@@ -303,6 +304,19 @@ async fn a_fourth_node_joins_through_a_seed_and_the_keys_move_as_the_slot_table_
         "d saved the list: {saved}"
     );
     reads_back(&cl, &all, ns, n).await;
+
+    // The joiner's metrics show its gossip.
+    let m = cl.nodes[3].daemon.as_ref().unwrap().metrics.clone().unwrap();
+    let (status, body) = tokio::task::spawn_blocking(move || common::http_get(&m, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        common::sample(&body, "kvtier_cluster_gossip_generation") > 0.0,
+        "{body}"
+    );
+    let handled = r#"kvtier_cluster_gossip_messages_total{outcome="handled"}"#;
+    assert!(common::sample(&body, handled) > 0.0, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -677,6 +677,9 @@ impl Cluster {
         if let Some(g) = self.gossip.running.lock().as_ref() {
             s.gossip_addr = g.local_addr().to_string();
             s.gossip_generation = g.generation();
+            let st = g.stats();
+            s.gossip_messages_in = st.messages_in;
+            s.gossip_messages_refused = st.messages_refused;
         }
     }
 
