@@ -417,6 +417,15 @@ impl ClusterConfig {
                 self.gossip_port, me.addr
             ));
         }
+        for (i, m) in self.members.iter().enumerate() {
+            let Some(g) = self.gossip_addr_of(m) else { continue };
+            if let Some(other) = self.members.iter().find(|o| o.addr == g) {
+                return Err(format!(
+                    "cluster.members[{i}] ({}): its gossip address {g} is the gRPC addr of member {}: space the gRPC ports by two, or set cluster.gossip_port",
+                    m.id, other.id
+                ));
+            }
+        }
         for (i, s) in self.seeds.iter().enumerate() {
             if port_of(s).is_none_or(|(_, p)| p == 0) {
                 return Err(format!(
@@ -1172,6 +1181,14 @@ mod tests {
         let gossip = "membership = \"gossip\"\n";
         let e = load(&format!("{gossip}seeds = [\"h\"]\n{two}")).to_string();
         assert!(e.contains("cluster.seeds[0] \"h\" must be host:port"), "{e}");
+        let e = load(&format!(
+            "{gossip}members = [{{ id = \"a\", addr = \"h:7001\" }}, {{ id = \"b\", addr = \"h:7002\" }}]\n"
+        ))
+        .to_string();
+        assert!(
+            e.contains("cluster.members[0] (a): its gossip address h:7002 is the gRPC addr of member b"),
+            "{e}"
+        );
         let e = load(&format!("{gossip}gossip_port = 7001\n{two}")).to_string();
         assert!(e.contains("cluster.gossip_port 7001 is this node's gRPC port"), "{e}");
         let e = load(&format!("{gossip}members = [{{ id = \"a\", addr = \"h:65535\" }}]\n")).to_string();
