@@ -428,7 +428,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             let members: Vec<_> = c
                 .members
                 .iter()
-                .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "weight": m.weight, "liveness": m.liveness, "out_of_sync_keys": m.out_of_sync_keys}))
+                .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "weight": m.weight, "liveness": m.liveness, "out_of_sync_keys": m.out_of_sync_keys, "gossip_generation": m.gossip_generation}))
                 .collect();
             println!(
                 "{}",

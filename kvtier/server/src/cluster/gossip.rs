@@ -442,6 +442,9 @@ pub(super) struct GossipState {
     file: PathBuf,
     running: Mutex<Option<Gossip>>,
     saved: AtomicU32,
+    /// Each member's generation as gossip last reported it (this node's
+    /// own included), for Stats.
+    generations: Mutex<BTreeMap<NodeId, u32>>,
 }
 
 /// `gossip.json` in the data dir: the last generation this node used.
@@ -465,7 +468,13 @@ impl GossipState {
             file: data_dir.join("gossip.json"),
             running: Mutex::new(None),
             saved: AtomicU32::new(0),
+            generations: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Member `id`'s generation as gossip last reported it; 0 if never.
+    pub(super) fn generation_of(&self, id: &NodeId) -> u32 {
+        self.generations.lock().get(id).copied().unwrap_or(0)
     }
 
     /// The generation for this start: above the one saved, and at least
@@ -603,6 +612,18 @@ impl Cluster {
     /// member; the liveness changes follow, in order (a member's joining
     /// comes before its liveness, which needs it in the list).
     async fn gossip_changes(self: &Arc<Self>, batch: Vec<MemberChange>) {
+        {
+            let mut g = self.gossip.generations.lock();
+            for c in &batch {
+                let (id, generation) = match c {
+                    MemberChange::Joined { member, generation } => (&member.id, *generation),
+                    MemberChange::Left { id, generation } | MemberChange::Liveness { id, generation, .. } => {
+                        (id, *generation)
+                    }
+                };
+                g.insert(id.clone(), generation);
+            }
+        }
         let list: Vec<&MemberChange> = batch
             .iter()
             .filter(|c| !matches!(c, MemberChange::Liveness { .. }))

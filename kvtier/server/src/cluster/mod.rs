@@ -479,6 +479,7 @@ impl Cluster {
                 .into_iter()
                 .map(|m| proto::MemberStatus {
                     liveness: v.liveness(&m.id).map_or("unknown", Liveness::name).into(),
+                    gossip_generation: self.gossip.generation_of(&m.id),
                     out_of_sync_keys: out_of_sync.get(&m.id).copied().unwrap_or(0) as u64,
                     id: m.id.0,
                     addr: m.addr,
