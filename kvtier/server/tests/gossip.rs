@@ -277,10 +277,11 @@ async fn a_fourth_node_joins_through_a_seed_and_the_keys_move_as_the_slot_table_
     a.put(ns, &keys(ns, 0..n), data(ns, 0..n)).await.unwrap();
     let before = cl.members();
 
-    // d knows only itself, and a's gossip port as its seed.
+    // d knows only itself, and a's gossip port as its seed, by name (a
+    // name resolves to all its addresses, as a headless service does).
     let port = free_port_pairs(1)[0];
     let d = Member::new("d", format!("127.0.0.1:{port}"));
-    let seed = format!("seeds = [\"127.0.0.1:{}\"]\n", cl.nodes[0].port + 1);
+    let seed = format!("seeds = [\"localhost:{}\"]\n", cl.nodes[0].port + 1);
     let i = cl.add("d", port, &format!("membership = \"gossip\"\n{FAST}{seed}"), &[d]);
     cl.start_node(i);
     converged(&cl, &["a", "b", "c", "d"]).await;
