@@ -11,6 +11,7 @@ use kvtier::manager::{ManagerConfig, Mode};
 use kvtier::replication::membership::Detector;
 use kvtier::replication::placement::Member;
 use kvtier::replication::slots::{DEFAULT_SLOTS, MAX_SLOTS, MAX_WEIGHT};
+use kvtier::replication::swim::SwimConfig;
 use kvtier::tier::blob::{BlobConfig, BlobMode};
 use kvtier::tier::disk::DiskConfig;
 use kvtier::tier::host::HostConfig;
@@ -267,6 +268,60 @@ pub struct ClusterConfig {
     /// HEAD); twice as long after each check that finds it absent.
     #[serde(default = "default_blob_check_after_ms")]
     pub blob_check_after_ms: u64,
+    /// How members learn who is in the cluster and who is up:
+    /// `"heartbeat"` (every node pings every other one; joins and leaves
+    /// by `kvtier cluster join/leave`) or `"gossip"` (SWIM over UDP and
+    /// TCP on `gossip_port`; a node joins by starting with `seeds`, leaves
+    /// by `kvtier cluster leave`).
+    #[serde(default)]
+    pub membership: MembershipMode,
+    /// Gossip mode: the UDP and TCP port of this node's gossip listener,
+    /// on the host of its `members` entry's `addr` (which must resolve to
+    /// an address of this machine); 0 (the default) is the port of that
+    /// `addr` plus 1. When set, every member is taken to gossip on this
+    /// same port (one port per pod, as in Kubernetes).
+    #[serde(default)]
+    pub gossip_port: u16,
+    /// Gossip mode: where a starting node asks to join, each `host:port`
+    /// (a gossip port); a name resolves to every address it has (a
+    /// Kubernetes headless service). Empty (the default): the gossip
+    /// addresses of the other `members`.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// Gossip mode: SWIM's timing (`[cluster.swim]`), the core's
+    /// defaults unless set (see `kvtier::replication::swim::SwimConfig`).
+    #[serde(default)]
+    pub swim: SwimConfig,
+}
+
+/// How cluster members learn who is in the cluster and who is up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MembershipMode {
+    /// All-to-all heartbeats, and member-list changes forwarded by the
+    /// node that was asked.
+    #[default]
+    Heartbeat,
+    /// SWIM gossip: failure detection by probes with suspicion,
+    /// dissemination piggybacked on them, joins through seeds.
+    Gossip,
+}
+
+impl MembershipMode {
+    /// `"heartbeat"` or `"gossip"`, as the config spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Heartbeat => "heartbeat",
+            Self::Gossip => "gossip",
+        }
+    }
+}
+
+/// The port of `addr` (`host:port`), if it has one.
+fn port_of(addr: &str) -> Option<(&str, u16)> {
+    let (h, p) = addr.rsplit_once(':')?;
+    let p = p.parse::<u16>().ok()?;
+    (!h.is_empty()).then_some((h, p))
 }
 
 fn default_slots() -> u32 {
@@ -300,6 +355,38 @@ fn default_peer_timeout_ms() -> u64 {
 }
 
 impl ClusterConfig {
+    /// Where member `m` gossips (`host:port`): `gossip_port` on its host,
+    /// or its gRPC port plus 1. `None` when its `addr` has no port or the
+    /// next port does not exist.
+    pub fn gossip_addr_of(&self, m: &Member) -> Option<String> {
+        let (host, port) = port_of(&m.addr)?;
+        let port = if self.gossip_port != 0 {
+            self.gossip_port
+        } else {
+            port.checked_add(1)?
+        };
+        Some(format!("{host}:{port}"))
+    }
+
+    /// This node's gossip address (`host:port`, resolved at start).
+    pub fn gossip_addr(&self) -> Option<String> {
+        let me = self.members.iter().find(|m| m.id.0 == self.node_id)?;
+        self.gossip_addr_of(me)
+    }
+
+    /// The seeds a starting node asks to join: `seeds`, or the gossip
+    /// addresses of the other configured members.
+    pub fn seed_list(&self) -> Vec<String> {
+        if !self.seeds.is_empty() {
+            return self.seeds.clone();
+        }
+        self.members
+            .iter()
+            .filter(|m| m.id.0 != self.node_id)
+            .filter_map(|m| self.gossip_addr_of(m))
+            .collect()
+    }
+
     /// The failure detector's thresholds.
     pub fn detector(&self) -> Detector {
         Detector {
@@ -364,6 +451,9 @@ impl ClusterConfig {
                 self.down_after, self.suspect_after
             ));
         }
+        if self.membership == MembershipMode::Gossip {
+            self.validate_gossip()?;
+        }
         if self.blob_check_after_ms <= self.blob_notice_interval_ms {
             return Err(format!(
                 "cluster.blob_check_after_ms ({}) must exceed cluster.blob_notice_interval_ms ({}): replicas would check blob before the notices could come",
@@ -371,6 +461,45 @@ impl ClusterConfig {
             ));
         }
         Ok(())
+    }
+}
+
+impl ClusterConfig {
+    fn validate_gossip(&self) -> Result<(), String> {
+        let me = self
+            .members
+            .iter()
+            .find(|m| m.id.0 == self.node_id)
+            .ok_or("cluster.node_id is not among cluster.members")?;
+        let Some(at) = self.gossip_addr() else {
+            return Err(format!(
+                "cluster.gossip_port: 0 takes the port after this node's addr {:?}, which has none: set cluster.gossip_port",
+                me.addr
+            ));
+        };
+        if port_of(&me.addr).map(|(_, p)| p) == port_of(&at).map(|(_, p)| p) {
+            return Err(format!(
+                "cluster.gossip_port {} is this node's gRPC port (addr {:?}): gossip needs a port of its own",
+                self.gossip_port, me.addr
+            ));
+        }
+        for (i, m) in self.members.iter().enumerate() {
+            let Some(g) = self.gossip_addr_of(m) else { continue };
+            if let Some(other) = self.members.iter().find(|o| o.addr == g) {
+                return Err(format!(
+                    "cluster.members[{i}] ({}): its gossip address {g} is the gRPC addr of member {}: space the gRPC ports by two, or set cluster.gossip_port",
+                    m.id, other.id
+                ));
+            }
+        }
+        for (i, s) in self.seeds.iter().enumerate() {
+            if port_of(s).is_none_or(|(_, p)| p == 0) {
+                return Err(format!(
+                    "cluster.seeds[{i}] {s:?} must be host:port (a member's gossip port; a name may resolve to many addresses)"
+                ));
+            }
+        }
+        self.swim.validate().map_err(|e| format!("cluster.swim.{e}"))
     }
 }
 
@@ -1108,5 +1237,75 @@ mod tests {
         );
         let e = load(&format!("node_id = \"a\"\nport = 1\n{two}"));
         assert!(e.contains("unknown field `port`"), "{e}");
+    }
+
+    #[test]
+    fn gossip_settings_default_to_the_members_and_bad_ones_are_precise() {
+        let d = tempfile::tempdir().unwrap();
+        let two = "members = [{ id = \"a\", addr = \"h:7001\" }, { id = \"b\", addr = \"g:7003\" }]\n";
+        let f = write(d.path(), &format!("[cluster]\nnode_id = \"a\"\n{two}"));
+        let cl = DaemonConfig::load(Some(&f), env(&[])).unwrap().cluster.unwrap();
+        assert_eq!(cl.membership, MembershipMode::Heartbeat, "heartbeats stay the default");
+        assert_eq!(cl.swim, SwimConfig::default());
+        let f = write(
+            d.path(),
+            &format!(
+                "[cluster]\nnode_id = \"a\"\nmembership = \"gossip\"\n{two}[cluster.swim]\nprobe_period_ms = 500\nprobe_rtt_ms = 200\n"
+            ),
+        );
+        let c = DaemonConfig::load(Some(&f), env(&[])).unwrap();
+        let cl = c.cluster.clone().unwrap();
+        assert_eq!(cl.membership, MembershipMode::Gossip);
+        assert_eq!(cl.gossip_addr().as_deref(), Some("h:7002"), "the gRPC port plus 1");
+        assert_eq!(cl.seed_list(), vec!["g:7004".to_string()], "the other members'");
+        assert_eq!((cl.swim.probe_period_ms, cl.swim.probe_rtt_ms), (500, 200));
+        assert_eq!(cl.swim.sync_interval_ms, SwimConfig::default().sync_interval_ms);
+        let printed = toml::to_string_pretty(&c).unwrap();
+        assert_eq!(toml::from_str::<DaemonConfig>(&printed).unwrap(), c, "{printed}");
+        let f = write(
+            d.path(),
+            &format!(
+                "[cluster]\nnode_id = \"a\"\nmembership = \"gossip\"\ngossip_port = 7946\nseeds = [\"kvtier.svc:7946\"]\n{two}"
+            ),
+        );
+        let cl = DaemonConfig::load(Some(&f), env(&[])).unwrap().cluster.unwrap();
+        assert_eq!(cl.gossip_addr().as_deref(), Some("h:7946"));
+        assert_eq!(cl.seed_list(), vec!["kvtier.svc:7946".to_string()]);
+
+        let load = |body: &str| {
+            let f = write(d.path(), &format!("[cluster]\nnode_id = \"a\"\n{body}"));
+            DaemonConfig::load(Some(&f), env(&[])).unwrap_err()
+        };
+        let e = load(&format!("membership = \"swim\"\n{two}"));
+        assert_eq!(e.kind(), kvtier::ErrorKind::Config);
+        assert!(e.to_string().contains("unknown variant `swim`"), "{e}");
+        let gossip = "membership = \"gossip\"\n";
+        let e = load(&format!("{gossip}seeds = [\"h\"]\n{two}")).to_string();
+        assert!(e.contains("cluster.seeds[0] \"h\" must be host:port"), "{e}");
+        let e = load(&format!(
+            "{gossip}members = [{{ id = \"a\", addr = \"h:7001\" }}, {{ id = \"b\", addr = \"h:7002\" }}]\n"
+        ))
+        .to_string();
+        assert!(
+            e.contains("cluster.members[0] (a): its gossip address h:7002 is the gRPC addr of member b"),
+            "{e}"
+        );
+        let e = load(&format!("{gossip}gossip_port = 7001\n{two}")).to_string();
+        assert!(e.contains("cluster.gossip_port 7001 is this node's gRPC port"), "{e}");
+        let e = load(&format!("{gossip}members = [{{ id = \"a\", addr = \"h:65535\" }}]\n")).to_string();
+        assert!(e.contains("set cluster.gossip_port"), "{e}");
+        let e = load(&format!("{gossip}{two}[cluster.swim]\nprobe_rtt_ms = 1000\n")).to_string();
+        assert!(
+            e.contains("cluster.swim.probe_rtt_ms (1000) must be above 0 and below probe_period_ms (1000)"),
+            "{e}"
+        );
+        let e = load(&format!("{gossip}{two}[cluster.swim]\nprobe_every = 1\n")).to_string();
+        assert!(e.contains("unknown field `probe_every`"), "{e}");
+        // Heartbeat mode ignores the gossip settings.
+        let f = write(
+            d.path(),
+            &format!("[cluster]\nnode_id = \"a\"\ngossip_port = 7001\n{two}"),
+        );
+        assert!(DaemonConfig::load(Some(&f), env(&[])).is_ok());
     }
 }

@@ -221,6 +221,11 @@ pub async fn run(
         auth,
     );
 
+    if let Some(c) = &cluster {
+        // Before the address is announced: a gossip port that cannot be
+        // bound fails the start.
+        c.start_gossip().await?;
+    }
     tracing::info!(%grpc, metrics = ?metrics_task.as_ref().map(|m| m.0), mode = ?manager.mode(), blob = ?manager.blob(), tls = cfg.tls.is_some(), auth = cfg.auth_token.is_some() || cfg.auth_token_file.is_some(), "kvtierd serving");
     on_bound(Bound {
         grpc,

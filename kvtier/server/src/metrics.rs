@@ -578,6 +578,18 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
         "# HELP kvtier_cluster_placement_slots The slot count keys are placed in (cluster.slots; cluster only).\n# TYPE kvtier_cluster_placement_slots gauge\nkvtier_cluster_placement_slots {}",
         c.placement_slots
     );
+    if c.membership == "gossip" {
+        let _ = writeln!(
+            o,
+            "# HELP kvtier_cluster_gossip_generation This node's gossip generation: grows at each start, and when it refutes a false \"down\" (gossip mode only).\n# TYPE kvtier_cluster_gossip_generation gauge\nkvtier_cluster_gossip_generation {}",
+            c.gossip_generation
+        );
+        let _ = writeln!(
+            o,
+            "# HELP kvtier_cluster_gossip_messages_total Gossip messages (datagrams and sync frames) handled, and refused as malformed, oversized or unexpected (gossip mode only).\n# TYPE kvtier_cluster_gossip_messages_total counter\nkvtier_cluster_gossip_messages_total{{outcome=\"handled\"}} {}\nkvtier_cluster_gossip_messages_total{{outcome=\"refused\"}} {}",
+            c.gossip_messages_in, c.gossip_messages_refused
+        );
+    }
     let counters: [(&str, &str, u64); 17] = [
         (
             "cluster_hints_delivered_total",

@@ -8,7 +8,7 @@ use kvtier::{BlockKey, NamespaceId};
 use kvtier_client::Client;
 use std::path::{Path, PathBuf};
 
-use crate::{Daemon, cluster_stats, eventually, free_ports};
+use crate::{Daemon, cluster_stats, eventually, free_port_pairs, free_ports};
 
 /// One node: its id, port, data dir and config, and the process while it
 /// runs.
@@ -36,44 +36,63 @@ impl Nodes {
     /// heartbeats every 100 ms, down after 3 missed) and `env` set on
     /// every node; all started.
     pub fn start(ids: &[&str], extra: &str, env: &[(&str, &str)]) -> Nodes {
+        Self::start_on(ids, &free_ports(ids.len()), extra, env)
+    }
+
+    /// As [`Nodes::start`], in gossip mode (`cluster.membership =
+    /// "gossip"`): each node's gRPC port is followed by a free one, its
+    /// default gossip port, and the seeds are the default (the other
+    /// members' gossip addresses).
+    pub fn start_gossip(ids: &[&str], extra: &str, env: &[(&str, &str)]) -> Nodes {
+        let extra = format!("membership = \"gossip\"\n{extra}");
+        Self::start_on(ids, &free_port_pairs(ids.len()), &extra, env)
+    }
+
+    fn start_on(ids: &[&str], ports: &[u16], extra: &str, env: &[(&str, &str)]) -> Nodes {
         let root = tempfile::tempdir().expect("a temporary directory");
-        let ports = free_ports(ids.len());
         let members: Vec<Member> = ids
             .iter()
-            .zip(&ports)
+            .zip(ports)
             .map(|(id, p)| Member::new(*id, format!("127.0.0.1:{p}")))
-            .collect();
-        let list: Vec<String> = members
-            .iter()
-            .map(|m| format!("  {{ id = \"{}\", addr = \"{}\" }},", m.id, m.addr))
             .collect();
         let mut n = Nodes {
             nodes: Vec::new(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             root,
         };
-        for (id, port) in ids.iter().zip(&ports) {
-            let config = n.root.path().join(format!("{id}.toml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "[cluster]\nnode_id = \"{id}\"\nheartbeat_interval_ms = 100\nsuspect_after = 1\ndown_after = 3\npeer_timeout_ms = 1000\n{extra}members = [\n{}\n]\n",
-                    list.join("\n")
-                ),
-            )
-            .expect("write a node's config");
-            n.nodes.push(Node {
-                id: id.to_string(),
-                port: *port,
-                dir: n.root.path().join(id),
-                config,
-                daemon: None,
-            });
+        for (id, port) in ids.iter().zip(ports) {
+            n.add(id, *port, extra, &members);
         }
         for i in 0..ids.len() {
             n.start_node(i);
         }
         n
+    }
+
+    /// Adds node `id` on `port` whose config lists `members`, with
+    /// `extra` lines in `[cluster]`; not started. Answers its index.
+    pub fn add(&mut self, id: &str, port: u16, extra: &str, members: &[Member]) -> usize {
+        let list: Vec<String> = members
+            .iter()
+            .map(|m| format!("  {{ id = \"{}\", addr = \"{}\" }},", m.id, m.addr))
+            .collect();
+        let config = self.root.path().join(format!("{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[cluster]\nnode_id = \"{id}\"\nheartbeat_interval_ms = 100\nsuspect_after = 1\ndown_after = 3\npeer_timeout_ms = 1000\n{extra}members = [\n{}\n]\n",
+                list.join("\n")
+            ),
+        )
+        .expect("write a node's config");
+        self.nodes.push(Node {
+            id: id.to_string(),
+            port,
+            dir: self.root.path().join(id),
+            config,
+            daemon: None,
+        });
+        self.nodes.len() - 1
     }
 
     /// Starts (or restarts, on the same data dir and port) node `i`.

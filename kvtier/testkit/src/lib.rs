@@ -405,6 +405,27 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     out
 }
 
+/// `n` ports `p` where `p` and `p + 1` are both free (TCP, and UDP for
+/// `p + 1`): a gRPC port and the gossip port that follows it by default.
+pub fn free_port_pairs(n: usize) -> Vec<u16> {
+    let mut out: Vec<u16> = Vec::with_capacity(n);
+    for _ in 0..1000 {
+        if out.len() == n {
+            break;
+        }
+        // The cursor in `free_ports` hands out increasing ports: two picks
+        // in a row are usually neighbours (another test may take one
+        // between them: then try again).
+        let p = free_ports(1)[0];
+        let q = free_ports(1)[0];
+        if q == p + 1 && std::net::UdpSocket::bind(("127.0.0.1", q)).is_ok() {
+            out.push(p);
+        }
+    }
+    assert_eq!(out.len(), n, "no {n} pairs of free ports");
+    out
+}
+
 /// Block size of the cluster tests' namespaces.
 pub const CLUSTER_BLOCK: usize = 4096;
 

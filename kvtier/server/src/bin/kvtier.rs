@@ -428,7 +428,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             let members: Vec<_> = c
                 .members
                 .iter()
-                .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "weight": m.weight, "liveness": m.liveness, "out_of_sync_keys": m.out_of_sync_keys}))
+                .map(|m| serde_json::json!({"id": m.id, "addr": m.addr, "weight": m.weight, "liveness": m.liveness, "out_of_sync_keys": m.out_of_sync_keys, "gossip_generation": m.gossip_generation}))
                 .collect();
             println!(
                 "{}",
@@ -438,6 +438,10 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                     "members_epoch": c.members_epoch,
                     "placement_slots": c.placement_slots,
                     "placement_mismatches": c.placement_mismatches,
+                    "membership": c.membership,
+                    "members_digest": format!("{:016x}", c.members_digest),
+                    "gossip_addr": c.gossip_addr,
+                    "gossip_generation": c.gossip_generation,
                     "members": members,
                     "hints_pending": c.hints_pending,
                     "hints_delivered": c.hints_delivered,

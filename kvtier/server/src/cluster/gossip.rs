@@ -1,11 +1,8 @@
-//! The gossip driver: the core's SWIM state machine
-//! ([`kvtier::replication::swim`]) over real sockets. Not wired into
-//! kvtierd yet: the cluster still runs its heartbeats. Wiring it means
-//! starting a [`Gossip`] next to the cluster, applying each
-//! [`MemberChange`] it reports to the view with [`apply_change`] (through
-//! the same path as today's joins and leaves: clients first, then the
-//! view, then a rebalancing pass when the list changed), and retiring the
-//! heartbeats and the list catch-up they carry.
+//! Gossip membership: the core's SWIM state machine
+//! ([`kvtier::replication::swim`]) over real sockets ([`Gossip`]), and
+//! kvtierd's cluster fed by it when `cluster.membership = "gossip"`.
+//!
+//! # The driver
 //!
 //! One port serves both transports: UDP for SWIM's datagrams (probes,
 //! acks, gossip; lost ones are SWIM's business) and TCP for syncs (a
@@ -16,24 +13,67 @@
 //! a name (a Kubernetes headless service) is resolved to all its
 //! addresses at each join attempt, here, since resolving is I/O.
 //!
-//! Not done yet: gossip is neither authenticated nor encrypted (the
-//! cluster's token should sign each message), and the port is not in the
-//! config.
+//! # In kvtierd
+//!
+//! [`Cluster::start_gossip`] binds `cluster.gossip_port` (default: the
+//! port after this node's gRPC `addr`) before the daemon announces its
+//! address, so a port that cannot be bound fails the start. It takes this
+//! start's generation from `data_dir/gossip.json` (one more than the last,
+//! at least the seconds since 2024; saved durably before use, and saved
+//! again when a refuted "down" raises it), so a restarted node is a newer
+//! identity that wins over its old "down" everywhere. The members the view
+//! already lists (the saved list, or the config's) are handed to the state
+//! machine as known at generation 0, so probes find one that never comes
+//! back down, as missed heartbeats would. Then it joins through
+//! `cluster.seeds` (default: the other members' gossip addresses).
+//!
+//! The [`MemberChange`]s go through the paths the heartbeats used, in
+//! batches of what has arrived: the joins and leaves of a batch as one
+//! member-list change (clients first, then the view with its slot table
+//! computed off the runtime, then a rebalancing pass; `members.json`
+//! saved), so a node joining 10,000 members computes one table, not
+//! 10,000; then each liveness change, in order, to the view's
+//! [`Membership::set_liveness`] (and so the same logging, resync of a
+//! member back from down, upload takeover). A join of a member already
+//! listed as it is (a restart, a refutation) changes nothing. The heartbeat loop keeps running without
+//! pings and without the list catch-up: it only starts hint deliveries,
+//! resyncs, rebalancing and namespace registrations to members up again.
+//!
+//! A leave (`kvtier cluster leave`) of this node tells gossip (the others
+//! see "left", not a failure), stops gossiping, and hands the keys over by
+//! a non-member's rebalancing pass; a leave of another live member is sent
+//! to it; a leave of a member that is down declares it left for good
+//! ([`Swim::remove`]). `kvtier cluster join` is refused: a node joins by
+//! starting with seeds. A stop (SIGTERM) is not a leave: the node is down
+//! until it restarts.
+//!
+//! Not done: gossip is neither authenticated nor encrypted (the cluster's
+//! token should sign each message), and a node that places keys in
+//! another slot count is not refused as the heartbeats' pings refuse it.
 
-use kvtier::replication::membership::Membership;
-#[cfg(doc)]
-use kvtier::replication::swim::apply_change;
-use kvtier::replication::swim::{Channel, Directory, MemberChange, Peer, Ready, Swim, SwimConfig, SwimTimer};
+use super::Cluster;
+use crate::config::{ClusterConfig, MembershipMode};
+use crate::{proto, status_of};
+use kvtier::replication::membership::{Liveness, Membership};
+use kvtier::replication::placement::{Member, NodeId};
+use kvtier::replication::swim::MAX_GENERATION;
+use kvtier::replication::swim::{
+    Channel, Directory, MemberChange, Peer, Ready, Swim, SwimConfig, SwimStats, SwimTimer,
+};
 use kvtier::{Error, ErrorKind, Result};
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tonic::Status;
 
 /// How long a sync stream may take to connect, or to send or receive a
 /// frame.
@@ -48,6 +88,17 @@ pub struct Gossip {
     local: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<()>>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// The state machine's generation, as of its last event.
+    generation: Arc<AtomicU32>,
+    stats: Arc<Mutex<SwimStats>>,
+}
+
+/// What the owner asks of the running member.
+#[derive(Debug)]
+enum Command {
+    /// Declare a member left for good ([`Swim::remove`]).
+    Remove(NodeId, oneshot::Sender<Result<bool>>),
 }
 
 fn io(context: &str, e: std::io::Error) -> Error {
@@ -66,6 +117,20 @@ impl Gossip {
         config: SwimConfig,
         seeds: Vec<String>,
     ) -> Result<(Self, mpsc::UnboundedReceiver<MemberChange>)> {
+        Self::start_knowing(member, listen, generation, config, seeds, Vec::new()).await
+    }
+
+    /// As [`Gossip::start`], also taking `known` members as live without
+    /// reporting them (a restart's saved member list, see
+    /// [`Swim::restore`]): probes then find which of them are down.
+    pub async fn start_knowing(
+        member: kvtier::replication::placement::Member,
+        listen: SocketAddr,
+        generation: u32,
+        config: SwimConfig,
+        seeds: Vec<String>,
+        known: Vec<(Peer, u32)>,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<MemberChange>)> {
         let (udp, tcp) = bind_both(listen).await?;
         let local = udp.local_addr().map_err(|e| io("gossip socket", e))?;
         let seed: u64 = {
@@ -73,15 +138,26 @@ impl Gossip {
             getrandom::fill(&mut b).map_err(|e| Error::new(ErrorKind::Internal, format!("random seed: {e}")))?;
             u64::from_le_bytes(b)
         };
-        let swim = Swim::new(Peer::new(member, local), generation, config, seed, Directory::new())?;
+        let mut swim = Swim::new(Peer::new(member, local), generation, config, seed, Directory::new())?;
+        swim.restore(known)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(run(swim, Arc::new(udp), tcp, seeds, tx, stopped));
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let gen_now = Arc::new(AtomicU32::new(generation));
+        let stats = Arc::new(Mutex::new(SwimStats::default()));
+        let shared = Shared {
+            generation: gen_now.clone(),
+            stats: stats.clone(),
+        };
+        let task = tokio::spawn(run(swim, Arc::new(udp), tcp, seeds, tx, stopped, commands_rx, shared));
         Ok((
             Self {
                 local,
                 stop: Some(stop),
                 task,
+                commands,
+                generation: gen_now,
+                stats,
             },
             rx,
         ))
@@ -90,6 +166,34 @@ impl Gossip {
     /// The gossip address (UDP and TCP).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// This node's generation now: the one it started with, or larger
+    /// after it refuted a false "down" (to be saved, so that the next
+    /// start uses a larger one still).
+    pub fn generation(&self) -> u32 {
+        self.generation.load(Relaxed)
+    }
+
+    /// The state machine's counters.
+    pub fn stats(&self) -> SwimStats {
+        *self.stats.lock()
+    }
+
+    /// Declares member `id` left for good (an operator giving up on a
+    /// dead node): every member drops it from placement. Answers whether
+    /// it was a member.
+    /// The answer does not borrow this handle.
+    pub fn remove(&self, id: NodeId) -> impl Future<Output = Result<bool>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.commands.send(Command::Remove(id, tx)).is_ok();
+        async move {
+            let gone = || Error::new(ErrorKind::Closed, "gossip stopped");
+            if !sent {
+                return Err(gone());
+            }
+            rx.await.map_err(|_| gone())?
+        }
     }
 
     /// Leaves the cluster gracefully and stops.
@@ -175,6 +279,13 @@ impl Timers {
     }
 }
 
+/// What the task publishes for the [`Gossip`] handle.
+struct Shared {
+    generation: Arc<AtomicU32>,
+    stats: Arc<Mutex<SwimStats>>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run(
     mut swim: Swim,
     udp: Arc<UdpSocket>,
@@ -182,6 +293,8 @@ async fn run(
     seeds: Vec<String>,
     changes: mpsc::UnboundedSender<MemberChange>,
     mut stop: oneshot::Receiver<()>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    shared: Shared,
 ) -> Result<()> {
     let max_frame = swim.config().max_sync_bytes;
     let (frames_tx, mut frames) = mpsc::channel::<Vec<u8>>(64);
@@ -192,7 +305,14 @@ async fn run(
     rejoin.tick().await;
     loop {
         carry_out(swim.take_ready(), &udp, &mut timers, &changes, max_frame);
+        shared.generation.store(swim.generation(), Relaxed);
+        *shared.stats.lock() = swim.stats();
         tokio::select! {
+            Some(c) = commands.recv() => match c {
+                Command::Remove(id, answer) => {
+                    let _ = answer.send(swim.remove(&id));
+                }
+            },
             _ = &mut stop => {
                 let r = swim.leave();
                 carry_out(swim.take_ready(), &udp, &mut timers, &changes, max_frame);
@@ -313,6 +433,330 @@ async fn read_frames(mut s: TcpStream, from: SocketAddr, max: usize, to: mpsc::S
     }
 }
 
+/// A cluster's gossip: its settings, the running member, and the
+/// generation saved in the data dir.
+#[derive(Debug)]
+pub(super) struct GossipState {
+    /// The `[cluster]` table, in gossip mode.
+    cfg: Option<ClusterConfig>,
+    file: PathBuf,
+    running: Mutex<Option<Gossip>>,
+    saved: AtomicU32,
+    /// Each member's generation as gossip last reported it (this node's
+    /// own included), for Stats.
+    generations: Mutex<BTreeMap<NodeId, u32>>,
+}
+
+/// `gossip.json` in the data dir: the last generation this node used.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedGeneration {
+    generation: u32,
+}
+
+/// Member changes applied together at most.
+const BATCH_CHANGES: usize = 100_000;
+
+/// Seconds from 1970 to 2024-01-01: generations count seconds from there,
+/// so one taken from the clock stays below [`MAX_GENERATION`] until 2092.
+const GENERATION_EPOCH_S: u64 = 1_704_067_200;
+
+impl GossipState {
+    pub(super) fn new(cfg: &ClusterConfig, data_dir: &Path) -> Self {
+        Self {
+            cfg: (cfg.membership == MembershipMode::Gossip).then(|| cfg.clone()),
+            file: data_dir.join("gossip.json"),
+            running: Mutex::new(None),
+            saved: AtomicU32::new(0),
+            generations: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Member `id`'s generation as gossip last reported it; 0 if never.
+    pub(super) fn generation_of(&self, id: &NodeId) -> u32 {
+        self.generations.lock().get(id).copied().unwrap_or(0)
+    }
+
+    /// The generation for this start: above the one saved, and at least
+    /// the seconds since [`GENERATION_EPOCH_S`] (a node whose data dir was
+    /// wiped still comes back newer than its old self); saved durably
+    /// before it is used.
+    fn next_generation(&self) -> Result<u32> {
+        let saved = match std::fs::read(&self.file) {
+            Ok(b) => {
+                serde_json::from_slice::<SavedGeneration>(&b)
+                    .map_err(|e| Error::new(ErrorKind::Config, format!("{}: {e}", self.file.display())))?
+                    .generation
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io(&format!("read {}", self.file.display()), e)),
+        };
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs().saturating_sub(GENERATION_EPOCH_S));
+        let next = u64::from(saved)
+            .saturating_add(1)
+            .max(clock)
+            .min(u64::from(MAX_GENERATION)) as u32;
+        if next <= saved {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "{}: generation {saved} is the last one: remove the file and start with a new node id",
+                    self.file.display()
+                ),
+            ));
+        }
+        self.save(next)?;
+        Ok(next)
+    }
+
+    /// Takes the running member out (dropping it stops it without a
+    /// leave).
+    pub(super) fn stop(&self) -> Option<Gossip> {
+        self.running.lock().take()
+    }
+
+    fn save(&self, generation: u32) -> Result<()> {
+        let text = serde_json::to_vec_pretty(&SavedGeneration { generation })
+            .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+        kvtier::fsio::replace_durably(&self.file, &text)?;
+        self.saved.store(generation, Relaxed);
+        Ok(())
+    }
+}
+
+/// The first address `addr` (`host:port`) resolves to.
+async fn resolve_one(addr: &str) -> Result<SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!("gossip address {addr} does not resolve: {e}"),
+            )
+        })?
+        .next()
+        .ok_or_else(|| Error::new(ErrorKind::Config, format!("gossip address {addr} resolves to nothing")))
+}
+
+impl Cluster {
+    /// Gossip mode: binds the gossip port, takes this start's generation,
+    /// and joins through the seeds; the member changes gossip reports go
+    /// to the view from then on (see the module doc). Nothing in
+    /// heartbeat mode.
+    pub async fn start_gossip(self: &Arc<Self>) -> Result<()> {
+        let Some(cfg) = &self.gossip.cfg else { return Ok(()) };
+        let at = cfg
+            .gossip_addr()
+            .ok_or_else(|| Error::new(ErrorKind::Config, "cluster: this node has no gossip address"))?;
+        let listen = resolve_one(&at).await?;
+        let (me, others) = {
+            let v = self.view.read();
+            let me = v.member(&self.me).cloned();
+            (
+                me,
+                v.members().into_iter().filter(|m| m.id != self.me).collect::<Vec<_>>(),
+            )
+        };
+        let me = match me {
+            Some(m) => m,
+            // A node that left and restarts rejoins with its configured entry.
+            None => cfg
+                .members
+                .iter()
+                .find(|m| m.id == self.me)
+                .cloned()
+                .ok_or_else(|| Error::new(ErrorKind::Config, "cluster: this node is not among the members"))?,
+        };
+        // The members this node already lists (the saved list, or the
+        // config's): gossip probes them from the start, so one that never
+        // comes back is found down, as a missed heartbeat would. Their
+        // generation is unknown: 0, older than any real one.
+        let mut known = Vec::new();
+        for m in others {
+            let Some(addr) = cfg.gossip_addr_of(&m) else { continue };
+            match resolve_one(&addr).await {
+                Ok(a) => known.push((Peer::new(m, a), 0)),
+                Err(e) => tracing::warn!(member = %m.id, "not probed until it gossips: {e}"),
+            }
+        }
+        let generation = self.gossip.next_generation()?;
+        let seeds = cfg.seed_list();
+        let (g, rx) = Gossip::start_knowing(me, listen, generation, cfg.swim.clone(), seeds.clone(), known).await?;
+        tracing::info!(gossip = %g.local_addr(), generation, ?seeds, "gossip membership started");
+        *self.gossip.running.lock() = Some(g);
+        self.spawn(self.clone().follow_gossip(rx));
+        Ok(())
+    }
+
+    /// Applies what gossip reports, in batches of what has arrived, until
+    /// it stops.
+    async fn follow_gossip(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<MemberChange>) {
+        while let Some(c) = rx.recv().await {
+            let mut batch = vec![c];
+            while batch.len() < BATCH_CHANGES
+                && let Ok(c) = rx.try_recv()
+            {
+                batch.push(c);
+            }
+            self.gossip_changes(batch).await;
+        }
+    }
+
+    /// Member changes from gossip, through the same paths as the
+    /// heartbeats' (liveness) and the member-list changes' (clients
+    /// first, then the view, then a rebalancing pass, the list saved).
+    /// The joins and leaves of a batch make one list change, so a node
+    /// joining a large cluster computes one slot table, not one per
+    /// member; the liveness changes follow, in order (a member's joining
+    /// comes before its liveness, which needs it in the list).
+    async fn gossip_changes(self: &Arc<Self>, batch: Vec<MemberChange>) {
+        {
+            let mut g = self.gossip.generations.lock();
+            for c in &batch {
+                let (id, generation) = match c {
+                    MemberChange::Joined { member, generation } => (&member.id, *generation),
+                    MemberChange::Left { id, generation } | MemberChange::Liveness { id, generation, .. } => {
+                        (id, *generation)
+                    }
+                };
+                g.insert(id.clone(), generation);
+            }
+        }
+        let list: Vec<&MemberChange> = batch
+            .iter()
+            .filter(|c| !matches!(c, MemberChange::Liveness { .. }))
+            .collect();
+        if !list.is_empty() {
+            let r = self
+                .change_members(|v| {
+                    let mut members: BTreeMap<NodeId, Member> =
+                        v.members().into_iter().map(|m| (m.id.clone(), m)).collect();
+                    for c in &list {
+                        match c {
+                            MemberChange::Joined { member, .. } => {
+                                members.insert(member.id.clone(), member.clone());
+                            }
+                            MemberChange::Left { id, .. } => {
+                                members.remove(id);
+                            }
+                            MemberChange::Liveness { .. } => {}
+                        }
+                    }
+                    // The list's clock moves by one per batch: in gossip
+                    // mode it is this node's own (the digest is what
+                    // nodes compare).
+                    v.propose_adopt(members.into_values().collect(), v.list_epoch() + 1)
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(
+                    changes = list.len(),
+                    "gossip: member changes left the list unchanged: {}",
+                    e.message()
+                );
+            }
+        }
+        for c in batch {
+            if let MemberChange::Liveness { id, to, .. } = c {
+                let change = self.view.write().set_liveness(&id, to);
+                self.log_change(change);
+            }
+        }
+    }
+
+    /// The gossip part of a tick: namespaces to peers that may lack them
+    /// once they are up, and this node's generation saved when it grew.
+    pub(super) fn gossip_tick(self: &Arc<Self>) {
+        let ready: Vec<NodeId> = {
+            let v = self.view.read();
+            let mut u = self.unsynced.lock();
+            let ready: Vec<NodeId> = u
+                .iter()
+                .filter(|id| v.liveness(id) == Some(Liveness::Up))
+                .cloned()
+                .collect();
+            for id in &ready {
+                u.remove(id);
+            }
+            ready
+        };
+        for id in ready {
+            self.spawn(self.clone().sync_namespaces(id));
+        }
+        let now = self.gossip.running.lock().as_ref().map(Gossip::generation);
+        if let Some(g) = now.filter(|g| *g > self.gossip.saved.load(Relaxed))
+            && let Err(e) = self.gossip.save(g)
+        {
+            tracing::warn!(generation = g, "gossip generation not saved: {e}");
+        }
+    }
+
+    /// The gossip fields of Stats.
+    pub(super) fn gossip_stats(&self, s: &mut proto::ClusterStats) {
+        if let Some(g) = self.gossip.running.lock().as_ref() {
+            s.gossip_addr = g.local_addr().to_string();
+            s.gossip_generation = g.generation();
+            let st = g.stats();
+            s.gossip_messages_in = st.messages_in;
+            s.gossip_messages_refused = st.messages_refused;
+        }
+    }
+
+    /// Whether members join and leave by gossip.
+    pub(super) fn gossiping(&self) -> bool {
+        self.mode == MembershipMode::Gossip
+    }
+
+    /// A leave in gossip mode: this node leaves by telling gossip (the
+    /// others drop it from placement as they hear it) and hands its keys
+    /// over by the rebalancing pass of a non-member; a dead member is
+    /// declared left for good; a live one is asked to leave by itself.
+    pub(super) async fn leave_by_gossip(
+        self: &Arc<Self>,
+        id: NodeId,
+        dead: bool,
+    ) -> std::result::Result<proto::MembershipResponse, Status> {
+        if id == self.me {
+            let running = self.gossip.running.lock().take();
+            if let Some(g) = running
+                && let Err(e) = g.leave().await
+            {
+                tracing::warn!("gossip leave: {e}");
+            }
+            self.change_members(|v| v.propose_leave(&id)).await?;
+            return Ok(self.membership_reply(Vec::new(), Vec::new()));
+        }
+        if dead {
+            let removing = self.gossip.running.lock().as_ref().map(|g| g.remove(id.clone()));
+            match removing {
+                Some(r) => {
+                    r.await.map_err(|e| status_of(e.kind(), format!("gossip: {e}")))?;
+                }
+                None => return Err(status_of(ErrorKind::Closed, "this node left the cluster")),
+            }
+            self.change_members(|v| v.propose_leave(&id)).await?;
+            return Ok(self.membership_reply(Vec::new(), vec![id.0]));
+        }
+        let Some(c) = self.peers.get(&id) else {
+            return Err(status_of(ErrorKind::InvalidArgument, format!("{id} is not a member")));
+        };
+        let req = proto::LeaveRequest {
+            id: id.0.clone(),
+            forwarded: true,
+        };
+        let r = tokio::time::timeout(self.peer_timeout, c.leave(req)).await;
+        let not_reached = if matches!(r, Ok(Ok(_))) {
+            Vec::new()
+        } else {
+            tracing::warn!(member = %id, ?r, "leave not sent to the leaver");
+            vec![id.0]
+        };
+        Ok(self.membership_reply(not_reached, Vec::new()))
+    }
+}
+
 /// Applies every change waiting in `rx` to `view`; answers how many there
 /// were.
 pub fn apply_pending(view: &mut Membership, rx: &mut mpsc::UnboundedReceiver<MemberChange>) -> usize {
@@ -329,8 +773,7 @@ pub fn apply_pending(view: &mut Membership, rx: &mut mpsc::UnboundedReceiver<Mem
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvtier::replication::membership::{Detector, Liveness};
-    use kvtier::replication::placement::{Member, NodeId};
+    use kvtier::replication::membership::Detector;
 
     fn fast() -> SwimConfig {
         SwimConfig {

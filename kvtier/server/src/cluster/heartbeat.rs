@@ -55,6 +55,13 @@ impl Cluster {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if self.mode == MembershipMode::Gossip {
+                // Gossip feeds the view; this loop only starts the work
+                // that follows from it.
+                self.gossip_tick();
+                self.after_tick();
+                continue;
+            }
             let (epoch, slots) = {
                 let v = self.view.read();
                 (v.epoch(), v.slots())
@@ -86,15 +93,21 @@ impl Cluster {
                     self.spawn(self.clone().sync_namespaces(id));
                 }
             }
-            if self.hints.pending() > 0 && !self.delivering.swap(true, Relaxed) {
-                let this = self.clone();
-                self.spawn(async move {
-                    this.deliver_hints().await;
-                    this.delivering.store(false, Relaxed);
-                });
-            }
-            self.start_resync();
-            self.start_rebalance();
+            self.after_tick();
         }
+    }
+
+    /// What each tick starts, whatever feeds the view: hint deliveries to
+    /// replicas that are up, resyncs, rebalancing.
+    fn after_tick(self: &Arc<Self>) {
+        if self.hints.pending() > 0 && !self.delivering.swap(true, Relaxed) {
+            let this = self.clone();
+            self.spawn(async move {
+                this.deliver_hints().await;
+                this.delivering.store(false, Relaxed);
+            });
+        }
+        self.start_resync();
+        self.start_rebalance();
     }
 }

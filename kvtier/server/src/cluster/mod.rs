@@ -22,8 +22,9 @@
 //! - [`rebalance`]: members joining and leaving at run time, and the keys
 //!   that move after.
 //! - [`peers`]: the clients of the members, a set that grows.
-//! - [`gossip`]: the SWIM gossip driver over UDP and TCP (not wired in
-//!   yet; heartbeats still feed the view).
+//! - [`gossip`]: the SWIM gossip driver over UDP and TCP, and in gossip
+//!   mode (`cluster.membership = "gossip"`) what feeds the view in place
+//!   of the heartbeats.
 //!
 //! The decisions (which nodes hold a key, which stand in for a down one,
 //! how a write's keys are grouped and when it is acknowledged, which failed
@@ -103,7 +104,7 @@ use tokio::task::JoinSet;
 use tonic::Status;
 
 use self::hints::HintLog;
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, MembershipMode};
 use crate::convert;
 use crate::proto;
 use crate::registry::Registry;
@@ -181,6 +182,11 @@ pub struct Cluster {
     /// The background tasks (heartbeats, deliveries, resync, rebalancing,
     /// fetches), and whether [`Cluster::shutdown`] stopped them.
     tasks: Mutex<(bool, Vec<tokio::task::JoinHandle<()>>)>,
+    /// Heartbeats or gossip.
+    mode: MembershipMode,
+    /// Gossip mode: the settings, and the running member once started
+    /// (gone after this node left).
+    gossip: gossip::GossipState,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -271,11 +277,15 @@ impl Cluster {
             resync: resync::Resync::new(cfg.rebalance_bytes_per_s),
             rebalance,
             tasks: Mutex::new((false, Vec::new())),
+            mode: cfg.membership,
+            gossip: gossip::GossipState::new(cfg, data_dir),
         })
     }
 
-    /// Starts the heartbeats, which start every other background task,
-    /// and the blob notices.
+    /// Starts the heartbeats (in gossip mode, the same loop without the
+    /// pings: see [`gossip`]), which start every other background task,
+    /// and the blob notices. In gossip mode, [`Cluster::start_gossip`]
+    /// comes first.
     pub fn start(self: &Arc<Self>) {
         self.spawn(self.clone().heartbeats());
         if !self.notice_interval.is_zero() {
@@ -305,6 +315,8 @@ impl Cluster {
             t.0 = true;
             std::mem::take(&mut t.1)
         };
+        // Gossip stops answering probes: the others find this node down.
+        drop(self.gossip.stop());
         for h in &tasks {
             h.abort();
         }
@@ -353,6 +365,17 @@ impl Cluster {
     /// up, unless it places keys otherwise than this node; then the ping is
     /// refused (a [`ErrorKind::Config`] error) and it stays as it was.
     pub fn heard_from(&self, from: &str, slots: u32) -> Result<(), Status> {
+        if self.gossiping() {
+            // Liveness here is gossip's: a node still on heartbeats is
+            // misconfigured, and sees this one down until it gossips too.
+            return Err(status_of(
+                ErrorKind::Config,
+                format!(
+                    "node {} runs cluster.membership = \"gossip\": heartbeats from {from} refused",
+                    self.me
+                ),
+            ));
+        }
         let id = NodeId(from.to_string());
         if let Err(why) = self.placement_agrees(&id, slots) {
             return Err(status_of(ErrorKind::Config, why));
@@ -468,6 +491,7 @@ impl Cluster {
                 .into_iter()
                 .map(|m| proto::MemberStatus {
                     liveness: v.liveness(&m.id).map_or("unknown", Liveness::name).into(),
+                    gossip_generation: self.gossip.generation_of(&m.id),
                     out_of_sync_keys: out_of_sync.get(&m.id).copied().unwrap_or(0) as u64,
                     id: m.id.0,
                     addr: m.addr,
@@ -495,8 +519,12 @@ impl Cluster {
             blob_notice_keys_sent: c.blob_notice_keys_sent.load(Relaxed),
             blob_notices_failed: c.blob_notices_failed.load(Relaxed),
             blob_notice_keys_received: c.blob_notice_keys_received.load(Relaxed),
+            membership: self.mode.name().into(),
+            members_digest: v.digest(),
             ..Default::default()
         };
+        drop(v);
+        self.gossip_stats(&mut s);
         self.rebalance_stats(&mut s);
         s
     }

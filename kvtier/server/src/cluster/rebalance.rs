@@ -330,7 +330,7 @@ impl Cluster {
     /// it. Every member the changed view names has a client before the view
     /// is published (see "Clients before the view, the table off the
     /// runtime"). One change at a time.
-    async fn change_members(
+    pub(super) async fn change_members(
         self: &Arc<Self>,
         propose: impl FnOnce(&Membership) -> Option<ListChange>,
     ) -> Result<bool, Status> {
@@ -394,6 +394,15 @@ impl Cluster {
         }
         if !(m.weight.is_finite() && m.weight > 0.0) {
             return Err(invalid(format!("member weight {} must be a positive number", m.weight)));
+        }
+        if self.gossiping() {
+            return Err(status_of(
+                ErrorKind::Config,
+                format!(
+                    "cluster.membership is \"gossip\": {} joins by starting with cluster.seeds naming a member's gossip address, not by a join request",
+                    m.id
+                ),
+            ));
         }
         self.change_members(|v| v.propose_join(m.clone())).await?;
         let req = proto::JoinRequest {
@@ -582,6 +591,9 @@ impl Cluster {
                 }
             }
         }
+        if self.gossiping() {
+            return self.leave_by_gossip(id, !dead.is_empty()).await;
+        }
         self.change_members(|v| v.propose_leave(&id)).await?;
         let (not_reached, down) = if forwarded {
             (Vec::new(), Vec::new())
@@ -599,7 +611,7 @@ impl Cluster {
         Ok(self.membership_reply(not_reached, down))
     }
 
-    fn membership_reply(&self, not_reached: Vec<String>, down: Vec<String>) -> proto::MembershipResponse {
+    pub(super) fn membership_reply(&self, not_reached: Vec<String>, down: Vec<String>) -> proto::MembershipResponse {
         let v = self.view.read();
         proto::MembershipResponse {
             epoch: v.epoch(),
