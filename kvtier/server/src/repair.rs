@@ -241,15 +241,27 @@ impl Repair {
     ) -> kvtier::Result<Option<Bytes>> {
         let mut read = self.read_from(ns, key, true, peers, blob);
         let mut got = None;
-        while let Some(h) = read.next().cloned() {
-            let (answer, data) = self.ask(ns, key, &h).await?;
-            if answer == Answer::Corrupt {
-                self.found_corrupt(&h, false);
+        let mut asked_again = false;
+        loop {
+            while let Some(h) = read.next().cloned() {
+                let (answer, data) = self.ask(ns, key, &h).await?;
+                if answer == Answer::Corrupt {
+                    self.found_corrupt(&h, false);
+                }
+                read.record(h, answer);
+                if data.is_some() {
+                    got = data;
+                }
             }
-            read.record(h, answer);
-            if data.is_some() {
-                got = data;
+            // While keys move, a copy can leave its old holder after this
+            // read asked the new replica (see `Cluster::fetch`): a miss is
+            // asked again once.
+            let moving = peers && self.cluster.as_ref().is_some_and(|c| c.moving());
+            if asked_again || read.outcome() != ReadOutcome::Miss || !moving {
+                break;
             }
+            asked_again = true;
+            read = self.read_from(ns, key, true, peers, blob);
         }
         match read.outcome() {
             ReadOutcome::Served { repair, from } => {

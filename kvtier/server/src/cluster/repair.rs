@@ -29,6 +29,12 @@ impl Cluster {
         self.read_peers(ns, key, self.registry.replication(ns))
     }
 
+    /// Whether keys may be moving between members (a rebalancing pass
+    /// pending or running, or a recent change of the member list).
+    pub fn moving(&self) -> bool {
+        self.rebalance.moving()
+    }
+
     /// What `peer` holds of `key` of `ns` (a variable-length block, or a
     /// whole one): its bytes when they verified there.
     pub async fn chunk_from(&self, peer: &NodeId, ns: NamespaceId, key: BlockKey) -> (Answer, Option<Bytes>) {
@@ -76,6 +82,7 @@ impl Cluster {
         let mut f = Fetched::default();
         let mut carry: Vec<(Holder, Answer)> = known.to_vec();
         let mut at = 0;
+        let mut asked_again = false;
         'keys: while at < keys.len() {
             let peers = self.read_peers(ns, &keys[at], rep);
             let mut read = CopyRead::new(keys[at], peers.into_iter().map(Holder::Peer));
@@ -116,6 +123,7 @@ impl Cluster {
                                         f.repairs.push((at, repair));
                                     }
                                     at += n;
+                                    asked_again = false;
                                     if let Some(a) = stop
                                         && at < keys.len()
                                     {
@@ -136,6 +144,14 @@ impl Cluster {
                     }
                 };
                 read.record(Holder::Peer(peer), answer);
+            }
+            if !asked_again && read.outcome() == ReadOutcome::Miss && self.moving() {
+                // While keys move, a copy can leave its old holder (which
+                // drops it once the new replica confirmed it) after this
+                // read asked the new replica and before it asked the old
+                // one: asked again, the new replica has it.
+                asked_again = true;
+                continue 'keys;
             }
             f.stopped = Some(read);
             break;
