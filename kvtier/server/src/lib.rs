@@ -56,6 +56,7 @@ pub mod repair;
 pub mod s3;
 pub mod service;
 pub mod stats;
+mod tasks;
 
 pub use kvtier_client::{install_crypto_provider, keep_large_buffers};
 pub(crate) use kvtier_proto::error::{invalid, status, status_of};

@@ -128,7 +128,7 @@ pub struct Repair {
     rewrite_room: Arc<tokio::sync::Semaphore>,
     /// Rewrites and the scrub, and whether [`Repair::shutdown`] stopped
     /// them.
-    tasks: Mutex<(bool, Vec<tokio::task::JoinHandle<()>>)>,
+    tasks: crate::tasks::Tasks,
 }
 
 impl std::fmt::Debug for Repair {
@@ -147,35 +147,20 @@ impl Repair {
             scrub_enabled: AtomicBool::new(false),
             scrub_retry: Mutex::new(Vec::new()),
             rewrite_room: Arc::new(tokio::sync::Semaphore::new(REWRITE_BUDGET_BYTES / PAGE)),
-            tasks: Mutex::new((false, Vec::new())),
+            tasks: crate::tasks::Tasks::default(),
         }
     }
 
     /// Runs `f` in the background until it ends or [`Repair::shutdown`];
     /// after a shutdown, drops it instead.
     fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
-        let mut t = self.tasks.lock();
-        if t.0 {
-            return;
-        }
-        t.1.retain(|h| !h.is_finished());
-        t.1.push(tokio::spawn(f));
+        self.tasks.spawn(f);
     }
 
     /// Stops the scrub and every rewrite in flight and waits until each
     /// has ended, so none holds the block manager any more.
     pub async fn shutdown(&self) {
-        let tasks = {
-            let mut t = self.tasks.lock();
-            t.0 = true;
-            std::mem::take(&mut t.1)
-        };
-        for h in &tasks {
-            h.abort();
-        }
-        for h in tasks {
-            let _ = h.await;
-        }
+        self.tasks.stop().await;
     }
 
     /// The read of `key` of `ns`: this node's tiers (with `here`), the

@@ -181,7 +181,7 @@ pub struct Cluster {
     rebalance: rebalance::Rebalance,
     /// The background tasks (heartbeats, deliveries, resync, rebalancing,
     /// fetches), and whether [`Cluster::shutdown`] stopped them.
-    tasks: Mutex<(bool, Vec<tokio::task::JoinHandle<()>>)>,
+    tasks: crate::tasks::Tasks,
     /// Heartbeats or gossip.
     mode: MembershipMode,
     /// Gossip mode: the settings, and the running member once started
@@ -276,7 +276,7 @@ impl Cluster {
             notice_interval: Duration::from_millis(cfg.blob_notice_interval_ms),
             resync: resync::Resync::new(cfg.rebalance_bytes_per_s),
             rebalance,
-            tasks: Mutex::new((false, Vec::new())),
+            tasks: crate::tasks::Tasks::default(),
             mode: cfg.membership,
             gossip: gossip::GossipState::new(cfg, data_dir),
         })
@@ -297,12 +297,7 @@ impl Cluster {
     /// Runs `f` in the background until it ends or [`Cluster::shutdown`];
     /// after a shutdown, drops it instead.
     fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
-        let mut t = self.tasks.lock();
-        if t.0 {
-            return;
-        }
-        t.1.retain(|h| !h.is_finished());
-        t.1.push(tokio::spawn(f));
+        self.tasks.spawn(f);
     }
 
     /// Stops every background task and waits until each has ended, so none
@@ -310,19 +305,9 @@ impl Cluster {
     /// is redone after a restart: hints are durable, and a returning or
     /// rejoining member is resynced or rebalanced again.
     pub async fn shutdown(&self) {
-        let tasks = {
-            let mut t = self.tasks.lock();
-            t.0 = true;
-            std::mem::take(&mut t.1)
-        };
         // Gossip stops answering probes: the others find this node down.
         drop(self.gossip.stop());
-        for h in &tasks {
-            h.abort();
-        }
-        for h in tasks {
-            let _ = h.await;
-        }
+        self.tasks.stop().await;
     }
 
     /// This node's id.
