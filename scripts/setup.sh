@@ -8,6 +8,10 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 command -v mount >/dev/null 2>&1 || need_apt+=(mount)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
+# The partition tests cut one node off in a network namespace of their
+# own (unshare, util-linux; policy routing rules, ip).
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

@@ -124,7 +124,15 @@ impl Client {
     /// failure), each connection attempt bounded by `connect_timeout`:
     /// kvtierd's handle on a peer that may be down.
     pub fn lazy(cfg: &ClientConfig, connect_timeout: Duration) -> Result<Self> {
-        let channel = Self::endpoint(cfg, connect_timeout)?.connect_lazy();
+        Self::lazy_from(cfg, connect_timeout, None)
+    }
+
+    /// As [`Client::lazy`], each connection leaving from `local` (a
+    /// multi-homed host's address on the peers' network) when set.
+    pub fn lazy_from(cfg: &ClientConfig, connect_timeout: Duration, local: Option<std::net::IpAddr>) -> Result<Self> {
+        let channel = Self::endpoint(cfg, connect_timeout)?
+            .local_address(local)
+            .connect_lazy();
         Self::over(channel, cfg)
     }
 

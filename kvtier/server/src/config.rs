@@ -292,6 +292,12 @@ pub struct ClusterConfig {
     /// defaults unless set (see `kvtier::replication::swim::SwimConfig`).
     #[serde(default)]
     pub swim: SwimConfig,
+    /// The address this node's connections to its peers leave from, on a
+    /// host with more than one: one of this machine's, on the network the
+    /// members' `addr`s are on. Unset (the default): the kernel picks by
+    /// route. Gossip needs none: it leaves from its listener's address.
+    #[serde(default)]
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 /// How cluster members learn who is in the cluster and who is up.
@@ -453,6 +459,12 @@ impl ClusterConfig {
         }
         if self.membership == MembershipMode::Gossip {
             self.validate_gossip()?;
+        }
+        if let Some(ip) = self.source_ip {
+            // An address this machine does not have would fail every
+            // connection to a peer, one by one, at run time.
+            std::net::UdpSocket::bind((ip, 0))
+                .map_err(|e| format!("cluster.source_ip {ip} is not an address of this machine: {e}"))?;
         }
         if self.blob_check_after_ms <= self.blob_notice_interval_ms {
             return Err(format!(
@@ -1237,6 +1249,20 @@ mod tests {
         );
         let e = load(&format!("node_id = \"a\"\nport = 1\n{two}"));
         assert!(e.contains("unknown field `port`"), "{e}");
+        // TEST-NET-1: no machine has it.
+        let e = load(&format!("node_id = \"a\"\nsource_ip = \"192.0.2.1\"\n{two}"));
+        assert!(
+            e.contains("cluster.source_ip 192.0.2.1 is not an address of this machine"),
+            "{e}"
+        );
+        let e = load(&format!("node_id = \"a\"\nsource_ip = \"h\"\n{two}"));
+        assert!(e.contains("invalid IP address syntax"), "{e}");
+        let f = write(
+            d.path(),
+            &format!("[cluster]\nnode_id = \"a\"\nsource_ip = \"127.0.0.1\"\n{two}"),
+        );
+        let c = DaemonConfig::load(Some(&f), env(&[])).unwrap();
+        assert_eq!(c.cluster.unwrap().source_ip, Some([127, 0, 0, 1].into()));
     }
 
     #[test]

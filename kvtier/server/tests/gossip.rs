@@ -448,3 +448,129 @@ fn bad_gossip_settings_and_a_taken_gossip_port_fail_the_start() {
     assert_ne!(e.status.code(), Some(0), "{e:?}");
     assert!(e.stderr.contains("gossip UDP socket"), "{e:?}");
 }
+
+/// Waits until each node of `ids` lists exactly `members`, those in
+/// `down` down and every other one up.
+async fn lists(cl: &Nodes, ids: &[&str], members: &[&str], down: &[&str]) {
+    let cs = clients_of(cl, ids).await;
+    let mut want: Vec<String> = members.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    let what = format!("{ids:?} each list {members:?}, with {down:?} down and the others up");
+    eventually(&what, 30, || async {
+        for c in &cs {
+            let s = cluster_stats(c).await;
+            let mut have: Vec<String> = s.members.iter().map(|m| m.id.clone()).collect();
+            have.sort();
+            let live = |m: &proto::MemberStatus| {
+                let want = if down.contains(&m.id.as_str()) { "down" } else { "up" };
+                m.liveness == want
+            };
+            if have != want || !s.members.iter().all(live) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
+
+/// Which blocks of `0..n` of `ns` are held by other nodes than their
+/// replicas in `placement` (by index of `cl`), or missing from one.
+async fn misplaced(cl: &Nodes, ns: NamespaceId, n: u64, placement: &SlotTable, r: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for (x, c) in clients(cl).await.iter().enumerate() {
+        let held = c.replica_has(ns, &keys(ns, 0..n)).await.unwrap();
+        let me = NodeId(cl.nodes[x].id.clone());
+        for (b, h) in held.iter().enumerate() {
+            let replica = placement.replicas(&key(ns, b as u64), r).unwrap().contains(&me);
+            if *h != replica {
+                out.push(format!("block {b} on {me}: held {h}, replica {replica}"));
+            }
+        }
+    }
+    out
+}
+
+const PARTITION_TEST: &str = "a_node_cut_off_and_a_join_during_the_cut_lose_no_write_and_converge_once_healed";
+
+/// The kernel drops every packet between d and the other nodes (a network
+/// namespace of the test's own, each node on a loopback address of its
+/// own; see `kvtier_testkit::netns`) while d keeps running. Each side
+/// finds the other down; the majority takes writes, hinted for d; d alone
+/// acknowledges none at W = 2; e joins through a seed during the cut.
+/// Healed: every node lists all five up with one digest, d gets its
+/// copies, every acknowledged block reads back through every node, and
+/// each block ends on exactly the replicas the five-member slot table
+/// names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_and_a_join_during_the_cut_lose_no_write_and_converge_once_healed() {
+    if !common::netns::enter(PARTITION_TEST) {
+        return;
+    }
+    let ips = ["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14", "127.0.0.15"];
+    let four = ["a", "b", "c", "d"];
+    let five = ["a", "b", "c", "d", "e"];
+    let mut cl = Nodes::start_gossip_at(&four, &ips[..4], FAST, &[]);
+    let first = converged(&cl, &four).await;
+    let (a, d) = (cl.client(0).await, cl.client(3).await);
+    let ns = r3(&a, "gossip-cut").await;
+    let alone = r3(&a, "gossip-cut-alone").await;
+    a.put(ns, &keys(ns, 0..40), data(ns, 0..40)).await.unwrap();
+
+    // e's address too: e must not reach d around the cut.
+    let cut = common::netns::Partition::cut(ips[3], &[ips[0], ips[1], ips[2], ips[4]]);
+    lists(&cl, &["a", "b", "c"], &four, &["d"]).await;
+    lists(&cl, &["d"], &four, &["a", "b", "c"]).await;
+
+    a.put(ns, &keys(ns, 40..100), data(ns, 40..100)).await.unwrap();
+    let mut hinted = 0;
+    for c in clients_of(&cl, &["a", "b", "c"]).await {
+        hinted += cluster_stats(&c).await.hints_pending;
+    }
+    assert!(hinted > 0, "d's copies wait as hints on the majority side");
+    for at in (0..24).step_by(8) {
+        let r = d.put(alone, &keys(alone, at..at + 8), data(alone, at..at + 8)).await;
+        assert!(r.is_err(), "d, cut off, acknowledged blocks {at}..{} at W = 2", at + 8);
+    }
+
+    // e joins through a while d is cut off: it learns d, down.
+    let port = free_port_pairs(1)[0];
+    let e = Member::new("e", format!("{}:{port}", ips[4]));
+    let seed = format!("seeds = [\"{}:{}\"]\n", ips[0], cl.nodes[0].port + 1);
+    let i = cl.add_at(
+        "e",
+        ips[4],
+        port,
+        &format!("membership = \"gossip\"\n{FAST}{seed}"),
+        &[e],
+    );
+    cl.start_node(i);
+    lists(&cl, &["a", "b", "c", "e"], &five, &["d"]).await;
+    let n = 160;
+    let e_client = cl.client(4).await;
+    e_client.put(ns, &keys(ns, 100..n), data(ns, 100..n)).await.unwrap();
+
+    cut.heal();
+    let after = converged(&cl, &five).await;
+    assert_ne!(
+        after[0].members_digest, first[0].members_digest,
+        "the join changed the list"
+    );
+    assert!(
+        after[3].gossip_generation >= first[3].gossip_generation,
+        "d kept or refuted its generation: {} then {}",
+        first[3].gossip_generation,
+        after[3].gossip_generation
+    );
+    holds_its_own(&cl, 3, ns, n, 3).await;
+    let placement = table(&cl.members());
+    eventually("every block on exactly its replicas of the five", 60, || async {
+        let m = misplaced(&cl, ns, n, &placement, 3).await;
+        if !m.is_empty() {
+            eprintln!("{} misplaced, e.g. {}", m.len(), m[0]);
+        }
+        m.is_empty()
+    })
+    .await;
+    reads_back(&cl, &five, ns, n).await;
+}

@@ -15,6 +15,9 @@ use crate::{Daemon, cluster_stats, eventually, free_port_pairs, free_ports};
 #[derive(Debug)]
 pub struct Node {
     pub id: String,
+    /// The loopback address it listens and connects from (127.0.0.1
+    /// unless the cluster was started with [`Nodes::start_gossip_at`]).
+    pub ip: String,
     pub port: u16,
     pub dir: PathBuf,
     pub config: PathBuf,
@@ -48,20 +51,34 @@ impl Nodes {
         Self::start_on(ids, &free_port_pairs(ids.len()), &extra, env)
     }
 
+    /// As [`Nodes::start_gossip`], node `i` on loopback address `ips[i]`
+    /// (127.0.0.x) and connecting to its peers from it
+    /// (`cluster.source_ip`): what [`crate::netns::Partition`] needs to
+    /// tell one node's traffic from another's. Inside a network namespace
+    /// of the test's own ([`crate::netns::enter`]).
+    pub fn start_gossip_at(ids: &[&str], ips: &[&str], extra: &str, env: &[(&str, &str)]) -> Nodes {
+        let extra = format!("membership = \"gossip\"\n{extra}");
+        Self::start_at(ids, ips, &free_port_pairs(ids.len()), &extra, env)
+    }
+
     fn start_on(ids: &[&str], ports: &[u16], extra: &str, env: &[(&str, &str)]) -> Nodes {
+        Self::start_at(ids, &vec!["127.0.0.1"; ids.len()], ports, extra, env)
+    }
+
+    fn start_at(ids: &[&str], ips: &[&str], ports: &[u16], extra: &str, env: &[(&str, &str)]) -> Nodes {
         let root = tempfile::tempdir().expect("a temporary directory");
         let members: Vec<Member> = ids
             .iter()
-            .zip(ports)
-            .map(|(id, p)| Member::new(*id, format!("127.0.0.1:{p}")))
+            .zip(ips.iter().zip(ports))
+            .map(|(id, (ip, p))| Member::new(*id, format!("{ip}:{p}")))
             .collect();
         let mut n = Nodes {
             nodes: Vec::new(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             root,
         };
-        for (id, port) in ids.iter().zip(ports) {
-            n.add(id, *port, extra, &members);
+        for ((id, ip), port) in ids.iter().zip(ips).zip(ports) {
+            n.add_at(id, ip, *port, extra, &members);
         }
         for i in 0..ids.len() {
             n.start_node(i);
@@ -72,6 +89,17 @@ impl Nodes {
     /// Adds node `id` on `port` whose config lists `members`, with
     /// `extra` lines in `[cluster]`; not started. Answers its index.
     pub fn add(&mut self, id: &str, port: u16, extra: &str, members: &[Member]) -> usize {
+        self.add_at(id, "127.0.0.1", port, extra, members)
+    }
+
+    /// As [`Nodes::add`], on loopback address `ip`, connecting to its
+    /// peers from it when it is not 127.0.0.1.
+    pub fn add_at(&mut self, id: &str, ip: &str, port: u16, extra: &str, members: &[Member]) -> usize {
+        let source = if ip == "127.0.0.1" {
+            String::new()
+        } else {
+            format!("source_ip = \"{ip}\"\n")
+        };
         let list: Vec<String> = members
             .iter()
             .map(|m| format!("  {{ id = \"{}\", addr = \"{}\" }},", m.id, m.addr))
@@ -80,13 +108,14 @@ impl Nodes {
         std::fs::write(
             &config,
             format!(
-                "[cluster]\nnode_id = \"{id}\"\nheartbeat_interval_ms = 100\nsuspect_after = 1\ndown_after = 3\npeer_timeout_ms = 1000\n{extra}members = [\n{}\n]\n",
+                "[cluster]\nnode_id = \"{id}\"\nheartbeat_interval_ms = 100\nsuspect_after = 1\ndown_after = 3\npeer_timeout_ms = 1000\n{source}{extra}members = [\n{}\n]\n",
                 list.join("\n")
             ),
         )
         .expect("write a node's config");
         self.nodes.push(Node {
             id: id.to_string(),
+            ip: ip.to_string(),
             port,
             dir: self.root.path().join(id),
             config,
@@ -98,7 +127,7 @@ impl Nodes {
     /// Starts (or restarts, on the same data dir and port) node `i`.
     pub fn start_node(&mut self, i: usize) {
         let n = &self.nodes[i];
-        let listen = format!("127.0.0.1:{}", n.port);
+        let listen = format!("{}:{}", n.ip, n.port);
         let shm = self.root.path().join("shm");
         std::fs::create_dir_all(&shm).expect("the shared-memory directory");
         let mut env: Vec<(&str, &str)> = vec![
@@ -138,7 +167,7 @@ impl Nodes {
     pub fn members(&self) -> Vec<Member> {
         self.nodes
             .iter()
-            .map(|n| Member::new(n.id.as_str(), format!("127.0.0.1:{}", n.port)))
+            .map(|n| Member::new(n.id.as_str(), format!("{}:{}", n.ip, n.port)))
             .collect()
     }
 

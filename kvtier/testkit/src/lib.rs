@@ -12,6 +12,7 @@
 #![allow(missing_docs, clippy::missing_panics_doc)]
 
 pub mod cluster;
+pub mod netns;
 
 use kvtier::block::{Dtype, KvKind, KvLayout};
 use kvtier::{BlockKey, Namespace, NamespaceId};

@@ -216,6 +216,21 @@ impl Drop for Gossip {
     }
 }
 
+/// A sync connection to `to`, leaving from `from` (the gossip listener's
+/// address) when that is a specific one: a node's gossip, datagrams and
+/// syncs alike, comes from the one address the others know it by.
+async fn connect_from(from: Option<std::net::IpAddr>, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = if to.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(ip) = from.filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == to.is_ipv4()) {
+        s.bind(SocketAddr::new(ip, 0))?;
+    }
+    s.connect(to).await
+}
+
 /// UDP and TCP on the same port (the UDP one picked first when 0).
 async fn bind_both(listen: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
     for _ in 0..16 {
@@ -384,9 +399,10 @@ fn carry_out(
                 if out.bytes.len() > max_frame {
                     continue;
                 }
+                let from = udp.local_addr().ok().map(|a| a.ip());
                 tokio::spawn(async move {
                     let r = tokio::time::timeout(STREAM_TIMEOUT, async {
-                        let mut s = TcpStream::connect(out.to).await?;
+                        let mut s = connect_from(from, out.to).await?;
                         s.write_all(&(out.bytes.len() as u32).to_be_bytes()).await?;
                         s.write_all(&out.bytes).await?;
                         s.shutdown().await

@@ -233,7 +233,7 @@ impl Cluster {
             // Each peer call has its own bound (`timeout_for`).
             request_timeout: None,
         };
-        let peers = peers::Peers::new(template, tls, peer_timeout);
+        let peers = peers::Peers::new(template, tls, peer_timeout, cfg.source_ip);
         // The members saved at the last change win over the config's list,
         // which is only the first one.
         let members_file = data_dir.join("members.json");

@@ -9,6 +9,7 @@
 use kvtier::replication::placement::{Member, NodeId};
 use parking_lot::RwLock;
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
@@ -36,17 +37,21 @@ pub struct Peers {
     template: ClientConfig,
     scheme: &'static str,
     connect_timeout: Duration,
+    /// The address connections leave from (`cluster.source_ip`).
+    source: Option<IpAddr>,
     map: RwLock<BTreeMap<NodeId, &'static Entry>>,
 }
 
 impl Peers {
     /// No peers yet; clients are built from `template` (token, CA, TLS
-    /// name) with `scheme://addr` as the endpoint.
-    pub(super) fn new(template: ClientConfig, tls: bool, connect_timeout: Duration) -> Self {
+    /// name) with `scheme://addr` as the endpoint, connecting from
+    /// `source` when set.
+    pub(super) fn new(template: ClientConfig, tls: bool, connect_timeout: Duration, source: Option<IpAddr>) -> Self {
         Self {
             template,
             scheme: if tls { "https" } else { "http" },
             connect_timeout,
+            source,
             map: RwLock::new(BTreeMap::new()),
         }
     }
@@ -62,7 +67,8 @@ impl Peers {
             endpoint: endpoint.clone(),
             ..self.template.clone()
         };
-        let client = Client::lazy(&cfg, self.connect_timeout).map_err(|e| format!("cluster member {}: {e}", m.id))?;
+        let client = Client::lazy_from(&cfg, self.connect_timeout, self.source)
+            .map_err(|e| format!("cluster member {}: {e}", m.id))?;
         let entry: &'static Entry = Box::leak(Box::new(Entry {
             id: m.id.clone(),
             endpoint,
