@@ -3,7 +3,10 @@
 # native gRPC probes on 50051 and a grace period longer than the drain; every
 # kvtierd.toml (deploy/, the ConfigMap, cloud-init) parses as TOML and is
 # accepted by `kvtierd --print-config`, also with its commented-out [blob]
-# example uncommented; cloud-init carries the systemd unit
+# example uncommented; the Kubernetes replicated-cluster example (the
+# ConfigMap's [cluster] table and the pod's KVTIER_CLUSTER_* variables,
+# uncommented) is accepted and matches the ports and the gossip Service;
+# cloud-init carries the systemd unit
 # verbatim and its scripts are valid bash; `systemd-analyze verify` accepts
 # the units (when systemd-analyze exists). Exits non-zero on any failure.
 set -euo pipefail
@@ -108,6 +111,42 @@ def blob_example_accepted(text, name):
         check(bool(blob.get("account")) and bool(blob.get("container")), f"{name}: the [blob] example names an account and a container")
 
 
+def commented_block(text, head):
+    """The commented-out block starting at the line `# {head}`, uncommented
+    (up to the first line that is not a `# ` comment); None when absent."""
+    lines = [l.strip() for l in text.splitlines()]
+    if "# " + head not in lines:
+        return None
+    block = []
+    for l in lines[lines.index("# " + head):]:
+        if not l.startswith("# "):
+            break
+        block.append(l[2:].split("  #")[0].rstrip())
+    return block
+
+
+def cluster_example_accepted(text, name, env):
+    """The commented-out [cluster] example of the ConfigMap, uncommented,
+    with the pod's KVTIER_CLUSTER_* variables `env`, is accepted by kvtierd
+    --print-config; answers its effective [cluster] table."""
+    block = commented_block(text, "[cluster]")
+    if not check(block is not None, f"{name}: a commented-out [cluster] example"):
+        return {}
+    path = work / (name.replace(" ", "_") + "-cluster.toml")
+    path.write_text(text + "\n" + "\n".join(block) + "\n")
+    r = subprocess.run(
+        [kvtierd, "--config", str(path), "--print-config"],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if not check(r.returncode == 0, f"{name}: its [cluster] example with {sorted(env)} is accepted"):
+        print(r.stderr.strip(), file=sys.stderr)
+        return {}
+    return tomllib.loads(r.stdout).get("cluster", {})
+
+
 def starts(path, name):
     """Starts kvtierd on the file, with its addresses and data directory
     moved here, until it serves; then stops it with SIGTERM."""
@@ -170,10 +209,13 @@ k8s = docs.get("deploy/kubernetes/kvtierd-daemonset.yaml", [])
 by_kind = {}
 for d in k8s:
     by_kind.setdefault(d.get("kind"), []).append(d)
-for kind in ("Namespace", "ConfigMap", "DaemonSet", "Service"):
+for kind in ("Namespace", "ConfigMap", "DaemonSet"):
     check(len(by_kind.get(kind, [])) == 1, f"kubernetes: one {kind}")
+services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
+check(sorted(services) == ["kvtierd", "kvtierd-gossip"], "kubernetes: the Services kvtierd and kvtierd-gossip")
 
 cfg = {}
+cm_text = ""
 for cm in by_kind.get("ConfigMap", []):
     text = cm.get("data", {}).get("kvtierd.toml")
     if check(text is not None, "kubernetes: the ConfigMap holds kvtierd.toml"):
@@ -183,6 +225,7 @@ for cm in by_kind.get("ConfigMap", []):
             {"listen": "0.0.0.0:50051", "metrics_listen": "0.0.0.0:9464", "data_dir": "/var/lib/kvtier"},
         ) or {}
         blob_example_accepted(text, "ConfigMap kvtierd.toml")
+        cm_text = text
 
 for ds in by_kind.get("DaemonSet", []):
     pod = ds["spec"]["template"]
@@ -226,9 +269,66 @@ for ds in by_kind.get("DaemonSet", []):
     )
     labels = pod.get("metadata", {}).get("labels", {})
     for svc in by_kind.get("Service", []):
-        check(svc["spec"].get("clusterIP") == "None", "Service: headless")
+        n = svc["metadata"]["name"]
+        check(svc["spec"].get("clusterIP") == "None", f"Service {n}: headless")
         sel = svc["spec"].get("selector", {})
-        check(sel and all(labels.get(k) == v for k, v in sel.items()), "Service: selects the DaemonSet's pods")
+        check(sel and all(labels.get(k) == v for k, v in sel.items()), f"Service {n}: selects the DaemonSet's pods")
+
+    # The replicated-cluster example: the pod's commented-out variables
+    # and the ConfigMap's [cluster] table, uncommented, make a gossip
+    # member at its pod IP whose gossip port the pod and the Service open
+    # and whose seed is the Service.
+    raw = pathlib.Path("deploy/kubernetes/kvtierd-daemonset.yaml").read_text()
+    # The comment's own indentation kept: YAML needs it.
+    raw_lines = raw.splitlines()
+    start = next((i for i, l in enumerate(raw_lines) if l.strip() == "# - name: NODE_NAME"), None)
+    env_lines = []
+    if start is not None:
+        col = raw_lines[start].index("#")
+        for l in raw_lines[start:]:
+            body = l[col + 2:]
+            if not l.startswith(" " * col + "# ") or not body.startswith(("- ", "  ")):
+                break
+            env_lines.append(body)
+    pod_env = yaml.safe_load("\n".join(env_lines)) or []
+    names = [e.get("name") for e in pod_env]
+    check(
+        names == ["NODE_NAME", "POD_IP", "KVTIER_CLUSTER_NODE_ID", "KVTIER_CLUSTER_ADDR"],
+        f"DaemonSet: the commented-out cluster variables ({names})",
+    )
+    field = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in pod_env}
+    check(field.get("NODE_NAME") == "spec.nodeName" and field.get("POD_IP") == "status.podIP", "DaemonSet: NODE_NAME and POD_IP from the downward API")
+    # What Kubernetes substitutes for $(NODE_NAME) and $(POD_IP).
+    subst = {"NODE_NAME": "aks-gpu-12345-vmss000003", "POD_IP": "10.244.3.17"}
+    env_k = {}
+    for e in pod_env:
+        if "value" in e:
+            v = e["value"]
+            for k, x in subst.items():
+                v = v.replace(f"$({k})", x)
+            env_k[e["name"]] = v
+    cl = cluster_example_accepted(cm_text, "ConfigMap kvtierd.toml", env_k)
+    if cl:
+        check(cl.get("membership") == "gossip", "cluster example: gossip membership")
+        check(
+            cl.get("node_id") == subst["NODE_NAME"]
+            and {"id": subst["NODE_NAME"], "addr": subst["POD_IP"] + ":50051"} in [
+                {"id": m.get("id"), "addr": m.get("addr")} for m in cl.get("members", [])
+            ],
+            "cluster example: the pod is the member named after its node, at its pod IP",
+        )
+        gport = cl.get("gossip_port")
+        dports = {(p.get("protocol"), p.get("containerPort")) for p in c.get("ports", [])}
+        check({("UDP", gport), ("TCP", gport)} <= dports, f"DaemonSet: gossip port {gport} open for UDP and TCP")
+        gsvc = services.get("kvtierd-gossip", {}).get("spec", {})
+        check(gsvc.get("publishNotReadyAddresses") is True, "Service kvtierd-gossip: lists pods before they are ready")
+        sports = {(p.get("protocol"), p.get("port")) for p in gsvc.get("ports", [])}
+        check({("UDP", gport), ("TCP", gport)} <= sports, f"Service kvtierd-gossip: port {gport}, UDP and TCP")
+        ns = ds["metadata"]["namespace"]
+        check(
+            any(s.startswith(f"kvtierd-gossip.{ns}.svc") and s.endswith(f":{gport}") for s in cl.get("seeds", [])),
+            "cluster example: the seed is the kvtierd-gossip Service on the gossip port",
+        )
 
 # cloud-init.
 ci_path = pathlib.Path("deploy/cloud-init/kvtierd.yaml")

@@ -213,7 +213,10 @@ pub struct ClusterConfig {
     /// This node's id; must be one of `members`.
     pub node_id: String,
     /// Every node of the cluster, this one included: `{ id, addr, weight }`,
-    /// `addr` being the node's gRPC `host:port` (the client listener).
+    /// `addr` being the node's gRPC `host:port` (the client listener). In
+    /// gossip mode it may hold only this node (the others are learned),
+    /// or nothing when `KVTIER_CLUSTER_ADDR` gives this node's `addr`.
+    #[serde(default)]
     pub members: Vec<Member>,
     /// Milliseconds between heartbeats to each peer.
     #[serde(default = "default_heartbeat_interval_ms")]
@@ -578,6 +581,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("KVTIER_BLOB_PREFIX", "blob.prefix"),
     ("KVTIER_BLOB_MODE", "blob.mode"),
     ("KVTIER_CLUSTER_NODE_ID", "cluster.node_id"),
+    ("KVTIER_CLUSTER_ADDR", "cluster.members (this node's addr)"),
     ("KVTIER_S3_LISTEN", "s3.listen"),
     ("KVTIER_SCRUB_BYTES_PER_S", "scrub.bytes_per_s"),
     ("KVTIER_SCRUB_INTERVAL_S", "scrub.interval_s"),
@@ -687,6 +691,7 @@ impl DaemonConfig {
         let (mut cert, mut key) = (None, None);
         let mut blob = BlobEnv::default();
         let mut node_id = None;
+        let mut node_addr: Option<String> = None;
         let mut s3_listen = None;
         for (k, v) in env {
             match k.as_str() {
@@ -740,6 +745,7 @@ impl DaemonConfig {
                     blob.set.push("KVTIER_BLOB_MODE");
                 }
                 "KVTIER_CLUSTER_NODE_ID" => node_id = Some(v),
+                "KVTIER_CLUSTER_ADDR" => node_addr = Some(v),
                 "KVTIER_S3_LISTEN" => s3_listen = Some(v),
                 "KVTIER_SCRUB_BYTES_PER_S" => c.scrub.bytes_per_s = parse(&k, &v)?,
                 "KVTIER_SCRUB_INTERVAL_S" => c.scrub.interval_s = parse(&k, &v)?,
@@ -754,6 +760,18 @@ impl DaemonConfig {
             match &mut c.cluster {
                 Some(cl) => cl.node_id = id,
                 None => return Err("KVTIER_CLUSTER_NODE_ID set, but the configuration has no [cluster] table".into()),
+            }
+        }
+        if let Some(addr) = node_addr {
+            // A pod's address is known when it starts (status.podIP), not
+            // when the shared config file is written: this node's entry
+            // comes from the environment.
+            let Some(cl) = &mut c.cluster else {
+                return Err("KVTIER_CLUSTER_ADDR set, but the configuration has no [cluster] table".into());
+            };
+            match cl.members.iter_mut().find(|m| m.id.0 == cl.node_id) {
+                Some(m) => m.addr = addr,
+                None => cl.members.push(Member::new(cl.node_id.as_str(), addr)),
             }
         }
         if let Some(l) = s3_listen {
@@ -1192,6 +1210,43 @@ mod tests {
             .to_string();
         assert!(e.contains("no [cluster] table"), "{e}");
         assert!(DaemonConfig::load(None, env(&[])).unwrap().cluster.is_none());
+
+        // This node's addr from the environment: replaced when listed...
+        let c = DaemonConfig::load(Some(&f), env(&[("KVTIER_CLUSTER_ADDR", "10.0.0.7:50051")])).unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!(
+            (cl.members[0].id.0.as_str(), cl.members[0].addr.as_str()),
+            ("a", "10.0.0.7:50051")
+        );
+        assert_eq!(cl.members.len(), 2);
+        // ...added when not (a pod of a gossip cluster: no list at all).
+        let g = write(
+            d.path(),
+            "[cluster]\nnode_id = \"x\"\nmembership = \"gossip\"\ngossip_port = 7946\nseeds = [\"kvtierd.kvtier.svc:7946\"]\n",
+        );
+        let pod = env(&[
+            ("KVTIER_CLUSTER_NODE_ID", "aks-gpu-0"),
+            ("KVTIER_CLUSTER_ADDR", "10.0.0.9:50051"),
+        ]);
+        let cl = DaemonConfig::load(Some(&g), pod).unwrap().cluster.unwrap();
+        assert_eq!(cl.members, vec![Member::new("aks-gpu-0", "10.0.0.9:50051")]);
+        assert_eq!(cl.gossip_addr().as_deref(), Some("10.0.0.9:7946"));
+        let e = DaemonConfig::load(Some(&g), env(&[])).unwrap_err().to_string();
+        assert!(
+            e.contains("cluster.node_id \"x\" is not among cluster.members ()"),
+            "{e}"
+        );
+        let e = DaemonConfig::load(Some(&g), env(&[("KVTIER_CLUSTER_ADDR", "nohost")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must be host:port"), "{e}");
+        let e = DaemonConfig::load(None, env(&[("KVTIER_CLUSTER_ADDR", "h:1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("KVTIER_CLUSTER_ADDR set, but the configuration has no [cluster] table"),
+            "{e}"
+        );
     }
 
     #[test]

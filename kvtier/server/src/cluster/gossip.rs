@@ -78,8 +78,8 @@ use tonic::Status;
 /// How long a sync stream may take to connect, or to send or receive a
 /// frame.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a node that has not joined resolves its seeds and tries
-/// again, once a join's attempts are spent.
+/// How often a node that has not joined, or holds no other member live,
+/// resolves its seeds and tries again (once a join's attempts are spent).
 const REJOIN_EVERY: Duration = Duration::from_secs(30);
 
 /// A running gossip member.
@@ -361,7 +361,10 @@ async fn run(
                 }
             }
             _ = rejoin.tick() => {
-                if !swim.joined() {
+                // Alone too: two nodes that started together may each have
+                // found no seed but itself (a headless service lists a pod
+                // once it has an address), and would stay two clusters.
+                if !swim.joined() || swim.live_members() == 0 {
                     swim.join(&resolve(&seeds).await);
                 }
             }
