@@ -357,16 +357,21 @@ impl Cluster {
             let changes = v
                 .commit(change, Arc::new(next))
                 .map_err(|e| status_of(e.kind(), format!("member list change: {e}")))?;
+            // Before a read can see the new view: reads that find it must
+            // also find the move (`moving`, and the layout keys come
+            // from), or they would ask only the new replicas while the
+            // old ones still hold the keys, or have just handed them on.
+            {
+                // A change during a move keeps the older layout: keys the
+                // move has not reached yet still sit where it put them.
+                let mut placed_by = self.rebalance.placed_by.lock();
+                if !was_moving || placed_by.is_none() {
+                    *placed_by = Some(before.clone());
+                }
+            }
+            *self.rebalance.last_change.lock() = Some(Instant::now());
             (before, changes, v.members(), v.list_epoch())
         };
-        {
-            // A change during a move keeps the older layout: keys the
-            // move has not reached yet still sit where it put them.
-            let mut placed_by = self.rebalance.placed_by.lock();
-            if !was_moving || placed_by.is_none() {
-                *placed_by = Some(before.clone());
-            }
-        }
         for change in changes {
             if let Change::Joined(id) = &change {
                 self.rebalance.departed.lock().remove(id);
@@ -380,7 +385,6 @@ impl Cluster {
         if let Err(e) = self.rebalance.save_members(&after, epoch) {
             tracing::warn!("member list not saved: {e}");
         }
-        *self.rebalance.last_change.lock() = Some(Instant::now());
         self.rebalance.pending.lock().get_or_insert(before);
         self.start_rebalance();
         Ok(true)
