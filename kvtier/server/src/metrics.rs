@@ -586,8 +586,8 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
         );
         let _ = writeln!(
             o,
-            "# HELP kvtier_cluster_gossip_messages_total Gossip messages (datagrams and sync frames) handled, and refused as malformed, oversized or unexpected (gossip mode only).\n# TYPE kvtier_cluster_gossip_messages_total counter\nkvtier_cluster_gossip_messages_total{{outcome=\"handled\"}} {}\nkvtier_cluster_gossip_messages_total{{outcome=\"refused\"}} {}",
-            c.gossip_messages_in, c.gossip_messages_refused
+            "# HELP kvtier_cluster_gossip_messages_total Gossip messages (datagrams and sync frames) handled, refused as malformed, oversized or unexpected, and rejected for a missing or wrong tag (another token, or none; gossip mode only).\n# TYPE kvtier_cluster_gossip_messages_total counter\nkvtier_cluster_gossip_messages_total{{outcome=\"handled\"}} {}\nkvtier_cluster_gossip_messages_total{{outcome=\"refused\"}} {}\nkvtier_cluster_gossip_messages_total{{outcome=\"rejected\"}} {}",
+            c.gossip_messages_in, c.gossip_messages_refused, c.gossip_messages_rejected
         );
     }
     let counters: [(&str, &str, u64); 17] = [
@@ -653,7 +653,7 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
         ),
         (
             "cluster_placement_mismatches_total",
-            "Pings refused and answers counted as missed: the peer places keys in another slot count.",
+            "Pings (and gossip) refused and answers counted as missed: the peer places keys in another slot count.",
             c.placement_mismatches,
         ),
         (

@@ -408,6 +408,91 @@ async fn a_graceful_leave_during_writes_hands_every_key_over_and_loses_no_write(
     eprintln!("{} blocks written during the leave", acked.len());
 }
 
+/// The ids node `c` lists, sorted.
+async fn listed(c: &Client) -> Vec<String> {
+    let mut ids: Vec<String> = cluster_stats(c).await.members.into_iter().map(|m| m.id).collect();
+    ids.sort();
+    ids
+}
+
+/// The gossip addresses of nodes `of`, as a `seeds` line.
+fn seeds_of(cl: &Nodes, of: &[usize]) -> String {
+    let list: Vec<String> = of
+        .iter()
+        .map(|i| format!("\"127.0.0.1:{}\"", cl.nodes[*i].port + 1))
+        .collect();
+    format!("seeds = [{}]\n", list.join(", "))
+}
+
+/// A node that places keys in another slot count never enters the member
+/// list: a refuses its gossip, answers its join's sync requests with a
+/// refusal, and both count the mismatch; b's join keeps failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_slot_count_is_refused_and_never_listed() {
+    let mut cl = Nodes::start_gossip(&["a"], FAST, &[]);
+    let port = free_port_pairs(1)[0];
+    let b = Member::new("b", format!("127.0.0.1:{port}"));
+    let extra = format!("membership = \"gossip\"\nslots = 4096\n{FAST}{}", seeds_of(&cl, &[0]));
+    let i = cl.add("b", port, &extra, &[b]);
+    cl.start_node(i);
+    let (a, b) = (cl.client(0).await, cl.client(1).await);
+    // Each join round of b sends a an announce and a sync request, and
+    // gets a refusal back: three rounds at least.
+    eventually("a refused b's gossip, and b heard why", 20, || async {
+        cluster_stats(&a).await.placement_mismatches >= 6 && cluster_stats(&b).await.placement_mismatches >= 3
+    })
+    .await;
+    let (sa, sb) = (cluster_stats(&a).await, cluster_stats(&b).await);
+    assert_eq!((sa.placement_slots, sb.placement_slots), (DEFAULT_SLOTS, 4096));
+    assert_eq!(listed(&a).await, ["a"], "{sa:?}");
+    assert_eq!(listed(&b).await, ["b"], "{sb:?}");
+    assert_eq!(sa.gossip_messages_in, 0, "nothing of b's reached a's state machine");
+    assert_eq!(sb.gossip_messages_in, 0, "b heard nothing but refusals");
+    assert_eq!(sa.gossip_messages_rejected + sb.gossip_messages_rejected, 0);
+}
+
+/// With a bearer token, gossip is sealed with it: three nodes sharing one
+/// converge; a fourth with another token, seeded with all three, is
+/// never listed, and each of them rejects its messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_is_sealed_with_the_token_and_a_node_with_another_one_is_never_listed() {
+    let abc = ["a", "b", "c"];
+    let mut cl = Nodes::start_gossip(&abc, FAST, &[("KVTIER_AUTH_TOKEN", "s3cret")]);
+    converged(&cl, &abc).await;
+    let port = free_port_pairs(1)[0];
+    let d = Member::new("d", format!("127.0.0.1:{port}"));
+    let extra = format!("membership = \"gossip\"\n{FAST}{}", seeds_of(&cl, &[0, 1, 2]));
+    let i = cl.add("d", port, &extra, &[d]);
+    cl.nodes[i].env.push(("KVTIER_AUTH_TOKEN".into(), "other".into()));
+    cl.start_node(i);
+    let cs = clients_of(&cl, &abc).await;
+    eventually("a, b and c each rejected d's gossip", 20, || async {
+        for c in &cs {
+            if cluster_stats(c).await.gossip_messages_rejected < 2 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let stats = converged(&cl, &abc).await;
+    for s in &stats {
+        assert!(s.gossip_messages_rejected >= 2, "{s:?}");
+        assert_eq!(s.placement_mismatches, 0, "{s:?}");
+    }
+    let d = cl.client(i).await;
+    assert_eq!(listed(&d).await, ["d"]);
+    assert_eq!(cluster_stats(&d).await.gossip_messages_in, 0, "d heard nothing");
+
+    let m = cl.nodes[0].daemon.as_ref().unwrap().metrics.clone().unwrap();
+    let (status, body) = tokio::task::spawn_blocking(move || common::http_get(&m, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let rejected = r#"kvtier_cluster_gossip_messages_total{outcome="rejected"}"#;
+    assert!(common::sample(&body, rejected) >= 2.0, "{body}");
+}
+
 /// A bad gossip setting is a configuration error (exit 2) naming the key;
 /// a gossip port that is taken fails the start before kvtierd serves.
 #[test]

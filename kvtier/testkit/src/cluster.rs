@@ -22,6 +22,10 @@ pub struct Node {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub daemon: Option<Daemon>,
+    /// Environment this node gets after the cluster's (so a name in both
+    /// takes this value): a token of its own, say. Set before
+    /// [`Nodes::start_node`].
+    pub env: Vec<(String, String)>,
 }
 
 /// The nodes of one cluster, each started from its own config file.
@@ -120,6 +124,7 @@ impl Nodes {
             dir: self.root.path().join(id),
             config,
             daemon: None,
+            env: Vec::new(),
         });
         self.nodes.len() - 1
     }
@@ -135,7 +140,7 @@ impl Nodes {
             ("KVTIER_CONFIG", n.config.to_str().expect("a UTF-8 path")),
             ("KVTIER_LISTEN", listen.as_str()),
         ];
-        env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        env.extend(self.env.iter().chain(&n.env).map(|(k, v)| (k.as_str(), v.as_str())));
         let d = Daemon::start(&n.dir, &env);
         assert_eq!(d.grpc, listen);
         self.nodes[i].daemon = Some(d);
@@ -159,8 +164,24 @@ impl Nodes {
         self.nodes[i].daemon.as_ref().expect("running").endpoint()
     }
 
+    /// A client of node `i`, sending the bearer token it runs with.
     pub async fn client(&self, i: usize) -> Client {
-        self.nodes[i].daemon.as_ref().expect("running").client().await
+        let d = self.nodes[i].daemon.as_ref().expect("running");
+        match self.token(i) {
+            Some(t) => d.client_with_token(t).await,
+            None => d.client().await,
+        }
+    }
+
+    /// The bearer token node `i` runs with (`KVTIER_AUTH_TOKEN` in its
+    /// environment), if any.
+    pub fn token(&self, i: usize) -> Option<&str> {
+        self.env
+            .iter()
+            .chain(&self.nodes[i].env)
+            .filter(|(k, _)| k == "KVTIER_AUTH_TOKEN")
+            .map(|(_, v)| v.as_str())
+            .next_back()
     }
 
     /// The members, in the order of the nodes.

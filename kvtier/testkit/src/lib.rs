@@ -204,6 +204,17 @@ impl Daemon {
         .expect("connect")
     }
 
+    /// A client sending `token` as its bearer token.
+    pub async fn client_with_token(&self, token: &str) -> Client {
+        Client::connect(&ClientConfig {
+            endpoint: self.endpoint(),
+            token: Some(token.to_string()),
+            ..Default::default()
+        })
+        .await
+        .expect("connect")
+    }
+
     /// Sends `sig` and waits (up to 30 s) for the process to exit.
     pub fn signal_and_wait(&mut self, sig: i32) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");

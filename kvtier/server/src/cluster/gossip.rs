@@ -47,19 +47,37 @@
 //! starting with seeds. A stop (SIGTERM) is not a leave: the node is down
 //! until it restarts.
 //!
-//! Not done: gossip is neither authenticated nor encrypted (the cluster's
-//! token should sign each message), and a node that places keys in
-//! another slot count is not refused as the heartbeats' pings refuse it.
+//! # What gossip lets in
+//!
+//! With a bearer token (`auth_token`, `auth_token_file`), every datagram
+//! and sync frame carries an HMAC-SHA256 tag under a key derived from it
+//! (see [`kvtier::replication::swim::Envelope`]); one whose tag is missing
+//! or wrong is dropped before the state machine reads it, counted
+//! (`gossip_messages_rejected`) and logged at warn, at most once per
+//! [`LOG_EVERY`]. Without a token gossip is unauthenticated: whoever
+//! reaches the port can join or declare members down. The tag is not
+//! encryption (the member list travels in clear), and a recorded message
+//! of the members' current versions can be replayed (see the wire
+//! format's "Tags").
+//!
+//! Every message also states the slot count its sender places keys in
+//! (`cluster.slots`); one from a node that places keys otherwise is
+//! refused, as the heartbeats' pings refuse it, so that node never
+//! enters the member list. The refusal is counted (`placement_mismatches`)
+//! and logged as an error at most once per [`LOG_EVERY`]; a sync request
+//! from it, which a joiner sends each join round, is answered with a
+//! refusal, which the joiner counts and logs the same way: its join keeps
+//! failing, saying why.
 
 use super::Cluster;
 use crate::config::{ClusterConfig, MembershipMode};
 use crate::{proto, status_of};
 use kvtier::replication::membership::{Liveness, Membership};
 use kvtier::replication::placement::{Member, NodeId};
-use kvtier::replication::swim::MAX_GENERATION;
 use kvtier::replication::swim::{
-    Channel, Directory, MemberChange, Peer, Ready, Swim, SwimConfig, SwimStats, SwimTimer,
+    Channel, Directory, Envelope, GossipKey, MemberChange, Peer, Ready, Swim, SwimConfig, SwimStats, SwimTimer,
 };
+use kvtier::replication::swim::{ENVELOPE_BYTES, MAX_GENERATION};
 use kvtier::{Error, ErrorKind, Result};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -81,6 +99,10 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a node that has not joined, or holds no other member live,
 /// resolves its seeds and tries again (once a join's attempts are spent).
 const REJOIN_EVERY: Duration = Duration::from_secs(30);
+/// Gossip refused for a wrong tag or another slot count is logged at
+/// most this often (per cause): such a peer sends several messages a
+/// second.
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// A running gossip member.
 #[derive(Debug)]
@@ -109,15 +131,18 @@ impl Gossip {
     /// Binds UDP and TCP on `listen` (a concrete address: it is what the
     /// others are told; port 0 picks a free one for both), then joins
     /// through `seeds` (`host:port`, names resolved to every address).
-    /// Member changes, this node's joining first, go to the receiver.
+    /// Messages are framed by `envelope` (this node's slot count, and the
+    /// key of their tags). Member changes, this node's joining first, go
+    /// to the receiver.
     pub async fn start(
         member: kvtier::replication::placement::Member,
         listen: SocketAddr,
         generation: u32,
         config: SwimConfig,
+        envelope: Envelope,
         seeds: Vec<String>,
     ) -> Result<(Self, mpsc::UnboundedReceiver<MemberChange>)> {
-        Self::start_knowing(member, listen, generation, config, seeds, Vec::new()).await
+        Self::start_knowing(member, listen, generation, config, envelope, seeds, Vec::new()).await
     }
 
     /// As [`Gossip::start`], also taking `known` members as live without
@@ -128,6 +153,7 @@ impl Gossip {
         listen: SocketAddr,
         generation: u32,
         config: SwimConfig,
+        envelope: Envelope,
         seeds: Vec<String>,
         known: Vec<(Peer, u32)>,
     ) -> Result<(Self, mpsc::UnboundedReceiver<MemberChange>)> {
@@ -138,7 +164,14 @@ impl Gossip {
             getrandom::fill(&mut b).map_err(|e| Error::new(ErrorKind::Internal, format!("random seed: {e}")))?;
             u64::from_le_bytes(b)
         };
-        let mut swim = Swim::new(Peer::new(member, local), generation, config, seed, Directory::new())?;
+        let mut swim = Swim::new(
+            Peer::new(member, local),
+            generation,
+            config,
+            envelope,
+            seed,
+            Directory::new(),
+        )?;
         swim.restore(known)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop, stopped) = oneshot::channel();
@@ -312,9 +345,12 @@ async fn run(
     shared: Shared,
 ) -> Result<()> {
     let max_frame = swim.config().max_sync_bytes;
-    let (frames_tx, mut frames) = mpsc::channel::<Vec<u8>>(64);
+    let (frames_tx, mut frames) = mpsc::channel::<(SocketAddr, Vec<u8>)>(64);
     let mut timers = Timers::default();
-    let mut buf = vec![0u8; swim.config().max_packet_bytes + 64];
+    // One byte more than the largest datagram: a longer one is cut short
+    // by the socket, and then refused.
+    let mut buf = vec![0u8; swim.config().max_packet_bytes + ENVELOPE_BYTES + 1];
+    let mut refusals = Refusals::default();
     swim.join(&resolve(&seeds).await);
     let mut rejoin = tokio::time::interval(REJOIN_EVERY);
     rejoin.tick().await;
@@ -338,7 +374,7 @@ async fn run(
             r = udp.recv_from(&mut buf) => match r {
                 Ok((n, from)) => {
                     if let Err(e) = swim.handle_message(&buf[..n]) {
-                        tracing::debug!(%from, "gossip datagram refused: {e}");
+                        refusals.log(from, "datagram", &e);
                     }
                 }
                 Err(e) => tracing::debug!("gossip receive: {e}"),
@@ -348,9 +384,9 @@ async fn run(
                     tokio::spawn(read_frames(s, from, max_frame, frames_tx.clone()));
                 }
             }
-            Some(frame) = frames.recv() => {
+            Some((from, frame)) = frames.recv() => {
                 if let Err(e) = swim.handle_message(&frame) {
-                    tracing::debug!("gossip sync refused: {e}");
+                    refusals.log(from, "sync", &e);
                 }
             }
             _ = tokio::time::sleep_until(timers.next()) => {
@@ -368,6 +404,54 @@ async fn run(
                     swim.join(&resolve(&seeds).await);
                 }
             }
+        }
+    }
+}
+
+/// The logging of refused gossip: a message with a wrong tag (warn) or
+/// from a node that places keys otherwise (error), each at most once per
+/// [`LOG_EVERY`] with how many went unlogged since; anything else refused
+/// (malformed, from an old member) at debug.
+#[derive(Default)]
+struct Refusals {
+    unauthenticated: Quiet,
+    placement: Quiet,
+}
+
+/// When a cause was last logged, and how many went unlogged since.
+#[derive(Default)]
+struct Quiet {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Quiet {
+    /// Whether to log now; if so, how many went unlogged before.
+    fn due(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < LOG_EVERY) {
+            self.unlogged += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+impl Refusals {
+    fn log(&mut self, from: SocketAddr, what: &str, e: &Error) {
+        match e.kind() {
+            ErrorKind::Unauthenticated => {
+                if let Some(unlogged) = self.unauthenticated.due() {
+                    tracing::warn!(%from, via = what, unlogged, "{}", e.message());
+                }
+            }
+            ErrorKind::Config => {
+                if let Some(unlogged) = self.placement.due() {
+                    tracing::error!(%from, via = what, unlogged, "{}", e.message());
+                }
+            }
+            _ => tracing::debug!(%from, "gossip {what} refused: {e}"),
         }
     }
 }
@@ -422,7 +506,7 @@ fn carry_out(
 
 /// Reads length-prefixed frames from a sync stream until it ends; a frame
 /// over `max` bytes ends it.
-async fn read_frames(mut s: TcpStream, from: SocketAddr, max: usize, to: mpsc::Sender<Vec<u8>>) {
+async fn read_frames(mut s: TcpStream, from: SocketAddr, max: usize, to: mpsc::Sender<(SocketAddr, Vec<u8>)>) {
     loop {
         let frame = tokio::time::timeout(STREAM_TIMEOUT, async {
             let n = s.read_u32().await? as usize;
@@ -439,7 +523,7 @@ async fn read_frames(mut s: TcpStream, from: SocketAddr, max: usize, to: mpsc::S
         .await;
         match frame {
             Ok(Ok(b)) => {
-                if to.send(b).await.is_err() {
+                if to.send((from, b)).await.is_err() {
                     return;
                 }
             }
@@ -464,6 +548,8 @@ pub(super) struct GossipState {
     /// Each member's generation as gossip last reported it (this node's
     /// own included), for Stats.
     generations: Mutex<BTreeMap<NodeId, u32>>,
+    /// The key of the tags, from the daemon's bearer token.
+    key: Option<GossipKey>,
 }
 
 /// `gossip.json` in the data dir: the last generation this node used.
@@ -481,8 +567,11 @@ const BATCH_CHANGES: usize = 100_000;
 const GENERATION_EPOCH_S: u64 = 1_704_067_200;
 
 impl GossipState {
-    pub(super) fn new(cfg: &ClusterConfig, data_dir: &Path) -> Self {
+    /// Gossip as `cfg` says, its messages sealed with a key derived from
+    /// `token` when there is one.
+    pub(super) fn new(cfg: &ClusterConfig, data_dir: &Path, token: Option<&str>) -> Self {
         Self {
+            key: token.map(GossipKey::from_token),
             cfg: (cfg.membership == MembershipMode::Gossip).then(|| cfg.clone()),
             file: data_dir.join("gossip.json"),
             running: Mutex::new(None),
@@ -602,8 +691,14 @@ impl Cluster {
         }
         let generation = self.gossip.next_generation()?;
         let seeds = cfg.seed_list();
-        let (g, rx) = Gossip::start_knowing(me, listen, generation, cfg.swim.clone(), seeds.clone(), known).await?;
-        tracing::info!(gossip = %g.local_addr(), generation, ?seeds, "gossip membership started");
+        let mut envelope = Envelope::new(self.slots());
+        if let Some(k) = &self.gossip.key {
+            envelope = envelope.with_key(k.clone());
+        }
+        let authenticated = envelope.key.is_some();
+        let (g, rx) =
+            Gossip::start_knowing(me, listen, generation, cfg.swim.clone(), envelope, seeds.clone(), known).await?;
+        tracing::info!(gossip = %g.local_addr(), generation, ?seeds, authenticated, "gossip membership started");
         *self.gossip.running.lock() = Some(g);
         self.spawn(self.clone().follow_gossip(rx));
         Ok(())
@@ -720,6 +815,9 @@ impl Cluster {
             let st = g.stats();
             s.gossip_messages_in = st.messages_in;
             s.gossip_messages_refused = st.messages_refused;
+            s.gossip_messages_rejected = st.messages_rejected;
+            // Refused for another slot count, as a heartbeat's ping would be.
+            s.placement_mismatches += st.placement_mismatches;
         }
     }
 
@@ -808,7 +906,7 @@ mod tests {
     async fn node(i: usize, seeds: Vec<String>) -> (Gossip, mpsc::UnboundedReceiver<MemberChange>, Membership) {
         let m = Member::new(format!("g{i}"), format!("127.0.0.1:{}", 60000 + i));
         let view = Membership::with_members(m.id.clone(), std::slice::from_ref(&m), 64, Detector::default()).unwrap();
-        let (g, rx) = Gossip::start(m, "127.0.0.1:0".parse().unwrap(), 1, fast(), seeds)
+        let (g, rx) = Gossip::start(m, "127.0.0.1:0".parse().unwrap(), 1, fast(), Envelope::new(64), seeds)
             .await
             .unwrap();
         (g, rx, view)

@@ -71,7 +71,9 @@
 //!   slots, which sends none) and counts such a node's answers as missed,
 //!   so the two see each other down: no write or read goes between them,
 //!   writes meant for it wait in hints, and the mismatch is logged as an
-//!   error once per peer and counted (`placement_mismatches`).
+//!   error once per peer and counted (`placement_mismatches`). In gossip
+//!   mode every gossip message carries the count instead, and such a node
+//!   never enters the member list (see [`gossip`]).
 
 mod deliver;
 pub mod gossip;
@@ -225,6 +227,7 @@ impl Cluster {
     ) -> Result<Self, String> {
         let me = NodeId(cfg.node_id.clone());
         let peer_timeout = Duration::from_millis(cfg.peer_timeout_ms);
+        let gossip = gossip::GossipState::new(cfg, data_dir, token.as_deref());
         let template = ClientConfig {
             endpoint: String::new(),
             token,
@@ -278,7 +281,7 @@ impl Cluster {
             rebalance,
             tasks: crate::tasks::Tasks::default(),
             mode: cfg.membership,
-            gossip: gossip::GossipState::new(cfg, data_dir),
+            gossip,
         })
     }
 

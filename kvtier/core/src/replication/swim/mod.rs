@@ -91,6 +91,15 @@
 //! address among the seeds is skipped; no seed at all makes a one-node
 //! cluster that others join.
 //!
+//! # What a node lets in
+//!
+//! Every message states the slot count its sender places keys in, and
+//! carries a tag when the cluster has a key ([`Envelope`]; the format is
+//! in `wire.rs`, "Tags"). [`Swim::handle_message`] drops a message whose
+//! tag is missing or wrong before reading it, and refuses one from a node
+//! that places keys otherwise: neither reaches foca, so such a node never
+//! enters the member table, whatever it claims.
+//!
 //! # Anti-entropy
 //!
 //! Every `sync_interval_ms` a node sends one random member the digests of
@@ -109,7 +118,10 @@ pub mod sim;
 mod sync;
 mod wire;
 
-pub use wire::{Directory, MAX_ADDR_BYTES, MAX_GENERATION, MAX_ID_BYTES, Peer, WireError};
+pub use wire::{
+    Directory, ENVELOPE_BYTES, Envelope, GossipKey, MAX_ADDR_BYTES, MAX_GENERATION, MAX_ID_BYTES, Peer, TAG_BYTES,
+    WireError,
+};
 
 use foca::{Foca, Member as FocaMember, NoCustomBroadcast, OwnedNotification, Runtime, State, Timer};
 use rand::rngs::SmallRng;
@@ -122,7 +134,7 @@ use std::num::{NonZeroU8, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use self::wire::{Ident, KeyMap, Kind, Seen, VERSION, WireCodec, key_of};
+use self::wire::{Ident, KeyMap, Kind, Opened, Seen, Unopened, WireCodec, key_of};
 use super::membership::{Change, ListError, Liveness, Membership};
 use super::placement::{Member, NodeId};
 use crate::error::{Error, ErrorKind, Result};
@@ -336,7 +348,8 @@ pub fn apply_change(view: &mut Membership, change: &MemberChange) -> Result<Opti
 /// How a message travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Channel {
-    /// A datagram (UDP): may be lost; at most `max_packet_bytes` + 2.
+    /// A datagram (UDP): may be lost; at most `max_packet_bytes` +
+    /// [`ENVELOPE_BYTES`].
     Datagram,
     /// A reliable stream (TCP, gRPC): syncs, up to `max_sync_bytes`.
     Stream,
@@ -409,6 +422,12 @@ pub struct SwimStats {
     pub messages_in: u64,
     /// Messages refused (malformed, oversized, from this node...).
     pub messages_refused: u64,
+    /// Messages dropped unread because their tag was missing or wrong, or
+    /// there was one and this node has no key (see [`Envelope`]).
+    pub messages_rejected: u64,
+    /// Messages refused because their sender places keys in another slot
+    /// count, and refusals of this node by such a member.
+    pub placement_mismatches: u64,
     /// Sync exchanges that found a difference (entries sent).
     pub syncs_sent: u64,
     /// Messages to a member whose address is unknown (a bug if not 0).
@@ -423,6 +442,7 @@ pub struct Swim {
     me: Arc<Peer>,
     key: u64,
     config: SwimConfig,
+    envelope: Envelope,
     dir: Directory,
     seen: Seen,
     /// What the codec saw, swapped out of `seen` (its capacity reused).
@@ -458,6 +478,8 @@ impl std::fmt::Debug for Swim {
 struct Collect<'a> {
     ready: &'a mut Ready,
     dir: &'a Directory,
+    /// The slot count the header states.
+    slots: u32,
     /// Where a message to the wildcard goes (an announce to a seed).
     seed: Option<SocketAddr>,
     notes: Vec<OwnedNotification<Ident>>,
@@ -470,10 +492,11 @@ struct Collect<'a> {
 }
 
 impl<'a> Collect<'a> {
-    fn new(ready: &'a mut Ready, dir: &'a Directory) -> Self {
+    fn new(ready: &'a mut Ready, dir: &'a Directory, slots: u32) -> Self {
         Self {
             ready,
             dir,
+            slots,
             seed: None,
             notes: Vec::new(),
             suspected: Vec::new(),
@@ -501,8 +524,8 @@ impl Runtime<Ident> for Collect<'_> {
             self.unroutable += 1;
             return;
         };
-        let mut bytes = Vec::with_capacity(2 + data.len());
-        bytes.extend_from_slice(&[VERSION, Kind::Swim as u8]);
+        // Sealed, when the cluster has a key, in `take_ready`.
+        let mut bytes = Envelope::new(self.slots).start(Kind::Swim, data.len());
         bytes.extend_from_slice(data);
         self.ready.sends.push(Outgoing {
             to: addr,
@@ -546,11 +569,19 @@ fn internal(context: &str, e: foca::Error) -> Error {
 
 impl Swim {
     /// This node, `me`, at `generation` (see "Identities"), alone until it
-    /// joins. `seed` seeds its random choices (whom to probe, to gossip
-    /// to): the server passes a random one, the simulation a fixed one.
-    /// `dir` is a fresh [`Directory`] except in the simulation. The first
-    /// change is `me` joining.
-    pub fn new(me: Peer, generation: u32, config: SwimConfig, seed: u64, dir: Directory) -> Result<Self> {
+    /// joins; its messages framed by `envelope` (its slot count, and the
+    /// key of their tags). `seed` seeds its random choices (whom to probe,
+    /// to gossip to): the server passes a random one, the simulation a
+    /// fixed one. `dir` is a fresh [`Directory`] except in the simulation.
+    /// The first change is `me` joining.
+    pub fn new(
+        me: Peer,
+        generation: u32,
+        config: SwimConfig,
+        envelope: Envelope,
+        seed: u64,
+        dir: Directory,
+    ) -> Result<Self> {
         me.validate().map_err(|e| Error::new(ErrorKind::Config, e))?;
         config
             .validate()
@@ -578,6 +609,7 @@ impl Swim {
             key,
             rng: SmallRng::seed_from_u64(seed ^ 0x5157_494d_5f72_6e67),
             config,
+            envelope,
             dir,
             seen,
             seen_buf: Vec::new(),
@@ -631,9 +663,16 @@ impl Swim {
         self.synced || self.seeds.is_empty()
     }
 
-    /// Takes what the calls since the last take asked for.
+    /// Takes what the calls since the last take asked for; the messages
+    /// sealed when the envelope has a key.
     pub fn take_ready(&mut self) -> Ready {
-        std::mem::take(&mut self.ready)
+        let mut ready = std::mem::take(&mut self.ready);
+        if let Some(key) = &self.envelope.key {
+            for out in &mut ready.sends {
+                wire::seal(key, &mut out.bytes);
+            }
+        }
+        ready
     }
 
     /// Every member this node knows, itself included, with liveness; left
@@ -679,7 +718,7 @@ impl Swim {
             self.dir.learn(generation, &p);
             members.push(FocaMember::alive(Ident::new(key, generation, false)));
         }
-        let mut rt = Collect::new(&mut self.ready, &self.dir);
+        let mut rt = Collect::new(&mut self.ready, &self.dir, self.envelope.slots);
         let r = self.foca.apply_many(members.into_iter(), false, &mut rt);
         // The caller's view holds these members already.
         self.stats.unroutable += rt.done().unroutable;
@@ -710,7 +749,7 @@ impl Swim {
         let first = self.join_attempt as usize;
         for j in 0..n.min(3) {
             let to = self.seeds[(first + j) % n];
-            let mut rt = Collect::new(&mut self.ready, &self.dir);
+            let mut rt = Collect::new(&mut self.ready, &self.dir, self.envelope.slots);
             rt.seed = Some(to);
             // Sending never fails but for an encoding bug, counted below.
             let _ = self.foca.announce(Ident::WILDCARD, &mut rt);
@@ -736,14 +775,14 @@ impl Swim {
         let cur = *self.foca.identity();
         let gone = Ident::new(cur.key(), cur.generation(), true);
         {
-            let mut rt = Collect::new(&mut self.ready, &self.dir);
+            let mut rt = Collect::new(&mut self.ready, &self.dir, self.envelope.slots);
             rt.mute = true;
             let r = self.foca.change_identity(gone, &mut rt);
             let c = rt.done();
             self.settle(c);
             r.map_err(|e| internal("leaving", e))?;
         }
-        let mut rt = Collect::new(&mut self.ready, &self.dir);
+        let mut rt = Collect::new(&mut self.ready, &self.dir, self.envelope.slots);
         // The "left" record goes to three random members, then twice more:
         // nine first carriers, each spreading it on.
         let r = self
@@ -782,7 +821,7 @@ impl Swim {
             return Ok(false);
         }
         let gone = FocaMember::down(Ident::new(key, cur.generation(), true));
-        let mut rt = Collect::new(&mut self.ready, &self.dir);
+        let mut rt = Collect::new(&mut self.ready, &self.dir, self.envelope.slots);
         let r = self.foca.apply_many(std::iter::once(gone), true, &mut rt);
         let c = rt.done();
         self.settle(c);
@@ -794,7 +833,7 @@ impl Swim {
     pub fn handle_timer(&mut self, timer: SwimTimer) -> Result<()> {
         match timer.0 {
             TimerKind::Foca(t) => {
-                let mut rt = Collect::new(&mut self.ready, &self.dir);
+                let mut rt = Collect::new(&mut self.ready, &self.dir, self.envelope.slots);
                 let r = self.foca.handle_timer(t, &mut rt);
                 let c = rt.done();
                 self.settle(c);
@@ -837,9 +876,51 @@ impl Swim {
 
     /// A message arrived (from another node's [`Outgoing`]). A malformed,
     /// oversized or unexpected one is refused with a precise error and
-    /// changes nothing.
+    /// changes nothing. So is one that fails the [`Envelope`]'s checks,
+    /// each with its own kind of error and counter:
+    ///
+    /// - [`ErrorKind::Unauthenticated`] (`messages_rejected`): its tag is
+    ///   missing or wrong, or it has one and this node has no key. Nothing
+    ///   past its header was read.
+    /// - [`ErrorKind::Config`] (`placement_mismatches`): its sender places
+    ///   keys in another slot count. A sync request from it is answered
+    ///   with a refusal, so that a joiner learns why nobody lets it in; a
+    ///   refusal of this node arrives as this error too.
     pub fn handle_message(&mut self, bytes: &[u8]) -> Result<()> {
-        let r = self.dispatch(bytes);
+        let m = match wire::open(self.envelope.key.as_ref(), bytes) {
+            Ok(m) => m,
+            Err(Unopened::Unauthenticated(e)) => {
+                self.stats.messages_rejected += 1;
+                return Err(Error::new(ErrorKind::Unauthenticated, e));
+            }
+            Err(Unopened::Malformed(e)) => {
+                self.stats.messages_refused += 1;
+                return Err(bad(e));
+            }
+        };
+        if self.left {
+            self.stats.messages_in += 1;
+            return Ok(());
+        }
+        let mismatch = match m.kind {
+            Kind::Refused => self.refused_by(&m),
+            _ if m.slots != self.envelope.slots => Err(self.refuse(&m)),
+            _ => Ok(()),
+        };
+        if let Err(e) = mismatch {
+            if e.kind() == ErrorKind::Config {
+                self.stats.placement_mismatches += 1;
+            } else {
+                self.stats.messages_refused += 1;
+            }
+            return Err(e);
+        }
+        let r = match m.kind {
+            Kind::Swim => self.handle_swim(m.body),
+            Kind::SyncRequest => self.handle_sync_request(m.body),
+            Kind::SyncResponse => self.handle_sync_response(m.body),
+            Kind::Refused => unreachable!("answered above"),
+        };
         match &r {
             Ok(()) => self.stats.messages_in += 1,
             Err(_) => self.stats.messages_refused += 1,
@@ -847,29 +928,55 @@ impl Swim {
         r
     }
 
-    fn dispatch(&mut self, bytes: &[u8]) -> Result<()> {
-        if bytes.len() < 2 {
+    /// The error for message `m`, whose sender places keys in another
+    /// slot count; a sync request gets a refusal back. Only sync requests:
+    /// a joiner sends one per join round and a member one per sync
+    /// interval, so refusals stay as rare as those, and a flood of
+    /// datagrams (forged, in a cluster without a key) makes no traffic.
+    fn refuse(&mut self, m: &Opened<'_>) -> Error {
+        let (theirs, mine) = (m.slots, self.envelope.slots);
+        let why = format!(
+            "it places keys in {theirs} slots, this node in {mine}: members refuse each other until every node has the same cluster.slots"
+        );
+        let Ok((id, gossip)) = wire::sender(m.kind, m.body) else {
+            return Error::new(
+                ErrorKind::Config,
+                format!("gossip from an unreadable sender refused: {why}"),
+            );
+        };
+        let e = Error::new(
+            ErrorKind::Config,
+            format!("gossip from node {id} at {gossip} refused: {why}"),
+        );
+        if m.kind == Kind::SyncRequest {
+            let me = &self.me.member.id.0;
+            let mut bytes = self.envelope.start(Kind::Refused, 1 + me.len());
+            wire::refusal_body(me, &mut bytes);
+            self.ready.sends.push(Outgoing {
+                to: gossip,
+                bytes,
+                channel: Channel::Stream,
+            });
+        }
+        e
+    }
+
+    /// A refusal of this node by a member that places keys otherwise: a
+    /// [`ErrorKind::Config`] error saying so.
+    fn refused_by(&self, m: &Opened<'_>) -> Result<()> {
+        let id = wire::refuser(m.body).map_err(|e| bad(format!("gossip refusal: {e}")))?;
+        let (theirs, mine) = (m.slots, self.envelope.slots);
+        if theirs == mine {
             return Err(bad(format!(
-                "gossip message of {} bytes: shorter than its header",
-                bytes.len()
+                "gossip refusal from node {id}, which places keys in {theirs} slots as this node does"
             )));
         }
-        if bytes[0] != VERSION {
-            return Err(bad(format!(
-                "gossip message of format {} (this node speaks {VERSION})",
-                bytes[0]
-            )));
-        }
-        if self.left {
-            return Ok(());
-        }
-        let body = &bytes[2..];
-        match Kind::of(bytes[1]) {
-            Some(Kind::Swim) => self.handle_swim(body),
-            Some(Kind::SyncRequest) => self.handle_sync_request(body),
-            Some(Kind::SyncResponse) => self.handle_sync_response(body),
-            None => Err(bad(format!("gossip message of unknown kind {}", bytes[1]))),
-        }
+        Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "node {id} refuses this node's gossip: it places keys in {theirs} slots, this node in {mine}; set the same cluster.slots on every node"
+            ),
+        ))
     }
 
     fn handle_swim(&mut self, data: &[u8]) -> Result<()> {
@@ -899,7 +1006,7 @@ impl Swim {
         } else {
             data
         };
-        let mut rt = Collect::new(&mut self.ready, &self.dir);
+        let mut rt = Collect::new(&mut self.ready, &self.dir, self.envelope.slots);
         let r = self.foca.handle_data(data, &mut rt);
         let c = rt.done();
         self.settle(c);

@@ -23,7 +23,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 
-use super::{Channel, Directory, MemberChange, Peer, Ready, Swim, SwimConfig, SwimTimer, apply_change};
+use super::{Channel, Directory, Envelope, MemberChange, Peer, Ready, Swim, SwimConfig, SwimTimer, apply_change};
 use crate::replication::membership::{Detector, Liveness, Membership};
 use crate::replication::placement::{Member, NodeId};
 use crate::replication::slots::{MAX_R, SlotTable};
@@ -172,6 +172,7 @@ impl Sim {
                 peers[i].clone(),
                 1,
                 config.clone(),
+                Envelope::new(SIM_SLOTS),
                 seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
                 dir.clone(),
             )
@@ -277,6 +278,7 @@ impl Sim {
             p.clone(),
             generation,
             self.config.clone(),
+            Envelope::new(SIM_SLOTS),
             self.rng.random(),
             self.dir.clone(),
         )
@@ -301,6 +303,7 @@ impl Sim {
             p.clone(),
             generation,
             self.config.clone(),
+            Envelope::new(SIM_SLOTS),
             self.rng.random(),
             self.dir.clone(),
         )

@@ -56,8 +56,9 @@ impl Swim {
 
     pub(super) fn send_sync_request(&mut self, to: SocketAddr) {
         let d = self.digests();
-        let mut bytes = Vec::with_capacity(2 + wire::full_len(&self.me) + 2 + 8 * BUCKETS);
-        bytes.extend_from_slice(&[VERSION, Kind::SyncRequest as u8]);
+        let mut bytes = self
+            .envelope
+            .start(Kind::SyncRequest, wire::full_len(&self.me) + 2 + 8 * BUCKETS);
         wire::put_peer(self.foca.identity().stamp(), &self.me, &mut bytes).expect("a Vec has room");
         bytes.put_u16(BUCKETS as u16);
         for x in d {
@@ -109,8 +110,7 @@ impl Swim {
         for b in buckets {
             chosen[usize::from(*b)] = true;
         }
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(&[VERSION, Kind::SyncResponse as u8]);
+        let mut bytes = self.envelope.start(Kind::SyncResponse, 0);
         wire::put_peer(self.foca.identity().stamp(), &self.me, &mut bytes).expect("a Vec has room");
         let want: &[u8] = if want_back { buckets } else { &[] };
         bytes.put_u16(want.len() as u16);
@@ -118,7 +118,11 @@ impl Swim {
         let count_at = bytes.len();
         bytes.put_u32(0);
         let mut count = 0u32;
-        let room = self.config.max_sync_bytes.saturating_sub(bytes.len());
+        // The whole message, its tag included, fits in max_sync_bytes.
+        let room = self
+            .config
+            .max_sync_bytes
+            .saturating_sub(bytes.len() + self.envelope.tag_bytes());
         let mut buf = bytes.limit(room);
         let mine = FocaMember::new(*self.foca.identity(), 0, State::Alive);
         let others = self.foca.iter_membership_state().filter(|m| m.id().key() != self.key);
@@ -145,12 +149,12 @@ impl Swim {
 
     pub(super) fn handle_sync_response(&mut self, body: &[u8]) -> Result<()> {
         let what = "sync response";
-        if body.len() + 2 > self.config.max_sync_bytes {
+        let len = body.len() + wire::HEADER_BYTES + self.envelope.tag_bytes();
+        if len > self.config.max_sync_bytes {
             return Err(Error::new(
                 ErrorKind::TooLarge,
                 format!(
-                    "{what} of {} bytes (max_sync_bytes is {})",
-                    body.len() + 2,
+                    "{what} of {len} bytes (max_sync_bytes is {})",
                     self.config.max_sync_bytes
                 ),
             ));
@@ -178,7 +182,7 @@ impl Swim {
         }
         self.synced = true;
         let fresh_down = unknown_down(&self.foca, &entries);
-        let mut rt = Collect::new(&mut self.ready, &self.dir);
+        let mut rt = Collect::new(&mut self.ready, &self.dir, self.envelope.slots);
         // What a sync teaches is not gossiped on: the sender has it, and
         // its own syncs spread it.
         let res = self.foca.apply_many(entries.iter().cloned(), false, &mut rt);

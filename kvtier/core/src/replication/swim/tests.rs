@@ -2,6 +2,20 @@ use super::sim::{Net, Observed, SEC, Sim, node_id, peer};
 use super::*;
 use crate::replication::membership::Detector;
 
+/// The slot count of the nodes these tests build.
+const SLOTS: u32 = 64;
+
+fn env() -> Envelope {
+    Envelope::new(SLOTS)
+}
+
+/// A message header of kind byte `kind`, at [`SLOTS`].
+fn header(kind: u8) -> Vec<u8> {
+    let mut h = env().start(Kind::Swim, 0);
+    h[1] = kind;
+    h
+}
+
 fn quiet() -> impl FnMut(u64, Observed<'_>) {
     |_, _| {}
 }
@@ -201,7 +215,7 @@ fn a_partition_heals_into_one_list() {
 #[test]
 fn seeds_skip_this_node_and_a_lone_node_stays_alone() {
     let dir = Directory::new();
-    let mut s = Swim::new(peer(0), 1, SwimConfig::default(), 1, dir).unwrap();
+    let mut s = Swim::new(peer(0), 1, SwimConfig::default(), env(), 1, dir).unwrap();
     let first = s.take_ready();
     assert_eq!(
         first.changes,
@@ -224,8 +238,8 @@ fn seeds_skip_this_node_and_a_lone_node_stays_alone() {
 #[test]
 fn bad_messages_are_refused_precisely_and_change_nothing() {
     let dir = Directory::new();
-    let mut a = Swim::new(peer(0), 1, SwimConfig::default(), 1, dir.clone()).unwrap();
-    let mut b = Swim::new(peer(1), 1, SwimConfig::default(), 2, Directory::new()).unwrap();
+    let mut a = Swim::new(peer(0), 1, SwimConfig::default(), env(), 1, dir.clone()).unwrap();
+    let mut b = Swim::new(peer(1), 1, SwimConfig::default(), env(), 2, Directory::new()).unwrap();
     a.restore([(peer(1), 1)]).unwrap();
     a.take_ready();
     b.take_ready();
@@ -242,7 +256,12 @@ fn bad_messages_are_refused_precisely_and_change_nothing() {
     let cases: Vec<(Vec<u8>, ErrorKind, &str)> = vec![
         (vec![], ErrorKind::InvalidArgument, "shorter than its header"),
         (vec![9, 1, 0], ErrorKind::InvalidArgument, "format 9"),
-        (vec![VERSION, 77], ErrorKind::InvalidArgument, "unknown kind 77"),
+        (
+            vec![2, 1, 0, 0, 0],
+            ErrorKind::InvalidArgument,
+            "shorter than its header",
+        ),
+        (header(77), ErrorKind::InvalidArgument, "unknown kind 77"),
         (good[..good.len() - 3].to_vec(), ErrorKind::InvalidArgument, "truncated"),
         (
             [&good[..], &vec![0u8; 2000][..]].concat(),
@@ -250,14 +269,19 @@ fn bad_messages_are_refused_precisely_and_change_nothing() {
             "max_packet_bytes",
         ),
         (
-            vec![VERSION, Kind::SyncRequest as u8, 1, 2],
+            [header(Kind::SyncRequest as u8), vec![1, 2]].concat(),
             ErrorKind::InvalidArgument,
             "sync request: truncated",
         ),
         (
-            vec![VERSION, Kind::SyncResponse as u8, 0, 0, 0, 0],
+            [header(Kind::SyncResponse as u8), vec![0, 0, 0, 0]].concat(),
             ErrorKind::InvalidArgument,
             "sync response: truncated",
+        ),
+        (
+            [header(Kind::Refused as u8), vec![0]].concat(),
+            ErrorKind::InvalidArgument,
+            "refusing node's id of 0 bytes",
         ),
     ];
     for (bytes, kind, says) in cases {
@@ -269,18 +293,19 @@ fn bad_messages_are_refused_precisely_and_change_nothing() {
     }
     // A non-announce without a destination.
     let mut ping = good.clone();
+    let h = wire::HEADER_BYTES;
     let tag_at = {
-        let mut r = wire::Reader::new(&ping[2..]);
+        let mut r = wire::Reader::new(&ping[h..]);
         r.bytes(12, "").unwrap();
         r.full(&Directory::new()).unwrap();
         r.u16("").unwrap();
-        2 + r.pos()
+        h + r.pos()
     };
     ping[tag_at] = 9; // Gossip
-    ping[2..14].fill(0);
+    ping[h..h + 12].fill(0);
     let e = a.handle_message(&ping).unwrap_err();
     assert!(e.to_string().contains("not an announce"), "{e}");
-    assert_eq!(a.stats().messages_refused, 8);
+    assert_eq!(a.stats().messages_refused, 10);
     // The good one is taken.
     a.handle_message(&good).unwrap();
     assert_eq!(a.stats().messages_in, 1);
@@ -386,11 +411,11 @@ fn config_is_validated_and_scales_with_the_cluster() {
         ..SwimConfig::default()
     };
     assert!(bad.validate().unwrap_err().contains("max_packet_bytes"));
-    let e = Swim::new(peer(0), 1, bad, 1, Directory::new()).unwrap_err();
+    let e = Swim::new(peer(0), 1, bad, env(), 1, Directory::new()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Config);
     let mut p = peer(0);
     p.member.weight = 0.0;
-    assert!(Swim::new(p, 1, SwimConfig::default(), 1, Directory::new()).is_err());
+    assert!(Swim::new(p, 1, SwimConfig::default(), env(), 1, Directory::new()).is_err());
     let toml_text = "probe_period_ms = 500\nprobe_rtt_ms = 200\n";
     let c: SwimConfig = toml::from_str(toml_text).unwrap();
     assert_eq!((c.probe_period_ms, c.sync_interval_ms), (500, 30_000));
@@ -398,4 +423,154 @@ fn config_is_validated_and_scales_with_the_cluster() {
         toml::from_str::<SwimConfig>("probe_period = 5").is_err(),
         "unknown fields are refused"
     );
+}
+
+/// Carries what `nodes` send to each other (by gossip address; what goes
+/// elsewhere is lost) until none sends more, for at most 50 rounds;
+/// timers are not fired. Answers each refused message's error, with the
+/// index of the node that refused it.
+fn exchange(nodes: &mut [&mut Swim]) -> Vec<(usize, Error)> {
+    let mut errors = Vec::new();
+    for _ in 0..50 {
+        let mut sends = Vec::new();
+        for n in nodes.iter_mut() {
+            sends.extend(n.take_ready().sends);
+        }
+        if sends.is_empty() {
+            return errors;
+        }
+        for out in sends {
+            if let Some(i) = nodes.iter().position(|n| n.me().gossip == out.to)
+                && let Err(e) = nodes[i].handle_message(&out.bytes)
+            {
+                errors.push((i, e));
+            }
+        }
+    }
+    panic!("still sending after 50 rounds");
+}
+
+fn ids(s: &Swim) -> Vec<String> {
+    let mut v: Vec<String> = s.members().iter().map(|m| m.peer.member.id.0.clone()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_node_that_places_keys_in_another_slot_count_is_refused_and_told_why() {
+    let mut a = Swim::new(peer(0), 1, SwimConfig::default(), env(), 1, Directory::new()).unwrap();
+    let mut b = Swim::new(
+        peer(1),
+        1,
+        SwimConfig::default(),
+        Envelope::new(128),
+        2,
+        Directory::new(),
+    )
+    .unwrap();
+    let mut c = Swim::new(peer(2), 1, SwimConfig::default(), env(), 3, Directory::new()).unwrap();
+    for n in [&mut a, &mut b, &mut c] {
+        n.take_ready();
+    }
+    b.join(&[peer(0).gossip]);
+    c.join(&[peer(0).gossip]);
+    let errors = exchange(&mut [&mut a, &mut b, &mut c]);
+    assert_eq!(ids(&a), [node_id(0).0, node_id(2).0], "c joined, b did not");
+    assert_eq!(ids(&c), [node_id(0).0, node_id(2).0]);
+    assert_eq!(ids(&b), [node_id(1).0], "b is alone");
+    assert!(!b.joined() && c.joined());
+    let (at_a, at_b): (Vec<_>, Vec<_>) = errors.iter().partition(|(i, _)| *i == 0);
+    let b_addr = peer(1).gossip;
+    assert_eq!(at_a.len(), 2, "b's announce and sync request: {errors:?}");
+    for (_, e) in &at_a {
+        assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+        assert!(
+            e.message().contains(&format!(
+                "from node {} at {b_addr} refused: it places keys in 128 slots, this node in 64",
+                node_id(1)
+            )),
+            "{e}"
+        );
+    }
+    assert_eq!(at_b.len(), 1, "the refusal of b's sync request: {errors:?}");
+    let e = &at_b[0].1;
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(
+        e.message().contains(&format!(
+            "node {} refuses this node's gossip: it places keys in 64 slots, this node in 128",
+            node_id(0)
+        )),
+        "{e}"
+    );
+    assert_eq!(a.stats().placement_mismatches, 2);
+    assert_eq!(b.stats().placement_mismatches, 1);
+    assert_eq!(a.stats().messages_refused + b.stats().messages_refused, 0);
+
+    // b tries again, and is refused again: nothing of it ever reaches a's
+    // table, nor a's member changes.
+    a.take_ready();
+    b.join(&[peer(0).gossip]);
+    exchange(&mut [&mut a, &mut b]);
+    assert!(a.take_ready().changes.is_empty());
+    assert_eq!(ids(&a), [node_id(0).0, node_id(2).0]);
+    assert_eq!(b.stats().placement_mismatches, 2);
+}
+
+#[test]
+fn sealed_gossip_joins_and_a_wrong_key_or_none_is_dropped_unread() {
+    let key = || GossipKey::from_token("s3cret");
+    let sealed = |i: usize, key: GossipKey| {
+        Swim::new(
+            peer(i),
+            1,
+            SwimConfig::default(),
+            env().with_key(key),
+            i as u64,
+            Directory::new(),
+        )
+        .unwrap()
+    };
+    let mut a = sealed(0, key());
+    let mut b = sealed(1, key());
+    let mut other = sealed(2, GossipKey::from_token("other"));
+    let mut open = Swim::new(peer(3), 1, SwimConfig::default(), env(), 4, Directory::new()).unwrap();
+    for n in [&mut a, &mut b, &mut other, &mut open] {
+        n.take_ready();
+    }
+    b.join(&[peer(0).gossip]);
+    other.join(&[peer(0).gossip]);
+    open.join(&[peer(0).gossip]);
+    let errors = exchange(&mut [&mut a, &mut b, &mut other, &mut open]);
+    assert_eq!(ids(&a), [node_id(0).0, node_id(1).0]);
+    assert_eq!(ids(&b), [node_id(0).0, node_id(1).0]);
+    assert_eq!(ids(&other), [node_id(2).0]);
+    assert_eq!(ids(&open), [node_id(3).0]);
+    assert!(b.joined() && !other.joined() && !open.joined());
+    assert_eq!(errors.len(), 4, "two messages each from other and open: {errors:?}");
+    for (i, e) in &errors {
+        assert_eq!(*i, 0, "{e}");
+        assert_eq!(e.kind(), ErrorKind::Unauthenticated, "{e}");
+    }
+    assert!(errors.iter().any(|(_, e)| e.message().contains("tag does not verify")));
+    assert!(errors.iter().any(|(_, e)| e.message().contains("has no tag")));
+    let s = a.stats();
+    assert_eq!(
+        (s.messages_rejected, s.messages_refused, s.placement_mismatches),
+        (4, 0, 0)
+    );
+    assert!(s.messages_in > 0);
+
+    // A sealed message to a node without a key is dropped too.
+    let mut lone = sealed(4, key());
+    lone.take_ready();
+    lone.join(&[peer(3).gossip]);
+    let sent = lone.take_ready().sends;
+    assert_eq!(sent.len(), 2);
+    for out in sent {
+        let e = open.handle_message(&out.bytes).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unauthenticated, "{e}");
+        assert!(e.message().contains("this node has none"), "{e}");
+    }
+    assert_eq!(open.stats().messages_rejected, 2);
+    assert_eq!(ids(&open), [node_id(3).0]);
 }

@@ -1,20 +1,25 @@
 //! The gossip layer's wire format, the compact identity foca tracks, and
 //! the directory that maps an identity to its member's addresses.
 //!
-//! # Datagrams
+//! # Messages
 //!
-//! Every message starts with two bytes, the format version and a kind:
+//! Every message starts with a header of six bytes: the format version,
+//! a kind, and the slot count its sender places keys in (u32, see
+//! [`Envelope`]). The body follows, as the kind says:
 //!
 //! - `SWIM` (1): one foca packet (a probe, an ack, a gossip round...),
-//!   at most [`super::SwimConfig::max_packet_bytes`] after the two bytes.
-//!   Its header is `dst` (compact: key u64, stamp u32) first, then `src`
-//!   (full), foca's incarnation of `src` (u16) and the message; the
-//!   piggybacked member updates follow (count u16, then each a full
-//!   identity, an incarnation u16 and a state u8).
+//!   at most [`super::SwimConfig::max_packet_bytes`]. Its header is `dst`
+//!   (compact: key u64, stamp u32) first, then `src` (full), foca's
+//!   incarnation of `src` (u16) and the message; the piggybacked member
+//!   updates follow (count u16, then each a full identity, an incarnation
+//!   u16 and a state u8).
 //! - `SYNC_REQUEST` (2): anti-entropy; the sender (full) and its bucket
 //!   digests (see [`super::sync`]).
 //! - `SYNC_RESPONSE` (3): the sender (full), the buckets it wants back, and
 //!   member entries.
+//! - `REFUSED` (4): the sender refuses the receiver, which places keys in
+//!   another slot count than the header's; the sender's id (u8 length,
+//!   then the bytes). Never answered.
 //!
 //! A *full* identity is the member's stamp (u32: generation << 1 | left),
 //! its id, gRPC address, gossip address and weight: whoever receives it
@@ -24,10 +29,39 @@
 //!
 //! All integers are big-endian (what `bytes` writes). Decoding is total:
 //! a short, oversized or malformed message is an error, never a panic.
+//!
+//! # Tags
+//!
+//! In a cluster with a bearer token, every message is *sealed*: the top
+//! bit of its kind is set and it ends with a tag, HMAC-SHA256 of every
+//! byte before the tag under a [`GossipKey`] derived from the token
+//! ([`seal`], [`open`]). A receiver with a key drops a message whose tag
+//! is missing or does not verify before anything reads it; one without a
+//! key drops a sealed message (the two are not in one cluster). The tag
+//! authenticates: it does not hide anything (the member list travels in
+//! clear), so a network that must not see the list needs encryption below
+//! (a VPN, WireGuard, IPsec).
+//!
+//! The tag covers the whole message, so what it carries is bound to the
+//! identities it names: the sender's generation and incarnation in every
+//! packet header, each member's in every update. A recorded message
+//! replayed later therefore carries versions that the members have since
+//! left behind, and loses to them everywhere (foca applies an update only
+//! when it is newer). What a replay can still do, by whoever records the
+//! traffic: repeat a message of the current versions (an ack that answers
+//! a probe of the same number, 1 in 256, may hide a failure for one probe
+//! period; a suspicion costs its member a refutation). Closing that would
+//! take a sequence number per sender, kept by every receiver.
+//!
+//! The format version was 1 before the header carried the slot count:
+//! nodes of either version refuse the other's messages as another
+//! format.
 
 use bytes::{Buf, BufMut};
 use foca::{Codec, Header, Incarnation, Member as FocaMember, Message, State};
+use hmac::{Hmac, Mac};
 use parking_lot::{Mutex, RwLock};
+use sha2::Sha256;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -35,7 +69,20 @@ use std::sync::Arc;
 use crate::replication::placement::{Member, NodeId};
 
 /// The format version, first byte of every message.
-pub(crate) const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 2;
+
+/// The header's length: version, kind, slot count.
+pub(crate) const HEADER_BYTES: usize = 6;
+
+/// A tag's length: a whole HMAC-SHA256.
+pub const TAG_BYTES: usize = 32;
+
+/// The most a message adds to its body: the header and a tag. A datagram
+/// takes at most [`super::SwimConfig::max_packet_bytes`] plus this.
+pub const ENVELOPE_BYTES: usize = HEADER_BYTES + TAG_BYTES;
+
+/// The bit of the kind byte that says the message ends with a tag.
+const SEALED: u8 = 0x80;
 
 /// The longest node id, in bytes: ids travel in every packet header.
 pub const MAX_ID_BYTES: usize = 64;
@@ -48,6 +95,7 @@ pub(crate) enum Kind {
     Swim = 1,
     SyncRequest = 2,
     SyncResponse = 3,
+    Refused = 4,
 }
 
 impl Kind {
@@ -56,9 +104,202 @@ impl Kind {
             1 => Some(Self::Swim),
             2 => Some(Self::SyncRequest),
             3 => Some(Self::SyncResponse),
+            4 => Some(Self::Refused),
             _ => None,
         }
     }
+}
+
+/// The key of the tags: HMAC-SHA256 of a fixed label under the cluster's
+/// bearer token, not the token itself, so a key that leaks (a core dump)
+/// does not open the gRPC port, and tags made for gossip mean nothing
+/// anywhere else.
+#[derive(Clone)]
+pub struct GossipKey([u8; 32]);
+
+impl GossipKey {
+    /// The key of the cluster whose bearer token is `token`.
+    pub fn from_token(token: &str) -> Self {
+        let mut mac = Hmac::<Sha256>::new_from_slice(token.as_bytes()).expect("HMAC takes keys of any length");
+        mac.update(b"kvtier gossip tag key v1");
+        Self(mac.finalize().into_bytes().into())
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length")
+    }
+}
+
+impl std::fmt::Debug for GossipKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GossipKey(..)")
+    }
+}
+
+/// What frames this node's messages and what it requires of others': the
+/// slot count it places keys in, which every message states and every
+/// receiver compares with its own (a member that places keys otherwise
+/// would look for them where the others did not put them), and the key
+/// of the tags when the cluster has a token (see "Tags").
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// The slot count keys are placed in (`cluster.slots`).
+    pub slots: u32,
+    /// The key of the tags; none: messages are neither sealed nor
+    /// checked, and a sealed one is dropped.
+    pub key: Option<GossipKey>,
+}
+
+impl Envelope {
+    /// Messages stating `slots`, not sealed.
+    pub fn new(slots: u32) -> Self {
+        Self { slots, key: None }
+    }
+
+    /// The same, sealed with `key`.
+    pub fn with_key(self, key: GossipKey) -> Self {
+        Self { key: Some(key), ..self }
+    }
+
+    /// A message of `kind` with its header written, for the body to
+    /// follow; `body` bytes reserved.
+    pub(crate) fn start(&self, kind: Kind, body: usize) -> Vec<u8> {
+        let mut m = Vec::with_capacity(HEADER_BYTES + body + TAG_BYTES);
+        m.extend_from_slice(&[VERSION, kind as u8]);
+        m.put_u32(self.slots);
+        m
+    }
+
+    /// The bytes a tag adds to a message.
+    pub(crate) fn tag_bytes(&self) -> usize {
+        if self.key.is_some() { TAG_BYTES } else { 0 }
+    }
+}
+
+/// Seals `message` (header and body) with `key`: sets the kind's top bit
+/// and appends the tag.
+pub(crate) fn seal(key: &GossipKey, message: &mut Vec<u8>) {
+    debug_assert!(message.len() >= HEADER_BYTES, "a message has a header");
+    message[1] |= SEALED;
+    let mut mac = key.mac();
+    mac.update(message);
+    let tag = mac.finalize().into_bytes();
+    message.extend_from_slice(&tag);
+}
+
+/// A received message, its header read and its tag checked.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Opened<'a> {
+    pub(crate) kind: Kind,
+    /// The slot count the sender places keys in.
+    pub(crate) slots: u32,
+    pub(crate) body: &'a [u8],
+}
+
+/// Why a received message was dropped before its body was read.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Unopened {
+    /// No tag, or one that does not verify under this node's key, or a
+    /// tag this node has no key for.
+    Unauthenticated(String),
+    /// Too short, another format, an unknown kind.
+    Malformed(String),
+}
+
+/// Reads `message`'s header and checks its tag against `key` (see
+/// "Tags"); nothing is read past the header before the tag verified.
+pub(crate) fn open<'a>(key: Option<&GossipKey>, message: &'a [u8]) -> Result<Opened<'a>, Unopened> {
+    if message.len() < 2 {
+        return Err(Unopened::Malformed(format!(
+            "gossip message of {} bytes: shorter than its header",
+            message.len()
+        )));
+    }
+    if message[0] != VERSION {
+        return Err(Unopened::Malformed(format!(
+            "gossip message of format {} (this node speaks {VERSION})",
+            message[0]
+        )));
+    }
+    let sealed = message[1] & SEALED != 0;
+    let message = match (key, sealed) {
+        (None, false) => message,
+        (None, true) => {
+            return Err(Unopened::Unauthenticated(
+                "gossip message dropped: it has a tag, so its sender has a token, and this node has none".into(),
+            ));
+        }
+        (Some(_), false) => {
+            return Err(Unopened::Unauthenticated(
+                "gossip message dropped: it has no tag, so its sender has no token, and this node has one".into(),
+            ));
+        }
+        (Some(k), true) => {
+            let Some(at) = message.len().checked_sub(TAG_BYTES).filter(|at| *at >= HEADER_BYTES) else {
+                return Err(Unopened::Unauthenticated(format!(
+                    "gossip message dropped: {} bytes, too short for a header and a tag",
+                    message.len()
+                )));
+            };
+            let mut mac = k.mac();
+            mac.update(&message[..at]);
+            if mac.verify_slice(&message[at..]).is_err() {
+                return Err(Unopened::Unauthenticated(
+                    "gossip message dropped: its tag does not verify (another token, or altered on the way)".into(),
+                ));
+            }
+            &message[..at]
+        }
+    };
+    if message.len() < HEADER_BYTES {
+        return Err(Unopened::Malformed(format!(
+            "gossip message of {} bytes: shorter than its header",
+            message.len()
+        )));
+    }
+    let kind = Kind::of(message[1] & !SEALED)
+        .ok_or_else(|| Unopened::Malformed(format!("gossip message of unknown kind {}", message[1] & !SEALED)))?;
+    let slots = u32::from_be_bytes(message[2..6].try_into().expect("4 bytes"));
+    Ok(Opened {
+        kind,
+        slots,
+        body: &message[HEADER_BYTES..],
+    })
+}
+
+/// The id and gossip address of the sender of a message of `kind` (a
+/// packet or a sync), read without learning them: for the refusal of a
+/// member that places keys otherwise.
+pub(crate) fn sender(kind: Kind, body: &[u8]) -> Result<(&str, SocketAddr), WireError> {
+    let mut r = Reader::new(body);
+    match kind {
+        Kind::Swim => {
+            r.bytes(12, "destination")?;
+        }
+        Kind::SyncRequest | Kind::SyncResponse => {}
+        Kind::Refused => return Err(err("a refusal names no sender")),
+    }
+    r.u32("member stamp")?;
+    let id = r.str(MAX_ID_BYTES, "member id")?;
+    r.str(MAX_ADDR_BYTES, "member address")?;
+    Ok((id, r.socket()?))
+}
+
+/// The body of a refusal by node `id`.
+pub(crate) fn refusal_body(id: &str, message: &mut Vec<u8>) {
+    debug_assert!(!id.is_empty() && id.len() <= MAX_ID_BYTES, "a validated id");
+    message.put_u8(id.len() as u8);
+    message.put_slice(id.as_bytes());
+}
+
+/// The id of the node that sent the refusal `body`.
+pub(crate) fn refuser(body: &[u8]) -> Result<&str, WireError> {
+    let mut r = Reader::new(body);
+    let id = r.str(MAX_ID_BYTES, "refusing node's id")?;
+    if r.remaining() != 0 {
+        return Err(err(format!("refusal with {} bytes after its end", r.remaining())));
+    }
+    Ok(id)
 }
 
 /// A member as gossip carries it: its placement entry (id, gRPC address,
@@ -791,5 +1032,116 @@ mod tests {
         assert_eq!(left.renew(), None, "a member that left does not come back by itself");
         assert_eq!((a.key(), a.generation(), a.left()), (42, 3, false));
         assert_eq!(key_of(""), xxhash_rust::xxh3::xxh3_64(b"").max(1));
+    }
+
+    fn message(env: &Envelope) -> Vec<u8> {
+        let mut m = env.start(Kind::SyncRequest, 3);
+        m.extend_from_slice(b"abc");
+        if let Some(k) = &env.key {
+            seal(k, &mut m);
+        }
+        m
+    }
+
+    #[test]
+    fn a_sealed_message_opens_with_its_key_only() {
+        let key = GossipKey::from_token("s3cret");
+        let env = Envelope::new(64).with_key(key.clone());
+        let m = message(&env);
+        assert_eq!(m.len(), HEADER_BYTES + 3 + TAG_BYTES);
+        let want = Opened {
+            kind: Kind::SyncRequest,
+            slots: 64,
+            body: b"abc",
+        };
+        assert_eq!(open(Some(&key), &m), Ok(want));
+        let unauthenticated = |r: Result<Opened<'_>, Unopened>| match r {
+            Err(Unopened::Unauthenticated(e)) => e,
+            r => panic!("not refused as unauthenticated: {r:?}"),
+        };
+        // Every bit flipped, in the header, the body or the tag.
+        for i in 0..m.len() * 8 {
+            let mut bad = m.clone();
+            bad[i / 8] ^= 1 << (i % 8);
+            if i / 8 == 0 {
+                // The version byte is read first.
+                assert!(matches!(open(Some(&key), &bad), Err(Unopened::Malformed(_))));
+                continue;
+            }
+            let e = match open(Some(&key), &bad) {
+                Err(Unopened::Unauthenticated(e)) => e,
+                r => panic!("bit {i} flipped: {r:?}"),
+            };
+            assert!(
+                e.contains("does not verify") || e.contains("has no tag"),
+                "bit {i}: {e}"
+            );
+        }
+        let e = unauthenticated(open(Some(&GossipKey::from_token("other")), &m));
+        assert!(e.contains("does not verify"), "{e}");
+        for cut in 1..=m.len() - 2 {
+            let e = unauthenticated(open(Some(&key), &m[..m.len() - cut]));
+            assert!(
+                e.contains("does not verify") || e.contains("too short"),
+                "cut {cut}: {e}"
+            );
+        }
+        let e = unauthenticated(open(None, &m));
+        assert!(e.contains("this node has none"), "{e}");
+        let plain = message(&Envelope::new(64));
+        let e = unauthenticated(open(Some(&key), &plain));
+        assert!(e.contains("has no tag"), "{e}");
+        // A tag appended to a message that does not say it is sealed.
+        let mut tagged = plain.clone();
+        let mut mac = key.mac();
+        mac.update(&plain);
+        tagged.extend_from_slice(&mac.finalize().into_bytes());
+        assert!(matches!(open(Some(&key), &tagged), Err(Unopened::Unauthenticated(_))));
+    }
+
+    #[test]
+    fn without_a_key_messages_open_as_they_are() {
+        let m = message(&Envelope::new(7));
+        assert_eq!(m.len(), HEADER_BYTES + 3, "no tag");
+        assert_eq!(
+            open(None, &m),
+            Ok(Opened {
+                kind: Kind::SyncRequest,
+                slots: 7,
+                body: b"abc",
+            })
+        );
+        for (bytes, says) in [
+            (&[][..], "shorter than its header"),
+            (&[VERSION, 2, 0][..], "shorter than its header"),
+            (&[1, 2, 0, 0, 0, 7][..], "format 1 (this node speaks 2)"),
+            (&[VERSION, 9, 0, 0, 0, 7][..], "unknown kind 9"),
+        ] {
+            match open(None, bytes) {
+                Err(Unopened::Malformed(e)) => assert!(e.contains(says), "{e}"),
+                r => panic!("{bytes:?}: {r:?}"),
+            }
+        }
+        assert_eq!(format!("{:?}", GossipKey::from_token("s3cret")), "GossipKey(..)");
+        let (a, b) = (GossipKey::from_token("s3cret"), GossipKey::from_token("s3cret"));
+        assert_eq!(a.0, b.0, "the same token gives the same key");
+        assert_ne!(a.0, GossipKey::from_token("s3cret2").0);
+    }
+
+    #[test]
+    fn a_refusal_names_its_sender_and_a_sender_is_read_without_learning_it() {
+        let mut m = Vec::new();
+        refusal_body("node-1", &mut m);
+        assert_eq!(refuser(&m), Ok("node-1"));
+        m.push(0);
+        assert!(refuser(&m).unwrap_err().0.contains("after its end"));
+        let p = peer(3);
+        let mut body = Vec::new();
+        put_peer(5, &p, &mut body).unwrap();
+        assert_eq!(sender(Kind::SyncRequest, &body), Ok(("node-3", p.gossip)));
+        let mut packet = vec![0u8; 12];
+        packet.extend_from_slice(&body);
+        assert_eq!(sender(Kind::Swim, &packet), Ok(("node-3", p.gossip)));
+        assert!(sender(Kind::Swim, &body[..4]).is_err());
     }
 }
