@@ -33,12 +33,14 @@ impl Cluster {
     pub async fn lookup(&self, ns: NamespaceId, keys: &[BlockKey]) -> usize {
         let rep = self.registry.replication(ns);
         let mut at = 0;
+        let mut asked_again = false;
         'keys: while at < keys.len() {
             for peer in self.read_peers(ns, &keys[at], rep) {
                 let Some(c) = self.read_client(&peer) else { continue };
                 match tokio::time::timeout(self.peer_timeout, c.replica_lookup(ns, &keys[at..])).await {
                     Ok(Ok(l)) if l.hit_blocks > 0 => {
                         at += (l.hit_blocks as usize).min(keys.len() - at);
+                        asked_again = false;
                         continue 'keys;
                     }
                     Ok(Ok(_)) => {}
@@ -47,6 +49,12 @@ impl Cluster {
                         self.counters.peer_read_failures.fetch_add(1, Relaxed);
                     }
                 }
+            }
+            if !asked_again && self.moving() {
+                // As a read does (see `fetch`): the key may have left its
+                // old holder between the asks.
+                asked_again = true;
+                continue;
             }
             break;
         }
