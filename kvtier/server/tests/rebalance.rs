@@ -274,7 +274,7 @@ fn reader(
                 misses.push(i);
             }
             // A lookup (what a connector asks first) finds it too.
-            if i % 4 == 0 && c.lookup(ns, &[key(ns, i)]).await.unwrap().hit_blocks != 1 {
+            if i.is_multiple_of(4) && c.lookup(ns, &[key(ns, i)]).await.unwrap().hit_blocks != 1 {
                 misses.push(i);
             }
             reads += 1;
