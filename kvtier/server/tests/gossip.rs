@@ -633,6 +633,12 @@ async fn a_node_cut_off_and_a_join_during_the_cut_lose_no_write_and_converge_onc
     lists(&cl, &["a", "b", "c", "e"], &five, &["d"]).await;
     let n = 160;
     let e_client = cl.client(4).await;
+    // Listed is not yet registered: the members send their namespaces to
+    // a joiner once they see it up.
+    eventually("e knows the namespace", 30, || async {
+        e_client.lookup(ns, &keys(ns, 0..1)).await.is_ok()
+    })
+    .await;
     e_client.put(ns, &keys(ns, 100..n), data(ns, 100..n)).await.unwrap();
 
     cut.heal();

@@ -774,16 +774,29 @@ impl Cluster {
         for (node, keys) in tally.asks() {
             // A member without a client confirms nothing: its keys stay
             // here until a later pass.
-            let Some(c) = self.peers.get(&node) else { continue };
+            let Some(c) = self.peers.get(&node) else {
+                tracing::debug!(member = %node, keys = keys.len(), "no client: copies kept until it confirms them");
+                continue;
+            };
+            let mut lacking = 0;
             for chunk in keys.chunks(ASK_KEYS) {
-                let Ok(has) = call(self.peer_timeout, c.replica_has(ns, chunk)).await else {
-                    continue;
+                let has = match call(self.peer_timeout, c.replica_has(ns, chunk)).await {
+                    Ok(has) => has,
+                    Err(e) => {
+                        tracing::debug!(member = %node, keys = chunk.len(), "not asked whether it holds copies: {e}");
+                        continue;
+                    }
                 };
                 for (k, h) in chunk.iter().zip(has) {
                     if h {
                         tally.confirm(&node, *k);
+                    } else {
+                        lacking += 1;
                     }
                 }
+            }
+            if lacking > 0 {
+                tracing::debug!(member = %node, %ns, lacking, "a new replica lacks copies: kept here");
             }
         }
         let Drops {
