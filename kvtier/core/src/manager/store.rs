@@ -285,6 +285,25 @@ impl BlockManager {
         Ok(n)
     }
 
+    /// Removes the copies of `keys` this node's own tiers (host, disk) last
+    /// wrote before `before_ms` (Unix ms); answers how many keys lost a
+    /// copy. A delete applied late: a copy put since (or put again while
+    /// held) stays. Blob is not touched, since other nodes' puts land there;
+    /// a pending upload of a removed copy finds it gone and is given up.
+    pub fn remove_written_before(&self, ns: NamespaceId, keys: &[BlockKey], before_ms: u64) -> Result<usize> {
+        self.block_bytes(ns)?;
+        let mut n = 0;
+        for k in keys {
+            self.shared.queue.wait_written(k);
+            let mut any = false;
+            for t in self.tiers() {
+                any |= t.remove_written_before(k, before_ms)?;
+            }
+            n += usize::from(any);
+        }
+        Ok(n)
+    }
+
     /// Waits until every queued write-through block is on disk.
     pub fn flush(&self) {
         let q = &self.shared.queue;

@@ -948,3 +948,28 @@ fn a_namespace_nobody_reads_keeps_no_events() {
     }
     assert!(m.shared.events.rings().is_empty());
 }
+
+#[test]
+fn a_late_delete_takes_only_copies_written_before_it() {
+    let d = tempfile::tempdir().unwrap();
+    let n = ns("m");
+    let ks = keys(&n, 4, 9);
+    let m = ManagerConfig::ssd_only(disk_cfg(d.path())).build().unwrap();
+    let id = m.register_namespace(&n).unwrap();
+    assert_eq!(m.store(id, &ks, &data(&ks)).unwrap().stored, 4);
+    let deleted_at = crate::tier::now_ms() + 1;
+    std::thread::sleep(std::time::Duration::from_millis(3));
+    // Put again after the delete: these copies acknowledge it.
+    assert_eq!(m.store(id, &ks[..2], &data(&ks[..2])).unwrap().stored, 0);
+    // A namespace this node never registered: refused, nothing removed.
+    let e = m.remove_written_before(NamespaceId(7), &ks, deleted_at).unwrap_err();
+    assert_eq!(e.kind(), crate::error::ErrorKind::UnknownNamespace, "{e}");
+    assert_eq!(m.lookup(id, &ks).unwrap().hit_blocks(), 4);
+    assert_eq!(m.remove_written_before(id, &ks, deleted_at).unwrap(), 2);
+    let l = m.lookup(id, &ks[..2]).unwrap();
+    assert_eq!(l.hit_blocks(), 2);
+    assert_eq!(m.lookup(id, &ks[2..]).unwrap().hit_blocks(), 0);
+    let (r, bytes) = load_all(&m, id, &ks[..2]);
+    assert_eq!(r.loaded, 2);
+    assert!(bytes == data(&ks[..2]));
+}

@@ -39,6 +39,7 @@ pub fn run<T: Tier + 'static>(make: impl Fn() -> T, block_bytes: usize) {
     miss_is_not_an_error(&make(), block_bytes);
     put_is_idempotent(&make(), block_bytes);
     remove(&make(), block_bytes);
+    remove_written_before(&make(), block_bytes);
     pin_outlives_remove(&make(), block_bytes);
     wrong_output_length(&make(), block_bytes);
     fills_past_capacity(&make(), block_bytes);
@@ -95,6 +96,41 @@ fn remove(t: &dyn Tier, n: usize) {
     assert_eq!(t.usage().blocks, 1);
     // A removed key can be stored again.
     assert_eq!(t.put(NS, key(1), &content(key(1), n)).unwrap(), Stored::Inserted);
+}
+
+/// Waits until the wall clock has moved past `t` (Unix ms).
+fn after(t: u64) -> u64 {
+    while super::now_ms() <= t {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    super::now_ms()
+}
+
+fn remove_written_before(t: &dyn Tier, n: usize) {
+    let t0 = super::now_ms();
+    t.put(NS, key(1), &content(key(1), n)).unwrap();
+    t.put(NS, key(2), &content(key(2), n)).unwrap();
+    // A delete from before the copy was written leaves it.
+    assert!(!t.remove_written_before(&key(1), t0).unwrap());
+    assert!(t.contains(&key(1)));
+    assert!(!t.remove_written_before(&key(99), u64::MAX).unwrap(), "a miss");
+    // One from after removes it, and only it.
+    let t1 = after(super::now_ms());
+    assert!(t.remove_written_before(&key(1), t1).unwrap());
+    assert!(!t.contains(&key(1)));
+    assert!(t.contains(&key(2)));
+    // A put that finds the copy held renews it: the put is acknowledged
+    // by that copy, and a delete from before it must not take it.
+    let t2 = after(t1);
+    assert_eq!(t.put(NS, key(2), &content(key(2), n)).unwrap(), Stored::Present);
+    assert!(!t.remove_written_before(&key(2), t2).unwrap());
+    let mut out = vec![0u8; n];
+    assert_eq!(t.get(&key(2), &mut out).unwrap(), Fetched::Hit);
+    assert!(out == content(key(2), n));
+    // A removed key can be stored again, and is new.
+    assert_eq!(t.put(NS, key(1), &content(key(1), n)).unwrap(), Stored::Inserted);
+    assert!(!t.remove_written_before(&key(1), t2).unwrap());
+    assert_eq!(t.usage().blocks, 2);
 }
 
 fn pin_outlives_remove(t: &dyn Tier, n: usize) {

@@ -146,11 +146,31 @@ pub trait Tier: Send + Sync {
     /// Removes `key`; answers whether it was present. Pins keep reading.
     fn remove(&self, key: &BlockKey) -> Result<bool>;
 
+    /// Removes `key` only if this tier's copy was last written before
+    /// `before_ms` (Unix time, milliseconds); answers whether it removed
+    /// one. A copy counts as written when it was stored and again each time
+    /// a put finds it held (that put is acknowledged by this copy), so a
+    /// delete applied late (one a cluster member missed while it was down)
+    /// never takes a copy put after it. Atomic against puts of `key`. A
+    /// tier that keeps no write times keeps the copy.
+    fn remove_written_before(&self, key: &BlockKey, before_ms: u64) -> Result<bool> {
+        let _ = (key, before_ms);
+        Ok(false)
+    }
+
     /// Bytes and blocks held now.
     fn usage(&self) -> Usage;
 
     /// The tier's counters.
     fn counters(&self) -> &TierCounters;
+}
+
+/// The wall clock in Unix milliseconds: the write times tiers keep (see
+/// [`Tier::remove_written_before`]). A clock before 1970 reads as 0.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What a [`TierExt::get`] found.

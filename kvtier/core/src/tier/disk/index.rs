@@ -44,11 +44,21 @@ pub(super) struct Loc {
     pub(super) len: u64,
     pub(super) hash: u64,
     pub(super) ns: NamespaceId,
+    /// An upper bound on when the copy was last written (Unix ms): when its
+    /// write finished, or a later put found it held; after a restart, the
+    /// segment file's modification time. Not on disk.
+    pub(super) written_ms: u64,
 }
 
 impl Loc {
     pub(super) fn record_bytes(&self) -> u64 {
         (u64::from(self.data_offset) + self.len).next_multiple_of(PAGE)
+    }
+
+    /// Where the record is: later writes lie at greater positions, which is
+    /// the order recovery replays them in.
+    pub(super) fn position(&self) -> (u64, u64) {
+        (self.seg, self.off)
     }
 }
 
@@ -71,15 +81,24 @@ pub(super) fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.seg"))
 }
 
-/// Puts a scanned or written record into the index; says how the key's
-/// presence changed (`None`: it did not).
+/// Puts a scanned or written record, written by `written_ms` at the
+/// latest, into the index; says how the key's presence changed (`None`:
+/// it did not).
+///
+/// A record that lies before the one the index holds for its key changes
+/// nothing: writes finish out of order, and the live index must agree with
+/// what recovery, which replays records in position order, rebuilds.
 pub(super) fn apply(
     index: &mut KeyMap<Loc>,
     used_bytes: &mut u64,
     meta: &mut SegMeta,
     off: u64,
     h: &RecordHeader,
+    written_ms: u64,
 ) -> Option<Change> {
+    if index.get(&h.key).is_some_and(|l| l.position() > (meta.seg.id, off)) {
+        return None;
+    }
     let had = index
         .remove(&h.key)
         .inspect(|old| *used_bytes -= old.record_bytes())
@@ -94,6 +113,7 @@ pub(super) fn apply(
         len: h.data_len,
         hash: h.data_hash,
         ns: h.ns,
+        written_ms,
     };
     *used_bytes += loc.record_bytes();
     index.insert(h.key, loc);

@@ -228,12 +228,12 @@ impl DiskTier {
         let mut out: Vec<Option<Result<Stored>>> = items.iter().map(|_| None).collect();
         let mut todo = Vec::with_capacity(items.len());
         {
-            let st = self.inner.state.lock();
+            let mut st = self.inner.state.lock();
             let mut seen = HashSet::with_capacity(items.len());
             for (i, &(_, key, data)) in items.iter().enumerate() {
                 if data.is_empty() {
                     out[i] = Some(Err(Error::invalid("disk tier: empty block")));
-                } else if st.index.contains_key(&key) || !seen.insert(key) {
+                } else if write::touch_locked(&mut st, &key) || !seen.insert(key) {
                     out[i] = Some(Ok(Stored::Present));
                 } else {
                     todo.push(i);
@@ -398,7 +398,7 @@ impl Tier for DiskTier {
         if data.is_empty() {
             return Err(Error::invalid("disk tier: empty block"));
         }
-        if self.contains(&key) {
+        if self.inner.touch(&key) {
             return Ok(Stored::Present);
         }
         let mut h = header(ns, key, data, 0);
@@ -446,6 +446,10 @@ impl Tier for DiskTier {
         };
         self.inner.append(&mut h, &[])?;
         Ok(present)
+    }
+
+    fn remove_written_before(&self, key: &BlockKey, before_ms: u64) -> Result<bool> {
+        self.inner.remove_written_before(key, before_ms)
     }
 
     fn usage(&self) -> Usage {

@@ -71,7 +71,7 @@ impl DiskPin {
         if record::data_hash(self.key, loc.ns, out) != loc.hash {
             TierCounters::add(&self.inner.counters.corrupt, 1);
             let mut st = self.inner.state.lock();
-            if st.index.get(&self.key) == Some(loc) {
+            if st.index.get(&self.key).is_some_and(|l| l.position() == loc.position()) {
                 st.index.remove(&self.key);
                 st.used_bytes -= loc.record_bytes();
                 if let Some(log) = self.inner.events.get() {

@@ -70,7 +70,17 @@ impl Inner {
     pub(super) fn recover_segment(&self, st: &mut State, rec: &mut Recovery, id: u64, path: &Path) -> Result<()> {
         let io = |what: &str, e| Error::io(format!("{what} {}", path.display()), e);
         let file = file::open(path, false, self.direct).map_err(|e| io("open", e))?;
-        let file_len = file.metadata().map_err(|e| io("stat", e))?.len();
+        let stat = file.metadata().map_err(|e| io("stat", e))?;
+        let file_len = stat.len();
+        // Every record in the file was written by its last modification
+        // (one ms later, for the clock's rounding): the write time its
+        // copies get (see `Tier::remove_written_before`). A time the
+        // filesystem cannot tell counts as now.
+        let written_ms = stat
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or_else(crate::tier::now_ms, |d| d.as_millis() as u64 + 1);
         let mut page = AlignedBuf::new(PAGE as usize);
         let header_ok = file_len >= PAGE
             && read_full(&file, page.as_mut_slice(), 0).is_ok()
@@ -120,7 +130,7 @@ impl Inner {
                     torn |= skipped;
                     meta.records += 1;
                     last_end = pos + h.record_bytes();
-                    apply(&mut st.index, &mut st.used_bytes, &mut meta, pos, &h);
+                    apply(&mut st.index, &mut st.used_bytes, &mut meta, pos, &h, written_ms);
                     pos += h.record_bytes();
                 }
                 Scanned::Skip { counted, next } => {

@@ -14,6 +14,7 @@ use super::record::{self, HEADER_BYTES, PAGE, RecordHeader};
 use super::segments::seal_if_done;
 use crate::block::{BlockKey, NamespaceId};
 use crate::error::{Error, ErrorKind, Result};
+use crate::events::Change;
 use crate::tier::{TierCounters, TierKind};
 
 impl Inner {
@@ -30,8 +31,12 @@ impl Inner {
     /// fits the active segment, rolling to a new one when not even the
     /// first fits. Answers the segment, the offset and how many fit.
     pub(super) fn reserve_prefix(&self, lens: &[u64]) -> Result<(Arc<Segment>, u64, usize)> {
+        self.reserve_locked(&mut self.state.lock(), lens)
+    }
+
+    /// [`Inner::reserve_prefix`] under the caller's lock.
+    pub(super) fn reserve_locked(&self, st: &mut State, lens: &[u64]) -> Result<(Arc<Segment>, u64, usize)> {
         let seal_at = self.cfg.segment_bytes - PAGE;
-        let mut st = self.state.lock();
         loop {
             if let Some(id) = st.active {
                 let m = st.segments.get_mut(&id).expect("active segment is listed");
@@ -50,7 +55,7 @@ impl Inner {
                     return Ok((m.seg.clone(), off, n));
                 }
             }
-            self.roll(&mut st)?;
+            self.roll(st)?;
         }
     }
 
@@ -72,9 +77,10 @@ impl Inner {
         m.writers -= 1;
         m.records += recs.len() as u64;
         if written.is_ok() {
+            let now = crate::tier::now_ms();
             for (off, h) in recs {
                 stray.remove(&h.key);
-                if let Some(change) = apply(index, used_bytes, m, *off, h)
+                if let Some(change) = apply(index, used_bytes, m, *off, h, now)
                     && let Some(log) = self.events.get()
                 {
                     log.record(h.ns, change, TierKind::Disk, &[h.key]);
@@ -268,6 +274,67 @@ impl Inner {
         r
     }
 
+    /// Removes `key` if its copy was last written before `before_ms` (see
+    /// [`crate::tier::Tier::remove_written_before`]).
+    ///
+    /// The tombstone's place is reserved under the lock that saw the old
+    /// copy, and the copy leaves the index at once: a put of `key` from then
+    /// on writes a record after the tombstone, which recovery replays in
+    /// that order too. A tombstone that cannot be written puts the copy back.
+    pub(super) fn remove_written_before(&self, key: &BlockKey, before_ms: u64) -> Result<bool> {
+        let mut staging = self.staging_or_own(PAGE as usize)?;
+        let (seg, off, old) = {
+            let mut st = self.state.lock();
+            let Some(old) = st.index.get(key).copied().filter(|l| l.written_ms < before_ms) else {
+                return Ok(false);
+            };
+            let (seg, off, _) = self.reserve_locked(&mut st, &[PAGE])?;
+            st.index.remove(key);
+            st.used_bytes -= old.record_bytes();
+            if let Some(log) = self.events.get() {
+                log.record(old.ns, Change::Removed, TierKind::Disk, &[*key]);
+            }
+            (seg, off, old)
+        };
+        let h = RecordHeader {
+            flags: record::FLAG_TOMBSTONE,
+            data_offset: HEADER_BYTES as u32,
+            key: *key,
+            ns: old.ns,
+            data_len: 0,
+            data_hash: record::data_hash(*key, old.ns, &[]),
+            segment: seg.id as u32,
+        };
+        let buf = &mut staging[..PAGE as usize];
+        buf.fill(0);
+        h.encode(buf);
+        let mut r = self.io.write_all_at(&seg.file, buf, off);
+        if r.is_ok() && self.cfg.sync_writes {
+            r = self.io.sync_data(&seg.file);
+        }
+        let r = r.map_err(|e| Error::io(format!("write a tombstone in segment {}", seg.id), e));
+        self.finish(&seg, off, &h, &r);
+        if r.is_err() {
+            // The old record is still whole on disk: it stays held, unless
+            // a put took the key since or its segment went.
+            let mut st = self.state.lock();
+            if !st.index.contains_key(key) && st.segments.contains_key(&old.seg) {
+                st.index.insert(*key, old);
+                st.used_bytes += old.record_bytes();
+                if let Some(log) = self.events.get() {
+                    log.record(old.ns, Change::Stored, TierKind::Disk, &[*key]);
+                }
+            }
+        }
+        r.map(|()| true)
+    }
+
+    /// Whether `key` is held; if so, a put just found it, and its copy
+    /// counts as written now.
+    pub(super) fn touch(&self, key: &BlockKey) -> bool {
+        touch_locked(&mut self.state.lock(), key)
+    }
+
     /// A staging buffer of at least `len` bytes: from the pool, or one-off
     /// when `len` is larger than the pool's buffers.
     pub(super) fn staging_or_own(&self, len: usize) -> Result<Staging<'_>> {
@@ -290,6 +357,17 @@ impl Inner {
                 Err(Error::throttled("disk tier: every staging buffer is busy; retry"))
             }
         }
+    }
+}
+
+/// [`Inner::touch`] under the caller's lock.
+pub(super) fn touch_locked(st: &mut State, key: &BlockKey) -> bool {
+    match st.index.get_mut(key) {
+        Some(l) => {
+            l.written_ms = crate::tier::now_ms();
+            true
+        }
+        None => false,
     }
 }
 

@@ -103,6 +103,8 @@ struct Entry {
     len: u64,
     pins: u32,
     ready: bool,
+    /// When the copy was stored or last put again (Unix ms).
+    written_ms: u64,
 }
 
 impl HostTier {
@@ -189,8 +191,11 @@ impl HostTier {
             )));
         }
         let mut st = self.inner.state.lock();
-        if let Some(e) = st.map.get(&key) {
+        if let Some(e) = st.map.get_mut(&key) {
             if e.ready {
+                // This put is acknowledged by the copy held: it counts as
+                // written now (see `Tier::remove_written_before`).
+                e.written_ms = super::now_ms();
                 st.policy.touch(&key);
             }
             return Ok(None);
@@ -227,6 +232,7 @@ impl HostTier {
                         len,
                         pins: 0,
                         ready: false,
+                        written_ms: 0,
                     },
                 );
                 return Ok(Some(off));
@@ -352,6 +358,15 @@ impl Tier for HostTier {
         Ok(true)
     }
 
+    fn remove_written_before(&self, key: &BlockKey, before_ms: u64) -> Result<bool> {
+        let mut st = self.inner.state.lock();
+        if !st.map.get(key).is_some_and(|e| e.ready && e.written_ms < before_ms) {
+            return Ok(false);
+        }
+        self.inner.drop_entry(&mut st, key);
+        Ok(true)
+    }
+
     fn usage(&self) -> Usage {
         let st = self.inner.state.lock();
         Usage {
@@ -409,6 +424,7 @@ impl HostSlot {
         assert_eq!(e.off, self.off, "a reserved entry moved");
         assert!(!e.ready, "a reserved entry was published twice");
         e.ready = true;
+        e.written_ms = super::now_ms();
         let ns = e.ns;
         if let Some(log) = self.inner.events.get() {
             log.record(ns, Change::Stored, TierKind::Host, &[self.key]);
