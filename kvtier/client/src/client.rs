@@ -685,13 +685,26 @@ impl Client {
     }
 
     /// Removes `keys` from the peer's own tiers; answers how many it held.
-    pub async fn replica_delete(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<u32> {
+    /// The peer keeps a tombstone, dated `deleted_ms` (Unix ms), for each of
+    /// the `missed` members. With `written_before_ms` > 0 the delete is late
+    /// (a tombstone delivered): copies written since stay.
+    pub async fn replica_delete(
+        &self,
+        ns: NamespaceId,
+        keys: &[BlockKey],
+        missed: &[String],
+        deleted_ms: u64,
+        written_before_ms: u64,
+    ) -> Result<u32> {
         Ok(self
             .peer
             .clone()
-            .replica_delete(proto::DeleteRequest {
+            .replica_delete(proto::ReplicaDeleteRequest {
                 namespace_id: ns_bytes(ns),
                 keys: keys.iter().map(key_bytes).collect(),
+                missed: missed.to_vec(),
+                deleted_ms,
+                written_before_ms,
             })
             .await
             .wire()?
@@ -724,6 +737,12 @@ impl Client {
 impl Client {
     /// Which of `keys` this node's own tiers (host, disk) hold.
     pub async fn replica_has(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<Vec<bool>> {
+        Ok(self.replica_has_or_deleted(ns, keys).await?.0)
+    }
+
+    /// [`Client::replica_has`], with the time of each key's delete this
+    /// node keeps a tombstone for (Unix ms; 0 for none).
+    pub async fn replica_has_or_deleted(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<(Vec<bool>, Vec<u64>)> {
         let r = self
             .peer
             .clone()
@@ -734,12 +753,23 @@ impl Client {
             .await
             .wire()?
             .into_inner();
-        from_bitmap(&r.present, keys.len()).ok_or_else(|| {
+        let present = from_bitmap(&r.present, keys.len()).ok_or_else(|| {
             Error::new(
                 ErrorKind::Internal,
                 format!("ReplicaHas answered {} bytes for {} keys", r.present.len(), keys.len()),
             )
-        })
+        })?;
+        let deleted = match r.deleted_ms.len() {
+            0 => vec![0; keys.len()],
+            n if n == keys.len() => r.deleted_ms,
+            n => {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    format!("ReplicaHas answered {n} delete times for {} keys", keys.len()),
+                ));
+            }
+        };
+        Ok((present, deleted))
     }
 
     /// Tells this node what the caller's uploads to blob settled: keys

@@ -250,6 +250,22 @@ pub struct ClusterConfig {
     /// coordinator that had not seen the change yet, has no other pusher).
     #[serde(default = "default_rebalance_push_waiting_after_ms")]
     pub rebalance_push_waiting_after_ms: u64,
+    /// Seconds a tombstone (a delete some member missed while it was down
+    /// or did not answer, kept by the members that saw it) waits for that
+    /// member to come back; after that, it is dropped and the member keeps
+    /// its copies until its tiers evict them. 7 days by default.
+    #[serde(default = "default_tombstone_ttl_s")]
+    pub tombstone_ttl_s: u64,
+    /// Tombstones this node keeps at most; past it the oldest go first.
+    #[serde(default = "default_max_tombstones")]
+    pub max_tombstones: usize,
+    /// How far apart the members' clocks may be, in milliseconds. A
+    /// tombstone removes a copy only if that copy was written this long
+    /// before the delete by the deleting node's clock, so a put made after
+    /// the delete is never taken by it; a copy written within this margin
+    /// before the delete stays (a KV block is only ever its own content).
+    #[serde(default = "default_clock_margin_ms")]
+    pub clock_margin_ms: u64,
     /// The slots keys hash into (placement: each slot's replicas are
     /// computed once per member list). The same on every member: a node
     /// with another count is refused by the others. Changing it moves
@@ -346,6 +362,15 @@ fn default_blob_check_after_ms() -> u64 {
 
 fn default_rebalance_push_waiting_after_ms() -> u64 {
     30_000
+}
+fn default_tombstone_ttl_s() -> u64 {
+    7 * 24 * 3600
+}
+fn default_max_tombstones() -> usize {
+    1_000_000
+}
+fn default_clock_margin_ms() -> u64 {
+    10_000
 }
 fn default_rebalance_bytes_per_s() -> u64 {
     256 << 20
@@ -468,6 +493,12 @@ impl ClusterConfig {
             // connection to a peer, one by one, at run time.
             std::net::UdpSocket::bind((ip, 0))
                 .map_err(|e| format!("cluster.source_ip {ip} is not an address of this machine: {e}"))?;
+        }
+        if self.tombstone_ttl_s == 0 || self.max_tombstones == 0 {
+            return Err(format!(
+                "cluster.tombstone_ttl_s ({}) and cluster.max_tombstones ({}) must be > 0: a delete a member missed would be forgotten at once",
+                self.tombstone_ttl_s, self.max_tombstones
+            ));
         }
         if self.blob_check_after_ms <= self.blob_notice_interval_ms {
             return Err(format!(
@@ -1302,6 +1333,13 @@ mod tests {
             e.contains("cluster.blob_check_after_ms (100) must exceed cluster.blob_notice_interval_ms (100)"),
             "{e}"
         );
+        for bad in ["tombstone_ttl_s = 0", "max_tombstones = 0"] {
+            let e = load(&format!("node_id = \"a\"\n{bad}\n{two}"));
+            assert!(
+                e.contains("a delete a member missed would be forgotten at once"),
+                "{bad}: {e}"
+            );
+        }
         let e = load(&format!("node_id = \"a\"\nport = 1\n{two}"));
         assert!(e.contains("unknown field `port`"), "{e}");
         // TEST-NET-1: no machine has it.

@@ -559,6 +559,11 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
     );
     let _ = writeln!(
         o,
+        "# HELP kvtier_cluster_tombstones_pending Deletes a member missed, kept here until it is up (cluster only).\n# TYPE kvtier_cluster_tombstones_pending gauge\nkvtier_cluster_tombstones_pending {}",
+        c.tombstones_pending
+    );
+    let _ = writeln!(
+        o,
         "# HELP kvtier_cluster_member_out_of_sync_keys Keys known missing on a member: copies held here for it (hints), from writes while it was down or that failed on it (cluster only).\n# TYPE kvtier_cluster_member_out_of_sync_keys gauge"
     );
     for m in &c.members {
@@ -590,7 +595,7 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
             c.gossip_messages_in, c.gossip_messages_refused, c.gossip_messages_rejected
         );
     }
-    let counters: [(&str, &str, u64); 17] = [
+    let counters: [(&str, &str, u64); 20] = [
         (
             "cluster_hints_delivered_total",
             "Hinted blocks handed back to their replica.",
@@ -675,6 +680,21 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
             "cluster_blob_notice_keys_received_total",
             "Keys peers said their uploads settled.",
             c.blob_notice_keys_received,
+        ),
+        (
+            "cluster_tombstones_delivered_total",
+            "Deletes a member missed, delivered to it once it was up.",
+            c.tombstones_delivered,
+        ),
+        (
+            "cluster_tombstones_expired_total",
+            "Deletes a member missed, dropped undelivered (older than cluster.tombstone_ttl_s, or over cluster.max_tombstones).",
+            c.tombstones_expired,
+        ),
+        (
+            "cluster_late_delete_copies_removed_total",
+            "Copies removed here by a delete this node missed, applied late to copies written before it.",
+            c.late_delete_copies_removed,
         ),
     ];
     for (name, help, v) in counters {

@@ -215,17 +215,16 @@ impl proto::peer_server::Peer for PeerService {
         r.map(Response::new)
     }
 
-    async fn replica_delete(&self, req: Request<proto::DeleteRequest>) -> Reply<proto::DeleteResponse> {
+    async fn replica_delete(&self, req: Request<proto::ReplicaDeleteRequest>) -> Reply<proto::DeleteResponse> {
         let t = Instant::now();
         let r = async {
             let req = req.into_inner();
             let ns = convert::namespace_id(&req.namespace_id)?;
             let keys = convert::keys(&req.keys, MAX_KEYS)?;
-            let m = self.node.manager.clone();
-            let n = tokio::task::spawn_blocking(move || m.remove(ns, &keys))
-                .await
-                .map_err(|e| status_of(ErrorKind::Internal, format!("delete task: {e}")))?
-                .map_err(|e| status(&e))?;
+            let n = self
+                .cluster
+                .replica_delete(ns, keys, req.missed, req.deleted_ms, req.written_before_ms)
+                .await?;
             Ok(proto::DeleteResponse { removed: n as u32 })
         }
         .await;
@@ -246,8 +245,15 @@ impl proto::peer_server::Peer for PeerService {
         let r = convert::namespace_id(&req.namespace_id).and_then(|ns| {
             let keys = convert::keys(&req.keys, MAX_KEYS)?;
             let has = self.cluster.has_local(ns, &keys)?;
+            let deleted = self.cluster.deleted_at(ns, &keys);
             Ok(proto::ReplicaHasResponse {
                 present: kvtier_proto::chunk::bitmap(&has),
+                // Only when some key has one: most answers carry none.
+                deleted_ms: if deleted.iter().any(|d| *d > 0) {
+                    deleted
+                } else {
+                    Vec::new()
+                },
             })
         });
         self.node.observe("ReplicaHas", t, &r);

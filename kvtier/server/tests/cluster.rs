@@ -840,6 +840,73 @@ async fn a_delete_through_one_node_removes_every_replica() {
     }
 }
 
+/// A delete that misses a killed replica waits in tombstones on the nodes
+/// that saw it, reaches the replica when it is back, and takes only the
+/// copies written before it: deleted keys do not come back (not through the
+/// replica, nor through the resync that follows), and keys put again after
+/// the delete stay everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_a_killed_replica_missed_reaches_it_when_it_is_back_and_nothing_deleted_returns() {
+    let mut cl = Cluster::start_full(tempfile::tempdir().unwrap(), 3, &[], "clock_margin_ms = 100\n");
+    cl.all_up().await;
+    let a = cl.client(0).await;
+    let ns = namespace("tombstones", BLOCK);
+    a.register_replicated(&ns, Some(3), Some(2)).await.unwrap();
+    let ns = ns.id();
+    let n = 16u64;
+    a.put(ns, &keys(ns, 0..n), data(ns, 0..n)).await.unwrap();
+    // The copies are older than the delete by more than the clock margin.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    cl.kill(2);
+    eventually("a sees c down", 20, || async { liveness(&a, "c").await == "down" }).await;
+    assert_eq!(
+        a.delete(ns, &keys(ns, 0..8)).await.unwrap(),
+        8,
+        "c missed it: not an error"
+    );
+    let b = cl.client(1).await;
+    for (name, c) in [("a", &a), ("b", &b)] {
+        assert_eq!(
+            cluster_stats(c).await.tombstones_pending,
+            8,
+            "{name} keeps one per key for c"
+        );
+    }
+    // Put again after the delete, while c is still down.
+    b.put(ns, &keys(ns, 4..6), data(ns, 4..6)).await.unwrap();
+
+    cl.start_node(2);
+    let c = cl.client(2).await;
+    let clients = [&a, &b, &c];
+    eventually("the tombstones reach c", 30, || async {
+        cluster_stats(&a).await.tombstones_pending + cluster_stats(&b).await.tombstones_pending == 0
+    })
+    .await;
+    eventually("c gets the keys put again from the resync", 30, || async {
+        holds(&c, ns, 4).await && holds(&c, ns, 5).await
+    })
+    .await;
+    let delivered = cluster_stats(&a).await.tombstones_delivered + cluster_stats(&b).await.tombstones_delivered;
+    assert_eq!(delivered, 16, "each of a and b delivers its 8");
+    assert_eq!(
+        cluster_stats(&c).await.late_delete_copies_removed,
+        8,
+        "c's 8 copies predate the delete: the first delivery takes them, the second finds none"
+    );
+    // Every node holds exactly the keys not deleted, or put again since;
+    // and still does after a few more heartbeats and resync passes.
+    for round in 0..2 {
+        for (j, node) in clients.iter().enumerate() {
+            for i in 0..n {
+                let want = !(0..8).contains(&i) || (4..6).contains(&i);
+                assert_eq!(holds(node, ns, i).await, want, "round {round}: node {j}, block {i}");
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    }
+}
+
 /// A member's out-of-sync count as `c` sees it.
 async fn out_of_sync(c: &Client, id: &str) -> u64 {
     let s = cluster_stats(c).await;

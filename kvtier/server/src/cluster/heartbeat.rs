@@ -100,9 +100,11 @@ impl Cluster {
     /// What each tick starts, whatever feeds the view: hint deliveries to
     /// replicas that are up, resyncs, rebalancing.
     fn after_tick(self: &Arc<Self>) {
-        if self.hints.pending() > 0 && !self.delivering.swap(true, Relaxed) {
+        if (self.hints.pending() > 0 || self.hints.tombstones() > 0) && !self.delivering.swap(true, Relaxed) {
             let this = self.clone();
             self.spawn(async move {
+                // Deletes first: a copy handed back after it is new.
+                this.deliver_tombstones().await;
                 this.deliver_hints().await;
                 this.delivering.store(false, Relaxed);
             });

@@ -9,13 +9,18 @@
 //! An append-only file of records, each self-describing and checked:
 //!
 //! ```text
-//! magic "KVH1" | kind u8 (1 hint, 2 done) | id_len u8 | namespace u128 LE
-//! | key u128 LE | node id (id_len bytes, UTF-8) | crc32c u32 LE of all before
+//! magic "KVH1" | kind u8 | id_len u8 | namespace u128 LE | key u128 LE
+//! | node id (id_len bytes, UTF-8) | [time u64 LE, kinds 3 and 4]
+//! | crc32c u32 LE of all before
 //! ```
 //!
-//! "done" cancels a hint (delivered, or given up). Opening reads records up
-//! to the first that fails its check (a torn tail after a crash) and
-//! rewrites the file with the pending hints only.
+//! Kinds: 1 a hint, 2 its "done" (delivered, or given up); 3 a tombstone,
+//! 4 its "done". A tombstone is a delete the node missed (it was down, or
+//! did not answer), dated by the deleting coordinator's clock in Unix ms:
+//! delivered once it is up, as a late delete that removes only copies
+//! written before that time (see [`super::tombstones`]). Opening reads
+//! records up to the first that fails its check (a torn tail after a
+//! crash) and rewrites the file with the pending hints and tombstones only.
 
 use kvtier::replication::placement::NodeId;
 use kvtier::{BlockKey, NamespaceId};
@@ -28,20 +33,75 @@ use std::path::{Path, PathBuf};
 const MAGIC: &[u8; 4] = b"KVH1";
 const HINT: u8 = 1;
 const DONE: u8 = 2;
+const TOMB: u8 = 3;
+const TOMB_DONE: u8 = 4;
 /// Magic, kind, id length, namespace, key.
 const FIXED: usize = 4 + 1 + 1 + 16 + 16;
 
 /// Pending hints: per original node, the (namespace, key) pairs.
 type Pending = BTreeMap<NodeId, BTreeSet<(NamespaceId, BlockKey)>>;
+/// Pending tombstones: per node that missed deletes, (namespace, key) →
+/// the delete's time (Unix ms).
+type Tombs = BTreeMap<NodeId, BTreeMap<(NamespaceId, BlockKey), u64>>;
 
-/// The log and the pending set it describes.
+/// What the log holds pending.
+#[derive(Debug, Default)]
+struct Sets {
+    hints: Pending,
+    tombs: Tombs,
+}
+
+impl Sets {
+    fn is_empty(&self) -> bool {
+        self.hints.is_empty() && self.tombs.is_empty()
+    }
+
+    fn apply(&mut self, kind: u8, node: &NodeId, ns: NamespaceId, key: BlockKey, at: u64) {
+        match kind {
+            HINT => {
+                self.hints.entry(node.clone()).or_default().insert((ns, key));
+            }
+            DONE => {
+                if let Some(s) = self.hints.get_mut(node) {
+                    s.remove(&(ns, key));
+                    if s.is_empty() {
+                        self.hints.remove(node);
+                    }
+                }
+            }
+            TOMB => {
+                let t = self
+                    .tombs
+                    .entry(node.clone())
+                    .or_default()
+                    .entry((ns, key))
+                    .or_default();
+                *t = (*t).max(at);
+            }
+            _ => {
+                if let Some(s) = self.tombs.get_mut(node) {
+                    s.remove(&(ns, key));
+                    if s.is_empty() {
+                        self.tombs.remove(node);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The log and the pending sets it describes.
 #[derive(Debug)]
 pub struct HintLog {
     path: PathBuf,
-    state: Mutex<(File, Pending)>,
+    state: Mutex<(File, Sets)>,
 }
 
-fn encode(out: &mut Vec<u8>, kind: u8, node: &NodeId, ns: NamespaceId, key: BlockKey) {
+fn extra(kind: u8) -> usize {
+    if matches!(kind, TOMB | TOMB_DONE) { 8 } else { 0 }
+}
+
+fn encode(out: &mut Vec<u8>, kind: u8, node: &NodeId, ns: NamespaceId, key: BlockKey, at: u64) {
     let id = node.0.as_bytes();
     assert!(id.len() <= usize::from(u8::MAX), "node ids are at most 255 bytes");
     let start = out.len();
@@ -51,19 +111,22 @@ fn encode(out: &mut Vec<u8>, kind: u8, node: &NodeId, ns: NamespaceId, key: Bloc
     out.extend_from_slice(&ns.0.to_le_bytes());
     out.extend_from_slice(&key.to_le_bytes());
     out.extend_from_slice(id);
+    if extra(kind) > 0 {
+        out.extend_from_slice(&at.to_le_bytes());
+    }
     let crc = crc32c::crc32c(&out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
 /// Parses records from `b` until the end or the first bad one.
-fn decode(mut b: &[u8], pending: &mut Pending) -> usize {
+fn decode(mut b: &[u8], sets: &mut Sets) -> usize {
     let mut n = 0;
     while b.len() >= FIXED {
-        if &b[..4] != MAGIC || !matches!(b[4], HINT | DONE) {
+        if &b[..4] != MAGIC || !matches!(b[4], HINT | DONE | TOMB | TOMB_DONE) {
             break;
         }
         let id_len = usize::from(b[5]);
-        let len = FIXED + id_len + 4;
+        let len = FIXED + id_len + extra(b[4]) + 4;
         if b.len() < len {
             break;
         }
@@ -77,14 +140,13 @@ fn decode(mut b: &[u8], pending: &mut Pending) -> usize {
         let ns = NamespaceId(u128::from_le_bytes(b[6..22].try_into().expect("16 bytes")));
         let key = BlockKey(u128::from_le_bytes(b[22..38].try_into().expect("16 bytes")));
         let node = NodeId(id.to_string());
-        if b[4] == HINT {
-            pending.entry(node).or_default().insert((ns, key));
-        } else if let Some(s) = pending.get_mut(&node) {
-            s.remove(&(ns, key));
-            if s.is_empty() {
-                pending.remove(&node);
-            }
-        }
+        let at_ = FIXED + id_len;
+        let at = if extra(b[4]) > 0 {
+            u64::from_le_bytes(b[at_..at_ + 8].try_into().expect("8 bytes"))
+        } else {
+            0
+        };
+        sets.apply(b[4], &node, ns, key, at);
         n += 1;
         b = &b[len..];
     }
@@ -100,18 +162,23 @@ impl HintLog {
     }
 
     fn open_text(path: &Path) -> Result<Self, String> {
-        let mut pending = Pending::new();
+        let mut sets = Sets::default();
         match std::fs::read(path) {
             Ok(b) => {
-                decode(&b, &mut pending);
+                decode(&b, &mut sets);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("read the hint log {}: {e}", path.display())),
         }
         let mut buf = Vec::new();
-        for (node, set) in &pending {
+        for (node, set) in &sets.hints {
             for (ns, key) in set {
-                encode(&mut buf, HINT, node, *ns, *key);
+                encode(&mut buf, HINT, node, *ns, *key, 0);
+            }
+        }
+        for (node, set) in &sets.tombs {
+            for ((ns, key), at) in set {
+                encode(&mut buf, TOMB, node, *ns, *key, *at);
             }
         }
         kvtier::fsio::replace_durably(path, &buf)
@@ -122,35 +189,40 @@ impl HintLog {
             .map_err(|e| format!("open the hint log {}: {e}", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
-            state: Mutex::new((file, pending)),
+            state: Mutex::new((file, sets)),
         })
     }
 
-    fn append(&self, kind: u8, node: &NodeId, ns: NamespaceId, keys: &[BlockKey], sync: bool) -> std::io::Result<()> {
-        let mut buf = Vec::with_capacity(keys.len() * (FIXED + node.0.len() + 4));
-        for k in keys {
-            encode(&mut buf, kind, node, ns, *k);
+    fn append(&self, kind: u8, node: &NodeId, ns: NamespaceId, keys: &[BlockKey], at: u64) -> std::io::Result<()> {
+        self.append_all(kind, std::slice::from_ref(node), ns, keys, at)
+    }
+
+    /// Appends one record per node and key; hints and tombstones are synced.
+    fn append_all(
+        &self,
+        kind: u8,
+        nodes: &[NodeId],
+        ns: NamespaceId,
+        keys: &[BlockKey],
+        at: u64,
+    ) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        for node in nodes {
+            for k in keys {
+                encode(&mut buf, kind, node, ns, *k, at);
+            }
         }
         let mut st = self.state.lock();
         st.0.write_all(&buf)?;
-        if sync {
+        if matches!(kind, HINT | TOMB) {
             st.0.sync_data()?;
         }
-        let pending = &mut st.1;
-        if kind == HINT {
-            pending
-                .entry(node.clone())
-                .or_default()
-                .extend(keys.iter().map(|k| (ns, *k)));
-        } else if let Some(s) = pending.get_mut(node) {
+        for node in nodes {
             for k in keys {
-                s.remove(&(ns, *k));
-            }
-            if s.is_empty() {
-                pending.remove(node);
+                st.1.apply(kind, node, ns, *k, at);
             }
         }
-        if pending.is_empty() {
+        if st.1.is_empty() {
             // Nothing pending: the log starts over, so it never grows
             // beyond the hints of one outage.
             st.0.set_len(0)?;
@@ -160,24 +232,99 @@ impl HintLog {
 
     /// Records, durably, that this node holds `keys` of `ns` for `node`.
     pub fn add(&self, node: &NodeId, ns: NamespaceId, keys: &[BlockKey]) -> std::io::Result<()> {
-        self.append(HINT, node, ns, keys, true)
+        self.append(HINT, node, ns, keys, 0)
     }
 
     /// Cancels hints (delivered or given up). Not synced: a hint that comes
     /// back after a crash is delivered again, which is harmless.
     pub fn done(&self, node: &NodeId, ns: NamespaceId, keys: &[BlockKey]) -> std::io::Result<()> {
-        self.append(DONE, node, ns, keys, false)
+        self.append(DONE, node, ns, keys, 0)
+    }
+
+    /// Records, durably, that each of `nodes` missed the delete of `keys`
+    /// of `ns` made at `at_ms` (Unix ms).
+    pub fn add_tombstones(
+        &self,
+        nodes: &[NodeId],
+        ns: NamespaceId,
+        keys: &[BlockKey],
+        at_ms: u64,
+    ) -> std::io::Result<()> {
+        self.append_all(TOMB, nodes, ns, keys, at_ms)
+    }
+
+    /// Cancels tombstones (delivered or expired). Not synced: one that
+    /// comes back after a crash is delivered again, which is harmless.
+    pub fn tombstones_done(&self, node: &NodeId, ns: NamespaceId, keys: &[BlockKey]) -> std::io::Result<()> {
+        self.append(TOMB_DONE, node, ns, keys, 0)
+    }
+
+    /// The tombstones pending for `node`, grouped by namespace and time.
+    pub fn tombstones_for(&self, node: &NodeId) -> BTreeMap<(NamespaceId, u64), Vec<BlockKey>> {
+        let mut out: BTreeMap<(NamespaceId, u64), Vec<BlockKey>> = BTreeMap::new();
+        if let Some(s) = self.state.lock().1.tombs.get(node) {
+            for ((ns, k), at) in s {
+                out.entry((*ns, *at)).or_default().push(*k);
+            }
+        }
+        out
+    }
+
+    /// The nodes tombstones are pending for.
+    pub fn tombstone_nodes(&self) -> Vec<NodeId> {
+        self.state.lock().1.tombs.keys().cloned().collect()
+    }
+
+    /// Tombstones pending, in all.
+    pub fn tombstones(&self) -> usize {
+        self.state.lock().1.tombs.values().map(BTreeMap::len).sum()
+    }
+
+    /// Per key of `ns`, the latest delete of it some member missed (Unix
+    /// ms; 0 for none).
+    pub fn deleted_at(&self, ns: NamespaceId, keys: &[BlockKey]) -> Vec<u64> {
+        let st = self.state.lock();
+        keys.iter()
+            .map(|k| {
+                st.1.tombs
+                    .values()
+                    .filter_map(|s| s.get(&(ns, *k)))
+                    .max()
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// Cancels the tombstones dated before `before_ms`, then the oldest
+    /// until at most `max` stay; answers how many went.
+    pub fn expire_tombstones(&self, before_ms: u64, max: usize) -> std::io::Result<usize> {
+        let mut all: Vec<(u64, NodeId, NamespaceId, BlockKey)> = {
+            let st = self.state.lock();
+            st.1.tombs
+                .iter()
+                .flat_map(|(n, s)| s.iter().map(move |((ns, k), at)| (*at, n.clone(), *ns, *k)))
+                .collect()
+        };
+        all.sort_unstable();
+        let over = all.len().saturating_sub(max);
+        let old = all.partition_point(|t| t.0 < before_ms);
+        let gone = over.max(old);
+        for (_, node, ns, k) in &all[..gone] {
+            self.tombstones_done(node, *ns, &[*k])?;
+        }
+        Ok(gone)
     }
 
     /// Hints pending, in all.
     pub fn pending(&self) -> usize {
-        self.state.lock().1.values().map(BTreeSet::len).sum()
+        self.state.lock().1.hints.values().map(BTreeSet::len).sum()
     }
 
     /// The pending hints for `node`, grouped by namespace.
     pub fn for_node(&self, node: &NodeId) -> BTreeMap<NamespaceId, Vec<BlockKey>> {
         let mut out: BTreeMap<NamespaceId, Vec<BlockKey>> = BTreeMap::new();
-        if let Some(s) = self.state.lock().1.get(node) {
+        if let Some(s) = self.state.lock().1.hints.get(node) {
             for (ns, k) in s {
                 out.entry(*ns).or_default().push(*k);
             }
@@ -188,17 +335,28 @@ impl HintLog {
     /// Whether a hint for `key` of `ns` is pending for `node`: its copy is
     /// known missing.
     pub fn contains(&self, node: &NodeId, ns: NamespaceId, key: BlockKey) -> bool {
-        self.state.lock().1.get(node).is_some_and(|s| s.contains(&(ns, key)))
+        self.state
+            .lock()
+            .1
+            .hints
+            .get(node)
+            .is_some_and(|s| s.contains(&(ns, key)))
     }
 
     /// Hints pending per node: the keys known missing on each.
     pub fn counts(&self) -> BTreeMap<NodeId, usize> {
-        self.state.lock().1.iter().map(|(n, s)| (n.clone(), s.len())).collect()
+        self.state
+            .lock()
+            .1
+            .hints
+            .iter()
+            .map(|(n, s)| (n.clone(), s.len()))
+            .collect()
     }
 
     /// The nodes hints are pending for.
     pub fn nodes(&self) -> Vec<NodeId> {
-        self.state.lock().1.keys().cloned().collect()
+        self.state.lock().1.hints.keys().cloned().collect()
     }
 
     /// Where the log lives.
@@ -251,5 +409,61 @@ mod tests {
         std::fs::write(&p, &raw).unwrap();
         // Reading stops at the first bad record: what follows counts as torn.
         assert_eq!(HintLog::open(&p).unwrap().pending(), 0);
+    }
+
+    #[test]
+    fn tombstones_survive_reopen_beside_hints_and_expire_oldest_first() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("hints.log");
+        let (b, c): (NodeId, NodeId) = ("b".into(), "c".into());
+        let (ns, ns2) = (NamespaceId(7), NamespaceId(8));
+        {
+            let log = HintLog::open(&p).unwrap();
+            log.add(&b, ns, &[BlockKey(1)]).unwrap();
+            log.add_tombstones(&[b.clone(), c.clone()], ns, &[BlockKey(2), BlockKey(3)], 1_000)
+                .unwrap();
+            log.add_tombstones(std::slice::from_ref(&b), ns2, &[BlockKey(2)], 2_000)
+                .unwrap();
+            // A later delete of the same key keeps the later time.
+            log.add_tombstones(std::slice::from_ref(&c), ns, &[BlockKey(3)], 3_000)
+                .unwrap();
+            log.tombstones_done(&c, ns, &[BlockKey(2)]).unwrap();
+            // The last hint done: the tombstones keep the log.
+            log.done(&b, ns, &[BlockKey(1)]).unwrap();
+            assert_eq!(log.pending(), 0);
+            assert!(std::fs::metadata(&p).unwrap().len() > 0);
+        }
+        let log = HintLog::open(&p).unwrap();
+        assert_eq!(log.tombstones(), 4);
+        assert_eq!(log.nodes(), Vec::<NodeId>::new());
+        assert_eq!(log.tombstone_nodes(), vec![b.clone(), c.clone()]);
+        assert_eq!(
+            log.tombstones_for(&b),
+            BTreeMap::from([
+                ((ns, 1_000), vec![BlockKey(2), BlockKey(3)]),
+                ((ns2, 2_000), vec![BlockKey(2)])
+            ])
+        );
+        assert_eq!(
+            log.tombstones_for(&c),
+            BTreeMap::from([((ns, 3_000), vec![BlockKey(3)])])
+        );
+        assert_eq!(
+            log.deleted_at(ns, &[BlockKey(2), BlockKey(3), BlockKey(4)]),
+            vec![1_000, 3_000, 0]
+        );
+        assert_eq!(log.deleted_at(ns2, &[BlockKey(2), BlockKey(3)]), vec![2_000, 0]);
+        // Older than 1,500 ms: b's two of ns go; then a cap of one keeps
+        // only the newest.
+        assert_eq!(log.expire_tombstones(1_500, 10).unwrap(), 2);
+        assert_eq!(log.tombstones(), 2);
+        assert_eq!(log.expire_tombstones(0, 1).unwrap(), 1);
+        assert_eq!(
+            log.tombstones_for(&c),
+            BTreeMap::from([((ns, 3_000), vec![BlockKey(3)])])
+        );
+        assert_eq!(log.tombstone_nodes(), vec![c.clone()]);
+        log.tombstones_done(&c, ns, &[BlockKey(3)]).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 0, "all done: the log starts over");
     }
 }

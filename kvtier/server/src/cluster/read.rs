@@ -62,48 +62,64 @@ impl Cluster {
     }
 
     /// Removes `keys` of `ns` here and on every writable member; answers
-    /// how many this node held, or the first member's failure.
+    /// how many this node held. Each member the delete cannot reach (down,
+    /// or its call failed) gets a tombstone, kept here and on every member
+    /// reached, and delivered once it is up (see [`super::tombstones`]);
+    /// the delete fails only when a tombstone could not be kept.
     pub async fn delete_everywhere(&self, ns: NamespaceId, keys: &[BlockKey]) -> Result<usize, Status> {
+        let at = kvtier::tier::now_ms();
         let m = self.manager.clone();
         let local_keys = keys.to_vec();
         let n = tokio::task::spawn_blocking(move || m.remove(ns, &local_keys))
             .await
             .map_err(|e| status_of(ErrorKind::Internal, format!("delete task: {e}")))?
             .map_err(|e| status(&e))?;
-        let targets: Vec<NodeId> = {
+        let (targets, mut missed): (Vec<NodeId>, Vec<NodeId>) = {
             let v = self.view.read();
             v.members()
                 .into_iter()
                 .map(|m| m.id)
-                .filter(|id| *id != self.me && v.is_writable(id))
-                .collect()
+                .filter(|id| *id != self.me)
+                .partition(|id| v.is_writable(id))
         };
+        let told: Vec<String> = missed.iter().map(|n| n.0.clone()).collect();
         let mut set = JoinSet::new();
-        let mut failed = Vec::new();
         for node in targets {
             let Some(c) = self.peers.get(&node) else {
-                failed.push(format!("{node}: no client yet"));
+                tracing::debug!(member = %node, "no client yet: the delete waits in a tombstone");
+                missed.push(node);
                 continue;
             };
             let c = c.clone();
             let keys = keys.to_vec();
+            let told = told.clone();
             let t = self.timeout_for(0);
-            set.spawn(async move { (node, tokio::time::timeout(t, c.replica_delete(ns, &keys)).await) });
+            set.spawn(async move {
+                (
+                    node,
+                    tokio::time::timeout(t, c.replica_delete(ns, &keys, &told, at, 0)).await,
+                )
+            });
         }
         while let Some(j) = set.join_next().await {
             match j {
                 Ok((_, Ok(Ok(_)))) => {}
-                Ok((node, r)) => failed.push(format!("{node}: {r:?}")),
-                Err(e) => failed.push(format!("task: {e}")),
+                Ok((node, r)) => {
+                    tracing::info!(member = %node, ?r, "delete not applied: it waits in a tombstone");
+                    missed.push(node);
+                }
+                Err(e) => return Err(status_of(ErrorKind::Internal, format!("delete task: {e}"))),
             }
         }
-        if failed.is_empty() {
-            Ok(n)
-        } else {
-            Err(status_of(
+        self.keep_tombstones(&missed, ns, keys, at).map_err(|e| {
+            status_of(
                 ErrorKind::Unavailable,
-                format!("deleted here, but not on every member: {}", failed.join("; ")),
-            ))
-        }
+                format!(
+                    "deleted on the members that answered, but the tombstones for {} were not kept: {e}",
+                    missed.iter().map(|n| n.0.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })?;
+        Ok(n)
     }
 }

@@ -755,8 +755,8 @@ impl Cluster {
             call(self.peer_timeout, c.replica_register(spec)).await?;
         }
         for ask in keys.chunks(ASK_KEYS) {
-            let has = call(self.peer_timeout, c.replica_has(ns, ask)).await?;
-            let missing: Vec<BlockKey> = ask.iter().zip(&has).filter(|(_, h)| !**h).map(|(k, _)| *k).collect();
+            let (has, deleted) = call(self.peer_timeout, c.replica_has_or_deleted(ns, ask)).await?;
+            let (missing, _) = self.sort_out_deleted(ns, ask, &has, &deleted).await?;
             let (n, bytes) = self.push_copies(c, ns, missing, pacer).await?;
             self.rebalance.keys_moved.fetch_add(n as u64, Relaxed);
             self.rebalance.bytes_moved.fetch_add(bytes, Relaxed);
@@ -780,15 +780,18 @@ impl Cluster {
             };
             let mut lacking = 0;
             for chunk in keys.chunks(ASK_KEYS) {
-                let has = match call(self.peer_timeout, c.replica_has(ns, chunk)).await {
-                    Ok(has) => has,
+                let (has, deleted) = match call(self.peer_timeout, c.replica_has_or_deleted(ns, chunk)).await {
+                    Ok(r) => r,
                     Err(e) => {
                         tracing::debug!(member = %node, keys = chunk.len(), "not asked whether it holds copies: {e}");
                         continue;
                     }
                 };
+                // A copy deleted while this node was away goes here, and
+                // needs no confirmation.
+                let (_, gone) = self.sort_out_deleted(ns, chunk, &has, &deleted).await?;
                 for (k, h) in chunk.iter().zip(has) {
-                    if h {
+                    if h || gone.contains(k) {
                         tally.confirm(&node, *k);
                     } else {
                         lacking += 1;

@@ -150,6 +150,7 @@ impl Cluster {
     /// namespace, and sends those it lacks.
     async fn resync_node(self: &Arc<Self>, node: &NodeId) -> Result<(), String> {
         let c = self.peers.get(node).ok_or("not a peer")?.clone();
+        self.deliver_tombstones_to(node).await?;
         let mut pacer = Pacer::new(self.resync.bytes_per_s);
         let (mut offered, mut sent) = (0, 0);
         for (ns, _, rep) in self.registry.all() {
@@ -170,8 +171,8 @@ impl Cluster {
                 call(self.peer_timeout, c.replica_register(spec)).await?;
             }
             for ask in offer.chunks(ASK_KEYS) {
-                let has = call(self.peer_timeout, c.replica_has(ns, ask)).await?;
-                let missing: Vec<BlockKey> = ask.iter().zip(&has).filter(|(_, h)| !**h).map(|(k, _)| *k).collect();
+                let (has, deleted) = call(self.peer_timeout, c.replica_has_or_deleted(ns, ask)).await?;
+                let (missing, _) = self.sort_out_deleted(ns, ask, &has, &deleted).await?;
                 let (n, _) = self.push_copies(&c, ns, missing, &mut pacer).await?;
                 self.counters.resync_blocks_sent.fetch_add(n as u64, Relaxed);
                 sent += n;
