@@ -595,7 +595,7 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
             c.gossip_messages_in, c.gossip_messages_refused, c.gossip_messages_rejected
         );
     }
-    let counters: [(&str, &str, u64); 20] = [
+    let counters: [(&str, &str, u64); 22] = [
         (
             "cluster_hints_delivered_total",
             "Hinted blocks handed back to their replica.",
@@ -695,6 +695,16 @@ fn render_cluster(o: &mut String, c: &crate::proto::ClusterStats) {
             "cluster_late_delete_copies_removed_total",
             "Copies removed here by a delete this node missed, applied late to copies written before it.",
             c.late_delete_copies_removed,
+        ),
+        (
+            "cluster_stray_copies_noted_total",
+            "Copies peers stored here for keys this node is no replica of (a sender with an older member list).",
+            c.stray_copies_noted,
+        ),
+        (
+            "cluster_stray_copies_dropped_total",
+            "Those dropped here once every replica confirmed it holds them.",
+            c.stray_copies_dropped,
         ),
     ];
     for (name, help, v) in counters {

@@ -93,10 +93,15 @@ impl PeerService {
             )
             .await?;
         let n = keys.len() as u64;
+        let stand_in = header.hint_for.is_some();
+        let strays = (!stand_in).then(|| keys.clone());
         let out = self
             .cluster
             .store_local(ns, keys, data, header.hint_for.map(NodeId))
             .await?;
+        if let Some(keys) = strays {
+            self.cluster.note_strays(ns, &keys);
+        }
         self.cluster.counters.replica_blocks_received.fetch_add(n, Relaxed);
         Ok(out)
     }

@@ -907,6 +907,55 @@ async fn a_delete_a_killed_replica_missed_reaches_it_when_it_is_back_and_nothing
     }
 }
 
+/// A peer with an older member list (a resync or a push from a member
+/// that had not yet seen a join) can store copies on a node that is no
+/// replica of them, after that node's rebalancing passes ended. The node
+/// notes them, hands each to its replica if that one lacks it, and drops
+/// its own once the replica confirms it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_copies_a_peer_puts_on_a_non_replica_go_to_their_replica() {
+    let cl = Cluster::start(3);
+    cl.all_up().await;
+    let a = cl.client(0).await;
+    let ns = namespace("strays", BLOCK);
+    a.register_replicated(&ns, Some(1), Some(1)).await.unwrap();
+    let ns = ns.id();
+    // Keys whose one replica is b: one b already holds, one it lacks.
+    let on_b: Vec<u64> = (0..64)
+        .filter(|i| cl.replicas(&key(ns, *i), 1) == [NodeId::from("b")])
+        .take(2)
+        .collect();
+    let (held, lacking) = (on_b[0], on_b[1]);
+    a.put(ns, &keys(ns, held..held + 1), data(ns, held..held + 1))
+        .await
+        .unwrap();
+    let (b, c) = (cl.client(1).await, cl.client(2).await);
+    assert!(holds(&b, ns, held).await && !holds(&b, ns, lacking).await);
+    // c, no replica of either, is sent both the way a stale peer would.
+    for i in [held, lacking] {
+        let r = c
+            .replica_put(ns, &[key(ns, i)], data(ns, i..i + 1), None, None, None)
+            .await
+            .unwrap();
+        assert_eq!(r.stored, 1);
+    }
+    eventually("c hands both to b and drops its copies", 20, || async {
+        holds(&b, ns, held).await
+            && holds(&b, ns, lacking).await
+            && !holds(&c, ns, held).await
+            && !holds(&c, ns, lacking).await
+    })
+    .await;
+    let s = cluster_stats(&c).await;
+    assert_eq!((s.stray_copies_noted, s.stray_copies_dropped), (2, 2));
+    assert!(
+        !holds(&a, ns, held).await && !holds(&a, ns, lacking).await,
+        "a is no replica either"
+    );
+    // A copy a peer stores on its replica is no stray.
+    assert_eq!(cluster_stats(&b).await.stray_copies_noted, 0);
+}
+
 /// A member's out-of-sync count as `c` sees it.
 async fn out_of_sync(c: &Client, id: &str) -> u64 {
     let s = cluster_stats(c).await;

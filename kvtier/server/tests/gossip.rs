@@ -600,13 +600,16 @@ async fn a_node_cut_off_and_a_join_during_the_cut_lose_no_write_and_converge_onc
     let five = ["a", "b", "c", "d", "e"];
     // A copy whose pusher was cut off is pushed by its other holders
     // after 2 s of failing passes (30 s by default).
-    let extra = format!("{FAST}rebalance_push_waiting_after_ms = 2000\n");
+    // Tombstones take copies written 100 ms before their delete.
+    let extra = format!("{FAST}rebalance_push_waiting_after_ms = 2000\nclock_margin_ms = 100\n");
     let mut cl = Nodes::start_gossip_at(&four, &ips[..4], &extra, &[]);
     let first = converged(&cl, &four).await;
     let (a, d) = (cl.client(0).await, cl.client(3).await);
     let ns = r3(&a, "gossip-cut").await;
     let alone = r3(&a, "gossip-cut-alone").await;
+    let gone = r3(&a, "gossip-cut-deleted").await;
     a.put(ns, &keys(ns, 0..40), data(ns, 0..40)).await.unwrap();
+    a.put(gone, &keys(gone, 0..24), data(gone, 0..24)).await.unwrap();
 
     // e's address too: e must not reach d around the cut.
     let cut = common::netns::Partition::cut(ips[3], &[ips[0], ips[1], ips[2], ips[4]]);
@@ -623,6 +626,9 @@ async fn a_node_cut_off_and_a_join_during_the_cut_lose_no_write_and_converge_onc
         let r = d.put(alone, &keys(alone, at..at + 8), data(alone, at..at + 8)).await;
         assert!(r.is_err(), "d, cut off, acknowledged blocks {at}..{} at W = 2", at + 8);
     }
+    // A delete d misses: the majority keeps tombstones for it.
+    a.delete(gone, &keys(gone, 0..16)).await.unwrap();
+    assert!(cluster_stats(&a).await.tombstones_pending >= 16);
 
     // e joins through a while d is cut off: it learns d, down.
     let port = free_port_pairs(1)[0];
@@ -666,10 +672,10 @@ async fn a_node_cut_off_and_a_join_during_the_cut_lose_no_write_and_converge_onc
     })
     .await;
     // The old holders drop their copies once the new replicas confirm
-    // them. About 1 run in 10 under artificial CPU load, a few old copies
-    // stay (their passes keep finding a new replica that does not confirm
-    // them; not yet explained, see issue 17): reported, not failed, since
-    // every replica holds its copies.
+    // them. A node back from the cut may resync a peer before it hears of
+    // e's join, putting copies on old holders after their passes ended:
+    // those are noted as strays and handed over too (most runs under CPU
+    // load see some).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (missing, extra) = misplaced(&cl, ns, n, &placement, 3).await;
@@ -677,15 +683,45 @@ async fn a_node_cut_off_and_a_join_during_the_cut_lose_no_write_and_converge_onc
         if extra.is_empty() {
             break;
         }
-        if Instant::now() > deadline {
-            eprintln!(
-                "KNOWN ISSUE: {} copies left on old holders, e.g. {}",
-                extra.len(),
-                extra[0]
-            );
-            break;
-        }
+        assert!(
+            Instant::now() < deadline,
+            "{} copies left on nodes no replica of them 30 s after the heal, e.g. {}",
+            extra.len(),
+            extra[0]
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     reads_back(&cl, &five, ns, n).await;
+    // Nothing deleted during the cut comes back: not on d, which missed
+    // the delete, nor on e, which joined after it and may take keys from d.
+    let all = clients(&cl).await;
+    eventually("no node holds a block deleted during the cut", 30, || async {
+        for c in &all {
+            if c.replica_has(gone, &keys(gone, 0..16))
+                .await
+                .unwrap()
+                .iter()
+                .any(|h| *h)
+            {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let removed_late = cluster_stats(&all[3]).await.late_delete_copies_removed;
+    assert!(removed_late > 0, "d removed its copies of the deleted blocks");
+    for c in &all {
+        assert!(
+            c.replica_has(gone, &keys(gone, 0..16))
+                .await
+                .unwrap()
+                .iter()
+                .all(|h| !*h)
+        );
+        let g = c.get(gone, &keys(gone, 16..24)).await.unwrap();
+        assert_eq!(g.loaded, 8, "the blocks not deleted read back");
+        let g = c.get(gone, &keys(gone, 0..1)).await.unwrap();
+        assert_eq!(g.loaded, 0, "a deleted block reads as a miss");
+    }
 }

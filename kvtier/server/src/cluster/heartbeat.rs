@@ -111,5 +111,6 @@ impl Cluster {
         }
         self.start_resync();
         self.start_rebalance();
+        self.start_strays();
     }
 }

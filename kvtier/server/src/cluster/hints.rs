@@ -343,6 +343,12 @@ impl HintLog {
             .is_some_and(|s| s.contains(&(ns, key)))
     }
 
+    /// Whether a hint for `key` of `ns` is pending for any node: this node
+    /// keeps its copy until delivery.
+    pub fn hinted(&self, ns: NamespaceId, key: BlockKey) -> bool {
+        self.state.lock().1.hints.values().any(|s| s.contains(&(ns, key)))
+    }
+
     /// Hints pending per node: the keys known missing on each.
     pub fn counts(&self) -> BTreeMap<NodeId, usize> {
         self.state

@@ -164,6 +164,10 @@ pub struct Counters {
     pub tombstones_expired: AtomicU64,
     /// Copies removed here by a delete this node missed, applied late.
     pub late_delete_copies_removed: AtomicU64,
+    /// Copies peers stored here for keys this node is no replica of.
+    pub stray_copies_noted: AtomicU64,
+    /// Those dropped once their replicas confirmed them.
+    pub stray_copies_dropped: AtomicU64,
 }
 
 /// This node's part in a static cluster.
@@ -532,6 +536,8 @@ impl Cluster {
             tombstones_delivered: c.tombstones_delivered.load(Relaxed),
             tombstones_expired: c.tombstones_expired.load(Relaxed),
             late_delete_copies_removed: c.late_delete_copies_removed.load(Relaxed),
+            stray_copies_noted: c.stray_copies_noted.load(Relaxed),
+            stray_copies_dropped: c.stray_copies_dropped.load(Relaxed),
             membership: self.mode.name().into(),
             members_digest: v.digest(),
             ..Default::default()

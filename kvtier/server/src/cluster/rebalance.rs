@@ -100,11 +100,11 @@ use kvtier::replication::placement::{Layout, Member, NodeId};
 use kvtier::replication::read::Move;
 #[cfg(doc)]
 use kvtier::replication::read::read_order_moving;
-use kvtier::replication::rebalance::{DropTally, Drops, plan_rebalance, pushes_by_node};
+use kvtier::replication::rebalance::{DropTally, Drops, Transfer, plan_rebalance, pushes_by_node};
 use kvtier::replication::slots::{MAX_R, SlotTable};
 use kvtier::{BlockKey, NamespaceId};
 use parking_lot::Mutex;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -122,6 +122,13 @@ use kvtier::ErrorKind;
 pub const SETTLE: Duration = Duration::from_secs(60);
 
 /// The rebalancer's state and counters.
+/// Stray copies noted at most; past it, the newest notes are not kept
+/// (their copies stay until evicted).
+const MAX_STRAYS: usize = 1 << 20;
+
+/// How often a rebalancing that keeps failing is logged at warn.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 pub(super) struct Rebalance {
     /// How the keys were placed, when a pass is due.
@@ -131,6 +138,12 @@ pub(super) struct Rebalance {
     /// `push_waiting_after` passed, a retry also pushes the copies it waits
     /// on (see `rebalance_pass`).
     failing_since: Mutex<Option<Instant>>,
+    /// When a failing pass was last logged at warn.
+    warned: Mutex<Option<Instant>>,
+    /// Copies peers stored here for keys this node is no replica of (see
+    /// `Cluster::note_strays`), and whether a stray pass runs.
+    strays: Mutex<BTreeMap<NamespaceId, BTreeSet<BlockKey>>>,
+    straying: AtomicBool,
     pub(super) push_waiting_after: Duration,
     /// Whether a member list is being fetched from a peer.
     fetching: AtomicBool,
@@ -162,6 +175,9 @@ impl Rebalance {
             pending: Mutex::new(None),
             running: AtomicBool::new(false),
             failing_since: Mutex::new(None),
+            warned: Mutex::new(None),
+            strays: Mutex::new(BTreeMap::new()),
+            straying: AtomicBool::new(false),
             push_waiting_after: Duration::from_secs(30),
             fetching: AtomicBool::new(false),
             last_change: Mutex::new(None),
@@ -684,8 +700,19 @@ impl Cluster {
                     this.rebalance.placement_settled();
                 }
                 Err(e) => {
-                    this.rebalance.failing_since.lock().get_or_insert_with(Instant::now);
-                    tracing::info!("rebalancing stopped, retried next heartbeat: {e}");
+                    let since = *this.rebalance.failing_since.lock().get_or_insert_with(Instant::now);
+                    // Failing past the push bound is worth an operator's
+                    // look: said once per WARN_EVERY, with the reasons.
+                    let mut warned = this.rebalance.warned.lock();
+                    if since.elapsed() >= this.rebalance.push_waiting_after
+                        && warned.is_none_or(|t| t.elapsed() >= WARN_EVERY)
+                    {
+                        *warned = Some(Instant::now());
+                        tracing::warn!(failing_s = since.elapsed().as_secs(), "rebalancing keeps failing: {e}");
+                    } else {
+                        tracing::info!("rebalancing stopped, retried next heartbeat: {e}");
+                    }
+                    drop(warned);
                     // An older layout than a change seen meanwhile wins:
                     // keys still sit where it put them.
                     *this.rebalance.pending.lock() = Some(before);
@@ -700,6 +727,8 @@ impl Cluster {
     async fn rebalance_pass(self: &Arc<Self>, before: &Layout) -> Result<(), String> {
         let mut pacer = Pacer::new(self.rebalance.bytes_per_s);
         let mut unconfirmed = 0;
+        // Why copies stay: which new replica lacks them, or did not answer.
+        let mut why = Vec::new();
         let retry = self
             .rebalance
             .failing_since
@@ -731,15 +760,177 @@ impl Cluster {
                     }
                 }
             }
+            let gone = self.deletes_missed(ns, &plan, rep.replicas).await?;
+            if !gone.is_empty() {
+                plan.retain(|t| !gone.contains(&t.key));
+            }
             for (node, keys) in pushes_by_node(&plan) {
                 self.push_missing(&node, ns, &keys, &mut pacer).await?;
             }
-            unconfirmed += self.drop_confirmed(ns, DropTally::new(&self.me, &plan)).await?;
+            unconfirmed += self
+                .drop_confirmed(ns, DropTally::new(&self.me, &plan), &mut why)
+                .await?;
         }
         if unconfirmed > 0 {
-            return Err(format!("{unconfirmed} keys not yet confirmed by their new replicas"));
+            why.truncate(8);
+            return Err(format!(
+                "{unconfirmed} keys not yet confirmed by their new replicas: {}",
+                why.join("; ")
+            ));
         }
         Ok(())
+    }
+
+    /// Notes the keys of `ns` a peer just stored here that this node is no
+    /// replica of by its own member list. A sender with an older list (a
+    /// resync or a push from a member that had not yet seen a join, or a
+    /// write from a coordinator that had not) can put them here after this
+    /// node's rebalancing passes ended, and no later pass would move them:
+    /// the next stray pass hands each to its replicas and drops it here
+    /// once they all confirm it (see `stray_pass`).
+    pub fn note_strays(&self, ns: NamespaceId, keys: &[BlockKey]) {
+        self.note(ns, keys, true);
+    }
+
+    /// [`Cluster::note_strays`]; `fresh` counts them (not a re-note).
+    fn note(&self, ns: NamespaceId, keys: &[BlockKey], fresh: bool) {
+        let r = self.registry.replication(ns).replicas;
+        let stray: Vec<BlockKey> = {
+            let v = self.view.read();
+            keys.iter()
+                .filter(|k| !v.table().rank_prefix(k).take(r).any(|m| m.id == self.me))
+                .copied()
+                .collect()
+        };
+        if stray.is_empty() {
+            return;
+        }
+        let mut all = self.rebalance.strays.lock();
+        let held: usize = all.values().map(BTreeSet::len).sum();
+        if held + stray.len() > MAX_STRAYS {
+            tracing::warn!(%ns, keys = stray.len(), "too many stray copies noted: these stay until evicted");
+            return;
+        }
+        let set = all.entry(ns).or_default();
+        let before = set.len();
+        set.extend(stray);
+        let added = set.len() - before;
+        if fresh {
+            tracing::debug!(%ns, added, "stray copies noted");
+            self.counters.stray_copies_noted.fetch_add(added as u64, Relaxed);
+        }
+    }
+
+    /// Starts a stray pass when copies wait for one and no rebalancing is
+    /// due or running (a pass moves those copies itself).
+    pub(super) fn start_strays(self: &Arc<Self>) {
+        let r = &self.rebalance;
+        if r.strays.lock().is_empty() || r.pending.lock().is_some() || r.running.load(Relaxed) {
+            return;
+        }
+        if r.straying.swap(true, Relaxed) {
+            return;
+        }
+        let this = self.clone();
+        self.spawn(async move {
+            if let Err(e) = this.stray_pass().await {
+                tracing::info!("stray copies kept, retried next heartbeat: {e}");
+            }
+            this.rebalance.straying.store(false, Relaxed);
+        });
+    }
+
+    /// Hands the noted stray copies to their replicas and drops those every
+    /// replica confirms; the others are noted again for the next pass.
+    /// Copies kept for a hint stay (their delivery settles them).
+    async fn stray_pass(self: &Arc<Self>) -> Result<(), String> {
+        let strays = std::mem::take(&mut *self.rebalance.strays.lock());
+        let mut pacer = Pacer::new(self.rebalance.bytes_per_s);
+        let mut result = Ok(());
+        for (ns, keys) in strays {
+            let r = self.registry.replication(ns).replicas;
+            let mut plan: Vec<Transfer> = {
+                let v = self.view.read();
+                keys.iter()
+                    .filter(|k| !self.hints.hinted(ns, **k))
+                    .filter_map(|k| {
+                        let new: Vec<NodeId> = v.table().rank_prefix(k).take(r).map(|m| m.id.clone()).collect();
+                        (!new.contains(&self.me)).then(|| Transfer {
+                            key: *k,
+                            push_to: new.clone(),
+                            drop_after_confirm: new,
+                        })
+                    })
+                    .collect()
+            };
+            let step = async {
+                let gone = self.deletes_missed(ns, &plan, r).await?;
+                plan.retain(|t| !gone.contains(&t.key));
+                for (node, keys) in pushes_by_node(&plan) {
+                    self.push_missing(&node, ns, &keys, &mut pacer).await?;
+                }
+                let mut why = Vec::new();
+                self.drop_confirmed(ns, DropTally::new(&self.me, &plan), &mut why).await
+            };
+            let res = step.await;
+            if let Err(e) = &res {
+                tracing::debug!(%ns, "stray pass: {e}");
+            }
+            // What is still held here and still no replica's: next time.
+            let left: Vec<BlockKey> = plan.iter().map(|t| t.key).collect();
+            let held: Vec<BlockKey> = match self.has_local(ns, &left) {
+                Ok(has) => left.into_iter().zip(has).filter(|(_, h)| *h).map(|(k, _)| k).collect(),
+                // The namespace went: so did its copies.
+                Err(_) => Vec::new(),
+            };
+            let dropped = plan.len() - held.len();
+            self.counters.stray_copies_dropped.fetch_add(dropped as u64, Relaxed);
+            if !held.is_empty() {
+                self.note(ns, &held, false);
+            }
+            if let Err(e) = res {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    /// Before this node pushes keys, asks every new replica of each one
+    /// (not only those it pushes to) whether it keeps a tombstone for it:
+    /// a delete this node missed. Such copies written before the delete go
+    /// here, and are not pushed: a member that joined after the delete, and
+    /// so knows nothing of it, would otherwise take the deleted key back.
+    /// Answers the keys whose copy went.
+    async fn deletes_missed(&self, ns: NamespaceId, plan: &[Transfer], r: usize) -> Result<BTreeSet<BlockKey>, String> {
+        let mut asks: BTreeMap<NodeId, Vec<BlockKey>> = BTreeMap::new();
+        {
+            let v = self.view.read();
+            for t in plan.iter().filter(|t| !t.push_to.is_empty()) {
+                for m in v.table().rank_prefix(&t.key).take(r) {
+                    if m.id != self.me {
+                        asks.entry(m.id.clone()).or_default().push(t.key);
+                    }
+                }
+            }
+        }
+        let mut gone = BTreeSet::new();
+        for (node, keys) in asks {
+            let Some(c) = self.peers.get(&node) else { continue };
+            for chunk in keys.chunks(ASK_KEYS) {
+                let chunk: Vec<BlockKey> = chunk.iter().filter(|k| !gone.contains(*k)).copied().collect();
+                // A replica that does not answer is asked by the push
+                // itself, or on the next pass.
+                let Ok((has, deleted)) = call(self.peer_timeout, c.replica_has_or_deleted(ns, &chunk)).await else {
+                    continue;
+                };
+                if deleted.iter().all(|d| *d == 0) {
+                    continue;
+                }
+                let (_, removed) = self.sort_out_deleted(ns, &chunk, &has, &deleted).await?;
+                gone.extend(removed);
+            }
+        }
+        Ok(gone)
     }
 
     /// Sends `node` the `keys` of `ns` it lacks.
@@ -767,7 +958,12 @@ impl Cluster {
     /// Asks the new replicas of the keys `tally` waits on whether they hold
     /// them, drops those every one confirmed; answers how many stay
     /// unconfirmed.
-    async fn drop_confirmed(&self, ns: NamespaceId, mut tally: DropTally) -> Result<usize, String> {
+    async fn drop_confirmed(
+        &self,
+        ns: NamespaceId,
+        mut tally: DropTally,
+        why: &mut Vec<String>,
+    ) -> Result<usize, String> {
         if tally.is_empty() {
             return Ok(0);
         }
@@ -775,15 +971,15 @@ impl Cluster {
             // A member without a client confirms nothing: its keys stay
             // here until a later pass.
             let Some(c) = self.peers.get(&node) else {
-                tracing::debug!(member = %node, keys = keys.len(), "no client: copies kept until it confirms them");
+                why.push(format!("{node} has no client here ({} keys)", keys.len()));
                 continue;
             };
-            let mut lacking = 0;
+            let mut lacking = Vec::new();
             for chunk in keys.chunks(ASK_KEYS) {
                 let (has, deleted) = match call(self.peer_timeout, c.replica_has_or_deleted(ns, chunk)).await {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::debug!(member = %node, keys = chunk.len(), "not asked whether it holds copies: {e}");
+                        why.push(format!("{node} not asked about {} keys: {e}", chunk.len()));
                         continue;
                     }
                 };
@@ -794,12 +990,12 @@ impl Cluster {
                     if h || gone.contains(k) {
                         tally.confirm(&node, *k);
                     } else {
-                        lacking += 1;
+                        lacking.push(*k);
                     }
                 }
             }
-            if lacking > 0 {
-                tracing::debug!(member = %node, %ns, lacking, "a new replica lacks copies: kept here");
+            if let Some(k) = lacking.first() {
+                why.push(format!("{node} lacks {} of {ns} (e.g. {k})", lacking.len()));
             }
         }
         let Drops {
