@@ -686,15 +686,13 @@ impl Client {
 
     /// Removes `keys` from the peer's own tiers; answers how many it held.
     /// The peer keeps a tombstone, dated `deleted_ms` (Unix ms), for each of
-    /// the `missed` members. With `written_before_ms` > 0 the delete is late
-    /// (a tombstone delivered): copies written since stay.
+    /// the `missed` members.
     pub async fn replica_delete(
         &self,
         ns: NamespaceId,
         keys: &[BlockKey],
         missed: &[String],
         deleted_ms: u64,
-        written_before_ms: u64,
     ) -> Result<u32> {
         Ok(self
             .peer
@@ -704,6 +702,27 @@ impl Client {
                 keys: keys.iter().map(key_bytes).collect(),
                 missed: missed.to_vec(),
                 deleted_ms,
+                written_before_ms: 0,
+            })
+            .await
+            .wire()?
+            .into_inner()
+            .removed)
+    }
+
+    /// Delivers a tombstone: removes the copies of `keys` in the peer's own
+    /// tiers written before `written_before_ms` (Unix ms); answers how many
+    /// it removed. A peer of a build without tombstones fails the call
+    /// (UNIMPLEMENTED) instead of deleting more.
+    pub async fn replica_late_delete(&self, ns: NamespaceId, keys: &[BlockKey], written_before_ms: u64) -> Result<u32> {
+        Ok(self
+            .peer
+            .clone()
+            .replica_late_delete(proto::ReplicaDeleteRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys.iter().map(key_bytes).collect(),
+                missed: Vec::new(),
+                deleted_ms: 0,
                 written_before_ms,
             })
             .await

@@ -42,6 +42,7 @@ pub const RPCS: &[&str] = &[
     "ReplicaLookup",
     "ReplicaGetChunk",
     "ReplicaDelete",
+    "ReplicaLateDelete",
     "ReplicaHas",
     "Join",
     "Leave",

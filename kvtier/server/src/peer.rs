@@ -224,16 +224,43 @@ impl proto::peer_server::Peer for PeerService {
         let t = Instant::now();
         let r = async {
             let req = req.into_inner();
+            if req.written_before_ms != 0 {
+                return Err(invalid(
+                    "ReplicaDelete takes no written_before_ms: a late delete is ReplicaLateDelete",
+                ));
+            }
             let ns = convert::namespace_id(&req.namespace_id)?;
             let keys = convert::keys(&req.keys, MAX_KEYS)?;
             let n = self
                 .cluster
-                .replica_delete(ns, keys, req.missed, req.deleted_ms, req.written_before_ms)
+                .replica_delete(ns, keys, req.missed, req.deleted_ms, 0)
                 .await?;
             Ok(proto::DeleteResponse { removed: n as u32 })
         }
         .await;
         self.node.observe("ReplicaDelete", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn replica_late_delete(&self, req: Request<proto::ReplicaDeleteRequest>) -> Reply<proto::DeleteResponse> {
+        let t = Instant::now();
+        let r = async {
+            let req = req.into_inner();
+            if req.written_before_ms == 0 || !req.missed.is_empty() {
+                return Err(invalid(
+                    "ReplicaLateDelete needs written_before_ms > 0, and names no missed members",
+                ));
+            }
+            let ns = convert::namespace_id(&req.namespace_id)?;
+            let keys = convert::keys(&req.keys, MAX_KEYS)?;
+            let n = self
+                .cluster
+                .replica_delete(ns, keys, Vec::new(), 0, req.written_before_ms)
+                .await?;
+            Ok(proto::DeleteResponse { removed: n as u32 })
+        }
+        .await;
+        self.node.observe("ReplicaLateDelete", t, &r);
         r.map(Response::new)
     }
 

@@ -905,6 +905,13 @@ async fn a_delete_a_killed_replica_missed_reaches_it_when_it_is_back_and_nothing
         }
         tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     }
+    // A late delete without its time is refused and removes nothing.
+    let e = a.replica_late_delete(ns, &keys(ns, 8..9), 0).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(holds(&a, ns, 8).await);
+    // A late delete from before the copies were written keeps them.
+    assert_eq!(a.replica_late_delete(ns, &keys(ns, 8..16), 1).await.unwrap(), 0);
+    assert!(holds(&a, ns, 8).await);
 }
 
 /// A peer with an older member list (a resync or a push from a member

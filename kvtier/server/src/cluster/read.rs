@@ -97,7 +97,7 @@ impl Cluster {
             set.spawn(async move {
                 (
                     node,
-                    tokio::time::timeout(t, c.replica_delete(ns, &keys, &told, at, 0)).await,
+                    tokio::time::timeout(t, c.replica_delete(ns, &keys, &told, at)).await,
                 )
             });
         }

@@ -9,7 +9,8 @@
 //!
 //! - **Delivered late, to old copies only.** Once the member is up, each
 //!   node holding tombstones for it sends them as a late delete
-//!   (`ReplicaDelete` with `written_before_ms`): the member removes a copy
+//!   (`ReplicaLateDelete`, which a node of an older build answers
+//!   UNIMPLEMENTED: its tombstones then wait for its upgrade): the member removes a copy
 //!   only if its tiers last wrote it before the delete, less
 //!   `cluster.clock_margin_ms`. A copy put after the delete (through the
 //!   member's side of a partition, or a put that lands just before the
@@ -221,7 +222,7 @@ impl Cluster {
             for batch in keys.chunks(crate::node::MAX_KEYS) {
                 // Fails when it is down again, or has not had the namespace
                 // registered yet (it does at its next answered heartbeat).
-                resync::call(self.peer_timeout, c.replica_delete(ns, batch, &[], 0, before)).await?;
+                resync::call(self.peer_timeout, c.replica_late_delete(ns, batch, before)).await?;
                 if self.hints.tombstones_done(node, ns, batch).is_ok() {
                     self.counters
                         .tombstones_delivered
