@@ -188,6 +188,8 @@ pub struct Cluster {
     /// Held while tombstones go out: the heartbeat's delivery and a
     /// resync's take turns, so each is sent (and counted) once.
     tombstone_delivery: tokio::sync::Mutex<()>,
+    /// When tombstones were last expired (Unix ms).
+    tombstones_expired_at: AtomicU64,
     /// Counters, for Stats and the metrics.
     pub counters: Counters,
     /// Peers that may lack a namespace registered here: each gets all of
@@ -298,6 +300,7 @@ impl Cluster {
             max_tombstones: cfg.max_tombstones,
             clock_margin_ms: cfg.clock_margin_ms,
             tombstone_delivery: tokio::sync::Mutex::new(()),
+            tombstones_expired_at: AtomicU64::new(0),
             counters: Counters::default(),
             delivering: AtomicBool::new(false),
             max_request_bytes,
@@ -611,8 +614,10 @@ mod tests {
         };
         let manager = Arc::new(ManagerConfig::host_only(host).build().unwrap());
         let registry = Arc::new(Registry::open(dir.path().join("namespaces.json"), manager.clone()).unwrap());
-        let cfg: ClusterConfig =
-            serde_json::from_str(r#"{"node_id": "a", "members": [{"id": "a", "addr": "127.0.0.1:1"}]}"#).unwrap();
+        let cfg: ClusterConfig = serde_json::from_str(
+            r#"{"node_id": "a", "members": [{"id": "a", "addr": "127.0.0.1:1"}], "tombstone_ttl_s": 1}"#,
+        )
+        .unwrap();
         let cluster = Arc::new(
             Cluster::new(
                 &cfg,
@@ -668,5 +673,13 @@ mod tests {
         assert!(at >= before && at <= kvtier::tier::now_ms(), "{at}");
         assert_eq!(cluster.deleted_at(ns, &[key, BlockKey(2)]), vec![at, 0]);
         assert_eq!(cluster.stats().tombstones_pending, 1);
+        // Past its age (1 s here), it is dropped undelivered.
+        cluster.deliver_tombstones().await;
+        assert_eq!(cluster.hints.tombstones(), 1, "not yet");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        cluster.tombstones_expired_at.store(0, Relaxed);
+        cluster.deliver_tombstones().await;
+        assert_eq!(cluster.hints.tombstones(), 0);
+        assert_eq!(cluster.stats().tombstones_expired, 1);
     }
 }

@@ -36,6 +36,9 @@
 use super::*;
 use kvtier::tier::now_ms;
 
+/// How often tombstones past their age are looked for.
+const EXPIRE_EVERY_MS: u64 = 60_000;
+
 /// Members one `ReplicaDelete` may name as having missed it.
 const MAX_MISSED: usize = 4096;
 
@@ -176,17 +179,12 @@ impl Cluster {
     /// Drops tombstones past their age or count, and those of members
     /// that left; delivers the others to their members that are up.
     pub(super) async fn deliver_tombstones(self: &Arc<Self>) {
-        let before = now_ms().saturating_sub(self.tombstone_ttl.as_millis() as u64);
-        match self.hints.expire_tombstones(before, self.max_tombstones) {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::warn!(
-                    expired = n,
-                    "tombstones dropped undelivered (older than cluster.tombstone_ttl_s, or over cluster.max_tombstones): their members keep those copies until evicted"
-                );
-                self.counters.tombstones_expired.fetch_add(n as u64, Relaxed);
-            }
-            Err(e) => tracing::warn!("tombstones not expired: {e}"),
+        // Expiry walks every tombstone: once a minute, or when over the cap.
+        let now = now_ms();
+        let last = self.tombstones_expired_at.load(Relaxed);
+        if now.saturating_sub(last) >= EXPIRE_EVERY_MS || self.hints.tombstones() > self.max_tombstones {
+            self.tombstones_expired_at.store(now, Relaxed);
+            self.expire_tombstones(now);
         }
         for node in self.hints.tombstone_nodes() {
             let liveness = self.view.read().liveness(&node);
@@ -208,6 +206,23 @@ impl Cluster {
             if let Err(e) = self.deliver_tombstones_to(&node).await {
                 tracing::info!(member = %node, "tombstone delivery stopped, retried next heartbeat: {e}");
             }
+        }
+    }
+
+    /// Drops the tombstones older than `tombstone_ttl_s` at `now` (Unix
+    /// ms), then the oldest past `max_tombstones`.
+    fn expire_tombstones(&self, now: u64) {
+        let before = now.saturating_sub(self.tombstone_ttl.as_millis() as u64);
+        match self.hints.expire_tombstones(before, self.max_tombstones) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(
+                    expired = n,
+                    "tombstones dropped undelivered (older than cluster.tombstone_ttl_s, or over cluster.max_tombstones): their members keep those copies until evicted"
+                );
+                self.counters.tombstones_expired.fetch_add(n as u64, Relaxed);
+            }
+            Err(e) => tracing::warn!("tombstones not expired: {e}"),
         }
     }
 

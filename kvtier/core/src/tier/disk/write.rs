@@ -282,10 +282,15 @@ impl Inner {
     /// on writes a record after the tombstone, which recovery replays in
     /// that order too. A tombstone that cannot be written puts the copy back.
     pub(super) fn remove_written_before(&self, key: &BlockKey, before_ms: u64) -> Result<bool> {
+        let old = |st: &State| st.index.get(key).copied().filter(|l| l.written_ms < before_ms);
+        // Most keys of a late delete are gone or newer: no buffer for those.
+        if old(&self.state.lock()).is_none() {
+            return Ok(false);
+        }
         let mut staging = self.staging_or_own(PAGE as usize)?;
         let (seg, off, old) = {
             let mut st = self.state.lock();
-            let Some(old) = st.index.get(key).copied().filter(|l| l.written_ms < before_ms) else {
+            let Some(old) = old(&st) else {
                 return Ok(false);
             };
             let (seg, off, _) = self.reserve_locked(&mut st, &[PAGE])?;
